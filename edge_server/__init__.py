@@ -1,0 +1,1 @@
+"""The edge tier: the middle blocks, per-session replicas, hierarchical aggregation."""

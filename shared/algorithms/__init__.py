@@ -1,0 +1,1 @@
+"""Algorithm plug-ins: the interface, the registry, FedAvg."""
