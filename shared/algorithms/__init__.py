@@ -1,1 +1,17 @@
-"""Algorithm plug-ins: the interface, the registry, FedAvg."""
+"""Algorithm plug-ins: the interface, the registry, FedAvg (importing this registers the built-ins)."""
+
+from shared.algorithms.base import (
+    Algorithm,
+    AlgorithmConfig,
+    Participant,
+    RoundPlan,
+    algorithm_names,
+    create_algorithm,
+    register_algorithm,
+)
+from shared.algorithms import fedavg  # noqa: F401  (registers "fedavg")
+
+__all__ = [
+    "Algorithm", "AlgorithmConfig", "Participant", "RoundPlan",
+    "algorithm_names", "create_algorithm", "register_algorithm",
+]

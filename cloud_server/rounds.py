@@ -1,0 +1,277 @@
+"""Rounds at the coordinator: plans, starting edges, collecting their updates, aggregating, committing."""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from cloud_server.compute import CloudCompute
+from shared.adapters import AdapterState, clone_state
+from shared.aggregation import AdapterUpdate
+from shared.algorithms import Algorithm, Participant, RoundPlan, create_algorithm
+from shared.batching import derive_seed
+from shared.tier import TierRuntime
+from shared.transport import Link, ok
+from shared.wire import Message
+
+TIER_NAMES = ("user", "edge", "cloud")
+ROUND_STATES = ("pending", "running", "aggregating", "committed", "failed", "cancelled")
+
+
+@dataclass
+class RoundRequest:
+    """What ``POST /v1/rounds`` takes; every field has a default."""
+
+    participants: list[str] | None = None
+    fraction: float | None = None
+    local_steps: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    algorithm: str = "fedavg"
+    config: dict[str, Any] = field(default_factory=dict)
+    evaluate: bool = True
+
+
+@dataclass
+class RoundRecord:
+    round_id: int
+    request: RoundRequest
+    base_version: int
+    state: str = "pending"
+    version: int | None = None
+    participants: list[str] = field(default_factory=list)
+    progress: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RoundError(RuntimeError):
+    """A round could not complete; the previous version stays current."""
+
+
+class Coordinator:
+    """The cloud's round driver and the cloud tier's handler (``on_step``, ``on_update``)."""
+
+    def __init__(self, runtime: TierRuntime, initial: dict[str, AdapterState], seed: int = 0,
+                 round_timeout: float = 3600.0) -> None:
+        self.runtime = runtime
+        self.compute = CloudCompute(runtime)
+        self.global_state = {t: clone_state(initial[t]) for t in TIER_NAMES}
+        self.version = 0
+        self.seed = seed
+        self.round_timeout = round_timeout
+        self.edges: dict[str, Link] = {}
+        self.edge_users: dict[str, dict[str, int]] = {}
+        self.rounds: list[RoundRecord] = []
+        self.algorithms: dict[str, Algorithm] = {}
+        self._reports: dict[tuple[int, str], dict[str, Message]] = {}
+        self._cond = threading.Condition()
+
+    # topology --------------------------------------------------------------------------------
+    def register_edge(self, edge_id: str, link: Link) -> None:
+        with self._cond:
+            self.edges[edge_id] = link
+            self.edge_users.setdefault(edge_id, {})
+
+    def register_user(self, edge_id: str, user_id: str, num_samples: int) -> None:
+        with self._cond:
+            if edge_id not in self.edges:
+                raise KeyError(f"unknown edge '{edge_id}'")
+            self.edge_users[edge_id][user_id] = num_samples
+
+    def participants(self) -> list[Participant]:
+        return [Participant(u, e, n) for e, users in sorted(self.edge_users.items()) for u, n in sorted(users.items())]
+
+    # handlers ----------------------------------------------------------------------------------
+    def on_step(self, msg: Message) -> Message:
+        return self.compute.on_step(msg)
+
+    def on_update(self, msg: Message) -> Message:
+        """An edge's pre-aggregated report for one (round, phase)."""
+        key = (int(msg.meta["round"]), str(msg.meta["mode"]))
+        with self._cond:
+            if key not in self._reports:
+                raise KeyError(f"no round {key[0]} ({key[1]}) is waiting for updates")
+            self._reports[key][str(msg.meta["edge"])] = msg
+            self._cond.notify_all()
+        return ok(round=key[0])
+
+    def on_start(self, msg: Message) -> Message:  # the cloud is never started by anyone
+        raise KeyError("the cloud does not take start messages")
+
+    # rounds ---------------------------------------------------------------------------------------
+    def algorithm_for(self, request: RoundRequest) -> Algorithm:
+        """One instance per (name, config), kept across rounds for plug-ins with state (bandits, schedules)."""
+        key = f"{request.algorithm}:{sorted(request.config.items())}"
+        if key not in self.algorithms:
+            self.algorithms[key] = create_algorithm(request.algorithm, request.config)
+        return self.algorithms[key]
+
+    def _select(self, request: RoundRequest, round_id: int) -> list[Participant]:
+        everyone = self.participants()
+        if request.participants:
+            known = {p.user_id: p for p in everyone}
+            unknown = [u for u in request.participants if u not in known]
+            if unknown:
+                raise RoundError(f"unknown participants {unknown}")
+            return [known[u] for u in sorted(set(request.participants))]
+        if request.fraction is not None:
+            k = max(1, math.ceil(request.fraction * len(everyone)))
+            rng = random.Random(derive_seed(self.seed, round_id, "select"))
+            return sorted(rng.sample(everyone, k), key=lambda p: (p.edge_id, p.user_id))
+        return everyone
+
+    def new_round(self, request: RoundRequest) -> RoundRecord:
+        create_algorithm(request.algorithm, request.config)  # validate before accepting
+        record = RoundRecord(round_id=len(self.rounds) + 1, request=request, base_version=self.version)
+        self.rounds.append(record)
+        return record
+
+    def run_round(self, record: RoundRecord) -> RoundRecord:
+        """Train, aggregate, commit, then (optionally) evaluate the new version. Blocking."""
+        started = time.perf_counter()
+        try:
+            chosen = self._select(record.request, record.round_id)
+            if not chosen:
+                raise RoundError("no registered users to train")
+            record.participants = [p.user_id for p in chosen]
+            record.progress = {p.user_id: "training" for p in chosen}
+            record.state = "running"
+            algorithm = self.algorithm_for(record.request)
+            extras = algorithm.configure_round(record.round_id, chosen)
+            reports = self._phase(record, chosen, "train", extras, self.global_state)
+            record.state = "aggregating"
+            new_state = self._aggregate(algorithm, chosen, reports)
+            train_metrics = {u: m for r in reports.values() for u, m in r.meta["metrics"].items()}
+            self.global_state = new_state
+            self.version += 1
+            record.version = self.version
+            record.metrics = self._train_metrics(chosen, train_metrics)
+            record.progress = {u: "reported" for u in record.participants}
+            if record.request.evaluate:
+                eval_reports = self._phase(record, chosen, "eval", {p.user_id: {} for p in chosen}, self.global_state)
+                record.metrics.update(self._eval_metrics(eval_reports))
+            record.metrics["seconds"] = time.perf_counter() - started
+            record.state = "committed"
+            algorithm.after_round(record.round_id, record.metrics)
+        except Exception as exc:  # the round fails; the previous version stays current
+            record.state = "failed"
+            record.error = f"{type(exc).__name__}: {exc}"
+            for key in [k for k in self.runtime.sessions if k[0] == record.round_id]:
+                self.runtime.close_session(*key)
+        return record
+
+    def evaluate_current(self) -> RoundRecord:
+        """Held-out metrics of the current version on every registered user, without training."""
+        record = RoundRecord(round_id=0, request=RoundRequest(), base_version=self.version, version=self.version)
+        started = time.perf_counter()
+        try:
+            chosen = self.participants()
+            record.participants = [p.user_id for p in chosen]
+            reports = self._phase(record, chosen, "eval", {p.user_id: {} for p in chosen}, self.global_state)
+            record.metrics = self._eval_metrics(reports)
+            record.metrics["seconds"] = time.perf_counter() - started
+            record.state = "committed"
+        except Exception as exc:
+            record.state, record.error = "failed", f"{type(exc).__name__}: {exc}"
+        return record
+
+    def _plans(self, record: RoundRecord, chosen: list[Participant], mode: str,
+               extras: dict[str, dict[str, Any]]) -> dict[str, RoundPlan]:
+        req = record.request
+        return {p.user_id: RoundPlan(
+            round_id=record.round_id, user_id=p.user_id, local_steps=req.local_steps, batch_size=req.batch_size,
+            lr=req.lr, seed=self.seed, algorithm=req.algorithm, config=dict(req.config),
+            extra=extras.get(p.user_id, {}), mode=mode) for p in chosen}
+
+    def _phase(self, record: RoundRecord, chosen: list[Participant], mode: str,
+               extras: dict[str, dict[str, Any]], state: dict[str, AdapterState]) -> dict[str, Message]:
+        plans = self._plans(record, chosen, mode, extras)
+        for plan in plans.values():
+            self.runtime.open_session(plan, state["cloud"])
+        by_edge: dict[str, list[RoundPlan]] = {}
+        for p in chosen:
+            by_edge.setdefault(p.edge_id, []).append(plans[p.user_id])
+        key = (record.round_id, mode)
+        with self._cond:
+            self._reports[key] = {}
+        tensors = {f"user/{k}": v for k, v in state["user"].items()}
+        tensors.update({f"edge/{k}": v for k, v in state["edge"].items()})
+        try:
+            for edge_id, edge_plans in sorted(by_edge.items()):
+                start = Message(kind="start", meta={"plans": [p.to_meta() for p in edge_plans]}, tensors=tensors)
+                self.edges[edge_id].request("start", start)
+            with self._cond:
+                done = self._cond.wait_for(lambda: len(self._reports[key]) == len(by_edge), timeout=self.round_timeout)
+                reports = self._reports.pop(key)
+            if not done:
+                raise RoundError(f"round {record.round_id} ({mode}): {len(reports)} of {len(by_edge)} edges reported in time")
+        finally:
+            with self._cond:
+                self._reports.pop(key, None)
+        if mode == "eval":
+            for plan in plans.values():
+                self.runtime.close_session(plan.round_id, plan.user_id)
+        return reports
+
+    def _aggregate(self, algorithm: Algorithm, chosen: list[Participant],
+                   reports: dict[str, Message]) -> dict[str, AdapterState]:
+        new_state: dict[str, AdapterState] = {}
+        for tier in ("user", "edge"):
+            prefix = f"{tier}/"
+            updates = [AdapterUpdate(edge_id, tier, {k[len(prefix):]: v for k, v in r.tensors.items() if k.startswith(prefix)},
+                                     int(r.meta["num_samples"])) for edge_id, r in reports.items()]
+            if self.global_state[tier]:
+                new_state[tier] = algorithm.aggregate(tier, updates, self.global_state[tier])
+            else:
+                new_state[tier] = {}
+        cloud_updates: list[AdapterUpdate] = []
+        round_id = next(iter(reports.values())).meta["round"]
+        for p in chosen:
+            session = self.runtime.close_session(round_id, p.user_id)
+            cloud_updates.append(AdapterUpdate(p.user_id, "cloud", self.runtime.pack_update(session), p.num_samples))
+        new_state["cloud"] = (algorithm.aggregate("cloud", cloud_updates, self.global_state["cloud"])
+                              if self.global_state["cloud"] else {})
+        return new_state
+
+    @staticmethod
+    def _train_metrics(chosen: list[Participant], per_user: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        losses = [per_user[p.user_id]["train_loss"] for p in chosen if p.user_id in per_user]
+        return {"train_loss": sum(losses) / max(len(losses), 1),
+                "users": dict(sorted(per_user.items()))}
+
+    def _eval_metrics(self, reports: dict[str, Message]) -> dict[str, Any]:
+        loss_sum = count = correct = 0.0
+        for r in reports.values():
+            for m in r.meta["metrics"].values():
+                loss_sum += m["loss_sum"]
+                count += m["count"]
+                correct += m["correct"]
+        eval_loss = loss_sum / max(count, 1)
+        out: dict[str, Any] = {"eval_loss": eval_loss}
+        if self.runtime.spec.task == "cls":
+            out["eval_accuracy"] = correct / max(count, 1)
+        else:
+            out["eval_perplexity"] = math.exp(min(eval_loss, 50.0))
+            out["eval_token_accuracy"] = correct / max(count, 1)
+        return out
+
+    def adapters(self) -> dict[str, AdapterState]:
+        return {t: {k: v.clone() for k, v in s.items()} for t, s in self.global_state.items()}
+
+
+def flat_state(state: dict[str, AdapterState]) -> dict[str, torch.Tensor]:
+    """All tiers' adapters in one dict (keys are unique across tiers: blocks carry global indices)."""
+    out: dict[str, torch.Tensor] = {}
+    for tier in TIER_NAMES:
+        out.update(state.get(tier, {}))
+    return out

@@ -1,0 +1,56 @@
+"""Sample-weighted FedAvg, flat and hierarchical, independent of arrival order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from shared.adapters import AdapterState
+
+
+@dataclass
+class AdapterUpdate:
+    """One contribution to an aggregate: a tier's adapter state from ``source`` over ``num_samples``."""
+
+    source: str
+    tier: str
+    state: AdapterState
+    num_samples: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class AggregationError(ValueError):
+    """Updates cannot be combined (no samples, mismatched keys or shapes)."""
+
+
+def weighted_mean(updates: list[AdapterUpdate]) -> AdapterState:
+    """Sum of w_k * x_k / sum w_k, accumulated in float64 in a fixed order (sorted by source)."""
+    if not updates:
+        raise AggregationError("no updates to aggregate")
+    ordered = sorted(updates, key=lambda u: u.source)
+    total = sum(u.num_samples for u in ordered)
+    if total <= 0:
+        raise AggregationError("updates carry no samples")
+    keys = sorted(ordered[0].state)
+    for u in ordered[1:]:
+        if sorted(u.state) != keys:
+            raise AggregationError(f"update from {u.source} has different adapter keys")
+    out: AdapterState = {}
+    for key in keys:
+        ref = ordered[0].state[key]
+        acc = torch.zeros(ref.shape, dtype=torch.float64)
+        for u in ordered:
+            value = u.state[key]
+            if value.shape != ref.shape:
+                raise AggregationError(f"update from {u.source}: '{key}' has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
+            acc += value.to(torch.float64) * u.num_samples
+        out[key] = (acc / total).to(ref.dtype)
+    return out
+
+
+def pre_aggregate(source: str, updates: list[AdapterUpdate]) -> AdapterUpdate:
+    """An edge's hierarchical step: its users' mean, carried up with their sample total."""
+    total = sum(u.num_samples for u in updates)
+    return AdapterUpdate(source=source, tier=updates[0].tier, state=weighted_mean(updates), num_samples=total)

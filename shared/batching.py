@@ -1,0 +1,73 @@
+"""Tokenised batches from a client's examples, deterministic under (seed, round, user)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+import torch
+
+from shared.data import Example
+from shared.models import Tokenizer
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, S) int64
+    attention_mask: torch.Tensor  # (B, S) int64, 1 = token, 0 = padding (right padding)
+    labels: torch.Tensor  # (B, S) int64 with IGNORE_INDEX at padding (lm), or (B,) int64 (cls)
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts, stable across processes (unlike ``hash``)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def collate(tokenizer: Tokenizer, examples: list[Example], task: str, max_len: int) -> Batch:
+    """Tokenise, truncate to ``max_len`` and right-pad to the longest row."""
+    rows = [tokenizer.encode(e.text)[:max_len] for e in examples]
+    rows = [r if r else [tokenizer.pad_id] for r in rows]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(rows), width), dtype=torch.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
+        mask[i, : len(r)] = 1
+    if task == "lm":
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    else:
+        labels = torch.tensor([int(e.label) for e in examples], dtype=torch.int64)
+    return Batch(ids, mask, labels)
+
+
+class BatchSampler:
+    """Training batches: a fresh shuffle of the client's train set per round, cycled as needed."""
+
+    def __init__(self, tokenizer: Tokenizer, examples: list[Example], task: str, max_len: int) -> None:
+        if not examples:
+            raise ValueError("a client needs at least one training example")
+        self.tokenizer, self.examples, self.task, self.max_len = tokenizer, examples, task, max_len
+
+    def round_batches(self, seed: int, round_id: int, user_id: str, steps: int, batch_size: int) -> list[Batch]:
+        rng = random.Random(derive_seed(seed, round_id, user_id, "batches"))
+        order: list[int] = []
+        while len(order) < steps * batch_size:
+            chunk = list(range(len(self.examples)))
+            rng.shuffle(chunk)
+            order.extend(chunk)
+        return [
+            collate(self.tokenizer, [self.examples[j] for j in order[i * batch_size:(i + 1) * batch_size]], self.task, self.max_len)
+            for i in range(steps)
+        ]
+
+
+def eval_batches(tokenizer: Tokenizer, examples: list[Example], task: str, max_len: int, batch_size: int) -> list[Batch]:
+    return [collate(tokenizer, examples[i:i + batch_size], task, max_len) for i in range(0, len(examples), batch_size)]

@@ -1,0 +1,200 @@
+"""The ``splitllm`` command: sim, verify-split, memory (and the services, in their own packages)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+class UsageError(ValueError):
+    """Bad command-line input, reported as one line without a traceback."""
+
+
+def _split_arg(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        a, b = (int(x) for x in text.split(","))
+    except ValueError:
+        raise UsageError(f"--split takes two integers 'a,b' (got '{text}'), e.g. --split 2,15") from None
+    return a, b
+
+
+def _lora_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    p.add_argument("--targets", default="", help="comma-separated target modules (default: per family)")
+
+
+def _lora(args: argparse.Namespace) -> Any:
+    from shared.adapters import LoraSettings
+
+    targets = [t for t in args.targets.split(",") if t]
+    return LoraSettings(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, target_modules=targets)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    quality = (f"acc {row['eval_accuracy']:.4f}" if "eval_accuracy" in row
+               else f"ppl {row['eval_perplexity']:.2f}" if "eval_perplexity" in row else "")
+    b = row["bytes"]
+    print(f"{row['round']:>5}  {_fmt(row['train_loss'], '.4f'):>10}  {_fmt(row['eval_loss'], '.4f'):>9}  {quality:>13}  "
+          f"{b['user']['up'] / 1e6:>9.2f}  {b['user']['down'] / 1e6:>9.2f}  {b['edge']['up'] / 1e6:>9.2f}  "
+          f"{b['edge']['down'] / 1e6:>9.2f}  {row['seconds']:>7.1f}", flush=True)
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from shared.sim import SimConfig, Simulation
+
+    cfg = SimConfig(model=args.model, data=args.data, users=args.users, edges=args.edges, rounds=args.rounds,
+                    split=_split_arg(args.split), local_steps=args.local_steps, batch_size=args.batch_size,
+                    lr=args.lr, max_len=args.max_len, partition=args.partition, alpha=args.dirichlet_alpha,
+                    max_examples_per_client=args.max_examples or None, eval_examples_per_client=args.eval_examples,
+                    lora=_lora(args), algorithm=args.algorithm, algorithm_config=json.loads(args.algorithm_config),
+                    seed=args.seed)
+    sim = Simulation(cfg)
+    print(f"model {args.model} ({sim.source.family}, {sim.source.num_layers} blocks), split {sim.spec.split[0]},"
+          f"{sim.spec.split[1]}; data {args.data} ({sim.dataset.task}), {args.users} users, {args.edges} edges", flush=True)
+    if sim.dataset.task == "cls":
+        print(f"majority-class accuracy on the eval splits: {sim.dataset.majority_class_accuracy():.4f}", flush=True)
+    print(f"{'round':>5}  {'train_loss':>10}  {'eval_loss':>9}  {'quality':>13}  {'user_up_MB':>9}  {'user_dn_MB':>9}  "
+          f"{'edge_up_MB':>9}  {'edge_dn_MB':>9}  {'seconds':>7}", flush=True)
+    rows = sim.run(on_row=_print_row)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"config": cfg.to_dict(), "rounds": rows}, indent=2))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from shared.verify import verify_split
+
+    split = _split_arg(args.split)
+    result = verify_split(args.model, split, args.steps, task=args.task, lr=args.lr, seed=args.seed)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"{args.model} split {split[0]},{split[1]}, {args.steps} steps, {result.num_adapter_tensors} adapter tensors")
+        for i, (a, b) in enumerate(zip(result.split_losses, result.whole_losses)):
+            print(f"  step {i}: split loss {a:.8f}  whole loss {b:.8f}  diff {abs(a - b):.2e}")
+        print(f"max loss difference   {result.max_loss_diff:.3e}")
+        print(f"max weight difference {result.max_weight_diff:.3e}")
+    return 0
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    from shared.memory import memory_report
+
+    report = memory_report(args.model, _split_arg(args.split), batch_size=args.batch_size, seq_len=args.seq_len)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    whole = report["whole"]
+    print(f"{'process':>7}  {'param_MB':>9}  {'share':>6}  {'peak_rss_MB':>11}")
+    for name in ("user", "edge", "cloud", "whole"):
+        r = report[name]
+        print(f"{name:>7}  {r['param_bytes'] / 1e6:>9.1f}  {r['param_bytes'] / whole['param_bytes']:>6.1%}  "
+              f"{r['peak_rss_bytes'] / 1e6:>11.1f}")
+    for line in report["checks"]:
+        print(line)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitllm", description="Three-tier split LoRA fine-tuning runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sim", help="C users behind E edges for R rounds, in one process")
+    p.add_argument("--model", default="tiny-llama")
+    p.add_argument("--data", default="shakespeare", help="shakespeare, trec, sms_spam or sentiment")
+    p.add_argument("--users", type=int, default=4)
+    p.add_argument("--edges", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--split", default=None, help="split points a,b (default: max(1, L//15), L//2)")
+    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-len", type=int, default=64, help="tokens per example (default 64)")
+    p.add_argument("--partition", default="default", help="natural, dirichlet, iid (default: per data set)")
+    p.add_argument("--dirichlet-alpha", type=float, default=0.5)
+    p.add_argument("--max-examples", type=int, default=256, help="train examples per client (0: all)")
+    p.add_argument("--eval-examples", type=int, default=32, help="held-out examples per client")
+    p.add_argument("--algorithm", default="fedavg")
+    p.add_argument("--algorithm-config", default="{}", help="JSON object of the algorithm's options")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the per-round table as JSON to this path")
+    _lora_args(p)
+    p.set_defaults(func=cmd_sim)
+
+    p = sub.add_parser("verify-split", help="K steps split and unsplit from the same seed; largest differences")
+    p.add_argument("--model", required=True)
+    p.add_argument("--split", required=True, help="split points a,b")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--task", choices=("lm", "cls"), default=None, help="default: cls for BERT, lm otherwise")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help='print {"max_loss_diff": ..., "max_weight_diff": ...}')
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("memory", help="each tier's parameter bytes and peak resident memory against the whole model")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--split", default="2,15")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_memory)
+
+    for name, module in (("cloud", "cloud_server"), ("edge", "edge_server"), ("user", "user_agent")):
+        p = sub.add_parser(name, help=f"run the {name} tier as a service", add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_service(module))
+    return parser
+
+
+def _service(module: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        try:
+            main_fn = importlib.import_module(f"{module}.__main__").main
+        except ModuleNotFoundError as exc:
+            raise UsageError(f"the {module} service is not available in this build ({exc})") from None
+        return int(main_fn(args.rest) or 0)
+
+    return run
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from shared.aggregation import AggregationError
+    from shared.data import DataError
+    from shared.models import ModelError
+
+    return (UsageError, ModelError, DataError, AggregationError, json.JSONDecodeError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if isinstance(exc, user_errors()) or (isinstance(exc, ValueError) and type(exc) is ValueError):
+            print(f"splitllm {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

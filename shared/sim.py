@@ -1,0 +1,158 @@
+"""In-process simulation: C users behind E edges and one cloud, on the services' code path."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from cloud_server.rounds import Coordinator, RoundRecord, RoundRequest
+from edge_server.compute import EdgeServer
+from shared.adapters import LoraSettings, initial_state
+from shared.data import FederatedDataset, load_federated
+from shared.models import ModelSource, resolve_model
+from shared.partition import Split
+from shared.tier import ModelSpec, TierRuntime, adapter_shapes
+from shared.transport import InProcessLink
+from user_agent.compute import UserAgent
+
+
+def default_split(num_layers: int) -> tuple[int, int]:
+    """A small user share and the middle of the model for the edge: (max(1, L // 15), L // 2)."""
+    a = min(max(1, num_layers // 15), num_layers)
+    return a, max(a, num_layers // 2)
+
+
+@dataclass
+class SimConfig:
+    model: str = "tiny-llama"
+    data: str = "shakespeare"
+    users: int = 4
+    edges: int = 2
+    rounds: int = 3
+    split: tuple[int, int] | None = None
+    local_steps: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    max_len: int = 64
+    partition: str = "default"
+    alpha: float = 0.5
+    max_examples_per_client: int | None = 256
+    eval_examples_per_client: int = 32
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    algorithm: str = "fedavg"
+    algorithm_config: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    wire: bool = True
+    baseline_eval: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["lora"] = self.lora.to_dict()
+        out["split"] = list(self.split) if self.split else None
+        return out
+
+
+class Simulation:
+    """Builds the topology from a config; ``run_round`` drives one round through the coordinator."""
+
+    def __init__(self, config: SimConfig, source: ModelSource | None = None,
+                 dataset: FederatedDataset | None = None) -> None:
+        if config.edges < 1 or config.users < config.edges:
+            raise ValueError(f"need at least one edge and one user per edge (got {config.users} users, {config.edges} edges)")
+        self.config = config
+        self.source = source or resolve_model(config.model)
+        self.dataset = dataset or load_federated(
+            config.data, config.users, partition=config.partition, alpha=config.alpha, seed=config.seed,
+            max_examples_per_client=config.max_examples_per_client)
+        for client in self.dataset.clients:
+            client.eval = client.eval[: config.eval_examples_per_client]
+        split = config.split or default_split(self.source.num_layers)
+        Split(split[0], split[1], self.source.num_layers)  # validate with a clear error
+        self.spec = ModelSpec(model=config.model, split=tuple(split), task=self.dataset.task,
+                              num_labels=self.dataset.num_labels, lora=config.lora, seed=config.seed)
+        shapes = adapter_shapes(self.source, self.spec)
+        initial = {tier: initial_state(shapes[tier], config.seed) for tier in shapes}
+        tokenizer = self.source.tokenizer()
+        cloud_rt = TierRuntime("cloud", self.source, self.spec)
+        edge_rt = TierRuntime("edge", self.source, self.spec)
+        user_rt = TierRuntime("user", self.source, self.spec)
+        self.runtimes = {"user": user_rt, "edge": edge_rt, "cloud": cloud_rt}
+        self.coordinator = Coordinator(cloud_rt, initial, seed=config.seed)
+        self.edge_links: list[InProcessLink] = []
+        self.user_links: list[InProcessLink] = []
+        self.edges: list[EdgeServer] = []
+        for e in range(config.edges):
+            edge_id = f"edge-{e}"
+            up = InProcessLink(self.coordinator, upward=True, wire=config.wire)
+            edge = EdgeServer(edge_id, edge_rt, up)
+            self.coordinator.register_edge(edge_id, InProcessLink(edge, upward=False, wire=config.wire))
+            self.edges.append(edge)
+            self.edge_links.append(up)
+        self.users: list[UserAgent] = []
+        for i, client in enumerate(self.dataset.clients):
+            edge = self.edges[i % config.edges]
+            user_id = f"user-{i}"
+            up = InProcessLink(edge, upward=True, wire=config.wire)
+            agent = UserAgent(user_id, user_rt, client, tokenizer, up, max_len=config.max_len)
+            edge.register_user(user_id, InProcessLink(agent, upward=False, wire=config.wire), agent.num_samples)
+            self.coordinator.register_user(edge.edge_id, user_id, agent.num_samples)
+            self.users.append(agent)
+            self.user_links.append(up)
+
+    def request(self, evaluate: bool = True) -> RoundRequest:
+        c = self.config
+        return RoundRequest(local_steps=c.local_steps, batch_size=c.batch_size, lr=c.lr, algorithm=c.algorithm,
+                            config=dict(c.algorithm_config), evaluate=evaluate)
+
+    def bytes(self) -> dict[str, dict[str, int]]:
+        def total(links: list[InProcessLink]) -> dict[str, int]:
+            snaps = [l.stats.snapshot() for l in links]
+            return {"up": sum(s["bytes_up"] for s in snaps), "down": sum(s["bytes_down"] for s in snaps)}
+
+        return {"user_edge": total(self.user_links), "edge_cloud": total(self.edge_links)}
+
+    def run_round(self, request: RoundRequest | None = None) -> dict[str, Any]:
+        before = self.bytes()
+        t0 = time.perf_counter()
+        record = self.coordinator.run_round(self.coordinator.new_round(request or self.request()))
+        return self._row(record, before, time.perf_counter() - t0)
+
+    def evaluate_only(self) -> dict[str, Any]:
+        """Held-out metrics of the current global adapters without training (the round-0 row)."""
+        before = self.bytes()
+        t0 = time.perf_counter()
+        record = self.coordinator.evaluate_current()
+        return self._row(record, before, time.perf_counter() - t0)
+
+    def _row(self, record: RoundRecord, before: dict[str, dict[str, int]], seconds: float) -> dict[str, Any]:
+        if record.state != "committed":
+            raise RuntimeError(f"round {record.round_id} {record.state}: {record.error}")
+        after = self.bytes()
+        hops = {h: {d: after[h][d] - before[h][d] for d in ("up", "down")} for h in after}
+        m = record.metrics
+        row: dict[str, Any] = {
+            "round": record.round_id, "version": record.version,
+            "train_loss": m.get("train_loss"), "eval_loss": m.get("eval_loss"),
+            "bytes_up": hops["user_edge"]["up"] + hops["edge_cloud"]["up"],
+            "bytes_down": hops["user_edge"]["down"] + hops["edge_cloud"]["down"],
+            "bytes": {"user": {"up": hops["user_edge"]["up"], "down": hops["user_edge"]["down"]},
+                      "edge": {"up": hops["edge_cloud"]["up"], "down": hops["edge_cloud"]["down"]}},
+            "seconds": seconds,
+        }
+        for key in ("eval_accuracy", "eval_perplexity", "eval_token_accuracy"):
+            if key in m:
+                row[key] = m[key]
+        return row
+
+    def run(self, on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        rows = []
+        if self.config.baseline_eval:
+            rows.append(self.evaluate_only())
+            if on_row:
+                on_row(rows[-1])
+        for _ in range(self.config.rounds):
+            rows.append(self.run_round())
+            if on_row:
+                on_row(rows[-1])
+        return rows

@@ -1,0 +1,193 @@
+"""What every tier runs: its partition with LoRA, per-session replicas and optimizers, the hooks."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from shared.adapters import AdapterSlots, AdapterState, LoraSettings, clone_state, inject_lora
+from shared.algorithms import Algorithm, RoundPlan, create_algorithm
+from shared.models import ModelSource
+from shared.partition import Partition, Split, build_partition, load_partition
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that fixes the architecture of the split model; identical on every tier."""
+
+    model: str
+    split: tuple[int, int]
+    task: str
+    num_labels: int = 0
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    base_dropout: bool = False
+    seed: int = 0
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"model": self.model, "split": list(self.split), "task": self.task, "num_labels": self.num_labels,
+                "lora": self.lora.to_dict(), "base_dropout": self.base_dropout, "seed": self.seed}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "ModelSpec":
+        return cls(model=meta["model"], split=tuple(meta["split"]), task=meta["task"], num_labels=meta["num_labels"],
+                   lora=LoraSettings(**meta["lora"]), base_dropout=meta["base_dropout"], seed=meta["seed"])
+
+
+@dataclass
+class OptimizerSettings:
+    """AdamW per tier and session (the same elementwise update as one optimizer over the whole model)."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def make(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer | None:
+        if not params:
+            return None
+        return torch.optim.AdamW(params, lr=lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+
+
+class SessionError(KeyError):
+    """A step or update names a session this tier does not hold."""
+
+
+@dataclass
+class Session:
+    """One (round, user) replica on one tier: its adapters, optimizer state and counters."""
+
+    round_id: int
+    user_id: str
+    plan: RoundPlan
+    algorithm: Algorithm
+    params: dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer | None
+    steps: int = 0
+    samples: int = 0
+    loss_sum: float = 0.0
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return (self.round_id, self.user_id)
+
+
+class TierRuntime:
+    """A tier's compute, free of any transport: forward under a session's adapters, backward, step.
+
+    One lock guards binding + forward; autograd keeps the bound tensors, so backward and the
+    optimizer step of one session may run while another session does its forward.
+    """
+
+    def __init__(self, tier: str, source: ModelSource, spec: ModelSpec,
+                 optimizer: OptimizerSettings | None = None, device: str = "cpu") -> None:
+        self.tier, self.source, self.spec = tier, source, spec
+        self.split = Split(spec.split[0], spec.split[1], source.num_layers)
+        self.partition = load_partition(source, tier, self.split, spec.task, spec.num_labels,
+                                        base_dropout=spec.base_dropout, seed=spec.seed)
+        inject_lora(self.partition, spec.lora)
+        self.device = torch.device(device)
+        self.partition.to(self.device)
+        self.partition.train()
+        self.slots = AdapterSlots(self.partition)
+        self.optimizer_settings = optimizer or OptimizerSettings()
+        self.sessions: dict[tuple[int, str], Session] = {}
+        self.lock = threading.RLock()
+
+    # sessions -------------------------------------------------------------------------------
+    def open_session(self, plan: RoundPlan, state: AdapterState, algorithm: Algorithm | None = None) -> Session:
+        """Make this tier's replica for (round, user) from the round's global adapters."""
+        missing = set(self.slots.keys) - set(state)
+        if missing:
+            raise ValueError(f"{self.tier} adapters lack {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+        algorithm = algorithm or create_algorithm(plan.algorithm, plan.config)
+        on_device = {k: v.to(self.device) for k, v in state.items() if k in self.slots.locations}
+        params = algorithm.build_adapters(self.tier, on_device, plan)
+        train = plan.mode == "train"
+        for p in params.values():
+            p.requires_grad_(train)
+        optimizer = self.optimizer_settings.make(list(params.values()), plan.lr) if train else None
+        session = Session(plan.round_id, plan.user_id, plan, algorithm, params, optimizer)
+        with self.lock:
+            self.sessions[session.key] = session
+        return session
+
+    def session(self, round_id: int, user_id: str) -> Session:
+        try:
+            return self.sessions[(round_id, user_id)]
+        except KeyError:
+            raise SessionError(f"no session for round {round_id}, user '{user_id}' on the {self.tier} tier") from None
+
+    def close_session(self, round_id: int, user_id: str) -> Session:
+        with self.lock:
+            session = self.session(round_id, user_id)
+            del self.sessions[session.key]
+        return session
+
+    def pack_update(self, session: Session) -> AdapterState:
+        return {k: v.detach().cpu() for k, v in session.algorithm.pack_update(self.tier, session.params, session.plan).items()}
+
+    # compute --------------------------------------------------------------------------------
+    def _layers(self, session: Session, step: int) -> list[int]:
+        if session.plan.mode != "train":
+            return self.partition.layer_ids
+        return session.algorithm.layers_to_run(self.tier, self.partition.layer_ids, session.plan, step)
+
+    def forward(self, session: Session, hidden: torch.Tensor | None, attention_mask: torch.Tensor, step: int,
+                input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings (user tier, from ``input_ids``) and this tier's blocks, under the session's adapters."""
+        train = session.plan.mode == "train"
+        with self.lock, torch.set_grad_enabled(train):
+            self.slots.bind(session.params)
+            if input_ids is not None:
+                hidden = self.partition.embed_tokens(input_ids.to(self.device), attention_mask.to(self.device))
+            return self.partition.run_blocks(hidden, attention_mask.to(self.device), self._layers(session, step))
+
+    def head(self, session: Session, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Cloud only: final norm and head. Call right after ``forward`` on the same thread."""
+        with self.lock, torch.set_grad_enabled(session.plan.mode == "train"):
+            self.slots.bind(session.params)
+            return self.partition.run_head(hidden, attention_mask.to(self.device))
+
+    def backward_and_step(self, session: Session, outputs: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+        """Backpropagate into this tier's adapters, run the plug-in hooks, step the optimizer."""
+        pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+        extra = session.algorithm.extra_loss(self.tier, session.params, session.plan)
+        if extra is not None:
+            pairs.append((extra, None))
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        session.algorithm.after_backward(self.tier, session.params, session.plan)
+        if session.optimizer is not None:
+            session.optimizer.step()
+            session.optimizer.zero_grad(set_to_none=True)
+        session.steps += 1
+
+    def global_state_template(self) -> AdapterState:
+        return clone_state(self.slots.current())
+
+    def parameter_bytes(self) -> int:
+        return self.partition.parameter_bytes()
+
+
+def adapter_shapes(source: ModelSource, spec: ModelSpec) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Adapter shapes of every tier from the config alone (meta tensors: nothing is loaded)."""
+    from peft import inject_adapter_in_model
+
+    from shared.adapters import peft_config
+
+    split = Split(spec.split[0], spec.split[1], source.num_layers)
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    for tier in ("user", "edge", "cloud"):
+        part = build_partition(source, tier, split, spec.task, spec.num_labels, base_dropout=spec.base_dropout)
+        if part.layer_ids:
+            cfg = peft_config(spec.lora, part.family.name, part.family.lora_targets)
+            inject_adapter_in_model(cfg, part.blocks, low_cpu_mem_usage=True)
+        shapes[tier] = AdapterSlots(part).shapes()
+    return shapes
+
+
+def iter_params(session: Session) -> Iterator[nn.Parameter]:
+    return iter(session.params.values())

@@ -1,0 +1,83 @@
+"""The transport seam: one request/response interface between tiers, in-process or over HTTP."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from shared.wire import Message, decode, encode
+
+ENDPOINTS = ("step", "start", "update")
+
+
+class Handler(Protocol):
+    """A tier's compute object as the transport sees it: ``on_<endpoint>(message) -> message``."""
+
+    def on_step(self, msg: Message) -> Message: ...
+    def on_start(self, msg: Message) -> Message: ...
+    def on_update(self, msg: Message) -> Message: ...
+
+
+@dataclass
+class LinkStats:
+    """Bytes and messages that crossed one link, each way (up = towards the cloud)."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    messages: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, up: int, down: int) -> None:
+        with self._lock:
+            self.bytes_up += up
+            self.bytes_down += down
+            self.messages += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "messages": self.messages}
+
+
+class Link:
+    """A caller's handle on one peer tier."""
+
+    stats: LinkStats
+    upward: bool  # True when the peer is the caller's parent (user -> edge, edge -> cloud)
+
+    def request(self, endpoint: str, msg: Message) -> Message:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release connections (nothing to do in-process)."""
+
+
+class InProcessLink(Link):
+    """Direct calls, with every message really encoded and decoded so bytes and dtypes are real."""
+
+    def __init__(self, handler: Any, upward: bool, wire: bool = True) -> None:
+        self.handler, self.upward, self.wire = handler, upward, wire
+        self.stats = LinkStats()
+
+    def request(self, endpoint: str, msg: Message) -> Message:
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"unknown endpoint '{endpoint}'")
+        sent = received = 0
+        if self.wire:
+            data = encode(msg)
+            sent = len(data)
+            msg = decode(data)
+        reply = getattr(self.handler, f"on_{endpoint}")(msg)
+        if self.wire:
+            data = encode(reply)
+            received = len(data)
+            reply = decode(data)
+        if self.upward:
+            self.stats.add(sent, received)
+        else:
+            self.stats.add(received, sent)
+        return reply
+
+
+def ok(kind: str = "ok", **meta: Any) -> Message:
+    return Message(kind=kind, meta=meta)

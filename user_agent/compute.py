@@ -1,0 +1,98 @@
+"""The user tier's work: local batches through embeddings + first blocks, the chain, local updates."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from shared.algorithms import RoundPlan
+from shared.batching import Batch, BatchSampler, eval_batches
+from shared.data import ClientData
+from shared.models import Tokenizer
+from shared.tier import TierRuntime
+from shared.transport import Link, ok
+from shared.wire import Message
+
+USER_PREFIX = "user/"
+
+
+def step_message(plan: RoundPlan, step: int, hidden: torch.Tensor, batch: Batch) -> Message:
+    """The forward message of one step: activation plus the small metadata every tier rebuilds from."""
+    return Message(
+        kind="step",
+        meta={"round": plan.round_id, "user": plan.user_id, "step": step, "mode": plan.mode},
+        tensors={"hidden": hidden.detach(), "attention_mask": batch.attention_mask.to(torch.uint8), "labels": batch.labels},
+    )
+
+
+class UserAgent:
+    """A device: its data, the user partition, and a link to its edge."""
+
+    def __init__(self, user_id: str, runtime: TierRuntime, data: ClientData, tokenizer: Tokenizer,
+                 edge: Link, max_len: int = 128, eval_batch_size: int = 32) -> None:
+        self.user_id, self.runtime, self.data, self.edge = user_id, runtime, data, edge
+        task = runtime.spec.task
+        self.sampler = BatchSampler(tokenizer, data.train, task, max_len)
+        self.eval_data = eval_batches(tokenizer, data.eval, task, max_len, eval_batch_size)
+        self.busy: dict[tuple[int, str], str] = {}
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.data.train)
+
+    def on_start(self, msg: Message) -> Message:
+        """Run this user's part of a round (train or eval) and report to the edge."""
+        plan = RoundPlan.from_meta(msg.meta["plan"])
+        state = {k[len(USER_PREFIX):]: v for k, v in msg.tensors.items() if k.startswith(USER_PREFIX)}
+        self.busy[(plan.round_id, plan.mode)] = "running"
+        if plan.mode == "train":
+            report = self.train(plan, state)
+        else:
+            report = self.evaluate(plan, state)
+        self.busy[(plan.round_id, plan.mode)] = "reported"
+        self.edge.request("update", report)
+        return ok(round=plan.round_id, user=self.user_id)
+
+    def train(self, plan: RoundPlan, state: dict[str, torch.Tensor]) -> Message:
+        session = self.runtime.open_session(plan, state)
+        batches = self.sampler.round_batches(plan.seed, plan.round_id, self.user_id, plan.local_steps, plan.batch_size)
+        losses: list[float] = []
+        compute = 0.0
+        started = time.perf_counter()
+        for step, batch in enumerate(batches):
+            t0 = time.perf_counter()
+            hidden = self.runtime.forward(session, None, batch.attention_mask, step, input_ids=batch.input_ids)
+            compute += time.perf_counter() - t0
+            reply = self.edge.request("step", step_message(plan, step, hidden, batch))
+            t0 = time.perf_counter()
+            self.runtime.backward_and_step(session, [hidden], [reply.tensors["grad"].to(hidden.device)])
+            compute += time.perf_counter() - t0
+            losses.append(float(reply.meta["loss"]))
+            session.samples += batch.size
+        update = self.runtime.pack_update(session)
+        self.runtime.close_session(plan.round_id, self.user_id)
+        metrics: dict[str, Any] = {
+            "train_loss": sum(losses) / max(len(losses), 1), "losses": losses, "steps": len(batches),
+            "seconds": time.perf_counter() - started, "user_compute_seconds": compute,
+        }
+        return Message(
+            kind="update",
+            meta={"round": plan.round_id, "user": self.user_id, "mode": "train", "num_samples": self.num_samples,
+                  "metrics": metrics},
+            tensors={USER_PREFIX + k: v for k, v in update.items()},
+        )
+
+    def evaluate(self, plan: RoundPlan, state: dict[str, torch.Tensor]) -> Message:
+        session = self.runtime.open_session(plan, state)
+        totals = {"loss_sum": 0.0, "count": 0, "correct": 0, "examples": 0}
+        for step, batch in enumerate(self.eval_data):
+            hidden = self.runtime.forward(session, None, batch.attention_mask, step, input_ids=batch.input_ids)
+            reply = self.edge.request("step", step_message(plan, step, hidden, batch))
+            for key in ("loss_sum", "count", "correct"):
+                totals[key] += reply.meta[key]
+            totals["examples"] += batch.size
+        self.runtime.close_session(plan.round_id, self.user_id)
+        return Message(kind="update", meta={"round": plan.round_id, "user": self.user_id, "mode": "eval",
+                                            "num_samples": len(self.data.eval), "metrics": totals})
