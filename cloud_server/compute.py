@@ -40,6 +40,7 @@ class CloudCompute:
         round_id, user_id, step = msg.meta["round"], msg.meta["user"], msg.meta["step"]
         session = self.runtime.session(round_id, user_id)
         train = session.plan.mode == "train"
+        self.runtime.check_step(msg.tensors["hidden"], msg.tensors["attention_mask"], msg.tensors["labels"])
         device = self.runtime.device
         hidden_in = msg.tensors["hidden"].to(device).requires_grad_(train)
         mask = msg.tensors["attention_mask"]

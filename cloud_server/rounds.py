@@ -19,6 +19,7 @@ from shared.batching import derive_seed
 from shared.tier import TierRuntime
 from shared.transport import Link, ok
 from shared.wire import Message
+from cloud_server.store import Store
 
 TIER_NAMES = ("user", "edge", "cloud")
 ROUND_STATES = ("pending", "running", "aggregating", "committed", "failed", "cancelled")
@@ -58,20 +59,33 @@ class RoundError(RuntimeError):
     """A round could not complete; the previous version stays current."""
 
 
+class RoundCancelled(RoundError):
+    """Cancelled through the API; the previous version stays current."""
+
+
 class Coordinator:
     """The cloud's round driver and the cloud tier's handler (``on_step``, ``on_update``)."""
 
     def __init__(self, runtime: TierRuntime, initial: dict[str, AdapterState], seed: int = 0,
-                 round_timeout: float = 3600.0) -> None:
+                 round_timeout: float = 3600.0, store: Store | None = None, ledger: Any = None) -> None:
         self.runtime = runtime
         self.compute = CloudCompute(runtime)
+        self.store = store
+        self.ledger = ledger  # bytes on the edge-cloud hop per (round, mode), where a transport measures them
         self.global_state = {t: clone_state(initial[t]) for t in TIER_NAMES}
         self.version = 0
+        self.restart_failed: list[int] = []
+        if store is not None:
+            store.put_initial(self.global_state)
+            self.version = store.latest_version() or 0
+            self.global_state = store.load_version(self.version)
+            self.restart_failed = store.fail_unfinished("the cloud restarted while this round was in progress")
         self.seed = seed
         self.round_timeout = round_timeout
         self.edges: dict[str, Link] = {}
         self.edge_users: dict[str, dict[str, int]] = {}
-        self.rounds: list[RoundRecord] = []
+        self.rounds: dict[int, RoundRecord] = {}
+        self._cancelled: set[int] = set()
         self.algorithms: dict[str, Algorithm] = {}
         self._reports: dict[tuple[int, str], dict[str, Message]] = {}
         self._cond = threading.Condition()
@@ -132,43 +146,104 @@ class Coordinator:
 
     def new_round(self, request: RoundRequest) -> RoundRecord:
         create_algorithm(request.algorithm, request.config)  # validate before accepting
-        record = RoundRecord(round_id=len(self.rounds) + 1, request=request, base_version=self.version)
-        self.rounds.append(record)
+        with self._cond:
+            next_id = max([0, *self.rounds] + ([self.store.next_round_id() - 1] if self.store else [])) + 1
+            record = RoundRecord(round_id=next_id, request=request, base_version=self.version)
+            self.rounds[record.round_id] = record
+        self._save(record)
         return record
+
+    def _save(self, record: RoundRecord) -> None:
+        if self.store is not None:
+            self.store.save_round(record.to_dict())
+
+    def cancel(self, round_id: int) -> RoundRecord:
+        """Cancel a pending or running round; a finished one is left as it is."""
+        with self._cond:
+            record = self.rounds.get(round_id)
+            if record is None:
+                raise KeyError(f"no round {round_id} in this process")
+            if record.state in ("pending", "running", "aggregating"):
+                self._cancelled.add(round_id)
+                if record.state == "pending":
+                    record.state = "cancelled"
+                self._cond.notify_all()
+        self._save(record)
+        return record
+
+    def _check_cancelled(self, record: RoundRecord) -> None:
+        if record.round_id in self._cancelled:
+            raise RoundCancelled(f"round {record.round_id} was cancelled")
 
     def run_round(self, record: RoundRecord) -> RoundRecord:
         """Train, aggregate, commit, then (optionally) evaluate the new version. Blocking."""
         started = time.perf_counter()
         try:
+            self._check_cancelled(record)
             chosen = self._select(record.request, record.round_id)
             if not chosen:
                 raise RoundError("no registered users to train")
             record.participants = [p.user_id for p in chosen]
             record.progress = {p.user_id: "training" for p in chosen}
             record.state = "running"
+            self._save(record)
             algorithm = self.algorithm_for(record.request)
             extras = algorithm.configure_round(record.round_id, chosen)
             reports = self._phase(record, chosen, "train", extras, self.global_state)
+            self._check_cancelled(record)
             record.state = "aggregating"
+            self._save(record)
             new_state = self._aggregate(algorithm, chosen, reports)
             train_metrics = {u: m for r in reports.values() for u, m in r.meta["metrics"].items()}
-            self.global_state = new_state
-            self.version += 1
-            record.version = self.version
             record.metrics = self._train_metrics(chosen, train_metrics)
+            record.metrics["bytes"] = self._bytes(reports)
             record.progress = {u: "reported" for u in record.participants}
-            if record.request.evaluate:
-                eval_reports = self._phase(record, chosen, "eval", {p.user_id: {} for p in chosen}, self.global_state)
-                record.metrics.update(self._eval_metrics(eval_reports))
-            record.metrics["seconds"] = time.perf_counter() - started
+            self._check_cancelled(record)
+            record.version = self.version + 1
             record.state = "committed"
+            record.metrics["seconds"] = time.perf_counter() - started
+            if self.store is not None:
+                self.store.commit(record.to_dict(), new_state)
+            self.global_state = new_state
+            self.version = record.version
+            if record.request.evaluate:
+                self._evaluate_into(record, chosen)
+            self._save(record)
             algorithm.after_round(record.round_id, record.metrics)
         except Exception as exc:  # the round fails; the previous version stays current
-            record.state = "failed"
+            if record.state == "committed":  # only the evaluation after the commit failed
+                record.metrics["eval_error"] = f"{type(exc).__name__}: {exc}"
+                self._save(record)
+                return record
+            record.state = "cancelled" if isinstance(exc, RoundCancelled) else "failed"
+            record.version = None
             record.error = f"{type(exc).__name__}: {exc}"
             for key in [k for k in self.runtime.sessions if k[0] == record.round_id]:
                 self.runtime.close_session(*key)
+            self._save(record)
         return record
+
+    def _evaluate_into(self, record: RoundRecord, chosen: list[Participant]) -> None:
+        """Held-out metrics of the version just committed, merged into the round's metrics."""
+        t0 = time.perf_counter()
+        eval_reports = self._phase(record, chosen, "eval", {p.user_id: {} for p in chosen}, self.global_state)
+        record.metrics.update(self._eval_metrics(eval_reports))
+        for hop, counts in self._bytes(eval_reports).items():
+            for d, n in counts.items():
+                record.metrics["bytes"][hop][d] += n
+        record.metrics["eval_seconds"] = time.perf_counter() - t0
+        record.progress = {u: "evaluated" for u in record.participants}
+
+    def _bytes(self, reports: dict[str, Message]) -> dict[str, Any]:
+        """Bytes per hop: user-edge as the edges measured it, edge-cloud from this side's ledger."""
+        out = {"user_edge": {"up": 0, "down": 0}, "edge_cloud": {"up": 0, "down": 0}}
+        for r in reports.values():
+            for d in ("up", "down"):
+                out["user_edge"][d] += int(r.meta.get("bytes", {}).get(d, 0))
+        if self.ledger is not None and reports:
+            first = next(iter(reports.values()))
+            out["edge_cloud"] = self.ledger.get((int(first.meta["round"]), str(first.meta["mode"])))
+        return out
 
     def evaluate_current(self) -> RoundRecord:
         """Held-out metrics of the current version on every registered user, without training."""
@@ -211,8 +286,11 @@ class Coordinator:
                 start = Message(kind="start", meta={"plans": [p.to_meta() for p in edge_plans]}, tensors=tensors)
                 self.edges[edge_id].request("start", start)
             with self._cond:
-                done = self._cond.wait_for(lambda: len(self._reports[key]) == len(by_edge), timeout=self.round_timeout)
+                done = self._cond.wait_for(
+                    lambda: len(self._reports[key]) == len(by_edge) or record.round_id in self._cancelled,
+                    timeout=self.round_timeout)
                 reports = self._reports.pop(key)
+            self._check_cancelled(record)
             if not done:
                 raise RoundError(f"round {record.round_id} ({mode}): {len(reports)} of {len(by_edge)} edges reported in time")
         finally:

@@ -35,8 +35,9 @@ def split_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, t
 class EdgeServer:
     """A relay for many users: one edge replica per (round, user), pre-averaging its users' updates."""
 
-    def __init__(self, edge_id: str, runtime: TierRuntime, cloud: Link) -> None:
+    def __init__(self, edge_id: str, runtime: TierRuntime, cloud: Link, ledger: Any = None) -> None:
         self.edge_id, self.runtime, self.cloud = edge_id, runtime, cloud
+        self.ledger = ledger  # bytes on the user-edge hop per (round, mode), where a transport measures them
         self.users: dict[str, Link] = {}
         self.user_samples: dict[str, int] = {}
         self.pending: dict[tuple[int, str], PendingRound] = {}
@@ -102,8 +103,10 @@ class EdgeServer:
                 if updates and updates[0].state:
                     state = algorithm.aggregate(tier, updates, pending.previous[tier])
                     tensors.update({prefix + k: v for k, v in state.items()})
-        return Message(kind="update", meta={"round": round_id, "edge": self.edge_id, "mode": mode,
-                                            "num_samples": total, "metrics": pending.metrics}, tensors=tensors)
+        meta = {"round": round_id, "edge": self.edge_id, "mode": mode, "num_samples": total, "metrics": pending.metrics}
+        if self.ledger is not None:
+            meta["bytes"] = self.ledger.get((round_id, mode))
+        return Message(kind="update", meta=meta, tensors=tensors)
 
     # the step chain ----------------------------------------------------------------------------
     def on_step(self, msg: Message) -> Message:
@@ -111,6 +114,7 @@ class EdgeServer:
         round_id, user_id, step = msg.meta["round"], msg.meta["user"], msg.meta["step"]
         session = self.runtime.session(round_id, user_id)
         train = session.plan.mode == "train"
+        self.runtime.check_step(msg.tensors["hidden"], msg.tensors["attention_mask"], msg.tensors["labels"])
         hidden_in = msg.tensors["hidden"].to(self.runtime.device).requires_grad_(train)
         mask = msg.tensors["attention_mask"]
         out = self.runtime.forward(session, hidden_in, mask, step)

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -122,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edges", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--split", default=None, help="split points a,b (default: max(1, L//15), L//2)")
-    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--local-steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 5e-3 for classification, 1e-3 for LM)")
     p.add_argument("--max-len", type=int, default=64, help="tokens per example (default 64)")
     p.add_argument("--partition", default="default", help="natural, dirichlet, iid (default: per data set)")
     p.add_argument("--dirichlet-alpha", type=float, default=0.5)
@@ -155,24 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_memory)
 
-    for name, module in (("cloud", "cloud_server"), ("edge", "edge_server"), ("user", "user_agent")):
-        p = sub.add_parser(name, help=f"run the {name} tier as a service", add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_service(module))
+    for name in SERVICES:
+        sub.add_parser(name, help=f"run the {name} tier as a service (see splitllm {name} --help)", add_help=False)
     return parser
 
 
-def _service(module: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        try:
-            main_fn = importlib.import_module(f"{module}.__main__").main
-        except ModuleNotFoundError as exc:
-            raise UsageError(f"the {module} service is not available in this build ({exc})") from None
-        return int(main_fn(args.rest) or 0)
-
-    return run
+SERVICES = {"cloud": "cloud_server", "edge": "edge_server", "user": "user_agent"}
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -184,6 +172,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SERVICES:  # the services parse their own flags (generated from their settings)
+        import importlib
+
+        return int(importlib.import_module(f"{SERVICES[argv[0]]}.__main__").main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -9,7 +9,9 @@ from typing import Any, Callable
 from cloud_server.rounds import Coordinator, RoundRecord, RoundRequest
 from edge_server.compute import EdgeServer
 from shared.adapters import LoraSettings, initial_state
-from shared.data import FederatedDataset, load_federated
+from shared.algorithms import default_lr
+from shared.data import FederatedDataset
+from shared.experiment import DataSpec
 from shared.models import ModelSource, resolve_model
 from shared.partition import Split
 from shared.tier import ModelSpec, TierRuntime, adapter_shapes
@@ -31,9 +33,9 @@ class SimConfig:
     edges: int = 2
     rounds: int = 3
     split: tuple[int, int] | None = None
-    local_steps: int = 10
+    local_steps: int = 20
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float | None = None  # None: default_lr(task)
     max_len: int = 64
     partition: str = "default"
     alpha: float = 0.5
@@ -62,11 +64,11 @@ class Simulation:
             raise ValueError(f"need at least one edge and one user per edge (got {config.users} users, {config.edges} edges)")
         self.config = config
         self.source = source or resolve_model(config.model)
-        self.dataset = dataset or load_federated(
-            config.data, config.users, partition=config.partition, alpha=config.alpha, seed=config.seed,
-            max_examples_per_client=config.max_examples_per_client)
-        for client in self.dataset.clients:
-            client.eval = client.eval[: config.eval_examples_per_client]
+        self.data_spec = DataSpec(name=config.data, num_clients=config.users, partition=config.partition,
+                                  alpha=config.alpha, seed=config.seed, max_len=config.max_len,
+                                  max_examples_per_client=config.max_examples_per_client,
+                                  eval_examples_per_client=config.eval_examples_per_client)
+        self.dataset = dataset or self.data_spec.load()
         split = config.split or default_split(self.source.num_layers)
         Split(split[0], split[1], self.source.num_layers)  # validate with a clear error
         self.spec = ModelSpec(model=config.model, split=tuple(split), task=self.dataset.task,
@@ -86,23 +88,26 @@ class Simulation:
             edge_id = f"edge-{e}"
             up = InProcessLink(self.coordinator, upward=True, wire=config.wire)
             edge = EdgeServer(edge_id, edge_rt, up)
-            self.coordinator.register_edge(edge_id, InProcessLink(edge, upward=False, wire=config.wire))
+            down = InProcessLink(edge, upward=False, wire=config.wire)
+            self.coordinator.register_edge(edge_id, down)
             self.edges.append(edge)
-            self.edge_links.append(up)
+            self.edge_links += [up, down]
         self.users: list[UserAgent] = []
         for i, client in enumerate(self.dataset.clients):
             edge = self.edges[i % config.edges]
             user_id = f"user-{i}"
             up = InProcessLink(edge, upward=True, wire=config.wire)
             agent = UserAgent(user_id, user_rt, client, tokenizer, up, max_len=config.max_len)
-            edge.register_user(user_id, InProcessLink(agent, upward=False, wire=config.wire), agent.num_samples)
+            down = InProcessLink(agent, upward=False, wire=config.wire)
+            edge.register_user(user_id, down, agent.num_samples)
             self.coordinator.register_user(edge.edge_id, user_id, agent.num_samples)
             self.users.append(agent)
-            self.user_links.append(up)
+            self.user_links += [up, down]
 
     def request(self, evaluate: bool = True) -> RoundRequest:
         c = self.config
-        return RoundRequest(local_steps=c.local_steps, batch_size=c.batch_size, lr=c.lr, algorithm=c.algorithm,
+        lr = c.lr if c.lr is not None else default_lr(self.dataset.task)
+        return RoundRequest(local_steps=c.local_steps, batch_size=c.batch_size, lr=lr, algorithm=c.algorithm,
                             config=dict(c.algorithm_config), evaluate=evaluate)
 
     def bytes(self) -> dict[str, dict[str, int]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -165,6 +165,19 @@ class TierRuntime:
             session.optimizer.zero_grad(set_to_none=True)
         session.steps += 1
 
+    def check_step(self, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> None:
+        """Refuse step tensors that cannot belong to this model (ValueError: a 422 over HTTP)."""
+        width = int(self.partition.config.hidden_size)
+        if hidden.dim() != 3 or hidden.shape[-1] != width or not hidden.is_floating_point():
+            raise ValueError(f"hidden must be a float tensor (batch, seq, {width}); got {hidden.dtype} {list(hidden.shape)}")
+        if list(attention_mask.shape) != list(hidden.shape[:2]):
+            raise ValueError(f"attention_mask shape {list(attention_mask.shape)} does not match hidden {list(hidden.shape[:2])}")
+        want = list(hidden.shape[:2]) if self.spec.task == "lm" else [hidden.shape[0]]
+        if list(labels.shape) != want or labels.is_floating_point():
+            raise ValueError(f"labels must be integers of shape {want}; got {labels.dtype} {list(labels.shape)}")
+        if not torch.isfinite(hidden).all():
+            raise ValueError("hidden contains NaN or Inf")
+
     def global_state_template(self) -> AdapterState:
         return clone_state(self.slots.current())
 
@@ -188,6 +201,3 @@ def adapter_shapes(source: ModelSource, spec: ModelSpec) -> dict[str, dict[str, 
         shapes[tier] = AdapterSlots(part).shapes()
     return shapes
 
-
-def iter_params(session: Session) -> Iterator[nn.Parameter]:
-    return iter(session.params.values())

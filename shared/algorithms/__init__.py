@@ -7,11 +7,12 @@ from shared.algorithms.base import (
     RoundPlan,
     algorithm_names,
     create_algorithm,
+    default_lr,
     register_algorithm,
 )
 from shared.algorithms import fedavg  # noqa: F401  (registers "fedavg")
 
 __all__ = [
     "Algorithm", "AlgorithmConfig", "Participant", "RoundPlan",
-    "algorithm_names", "create_algorithm", "register_algorithm",
+    "algorithm_names", "create_algorithm", "default_lr", "register_algorithm",
 ]

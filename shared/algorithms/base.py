@@ -13,6 +13,11 @@ from shared.adapters import AdapterState, clone_state
 from shared.aggregation import AdapterUpdate, weighted_mean
 
 
+def default_lr(task: str) -> float:
+    """AdamW step size when none is given: a fresh classification head wants a larger one than LoRA alone."""
+    return 5e-3 if task == "cls" else 1e-3
+
+
 @dataclass
 class RoundPlan:
     """What one participant does in one round; travels as msgpack metadata, never as code."""

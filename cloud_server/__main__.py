@@ -1,0 +1,18 @@
+"""`python -m cloud_server` / `splitllm cloud`: run the cloud tier as a service."""
+
+from __future__ import annotations
+
+import sys
+
+from shared.service import serve
+from shared.settings import CloudSettings
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cloud_server.app import create_app
+
+    return serve("splitllm cloud", CloudSettings, create_app, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""The cloud service: the round API, registration, the step and update endpoints, health and metrics."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request, Response
+from pydantic import BaseModel, Field
+
+from cloud_server.rounds import ROUND_STATES, Coordinator, RoundRecord, RoundRequest
+from cloud_server.store import Store
+from shared.adapters import LoraSettings, initial_state
+from shared.algorithms import create_algorithm, default_lr
+from shared.experiment import DataSpec, Experiment
+from shared.http import ByteLedger, HttpLink, call_handler, prometheus, read_message, resident_memory_bytes, round_key
+from shared.models import resolve_model
+from shared.partition import Split
+from shared.settings import CloudSettings
+from shared.tier import ModelSpec, TierRuntime, adapter_shapes
+
+log = logging.getLogger("splitllm.cloud")
+
+
+class RoundIn(BaseModel):
+    """``POST /v1/rounds``: every field has a default, so ``{}`` starts a round with the configured ones."""
+
+    participants: list[str] | None = Field(None, description="user ids to train (default: all registered)")
+    fraction: float | None = Field(None, gt=0, le=1, description="or a random fraction of the registered users")
+    local_steps: int | None = Field(None, ge=1, le=100_000)
+    batch_size: int | None = Field(None, ge=1, le=4096)
+    lr: float | None = Field(None, gt=0, le=10)
+    algorithm: str = "fedavg"
+    config: dict[str, Any] = Field(default_factory=dict, description="the algorithm's options")
+    evaluate: bool = True
+
+
+class EdgeIn(BaseModel):
+    edge_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    url: str = Field(min_length=1, max_length=2048)
+
+
+class UserIn(BaseModel):
+    user_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    num_samples: int = Field(ge=0)
+
+
+def build_experiment(settings: CloudSettings) -> Experiment:
+    data = DataSpec(name=settings.data, num_clients=settings.num_clients, partition=settings.partition,
+                    alpha=settings.dirichlet_alpha, seed=settings.seed, max_len=settings.max_len,
+                    max_examples_per_client=settings.max_examples_per_client,
+                    eval_examples_per_client=settings.eval_examples_per_client)
+    task, num_labels = data.task_and_labels()
+    source = resolve_model(settings.model)
+    split = Split.parse(settings.split, source.num_layers)
+    lora = LoraSettings(rank=settings.rank, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
+                        target_modules=list(settings.target_modules))
+    spec = ModelSpec(model=settings.model, split=(split.a, split.b), task=task,
+                     num_labels=num_labels if task == "cls" else 0, lora=lora, seed=settings.seed)
+    return Experiment(spec=spec, data=data)
+
+
+class CloudService:
+    """Everything the routes touch; the routes themselves do no torch math."""
+
+    def __init__(self, settings: CloudSettings) -> None:
+        self.settings = settings
+        self.experiment = build_experiment(settings)
+        spec = self.experiment.spec
+        source = resolve_model(spec.model)
+        self.runtime = TierRuntime("cloud", source, spec, device=settings.device)
+        shapes = adapter_shapes(source, spec)
+        initial = {tier: initial_state(shapes[tier], spec.seed) for tier in shapes}
+        self.store = Store(settings.data_dir)
+        self.ledger = ByteLedger()
+        self.coordinator = Coordinator(self.runtime, initial, seed=spec.seed, round_timeout=settings.round_timeout,
+                                       store=self.store, ledger=self.ledger)
+        self.queue: queue.Queue[RoundRecord | None] = queue.Queue()
+        self.worker = threading.Thread(target=self._work, name="rounds", daemon=True)
+        self.worker.start()
+        self.counters = {"steps": 0, "updates": 0}
+
+    def _work(self) -> None:
+        while True:
+            record = self.queue.get()
+            if record is None:
+                return
+            if record.state == "cancelled":
+                continue
+            self.coordinator.run_round(record)
+            log.info("round %s %s%s", record.round_id, record.state, f": {record.error}" if record.error else "")
+
+    def close(self) -> None:
+        self.queue.put(None)
+        for link in self.coordinator.edges.values():
+            link.close()
+        self.store.close()
+
+    def request_from(self, body: RoundIn) -> RoundRequest:
+        s = self.settings
+        lr = body.lr or s.lr or default_lr(self.experiment.spec.task)
+        return RoundRequest(participants=body.participants, fraction=body.fraction,
+                            local_steps=body.local_steps or s.local_steps, batch_size=body.batch_size or s.batch_size,
+                            lr=lr, algorithm=body.algorithm, config=body.config, evaluate=body.evaluate)
+
+    def round_view(self, round_id: int) -> dict[str, Any] | None:
+        record = self.coordinator.rounds.get(round_id)
+        return record.to_dict() if record is not None else self.store.round(round_id)
+
+    def metrics_text(self) -> str:
+        rounds = self.store.rounds()
+        by_state = {s: sum(1 for r in rounds if r["state"] == s) for s in ROUND_STATES}
+        total = self.ledger.total.snapshot()
+        return prometheus({
+            "splitllm_rounds": ("gauge", "rounds by state", [({"state": s}, n) for s, n in by_state.items()]),
+            "splitllm_adapter_version": ("gauge", "current committed adapter version", [({}, self.coordinator.version)]),
+            "splitllm_registered_edges": ("gauge", "edges registered", [({}, len(self.coordinator.edges))]),
+            "splitllm_registered_users": ("gauge", "users registered",
+                                          [({}, sum(len(u) for u in self.coordinator.edge_users.values()))]),
+            "splitllm_steps_total": ("counter", "forward/backward steps served", [({}, self.counters["steps"])]),
+            "splitllm_updates_total": ("counter", "edge updates received", [({}, self.counters["updates"])]),
+            "splitllm_bytes_total": ("counter", "bytes on the edge-cloud hop",
+                                     [({"direction": "up"}, total["bytes_up"]), ({"direction": "down"}, total["bytes_down"])]),
+            "splitllm_open_sessions": ("gauge", "cloud sessions held", [({}, len(self.runtime.sessions))]),
+            "process_resident_memory_bytes": ("gauge", "resident memory", [({}, resident_memory_bytes())]),
+        })
+
+
+def create_app(settings: CloudSettings) -> FastAPI:
+    """The cloud's FastAPI app; the model loads at start-up (lifespan), so ``/healthz`` answers once ready."""
+    holder: dict[str, CloudService] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        holder["svc"] = CloudService(settings)
+        app.state.service = holder["svc"]
+        yield
+        holder.pop("svc").close()
+
+    app = FastAPI(title="splitllm cloud", version="0.1.0", lifespan=lifespan,
+                  description="Coordinator of a user / edge / cloud split LoRA fine-tuning deployment.")
+
+    def svc() -> CloudService:
+        if "svc" not in holder:
+            raise HTTPException(503, "the cloud is starting")
+        return holder["svc"]
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        s = svc()
+        return {"status": "ok", "tier": "cloud", "version": s.coordinator.version,
+                "edges": len(s.coordinator.edges), "users": sum(len(u) for u in s.coordinator.edge_users.values())}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(svc().metrics_text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/spec")
+    def spec() -> dict[str, Any]:
+        return svc().experiment.to_meta()
+
+    @app.post("/v1/edges")
+    def register_edge(body: EdgeIn) -> dict[str, Any]:
+        s = svc()
+        old = s.coordinator.edges.get(body.edge_id)
+        s.coordinator.register_edge(body.edge_id, HttpLink(body.url, upward=False, timeout=s.settings.request_timeout,
+                                                           max_message_bytes=s.settings.max_message_bytes,
+                                                           ledger=s.ledger))
+        if old is not None:
+            old.close()
+        log.info("edge %s registered at %s", body.edge_id, body.url)
+        return s.experiment.to_meta()
+
+    @app.post("/v1/edges/{edge_id}/users")
+    def register_user(edge_id: str, body: UserIn) -> dict[str, Any]:
+        try:
+            svc().coordinator.register_user(edge_id, body.user_id, body.num_samples)
+        except KeyError as exc:
+            raise HTTPException(404, str(exc.args[0])) from None
+        return {"ok": True}
+
+    @app.post("/v1/step")
+    async def step(request: Request) -> Response:
+        s = svc()
+        msg, n_in = await read_message(request, s.settings.max_message_bytes, "step")
+        resp, n_out = await call_handler(s.coordinator.on_step, msg)
+        s.ledger.add(round_key(msg), n_in, n_out)
+        s.counters["steps"] += 1
+        return resp
+
+    @app.post("/v1/update")
+    async def update(request: Request) -> Response:
+        s = svc()
+        msg, n_in = await read_message(request, s.settings.max_message_bytes, "update")
+        resp, n_out = await call_handler(s.coordinator.on_update, msg)
+        s.ledger.add(round_key(msg), n_in, n_out)
+        s.counters["updates"] += 1
+        return resp
+
+    @app.post("/v1/rounds", status_code=202)
+    def start_round(body: RoundIn | None = None) -> dict[str, Any]:
+        s = svc()
+        try:
+            create_algorithm(body.algorithm if body else "fedavg", body.config if body else {})
+        except (ValueError, TypeError) as exc:
+            raise HTTPException(422, str(exc)) from None
+        record = s.coordinator.new_round(s.request_from(body or RoundIn()))
+        s.queue.put(record)
+        return {"round_id": record.round_id, "state": record.state, "base_version": record.base_version}
+
+    @app.get("/v1/rounds")
+    def list_rounds() -> dict[str, Any]:
+        s = svc()
+        stored = {r["round_id"]: r for r in s.store.rounds()}
+        stored.update({rid: r.to_dict() for rid, r in s.coordinator.rounds.items()})
+        return {"version": s.coordinator.version, "rounds": [stored[k] for k in sorted(stored)]}
+
+    @app.get("/v1/rounds/{round_id}")
+    def get_round(round_id: int) -> dict[str, Any]:
+        view = svc().round_view(round_id)
+        if view is None:
+            raise HTTPException(404, f"no round {round_id}")
+        return view
+
+    @app.post("/v1/rounds/{round_id}/cancel")
+    def cancel_round(round_id: int) -> dict[str, Any]:
+        s = svc()
+        try:
+            return s.coordinator.cancel(round_id).to_dict()
+        except KeyError:
+            if s.store.round(round_id) is None:
+                raise HTTPException(404, f"no round {round_id}") from None
+            raise HTTPException(409, f"round {round_id} finished before this cloud process started") from None
+
+    @app.get("/v1/adapters/{version}")
+    def adapters(version: int) -> Response:
+        try:
+            data = svc().store.version_bytes(version)
+        except KeyError:
+            raise HTTPException(404, f"no adapter version {version}") from None
+        return Response(data, media_type="application/octet-stream",
+                        headers={"content-disposition": f'attachment; filename="adapters-v{version}.safetensors"'})
+
+    return app
+

@@ -1,0 +1,152 @@
+"""The edge service: user registration, the step relay, round start and update endpoints, health and metrics."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request, Response
+from pydantic import BaseModel, Field
+
+from edge_server.compute import EdgeServer
+from shared.experiment import Experiment
+from shared.http import ByteLedger, HttpLink, call_handler, post_json, prometheus, read_message, resident_memory_bytes, round_key
+from shared.models import resolve_model
+from shared.settings import EdgeSettings
+from shared.tier import TierRuntime
+
+log = logging.getLogger("splitllm.edge")
+
+
+class UserIn(BaseModel):
+    user_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    url: str = Field(min_length=1, max_length=2048)
+    num_samples: int = Field(ge=0)
+
+
+class EdgeService:
+    """Registers with the cloud (retrying until it answers), then loads the edge partition."""
+
+    def __init__(self, settings: EdgeSettings) -> None:
+        self.settings = settings
+        self.edge_id = settings.ident()
+        self.ledger = ByteLedger()
+        self.experiment: Experiment | None = None
+        self.server: EdgeServer | None = None
+        self.error: str | None = None
+        self.counters = {"steps": 0, "updates": 0}
+        self.thread = threading.Thread(target=self._start, name="edge-start", daemon=True)
+        self.thread.start()
+
+    def _start(self) -> None:
+        s = self.settings
+        try:
+            meta = post_json(f"{s.cloud.rstrip('/')}/v1/edges", {"edge_id": self.edge_id, "url": s.url()}, deadline=3600)
+            self.experiment = Experiment.from_meta(meta)
+            runtime = TierRuntime("edge", resolve_model(self.experiment.spec.model), self.experiment.spec, device=s.device)
+            cloud = HttpLink(s.cloud, upward=True, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes)
+            self.server = EdgeServer(self.edge_id, runtime, cloud, ledger=self.ledger)
+            log.info("edge %s ready (blocks %s)", self.edge_id, runtime.partition.layer_ids)
+        except Exception as exc:  # reported by /healthz; the process stays up to say why
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("edge start-up failed: %s", self.error)
+
+    def ready(self) -> EdgeServer:
+        if self.server is None:
+            raise HTTPException(503, self.error or "the edge is starting (registering with the cloud, loading its blocks)",
+                                headers={"Retry-After": "1"})
+        return self.server
+
+    def register_user(self, body: UserIn) -> None:
+        server = self.ready()
+        s = self.settings
+        post_json(f"{s.cloud.rstrip('/')}/v1/edges/{self.edge_id}/users",
+                  {"user_id": body.user_id, "num_samples": body.num_samples}, deadline=60)
+        old = server.users.get(body.user_id)
+        server.register_user(body.user_id, HttpLink(body.url, upward=False, timeout=s.request_timeout,
+                                                    max_message_bytes=s.max_message_bytes, ledger=self.ledger),
+                             body.num_samples)
+        if old is not None:
+            old.close()
+
+
+def create_app(settings: EdgeSettings) -> FastAPI:
+    holder: dict[str, EdgeService] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        holder["svc"] = EdgeService(settings)
+        yield
+        holder.pop("svc")
+
+    app = FastAPI(title="splitllm edge", version="0.1.0", lifespan=lifespan,
+                  description="Relay for many users: the middle blocks, per-session replicas, hierarchical FedAvg.")
+
+    def svc() -> EdgeService:
+        if "svc" not in holder:
+            raise HTTPException(503, "the edge is starting", headers={"Retry-After": "1"})
+        return holder["svc"]
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        s = svc()
+        ready = s.server is not None
+        body = {"status": "ok" if ready else ("error" if s.error else "starting"), "tier": "edge", "edge_id": s.edge_id,
+                "users": len(s.server.users) if ready else 0, "error": s.error}
+        import json
+
+        return Response(json.dumps(body), status_code=200 if ready else 503, media_type="application/json")
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        s = svc()
+        total = s.ledger.total.snapshot()
+        sessions = len(s.server.runtime.sessions) if s.server else 0
+        text = prometheus({
+            "splitllm_ready": ("gauge", "1 once registered and loaded", [({}, int(s.server is not None))]),
+            "splitllm_registered_users": ("gauge", "users registered", [({}, len(s.server.users) if s.server else 0)]),
+            "splitllm_open_sessions": ("gauge", "edge sessions held", [({}, sessions)]),
+            "splitllm_steps_total": ("counter", "steps relayed", [({}, s.counters["steps"])]),
+            "splitllm_updates_total": ("counter", "user updates received", [({}, s.counters["updates"])]),
+            "splitllm_bytes_total": ("counter", "bytes on the user-edge hop",
+                                     [({"direction": "up"}, total["bytes_up"]), ({"direction": "down"}, total["bytes_down"])]),
+            "process_resident_memory_bytes": ("gauge", "resident memory", [({}, resident_memory_bytes())]),
+        })
+        return Response(text, media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/spec")
+    def spec() -> dict[str, Any]:
+        s = svc()
+        s.ready()
+        return s.experiment.to_meta()
+
+    @app.post("/v1/users")
+    def register_user(body: UserIn) -> dict[str, Any]:
+        svc().register_user(body)
+        return {"ok": True, "edge_id": svc().edge_id}
+
+    async def _msgpack(request: Request, endpoint: str) -> Response:
+        s = svc()
+        server = s.ready()
+        msg, n_in = await read_message(request, s.settings.max_message_bytes, endpoint)
+        resp, n_out = await call_handler(getattr(server, f"on_{endpoint}"), msg)
+        if endpoint != "start":  # starts come from the cloud; their bytes are counted there
+            s.ledger.add(round_key(msg), n_in, n_out)
+        s.counters["steps" if endpoint == "step" else "updates"] += endpoint != "start"
+        return resp
+
+    @app.post("/v1/step")
+    async def step(request: Request) -> Response:
+        return await _msgpack(request, "step")
+
+    @app.post("/v1/start")
+    async def start(request: Request) -> Response:
+        return await _msgpack(request, "start")
+
+    @app.post("/v1/update")
+    async def update(request: Request) -> Response:
+        return await _msgpack(request, "update")
+
+    return app

@@ -1,0 +1,56 @@
+"""What the cloud fixes for every tier of a deployment: the model spec and how the data is partitioned."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from shared.data import ClientData, FederatedDataset, load_examples, load_federated
+from shared.tier import ModelSpec
+
+
+@dataclass
+class DataSpec:
+    """One partition of a bundled data set across ``num_clients`` devices (client i lives on user i)."""
+
+    name: str = "trec"
+    num_clients: int = 4
+    partition: str = "default"
+    alpha: float = 0.5
+    seed: int = 0
+    max_examples_per_client: int | None = 256
+    eval_examples_per_client: int = 32
+    max_len: int = 64
+
+    def load(self) -> FederatedDataset:
+        dataset = load_federated(self.name, self.num_clients, partition=self.partition, alpha=self.alpha,
+                                 seed=self.seed, max_examples_per_client=self.max_examples_per_client)
+        for client in dataset.clients:
+            client.eval = client.eval[: self.eval_examples_per_client]
+        return dataset
+
+    def client(self, index: int) -> ClientData:
+        if not 0 <= index < self.num_clients:
+            raise ValueError(f"client index {index} is out of range: the data set has {self.num_clients} clients")
+        return self.load().clients[index]
+
+    def task_and_labels(self) -> tuple[str, int]:
+        task, label_names, _ = load_examples(self.name)
+        return task, len(label_names)
+
+    def to_meta(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Experiment:
+    spec: ModelSpec
+    data: DataSpec
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"spec": self.spec.to_meta(), "data": self.data.to_meta()}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "Experiment":
+        return cls(spec=ModelSpec.from_meta(meta["spec"]), data=DataSpec(**meta["data"]))

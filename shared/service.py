@@ -1,0 +1,59 @@
+"""Running a tier as a service: flags generated from its settings model, then uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+from shared.settings import ServiceSettings, load_settings
+
+
+def settings_parser(prog: str, cls: type[ServiceSettings]) -> argparse.ArgumentParser:
+    """One ``--flag`` per settings field (``data_dir`` -> ``--data-dir``); unset flags fall back to env/file/defaults."""
+    parser = argparse.ArgumentParser(prog=prog, description=f"{cls.__doc__ or ''} Every flag also reads "
+                                     f"SPLITLLM_<NAME> from the environment.")
+    parser.add_argument("--config", default=None, help="a .json, .toml or .yaml file of settings")
+    for name, field in cls.model_fields.items():
+        default = field.default if field.default_factory is None else field.default_factory()
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
+                            help=f"{field.description or ''} (default: {default})".strip())
+    return parser
+
+
+def parse_settings(prog: str, cls: type[ServiceSettings], argv: list[str] | None) -> ServiceSettings:
+    args = vars(settings_parser(prog, cls).parse_args(argv))
+    config = args.pop("config")
+    flags: dict[str, Any] = {}
+    for name, value in args.items():
+        if value is None:
+            continue
+        annotation = str(cls.model_fields[name].annotation)
+        flags[name] = [v for v in value.split(",") if v] if annotation.startswith("list") else value
+    return load_settings(cls, flags, config)
+
+
+def serve(prog: str, cls: type[ServiceSettings], create_app: Callable[[Any], Any], argv: list[str] | None = None) -> int:
+    """Parse settings, build the app, run uvicorn until SIGINT/SIGTERM; bad settings exit 2 with one line."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from pydantic import ValidationError
+
+    try:
+        settings = parse_settings(prog, cls, argv)
+    except (ValidationError, ValueError, OSError) as exc:
+        print(f"{prog}: error: {str(exc).splitlines()[0] if not isinstance(exc, ValidationError) else _first(exc)}",
+              file=sys.stderr)
+        return 2
+    import uvicorn
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+def _first(exc: Any) -> str:
+    err = exc.errors()[0]
+    return f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"

@@ -1,0 +1,106 @@
+"""Service settings: flags over environment (``SPLITLLM_*``) over an optional JSON/TOML/YAML file over defaults."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every tier has."""
+
+    model_config = SettingsConfigDict(env_prefix="SPLITLLM_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="interface to listen on")
+    port: int = Field(8000, description="port to listen on")
+    public_url: str | None = Field(None, description="URL the parent tier calls back on (default http://host:port)")
+    max_message_bytes: int = Field(256 * 1024 * 1024, description="largest accepted message body")
+    request_timeout: float = Field(600.0, description="seconds a call to another tier may take")
+    device: str = Field("cpu", description="torch device for this tier's compute (cpu, cuda)")
+    log_level: str = Field("info", description="uvicorn log level")
+
+    def url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+
+class CloudSettings(ServiceSettings):
+    """The coordinator: it fixes the model, split, data and round defaults for every tier."""
+
+    port: int = 8000
+    data_dir: Path = Field(Path("runs/cloud"), description="SQLite store and adapter versions live here")
+    model: str = Field("minilm-l6", description="model directory, bundled name or tiny-* test model")
+    split: str = Field("1,3", description="split points a,b")
+    data: str = Field("trec", description="shakespeare, trec, sms_spam or sentiment")
+    num_clients: int = Field(4, description="clients the data set is partitioned into (one per user)")
+    partition: str = "default"
+    dirichlet_alpha: float = 0.5
+    max_examples_per_client: int | None = 256
+    eval_examples_per_client: int = 32
+    max_len: int = 64
+    rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: list[str] = Field(default_factory=list)
+    seed: int = 0
+    local_steps: int = 20
+    batch_size: int = 8
+    lr: float | None = Field(None, description="default learning rate (None: 5e-3 classification, 1e-3 LM)")
+    round_timeout: float = Field(3600.0, description="seconds a round may take before it fails")
+
+
+class EdgeSettings(ServiceSettings):
+    port: int = 8100
+    cloud: str = Field("http://127.0.0.1:8000", description="URL of the cloud")
+    edge_id: str | None = Field(None, description="this edge's id (default edge-<port>)")
+
+    def ident(self) -> str:
+        return self.edge_id or f"edge-{self.port}"
+
+
+class UserSettings(ServiceSettings):
+    port: int = 8200
+    edge: str = Field("http://127.0.0.1:8100", description="URL of this user's edge")
+    user_id: str | None = Field(None, description="this user's id (default user-<client index>)")
+    client_index: int = Field(0, description="which client of the partitioned data set this device holds")
+
+    @field_validator("client_index")
+    @classmethod
+    def _non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("client_index must be >= 0")
+        return v
+
+    def ident(self) -> str:
+        return self.user_id or f"user-{self.client_index}"
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A flat mapping of settings from a .json, .toml or .yaml file."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+    elif path.suffix == ".toml":
+        data = tomllib.loads(text)
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        raise ValueError(f"config file {path}: use .json, .toml or .yaml")
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: expected a mapping of setting names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def load_settings(cls: type[ServiceSettings], flags: dict[str, Any], config_file: str | None = None) -> ServiceSettings:
+    """Flags (non-None) win over the environment, which wins over the file, which wins over defaults."""
+    file_values = read_config_file(config_file) if config_file else {}
+    from_env = cls()
+    env_values = {k: getattr(from_env, k) for k in from_env.model_fields_set}
+    return cls(**{**file_values, **env_values, **{k: v for k, v in flags.items() if v is not None}})

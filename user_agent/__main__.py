@@ -1,0 +1,18 @@
+"""`python -m user_agent` / `splitllm user`: run the user tier as a service."""
+
+from __future__ import annotations
+
+import sys
+
+from shared.service import serve
+from shared.settings import UserSettings
+
+
+def main(argv: list[str] | None = None) -> int:
+    from user_agent.app import create_app
+
+    return serve("splitllm user", UserSettings, create_app, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
