@@ -78,10 +78,28 @@ class CloudService:
         self.ledger = ByteLedger()
         self.coordinator = Coordinator(self.runtime, initial, seed=spec.seed, round_timeout=settings.round_timeout,
                                        store=self.store, ledger=self.ledger)
+        self._restore_topology()
         self.queue: queue.Queue[RoundRecord | None] = queue.Queue()
         self.worker = threading.Thread(target=self._work, name="rounds", daemon=True)
         self.worker.start()
         self.counters = {"steps": 0, "updates": 0}
+
+    def edge_link(self, url: str) -> HttpLink:
+        return HttpLink(url, upward=False, timeout=self.settings.request_timeout,
+                        max_message_bytes=self.settings.max_message_bytes, ledger=self.ledger)
+
+    def _restore_topology(self) -> None:
+        """A restarted cloud calls the edges and users it knew; they need not register again."""
+        topology = self.store.get_setting("topology") or {}
+        for edge_id, entry in topology.items():
+            self.coordinator.register_edge(edge_id, self.edge_link(entry["url"]))
+            for user_id, n in entry["users"].items():
+                self.coordinator.register_user(edge_id, user_id, n)
+
+    def save_topology(self) -> None:
+        c = self.coordinator
+        self.store.put_setting("topology", {e: {"url": c.edges[e].base_url, "users": dict(c.edge_users[e])}
+                                            for e in c.edges})
 
     def _work(self) -> None:
         while True:
@@ -166,11 +184,10 @@ def create_app(settings: CloudSettings) -> FastAPI:
     def register_edge(body: EdgeIn) -> dict[str, Any]:
         s = svc()
         old = s.coordinator.edges.get(body.edge_id)
-        s.coordinator.register_edge(body.edge_id, HttpLink(body.url, upward=False, timeout=s.settings.request_timeout,
-                                                           max_message_bytes=s.settings.max_message_bytes,
-                                                           ledger=s.ledger))
+        s.coordinator.register_edge(body.edge_id, s.edge_link(body.url))
         if old is not None:
             old.close()
+        s.save_topology()
         log.info("edge %s registered at %s", body.edge_id, body.url)
         return s.experiment.to_meta()
 
@@ -180,6 +197,7 @@ def create_app(settings: CloudSettings) -> FastAPI:
             svc().coordinator.register_user(edge_id, body.user_id, body.num_samples)
         except KeyError as exc:
             raise HTTPException(404, str(exc.args[0])) from None
+        svc().save_topology()
         return {"ok": True}
 
     @app.post("/v1/step")
