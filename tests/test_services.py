@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import httpx
+import msgpack
 import pytest
 import torch
 from safetensors.torch import load
 
 from cloud_server.store import unflatten
 from shared.sim import SimConfig, Simulation
-from tests.cluster import Cluster
+from shared.wire import CONTENT_TYPE, Message, encode
+from shared.cluster import Cluster
 
+LIMIT = 4_000_000
 CLOUD_ARGS = ["--model", "tiny-bert", "--split", "1,3", "--data", "trec", "--local-steps", "3", "--batch-size", "4",
-              "--max-examples-per-client", "32", "--eval-examples-per-client", "8", "--seed", "7"]
+              "--max-examples-per-client", "32", "--eval-examples-per-client", "8", "--seed", "7",
+              "--max-message-bytes", str(LIMIT)]
 
 
 def sim_config() -> SimConfig:
@@ -22,7 +26,7 @@ def sim_config() -> SimConfig:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("cluster"), CLOUD_ARGS)  # inherits SPLITLLM_CACHE from conftest
+    c = Cluster(tmp_path_factory.mktemp("cluster"), CLOUD_ARGS, edge_args=["--max-message-bytes", str(LIMIT)])  # inherits SPLITLLM_CACHE from conftest
     c.start()
     yield c
     c.stop()
@@ -67,12 +71,40 @@ def test_killed_cloud_restarts_from_its_last_committed_version(cluster):
     assert view["base_version"] == last and view["version"] == last + 1
 
 
-@pytest.mark.parametrize("body,ctype,status", [
-    (b"\xc1\xc1 not msgpack", "application/x-msgpack", 400),
-    (b"{}", "application/json", 415),
-])
-def test_bad_bodies_get_4xx_with_a_reason(cluster, body, ctype, status):
-    r = httpx.post(f"{cluster.cloud.url}/v1/step", content=body, headers={"content-type": ctype}, timeout=30)
-    assert r.status_code == status
-    assert r.json()["detail"]
-    assert httpx.get(f"{cluster.cloud.url}/healthz", timeout=30).status_code == 200
+def _entry(dtype: str, shape: list[int], data: bytes) -> dict:
+    return {"dtype": dtype, "shape": shape, "codec": "raw", "data": data}
+
+
+def _raw_step(hidden: dict) -> bytes:
+    meta = {"round": 1, "user": "user-0", "step": 0, "mode": "train"}
+    return msgpack.packb({"v": 1, "kind": "step", "meta": meta, "tensors": {
+        "hidden": hidden, "attention_mask": _entry("uint8", [1, 2], b"\x01\x01"),
+        "labels": _entry("int64", [1], bytes(8))}})
+
+
+def _unknown_session() -> bytes:
+    return encode(Message("step", {"round": 999, "user": "nobody", "step": 0, "mode": "train"}, {
+        "hidden": torch.zeros(1, 2, 32), "attention_mask": torch.ones(1, 2, dtype=torch.uint8),
+        "labels": torch.zeros(1, dtype=torch.int64)}))
+
+
+BAD_BODIES = {
+    "malformed msgpack": (b"\xc1\xc1 not msgpack", CONTENT_TYPE, 400),
+    "wrong content type": (b"{}", "application/json", 415),
+    "shape disagrees with bytes": (_raw_step(_entry("float32", [1, 2, 32], bytes(100))), CONTENT_TYPE, 400),
+    "unknown dtype": (_raw_step(_entry("float128", [1, 2, 32], bytes(1024))), CONTENT_TYPE, 400),
+    "body over the limit": (bytes(LIMIT + 1), CONTENT_TYPE, 413),
+    "step for an unknown session": (_unknown_session(), CONTENT_TYPE, 404),
+    "step without its tensors": (encode(Message("step", {"round": 1, "user": "u", "step": 0, "mode": "train"})),
+                                 CONTENT_TYPE, 422),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BODIES))
+def test_bad_input_gets_4xx_with_a_json_reason_and_the_service_stays_up(cluster, case):
+    body, ctype, status = BAD_BODIES[case]
+    for proc in (cluster.cloud, cluster.procs["edge-0"]):
+        r = httpx.post(f"{proc.url}/v1/step", content=body, headers={"content-type": ctype}, timeout=30)
+        assert r.status_code == status, (proc.name, r.text)
+        assert isinstance(r.json()["detail"], str) and r.json()["detail"]
+        assert httpx.get(f"{proc.url}/healthz", timeout=30).status_code == 200

@@ -1,4 +1,4 @@
-"""Real tier processes on loopback ports, for the integration tests and benchmarks."""
+"""Real tier processes on loopback ports: the demo, the HTTP benchmark and the integration tests use them."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the repository (or site-packages) root holding shared/
 
 
 def free_port() -> int:
@@ -66,6 +66,7 @@ class Cluster:
     cloud_args: list[str]
     users: int = 4
     edges: int = 2
+    edge_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     procs: dict[str, Proc] = field(default_factory=dict)
 
@@ -78,7 +79,8 @@ class Cluster:
                                              "--num-clients", str(self.users), *self.cloud_args],
                                    cloud_port, self.workdir / "cloud.log")
         for e in range(self.edges):
-            self.procs[f"edge-{e}"] = Proc(f"edge-{e}", ["edge", "--cloud", self.cloud.url, "--edge-id", f"edge-{e}"],
+            self.procs[f"edge-{e}"] = Proc(f"edge-{e}", ["edge", "--cloud", self.cloud.url, "--edge-id", f"edge-{e}",
+                                                         *self.edge_args],
                                            free_port(), self.workdir / f"edge-{e}.log")
         for i in range(self.users):
             edge = self.procs[f"edge-{i % self.edges}"]

@@ -1,0 +1,74 @@
+"""Shared fixtures: a hermetic model cache, one CPU thread, tiny models and small simulations."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+# Before anything imports transformers / huggingface_hub (they read these at import time).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# The tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads that
+# spin against another process make the first steps of a run 10x slower. Subprocesses inherit it.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hermetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every session generates (and converts) its models into a fresh cache of its own."""
+    cache = tmp_path_factory.mktemp("splitllm-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPLITLLM_CACHE", str(cache))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield cache
+
+
+@pytest.fixture(scope="session")
+def tiny(hermetic_cache: Path) -> Callable[[str], "ModelSource"]:  # noqa: F821
+    """``tiny("tiny-llama")``: the resolved tiny random model, generated once per session."""
+    from shared.models import resolve_model
+
+    return functools.cache(resolve_model)
+
+
+@pytest.fixture(scope="session")
+def small_sim(hermetic_cache: Path) -> Callable[..., "Simulation"]:  # noqa: F821
+    """``small_sim(**overrides)``: a few users on tiny-llama/shakespeare with very small settings."""
+    from shared.sim import SimConfig, Simulation
+
+    def make(**overrides: object) -> Simulation:
+        settings: dict[str, object] = dict(
+            model="tiny-llama", data="shakespeare", users=2, edges=1, rounds=1, split=(1, 3), local_steps=2,
+            batch_size=2, max_len=16, max_examples_per_client=8, eval_examples_per_client=2, baseline_eval=False,
+        )
+        settings.update(overrides)
+        return Simulation(SimConfig(**settings))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def run_cli(hermetic_cache: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``run_cli(args)``: ``python -m shared.cli ARGS`` from the repository root, in this session's cache.
+
+    ``code=...`` runs ``python -c CODE ARGS`` instead (to patch something before ``shared.cli.main``).
+    """
+
+    def run(args: list[str], *, code: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "shared.cli", *args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # SPLITLLM_CACHE, HF_HUB_OFFLINE, OMP_NUM_THREADS
+        return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+    return run
