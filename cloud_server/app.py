@@ -126,7 +126,15 @@ class CloudService:
 
     def round_view(self, round_id: int) -> dict[str, Any] | None:
         record = self.coordinator.rounds.get(round_id)
-        return record.to_dict() if record is not None else self.store.round(round_id)
+        if record is None:
+            return self.store.round(round_id)
+        view = record.to_dict()
+        if record.state == "running":  # live per-user step counts from the cloud's sessions
+            for user in record.participants:
+                session = self.runtime.sessions.get((round_id, user))
+                if session is not None:
+                    view["progress"][user] = f"{session.plan.mode} step {session.steps}/{session.plan.local_steps}"
+        return view
 
     def metrics_text(self) -> str:
         rounds = self.store.rounds()
