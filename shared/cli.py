@@ -111,6 +111,16 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_http(args: argparse.Namespace) -> int:
+    from shared.bench import bench_http, write_json
+
+    report = bench_http(args.model, args.split, args.batch_size, args.seq_len, args.steps)
+    write_json(report, args.json)
+    print(f"{report['model']} batch {report['batch_shape']}: in-process {report['inprocess_step_seconds']:.3f} s/step, "
+          f"HTTP on loopback {report['http_step_seconds']:.3f} s/step, ratio {report['ratio']:.3f} (target <= 1.10)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitllm", description="Three-tier split LoRA fine-tuning runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_memory)
+
+    bench = sub.add_parser("bench", help="benchmarks that write JSON").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("http", help="per-step time of the HTTP path on loopback against the in-process path")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--split", default="2,15")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_bench_http)
 
     for name in SERVICES:
         sub.add_parser(name, help=f"run the {name} tier as a service (see splitllm {name} --help)", add_help=False)

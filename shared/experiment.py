@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from shared.data import ClientData, FederatedDataset, load_examples, load_federated
+from shared.data import ClientData, Example, FederatedDataset, load_examples, load_federated
 from shared.tier import ModelSpec
 
 
@@ -22,12 +22,15 @@ class DataSpec:
     max_examples_per_client: int | None = 256
     eval_examples_per_client: int = 32
     max_len: int = 64
+    min_chars: int = 0  # language modelling: join consecutive texts until each has this many characters
 
     def load(self) -> FederatedDataset:
         dataset = load_federated(self.name, self.num_clients, partition=self.partition, alpha=self.alpha,
                                  seed=self.seed, max_examples_per_client=self.max_examples_per_client)
         for client in dataset.clients:
             client.eval = client.eval[: self.eval_examples_per_client]
+            if self.min_chars and dataset.task == "lm":
+                client.train, client.eval = _joined(client.train, self.min_chars), _joined(client.eval, self.min_chars)
         return dataset
 
     def client(self, index: int) -> ClientData:
@@ -41,6 +44,20 @@ class DataSpec:
 
     def to_meta(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _joined(examples: list[Example], min_chars: int) -> list[Example]:
+    """Consecutive texts joined into examples of at least ``min_chars`` characters (full-length LM rows)."""
+    out: list[Example] = []
+    parts: list[str] = []
+    for e in examples:
+        parts.append(e.text)
+        if sum(len(p) + 1 for p in parts) >= min_chars:
+            out.append(Example(text="\n".join(parts), group=e.group))
+            parts = []
+    if parts:
+        out.append(Example(text="\n".join(parts), group=examples[-1].group))
+    return out
 
 
 @dataclass

@@ -38,6 +38,9 @@ def parse_settings(prog: str, cls: type[ServiceSettings], argv: list[str] | None
 def serve(prog: str, cls: type[ServiceSettings], create_app: Callable[[Any], Any], argv: list[str] | None = None) -> int:
     """Parse settings, build the app, run uvicorn until SIGINT/SIGTERM; bad settings exit 2 with one line."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Idle OpenMP threads sleep instead of spinning: a tier mostly waits for its peers, and several
+    # tiers may share cores (read before torch loads, so set here).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from pydantic import ValidationError
 
     try:

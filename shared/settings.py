@@ -42,6 +42,7 @@ class CloudSettings(ServiceSettings):
     max_examples_per_client: int | None = 256
     eval_examples_per_client: int = 32
     max_len: int = 64
+    min_chars: int = Field(0, description="language modelling: join consecutive texts up to this many characters")
     rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0

@@ -37,6 +37,7 @@ class SimConfig:
     batch_size: int = 8
     lr: float | None = None  # None: default_lr(task)
     max_len: int = 64
+    min_chars: int = 0
     partition: str = "default"
     alpha: float = 0.5
     max_examples_per_client: int | None = 256
@@ -65,7 +66,7 @@ class Simulation:
         self.config = config
         self.source = source or resolve_model(config.model)
         self.data_spec = DataSpec(name=config.data, num_clients=config.users, partition=config.partition,
-                                  alpha=config.alpha, seed=config.seed, max_len=config.max_len,
+                                  alpha=config.alpha, seed=config.seed, max_len=config.max_len, min_chars=config.min_chars,
                                   max_examples_per_client=config.max_examples_per_client,
                                   eval_examples_per_client=config.eval_examples_per_client)
         self.dataset = dataset or self.data_spec.load()

@@ -59,10 +59,11 @@ class UserAgent:
         session = self.runtime.open_session(plan, state)
         batches = self.sampler.round_batches(plan.seed, plan.round_id, self.user_id, plan.local_steps, plan.batch_size)
         losses: list[float] = []
+        step_seconds: list[float] = []
         compute = 0.0
         started = time.perf_counter()
         for step, batch in enumerate(batches):
-            t0 = time.perf_counter()
+            t0 = step_start = time.perf_counter()
             hidden = self.runtime.forward(session, None, batch.attention_mask, step, input_ids=batch.input_ids)
             compute += time.perf_counter() - t0
             reply = self.edge.request("step", step_message(plan, step, hidden, batch))
@@ -71,10 +72,12 @@ class UserAgent:
             compute += time.perf_counter() - t0
             losses.append(float(reply.meta["loss"]))
             session.samples += batch.size
+            step_seconds.append(time.perf_counter() - step_start)
         update = self.runtime.pack_update(session)
         self.runtime.close_session(plan.round_id, self.user_id)
         metrics: dict[str, Any] = {
             "train_loss": sum(losses) / max(len(losses), 1), "losses": losses, "steps": len(batches),
+            "step_seconds": step_seconds, "batch_shape": list(batches[0].input_ids.shape) if batches else [],
             "seconds": time.perf_counter() - started, "user_compute_seconds": compute,
         }
         return Message(
