@@ -218,7 +218,7 @@ class Coordinator:
             record.state = "cancelled" if isinstance(exc, RoundCancelled) else "failed"
             record.version = None
             record.error = f"{type(exc).__name__}: {exc}"
-            for key in [k for k in self.runtime.sessions if k[0] == record.round_id]:
+            for key in [k for k in list(self.runtime.sessions) if k[0] == record.round_id]:
                 self.runtime.close_session(*key)
             self._save(record)
         return record
@@ -293,13 +293,20 @@ class Coordinator:
             self._check_cancelled(record)
             if not done:
                 raise RoundError(f"round {record.round_id} ({mode}): {len(reports)} of {len(by_edge)} edges reported in time")
+        except BaseException:
+            self._drop_sessions(plans.values())
+            raise
         finally:
             with self._cond:
                 self._reports.pop(key, None)
         if mode == "eval":
-            for plan in plans.values():
-                self.runtime.close_session(plan.round_id, plan.user_id)
+            self._drop_sessions(plans.values())
         return reports
+
+    def _drop_sessions(self, plans: Any) -> None:
+        for plan in plans:
+            if (plan.round_id, plan.user_id) in self.runtime.sessions:
+                self.runtime.close_session(plan.round_id, plan.user_id)
 
     def _aggregate(self, algorithm: Algorithm, chosen: list[Participant],
                    reports: dict[str, Message]) -> dict[str, AdapterState]:

@@ -36,7 +36,6 @@ class UserAgent:
         task = runtime.spec.task
         self.sampler = BatchSampler(tokenizer, data.train, task, max_len)
         self.eval_data = eval_batches(tokenizer, data.eval, task, max_len, eval_batch_size)
-        self.busy: dict[tuple[int, str], str] = {}
 
     @property
     def num_samples(self) -> int:
@@ -46,12 +45,10 @@ class UserAgent:
         """Run this user's part of a round (train or eval) and report to the edge."""
         plan = RoundPlan.from_meta(msg.meta["plan"])
         state = {k[len(USER_PREFIX):]: v for k, v in msg.tensors.items() if k.startswith(USER_PREFIX)}
-        self.busy[(plan.round_id, plan.mode)] = "running"
         if plan.mode == "train":
             report = self.train(plan, state)
         else:
             report = self.evaluate(plan, state)
-        self.busy[(plan.round_id, plan.mode)] = "reported"
         self.edge.request("update", report)
         return ok(round=plan.round_id, user=self.user_id)
 
