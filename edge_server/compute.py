@@ -95,6 +95,7 @@ class EdgeServer:
         total = sum(self.user_samples.get(u, 0) for u in pending.plans)
         tensors: dict[str, torch.Tensor] = {}
         if mode == "train":
+            total = sum(u.num_samples for u in pending.user_updates)  # the weights the users reported
             plan = next(iter(pending.plans.values()))
             algorithm = create_algorithm(plan.algorithm, plan.config)
             for tier, updates, prefix in (("user", pending.user_updates, USER_PREFIX),
