@@ -63,11 +63,12 @@ def small_sim(hermetic_cache: Path) -> Callable[..., "Simulation"]:  # noqa: F82
 def run_cli(hermetic_cache: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     """``run_cli(args)``: ``python -m shared.cli ARGS`` from the repository root, in this session's cache.
 
-    ``code=...`` runs ``python -c CODE ARGS`` instead (to patch something before ``shared.cli.main``).
+    ``module=...`` runs another module; ``code=...`` runs ``python -c CODE ARGS`` (to patch something first).
     """
 
-    def run(args: list[str], *, code: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "shared.cli", *args]
+    def run(args: list[str], *, code: str | None = None, module: str = "shared.cli",
+            timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", module, *args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # SPLITLLM_CACHE, HF_HUB_OFFLINE, OMP_NUM_THREADS
         return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 

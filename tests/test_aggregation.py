@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from shared.aggregation import AdapterUpdate, AggregationError, pre_aggregate, weighted_mean
 
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 SHAPES = {"blocks.0.q.lora_A.weight": (4, 6), "blocks.0.q.lora_B.weight": (6, 4), "head.classifier.bias": (3,)}
 
 

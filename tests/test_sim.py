@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from shared.aggregation import AdapterUpdate, weighted_mean
 from shared.algorithms import Algorithm, register_algorithm
 from shared.sim import SimConfig, Simulation, default_split
 
@@ -102,6 +103,44 @@ def test_same_seed_gives_identical_adapters(hermetic_cache, case: str) -> None:
     other = make(case, seed=1, **small)
     other.run()
     assert any(not torch.equal(state_a[t][k], v) for t, s in adapters(other).items() for k, v in s.items())
+
+
+@register_algorithm
+class CaptureUpdates(Algorithm):
+    """FedAvg that keeps a copy of every update a tier packs."""
+
+    name = "test-capture-updates"
+    packed: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+
+    def pack_update(self, tier, params, plan):
+        state = super().pack_update(tier, params, plan)
+        CaptureUpdates.packed[(tier, plan.user_id)] = {k: v.clone() for k, v in state.items()}
+        return state
+
+
+def test_a_hierarchical_round_equals_flat_fedavg_over_the_users(small_sim) -> None:
+    CaptureUpdates.packed.clear()
+    sim = small_sim(users=4, edges=2, max_examples_per_client=32, algorithm="test-capture-updates")
+    samples = {agent.user_id: agent.num_samples for agent in sim.users}
+    assert len(set(samples.values())) > 1  # unequal weights, or the test proves little
+    sim.run_round(dataclasses.replace(sim.request(), evaluate=False))
+    for tier in ("user", "edge", "cloud"):
+        flat = weighted_mean([AdapterUpdate(u, tier, CaptureUpdates.packed[(tier, u)], n) for u, n in samples.items()])
+        committed = sim.coordinator.global_state[tier]
+        assert flat and flat.keys() == committed.keys()
+        for key, value in flat.items():
+            torch.testing.assert_close(committed[key], value, rtol=0, atol=1e-6)
+
+
+def test_the_wire_format_changes_nothing(small_sim) -> None:
+    states = []
+    for wire in (True, False):
+        sim = small_sim(wire=wire)
+        sim.run_round()
+        states.append(adapters(sim))
+    for tier in states[0]:
+        for key, value in states[0][tier].items():
+            assert torch.equal(value, states[1][tier][key]), key
 
 
 @pytest.mark.parametrize("layers, expected", [(4, (1, 2)), (1, (1, 1)), (30, (2, 15)), (12, (1, 6))])
