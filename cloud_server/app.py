@@ -16,6 +16,8 @@ from cloud_server.store import Store
 from shared.adapters import LoraSettings, initial_state
 from shared.algorithms import create_algorithm, default_lr
 from shared.experiment import DataSpec, Experiment
+from shared.batching import derive_seed
+from shared.links import LinkEmulator, get_profile
 from shared.http import ByteLedger, HttpLink, call_handler, prometheus, read_message, resident_memory_bytes, round_key
 from shared.models import resolve_model
 from shared.partition import Split
@@ -41,6 +43,7 @@ class RoundIn(BaseModel):
 class EdgeIn(BaseModel):
     edge_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
     url: str = Field(min_length=1, max_length=2048)
+    link_profile: str = Field("none", description="the edge's link profile; starts sent to it are delayed by it")
 
 
 class UserIn(BaseModel):
@@ -79,28 +82,32 @@ class CloudService:
         self.ledger = ByteLedger()
         self.coordinator = Coordinator(self.runtime, initial, seed=spec.seed, round_timeout=settings.round_timeout,
                                        store=self.store, ledger=self.ledger)
+        self.edge_profiles: dict[str, str] = {}
         self._restore_topology()
         self.queue: queue.Queue[RoundRecord | None] = queue.Queue()
         self.worker = threading.Thread(target=self._work, name="rounds", daemon=True)
         self.worker.start()
         self.counters = {"steps": 0, "updates": 0}
 
-    def edge_link(self, url: str) -> HttpLink:
+    def edge_link(self, url: str, link_profile: str = "none") -> HttpLink:
+        profile = get_profile(link_profile)
         return HttpLink(url, upward=False, timeout=self.settings.request_timeout,
-                        max_message_bytes=self.settings.max_message_bytes, ledger=self.ledger)
+                        max_message_bytes=self.settings.max_message_bytes, ledger=self.ledger,
+                        emulator=LinkEmulator(profile, seed=derive_seed(url, "down")) if profile else None)
 
     def _restore_topology(self) -> None:
         """A restarted cloud calls the edges and users it knew; they need not register again."""
         topology = self.store.get_setting("topology") or {}
         for edge_id, entry in topology.items():
-            self.coordinator.register_edge(edge_id, self.edge_link(entry["url"]))
+            self.edge_profiles[edge_id] = entry.get("link_profile", "none")
+            self.coordinator.register_edge(edge_id, self.edge_link(entry["url"], self.edge_profiles[edge_id]))
             for user_id, n in entry["users"].items():
                 self.coordinator.register_user(edge_id, user_id, n)
 
     def save_topology(self) -> None:
         c = self.coordinator
-        self.store.put_setting("topology", {e: {"url": c.edges[e].base_url, "users": dict(c.edge_users[e])}
-                                            for e in c.edges})
+        self.store.put_setting("topology", {e: {"url": c.edges[e].base_url, "users": dict(c.edge_users[e]),
+                                                "link_profile": self.edge_profiles.get(e, "none")} for e in c.edges})
 
     def _work(self) -> None:
         while True:
@@ -192,8 +199,13 @@ def create_app(settings: CloudSettings) -> FastAPI:
     @app.post("/v1/edges")
     def register_edge(body: EdgeIn) -> dict[str, Any]:
         s = svc()
+        try:
+            link = s.edge_link(body.url, body.link_profile)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
         old = s.coordinator.edges.get(body.edge_id)
-        s.coordinator.register_edge(body.edge_id, s.edge_link(body.url))
+        s.edge_profiles[body.edge_id] = body.link_profile
+        s.coordinator.register_edge(body.edge_id, link)
         if old is not None:
             old.close()
         s.save_topology()

@@ -11,7 +11,9 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
 from edge_server.compute import EdgeServer
+from shared.batching import derive_seed
 from shared.experiment import Experiment
+from shared.links import LinkEmulator, get_profile
 from shared.http import ByteLedger, HttpLink, call_handler, post_json, prometheus, read_message, resident_memory_bytes, round_key
 from shared.models import resolve_model
 from shared.settings import EdgeSettings
@@ -24,6 +26,7 @@ class UserIn(BaseModel):
     user_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
     url: str = Field(min_length=1, max_length=2048)
     num_samples: int = Field(ge=0)
+    link_profile: str = Field("none", description="the user's link profile; starts sent to it are delayed by it")
 
 
 class EdgeService:
@@ -43,10 +46,13 @@ class EdgeService:
     def _start(self) -> None:
         s = self.settings
         try:
-            meta = post_json(f"{s.cloud.rstrip('/')}/v1/edges", {"edge_id": self.edge_id, "url": s.url()}, deadline=3600)
+            profile = get_profile(s.link_profile)  # validate before registering
+            meta = post_json(f"{s.cloud.rstrip('/')}/v1/edges",
+                             {"edge_id": self.edge_id, "url": s.url(), "link_profile": s.link_profile}, deadline=3600)
             self.experiment = Experiment.from_meta(meta)
             runtime = TierRuntime("edge", resolve_model(self.experiment.spec.model), self.experiment.spec, device=s.device)
-            cloud = HttpLink(s.cloud, upward=True, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes)
+            cloud = HttpLink(s.cloud, upward=True, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes,
+                             emulator=LinkEmulator(profile, seed=derive_seed(self.edge_id, "link")) if profile else None)
             self.server = EdgeServer(self.edge_id, runtime, cloud, ledger=self.ledger)
             log.info("edge %s ready (blocks %s)", self.edge_id, runtime.partition.layer_ids)
         except Exception as exc:  # reported by /healthz; the process stays up to say why
@@ -62,11 +68,17 @@ class EdgeService:
     def register_user(self, body: UserIn) -> None:
         server = self.ready()
         s = self.settings
+        try:
+            profile = get_profile(body.link_profile)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
         post_json(f"{s.cloud.rstrip('/')}/v1/edges/{self.edge_id}/users",
                   {"user_id": body.user_id, "num_samples": body.num_samples}, deadline=60)
         old = server.users.get(body.user_id)
+        emulator = LinkEmulator(profile, seed=derive_seed(body.user_id, "down")) if profile else None
         server.register_user(body.user_id, HttpLink(body.url, upward=False, timeout=s.request_timeout,
-                                                    max_message_bytes=s.max_message_bytes, ledger=self.ledger),
+                                                    max_message_bytes=s.max_message_bytes, ledger=self.ledger,
+                                                    emulator=emulator),
                              body.num_samples)
         if old is not None:
             old.close()

@@ -62,7 +62,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
                     lr=args.lr, max_len=args.max_len, partition=args.partition, alpha=args.dirichlet_alpha,
                     max_examples_per_client=args.max_examples or None, eval_examples_per_client=args.eval_examples,
                     lora=_lora(args), algorithm=args.algorithm, algorithm_config=json.loads(args.algorithm_config),
-                    seed=args.seed)
+                    seed=args.seed, user_link=args.user_link, edge_link=args.edge_link, link_sleep=args.link_sleep)
     sim = Simulation(cfg)
     print(f"model {args.model} ({sim.source.family}, {sim.source.num_layers} blocks), split {sim.spec.split[0]},"
           f"{sim.spec.split[1]}; data {args.data} ({sim.dataset.task}), {args.users} users, {args.edges} edges", flush=True)
@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algorithm-config", default="{}", help="JSON object of the algorithm's options")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the per-round table as JSON to this path")
+    p.add_argument("--user-link", default="none", help="link profile of each user-edge hop: wifi, 4g, 5g, fiber, none")
+    p.add_argument("--edge-link", default="none", help="link profile of each edge-cloud hop")
+    p.add_argument("--link-sleep", action="store_true", help="really wait the link time (default: a virtual clock)")
     _lora_args(p)
     p.set_defaults(func=cmd_sim)
 

@@ -81,8 +81,8 @@ class HttpLink(Link):
     """POST /v1/<endpoint> with a msgpack body; the reply is msgpack too."""
 
     def __init__(self, base_url: str, upward: bool, *, timeout: float = 600.0, max_message_bytes: int = 256 << 20,
-                 ledger: ByteLedger | None = None, retry_deadline: float = 30.0) -> None:
-        self.base_url, self.upward = base_url.rstrip("/"), upward
+                 ledger: ByteLedger | None = None, retry_deadline: float = 30.0, emulator: Any = None) -> None:
+        self.base_url, self.upward, self.emulator = base_url.rstrip("/"), upward, emulator
         self.client = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=10.0))
         self.max_message_bytes = max_message_bytes
         self.ledger = ledger
@@ -102,6 +102,7 @@ class HttpLink(Link):
         self.stats.add(up, down)
         if self.ledger is not None:
             self.ledger.add(round_key(msg), up, down)
+        self.emulate(len(body), len(resp.content))
         return reply
 
     def close(self) -> None:

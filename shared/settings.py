@@ -56,6 +56,7 @@ class CloudSettings(ServiceSettings):
 
 class EdgeSettings(ServiceSettings):
     port: int = 8100
+    link_profile: str = Field("none", description="emulated link to the cloud: wifi, 4g, 5g, fiber or none")
     cloud: str = Field("http://127.0.0.1:8000", description="URL of the cloud")
     edge_id: str | None = Field(None, description="this edge's id (default edge-<port>)")
 
@@ -65,6 +66,7 @@ class EdgeSettings(ServiceSettings):
 
 class UserSettings(ServiceSettings):
     port: int = 8200
+    link_profile: str = Field("none", description="emulated link to the edge: wifi, 4g, 5g, fiber or none")
     edge: str = Field("http://127.0.0.1:8100", description="URL of this user's edge")
     user_id: str | None = Field(None, description="this user's id (default user-<client index>)")
     client_index: int = Field(0, description="which client of the partitioned data set this device holds")

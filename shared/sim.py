@@ -11,7 +11,9 @@ from edge_server.compute import EdgeServer
 from shared.adapters import LoraSettings, initial_state
 from shared.algorithms import default_lr
 from shared.data import FederatedDataset
+from shared.batching import derive_seed
 from shared.experiment import DataSpec
+from shared.links import LinkEmulator, get_profile
 from shared.models import ModelSource, resolve_model
 from shared.partition import Split
 from shared.tier import ModelSpec, TierRuntime, adapter_shapes
@@ -48,6 +50,9 @@ class SimConfig:
     seed: int = 0
     wire: bool = True
     baseline_eval: bool = True
+    user_link: str = "none"  # link profile of each user's hop to its edge (shared/link_profiles.json)
+    edge_link: str = "none"  # link profile of each edge's hop to the cloud
+    link_sleep: bool = False  # really wait the link time (wall clock) instead of a virtual clock
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -85,11 +90,13 @@ class Simulation:
         self.edge_links: list[InProcessLink] = []
         self.user_links: list[InProcessLink] = []
         self.edges: list[EdgeServer] = []
+        self.emulators: dict[str, list[LinkEmulator]] = {"user_edge": [], "edge_cloud": []}
         for e in range(config.edges):
             edge_id = f"edge-{e}"
-            up = InProcessLink(self.coordinator, upward=True, wire=config.wire)
+            emulator = self._emulator("edge_cloud", config.edge_link, edge_id)
+            up = InProcessLink(self.coordinator, upward=True, wire=config.wire, emulator=emulator)
             edge = EdgeServer(edge_id, edge_rt, up)
-            down = InProcessLink(edge, upward=False, wire=config.wire)
+            down = InProcessLink(edge, upward=False, wire=config.wire, emulator=emulator)
             self.coordinator.register_edge(edge_id, down)
             self.edges.append(edge)
             self.edge_links += [up, down]
@@ -97,13 +104,29 @@ class Simulation:
         for i, client in enumerate(self.dataset.clients):
             edge = self.edges[i % config.edges]
             user_id = f"user-{i}"
-            up = InProcessLink(edge, upward=True, wire=config.wire)
+            emulator = self._emulator("user_edge", config.user_link, user_id)
+            up = InProcessLink(edge, upward=True, wire=config.wire, emulator=emulator)
             agent = UserAgent(user_id, user_rt, client, tokenizer, up, max_len=config.max_len)
-            down = InProcessLink(agent, upward=False, wire=config.wire)
+            down = InProcessLink(agent, upward=False, wire=config.wire, emulator=emulator)
             edge.register_user(user_id, down, agent.num_samples)
             self.coordinator.register_user(edge.edge_id, user_id, agent.num_samples)
             self.users.append(agent)
             self.user_links += [up, down]
+
+    def _emulator(self, hop: str, profile_name: str, owner: str) -> LinkEmulator | None:
+        profile = get_profile(profile_name)
+        if profile is None:
+            return None
+        emulator = LinkEmulator(profile, seed=derive_seed(self.config.seed, owner, "link"), sleep=self.config.link_sleep)
+        self.emulators[hop].append(emulator)
+        return emulator
+
+    def link_seconds(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for hop, emulators in self.emulators.items():
+            snaps = [e.clock.snapshot() for e in emulators]
+            out[hop] = {"up": sum(s["seconds_up"] for s in snaps), "down": sum(s["seconds_down"] for s in snaps)}
+        return out
 
     def request(self, evaluate: bool = True) -> RoundRequest:
         c = self.config
@@ -119,21 +142,23 @@ class Simulation:
         return {"user_edge": total(self.user_links), "edge_cloud": total(self.edge_links)}
 
     def run_round(self, request: RoundRequest | None = None) -> dict[str, Any]:
-        before = self.bytes()
+        before = (self.bytes(), self.link_seconds())
         t0 = time.perf_counter()
         record = self.coordinator.run_round(self.coordinator.new_round(request or self.request()))
         return self._row(record, before, time.perf_counter() - t0)
 
     def evaluate_only(self) -> dict[str, Any]:
         """Held-out metrics of the current global adapters without training (the round-0 row)."""
-        before = self.bytes()
+        before = (self.bytes(), self.link_seconds())
         t0 = time.perf_counter()
         record = self.coordinator.evaluate_current()
         return self._row(record, before, time.perf_counter() - t0)
 
-    def _row(self, record: RoundRecord, before: dict[str, dict[str, int]], seconds: float) -> dict[str, Any]:
+    def _row(self, record: RoundRecord, before_: tuple[dict, dict], seconds: float) -> dict[str, Any]:
         if record.state != "committed":
             raise RuntimeError(f"round {record.round_id} {record.state}: {record.error}")
+        before, links_before = before_
+        links = self.link_seconds()
         after = self.bytes()
         hops = {h: {d: after[h][d] - before[h][d] for d in ("up", "down")} for h in after}
         m = record.metrics
@@ -145,6 +170,7 @@ class Simulation:
             "bytes": {"user": {"up": hops["user_edge"]["up"], "down": hops["user_edge"]["down"]},
                       "edge": {"up": hops["edge_cloud"]["up"], "down": hops["edge_cloud"]["down"]}},
             "seconds": seconds,
+            "link_seconds": {h: {d: links[h][d] - links_before[h][d] for d in ("up", "down")} for h in links},
         }
         for key in ("eval_accuracy", "eval_perplexity", "eval_token_accuracy"):
             if key in m:

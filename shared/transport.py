@@ -44,6 +44,13 @@ class Link:
 
     stats: LinkStats
     upward: bool  # True when the peer is the caller's parent (user -> edge, edge -> cloud)
+    emulator: Any = None  # a shared.links.LinkEmulator for this hop, or None
+
+    def emulate(self, sent: int, received: int) -> None:
+        """Charge the hop's link time for a request of ``sent`` bytes and its reply of ``received``."""
+        if self.emulator is not None:
+            self.emulator.transfer(sent, upward=self.upward)
+            self.emulator.transfer(received, upward=not self.upward)
 
     def request(self, endpoint: str, msg: Message) -> Message:  # pragma: no cover - interface
         raise NotImplementedError
@@ -55,8 +62,8 @@ class Link:
 class InProcessLink(Link):
     """Direct calls, with every message really encoded and decoded so bytes and dtypes are real."""
 
-    def __init__(self, handler: Any, upward: bool, wire: bool = True) -> None:
-        self.handler, self.upward, self.wire = handler, upward, wire
+    def __init__(self, handler: Any, upward: bool, wire: bool = True, emulator: Any = None) -> None:
+        self.handler, self.upward, self.wire, self.emulator = handler, upward, wire, emulator
         self.stats = LinkStats()
 
     def request(self, endpoint: str, msg: Message) -> Message:
@@ -76,6 +83,7 @@ class InProcessLink(Link):
             self.stats.add(sent, received)
         else:
             self.stats.add(received, sent)
+        self.emulate(sent, received)
         return reply
 
 

@@ -10,7 +10,9 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Response
 
+from shared.batching import derive_seed
 from shared.experiment import Experiment
+from shared.links import LinkEmulator, get_profile
 from shared.http import HttpLink, get_json, post_json, prometheus, read_message, resident_memory_bytes
 from shared.models import resolve_model
 from shared.settings import UserSettings
@@ -41,9 +43,12 @@ class UserService:
             client = experiment.data.client(s.client_index)
             source = resolve_model(experiment.spec.model)
             runtime = TierRuntime("user", source, experiment.spec, device=s.device)
-            link = HttpLink(s.edge, upward=True, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes)
+            profile = get_profile(s.link_profile)
+            link = HttpLink(s.edge, upward=True, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes,
+                            emulator=LinkEmulator(profile, seed=derive_seed(self.user_id, "link")) if profile else None)
             agent = UserAgent(self.user_id, runtime, client, source.tokenizer(), link, max_len=experiment.data.max_len)
-            post_json(f"{edge}/v1/users", {"user_id": self.user_id, "url": s.url(), "num_samples": agent.num_samples},
+            post_json(f"{edge}/v1/users", {"user_id": self.user_id, "url": s.url(), "num_samples": agent.num_samples,
+                       "link_profile": s.link_profile},
                       deadline=3600)
             self.agent = agent
             log.info("user %s ready: client %d, %d train / %d eval examples", self.user_id, s.client_index,
