@@ -8,7 +8,7 @@ import threading
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
 from cloud_server.rounds import ROUND_STATES, Coordinator, RoundRecord, RoundRequest
@@ -18,7 +18,7 @@ from shared.algorithms import create_algorithm, default_lr
 from shared.experiment import DataSpec, Experiment
 from shared.batching import derive_seed
 from shared.links import LinkEmulator, get_profile
-from shared.http import ByteLedger, HttpLink, call_handler, prometheus, read_message, resident_memory_bytes, round_key
+from shared.http import Auth, ByteLedger, HttpLink, call_handler, prometheus, read_message, resident_memory_bytes, round_key
 from shared.models import resolve_model
 from shared.partition import Split
 from shared.settings import CloudSettings
@@ -38,6 +38,9 @@ class RoundIn(BaseModel):
     algorithm: str = "fedavg"
     config: dict[str, Any] = Field(default_factory=dict, description="the algorithm's options")
     evaluate: bool = True
+    deadline: float | None = Field(None, gt=0, description="seconds before silent users are dropped (default: setting)")
+    min_participants: int | None = Field(None, ge=1, description="users that must report to commit (default: setting)")
+    clip_norm: float | None = Field(None, gt=0, description="clip each update's change to this L2 norm")
 
 
 class EdgeIn(BaseModel):
@@ -93,6 +96,7 @@ class CloudService:
         profile = get_profile(link_profile)
         return HttpLink(url, upward=False, timeout=self.settings.request_timeout,
                         max_message_bytes=self.settings.max_message_bytes, ledger=self.ledger,
+                        token=self.settings.token_value(), verify=self.settings.ca_file or True,
                         emulator=LinkEmulator(profile, seed=derive_seed(url, "down")) if profile else None)
 
     def _restore_topology(self) -> None:
@@ -130,7 +134,10 @@ class CloudService:
         lr = body.lr or s.lr or default_lr(self.experiment.spec.task)
         return RoundRequest(participants=body.participants, fraction=body.fraction,
                             local_steps=body.local_steps or s.local_steps, batch_size=body.batch_size or s.batch_size,
-                            lr=lr, algorithm=body.algorithm, config=body.config, evaluate=body.evaluate)
+                            lr=lr, algorithm=body.algorithm, config=body.config, evaluate=body.evaluate,
+                            deadline=body.deadline or s.user_deadline,
+                            min_participants=body.min_participants or s.min_participants,
+                            clip_norm=body.clip_norm or s.clip_update_norm)
 
     def round_view(self, round_id: int) -> dict[str, Any] | None:
         record = self.coordinator.rounds.get(round_id)
@@ -177,6 +184,10 @@ def create_app(settings: CloudSettings) -> FastAPI:
     app = FastAPI(title="splitllm cloud", version="0.1.0", lifespan=lifespan,
                   description="Coordinator of a user / edge / cloud split LoRA fine-tuning deployment.")
 
+    admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    auth = Auth(settings.token_value(), admin_token, settings.insecure_dev)
+    peer, admin = [Depends(auth.peer)], [Depends(auth.admin)]
+
     def svc() -> CloudService:
         if "svc" not in holder:
             raise HTTPException(503, "the cloud is starting")
@@ -192,11 +203,11 @@ def create_app(settings: CloudSettings) -> FastAPI:
     def metrics() -> Response:
         return Response(svc().metrics_text(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/spec")
+    @app.get("/v1/spec", dependencies=peer)
     def spec() -> dict[str, Any]:
         return svc().experiment.to_meta()
 
-    @app.post("/v1/edges")
+    @app.post("/v1/edges", dependencies=peer)
     def register_edge(body: EdgeIn) -> dict[str, Any]:
         s = svc()
         try:
@@ -212,7 +223,7 @@ def create_app(settings: CloudSettings) -> FastAPI:
         log.info("edge %s registered at %s", body.edge_id, body.url)
         return s.experiment.to_meta()
 
-    @app.post("/v1/edges/{edge_id}/users")
+    @app.post("/v1/edges/{edge_id}/users", dependencies=peer)
     def register_user(edge_id: str, body: UserIn) -> dict[str, Any]:
         try:
             svc().coordinator.register_user(edge_id, body.user_id, body.num_samples)
@@ -221,50 +232,53 @@ def create_app(settings: CloudSettings) -> FastAPI:
         svc().save_topology()
         return {"ok": True}
 
-    @app.post("/v1/step")
+    @app.post("/v1/step", dependencies=peer)
     async def step(request: Request) -> Response:
         s = svc()
-        msg, n_in = await read_message(request, s.settings.max_message_bytes, "step")
+        msg, n_in = await read_message(request, s.settings.max_message_bytes, "step", s.settings.max_tensor_elements)
         resp, n_out = await call_handler(s.coordinator.on_step, msg)
         s.ledger.add(round_key(msg), n_in, n_out)
         s.counters["steps"] += 1
         return resp
 
-    @app.post("/v1/update")
+    @app.post("/v1/update", dependencies=peer)
     async def update(request: Request) -> Response:
         s = svc()
-        msg, n_in = await read_message(request, s.settings.max_message_bytes, "update")
+        msg, n_in = await read_message(request, s.settings.max_message_bytes, "update", s.settings.max_tensor_elements)
         resp, n_out = await call_handler(s.coordinator.on_update, msg)
         s.ledger.add(round_key(msg), n_in, n_out)
         s.counters["updates"] += 1
         return resp
 
-    @app.post("/v1/rounds", status_code=202)
+    @app.post("/v1/rounds", status_code=202, dependencies=admin)
     def start_round(body: RoundIn | None = None) -> dict[str, Any]:
         s = svc()
         try:
             create_algorithm(body.algorithm if body else "fedavg", body.config if body else {})
         except (ValueError, TypeError) as exc:
             raise HTTPException(422, str(exc)) from None
-        record = s.coordinator.new_round(s.request_from(body or RoundIn()))
+        try:
+            record = s.coordinator.new_round(s.request_from(body or RoundIn()))
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
         s.queue.put(record)
         return {"round_id": record.round_id, "state": record.state, "base_version": record.base_version}
 
-    @app.get("/v1/rounds")
+    @app.get("/v1/rounds", dependencies=peer)
     def list_rounds() -> dict[str, Any]:
         s = svc()
         stored = {r["round_id"]: r for r in s.store.rounds()}
         stored.update({rid: r.to_dict() for rid, r in s.coordinator.rounds.items()})
         return {"version": s.coordinator.version, "rounds": [stored[k] for k in sorted(stored)]}
 
-    @app.get("/v1/rounds/{round_id}")
+    @app.get("/v1/rounds/{round_id}", dependencies=peer)
     def get_round(round_id: int) -> dict[str, Any]:
         view = svc().round_view(round_id)
         if view is None:
             raise HTTPException(404, f"no round {round_id}")
         return view
 
-    @app.post("/v1/rounds/{round_id}/cancel")
+    @app.post("/v1/rounds/{round_id}/cancel", dependencies=admin)
     def cancel_round(round_id: int) -> dict[str, Any]:
         s = svc()
         try:
@@ -274,7 +288,7 @@ def create_app(settings: CloudSettings) -> FastAPI:
                 raise HTTPException(404, f"no round {round_id}") from None
             raise HTTPException(409, f"round {round_id} finished before this cloud process started") from None
 
-    @app.get("/v1/adapters/{version}")
+    @app.get("/v1/adapters/{version}", dependencies=peer)
     def adapters(version: int) -> Response:
         try:
             data = svc().store.version_bytes(version)

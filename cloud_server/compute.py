@@ -39,6 +39,9 @@ class CloudCompute:
     def on_step(self, msg: Message) -> Message:
         round_id, user_id, step = msg.meta["round"], msg.meta["user"], msg.meta["step"]
         session = self.runtime.session(round_id, user_id)
+        cached = session.replay(step)
+        if cached is not None:
+            return cached
         train = session.plan.mode == "train"
         self.runtime.check_step(msg.tensors["hidden"], msg.tensors["attention_mask"], msg.tensors["labels"])
         device = self.runtime.device
@@ -48,8 +51,10 @@ class CloudCompute:
         out = self.runtime.forward(session, hidden_in, mask, step)
         logits = self.runtime.head(session, out, mask)
         if not train:
-            return Message(kind="eval", meta=eval_counts(self.runtime.spec.task, logits.detach(), labels))
+            return session.remember(step, Message(kind="eval", meta=eval_counts(self.runtime.spec.task, logits.detach(), labels)))
         loss = task_loss(self.runtime.spec.task, logits, labels)
+        if not torch.isfinite(loss):
+            raise ValueError(f"the loss of round {round_id}, user '{user_id}', step {step} is not finite")
         self.runtime.backward_and_step(session, [loss], [None])
         grad = hidden_in.grad if hidden_in.grad is not None else torch.zeros_like(hidden_in)
-        return Message(kind="grad", meta={"loss": float(loss.detach())}, tensors={"grad": grad})
+        return session.remember(step, Message(kind="grad", meta={"loss": float(loss.detach())}, tensors={"grad": grad}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import threading
@@ -13,13 +14,15 @@ import torch
 
 from cloud_server.compute import CloudCompute
 from shared.adapters import AdapterState, clone_state
-from shared.aggregation import AdapterUpdate
+from shared.aggregation import AdapterUpdate, check_update, clip_updates
 from shared.algorithms import Algorithm, Participant, RoundPlan, create_algorithm
 from shared.batching import derive_seed
 from shared.tier import TierRuntime
 from shared.transport import Link, ok
 from shared.wire import Message
 from cloud_server.store import Store
+
+log = logging.getLogger("splitllm.rounds")
 
 TIER_NAMES = ("user", "edge", "cloud")
 ROUND_STATES = ("pending", "running", "aggregating", "committed", "failed", "cancelled")
@@ -37,6 +40,19 @@ class RoundRequest:
     algorithm: str = "fedavg"
     config: dict[str, Any] = field(default_factory=dict)
     evaluate: bool = True
+    deadline: float | None = None  # seconds: users silent past it are dropped from the round
+    min_participants: int = 1  # users that must report for the round to commit
+    clip_norm: float | None = None  # clip each update's change to this L2 norm before aggregation
+
+    def __post_init__(self) -> None:
+        if self.min_participants < 1 or (self.deadline is not None and not self.deadline > 0):
+            raise ValueError(f"min_participants must be >= 1 and deadline > 0 (got {self.min_participants}, "
+                             f"{self.deadline})")
+        if self.local_steps < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError(f"a round needs local_steps >= 1, batch_size >= 1 and lr > 0 "
+                             f"(got {self.local_steps}, {self.batch_size}, {self.lr})")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1] (got {self.fraction})")
 
 
 @dataclass
@@ -67,7 +83,8 @@ class Coordinator:
     """The cloud's round driver and the cloud tier's handler (``on_step``, ``on_update``)."""
 
     def __init__(self, runtime: TierRuntime, initial: dict[str, AdapterState], seed: int = 0,
-                 round_timeout: float = 3600.0, store: Store | None = None, ledger: Any = None) -> None:
+                 round_timeout: float = 3600.0, store: Store | None = None, ledger: Any = None,
+                 grace: float = 30.0) -> None:
         self.runtime = runtime
         self.compute = CloudCompute(runtime)
         self.store = store
@@ -82,6 +99,7 @@ class Coordinator:
             self.restart_failed = store.fail_unfinished("the cloud restarted while this round was in progress")
         self.seed = seed
         self.round_timeout = round_timeout
+        self.grace = grace  # how long past a round's deadline the cloud waits for edges' reports
         self.edges: dict[str, Link] = {}
         self.edge_users: dict[str, dict[str, int]] = {}
         self.rounds: dict[int, RoundRecord] = {}
@@ -112,10 +130,17 @@ class Coordinator:
     def on_update(self, msg: Message) -> Message:
         """An edge's pre-aggregated report for one (round, phase)."""
         key = (int(msg.meta["round"]), str(msg.meta["mode"]))
+        edge_id = str(msg.meta.get("edge", ""))
+        if edge_id not in self.edges:
+            raise KeyError(f"unknown edge '{edge_id}'")
+        if key[1] == "train" and msg.tensors:
+            for tier in ("user", "edge"):
+                state = {k[len(tier) + 1:]: v for k, v in msg.tensors.items() if k.startswith(f"{tier}/")}
+                check_update(state, self.global_state[tier], f"edge {edge_id} ({tier} tier)")
         with self._cond:
             if key not in self._reports:
                 raise KeyError(f"no round {key[0]} ({key[1]}) is waiting for updates")
-            self._reports[key][str(msg.meta["edge"])] = msg
+            self._reports[key][edge_id] = msg
             self._cond.notify_all()
         return ok(round=key[0])
 
@@ -191,13 +216,19 @@ class Coordinator:
             extras = algorithm.configure_round(record.round_id, chosen)
             reports = self._phase(record, chosen, "train", extras, self.global_state)
             self._check_cancelled(record)
-            record.state = "aggregating"
-            self._save(record)
-            new_state = self._aggregate(algorithm, chosen, reports)
             train_metrics = {u: m for r in reports.values() for u, m in r.meta["metrics"].items()}
+            needed = min(record.request.min_participants, len(chosen))
+            if len(train_metrics) < needed:
+                raise RoundError(f"only {len(train_metrics)} of {len(chosen)} users reported "
+                                 f"(min_participants={record.request.min_participants})")
+            chosen = [p for p in chosen if p.user_id in train_metrics]
+            record.state = "aggregating"
+            record.progress = {u: "reported" if u in train_metrics else "dropped" for u in record.participants}
+            self._save(record)
+            new_state = self._aggregate(algorithm, chosen, reports, record)
             record.metrics = self._train_metrics(chosen, train_metrics)
+            record.metrics["dropped"] = sorted(set(record.participants) - set(train_metrics))
             record.metrics["bytes"] = self._bytes(reports)
-            record.progress = {u: "reported" for u in record.participants}
             self._check_cancelled(record)
             record.version = self.version + 1
             record.state = "committed"
@@ -270,6 +301,11 @@ class Coordinator:
 
     def _phase(self, record: RoundRecord, chosen: list[Participant], mode: str,
                extras: dict[str, dict[str, Any]], state: dict[str, AdapterState]) -> dict[str, Message]:
+        """Start the chosen users through their edges and collect the edges' reports.
+
+        An edge that cannot be started, or does not report by the deadline (plus a grace period),
+        is left out: its users count as dropped, and ``min_participants`` decides the round.
+        """
         plans = self._plans(record, chosen, mode, extras)
         for plan in plans.values():
             self.runtime.open_session(plan, state["cloud"])
@@ -281,26 +317,35 @@ class Coordinator:
             self._reports[key] = {}
         tensors = {f"user/{k}": v for k, v in state["user"].items()}
         tensors.update({f"edge/{k}": v for k, v in state["edge"].items()})
+        req = record.request
+        started: list[str] = []
         try:
             for edge_id, edge_plans in sorted(by_edge.items()):
-                start = Message(kind="start", meta={"plans": [p.to_meta() for p in edge_plans]}, tensors=tensors)
-                self.edges[edge_id].request("start", start)
+                start = Message(kind="start", meta={"plans": [p.to_meta() for p in edge_plans], "deadline": req.deadline,
+                                                    "clip_norm": req.clip_norm}, tensors=tensors)
+                try:
+                    self.edges[edge_id].request("start", start)
+                    started.append(edge_id)
+                except Exception as exc:  # an unreachable edge: its users are dropped from this round
+                    log.warning("round %s (%s): could not start edge %s: %s", record.round_id, mode, edge_id, exc)
+            timeout = req.deadline + self.grace if req.deadline else self.round_timeout
             with self._cond:
-                done = self._cond.wait_for(
-                    lambda: len(self._reports[key]) == len(by_edge) or record.round_id in self._cancelled,
-                    timeout=self.round_timeout)
+                self._cond.wait_for(
+                    lambda: all(e in self._reports[key] for e in started) or record.round_id in self._cancelled,
+                    timeout=timeout)
                 reports = self._reports.pop(key)
             self._check_cancelled(record)
-            if not done:
-                raise RoundError(f"round {record.round_id} ({mode}): {len(reports)} of {len(by_edge)} edges reported in time")
+            if not reports:
+                raise RoundError(f"round {record.round_id} ({mode}): no edge reported "
+                                 f"({len(started)} of {len(by_edge)} started)")
         except BaseException:
             self._drop_sessions(plans.values())
             raise
         finally:
             with self._cond:
                 self._reports.pop(key, None)
-        if mode == "eval":
-            self._drop_sessions(plans.values())
+        reported = {u for r in reports.values() for u in r.meta["metrics"]}
+        self._drop_sessions([p for u, p in plans.items() if mode == "eval" or u not in reported])
         return reports
 
     def _drop_sessions(self, plans: Any) -> None:
@@ -308,9 +353,10 @@ class Coordinator:
             if (plan.round_id, plan.user_id) in self.runtime.sessions:
                 self.runtime.close_session(plan.round_id, plan.user_id)
 
-    def _aggregate(self, algorithm: Algorithm, chosen: list[Participant],
-                   reports: dict[str, Message]) -> dict[str, AdapterState]:
+    def _aggregate(self, algorithm: Algorithm, chosen: list[Participant], reports: dict[str, Message],
+                   record: RoundRecord) -> dict[str, AdapterState]:
         new_state: dict[str, AdapterState] = {}
+        reports = {e: r for e, r in reports.items() if r.meta["metrics"]}  # edges all of whose users dropped add nothing
         for tier in ("user", "edge"):
             prefix = f"{tier}/"
             updates = [AdapterUpdate(edge_id, tier, {k[len(prefix):]: v for k, v in r.tensors.items() if k.startswith(prefix)},
@@ -320,10 +366,10 @@ class Coordinator:
             else:
                 new_state[tier] = {}
         cloud_updates: list[AdapterUpdate] = []
-        round_id = next(iter(reports.values())).meta["round"]
         for p in chosen:
-            session = self.runtime.close_session(round_id, p.user_id)
+            session = self.runtime.close_session(record.round_id, p.user_id)
             cloud_updates.append(AdapterUpdate(p.user_id, "cloud", self.runtime.pack_update(session), p.num_samples))
+        cloud_updates = clip_updates(cloud_updates, self.global_state["cloud"], record.request.clip_norm)
         new_state["cloud"] = (algorithm.aggregate("cloud", cloud_updates, self.global_state["cloud"])
                               if self.global_state["cloud"] else {})
         return new_state

@@ -7,14 +7,14 @@ import threading
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
 from edge_server.compute import EdgeServer
 from shared.batching import derive_seed
 from shared.experiment import Experiment
 from shared.links import LinkEmulator, get_profile
-from shared.http import ByteLedger, HttpLink, call_handler, post_json, prometheus, read_message, resident_memory_bytes, round_key
+from shared.http import Auth, ByteLedger, HttpLink, call_handler, post_json, prometheus, read_message, resident_memory_bytes, round_key
 from shared.models import resolve_model
 from shared.settings import EdgeSettings
 from shared.tier import TierRuntime
@@ -48,12 +48,14 @@ class EdgeService:
         try:
             profile = get_profile(s.link_profile)  # validate before registering
             meta = post_json(f"{s.cloud.rstrip('/')}/v1/edges",
-                             {"edge_id": self.edge_id, "url": s.url(), "link_profile": s.link_profile}, deadline=3600)
+                             {"edge_id": self.edge_id, "url": s.url(), "link_profile": s.link_profile}, deadline=3600,
+                             token=s.token_value(), verify=s.ca_file or True)
             self.experiment = Experiment.from_meta(meta)
             runtime = TierRuntime("edge", resolve_model(self.experiment.spec.model), self.experiment.spec, device=s.device)
             cloud = HttpLink(s.cloud, upward=True, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes,
+                             token=s.token_value(), verify=s.ca_file or True,
                              emulator=LinkEmulator(profile, seed=derive_seed(self.edge_id, "link")) if profile else None)
-            self.server = EdgeServer(self.edge_id, runtime, cloud, ledger=self.ledger)
+            self.server = EdgeServer(self.edge_id, runtime, cloud, ledger=self.ledger, max_sessions=s.max_sessions)
             log.info("edge %s ready (blocks %s)", self.edge_id, runtime.partition.layer_ids)
         except Exception as exc:  # reported by /healthz; the process stays up to say why
             self.error = f"{type(exc).__name__}: {exc}"
@@ -73,12 +75,14 @@ class EdgeService:
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
         post_json(f"{s.cloud.rstrip('/')}/v1/edges/{self.edge_id}/users",
-                  {"user_id": body.user_id, "num_samples": body.num_samples}, deadline=60)
+                  {"user_id": body.user_id, "num_samples": body.num_samples}, deadline=60,
+                  token=s.token_value(), verify=s.ca_file or True)
         old = server.users.get(body.user_id)
         emulator = LinkEmulator(profile, seed=derive_seed(body.user_id, "down")) if profile else None
         server.register_user(body.user_id, HttpLink(body.url, upward=False, timeout=s.request_timeout,
                                                     max_message_bytes=s.max_message_bytes, ledger=self.ledger,
-                                                    emulator=emulator),
+                                                    emulator=emulator, token=s.token_value(),
+                                                    verify=s.ca_file or True),
                              body.num_samples)
         if old is not None:
             old.close()
@@ -95,6 +99,9 @@ def create_app(settings: EdgeSettings) -> FastAPI:
 
     app = FastAPI(title="splitllm edge", version="0.1.0", lifespan=lifespan,
                   description="Relay for many users: the middle blocks, per-session replicas, hierarchical FedAvg.")
+
+    auth = Auth(settings.token_value(), None, settings.insecure_dev)
+    peer = [Depends(auth.peer)]
 
     def svc() -> EdgeService:
         if "svc" not in holder:
@@ -128,13 +135,13 @@ def create_app(settings: EdgeSettings) -> FastAPI:
         })
         return Response(text, media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/spec")
+    @app.get("/v1/spec", dependencies=peer)
     def spec() -> dict[str, Any]:
         s = svc()
         s.ready()
         return s.experiment.to_meta()
 
-    @app.post("/v1/users")
+    @app.post("/v1/users", dependencies=peer)
     def register_user(body: UserIn) -> dict[str, Any]:
         svc().register_user(body)
         return {"ok": True, "edge_id": svc().edge_id}
@@ -142,22 +149,22 @@ def create_app(settings: EdgeSettings) -> FastAPI:
     async def _msgpack(request: Request, endpoint: str) -> Response:
         s = svc()
         server = s.ready()
-        msg, n_in = await read_message(request, s.settings.max_message_bytes, endpoint)
+        msg, n_in = await read_message(request, s.settings.max_message_bytes, endpoint, s.settings.max_tensor_elements)
         resp, n_out = await call_handler(getattr(server, f"on_{endpoint}"), msg)
         if endpoint != "start":  # starts come from the cloud; their bytes are counted there
             s.ledger.add(round_key(msg), n_in, n_out)
         s.counters["steps" if endpoint == "step" else "updates"] += endpoint != "start"
         return resp
 
-    @app.post("/v1/step")
+    @app.post("/v1/step", dependencies=peer)
     async def step(request: Request) -> Response:
         return await _msgpack(request, "step")
 
-    @app.post("/v1/start")
+    @app.post("/v1/start", dependencies=peer)
     async def start(request: Request) -> Response:
         return await _msgpack(request, "start")
 
-    @app.post("/v1/update")
+    @app.post("/v1/update", dependencies=peer)
     async def update(request: Request) -> Response:
         return await _msgpack(request, "update")
 

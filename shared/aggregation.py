@@ -52,5 +52,37 @@ def weighted_mean(updates: list[AdapterUpdate]) -> AdapterState:
 
 def pre_aggregate(source: str, updates: list[AdapterUpdate]) -> AdapterUpdate:
     """An edge's hierarchical step: its users' mean, carried up with their sample total."""
+    if not updates:
+        raise AggregationError("no updates to pre-aggregate")
     total = sum(u.num_samples for u in updates)
     return AdapterUpdate(source=source, tier=updates[0].tier, state=weighted_mean(updates), num_samples=total)
+
+
+def check_update(state: AdapterState, expected: AdapterState, source: str) -> None:
+    """Refuse an update whose keys, shapes or values cannot join the aggregate (ValueError: HTTP 422)."""
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ValueError(f"update from {source}: adapter keys differ (missing {missing[:3]}, unexpected {extra[:3]})")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(f"update from {source}: '{key}' has shape {list(value.shape)}, "
+                             f"expected {list(expected[key].shape)}")
+        if not value.is_floating_point() or not torch.isfinite(value).all():
+            raise ValueError(f"update from {source}: '{key}' is not a finite float tensor")
+
+
+def clip_updates(updates: list[AdapterUpdate], previous: AdapterState, max_norm: float | None) -> list[AdapterUpdate]:
+    """Scale each update's change from ``previous`` down to at most ``max_norm`` (L2 over all its tensors)."""
+    if not max_norm:
+        return updates
+    out = []
+    for u in updates:
+        deltas = {k: v.to(torch.float64) - previous[k].to(torch.float64) for k, v in u.state.items()}
+        norm = float(torch.sqrt(sum((d * d).sum() for d in deltas.values())))
+        if norm <= max_norm:
+            out.append(u)
+            continue
+        scale = max_norm / norm
+        state = {k: (previous[k].to(torch.float64) + d * scale).to(u.state[k].dtype) for k, d in deltas.items()}
+        out.append(AdapterUpdate(u.source, u.tier, state, u.num_samples, u.metrics))
+    return out

@@ -54,6 +54,16 @@ def _print_row(row: dict[str, Any]) -> None:
           f"{b['edge']['down'] / 1e6:>9.2f}  {row['seconds']:>7.1f}", flush=True)
 
 
+def _json_object(text: str, flag: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{flag} must be a JSON object ({exc.msg} at position {exc.pos}), e.g. '{{\"k\": 1}}'") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{flag} must be a JSON object, e.g. '{{\"k\": 1}}'")
+    return value
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     from shared.sim import SimConfig, Simulation
 
@@ -61,7 +71,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
                     split=_split_arg(args.split), local_steps=args.local_steps, batch_size=args.batch_size,
                     lr=args.lr, max_len=args.max_len, partition=args.partition, alpha=args.dirichlet_alpha,
                     max_examples_per_client=args.max_examples or None, eval_examples_per_client=args.eval_examples,
-                    lora=_lora(args), algorithm=args.algorithm, algorithm_config=json.loads(args.algorithm_config),
+                    lora=_lora(args), algorithm=args.algorithm, algorithm_config=_json_object(args.algorithm_config, "--algorithm-config"),
                     seed=args.seed, user_link=args.user_link, edge_link=args.edge_link, link_sleep=args.link_sleep)
     sim = Simulation(cfg)
     print(f"model {args.model} ({sim.source.family}, {sim.source.num_layers} blocks), split {sim.spec.split[0]},"

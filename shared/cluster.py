@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -73,6 +74,9 @@ class Cluster:
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.env.setdefault("HF_HUB_OFFLINE", "1")
+        # A fresh pair of tokens per cluster: tiers authenticate to each other, the round API needs the admin one.
+        self.env.setdefault("SPLITLLM_TOKEN", secrets.token_urlsafe(24))
+        self.env.setdefault("SPLITLLM_ADMIN_TOKEN", secrets.token_urlsafe(24))
         self.env["PYTHONPATH"] = str(ROOT)
         cloud_port = free_port()
         self.procs["cloud"] = Proc("cloud", ["cloud", "--data-dir", str(self.workdir / "cloud"),
@@ -86,6 +90,13 @@ class Cluster:
             edge = self.procs[f"edge-{i % self.edges}"]
             self.procs[f"user-{i}"] = Proc(f"user-{i}", ["user", "--edge", edge.url, "--client-index", str(i)],
                                            free_port(), self.workdir / f"user-{i}.log")
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.env['SPLITLLM_ADMIN_TOKEN']}"}
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(f"{self.cloud.url}{path}", headers=self.admin_headers, timeout=30)
 
     @property
     def cloud(self) -> Proc:
@@ -107,14 +118,14 @@ class Cluster:
             p.kill(signal.SIGTERM)
 
     def start_round(self, body: dict | None = None) -> int:
-        r = httpx.post(f"{self.cloud.url}/v1/rounds", json=body or {}, timeout=30)
+        r = httpx.post(f"{self.cloud.url}/v1/rounds", json=body or {}, headers=self.admin_headers, timeout=30)
         r.raise_for_status()
         return r.json()["round_id"]
 
     def wait_round(self, round_id: int, timeout: float = 600.0) -> dict:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            view = httpx.get(f"{self.cloud.url}/v1/rounds/{round_id}", timeout=30).json()
+            view = self.get(f"/v1/rounds/{round_id}").json()
             if view["state"] in ("committed", "failed", "cancelled") and "eval_loss" in view.get("metrics", {}) \
                     or view["state"] in ("failed", "cancelled"):
                 return view

@@ -35,11 +35,11 @@ def _steps_done(view: dict[str, Any]) -> int:
 
 def run_round(cluster: Cluster, index: int, total: int) -> dict[str, Any]:
     rid = cluster.start_round()
-    view = httpx.get(f"{cluster.cloud.url}/v1/rounds/{rid}", timeout=30).json()
+    view = cluster.get(f"/v1/rounds/{rid}").json()
     steps = view["request"]["local_steps"] * max(len(view["participants"]) or cluster.users, 1)
     with tqdm(total=steps, desc=f"round {index}/{total}", unit="step", leave=True) as bar:
         while True:
-            view = httpx.get(f"{cluster.cloud.url}/v1/rounds/{rid}", timeout=30).json()
+            view = cluster.get(f"/v1/rounds/{rid}").json()
             done = min(_steps_done(view), steps)
             if done != bar.n or view["state"] != bar.postfix:
                 bar.n = done

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import random
 import threading
@@ -13,7 +14,7 @@ import anyio
 import httpx
 from fastapi import HTTPException, Request, Response
 
-from shared.tier import SessionError
+from shared.tier import Busy, SessionError
 from shared.transport import ENDPOINTS, Link, LinkStats
 from shared.wire import CONTENT_TYPE, Message, WireError, decode, encode
 
@@ -77,13 +78,19 @@ def _reason(resp: httpx.Response) -> str:
     return f"HTTP {resp.status_code}: {detail}"
 
 
+def auth_headers(token: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
 class HttpLink(Link):
     """POST /v1/<endpoint> with a msgpack body; the reply is msgpack too."""
 
     def __init__(self, base_url: str, upward: bool, *, timeout: float = 600.0, max_message_bytes: int = 256 << 20,
-                 ledger: ByteLedger | None = None, retry_deadline: float = 30.0, emulator: Any = None) -> None:
+                 ledger: ByteLedger | None = None, retry_deadline: float = 30.0, emulator: Any = None,
+                 token: str | None = None, verify: str | bool = True) -> None:
         self.base_url, self.upward, self.emulator = base_url.rstrip("/"), upward, emulator
-        self.client = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=10.0))
+        self.client = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=10.0),
+                                   headers=auth_headers(token), verify=verify)
         self.max_message_bytes = max_message_bytes
         self.ledger = ledger
         self.retry_deadline = retry_deadline
@@ -120,7 +127,7 @@ def with_retries(call: Callable[[], httpx.Response], deadline: float, base_delay
                 return resp
             retry_after = resp.headers.get("retry-after")
             wait = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else delay
-        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ConnectTimeout) as exc:
+        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ConnectTimeout, httpx.ReadError) as exc:
             if time.monotonic() >= end:
                 raise TransportError(f"could not reach peer: {exc}") from exc
             wait = delay
@@ -128,17 +135,19 @@ def with_retries(call: Callable[[], httpx.Response], deadline: float, base_delay
         delay = min(delay * 2, 5.0)
 
 
-def post_json(url: str, payload: dict[str, Any], deadline: float, timeout: float = 30.0) -> dict[str, Any]:
+def post_json(url: str, payload: dict[str, Any], deadline: float, timeout: float = 30.0, token: str | None = None,
+              verify: str | bool = True) -> dict[str, Any]:
     """A JSON control call (registration), retried until the peer answers or the deadline passes."""
-    with httpx.Client(timeout=timeout) as client:
+    with httpx.Client(timeout=timeout, headers=auth_headers(token), verify=verify) as client:
         resp = with_retries(lambda: client.post(url, json=payload), deadline)
     if resp.status_code >= 400:
         raise TransportError(f"{url}: {_reason(resp)}", resp.status_code)
     return resp.json()
 
 
-def get_json(url: str, deadline: float, timeout: float = 30.0) -> dict[str, Any]:
-    with httpx.Client(timeout=timeout) as client:
+def get_json(url: str, deadline: float, timeout: float = 30.0, token: str | None = None,
+             verify: str | bool = True) -> dict[str, Any]:
+    with httpx.Client(timeout=timeout, headers=auth_headers(token), verify=verify) as client:
         resp = with_retries(lambda: client.get(url), deadline)
     if resp.status_code >= 400:
         raise TransportError(f"{url}: {_reason(resp)}", resp.status_code)
@@ -147,7 +156,49 @@ def get_json(url: str, deadline: float, timeout: float = 30.0) -> dict[str, Any]
 
 # -- server half ---------------------------------------------------------------------------------
 
-async def read_message(request: Request, max_bytes: int, endpoint: str) -> tuple[Message, int]:
+class Auth:
+    """Bearer tokens, compared in constant time: the tier token for tier-to-tier calls, the admin token
+    for the round API. With ``insecure`` (development mode) nothing is checked."""
+
+    def __init__(self, token: str | None, admin_token: str | None = None, insecure: bool = False) -> None:
+        self.token, self.admin_token, self.insecure = token, admin_token, insecure
+
+    @staticmethod
+    def _presented(request: Request) -> str | None:
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+    @staticmethod
+    def _equal(given: str, expected: str | None) -> bool:
+        return expected is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+    def peer(self, request: Request) -> None:
+        """Tier-to-tier endpoints (and reads): the tier token, or the admin token."""
+        if self.insecure:
+            return
+        given = self._presented(request)
+        if given is None:
+            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        if not (self._equal(given, self.token) or self._equal(given, self.admin_token)):
+            raise HTTPException(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
+
+    def admin(self, request: Request) -> None:
+        """The round API's writes: the admin token only; a tier token is refused with 403."""
+        if self.insecure:
+            return
+        given = self._presented(request)
+        if given is None:
+            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        if self._equal(given, self.admin_token):
+            return
+        if self._equal(given, self.token):
+            raise HTTPException(403, "this token may not use the round API: use the admin token")
+        raise HTTPException(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def read_message(request: Request, max_bytes: int, endpoint: str,
+                       max_tensor_elements: int | None = None) -> tuple[Message, int]:
     """Check content type and size, decode (never unpickling), check the endpoint's required fields."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != CONTENT_TYPE:
@@ -163,7 +214,8 @@ async def read_message(request: Request, max_bytes: int, endpoint: str) -> tuple
         chunks.append(chunk)
     body = b"".join(chunks)
     try:
-        msg = await anyio.to_thread.run_sync(lambda: decode(body, max_bytes=max_bytes))
+        msg = await anyio.to_thread.run_sync(
+            lambda: decode(body, max_bytes=max_bytes, max_tensor_elements=max_tensor_elements))
     except WireError as exc:
         raise HTTPException(400, f"bad message: {exc}") from None
     meta_keys, tensor_keys = REQUIRED.get(endpoint, ((), ()))
@@ -178,6 +230,8 @@ async def call_handler(fn: Callable[[Message], Message], msg: Message) -> tuple[
     try:
         reply = await anyio.to_thread.run_sync(fn, msg)
         body = await anyio.to_thread.run_sync(encode, reply)
+    except Busy as exc:
+        raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from None
     except SessionError as exc:
         raise HTTPException(404, str(exc.args[0] if exc.args else exc)) from None
     except KeyError as exc:

@@ -12,7 +12,12 @@ import torch
 
 
 def _peak_rss_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    """This process's own peak (VmHWM): unlike ru_maxrss, it does not inherit the parent's peak across exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def probe(model: str, split: tuple[int, int], tier: str, batch_size: int, seq_len: int) -> dict[str, Any]:

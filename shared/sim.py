@@ -9,7 +9,7 @@ from typing import Any, Callable
 from cloud_server.rounds import Coordinator, RoundRecord, RoundRequest
 from edge_server.compute import EdgeServer
 from shared.adapters import LoraSettings, initial_state
-from shared.algorithms import default_lr
+from shared.algorithms import create_algorithm, default_lr
 from shared.data import FederatedDataset
 from shared.batching import derive_seed
 from shared.experiment import DataSpec
@@ -54,6 +54,13 @@ class SimConfig:
     edge_link: str = "none"  # link profile of each edge's hop to the cloud
     link_sleep: bool = False  # really wait the link time (wall clock) instead of a virtual clock
 
+    def __post_init__(self) -> None:
+        if self.local_steps < 1 or self.batch_size < 1 or (self.lr is not None and not self.lr > 0):
+            raise ValueError(f"--local-steps and --batch-size must be >= 1 and --lr > 0 "
+                             f"(got {self.local_steps}, {self.batch_size}, {self.lr})")
+        if self.rounds < 0 or self.max_len < 2:
+            raise ValueError(f"--rounds must be >= 0 and --max-len >= 2 (got {self.rounds}, {self.max_len})")
+
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
         out["lora"] = self.lora.to_dict()
@@ -69,6 +76,7 @@ class Simulation:
         if config.edges < 1 or config.users < config.edges:
             raise ValueError(f"need at least one edge and one user per edge (got {config.users} users, {config.edges} edges)")
         self.config = config
+        create_algorithm(config.algorithm, config.algorithm_config)  # fail before loading anything
         self.source = source or resolve_model(config.model)
         self.data_spec = DataSpec(name=config.data, num_clients=config.users, partition=config.partition,
                                   alpha=config.alpha, seed=config.seed, max_len=config.max_len, min_chars=config.min_chars,

@@ -55,6 +55,10 @@ class SessionError(KeyError):
     """A step or update names a session this tier does not hold."""
 
 
+class Busy(RuntimeError):
+    """This tier holds as many sessions as it may; the caller should retry later (HTTP 503)."""
+
+
 @dataclass
 class Session:
     """One (round, user) replica on one tier: its adapters, optimizer state and counters."""
@@ -68,6 +72,21 @@ class Session:
     steps: int = 0
     samples: int = 0
     loss_sum: float = 0.0
+    last_step: int = -1
+    last_reply: Any = None  # the reply to ``last_step``, returned again if that step is retried
+
+    def replay(self, step: int) -> Any:
+        """The cached reply when ``step`` is a retry of the last one; refuses steps from the past."""
+        if step == self.last_step and self.last_reply is not None:
+            return self.last_reply
+        if step <= self.last_step:
+            raise ValueError(f"step {step} of round {self.round_id}, user '{self.user_id}' is older than the last "
+                             f"step served ({self.last_step})")
+        return None
+
+    def remember(self, step: int, reply: Any) -> Any:
+        self.last_step, self.last_reply = step, reply
+        return reply
 
     @property
     def key(self) -> tuple[int, str]:
@@ -125,6 +144,14 @@ class TierRuntime:
             session = self.session(round_id, user_id)
             del self.sessions[session.key]
         return session
+
+    def drop_sessions(self, keep: Any = lambda key: False) -> int:
+        """Close every session whose key ``keep`` rejects (leftovers of failed rounds)."""
+        with self.lock:
+            stale = [k for k in self.sessions if not keep(k)]
+            for k in stale:
+                del self.sessions[k]
+        return len(stale)
 
     def pack_update(self, session: Session) -> AdapterState:
         return {k: v.detach().cpu() for k, v in session.algorithm.pack_update(self.tier, session.params, session.plan).items()}

@@ -14,7 +14,10 @@ the tbf; where it does not, only the rates are real and delay/loss come from the
 emulator (``shared.links.LinkEmulator``) if the run configures one. The tiers then start inside their
 namespaces (``ip netns exec <ns> python -m shared.cli <tier> ...``), and ``up`` waits until every
 user has registered, writes ``<workdir>/state.json`` (namespaces, veths, pids, urls) and prints the
-cloud's URL, which the host reaches over the unshaped ``sl-host`` link.
+cloud's URL, which the host reaches over the unshaped ``sl-host`` link. Flags ``up`` does not know are
+the tiers' settings: cloud-only ones go to the cloud, ones every tier has to every tier. Without
+``--insecure-dev`` or tokens in the environment, fresh tokens are made (the admin token is written to
+``<workdir>/admin-token``, mode 0600).
 
 ``splitllm topology down [--workdir ...]`` stops those processes and deletes the namespaces (their
 veths go with them). It is idempotent and also cleans up after an ``up`` that failed half-way: the
@@ -280,27 +283,101 @@ def build_network(plan: Plan, state: State, netem: bool) -> None:
         state.save()
 
 
-def tier_commands(plan: Plan, workdir: Path, python: str, cloud_args: list[str],
+@dataclass
+class TierArgs:
+    """The flags given to ``up`` beyond its own, sorted by the tiers they go to."""
+
+    cloud: list[str] = field(default_factory=list)  # cloud-only settings (and --config)
+    common: list[str] = field(default_factory=list)  # settings every tier has, given to every tier
+    env: dict[str, str] = field(default_factory=dict)  # tokens travel in the environment, not in argv
+    scheme: str = "http"
+    insecure_dev: bool = False
+
+
+TOPOLOGY_OWNED = ("host", "port", "public_url", "log_level")
+
+
+def split_tier_args(extra: list[str]) -> TierArgs:
+    """Parse ``extra`` with the cloud's own flag parser (exits 2 on an unknown flag); settings that every
+    tier has (``--insecure-dev``, ``--request-timeout``, ``--device``, TLS ...) go to every tier."""
+    from shared.service import settings_parser
+    from shared.settings import CloudSettings, ServiceSettings
+
+    parser = settings_parser("splitllm topology up (tier flags)", CloudSettings)
+    parsed = vars(parser.parse_args(extra))
+    out = TierArgs()
+    if parsed.pop("config") is not None:
+        out.cloud += ["--config", str(parsed_config(extra))]
+    for name, value in parsed.items():
+        if value is None:
+            continue
+        if name in TOPOLOGY_OWNED:
+            parser.error(f"--{name.replace('_', '-')} is set by the topology")
+        if name in ("token", "admin_token"):
+            out.env[f"SPLITLLM_{name.upper()}"] = str(value)
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        args = [flag] if CloudSettings.model_fields[name].annotation is bool else [flag, str(value)]
+        (out.common if name in ServiceSettings.model_fields else out.cloud).extend(args)
+        if name == "ssl_certfile":
+            out.scheme = "https"
+        if name == "insecure_dev":
+            out.insecure_dev = True
+    return out
+
+
+def parsed_config(extra: list[str]) -> str:
+    for i, arg in enumerate(extra):
+        if arg == "--config" and i + 1 < len(extra):
+            return str(Path(extra[i + 1]).resolve())
+        if arg.startswith("--config="):
+            return str(Path(arg.split("=", 1)[1]).resolve())
+    raise ValueError("--config needs a file")
+
+
+def tier_commands(plan: Plan, workdir: Path, python: str, tier_args: TierArgs,
                   log_level: str = "warning") -> dict[str, list[str]]:
     """``ip netns exec <ns> python -m shared.cli <tier> ...`` for every tier; the tiers listen inside
     their own namespaces (cloud and edges on all their links, users on their one address)."""
     cmds: dict[str, list[str]] = {}
-    common = ["--log-level", log_level]
+    common = ["--log-level", log_level, *tier_args.common]
+    s = tier_args.scheme
     cmds["cloud"] = in_ns(plan.namespaces["cloud"], python, "-m", "shared.cli", "cloud", "--host", "0.0.0.0",
                           "--port", str(PORTS["cloud"]), "--data-dir", str(workdir / "cloud"),
-                          "--num-clients", str(plan.users), *common, *cloud_args)
+                          "--num-clients", str(plan.users), *common, *tier_args.cloud)
     for e in range(plan.edges):
         name = f"edge-{e}"
         cmds[name] = in_ns(plan.namespaces[name], python, "-m", "shared.cli", "edge", "--host", "0.0.0.0",
-                           "--port", str(PORTS["edge"]), "--cloud", f"http://{parent_addr(plan, name)}:{PORTS['cloud']}",
-                           "--edge-id", name, "--public-url", f"http://{plan.addrs[name]}:{PORTS['edge']}", *common)
+                           "--port", str(PORTS["edge"]), "--cloud", f"{s}://{parent_addr(plan, name)}:{PORTS['cloud']}",
+                           "--edge-id", name, "--public-url", f"{s}://{plan.addrs[name]}:{PORTS['edge']}", *common)
     for i in range(plan.users):
         name = f"user-{i}"
         addr = plan.addrs[name]
         cmds[name] = in_ns(plan.namespaces[name], python, "-m", "shared.cli", "user", "--host", addr,
-                           "--port", str(PORTS["user"]), "--edge", f"http://{parent_addr(plan, name)}:{PORTS['edge']}",
-                           "--client-index", str(i), "--public-url", f"http://{addr}:{PORTS['user']}", *common)
+                           "--port", str(PORTS["user"]), "--edge", f"{s}://{parent_addr(plan, name)}:{PORTS['edge']}",
+                           "--client-index", str(i), "--public-url", f"{s}://{addr}:{PORTS['user']}", *common)
     return cmds
+
+
+def tier_env(tier_args: TierArgs, workdir: Path) -> dict[str, str]:
+    """The tiers' environment: ours, the tokens given as flags, and fresh tokens where none is set
+    (unless --insecure-dev); a generated admin token is written to ``<workdir>/admin-token`` (0600)."""
+    import secrets
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.update(tier_args.env)
+    if not tier_args.insecure_dev:
+        env.setdefault("SPLITLLM_TOKEN", secrets.token_urlsafe(24))
+        if "SPLITLLM_ADMIN_TOKEN" not in env:
+            env["SPLITLLM_ADMIN_TOKEN"] = secrets.token_urlsafe(24)
+            path = workdir / "admin-token"
+            path.unlink(missing_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(env["SPLITLLM_ADMIN_TOKEN"] + "\n")
+    return env
 
 
 def _start_time(pid: int) -> str | None:
@@ -310,15 +387,13 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
-def start_tiers(plan: Plan, state: State, cmds: dict[str, list[str]]) -> dict[str, subprocess.Popen]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    env.setdefault("HF_HUB_OFFLINE", "1")
+def start_tiers(plan: Plan, state: State, cmds: dict[str, list[str]], env: dict[str, str],
+                scheme: str = "http") -> dict[str, subprocess.Popen]:
     popens: dict[str, subprocess.Popen] = {}
     for name, cmd in cmds.items():
         tier = name.split("-")[0]
         port = PORTS[tier]
-        state.data["urls"][name] = f"http://{plan.addrs[name]}:{port}"
+        state.data["urls"][name] = f"{scheme}://{plan.addrs[name]}:{port}"
         log = state.workdir / f"{name}.log"
         with log.open("ab") as out:
             popen = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -331,33 +406,74 @@ def start_tiers(plan: Plan, state: State, cmds: dict[str, list[str]]) -> dict[st
 
 
 def _get_json(url: str, timeout: float = 3.0) -> dict[str, Any]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
+    handlers: list[Any] = [urllib.request.ProxyHandler({})]  # never through a proxy
+    if url.startswith("https:"):  # our own link, polled for readiness only: the certificate names no 10.77 address
+        import ssl
+
+        handlers.append(urllib.request.HTTPSHandler(context=ssl._create_unverified_context()))
+    opener = urllib.request.build_opener(*handlers)
     with opener.open(url, timeout=timeout) as r:
         return json.loads(r.read())
 
 
-def wait_ready(plan: Plan, state: State, popens: dict[str, subprocess.Popen], timeout: float) -> None:
-    """Until the cloud (reached from the host) answers /healthz with every user registered."""
-    url = f"{state.data['urls']['cloud']}/healthz"
+_HEALTH_POLL = r"""
+import json, ssl, sys, time, urllib.request
+url, deadline = sys.argv[1] + "/healthz", time.monotonic() + float(sys.argv[2])
+handlers = [urllib.request.ProxyHandler({})]
+if url.startswith("https:"):
+    handlers.append(urllib.request.HTTPSHandler(context=ssl._create_unverified_context()))
+opener, last = urllib.request.build_opener(*handlers), "no answer"
+while time.monotonic() < deadline:
+    try:
+        with opener.open(url, timeout=3) as r:
+            print(r.read().decode(), flush=True)
+            sys.exit(0)
+    except Exception as exc:
+        last = str(exc)
+    time.sleep(1.0)
+print(last, flush=True)
+sys.exit(1)
+"""
+
+
+def wait_ready(plan: Plan, state: State, popens: dict[str, subprocess.Popen], timeout: float,
+               python: str = sys.executable) -> None:
+    """Until every tier answers its /healthz with 200 (a user: loaded and registered), each polled from
+    inside its own namespace, and the cloud counts every user."""
     end = time.monotonic() + timeout
-    last = "no answer yet"
-    while time.monotonic() < end:
-        for name, p in popens.items():
-            if p.poll() is not None:
-                log = Path(state.workdir / f"{name}.log").read_text(errors="replace")[-2000:]
-                raise TopologyError(f"{name} exited with {p.returncode}; the end of its log:\n{log}")
-        try:
+    pollers = {name: subprocess.Popen(in_ns(plan.namespaces[name], python, "-c", _HEALTH_POLL, url, str(timeout)),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      text=True)
+               for name, url in state.data["urls"].items()}
+    try:
+        while True:
+            for name, p in popens.items():
+                if p.poll() is not None:
+                    log = Path(state.workdir / f"{name}.log").read_text(errors="replace")[-2000:]
+                    raise TopologyError(f"{name} exited with {p.returncode}; the end of its log:\n{log}")
+            failed = [n for n, p in pollers.items() if p.poll() not in (None, 0)]
+            if failed or time.monotonic() > end:
+                waiting = failed or [n for n, p in pollers.items() if p.poll() is None]
+                raise TopologyError(f"not ready after {timeout:.0f}s: {', '.join(waiting)}; logs in {state.workdir}")
+            if all(p.poll() == 0 for p in pollers.values()):
+                break
+            time.sleep(0.5)
+        url = f"{state.data['urls']['cloud']}/healthz"
+        while True:
             health = _get_json(url)
-            last = f"{health.get('edges')} edges, {health.get('users')} users registered"
             if health.get("users", 0) >= plan.users:
                 return
-        except (OSError, ValueError) as exc:
-            last = str(exc)
-        time.sleep(1.0)
-    raise TopologyError(f"not ready after {timeout:.0f}s ({last}); logs in {state.workdir}")
+            if time.monotonic() > end:
+                raise TopologyError(f"the cloud counts {health.get('users')} of {plan.users} users after {timeout:.0f}s")
+            time.sleep(0.5)
+    finally:
+        for p in pollers.values():
+            if p.poll() is None:
+                p.kill()
+            p.wait()
 
 
-def up(plan: Plan, workdir: Path, tiers: bool = True, cloud_args: list[str] | None = None,
+def up(plan: Plan, workdir: Path, tiers: bool = True, tier_args: TierArgs | None = None,
        python: str = sys.executable, timeout: float = 900.0, log_level: str = "warning") -> State:
     """Build the network (and start the tiers); on any failure undo what was made and re-raise."""
     problem = requirements_problem()
@@ -380,9 +496,10 @@ def up(plan: Plan, workdir: Path, tiers: bool = True, cloud_args: list[str] | No
         state.save()
         build_network(plan, state, netem)
         if tiers:
-            cmds = tier_commands(plan, workdir, python, list(cloud_args or []), log_level)
-            popens = start_tiers(plan, state, cmds)
-            wait_ready(plan, state, popens, timeout)
+            tier_args = tier_args or TierArgs()
+            cmds = tier_commands(plan, workdir, python, tier_args, log_level)
+            popens = start_tiers(plan, state, cmds, tier_env(tier_args, workdir), tier_args.scheme)
+            wait_ready(plan, state, popens, timeout, python)
     except BaseException:
         down(workdir, quiet=True)
         raise
@@ -449,6 +566,7 @@ def down(workdir: Path, quiet: bool = False, sweep_prefix: str | None = None, gr
         raise TopologyError(f"could not delete namespaces: {', '.join(left)}")
     if state is not None:
         state.path.unlink(missing_ok=True)
+        (workdir / "admin-token").unlink(missing_ok=True)
     if not quiet:
         print(f"stopped {len(pids)} processes, deleted {len(removed)} namespaces"
               + (f": {' '.join(removed)}" if removed else ""), flush=True)
@@ -527,7 +645,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="One network namespace per tier, joined by veth pairs shaped with tc (root, Linux).")
     sub = parser.add_subparsers(dest="action", required=True)
     p = sub.add_parser("up", help="build the namespaces and links, start the tiers in them",
-                       description="Unrecognised flags (--model, --data, --split, ...) go to the cloud.")
+                       description="Other flags are the tiers' own: cloud settings (--model, --data, --split, ...) go to the "
+                       "cloud, settings every tier has (--insecure-dev, --request-timeout, --device, TLS) to every "
+                       "tier. Tokens come from --token/--admin-token, SPLITLLM_TOKEN/SPLITLLM_ADMIN_TOKEN, or are "
+                       "generated (the admin token then lands in <workdir>/admin-token).")
     p.add_argument("--profile", default="4g", help="link profile of each user<->edge hop (default 4g; none: unshaped)")
     p.add_argument("--edge-profile", default="fiber", help="link profile of each edge<->cloud hop (default fiber)")
     p.add_argument("--users", type=int, default=4)
@@ -546,17 +667,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_cloud_args(extra: list[str]) -> None:
-    from shared.service import settings_parser
-    from shared.settings import CloudSettings
-
-    parser = settings_parser("splitllm topology up (cloud flags)", CloudSettings)
-    ns = parser.parse_args(extra)  # exits 2 on an unknown flag
-    for name in ("host", "port", "public_url"):
-        if getattr(ns, name) is not None:
-            parser.error(f"--{name.replace('_', '-')} is set by the topology")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["topology"]:
@@ -572,10 +682,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise TopologyError(problem)
             down(Path(args.workdir), sweep_prefix=args.sweep)
             return 0
-        _check_cloud_args(extra)
+        tier_args = split_tier_args(extra)
         plan = make_plan(args.users, args.edges, args.profile, args.edge_profile, args.prefix, args.subnet)
         workdir = Path(args.workdir)
-        state = up(plan, workdir, tiers=not args.no_tiers, cloud_args=extra, python=args.python,
+        state = up(plan, workdir, tiers=not args.no_tiers, tier_args=tier_args, python=args.python,
                    timeout=args.timeout, log_level=args.log_level)
     except (TopologyError, ValueError) as exc:
         print(f"splitllm topology {args.action}: error: {exc}", file=sys.stderr)
@@ -597,6 +707,9 @@ def main(argv: list[str] | None = None) -> int:
         print("tiers not started (--no-tiers)")
     else:
         print(f"logs: {workdir.resolve()}/*.log; stop with: splitllm topology down --workdir {args.workdir}")
+        token_file = workdir.resolve() / "admin-token"
+        if token_file.exists() and "SPLITLLM_ADMIN_TOKEN" not in os.environ and "SPLITLLM_ADMIN_TOKEN" not in tier_args.env:
+            print(f"admin token (round API): {token_file}")
         print(f"cloud: {d['urls']['cloud']}")
     return 0
 

@@ -60,6 +60,8 @@ def verify_split(model: str, split: tuple[int, int], steps: int = 5, *, task: st
     """Train ``steps`` steps split (one user, one edge, the cloud) and unsplit; compare losses and weights."""
     from peft import get_peft_model
 
+    if steps < 1:
+        raise ValueError(f"--steps must be at least 1 (got {steps})")
     source = resolve_model(model)
     task = task or ("cls" if source.family == "bert" else "lm")
     lora = LoraSettings(rank=rank, dropout=0.0)

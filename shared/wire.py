@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,14 @@ Codecs:
     decompress to exactly that many bytes (decompression is bounded by it).
 The encoder's default codec is "lz4", but tensors under ``LZ4_MIN_BYTES`` (256) bytes, or whose
 block would not be smaller than the raw bytes, are sent "raw"; receivers simply follow "codec".
+
+Lossy codecs "fp16", "bf16", "int8", "int4", "topk" (each optionally "post": "shuffle-lz4") are
+registered by ``shared.codecs`` (imported at the end of this module); their entry layouts are
+documented there. They apply to floating tensors only and keep the ORIGINAL dtype/shape in the
+entry. Per-tensor choice: ``encode(msg, tensor_codecs={"hidden": "int8", "grad": "topk:ratio=0.05"})``
+or ``Message.codecs`` (specs parsed by ``shared.codecs.CodecSpec``); integer and bool tensors
+always take the lossless path. A lossy encoder that cannot represent a tensor (e.g. NaN for int8)
+falls back to lz4, then raw.
 """
 
 CONTENT_TYPE = "application/x-msgpack"
@@ -89,6 +97,9 @@ class Message:
     kind: str
     meta: dict[str, Any] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Sender-side codec policy, tensor name -> codec spec ("int8", "topk:ratio=0.01", ...): used by
+    # ``encode`` when no ``tensor_codecs`` is given. Not sent on the wire (decoded messages have {}).
+    codecs: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,9 +156,10 @@ def tensor_from_bytes(buf: bytes | bytearray | memoryview, dtype: str, shape: tu
 # Codec registry
 # ---------------------------------------------------------------------------------------------
 
-# encode_fn(tensor, dtype_name) -> entry fields ({"data": bytes, **params}) or None to send "raw".
-# The tensor is detached, on CPU and contiguous.
-EncodeFn = Callable[[torch.Tensor, str], "dict[str, Any] | None"]
+# encode_fn(tensor, dtype_name, **params) -> entry fields ({"data": bytes, **params}) or None to
+# send losslessly instead ("raw" for "raw"/"lz4"; lz4, else raw, for any other codec). The tensor is
+# detached, on CPU and contiguous; ``params`` (only passed when non-empty) come from a CodecSpec.
+EncodeFn = Callable[..., "dict[str, Any] | None"]
 # decode_fn(entry, dtype_name, shape) -> tensor of exactly that dtype and shape; raise WireError on
 # bad input. Called only after dtype/shape and the declared size have been checked against limits.
 DecodeFn = Callable[[dict[str, Any], str, tuple[int, ...]], torch.Tensor]
@@ -244,10 +256,50 @@ def _check_meta(meta: Any) -> None:
             )
 
 
-def encode(msg: Message, *, codec: str = "lz4") -> bytes:
-    """Serialise ``msg``; ``codec`` is the preferred tensor codec (small/incompressible ones go raw)."""
-    if codec not in _CODECS:
-        raise ValueError(f"unknown codec {codec!r} (registered: {', '.join(_CODECS)})")
+_FLOAT_NAMES = frozenset({"float32", "float16", "bfloat16", "float64"})
+
+
+@dataclass(frozen=True)
+class _Choice:
+    codec: str  # registered wire codec
+    params: tuple[tuple[str, Any], ...]  # encode_fn keyword arguments
+    lossy: bool  # applies to floating tensors only
+
+
+_LZ4_CHOICE = _Choice("lz4", (), False)
+
+
+def _choice(spec: Any, where: str) -> _Choice:
+    """Resolve a codec spec (str or CodecSpec) or a plain registered wire codec name."""
+    CodecSpec = _codecs_module.CodecSpec
+    if isinstance(spec, str) and spec in _CODECS and spec.strip() not in _codecs_module.KNOWN_CODECS:
+        return _Choice(spec, (), False)  # a codec registered elsewhere, used as is on every tensor
+    if not isinstance(spec, (str, CodecSpec)):
+        raise TypeError(f"{where}: codec must be a str or CodecSpec, got {type(spec).__name__}")
+    try:
+        cs = CodecSpec.parse(spec)
+    except ValueError as e:
+        registered = ", ".join(c for c in _CODECS if c not in _codecs_module.KNOWN_CODECS)
+        extra = f"; also registered: {registered}" if registered else ""
+        raise ValueError(f"{where}: {e}{extra}") from None
+    return _Choice(cs.wire_codec, tuple(cs.wire_params().items()), cs.lossy)
+
+
+def encode(
+    msg: Message,
+    *,
+    codec: Any = "lz4",
+    tensor_codecs: Mapping[str, Any] | None = None,
+) -> bytes:
+    """Serialise ``msg``.
+
+    ``codec`` is the codec (wire name or spec: "lz4", "raw", "int8:block=128", ...) for tensors not
+    named in ``tensor_codecs`` (name -> spec str or CodecSpec; default ``msg.codecs``). Lossy specs
+    apply to floating tensors only: integer/bool tensors go lossless (``codec`` when lossless, else
+    lz4). Small/incompressible tensors go raw under lz4; a lossy codec that cannot represent a
+    tensor falls back to lz4, then raw.
+    """
+    default = _choice(codec, "codec")
     if not isinstance(msg.kind, str):
         raise TypeError(f"kind must be str, got {type(msg.kind).__name__}")
     if not isinstance(msg.meta, dict):
@@ -255,6 +307,11 @@ def encode(msg: Message, *, codec: str = "lz4") -> bytes:
     _check_meta(msg.meta)
     if not isinstance(msg.tensors, dict):
         raise TypeError(f"tensors must be a dict, got {type(msg.tensors).__name__}")
+    per = tensor_codecs if tensor_codecs is not None else (getattr(msg, "codecs", None) or {})
+    if not isinstance(per, Mapping):
+        raise TypeError(f"tensor_codecs must be a mapping, got {type(per).__name__}")
+    chosen = {name: _choice(spec, f"tensor {name!r}") for name, spec in per.items()}
+    lossless = default if not default.lossy else _LZ4_CHOICE
     tensors: dict[str, dict[str, Any]] = {}
     for name, t in msg.tensors.items():
         if not isinstance(name, str):
@@ -265,8 +322,14 @@ def encode(msg: Message, *, codec: str = "lz4") -> bytes:
             raise TypeError(f"tensor {name!r}: only dense tensors can be sent (layout {t.layout})")
         dt = dtype_name(t.dtype)
         t = t.detach().cpu().contiguous()
-        fields = _CODECS[codec].encode(t, dt)
-        used = codec
+        choice = chosen.get(name, default)
+        if choice.lossy and dt not in _FLOAT_NAMES:
+            choice = lossless  # masks, labels, indices are never quantised
+        used = choice.codec
+        enc = _CODECS[used].encode
+        fields = enc(t, dt, **dict(choice.params)) if choice.params else enc(t, dt)
+        if fields is None and used not in ("raw", "lz4"):
+            fields, used = _lz4_encode(t, dt), "lz4"
         if fields is None:
             fields, used = _raw_encode(t, dt), "raw"
         if _RESERVED_ENTRY_KEYS & fields.keys() or "data" not in fields:
@@ -443,3 +506,7 @@ def decode(
         tensors[name] = t
     return Message(kind=kind, meta=meta, tensors=tensors)
 
+
+# Registers the lossy codecs (fp16, bf16, int8, int4, topk) so every receiver can decode them.
+# At the end of the module: shared.codecs imports names defined above.
+from shared import codecs as _codecs_module  # noqa: E402

@@ -8,6 +8,11 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shared.models import ModelSource
+    from shared.sim import Simulation
 
 # Before anything imports transformers / huggingface_hub (they read these at import time).
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -36,7 +41,7 @@ def hermetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def tiny(hermetic_cache: Path) -> Callable[[str], "ModelSource"]:  # noqa: F821
+def tiny(hermetic_cache: Path) -> Callable[[str], ModelSource]:
     """``tiny("tiny-llama")``: the resolved tiny random model, generated once per session."""
     from shared.models import resolve_model
 
@@ -44,7 +49,7 @@ def tiny(hermetic_cache: Path) -> Callable[[str], "ModelSource"]:  # noqa: F821
 
 
 @pytest.fixture(scope="session")
-def small_sim(hermetic_cache: Path) -> Callable[..., "Simulation"]:  # noqa: F821
+def small_sim(hermetic_cache: Path) -> Callable[..., Simulation]:
     """``small_sim(**overrides)``: a few users on tiny-llama/shakespeare with very small settings."""
     from shared.sim import SimConfig, Simulation
 

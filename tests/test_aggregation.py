@@ -130,8 +130,6 @@ def test_pre_aggregate_refuses_zero_samples() -> None:
         pre_aggregate("edge-0", make_updates([0, 0], seed=5))
 
 
-@pytest.mark.xfail(raises=IndexError, strict=True,
-                   reason="pre_aggregate([]) reads updates[0].tier before weighted_mean can refuse: IndexError")
 def test_pre_aggregate_refuses_no_updates() -> None:
     with pytest.raises(AggregationError):
         pre_aggregate("edge-0", [])

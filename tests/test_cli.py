@@ -151,31 +151,21 @@ def test_more_bad_inputs_give_one_line(tiny, capsys, tmp_path, name: str) -> Non
     _one_line_error(capsys, [a.replace("{empty_dir}", str(tmp_path)) for a in argv], *must_say)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="bad training settings only fail inside the round: Simulation._row raises RuntimeError, "
-                          "which main() re-raises as a traceback")
 @pytest.mark.parametrize("option, name", [(["--batch-size", "0"], "batch"), (["--lr", "-1"], "lr")])
 def test_bad_training_settings_give_one_line(tiny, capsys, option: list[str], name: str) -> None:
     tiny("tiny-llama")
     _one_line_error(capsys, ["sim", *SMALL_SIM, *option], name)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="verify-split --steps 0 reports Python's 'max() arg is an empty sequence'")
 def test_zero_verify_steps_say_what_is_wrong(tiny, capsys) -> None:
     tiny("tiny-llama")
     _one_line_error(capsys, ["verify-split", "--model", "tiny-llama", "--split", "1,3", "--steps", "0"], "steps")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="a malformed --algorithm-config reports the bare JSONDecodeError text without naming the option")
 def test_malformed_algorithm_config_names_the_option(capsys) -> None:
     _one_line_error(capsys, ["sim", "--algorithm-config", "{bad"], "--algorithm-config")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="the first use of a tiny model prints transformers' 'Writing model shards' progress bar on "
-                          "stderr: _make_tiny saves before quiet_transformers() is ever called")
 def test_first_use_of_a_tiny_model_prints_nothing(monkeypatch, tmp_path, capfd) -> None:
     from transformers.utils import logging as hf_logging
 

@@ -33,7 +33,7 @@ def cluster(tmp_path_factory):
 
 
 def fetch_version(cluster: Cluster, version: int) -> dict[str, dict[str, torch.Tensor]]:
-    r = httpx.get(f"{cluster.cloud.url}/v1/adapters/{version}", timeout=30)
+    r = cluster.get(f"/v1/adapters/{version}")
     assert r.status_code == 200
     return unflatten(load(r.content))
 
@@ -54,14 +54,14 @@ def test_http_rounds_equal_the_simulator(cluster):
 
 
 def test_killed_cloud_restarts_from_its_last_committed_version(cluster):
-    before = httpx.get(f"{cluster.cloud.url}/v1/rounds", timeout=30).json()
+    before = cluster.get("/v1/rounds").json()
     committed = [r for r in before["rounds"] if r["state"] == "committed"]
     assert committed, "the previous test commits two rounds"
     last = max(r["version"] for r in committed)
     cluster.cloud.kill()  # SIGKILL: no shutdown hooks run
     cluster.cloud.start(cluster.env)
     cluster.cloud.wait_healthy()
-    after = httpx.get(f"{cluster.cloud.url}/v1/rounds", timeout=30).json()
+    after = cluster.get("/v1/rounds").json()
     assert after["version"] == last
     assert [(r["round_id"], r["state"], r["version"]) for r in after["rounds"]] == \
         [(r["round_id"], r["state"], r["version"]) for r in before["rounds"]]
@@ -104,7 +104,8 @@ BAD_BODIES = {
 def test_bad_input_gets_4xx_with_a_json_reason_and_the_service_stays_up(cluster, case):
     body, ctype, status = BAD_BODIES[case]
     for proc in (cluster.cloud, cluster.procs["edge-0"]):
-        r = httpx.post(f"{proc.url}/v1/step", content=body, headers={"content-type": ctype}, timeout=30)
+        headers = {"content-type": ctype, "authorization": f"Bearer {cluster.env['SPLITLLM_TOKEN']}"}
+        r = httpx.post(f"{proc.url}/v1/step", content=body, headers=headers, timeout=30)
         assert r.status_code == status, (proc.name, r.text)
         assert isinstance(r.json()["detail"], str) and r.json()["detail"]
         assert httpx.get(f"{proc.url}/healthz", timeout=30).status_code == 200

@@ -8,12 +8,12 @@ import threading
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 
 from shared.batching import derive_seed
 from shared.experiment import Experiment
 from shared.links import LinkEmulator, get_profile
-from shared.http import HttpLink, get_json, post_json, prometheus, read_message, resident_memory_bytes
+from shared.http import Auth, HttpLink, get_json, post_json, prometheus, read_message, resident_memory_bytes
 from shared.models import resolve_model
 from shared.settings import UserSettings
 from shared.tier import TierRuntime
@@ -39,17 +39,19 @@ class UserService:
         s = self.settings
         edge = s.edge.rstrip("/")
         try:
-            experiment = Experiment.from_meta(get_json(f"{edge}/v1/spec", deadline=3600))
+            experiment = Experiment.from_meta(get_json(f"{edge}/v1/spec", deadline=3600, token=s.token_value(),
+                                                       verify=s.ca_file or True))
             client = experiment.data.client(s.client_index)
             source = resolve_model(experiment.spec.model)
             runtime = TierRuntime("user", source, experiment.spec, device=s.device)
             profile = get_profile(s.link_profile)
             link = HttpLink(s.edge, upward=True, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes,
+                            token=s.token_value(), verify=s.ca_file or True,
                             emulator=LinkEmulator(profile, seed=derive_seed(self.user_id, "link")) if profile else None)
             agent = UserAgent(self.user_id, runtime, client, source.tokenizer(), link, max_len=experiment.data.max_len)
             post_json(f"{edge}/v1/users", {"user_id": self.user_id, "url": s.url(), "num_samples": agent.num_samples,
                        "link_profile": s.link_profile},
-                      deadline=3600)
+                      deadline=3600, token=s.token_value(), verify=s.ca_file or True)
             self.agent = agent
             log.info("user %s ready: client %d, %d train / %d eval examples", self.user_id, s.client_index,
                      len(client.train), len(client.eval))
@@ -81,6 +83,9 @@ def create_app(settings: UserSettings) -> FastAPI:
     app = FastAPI(title="splitllm user", version="0.1.0", lifespan=lifespan,
                   description="A device: local data, embeddings and the first blocks, the local training loop.")
 
+    auth = Auth(settings.token_value(), None, settings.insecure_dev)
+    peer = [Depends(auth.peer)]
+
     def svc() -> UserService:
         if "svc" not in holder:
             raise HTTPException(503, "the user agent is starting", headers={"Retry-After": "1"})
@@ -94,7 +99,7 @@ def create_app(settings: UserSettings) -> FastAPI:
                 "user_id": s.user_id, "error": s.error}
         return Response(json.dumps(body), status_code=200 if ready else 503, media_type="application/json")
 
-    @app.get("/v1/status")
+    @app.get("/v1/status", dependencies=peer)
     def status() -> dict[str, Any]:
         s = svc()
         return {"user_id": s.user_id, "ready": s.agent is not None, "jobs": s.jobs, "last_error": s.last_error}
@@ -113,12 +118,12 @@ def create_app(settings: UserSettings) -> FastAPI:
         })
         return Response(text, media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/start", status_code=202)
+    @app.post("/v1/start", status_code=202, dependencies=peer)
     async def start(request: Request) -> Response:
         s = svc()
         if s.agent is None:
             raise HTTPException(503, s.error or "the user agent is starting", headers={"Retry-After": "1"})
-        msg, _ = await read_message(request, s.settings.max_message_bytes, "start")
+        msg, _ = await read_message(request, s.settings.max_message_bytes, "start", s.settings.max_tensor_elements)
         plan = msg.meta.get("plan")
         if not isinstance(plan, dict) or "round_id" not in plan or "mode" not in plan:
             raise HTTPException(422, "start message lacks meta.plan with round_id and mode")

@@ -11,7 +11,7 @@ from shared.algorithms import RoundPlan
 from shared.batching import Batch, BatchSampler, eval_batches
 from shared.data import ClientData
 from shared.models import Tokenizer
-from shared.tier import TierRuntime
+from shared.tier import Session, TierRuntime
 from shared.transport import Link, ok
 from shared.wire import Message
 
@@ -54,6 +54,12 @@ class UserAgent:
 
     def train(self, plan: RoundPlan, state: dict[str, torch.Tensor]) -> Message:
         session = self.runtime.open_session(plan, state)
+        try:
+            return self._train(session, plan)
+        finally:
+            self.runtime.close_session(plan.round_id, self.user_id)
+
+    def _train(self, session: Session, plan: RoundPlan) -> Message:
         batches = self.sampler.round_batches(plan.seed, plan.round_id, self.user_id, plan.local_steps, plan.batch_size)
         losses: list[float] = []
         step_seconds: list[float] = []
@@ -64,14 +70,17 @@ class UserAgent:
             hidden = self.runtime.forward(session, None, batch.attention_mask, step, input_ids=batch.input_ids)
             compute += time.perf_counter() - t0
             reply = self.edge.request("step", step_message(plan, step, hidden, batch))
+            grad = reply.tensors["grad"]
+            if grad.shape != hidden.shape or not torch.isfinite(grad).all():
+                raise ValueError(f"the edge sent a gradient of shape {list(grad.shape)} with non-finite or "
+                                 f"mismatched values for an activation of shape {list(hidden.shape)}")
             t0 = time.perf_counter()
-            self.runtime.backward_and_step(session, [hidden], [reply.tensors["grad"].to(hidden.device)])
+            self.runtime.backward_and_step(session, [hidden], [grad.to(hidden.device, hidden.dtype)])
             compute += time.perf_counter() - t0
             losses.append(float(reply.meta["loss"]))
             session.samples += batch.size
             step_seconds.append(time.perf_counter() - step_start)
         update = self.runtime.pack_update(session)
-        self.runtime.close_session(plan.round_id, self.user_id)
         metrics: dict[str, Any] = {
             "train_loss": sum(losses) / max(len(losses), 1), "losses": losses, "steps": len(batches),
             "step_seconds": step_seconds, "batch_shape": list(batches[0].input_ids.shape) if batches else [],
@@ -87,12 +96,14 @@ class UserAgent:
     def evaluate(self, plan: RoundPlan, state: dict[str, torch.Tensor]) -> Message:
         session = self.runtime.open_session(plan, state)
         totals = {"loss_sum": 0.0, "count": 0, "correct": 0, "examples": 0}
-        for step, batch in enumerate(self.eval_data):
-            hidden = self.runtime.forward(session, None, batch.attention_mask, step, input_ids=batch.input_ids)
-            reply = self.edge.request("step", step_message(plan, step, hidden, batch))
-            for key in ("loss_sum", "count", "correct"):
-                totals[key] += reply.meta[key]
-            totals["examples"] += batch.size
-        self.runtime.close_session(plan.round_id, self.user_id)
+        try:
+            for step, batch in enumerate(self.eval_data):
+                hidden = self.runtime.forward(session, None, batch.attention_mask, step, input_ids=batch.input_ids)
+                reply = self.edge.request("step", step_message(plan, step, hidden, batch))
+                for key in ("loss_sum", "count", "correct"):
+                    totals[key] += reply.meta[key]
+                totals["examples"] += batch.size
+        finally:
+            self.runtime.close_session(plan.round_id, self.user_id)
         return Message(kind="update", meta={"round": plan.round_id, "user": self.user_id, "mode": "eval",
                                             "num_samples": len(self.data.eval), "metrics": totals})

@@ -1,0 +1,94 @@
+#!/bin/sh
+# Entrypoint of every splitllm container: shape this container's link with tc netem from a link
+# profile, then run the tier.   Usage: shape-and-run.sh <cloud|edge|user> [--flag value ...]
+#
+#   LINK_PROFILE   wifi, 4g, 5g, fiber (shared/link_profiles.json) or none (default: none)
+#   SHAPE_DEV      the interface to shape (default: eth0)
+#   SHAPE_DRY_RUN  1: print the tc commands and the tier command instead of running them
+#   RUN_AS         drop to this user (via setpriv) before starting the tier; empty: stay root
+#   PYTHON         interpreter (default: python)
+#
+# Egress of $SHAPE_DEV (towards the parent tier) gets the profile's uplink rate, its one-way delay
+# +- jitter and its loss:   tc qdisc replace dev eth0 root netem rate <up>mbit delay <d>ms <j>ms loss <l>%
+# Ingress (the downlink) is redirected to an ifb device with the same netem at the downlink rate,
+# where the host kernel has ifb; otherwise the downlink is left unshaped (with a warning). On a
+# kernel without sch_netem the rates alone are shaped with tbf (and a warning says so).
+set -eu
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+PROFILES_FILE="${PROFILES_FILE:-$HERE/../shared/link_profiles.json}"
+PROFILE="${LINK_PROFILE:-none}"
+DEV="${SHAPE_DEV:-eth0}"
+PY="${PYTHON:-python}"
+DRY="${SHAPE_DRY_RUN:-0}"
+
+if [ $# -lt 1 ]; then
+    echo "usage: $0 <cloud|edge|user> [flags]" >&2
+    exit 2
+fi
+
+say() { echo "shape-and-run: $*" >&2; }
+
+tcx() {  # run (or, dry, print) one tc/ip command
+    if [ "$DRY" = 1 ]; then
+        echo "$*"
+    else
+        "$@"
+    fi
+}
+
+if [ "$PROFILE" != none ] && [ -n "$PROFILE" ]; then
+    VALUES=$("$PY" -c '
+import json, sys
+profiles = json.load(open(sys.argv[1]))["profiles"]
+if sys.argv[2] not in profiles:
+    sys.exit("unknown LINK_PROFILE %r; known: %s or none" % (sys.argv[2], ", ".join(sorted(profiles))))
+p = profiles[sys.argv[2]]
+print(" ".join(format(float(p.get(k, 0.0)), "g") for k in ("up_mbps", "down_mbps", "delay_ms", "jitter_ms", "loss_pct")))
+' "$PROFILES_FILE" "$PROFILE")
+    read -r UP DOWN DELAY JITTER LOSS <<VALUES_EOF
+$VALUES
+VALUES_EOF
+    EGRESS="rate ${UP}mbit delay ${DELAY}ms ${JITTER}ms loss ${LOSS}% limit 10000"
+    INGRESS="rate ${DOWN}mbit delay ${DELAY}ms ${JITTER}ms loss ${LOSS}% limit 10000"
+    say "profile $PROFILE on $DEV: up $UP Mbit/s, down $DOWN Mbit/s, delay ${DELAY}ms +- ${JITTER}ms, loss ${LOSS}%"
+
+    if [ "$DRY" = 1 ] || tc qdisc replace dev "$DEV" root netem $EGRESS 2>/dev/null; then
+        [ "$DRY" = 1 ] && tcx tc qdisc replace dev "$DEV" root netem $EGRESS
+        NETEM=1
+    else
+        say "WARNING: tc netem failed (no sch_netem in this kernel, or no NET_ADMIN): shaping rates only, with tbf"
+        tc qdisc replace dev "$DEV" root tbf rate "${UP}mbit" burst 32kb latency 50ms || {
+            say "ERROR: cannot shape $DEV (does the container have cap_add: [NET_ADMIN]?)"; exit 1; }
+        NETEM=0
+    fi
+
+    # the downlink: ingress -> ifb0 -> the same shaping at the downlink rate
+    if [ "$DRY" = 1 ] || ip link add ifb0 type ifb 2>/dev/null || ip link show ifb0 >/dev/null 2>&1; then
+        tcx ip link set ifb0 up
+        tcx tc qdisc replace dev "$DEV" handle ffff: ingress
+        tcx tc filter replace dev "$DEV" parent ffff: protocol all u32 match u32 0 0 action mirred egress redirect dev ifb0
+        if [ "$NETEM" = 1 ]; then
+            tcx tc qdisc replace dev ifb0 root netem $INGRESS
+        else
+            tcx tc qdisc replace dev ifb0 root tbf rate "${DOWN}mbit" burst 32kb latency 50ms
+        fi
+    else
+        say "WARNING: no ifb device (modprobe ifb on the host): the downlink ($DOWN Mbit/s) is not shaped"
+    fi
+else
+    say "no link profile: $DEV not shaped"
+fi
+
+if [ -n "${RUN_AS:-}" ] && command -v setpriv >/dev/null 2>&1; then
+    RUN_HOME=$(getent passwd "$RUN_AS" | cut -d: -f6 || true)
+    [ -n "$RUN_HOME" ] && export HOME="$RUN_HOME"  # the model cache lives under ~/.cache/splitllm
+    set -- setpriv --reuid="$RUN_AS" --regid="$RUN_AS" --init-groups --inh-caps=-all "$PY" -m shared.cli "$@"
+else
+    set -- "$PY" -m shared.cli "$@"
+fi
+if [ "$DRY" = 1 ]; then
+    echo "exec $*"
+    exit 0
+fi
+exec "$@"
