@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_bench_http)
 
+    sub.add_parser("topology", help="the tiers in network namespaces joined by tc-shaped veth links (root)",
+                   add_help=False)
     for name in SERVICES:
         sub.add_parser(name, help=f"run the {name} tier as a service (see splitllm {name} --help)", add_help=False)
     return parser
@@ -210,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         return int(importlib.import_module(f"{SERVICES[argv[0]]}.__main__").main(argv[1:]) or 0)
+    if argv and argv[0] == "topology":
+        from shared.topology import main as topology_main
+
+        return int(topology_main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -26,15 +26,30 @@ class ModelSpec:
     lora: LoraSettings = field(default_factory=LoraSettings)
     base_dropout: bool = False
     seed: int = 0
+    adapter: str = "lora"  # "lora", or "svd" (P diag(e) Q, what FedARA trains)
 
     def to_meta(self) -> dict[str, Any]:
         return {"model": self.model, "split": list(self.split), "task": self.task, "num_labels": self.num_labels,
-                "lora": self.lora.to_dict(), "base_dropout": self.base_dropout, "seed": self.seed}
+                "lora": self.lora.to_dict(), "base_dropout": self.base_dropout, "seed": self.seed,
+                "adapter": self.adapter}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> "ModelSpec":
         return cls(model=meta["model"], split=tuple(meta["split"]), task=meta["task"], num_labels=meta["num_labels"],
-                   lora=LoraSettings(**meta["lora"]), base_dropout=meta["base_dropout"], seed=meta["seed"])
+                   lora=LoraSettings(**meta["lora"]), base_dropout=meta["base_dropout"], seed=meta["seed"],
+                   adapter=meta.get("adapter", "lora"))
+
+
+@dataclass
+class TierContext:
+    """What a plug-in may know of the tier it runs on; ``store`` persists across rounds on this tier."""
+
+    tier: str
+    layer_ids: list[int]
+    num_layers: int
+    spec: ModelSpec
+    shapes: dict[str, tuple[int, ...]]
+    store: dict[str, Any]
 
 
 @dataclass
@@ -106,22 +121,22 @@ class TierRuntime:
         self.split = Split(spec.split[0], spec.split[1], source.num_layers)
         self.partition = load_partition(source, tier, self.split, spec.task, spec.num_labels,
                                         base_dropout=spec.base_dropout, seed=spec.seed)
-        inject_lora(self.partition, spec.lora)
+        inject_lora(self.partition, spec.lora, spec.adapter)
         self.device = torch.device(device)
         self.partition.to(self.device)
         self.partition.train()
         self.slots = AdapterSlots(self.partition)
         self.optimizer_settings = optimizer or OptimizerSettings()
         self.sessions: dict[tuple[int, str], Session] = {}
+        self.plugin_store: dict[str, dict[str, Any]] = {}  # per algorithm, kept across rounds (personal layers, ...)
         self.lock = threading.RLock()
 
     # sessions -------------------------------------------------------------------------------
     def open_session(self, plan: RoundPlan, state: AdapterState, algorithm: Algorithm | None = None) -> Session:
         """Make this tier's replica for (round, user) from the round's global adapters."""
-        missing = set(self.slots.keys) - set(state)
-        if missing:
-            raise ValueError(f"{self.tier} adapters lack {len(missing)} tensors, e.g. {sorted(missing)[0]}")
         algorithm = algorithm or create_algorithm(plan.algorithm, plan.config)
+        algorithm.ctx = TierContext(self.tier, self.partition.layer_ids, self.split.num_layers, self.spec,
+                                    self.slots.shapes(), self.plugin_store.setdefault(plan.algorithm, {}))
         on_device = {k: v.to(self.device) for k, v in state.items() if k in self.slots.locations}
         params = algorithm.build_adapters(self.tier, on_device, plan)
         train = plan.mode == "train"
@@ -214,17 +229,11 @@ class TierRuntime:
 
 def adapter_shapes(source: ModelSource, spec: ModelSpec) -> dict[str, dict[str, tuple[int, ...]]]:
     """Adapter shapes of every tier from the config alone (meta tensors: nothing is loaded)."""
-    from peft import inject_adapter_in_model
-
-    from shared.adapters import peft_config
-
     split = Split(spec.split[0], spec.split[1], source.num_layers)
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     for tier in ("user", "edge", "cloud"):
         part = build_partition(source, tier, split, spec.task, spec.num_labels, base_dropout=spec.base_dropout)
-        if part.layer_ids:
-            cfg = peft_config(spec.lora, part.family.name, part.family.lora_targets)
-            inject_adapter_in_model(cfg, part.blocks, low_cpu_mem_usage=True)
+        inject_lora(part, spec.lora, spec.adapter, low_cpu_mem_usage=True)
         shapes[tier] = AdapterSlots(part).shapes()
     return shapes
 

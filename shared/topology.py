@@ -61,7 +61,8 @@ class TopologyError(RuntimeError):
 def run(cmd: list[str], check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
-        raise TopologyError(f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        why = proc.stderr.strip() or proc.stdout.strip()
+        raise TopologyError(f"`{' '.join(cmd)}` failed ({proc.returncode}): {why}")
     return proc
 
 
@@ -193,7 +194,7 @@ def parent_addr(plan: Plan, tier: str) -> str:
 
 
 def shaping_commands(ns: str | None, dev: str, rate_mbps: float, profile: LinkProfile | None,
-                     netem: bool, upward: bool) -> list[list[str]]:
+                     netem: bool) -> list[list[str]]:
     """tc commands that shape ``dev``'s egress: a tbf at ``rate_mbps``, below a netem (delay, jitter,
     loss of ``profile``) when the kernel has netem. One way of a link carries the profile's one-way delay."""
     rate_bytes = rate_mbps * 1e6 / 8
@@ -274,10 +275,10 @@ def build_network(plan: Plan, state: State, netem: bool) -> None:
             ip = ["ip"] + (["-n", end.ns] if end.ns else [])
             run(ip + ["addr", "add", f"{end.addr}/30", "dev", end.dev])
             run(ip + ["link", "set", end.dev, "up"])
-        for end, upward in ((a, True), (b, False)):
+        for end in (a, b):
             if end.egress_mbps is None:
                 continue
-            for cmd in shaping_commands(end.ns, end.dev, end.egress_mbps, profiles.get(link.profile), netem, upward):
+            for cmd in shaping_commands(end.ns, end.dev, end.egress_mbps, profiles.get(link.profile), netem):
                 state.data["shaping"].append(" ".join(cmd))
                 run(cmd)
         state.save()
@@ -464,7 +465,8 @@ def wait_ready(plan: Plan, state: State, popens: dict[str, subprocess.Popen], ti
             if health.get("users", 0) >= plan.users:
                 return
             if time.monotonic() > end:
-                raise TopologyError(f"the cloud counts {health.get('users')} of {plan.users} users after {timeout:.0f}s")
+                raise TopologyError(f"the cloud counts {health.get('users')} of {plan.users} users "
+                                    f"after {timeout:.0f}s")
             time.sleep(0.5)
     finally:
         for p in pollers.values():
@@ -480,8 +482,8 @@ def up(plan: Plan, workdir: Path, tiers: bool = True, tier_args: TierArgs | None
     if problem:
         raise TopologyError(problem)
     workdir = workdir.resolve()
-    old = State.load(workdir)
-    if old is not None:  # a previous run from this workdir: clear it first
+    if State.load(workdir) is not None:  # a previous run from this workdir: clear it first
+        print(f"clearing the previous topology recorded in {workdir / STATE_FILE}", flush=True)
         down(workdir, quiet=True)
     state = State(workdir)
     state.data.update({"prefix": plan.prefix, "profile": plan.profile, "edge_profile": plan.edge_profile,
@@ -644,10 +646,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="splitllm topology",
         description="One network namespace per tier, joined by veth pairs shaped with tc (root, Linux).")
     sub = parser.add_subparsers(dest="action", required=True)
-    p = sub.add_parser("up", help="build the namespaces and links, start the tiers in them",
-                       description="Other flags are the tiers' own: cloud settings (--model, --data, --split, ...) go to the "
-                       "cloud, settings every tier has (--insecure-dev, --request-timeout, --device, TLS) to every "
-                       "tier. Tokens come from --token/--admin-token, SPLITLLM_TOKEN/SPLITLLM_ADMIN_TOKEN, or are "
+    p = sub.add_parser("up", help="build the namespaces and links, start the tiers in them", allow_abbrev=False,
+                       description="Other flags are the tiers' own: cloud settings (--model, --data, --split, ...) "
+                       "go to the cloud, settings every tier has (--insecure-dev, --request-timeout, --device, "
+                       "TLS) to every tier. Tokens come from --token/--admin-token, "
+                       "SPLITLLM_TOKEN/SPLITLLM_ADMIN_TOKEN, or are "
                        "generated (the admin token then lands in <workdir>/admin-token).")
     p.add_argument("--profile", default="4g", help="link profile of each user<->edge hop (default 4g; none: unshaped)")
     p.add_argument("--edge-profile", default="fiber", help="link profile of each edge<->cloud hop (default fiber)")
@@ -660,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for every user to register")
     p.add_argument("--log-level", default="warning", help="the tiers' log level (logs in the workdir)")
     p.add_argument("--python", default=sys.executable, help="interpreter that runs the tiers")
-    p = sub.add_parser("down", help="stop the tiers and delete what `up` made (idempotent)")
+    p = sub.add_parser("down", help="stop the tiers and delete what `up` made (idempotent)", allow_abbrev=False)
     p.add_argument("--workdir", default="runs/topology")
     p.add_argument("--sweep", metavar="PREFIX", default=None,
                    help="also delete every namespace whose name starts with PREFIX (e.g. sl-)")
@@ -695,8 +698,9 @@ def main(argv: list[str] | None = None) -> int:
     d = state.data
     for link in d["veths"]:
         a, b = link["a"], link["b"]
-        print(f"{link['link']:<16} {link['profile']:<6} {a['ns'] or 'root'}:{a['dev']} {a['addr']} "
-              f"({_fmt_rate(a['egress_mbps'])} out) <-> {b['ns']}:{b['dev']} {b['addr']} ({_fmt_rate(b['egress_mbps'])} out)")
+        print(f"{link['link']:<16} {link['profile']:<6} "
+              f"{a['ns'] or 'root'}:{a['dev']} {a['addr']} ({_fmt_rate(a['egress_mbps'])} out) <-> "
+              f"{b['ns']}:{b['dev']} {b['addr']} ({_fmt_rate(b['egress_mbps'])} out)")
     if d["netem"]:
         print("netem: delay, jitter and loss of each profile applied by the kernel")
     else:
@@ -708,7 +712,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"logs: {workdir.resolve()}/*.log; stop with: splitllm topology down --workdir {args.workdir}")
         token_file = workdir.resolve() / "admin-token"
-        if token_file.exists() and "SPLITLLM_ADMIN_TOKEN" not in os.environ and "SPLITLLM_ADMIN_TOKEN" not in tier_args.env:
+        given = "SPLITLLM_ADMIN_TOKEN" in os.environ or "SPLITLLM_ADMIN_TOKEN" in tier_args.env
+        if token_file.exists() and not given:
             print(f"admin token (round API): {token_file}")
         print(f"cloud: {d['urls']['cloud']}")
     return 0

@@ -54,11 +54,11 @@ def test_plan_addresses_and_rates() -> None:
 
 def test_shaping_commands() -> None:
     g = get_profile("4g")
-    (only,) = topology.shaping_commands("sl-user0", "edge", 10.0, g, netem=False, upward=True)
+    (only,) = topology.shaping_commands("sl-user0", "edge", 10.0, g, netem=False)
     assert only[:4] == ["ip", "netns", "exec", "sl-user0"]
-    assert only[4:] [:8] == ["tc", "qdisc", "replace", "dev", "edge", "root", "handle", "1:"]
+    assert only[4:12] == ["tc", "qdisc", "replace", "dev", "edge", "root", "handle", "1:"]
     assert "tbf" in only and "10mbit" in only
-    first, second = topology.shaping_commands("sl-user0", "edge", 10.0, g, netem=True, upward=True)
+    first, second = topology.shaping_commands("sl-user0", "edge", 10.0, g, netem=True)
     assert "netem" in first and first[first.index("delay") + 1:first.index("delay") + 3] == ["30ms", "10ms"]
     assert first[first.index("loss") + 1] == "0.5%"
     assert "tbf" in second and second[second.index("parent") + 1] == "1:1"
@@ -69,7 +69,8 @@ def test_tier_commands_agree_with_cli(tmp_path: Path) -> None:
     args = topology.split_tier_args(["--model", "tiny-bert", "--data", "trec", "--insecure-dev",
                                      "--request-timeout", "30", "--token", "secret"])
     assert args.cloud == ["--model", "tiny-bert", "--data", "trec"]
-    assert args.common == ["--insecure-dev", "--request-timeout", "30"]
+    assert sorted(args.common) == sorted(["--insecure-dev", "--request-timeout", "30"])
+    assert args.common[args.common.index("--request-timeout") + 1] == "30"
     assert args.env == {"SPLITLLM_TOKEN": "secret"}  # never on a command line
     cmds = topology.tier_commands(plan, tmp_path, sys.executable, args)
     assert sorted(cmds) == sorted(plan.namespaces)
@@ -82,7 +83,8 @@ def test_tier_commands_agree_with_cli(tmp_path: Path) -> None:
         if tier != "cloud":
             assert parsed.public_url == f"http://{plan.addrs[name]}:{topology.PORTS[tier]}"
             parent = parsed.edge if tier == "user" else parsed.cloud
-            assert parent == f"http://{topology.parent_addr(plan, name)}:{topology.PORTS['edge' if tier == 'user' else 'cloud']}"
+            parent_port = topology.PORTS["edge" if tier == "user" else "cloud"]
+            assert parent == f"http://{topology.parent_addr(plan, name)}:{parent_port}"
         else:
             assert parsed.model == "tiny-bert" and parsed.num_clients == "4"
     for bad in (["--host", "1.2.3.4"], ["--no-such-flag", "1"]):
