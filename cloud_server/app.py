@@ -15,7 +15,7 @@ from cloud_server.rounds import ROUND_STATES, Coordinator, RoundRecord, RoundReq
 from cloud_server.store import Store
 from shared.adapters import LoraSettings, initial_state
 from shared.algorithms import create_algorithm, default_lr
-from shared.experiment import DataSpec, Experiment
+from shared.experiment import DataSpec, Experiment, codecs_for
 from shared.batching import derive_seed
 from shared.links import LinkEmulator, get_profile
 from shared.http import Auth, ByteLedger, HttpLink, call_handler, prometheus, read_message, resident_memory_bytes, round_key
@@ -66,7 +66,8 @@ def build_experiment(settings: CloudSettings) -> Experiment:
     lora = LoraSettings(rank=settings.rank, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
                         target_modules=list(settings.target_modules))
     spec = ModelSpec(model=settings.model, split=(split.a, split.b), task=task,
-                     num_labels=num_labels if task == "cls" else 0, lora=lora, seed=settings.seed)
+                     num_labels=num_labels if task == "cls" else 0, lora=lora, seed=settings.seed,
+                     adapter=settings.adapter, codecs=codecs_for(settings.user_edge_codecs, settings.edge_cloud_codecs))
     return Experiment(spec=spec, data=data)
 
 
@@ -80,7 +81,7 @@ class CloudService:
         source = resolve_model(spec.model)
         self.runtime = TierRuntime("cloud", source, spec, device=settings.device)
         shapes = adapter_shapes(source, spec)
-        initial = {tier: initial_state(shapes[tier], spec.seed) for tier in shapes}
+        initial = {tier: initial_state(shapes[tier], spec.seed, kind=spec.adapter) for tier in shapes}
         self.store = Store(settings.data_dir)
         self.ledger = ByteLedger()
         self.coordinator = Coordinator(self.runtime, initial, seed=spec.seed, round_timeout=settings.round_timeout,

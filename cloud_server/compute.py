@@ -57,4 +57,6 @@ class CloudCompute:
             raise ValueError(f"the loss of round {round_id}, user '{user_id}', step {step} is not finite")
         self.runtime.backward_and_step(session, [loss], [None])
         grad = hidden_in.grad if hidden_in.grad is not None else torch.zeros_like(hidden_in)
-        return session.remember(step, Message(kind="grad", meta={"loss": float(loss.detach())}, tensors={"grad": grad}))
+        grad, codecs = self.runtime.outgoing_grad(session, grad, "edge_cloud")
+        return session.remember(step, Message(kind="grad", meta={"loss": float(loss.detach())}, tensors={"grad": grad},
+                                              codecs=codecs))

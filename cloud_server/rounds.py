@@ -322,7 +322,8 @@ class Coordinator:
         try:
             for edge_id, edge_plans in sorted(by_edge.items()):
                 start = Message(kind="start", meta={"plans": [p.to_meta() for p in edge_plans], "deadline": req.deadline,
-                                                    "clip_norm": req.clip_norm}, tensors=tensors)
+                                                    "clip_norm": req.clip_norm}, tensors=tensors,
+                                codecs=dict.fromkeys(tensors, self.runtime.policy("edge_cloud").downloads))
                 try:
                     self.edges[edge_id].request("start", start)
                     started.append(edge_id)

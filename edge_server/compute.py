@@ -95,8 +95,9 @@ class EdgeServer:
             pending.timer.daemon = True
             pending.timer.start()
         for plan in plans:
-            start = Message(kind="start", meta={"plan": plan.to_meta()},
-                            tensors={USER_PREFIX + k: v for k, v in pending.previous["user"].items()})
+            tensors = {USER_PREFIX + k: v for k, v in pending.previous["user"].items()}
+            start = Message(kind="start", meta={"plan": plan.to_meta()}, tensors=tensors,
+                            codecs=dict.fromkeys(tensors, self.runtime.policy("user_edge").downloads))
             try:
                 self.users[plan.user_id].request("start", start)
             except Exception as exc:  # an unreachable user is dropped from this round, not the round
@@ -183,7 +184,8 @@ class EdgeServer:
                 "metrics": pending.metrics, "missing": sorted(pending.missing)}
         if self.ledger is not None:
             meta["bytes"] = self.ledger.get(key)
-        return Message(kind="update", meta=meta, tensors=tensors)
+        return Message(kind="update", meta=meta, tensors=tensors,
+                       codecs=dict.fromkeys(tensors, self.runtime.policy("edge_cloud").uploads))
 
     # the step chain ----------------------------------------------------------------------------
     def on_step(self, msg: Message) -> Message:
@@ -199,7 +201,8 @@ class EdgeServer:
         mask = msg.tensors["attention_mask"]
         out = self.runtime.forward(session, hidden_in, mask, step)
         reply = self.cloud.request("step", Message(kind="step", meta=msg.meta, tensors={
-            "hidden": out.detach(), "attention_mask": mask, "labels": msg.tensors["labels"]}))
+            "hidden": out.detach(), "attention_mask": mask, "labels": msg.tensors["labels"]},
+            codecs={"hidden": self.runtime.policy("edge_cloud").activations}))
         if not train:
             return session.remember(step, reply)
         grad = reply.tensors["grad"]
@@ -207,4 +210,5 @@ class EdgeServer:
             raise ValueError(f"the cloud sent a non-finite or mis-shaped gradient {list(grad.shape)}")
         self.runtime.backward_and_step(session, [out], [grad.to(out.device, out.dtype)])
         grad_in = hidden_in.grad if hidden_in.grad is not None else torch.zeros_like(hidden_in)
-        return session.remember(step, Message(kind="grad", meta=reply.meta, tensors={"grad": grad_in}))
+        grad_in, codecs = self.runtime.outgoing_grad(session, grad_in, "user_edge")
+        return session.remember(step, Message(kind="grad", meta=reply.meta, tensors={"grad": grad_in}, codecs=codecs))

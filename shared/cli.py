@@ -72,7 +72,9 @@ def cmd_sim(args: argparse.Namespace) -> int:
                     lr=args.lr, max_len=args.max_len, partition=args.partition, alpha=args.dirichlet_alpha,
                     max_examples_per_client=args.max_examples or None, eval_examples_per_client=args.eval_examples,
                     lora=_lora(args), algorithm=args.algorithm, algorithm_config=_json_object(args.algorithm_config, "--algorithm-config"),
-                    seed=args.seed, user_link=args.user_link, edge_link=args.edge_link, link_sleep=args.link_sleep)
+                    seed=args.seed, user_link=args.user_link, edge_link=args.edge_link, link_sleep=args.link_sleep,
+                    user_edge_codecs=args.user_edge_codecs, edge_cloud_codecs=args.edge_cloud_codecs,
+                    adapter=args.adapter, slowdowns=[float(x) for x in args.slowdowns.split(",") if x])
     sim = Simulation(cfg)
     print(f"model {args.model} ({sim.source.family}, {sim.source.num_layers} blocks), split {sim.spec.split[0]},"
           f"{sim.spec.split[1]}; data {args.data} ({sim.dataset.task}), {args.users} users, {args.edges} edges", flush=True)
@@ -157,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user-link", default="none", help="link profile of each user-edge hop: wifi, 4g, 5g, fiber, none")
     p.add_argument("--edge-link", default="none", help="link profile of each edge-cloud hop")
     p.add_argument("--link-sleep", action="store_true", help="really wait the link time (default: a virtual clock)")
+    p.add_argument("--user-edge-codecs", default="fp32",
+                   help="codecs on user-edge hops: 'int8' (activations and gradients) or "
+                        "'activations=int8,gradients=topk:ratio=0.1,uploads=fp16,downloads=fp32'")
+    p.add_argument("--edge-cloud-codecs", default="fp32", help="codecs on edge-cloud hops (same form)")
+    p.add_argument("--adapter", default="lora", choices=("lora", "svd"), help="adapter form (svd: what FedARA trains)")
+    p.add_argument("--slowdowns", default="", help="per-user compute slowdown factors, cycled, e.g. 1,2,4")
     _lora_args(p)
     p.set_defaults(func=cmd_sim)
 

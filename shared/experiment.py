@@ -71,3 +71,42 @@ class Experiment:
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> "Experiment":
         return cls(spec=ModelSpec.from_meta(meta["spec"]), data=DataSpec(**meta["data"]))
+
+
+def parse_hop_codecs(text: str | None) -> dict[str, str]:
+    """``"int8"`` (activations and gradients) or ``"activations=int8,gradients=topk:ratio=0.1,uploads=fp16"``."""
+    from shared.codecs import CodecPolicy
+
+    if not text or text == "fp32":
+        return {}
+    if "=" not in text.split(",")[0].split(":")[0]:
+        fields = {"activations": text, "gradients": text}
+    else:
+        fields = {}
+        for part in _split_top(text):
+            name, sep, spec = part.partition("=")
+            if not sep:
+                raise ValueError(f"codec policy '{text}': expected field=spec pairs separated by commas")
+            fields[name.strip()] = spec.strip()
+    return CodecPolicy.from_dict(fields).to_dict()
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas that start a new ``field=`` (codec params also use commas: topk:k=5,values=fp16)."""
+    parts: list[str] = []
+    for piece in text.split(","):
+        head = piece.split("=")[0].strip()
+        if parts and head not in ("activations", "gradients", "uploads", "downloads"):
+            parts[-1] += "," + piece
+        else:
+            parts.append(piece)
+    return parts
+
+
+def codecs_for(user_edge: str | None, edge_cloud: str | None) -> dict[str, dict[str, str]]:
+    out = {}
+    for hop, text in (("user_edge", user_edge), ("edge_cloud", edge_cloud)):
+        policy = parse_hop_codecs(text)
+        if policy:
+            out[hop] = policy
+    return out

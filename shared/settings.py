@@ -63,6 +63,10 @@ class CloudSettings(ServiceSettings):
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     target_modules: list[str] = Field(default_factory=list)
+    adapter: str = Field("lora", description="adapter form: lora, or svd (P diag(e) Q, what FedARA trains)")
+    user_edge_codecs: str = Field("fp32", description="codecs on user-edge hops: int8, or activations=..,gradients=..,"
+                                                      "uploads=..,downloads=..")
+    edge_cloud_codecs: str = Field("fp32", description="codecs on edge-cloud hops (same form)")
     seed: int = 0
     local_steps: int = 20
     batch_size: int = 8
@@ -97,6 +101,7 @@ class UserSettings(ServiceSettings):
     edge: str = Field("http://127.0.0.1:8100", description="URL of this user's edge")
     user_id: str | None = Field(None, description="this user's id (default user-<client index>)")
     client_index: int = Field(0, description="which client of the partitioned data set this device holds")
+    slowdown: float = Field(1.0, ge=1.0, description="simulated slower device: compute takes this many times longer")
 
     @field_validator("client_index")
     @classmethod

@@ -12,7 +12,7 @@ from shared.adapters import LoraSettings, initial_state
 from shared.algorithms import create_algorithm, default_lr
 from shared.data import FederatedDataset
 from shared.batching import derive_seed
-from shared.experiment import DataSpec
+from shared.experiment import DataSpec, codecs_for
 from shared.links import LinkEmulator, get_profile
 from shared.models import ModelSource, resolve_model
 from shared.partition import Split
@@ -53,6 +53,10 @@ class SimConfig:
     user_link: str = "none"  # link profile of each user's hop to its edge (shared/link_profiles.json)
     edge_link: str = "none"  # link profile of each edge's hop to the cloud
     link_sleep: bool = False  # really wait the link time (wall clock) instead of a virtual clock
+    user_edge_codecs: str = "fp32"  # e.g. "int8", or "activations=int8,gradients=topk:ratio=0.1"
+    edge_cloud_codecs: str = "fp32"
+    adapter: str = "lora"  # or "svd" (what FedARA trains)
+    slowdowns: list[float] = field(default_factory=list)  # per-user compute slowdown factors (heterogeneous devices)
 
     def __post_init__(self) -> None:
         if self.local_steps < 1 or self.batch_size < 1 or (self.lr is not None and not self.lr > 0):
@@ -86,9 +90,10 @@ class Simulation:
         split = config.split or default_split(self.source.num_layers)
         Split(split[0], split[1], self.source.num_layers)  # validate with a clear error
         self.spec = ModelSpec(model=config.model, split=tuple(split), task=self.dataset.task,
-                              num_labels=self.dataset.num_labels, lora=config.lora, seed=config.seed)
+                              num_labels=self.dataset.num_labels, lora=config.lora, seed=config.seed,
+                              adapter=config.adapter, codecs=codecs_for(config.user_edge_codecs, config.edge_cloud_codecs))
         shapes = adapter_shapes(self.source, self.spec)
-        initial = {tier: initial_state(shapes[tier], config.seed) for tier in shapes}
+        initial = {tier: initial_state(shapes[tier], config.seed, kind=config.adapter) for tier in shapes}
         tokenizer = self.source.tokenizer()
         cloud_rt = TierRuntime("cloud", self.source, self.spec)
         edge_rt = TierRuntime("edge", self.source, self.spec)
@@ -114,7 +119,8 @@ class Simulation:
             user_id = f"user-{i}"
             emulator = self._emulator("user_edge", config.user_link, user_id)
             up = InProcessLink(edge, upward=True, wire=config.wire, emulator=emulator)
-            agent = UserAgent(user_id, user_rt, client, tokenizer, up, max_len=config.max_len)
+            slowdown = config.slowdowns[i % len(config.slowdowns)] if config.slowdowns else 1.0
+            agent = UserAgent(user_id, user_rt, client, tokenizer, up, max_len=config.max_len, slowdown=slowdown)
             down = InProcessLink(agent, upward=False, wire=config.wire, emulator=emulator)
             edge.register_user(user_id, down, agent.num_samples)
             self.coordinator.register_user(edge.edge_id, user_id, agent.num_samples)

@@ -11,6 +11,7 @@ from torch import nn
 
 from shared.adapters import AdapterSlots, AdapterState, LoraSettings, clone_state, inject_lora
 from shared.algorithms import Algorithm, RoundPlan, create_algorithm
+from shared.codecs import CodecPolicy, ErrorFeedback
 from shared.models import ModelSource
 from shared.partition import Partition, Split, build_partition, load_partition
 
@@ -27,17 +28,18 @@ class ModelSpec:
     base_dropout: bool = False
     seed: int = 0
     adapter: str = "lora"  # "lora", or "svd" (P diag(e) Q, what FedARA trains)
+    codecs: dict[str, dict[str, str]] = field(default_factory=dict, hash=False)  # hop -> CodecPolicy fields
 
     def to_meta(self) -> dict[str, Any]:
         return {"model": self.model, "split": list(self.split), "task": self.task, "num_labels": self.num_labels,
                 "lora": self.lora.to_dict(), "base_dropout": self.base_dropout, "seed": self.seed,
-                "adapter": self.adapter}
+                "adapter": self.adapter, "codecs": {h: dict(p) for h, p in self.codecs.items()}}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> "ModelSpec":
         return cls(model=meta["model"], split=tuple(meta["split"]), task=meta["task"], num_labels=meta["num_labels"],
                    lora=LoraSettings(**meta["lora"]), base_dropout=meta["base_dropout"], seed=meta["seed"],
-                   adapter=meta.get("adapter", "lora"))
+                   adapter=meta.get("adapter", "lora"), codecs=dict(meta.get("codecs", {})))
 
 
 @dataclass
@@ -87,6 +89,7 @@ class Session:
     steps: int = 0
     samples: int = 0
     loss_sum: float = 0.0
+    feedback: Any = None  # error feedback of top-k compressed gradients this tier sends
     last_step: int = -1
     last_reply: Any = None  # the reply to ``last_step``, returned again if that step is retried
 
@@ -206,6 +209,20 @@ class TierRuntime:
             session.optimizer.step()
             session.optimizer.zero_grad(set_to_none=True)
         session.steps += 1
+
+    def policy(self, hop: str) -> CodecPolicy:
+        """The codecs of one hop ("user_edge" or "edge_cloud"); fp32 (lossless) where none is set."""
+        return CodecPolicy.from_dict(self.spec.codecs.get(hop))
+
+    def outgoing_grad(self, session: Session, grad: torch.Tensor, hop: str) -> tuple[torch.Tensor, dict[str, str]]:
+        """A gradient ready to send back over ``hop``: top-k with error feedback kept here, or as it is."""
+        spec = self.policy(hop).spec("gradients")
+        if spec.name == "topk":
+            if session.feedback is None:
+                session.feedback = ErrorFeedback()
+            grad = session.feedback.compress("grad", grad, k=spec.params.get("k"), ratio=spec.params.get("ratio"),
+                                             values=spec.params.get("values", "fp32"))
+        return grad, {"grad": str(spec)}
 
     def check_step(self, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> None:
         """Refuse step tensors that cannot belong to this model (ValueError: a 422 over HTTP)."""

@@ -18,12 +18,13 @@ from shared.wire import Message
 USER_PREFIX = "user/"
 
 
-def step_message(plan: RoundPlan, step: int, hidden: torch.Tensor, batch: Batch) -> Message:
+def step_message(plan: RoundPlan, step: int, hidden: torch.Tensor, batch: Batch, codec: str = "fp32") -> Message:
     """The forward message of one step: activation plus the small metadata every tier rebuilds from."""
     return Message(
         kind="step",
         meta={"round": plan.round_id, "user": plan.user_id, "step": step, "mode": plan.mode},
         tensors={"hidden": hidden.detach(), "attention_mask": batch.attention_mask.to(torch.uint8), "labels": batch.labels},
+        codecs={"hidden": codec},
     )
 
 
@@ -31,11 +32,15 @@ class UserAgent:
     """A device: its data, the user partition, and a link to its edge."""
 
     def __init__(self, user_id: str, runtime: TierRuntime, data: ClientData, tokenizer: Tokenizer,
-                 edge: Link, max_len: int = 128, eval_batch_size: int = 32) -> None:
+                 edge: Link, max_len: int = 128, eval_batch_size: int = 32, slowdown: float = 1.0) -> None:
+        if slowdown < 1.0:
+            raise ValueError(f"a device's slowdown factor must be >= 1 (got {slowdown})")
         self.user_id, self.runtime, self.data, self.edge = user_id, runtime, data, edge
+        self.slowdown = slowdown  # simulated heterogeneous device: its compute takes this many times longer
         task = runtime.spec.task
         self.sampler = BatchSampler(tokenizer, data.train, task, max_len)
         self.eval_data = eval_batches(tokenizer, data.eval, task, max_len, eval_batch_size)
+        self.policy = runtime.policy("user_edge")
 
     @property
     def num_samples(self) -> int:
@@ -68,15 +73,15 @@ class UserAgent:
         for step, batch in enumerate(batches):
             t0 = step_start = time.perf_counter()
             hidden = self.runtime.forward(session, None, batch.attention_mask, step, input_ids=batch.input_ids)
-            compute += time.perf_counter() - t0
-            reply = self.edge.request("step", step_message(plan, step, hidden, batch))
+            compute += self._slow(time.perf_counter() - t0)
+            reply = self.edge.request("step", step_message(plan, step, hidden, batch, self.policy.activations))
             grad = reply.tensors["grad"]
             if grad.shape != hidden.shape or not torch.isfinite(grad).all():
                 raise ValueError(f"the edge sent a gradient of shape {list(grad.shape)} with non-finite or "
                                  f"mismatched values for an activation of shape {list(hidden.shape)}")
             t0 = time.perf_counter()
             self.runtime.backward_and_step(session, [hidden], [grad.to(hidden.device, hidden.dtype)])
-            compute += time.perf_counter() - t0
+            compute += self._slow(time.perf_counter() - t0)
             losses.append(float(reply.meta["loss"]))
             session.samples += batch.size
             step_seconds.append(time.perf_counter() - step_start)
@@ -91,7 +96,14 @@ class UserAgent:
             meta={"round": plan.round_id, "user": self.user_id, "mode": "train", "num_samples": self.num_samples,
                   "metrics": metrics},
             tensors={USER_PREFIX + k: v for k, v in update.items()},
+            codecs={USER_PREFIX + k: self.policy.uploads for k in update},
         )
+
+    def _slow(self, seconds: float) -> float:
+        """Stretch a compute phase to ``slowdown`` times its length; returns the stretched length."""
+        if self.slowdown > 1.0:
+            time.sleep(seconds * (self.slowdown - 1.0))
+        return seconds * self.slowdown
 
     def evaluate(self, plan: RoundPlan, state: dict[str, torch.Tensor]) -> Message:
         session = self.runtime.open_session(plan, state)
@@ -99,7 +111,7 @@ class UserAgent:
         try:
             for step, batch in enumerate(self.eval_data):
                 hidden = self.runtime.forward(session, None, batch.attention_mask, step, input_ids=batch.input_ids)
-                reply = self.edge.request("step", step_message(plan, step, hidden, batch))
+                reply = self.edge.request("step", step_message(plan, step, hidden, batch, self.policy.activations))
                 for key in ("loss_sum", "count", "correct"):
                     totals[key] += reply.meta[key]
                 totals["examples"] += batch.size
