@@ -14,7 +14,7 @@ import torch
 
 from cloud_server.compute import CloudCompute
 from shared.adapters import AdapterState, clone_state
-from shared.aggregation import AdapterUpdate, check_update, clip_updates
+from shared.aggregation import AdapterUpdate, clip_updates
 from shared.algorithms import Algorithm, Participant, RoundPlan, create_algorithm
 from shared.batching import derive_seed
 from shared.tier import TierRuntime
@@ -106,6 +106,7 @@ class Coordinator:
         self._cancelled: set[int] = set()
         self.algorithms: dict[str, Algorithm] = {}
         self._reports: dict[tuple[int, str], dict[str, Message]] = {}
+        self._round_algorithms: dict[int, Algorithm] = {}
         self._cond = threading.Condition()
 
     # topology --------------------------------------------------------------------------------
@@ -133,10 +134,14 @@ class Coordinator:
         edge_id = str(msg.meta.get("edge", ""))
         if edge_id not in self.edges:
             raise KeyError(f"unknown edge '{edge_id}'")
-        if key[1] == "train" and msg.tensors:
+        with self._cond:
+            if key not in self._reports:
+                raise KeyError(f"no round {key[0]} ({key[1]}) is waiting for updates")
+            algorithm = self._round_algorithms.get(key[0])
+        if key[1] == "train" and msg.tensors and algorithm is not None:
             for tier in ("user", "edge"):
                 state = {k[len(tier) + 1:]: v for k, v in msg.tensors.items() if k.startswith(f"{tier}/")}
-                check_update(state, self.global_state[tier], f"edge {edge_id} ({tier} tier)")
+                algorithm.validate_update(tier, state, self.global_state[tier], f"edge {edge_id} ({tier} tier)")
         with self._cond:
             if key not in self._reports:
                 raise KeyError(f"no round {key[0]} ({key[1]}) is waiting for updates")
@@ -213,6 +218,7 @@ class Coordinator:
             record.state = "running"
             self._save(record)
             algorithm = self.algorithm_for(record.request)
+            self._round_algorithms = {record.round_id: algorithm}
             extras = algorithm.configure_round(record.round_id, chosen)
             reports = self._phase(record, chosen, "train", extras, self.global_state)
             self._check_cancelled(record)
@@ -315,8 +321,9 @@ class Coordinator:
         key = (record.round_id, mode)
         with self._cond:
             self._reports[key] = {}
-        tensors = {f"user/{k}": v for k, v in state["user"].items()}
-        tensors.update({f"edge/{k}": v for k, v in state["edge"].items()})
+        algorithm = self._round_algorithms.get(record.round_id) or self.algorithm_for(record.request)
+        tensors = {f"user/{k}": v for k, v in algorithm.pack_download("user", state["user"], record.round_id).items()}
+        tensors.update({f"edge/{k}": v for k, v in algorithm.pack_download("edge", state["edge"], record.round_id).items()})
         req = record.request
         started: list[str] = []
         try:

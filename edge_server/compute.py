@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from shared.aggregation import AdapterUpdate, check_update, clip_updates
+from shared.aggregation import AdapterUpdate, clip_updates
 from shared.algorithms import RoundPlan, create_algorithm
 from shared.tier import Busy, TierRuntime
 from shared.transport import Link, ok
@@ -150,7 +150,9 @@ class EdgeServer:
             num_samples = int(msg.meta["num_samples"])
             if mode == "train":
                 state = split_prefixed(msg.tensors, USER_PREFIX)
-                check_update(state, pending.previous["user"], f"user {user_id}")
+                plan = pending.plans[user_id]
+                create_algorithm(plan.algorithm, plan.config).validate_update(
+                    "user", state, pending.previous["user"], f"user {user_id}")
                 session = self.runtime.close_session(round_id, user_id)
                 pending.user_updates.append(AdapterUpdate(user_id, "user", state, num_samples))
                 pending.edge_updates.append(AdapterUpdate(user_id, "edge", self.runtime.pack_update(session), num_samples))
