@@ -57,7 +57,7 @@ class UserIn(BaseModel):
 def build_experiment(settings: CloudSettings) -> Experiment:
     data = DataSpec(name=settings.data, num_clients=settings.num_clients, partition=settings.partition,
                     alpha=settings.dirichlet_alpha, seed=settings.seed, max_len=settings.max_len,
-                    min_chars=settings.min_chars,
+                    min_chars=settings.min_chars, pad_to_max=settings.pad_to_max,
                     max_examples_per_client=settings.max_examples_per_client,
                     eval_examples_per_client=settings.eval_examples_per_client)
     task, num_labels = data.task_and_labels()

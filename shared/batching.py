@@ -31,11 +31,11 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def collate(tokenizer: Tokenizer, examples: list[Example], task: str, max_len: int) -> Batch:
-    """Tokenise, truncate to ``max_len`` and right-pad to the longest row."""
+def collate(tokenizer: Tokenizer, examples: list[Example], task: str, max_len: int, pad_to_max: bool = False) -> Batch:
+    """Tokenise, truncate to ``max_len`` and right-pad to the longest row (or to ``max_len``: fixed shapes)."""
     rows = [tokenizer.encode(e.text)[:max_len] for e in examples]
     rows = [r if r else [tokenizer.pad_id] for r in rows]
-    width = max(len(r) for r in rows)
+    width = max_len if pad_to_max else max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.int64)
     mask = torch.zeros((len(rows), width), dtype=torch.int64)
     for i, r in enumerate(rows):
@@ -51,10 +51,12 @@ def collate(tokenizer: Tokenizer, examples: list[Example], task: str, max_len: i
 class BatchSampler:
     """Training batches: a fresh shuffle of the client's train set per round, cycled as needed."""
 
-    def __init__(self, tokenizer: Tokenizer, examples: list[Example], task: str, max_len: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, examples: list[Example], task: str, max_len: int,
+                 pad_to_max: bool = False) -> None:
         if not examples:
             raise ValueError("a client needs at least one training example")
         self.tokenizer, self.examples, self.task, self.max_len = tokenizer, examples, task, max_len
+        self.pad_to_max = pad_to_max
 
     def round_batches(self, seed: int, round_id: int, user_id: str, steps: int, batch_size: int) -> list[Batch]:
         rng = random.Random(derive_seed(seed, round_id, user_id, "batches"))
@@ -64,7 +66,8 @@ class BatchSampler:
             rng.shuffle(chunk)
             order.extend(chunk)
         return [
-            collate(self.tokenizer, [self.examples[j] for j in order[i * batch_size:(i + 1) * batch_size]], self.task, self.max_len)
+            collate(self.tokenizer, [self.examples[j] for j in order[i * batch_size:(i + 1) * batch_size]], self.task,
+                    self.max_len, self.pad_to_max)
             for i in range(steps)
         ]
 

@@ -56,3 +56,84 @@ def write_json(report: dict[str, Any], path: str | None) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(report, indent=2))
+
+
+BENCH_CODECS = ("fp32", "fp16", "bf16", "int8", "int8+shuffle-lz4", "int4", "int4+shuffle-lz4",
+                "activations=int8,gradients=topk:ratio=0.1")
+
+
+def _codec_run(spec: str, model: str, split: tuple[int, int], steps: int, batch_size: int, seq_len: int,
+               seed: int) -> dict[str, Any]:
+    """One user through one edge for ``steps`` steps with ``spec`` on both hops, from the same seed.
+
+    Bytes are the training step messages on the user-edge hop (activation up, gradient down), as
+    encoded on the wire; the loss is the held-out loss after the steps.
+    """
+    sim = Simulation(SimConfig(model=model, data="trec", users=1, edges=1, rounds=1, split=split, local_steps=steps,
+                               batch_size=batch_size, max_len=seq_len, seed=seed,
+                               max_examples_per_client=2 * steps * batch_size, eval_examples_per_client=128,
+                               user_edge_codecs=spec, edge_cloud_codecs=spec, baseline_eval=False))
+    sim.run_round(sim.request(evaluate=False))
+    up, down, count = sim.user_links[0].stats.snapshot()["by_endpoint"]["step"]
+    losses = next(iter(sim.coordinator.rounds.values())).metrics["users"]["user-0"]["losses"]
+    held_out = sim.evaluate_only()
+    return {"bytes_per_step": (up + down) / count, "final_train_loss": sum(losses[-5:]) / 5,
+            "eval_loss": held_out["eval_loss"], "eval_accuracy": held_out.get("eval_accuracy")}
+
+
+def bench_codecs(model: str = "minilm-l6", split: str = "1,3", steps: int = 50, batch_size: int = 16,
+                 seq_len: int = 128, seed: int = 0, codecs: tuple[str, ...] = BENCH_CODECS) -> dict[str, Any]:
+    """Bytes per step, ratio against fp32, encode+decode throughput, and the loss after ``steps`` steps."""
+    import torch
+
+    from shared.codecs import measure
+    from shared.experiment import parse_hop_codecs
+
+    a, b = (int(x) for x in split.split(","))
+    results = []
+    baseline: dict[str, Any] | None = None
+    for spec in codecs:
+        run = _codec_run(spec, model, (a, b), steps, batch_size, seq_len, seed)
+        policy = parse_hop_codecs(spec) or {"activations": "fp32"}
+        hidden = 384 if model == "minilm-l6" else 576
+        act = torch.randn(batch_size, seq_len, hidden, generator=torch.Generator().manual_seed(seed)) * 2
+        throughput = measure(policy["activations"], act)
+        if baseline is None:
+            baseline = run
+        results.append({
+            "codec": spec, "bytes_per_step": run["bytes_per_step"],
+            "ratio_vs_fp32": baseline["bytes_per_step"] / run["bytes_per_step"],
+            "encode_decode_mb_s": throughput["encode_decode_mb_s"],
+            "loss_after_steps": run["eval_loss"], "train_loss_last5": run["final_train_loss"],
+            "loss_delta_pct": 100.0 * (run["eval_loss"] - baseline["eval_loss"]) / baseline["eval_loss"],
+            "eval_accuracy": run["eval_accuracy"], "activation_rel_err": throughput["rel_err"],
+        })
+    return {"model": model, "split": split, "steps": steps, "batch": [batch_size, seq_len],
+            "loss": "held-out loss after the steps (128 examples)", "bytes": "user-edge hop, both ways, per step",
+            "codecs": results}
+
+
+def bench_codecs_4g(model: str = "minilm-l6", split: str = "1,3", users: int = 4, steps: int = 5,
+                    batch_size: int = 16, seq_len: int = 128, seed: int = 0) -> dict[str, Any]:
+    """Round wall time of ``users`` users through one edge over emulated 4g links: fp32 against int8.
+
+    Real processes on loopback; each user's link to the edge really waits its 4g transfer time.
+    """
+    out = {}
+    for spec in ("fp32", "int8"):
+        with tempfile.TemporaryDirectory() as tmp:
+            cloud_args = ["--model", model, "--split", split, "--data", "trec", "--seed", str(seed),
+                          "--max-len", str(seq_len), "--pad-to-max", "--user-edge-codecs", spec,
+                          "--max-examples-per-client", str(2 * steps * batch_size)]
+            cluster = Cluster(Path(tmp), cloud_args, users=users, edges=1, user_args=["--link-profile", "4g"])
+            try:
+                cluster.start()
+                rid = cluster.start_round({"local_steps": steps, "batch_size": batch_size, "evaluate": False})
+                view = cluster.wait_round(rid, timeout=3600)
+            finally:
+                cluster.stop()
+        if view["state"] != "committed":
+            raise RuntimeError(f"{spec} round {view['state']}: {view.get('error')}")
+        out[spec] = {"round_seconds": view["metrics"]["seconds"], "bytes": view["metrics"]["bytes"]}
+    return {"profile": "4g", "users": users, "steps": steps, "batch": [batch_size, seq_len], "runs": out,
+            "speedup_int8": out["fp32"]["round_seconds"] / out["int8"]["round_seconds"]}

@@ -68,6 +68,7 @@ class Cluster:
     users: int = 4
     edges: int = 2
     edge_args: list[str] = field(default_factory=list)
+    user_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     procs: dict[str, Proc] = field(default_factory=dict)
 
@@ -88,7 +89,8 @@ class Cluster:
                                            free_port(), self.workdir / f"edge-{e}.log")
         for i in range(self.users):
             edge = self.procs[f"edge-{i % self.edges}"]
-            self.procs[f"user-{i}"] = Proc(f"user-{i}", ["user", "--edge", edge.url, "--client-index", str(i)],
+            self.procs[f"user-{i}"] = Proc(f"user-{i}", ["user", "--edge", edge.url, "--client-index", str(i),
+                                                         *self.user_args],
                                            free_port(), self.workdir / f"user-{i}.log")
 
     @property

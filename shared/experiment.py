@@ -23,6 +23,7 @@ class DataSpec:
     eval_examples_per_client: int = 32
     max_len: int = 64
     min_chars: int = 0  # language modelling: join consecutive texts until each has this many characters
+    pad_to_max: bool = False  # training batches padded to max_len (fixed shapes, for benchmarks)
 
     def load(self) -> FederatedDataset:
         dataset = load_federated(self.name, self.num_clients, partition=self.partition, alpha=self.alpha,

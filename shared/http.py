@@ -106,7 +106,7 @@ class HttpLink(Link):
             raise TransportError(f"{self.base_url}/v1/{endpoint}: {_reason(resp)}", resp.status_code)
         reply = decode(resp.content, max_bytes=self.max_message_bytes)
         up, down = (len(body), len(resp.content)) if self.upward else (len(resp.content), len(body))
-        self.stats.add(up, down)
+        self.stats.add(up, down, endpoint)
         if self.ledger is not None:
             self.ledger.add(round_key(msg), up, down)
         self.emulate(len(body), len(resp.content))

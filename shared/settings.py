@@ -59,6 +59,7 @@ class CloudSettings(ServiceSettings):
     eval_examples_per_client: int = 32
     max_len: int = 64
     min_chars: int = Field(0, description="language modelling: join consecutive texts up to this many characters")
+    pad_to_max: bool = Field(False, description="pad every training batch to max_len (fixed shapes)")
     rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0

@@ -40,6 +40,7 @@ class SimConfig:
     lr: float | None = None  # None: default_lr(task)
     max_len: int = 64
     min_chars: int = 0
+    pad_to_max: bool = False
     partition: str = "default"
     alpha: float = 0.5
     max_examples_per_client: int | None = 256
@@ -84,6 +85,7 @@ class Simulation:
         self.source = source or resolve_model(config.model)
         self.data_spec = DataSpec(name=config.data, num_clients=config.users, partition=config.partition,
                                   alpha=config.alpha, seed=config.seed, max_len=config.max_len, min_chars=config.min_chars,
+                                  pad_to_max=config.pad_to_max,
                                   max_examples_per_client=config.max_examples_per_client,
                                   eval_examples_per_client=config.eval_examples_per_client)
         self.dataset = dataset or self.data_spec.load()
@@ -120,7 +122,8 @@ class Simulation:
             emulator = self._emulator("user_edge", config.user_link, user_id)
             up = InProcessLink(edge, upward=True, wire=config.wire, emulator=emulator)
             slowdown = config.slowdowns[i % len(config.slowdowns)] if config.slowdowns else 1.0
-            agent = UserAgent(user_id, user_rt, client, tokenizer, up, max_len=config.max_len, slowdown=slowdown)
+            agent = UserAgent(user_id, user_rt, client, tokenizer, up, max_len=config.max_len, slowdown=slowdown,
+                              pad_to_max=config.pad_to_max)
             down = InProcessLink(agent, upward=False, wire=config.wire, emulator=emulator)
             edge.register_user(user_id, down, agent.num_samples)
             self.coordinator.register_user(edge.edge_id, user_id, agent.num_samples)

@@ -26,17 +26,23 @@ class LinkStats:
     bytes_up: int = 0
     bytes_down: int = 0
     messages: int = 0
+    by_endpoint: dict[str, list[int]] = field(default_factory=dict)  # endpoint -> [up, down, messages]
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, up: int, down: int) -> None:
+    def add(self, up: int, down: int, endpoint: str = "") -> None:
         with self._lock:
             self.bytes_up += up
             self.bytes_down += down
             self.messages += 1
+            counts = self.by_endpoint.setdefault(endpoint, [0, 0, 0])
+            counts[0] += up
+            counts[1] += down
+            counts[2] += 1
 
-    def snapshot(self) -> dict[str, int]:
+    def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "messages": self.messages}
+            return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "messages": self.messages,
+                    "by_endpoint": {k: list(v) for k, v in self.by_endpoint.items()}}
 
 
 class Link:
@@ -80,9 +86,9 @@ class InProcessLink(Link):
             received = len(data)
             reply = decode(data)
         if self.upward:
-            self.stats.add(sent, received)
+            self.stats.add(sent, received, endpoint)
         else:
-            self.stats.add(received, sent)
+            self.stats.add(received, sent, endpoint)
         self.emulate(sent, received)
         return reply
 

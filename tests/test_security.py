@@ -257,7 +257,7 @@ def test_v1_endpoints_refuse_missing_or_wrong_tokens_with_401(stack, tier):
         "empty bearer": {"authorization": "Bearer "},
         "basic scheme": {"authorization": f"Basic {stack.token}"},
         "bare token": {"authorization": stack.token},
-        "non-ascii": {"authorization": "Bearer \u00ff\u00fe"},
+        "non-ascii": {"authorization": b"Bearer \xff\xfe"},
     }
     if tier != "cloud":  # the admin token is the cloud's alone
         wrong["admin token"] = bearer(stack.admin)
@@ -330,24 +330,49 @@ PICKLE_TYPES = ("application/x-msgpack", "application/octet-stream", "applicatio
 def test_no_endpoint_unpickles(stack, tier, tmp_path):
     marker = tmp_path / f"pwned-{tier}"
     payload = pickle.dumps(_Marker(marker))
-    pickle_in_ext = msgpack.packb({"v": 1, "kind": "step", "meta": {}, "tensors": {}, "x": msgpack.ExtType(1, payload)})
-    pickle_as_ext = msgpack.packb(msgpack.ExtType(1, payload))
-    pickle_in_meta = encode(Message("step", {"round": 1, "user": "user-0", "step": 0, "mode": "train",
-                                             "blob": payload}))
-    posts = [(m, p) for m, p, _ in v1_routes(stack.apps[tier]) if m == "POST"]
+    msgpack_wrapped = [
+        msgpack.packb({"v": 1, "kind": "step", "meta": {}, "tensors": {}, "x": msgpack.ExtType(1, payload)}),
+        msgpack.packb({"v": 1, "kind": "step", "meta": {"x": msgpack.ExtType(1, payload)}, "tensors": {}}),
+        msgpack.packb(msgpack.ExtType(1, payload)),
+        encode(Message("step", {"round": 1, "user": "user-0", "step": 0, "mode": "train", "blob": payload})),
+    ]
+    non_utf8_500 = []  # the known JSON-route bug, asserted by test_json_routes_answer_non_utf8_bodies_with_4xx
+    posts = [(p, json_body) for m, p, json_body in v1_routes(stack.apps[tier]) if m == "POST"]
     assert posts
-    for _, path in posts:
+    for path, json_body in posts:
         for ctype in PICKLE_TYPES:
             for protocol in (0, 2, pickle.HIGHEST_PROTOCOL):
                 body = pickle.dumps(_Marker(marker), protocol=protocol)
                 r = stack.clients[tier].post(path, content=body, headers={**bearer(stack.token), "content-type": ctype})
-                assert 400 <= r.status_code < 500, (tier, path, ctype, r.status_code, r.text[:200])
-        for body in (pickle_in_ext, pickle_as_ext, pickle_in_meta):
+                if r.status_code == 500 and json_body and protocol > 0:
+                    non_utf8_500.append((path, ctype, protocol))
+                    continue
+                assert 400 <= r.status_code < 500, (tier, path, ctype, protocol, r.status_code, r.text[:200])
+        for body in msgpack_wrapped:
             r = stack.clients[tier].post(path, content=body, headers={**bearer(stack.token), "content-type": CONTENT_TYPE})
+            if r.status_code == 500 and json_body:
+                non_utf8_500.append((path, CONTENT_TYPE, "msgpack"))
+                continue
             assert 400 <= r.status_code < 500, (tier, path, r.status_code, r.text[:200])
     time.sleep(0.2)  # anything a handler started in the background has had its chance
     assert not marker.exists(), f"{tier} unpickled a request body"
     assert stack.clients[tier].get("/healthz").status_code == 200
+
+
+@pytest.mark.xfail(strict=True, reason="a JSON route given a non-JSON content type validates the raw bytes; FastAPI's "
+                   "default RequestValidationError handler echoes the input through jsonable_encoder, which "
+                   "decodes bytes as UTF-8: any non-UTF-8 body (a pickle, msgpack) gets 500 instead of 415/422")
+@pytest.mark.parametrize("tier", ["cloud", "edge"])
+def test_json_routes_answer_non_utf8_bodies_with_4xx(stack, tier):
+    bad = []
+    for method, path, json_body in v1_routes(stack.apps[tier]):
+        if method == "POST" and json_body:
+            for ctype in ("application/x-msgpack", "application/octet-stream"):
+                r = stack.clients[tier].post(path, content=b"\x80\x04\x95", headers={**bearer(stack.token),
+                                                                                  "content-type": ctype})
+                if not 400 <= r.status_code < 500:
+                    bad.append((path, ctype, r.status_code))
+    assert not bad, bad
 
 
 # -- hostile tensors and updates ----------------------------------------------------------------------------
@@ -411,14 +436,41 @@ def test_bad_user_updates_get_422_at_the_edge(stack):
         users["user-0"] = real
 
 
+@contextlib.contextmanager
+def waiting_round(stack: Stack, deadline: float = 2.0) -> Iterator[int]:
+    """A round the cloud is collecting reports for: the edge started it, its user never trains.
+
+    On exit the edge's deadline drops the user; the round ends (failed, for want of participants)."""
+    users = stack.edge.users
+    real = users["user-0"]
+    users["user-0"] = AcceptingLink()
+    try:
+        r = stack.clients["cloud"].post("/v1/rounds", json={"deadline": deadline, "evaluate": False},
+                                        headers=bearer(stack.admin))
+        assert r.status_code == 202, r.text
+        rid = r.json()["round_id"]
+        end = time.monotonic() + 30
+        while (rid, "train") not in stack.edge.pending:
+            assert time.monotonic() < end, "the edge never got the round's start"
+            time.sleep(0.005)
+        yield rid
+    finally:
+        users["user-0"] = real
+    wait_round(stack, rid)
+
+
 def test_bad_edge_updates_get_422_at_the_cloud(stack):
     tensors = {k: v + 0.01 for k, v in stack.adapter_tensors("user", "edge").items()}
-    meta = {"round": 1, "edge": "edge-0", "mode": "train", "num_samples": 8, "metrics": {"user-0": {"train_loss": 1.0}}}
-    for name, bad in _mutations(tensors).items():
-        r = stack.post_msg("cloud", "update", Message("update", meta, bad))
-        assert r.status_code == 422, (name, r.text)
-    r = stack.post_msg("cloud", "update", Message("update", {**meta, "edge": "edge-nobody"}, tensors))
-    assert r.status_code == 404, r.text
+    with waiting_round(stack) as rid:
+        meta = {"round": rid, "edge": "edge-0", "mode": "train", "num_samples": 8,
+                "metrics": {"user-0": {"train_loss": 1.0}}}
+        for name, bad in _mutations(tensors).items():
+            r = stack.post_msg("cloud", "update", Message("update", meta, bad))
+            assert r.status_code == 422, (name, r.text)
+        r = stack.post_msg("cloud", "update", Message("update", {**meta, "edge": "edge-nobody"}, tensors))
+        assert r.status_code == 404, r.text
+    view = stack.clients["cloud"].get(f"/v1/rounds/{rid}", headers=bearer(stack.token)).json()
+    assert view["state"] == "failed" and view["version"] is None, view  # no refused update got in
 
 
 @pytest.mark.xfail(strict=True, reason="cloud_server/rounds.py Coordinator.on_update checks an update's tensors only "
@@ -427,18 +479,13 @@ def test_bad_edge_updates_get_422_at_the_cloud(stack):
                    "and edge adapters are empty; every later round then fails to open its sessions")
 def test_a_train_update_without_adapters_is_refused(tmp_path):
     with inprocess_stack(tmp_path) as s:
-        s.edge.users["user-0"] = AcceptingLink()  # the real user never trains: only the forged report arrives
-        rid = s.clients["cloud"].post("/v1/rounds", json={"deadline": 3, "evaluate": False},
-                                      headers=bearer(s.admin)).json()["round_id"]
-        coordinator = s.cloud.coordinator
-        end = time.monotonic() + 30
-        while (rid, "train") not in coordinator._reports and time.monotonic() < end:
-            time.sleep(0.01)
-        forged = Message("update", {"round": rid, "edge": "edge-0", "mode": "train", "num_samples": 8,
+        forged = Message("update", {"edge": "edge-0", "mode": "train", "num_samples": 8,
                                     "metrics": {"user-0": {"train_loss": 0.1}}})
-        r = s.post_msg("cloud", "update", forged)
+        with waiting_round(s, deadline=3) as rid:
+            forged.meta["round"] = rid
+            r = s.post_msg("cloud", "update", forged)
         view = wait_round(s, rid)
-        sizes = {t: len(state) for t, state in coordinator.global_state.items()}
+        sizes = {t: len(state) for t, state in s.cloud.coordinator.global_state.items()}
         assert r.status_code == 422, (r.status_code, view["state"], sizes)
         assert view["state"] == "failed" and all(sizes.values()), (view["state"], sizes)
 
@@ -447,7 +494,7 @@ def test_clip_norm_bounds_the_change_of_a_round(tmp_path):
     """``clip_norm``: no tier's adapters move further than the bound in one round (honest edges)."""
     with inprocess_stack(tmp_path) as s:
         before = {t: {k: v.clone() for k, v in st.items()} for t, st in s.cloud.coordinator.global_state.items()}
-        bound = 1e-4
+        bound = 1e-3
         rid = s.clients["cloud"].post("/v1/rounds", json={"local_steps": 3, "lr": 0.05, "clip_norm": bound,
                                                           "evaluate": False}, headers=bearer(s.admin)).json()["round_id"]
         view = wait_round(s, rid)
@@ -457,28 +504,21 @@ def test_clip_norm_bounds_the_change_of_a_round(tmp_path):
             if not state:
                 continue
             norm = float(torch.sqrt(sum(((after[tier][k].double() - v.double()) ** 2).sum() for k, v in state.items())))
-            assert 0 < norm <= bound * (1 + 1e-6), (tier, norm)
+            assert 0.5 * bound < norm <= bound * (1 + 1e-3), (tier, norm)  # clipped (float32 rounding aside)
 
 
 @pytest.mark.xfail(strict=True, reason="shared/batching.py BatchSampler.round_batches builds every batch of the "
                    "round up front (a list of local_steps collated batches): a round the API accepts (local_steps <= "
                    "100000, batch_size <= 4096) needs ~0.8 GB per device at batch 8 and far more at larger batches")
-def test_preparing_a_round_does_not_take_memory_in_proportion_to_local_steps(stack):
-    import tracemalloc
+def test_preparing_a_round_does_not_build_all_its_batches_up_front(stack, monkeypatch):
+    import shared.batching as batching
 
-    sampler = stack.user.sampler
-
-    def peak(steps: int) -> int:
-        tracemalloc.start()
-        try:
-            batches = sampler.round_batches(3, 1, "user-0", steps, 8)
-            next(iter(batches))
-            return tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-
-    small, large = peak(2), peak(2000)
-    assert large < 4 * small + 1_000_000, f"2 steps: {small / 1e6:.2f} MB, 2000 steps: {large / 1e6:.2f} MB"
+    made = []
+    real = batching.collate
+    monkeypatch.setattr(batching, "collate", lambda *a, **k: made.append(1) or real(*a, **k))
+    batches = stack.user.sampler.round_batches(3, 1, "user-0", 5000, 8)
+    next(iter(batches))
+    assert len(made) < 100, f"{len(made)} batches collated before the first step of a 5000-step round"
 
 
 # -- start-up -----------------------------------------------------------------------------------------------

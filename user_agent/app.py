@@ -49,7 +49,7 @@ class UserService:
                             token=s.token_value(), verify=s.ca_file or True,
                             emulator=LinkEmulator(profile, seed=derive_seed(self.user_id, "link")) if profile else None)
             agent = UserAgent(self.user_id, runtime, client, source.tokenizer(), link, max_len=experiment.data.max_len,
-                              slowdown=s.slowdown)
+                              slowdown=s.slowdown, pad_to_max=experiment.data.pad_to_max)
             post_json(f"{edge}/v1/users", {"user_id": self.user_id, "url": s.url(), "num_samples": agent.num_samples,
                        "link_profile": s.link_profile},
                       deadline=3600, token=s.token_value(), verify=s.ca_file or True)

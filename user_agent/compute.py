@@ -32,13 +32,14 @@ class UserAgent:
     """A device: its data, the user partition, and a link to its edge."""
 
     def __init__(self, user_id: str, runtime: TierRuntime, data: ClientData, tokenizer: Tokenizer,
-                 edge: Link, max_len: int = 128, eval_batch_size: int = 32, slowdown: float = 1.0) -> None:
+                 edge: Link, max_len: int = 128, eval_batch_size: int = 32, slowdown: float = 1.0,
+                 pad_to_max: bool = False) -> None:
         if slowdown < 1.0:
             raise ValueError(f"a device's slowdown factor must be >= 1 (got {slowdown})")
         self.user_id, self.runtime, self.data, self.edge = user_id, runtime, data, edge
         self.slowdown = slowdown  # simulated heterogeneous device: its compute takes this many times longer
         task = runtime.spec.task
-        self.sampler = BatchSampler(tokenizer, data.train, task, max_len)
+        self.sampler = BatchSampler(tokenizer, data.train, task, max_len, pad_to_max)
         self.eval_data = eval_batches(tokenizer, data.eval, task, max_len, eval_batch_size)
         self.policy = runtime.policy("user_edge")
 
