@@ -90,11 +90,12 @@ class Stack:
                          mode=mode)
 
     def open_sessions(self, round_id: int, user: str = "user-0", tiers: tuple[str, ...] = ("cloud", "edge"),
-                      mode: str = "train") -> dict[str, Any]:
+                      mode: str = "train", local_steps: int = 4) -> dict[str, Any]:
         """Sessions for (round, user) opened directly on the tiers' runtimes, from the current global state."""
         state = self.cloud.coordinator.global_state
         runtimes = {"cloud": self.cloud.runtime, "edge": self.edge.runtime}
-        return {t: runtimes[t].open_session(self.plan(round_id, user, mode), state[t]) for t in tiers}
+        plan = self.plan(round_id, user, mode, local_steps)
+        return {t: runtimes[t].open_session(plan, state[t]) for t in tiers}
 
     def step_message(self, round_id: int, step: int, user: str = "user-0", mode: str = "train", seed: int = 0,
                      batch: int = 2, seq: int = 8) -> Message:
