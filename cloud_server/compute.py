@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.batching import IGNORE_INDEX
-from shared.tier import TierRuntime
+from shared.tier import TierRuntime, pack_tokens, unpack_tokens
 from shared.wire import Message
 
 
@@ -45,8 +45,8 @@ class CloudCompute:
         train = session.plan.mode == "train"
         self.runtime.check_step(msg.tensors["hidden"], msg.tensors["attention_mask"], msg.tensors["labels"])
         device = self.runtime.device
-        hidden_in = msg.tensors["hidden"].to(device).requires_grad_(train)
         mask = msg.tensors["attention_mask"]
+        hidden_in = unpack_tokens(msg.tensors["hidden"].to(device), mask).requires_grad_(train)
         labels = msg.tensors["labels"].to(device, torch.int64)
         out = self.runtime.forward(session, hidden_in, mask, step)
         logits = self.runtime.head(session, out, mask)
@@ -57,6 +57,6 @@ class CloudCompute:
             raise ValueError(f"the loss of round {round_id}, user '{user_id}', step {step} is not finite")
         self.runtime.backward_and_step(session, [loss], [None])
         grad = hidden_in.grad if hidden_in.grad is not None else torch.zeros_like(hidden_in)
-        grad, codecs = self.runtime.outgoing_grad(session, grad, "edge_cloud")
+        grad, codecs = self.runtime.outgoing_grad(session, pack_tokens(grad, mask), "edge_cloud")
         return session.remember(step, Message(kind="grad", meta={"loss": float(loss.detach())}, tensors={"grad": grad},
                                               codecs=codecs))

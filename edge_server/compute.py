@@ -11,7 +11,7 @@ import torch
 
 from shared.aggregation import AdapterUpdate, clip_updates
 from shared.algorithms import RoundPlan, create_algorithm
-from shared.tier import Busy, TierRuntime
+from shared.tier import Busy, TierRuntime, pack_tokens, unpack_tokens
 from shared.transport import Link, ok
 from shared.wire import Message
 
@@ -199,18 +199,18 @@ class EdgeServer:
             return cached
         train = session.plan.mode == "train"
         self.runtime.check_step(msg.tensors["hidden"], msg.tensors["attention_mask"], msg.tensors["labels"])
-        hidden_in = msg.tensors["hidden"].to(self.runtime.device).requires_grad_(train)
         mask = msg.tensors["attention_mask"]
+        hidden_in = unpack_tokens(msg.tensors["hidden"].to(self.runtime.device), mask).requires_grad_(train)
         out = self.runtime.forward(session, hidden_in, mask, step)
         reply = self.cloud.request("step", Message(kind="step", meta=msg.meta, tensors={
-            "hidden": out.detach(), "attention_mask": mask, "labels": msg.tensors["labels"]},
+            "hidden": pack_tokens(out.detach(), mask), "attention_mask": mask, "labels": msg.tensors["labels"]},
             codecs={"hidden": self.runtime.policy("edge_cloud").activations}))
         if not train:
             return session.remember(step, reply)
         grad = reply.tensors["grad"]
-        if grad.shape != out.shape or not torch.isfinite(grad).all():
+        if list(grad.shape) != list(msg.tensors["hidden"].shape) or not torch.isfinite(grad).all():
             raise ValueError(f"the cloud sent a non-finite or mis-shaped gradient {list(grad.shape)}")
-        self.runtime.backward_and_step(session, [out], [grad.to(out.device, out.dtype)])
+        self.runtime.backward_and_step(session, [out], [unpack_tokens(grad.to(out.device, out.dtype), mask)])
         grad_in = hidden_in.grad if hidden_in.grad is not None else torch.zeros_like(hidden_in)
-        grad_in, codecs = self.runtime.outgoing_grad(session, grad_in, "user_edge")
+        grad_in, codecs = self.runtime.outgoing_grad(session, pack_tokens(grad_in, mask), "user_edge")
         return session.remember(step, Message(kind="grad", meta=reply.meta, tensors={"grad": grad_in}, codecs=codecs))

@@ -96,9 +96,11 @@ class AdapterSlots:
             mod_name, pname = full.rsplit(".", 1)
             self.locations[full] = (part.get_submodule(mod_name), pname)
         self.keys = sorted(self.locations)
+        self.full_shapes = {k: tuple(getattr(m, p).shape) for k, (m, p) in self.locations.items()}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(getattr(m, p).shape) for k, (m, p) in self.locations.items()}
+        """The slots' full shapes (as injected; a bound session's tensors may be smaller along the rank)."""
+        return dict(self.full_shapes)
 
     def current(self) -> AdapterState:
         return {k: getattr(m, p).detach() for k, (m, p) in self.locations.items()}

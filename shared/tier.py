@@ -225,13 +225,21 @@ class TierRuntime:
         return grad, {"grad": str(spec)}
 
     def check_step(self, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> None:
-        """Refuse step tensors that cannot belong to this model (ValueError: a 422 over HTTP)."""
+        """Refuse step tensors that cannot belong to this model (ValueError: a 422 over HTTP).
+
+        ``hidden`` carries the real tokens only (``pack_tokens``): one row per 1 in the mask.
+        """
         width = int(self.partition.config.hidden_size)
-        if hidden.dim() != 3 or hidden.shape[-1] != width or not hidden.is_floating_point():
-            raise ValueError(f"hidden must be a float tensor (batch, seq, {width}); got {hidden.dtype} {list(hidden.shape)}")
-        if list(attention_mask.shape) != list(hidden.shape[:2]):
-            raise ValueError(f"attention_mask shape {list(attention_mask.shape)} does not match hidden {list(hidden.shape[:2])}")
-        want = list(hidden.shape[:2]) if self.spec.task == "lm" else [hidden.shape[0]]
+        if attention_mask.dim() != 2 or attention_mask.is_floating_point() or attention_mask.numel() == 0:
+            raise ValueError(f"attention_mask must be a non-empty integer tensor (batch, seq); got "
+                             f"{attention_mask.dtype} {list(attention_mask.shape)}")
+        if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError("attention_mask must hold 0s and 1s")
+        tokens = int(attention_mask.sum())
+        if hidden.dim() != 2 or list(hidden.shape) != [tokens, width] or not hidden.is_floating_point():
+            raise ValueError(f"hidden must be a float tensor of the mask's {tokens} tokens x {width}; "
+                             f"got {hidden.dtype} {list(hidden.shape)}")
+        want = list(attention_mask.shape) if self.spec.task == "lm" else [attention_mask.shape[0]]
         if list(labels.shape) != want or labels.is_floating_point():
             raise ValueError(f"labels must be integers of shape {want}; got {labels.dtype} {list(labels.shape)}")
         if not torch.isfinite(hidden).all():
@@ -242,6 +250,22 @@ class TierRuntime:
 
     def parameter_bytes(self) -> int:
         return self.partition.parameter_bytes()
+
+
+def pack_tokens(t: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, seq, width) -> (tokens, width): only the positions the mask keeps cross a cut.
+
+    Exact: padding positions influence no real position (their keys are masked, their labels
+    ignored), so their activations need not travel and their gradients are zero.
+    """
+    return t[attention_mask.to(t.device, torch.bool)]
+
+
+def unpack_tokens(rows: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(tokens, width) -> (batch, seq, width), zeros at padding positions."""
+    out = rows.new_zeros((*attention_mask.shape, rows.shape[-1]))
+    out[attention_mask.to(rows.device, torch.bool)] = rows
+    return out
 
 
 def adapter_shapes(source: ModelSource, spec: ModelSpec) -> dict[str, dict[str, tuple[int, ...]]]:

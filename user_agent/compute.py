@@ -11,7 +11,7 @@ from shared.algorithms import RoundPlan
 from shared.batching import Batch, BatchSampler, eval_batches
 from shared.data import ClientData
 from shared.models import Tokenizer
-from shared.tier import Session, TierRuntime
+from shared.tier import Session, TierRuntime, pack_tokens, unpack_tokens
 from shared.transport import Link, ok
 from shared.wire import Message
 
@@ -23,7 +23,8 @@ def step_message(plan: RoundPlan, step: int, hidden: torch.Tensor, batch: Batch,
     return Message(
         kind="step",
         meta={"round": plan.round_id, "user": plan.user_id, "step": step, "mode": plan.mode},
-        tensors={"hidden": hidden.detach(), "attention_mask": batch.attention_mask.to(torch.uint8), "labels": batch.labels},
+        tensors={"hidden": pack_tokens(hidden.detach(), batch.attention_mask),
+                 "attention_mask": batch.attention_mask.to(torch.uint8), "labels": batch.labels},
         codecs={"hidden": codec},
     )
 
@@ -77,11 +78,13 @@ class UserAgent:
             compute += self._slow(time.perf_counter() - t0)
             reply = self.edge.request("step", step_message(plan, step, hidden, batch, self.policy.activations))
             grad = reply.tensors["grad"]
-            if grad.shape != hidden.shape or not torch.isfinite(grad).all():
+            tokens = int(batch.attention_mask.sum())
+            if list(grad.shape) != [tokens, hidden.shape[-1]] or not torch.isfinite(grad).all():
                 raise ValueError(f"the edge sent a gradient of shape {list(grad.shape)} with non-finite or "
-                                 f"mismatched values for an activation of shape {list(hidden.shape)}")
+                                 f"mismatched values for {tokens} tokens of width {hidden.shape[-1]}")
             t0 = time.perf_counter()
-            self.runtime.backward_and_step(session, [hidden], [grad.to(hidden.device, hidden.dtype)])
+            grad = unpack_tokens(grad.to(hidden.device, hidden.dtype), batch.attention_mask)
+            self.runtime.backward_and_step(session, [hidden], [grad])
             compute += self._slow(time.perf_counter() - t0)
             losses.append(float(reply.meta["loss"]))
             session.samples += batch.size

@@ -11,6 +11,8 @@ from shared.algorithms.base import (
     register_algorithm,
 )
 from shared.algorithms import fedavg  # noqa: F401  (registers "fedavg")
+from shared.algorithms import fedara  # noqa: F401  (registers "fedara")
+from shared.algorithms import droppeft  # noqa: F401  (registers "droppeft")
 
 __all__ = [
     "Algorithm", "AlgorithmConfig", "Participant", "RoundPlan",
