@@ -9,7 +9,9 @@ block). Reported:
   (``metrics["users"][u]["seconds"]``: the user's whole chain of steps, user, edge and cloud compute
   and transfers, with the device's slowdown, which the simulator applies by sleeping). The
   simulator itself runs the users one after another, so its wall time is the SUM; that is kept in
-  the rounds as ``wall_seconds`` but not used. Evaluation time is not counted.
+  the rounds as ``wall_seconds`` but not used. Evaluation time is not counted. The two methods'
+  rounds are interleaved so that other load on the machine falls on both. A second,
+  machine-independent clock is reported beside it (``block_cost``, see ``add_block_cost``).
 * user-tier activation memory per training step: the bytes of the distinct tensors autograd saves
   for backward during the user tier's forward (``torch.autograd.graph.saved_tensors_hooks``;
   parameters and their views excluded), over the same training batches at each ratio; mean and max
@@ -97,7 +99,8 @@ class MethodRun:
         self.cumulative = 0.0
 
     def algorithm(self) -> Any:
-        return next(iter(self.sim.coordinator.algorithms.values()), None)
+        """The coordinator's persistent instance of this run's algorithm (the baseline evaluation adds a fedavg one)."""
+        return self.sim.coordinator.algorithm_for(self.sim.request())
 
     def round(self) -> dict[str, Any]:
         """One round; its modelled time is the max over users of their round seconds."""
@@ -147,6 +150,39 @@ def time_to_target(rows: list[dict[str, Any]], target: float) -> tuple[float | N
         if row["eval_loss"] is not None and row["eval_loss"] <= target:
             return row["cumulative_seconds"], row["round"]
     return None, None
+
+
+def add_block_cost(run: dict[str, Any], seed: int, split: tuple[int, int], num_layers: int, local_steps: int,
+                   cap: float) -> None:
+    """A machine-independent second clock: each round's cost in block-steps, devices in parallel.
+
+    A block's forward + backward on a 1x device costs 1; on the user tier it costs the device's
+    slowdown; edge and cloud blocks cost 1 (embeddings, head, transfers are left out). A round costs
+    the max over users of the sum over its steps of the blocks each step runs (from the step masks).
+    """
+    cumulative = 0.0
+    for row in run["rounds"]:
+        if row["round"] == 0:
+            row["block_cost"] = row["cumulative_block_cost"] = 0.0
+            continue
+        costs = {}
+        for user, slowdown in run["slowdowns"].items():
+            ratio = row.get("ratios", {}).get(user, 0.0)
+            cost = 0.0
+            for step in range(local_steps):
+                skipped = skip_mask(seed, row["round"], user, step, ratio, num_layers, cap)
+                cost += sum(slowdown if layer < split[0] else 1.0 for layer in range(num_layers) if not skipped[layer])
+            costs[user] = cost
+        row["block_cost"] = max(costs.values())
+        cumulative += row["block_cost"]
+        row["cumulative_block_cost"] = cumulative
+
+
+def block_cost_to_target(rows: list[dict[str, Any]], target: float) -> float | None:
+    for row in rows:
+        if row["eval_loss"] is not None and row["eval_loss"] <= target:
+            return row["cumulative_block_cost"]
+    return None
 
 
 # --- memory: saved activations of the user tier's forward ------------------------------------------------
@@ -267,16 +303,21 @@ def run_bench(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
               "whole_model": user_activation_bytes(args.model, args.data, (num_layers, num_layers), [0.0, max(arms)],
                                                    args.memory_steps, args.batch_size, args.max_len, args.seed)}
     split_mem = memory["split_user"]["by_ratio"]
+    cap = DropPEFT(DropPEFT.config_cls.from_dict(drop_config)).config.max_layer_ratio
     for run, ratio in ((plain, 0.0), (drop, max(arms))):
         seconds, rounds = time_to_target(run["rounds"], target)
+        add_block_cost(run, args.seed, (a, b), num_layers, args.local_steps, cap)
         last = run["rounds"][-1]
         run.update({"seconds_to_target": seconds, "rounds_to_target": rounds,
+                    "block_cost_to_target": block_cost_to_target(run["rounds"], target),
                     "user_peak_memory_bytes": split_mem[str(ratio)]["mean_bytes"],
                     "user_peak_memory_max_step_bytes": split_mem[str(ratio)]["max_bytes"],
                     "memory_ratio": ratio, "final_eval_loss": last["eval_loss"], "final_accuracy": last["eval_accuracy"],
                     "total_seconds": last["cumulative_seconds"]})
     speedup = (plain["seconds_to_target"] / drop["seconds_to_target"]
                if drop["seconds_to_target"] and plain["seconds_to_target"] else None)
+    cost_speedup = (plain["block_cost_to_target"] / drop["block_cost_to_target"]
+                    if drop["block_cost_to_target"] and plain["block_cost_to_target"] else None)
     mem_reduction = 1.0 - drop["user_peak_memory_bytes"] / plain["user_peak_memory_bytes"]
     whole = memory["whole_model"]["by_ratio"]
     whole_reduction = 1.0 - whole[str(max(arms))]["mean_bytes"] / whole["0.0"]["mean_bytes"]
@@ -295,20 +336,26 @@ def run_bench(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     return {"config": {**vars(args), "droppeft_config": drop_config},
             "time_model": "per round: max over users of their round seconds (devices in parallel, slowdown included); "
                           "evaluation excluded",
+            "block_cost_model": add_block_cost.__doc__.split("\n")[0],
             "target_round": target_round, "target_eval_loss": target, "runs": [plain, drop], "memory": memory,
             "whole_model_memory_reduction_at_max_ratio": whole_reduction, "speedup": speedup,
+            "block_cost_speedup": cost_speedup,
             "checks": checks, "bench_seconds": time.perf_counter() - started}
 
 
 def print_table(report: dict[str, Any], log: Any = print) -> None:
     log(f"\ntarget eval loss {report['target_eval_loss']:.4f} (plain run after round {report['target_round']})")
-    log(f"{'method':>9}  {'s_to_target':>11}  {'rounds':>6}  {'user_act_MB/step':>16}  {'final_loss':>10}  "
-        f"{'final_acc':>9}  {'total_s':>8}")
+    log(f"{'method':>9}  {'s_to_target':>11}  {'rounds':>6}  {'cost_to_target':>14}  {'user_act_MB/step':>16}  "
+        f"{'final_loss':>10}  {'final_acc':>9}  {'total_s':>8}")
     for run in report["runs"]:
-        s = run["seconds_to_target"]
+        s, c = run["seconds_to_target"], run.get("block_cost_to_target")
         log(f"{run['method']:>9}  {('%.1f' % s) if s is not None else 'not met':>11}  {str(run['rounds_to_target']):>6}  "
+            f"{('%.0f' % c) if c is not None else 'not met':>14}  "
             f"{run['user_peak_memory_bytes'] / 1e6:>16.2f}  {run['final_eval_loss']:>10.4f}  "
             f"{(run['final_accuracy'] or 0):>9.4f}  {run['total_seconds']:>8.1f}")
+    if report.get("block_cost_speedup") is not None:
+        log(f"speedup to target: measured {report['speedup'] or float('nan'):.3f}x, block-cost model "
+            f"{report['block_cost_speedup']:.3f}x")
     mem = report["memory"]["split_user"]["by_ratio"]
     log("user-tier activation MB per step by ratio (mean / max over steps, mean user blocks run): " + ", ".join(
         f"{r}: {v['mean_bytes'] / 1e6:.2f}/{v['max_bytes'] / 1e6:.2f} ({v['mean_user_blocks_run']:.2f})" for r, v in mem.items()))

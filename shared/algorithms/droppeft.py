@@ -268,13 +268,13 @@ class DropPEFT(Algorithm):
     # every tier: personal layers ----------------------------------------------------------------------
     def build_adapters(self, tier: str, state: AdapterState, plan: RoundPlan) -> dict[str, nn.Parameter]:
         params = super().build_adapters(tier, state, plan)
-        personal = [k for k in params if self.is_personal(k)]
-        if not personal:
-            return params
         if self.ctx is not None:
             bad = [i for i in self.config.personal_layers if i >= self.ctx.num_layers]
             if bad:
                 raise ValueError(f"droppeft: personal_layers {bad} are not blocks of a {self.ctx.num_layers}-block model")
+        personal = [k for k in params if self.is_personal(k)]
+        if not personal:
+            return params
         self._download = {k: state[k].detach().clone() for k in personal}
         own = self._personal_store(plan.user_id)
         with torch.no_grad():
@@ -290,7 +290,7 @@ class DropPEFT(Algorithm):
             own = self._personal_store(plan.user_id)
             for key in personal:
                 own[key] = out[key].detach().cpu().clone()
-                out[key] = self._download[key].clone() if key in self._download else out[key]
+                out[key] = self._download[key].clone()  # what came down: nothing personal leaves the tier
         return out
 
     def aggregate(self, tier: str, updates: list[AdapterUpdate], previous: AdapterState) -> AdapterState:
