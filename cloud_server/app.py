@@ -233,23 +233,21 @@ def create_app(settings: CloudSettings) -> FastAPI:
         svc().save_topology()
         return {"ok": True}
 
+    async def _msgpack(request: Request, endpoint: str) -> Response:
+        s = svc()
+        msg, n_in = await read_message(request, s.settings.max_message_bytes, endpoint, s.settings.max_tensor_elements)
+        resp, n_out = await call_handler(getattr(s.coordinator, f"on_{endpoint}"), msg)
+        s.ledger.add(round_key(msg), n_in, n_out)
+        s.counters["steps" if endpoint == "step" else "updates"] += 1
+        return resp
+
     @app.post("/v1/step", dependencies=peer)
     async def step(request: Request) -> Response:
-        s = svc()
-        msg, n_in = await read_message(request, s.settings.max_message_bytes, "step", s.settings.max_tensor_elements)
-        resp, n_out = await call_handler(s.coordinator.on_step, msg)
-        s.ledger.add(round_key(msg), n_in, n_out)
-        s.counters["steps"] += 1
-        return resp
+        return await _msgpack(request, "step")
 
     @app.post("/v1/update", dependencies=peer)
     async def update(request: Request) -> Response:
-        s = svc()
-        msg, n_in = await read_message(request, s.settings.max_message_bytes, "update", s.settings.max_tensor_elements)
-        resp, n_out = await call_handler(s.coordinator.on_update, msg)
-        s.ledger.add(round_key(msg), n_in, n_out)
-        s.counters["updates"] += 1
-        return resp
+        return await _msgpack(request, "update")
 
     @app.post("/v1/rounds", status_code=202, dependencies=admin)
     def start_round(body: RoundIn | None = None) -> dict[str, Any]:

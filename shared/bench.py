@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from shared.cluster import Cluster
+from shared.cluster import one_round
 from shared.sim import SimConfig, Simulation
 
 
@@ -36,15 +36,8 @@ def bench_http(model: str = "smollm2-135m", split: str = "2,15", batch_size: int
         cloud_args = ["--model", model, "--split", split, "--data", "shakespeare", "--seed", str(seed),
                       "--max-len", str(seq_len), "--min-chars", str(8 * seq_len),
                       "--max-examples-per-client", str(4 * batch_size * steps)]
-        cluster = Cluster(Path(tmp), cloud_args, users=1, edges=1)
-        try:
-            cluster.start()
-            rid = cluster.start_round({"local_steps": steps, "batch_size": batch_size, "evaluate": False})
-            view = cluster.wait_round(rid, timeout=3600)
-        finally:
-            cluster.stop()
-    if view["state"] != "committed":
-        raise RuntimeError(f"HTTP round {view['state']}: {view.get('error')}")
+        view = one_round(Path(tmp), cloud_args, {"local_steps": steps, "batch_size": batch_size, "evaluate": False},
+                         users=1, edges=1)
     http = _step_times(view["metrics"])
     med_in, med_http = statistics.median(inproc[1:]), statistics.median(http[1:])
     return {"model": model, "split": split, "batch_shape": shape, "steps": steps,
@@ -125,15 +118,8 @@ def bench_codecs_4g(model: str = "minilm-l6", split: str = "1,3", users: int = 4
             cloud_args = ["--model", model, "--split", split, "--data", "trec", "--seed", str(seed),
                           "--max-len", str(seq_len), "--pad-to-max", "--user-edge-codecs", spec,
                           "--max-examples-per-client", str(2 * steps * batch_size)]
-            cluster = Cluster(Path(tmp), cloud_args, users=users, edges=1, user_args=["--link-profile", "4g"])
-            try:
-                cluster.start()
-                rid = cluster.start_round({"local_steps": steps, "batch_size": batch_size, "evaluate": False})
-                view = cluster.wait_round(rid, timeout=3600)
-            finally:
-                cluster.stop()
-        if view["state"] != "committed":
-            raise RuntimeError(f"{spec} round {view['state']}: {view.get('error')}")
+            view = one_round(Path(tmp), cloud_args, {"local_steps": steps, "batch_size": batch_size, "evaluate": False},
+                             users=users, edges=1, user_args=["--link-profile", "4g"])
         out[spec] = {"round_seconds": view["metrics"]["seconds"], "bytes": view["metrics"]["bytes"]}
     return {"profile": "4g", "users": users, "steps": steps, "batch": [batch_size, seq_len], "runs": out,
             "speedup_int8": out["fp32"]["round_seconds"] / out["int8"]["round_seconds"]}

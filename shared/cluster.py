@@ -135,3 +135,16 @@ class Cluster:
                 return view
             time.sleep(0.3)
         raise TimeoutError(f"round {round_id} did not finish in {timeout}s")
+
+
+def one_round(workdir: Path, cloud_args: list[str], body: dict, **cluster_kw) -> dict:
+    """Start a cluster, run one round with ``body``, stop it; the round's final view."""
+    cluster = Cluster(workdir, cloud_args, **cluster_kw)
+    try:
+        cluster.start()
+        view = cluster.wait_round(cluster.start_round(body), timeout=3600)
+    finally:
+        cluster.stop()
+    if view["state"] != "committed":
+        raise RuntimeError(f"round {view['state']}: {view.get('error')}")
+    return view
