@@ -77,6 +77,9 @@ def clip_updates(updates: list[AdapterUpdate], previous: AdapterState, max_norm:
         return updates
     out = []
     for u in updates:
+        if any(k not in previous or previous[k].shape != v.shape for k, v in u.state.items()):
+            raise ValueError(f"clip_norm needs updates shaped like the global adapters; {u.source}'s are not "
+                             f"(compact updates, e.g. FedARA's, are not clipped: leave clip_norm unset)")
         deltas = {k: v.to(torch.float64) - previous[k].to(torch.float64) for k, v in u.state.items()}
         norm = float(torch.sqrt(sum((d * d).sum() for d in deltas.values())))
         if norm <= max_norm:
