@@ -113,7 +113,7 @@ def bench_codecs_4g(model: str = "minilm-l6", split: str = "1,3", users: int = 4
     Real processes on loopback; each user's link to the edge really waits its 4g transfer time.
     """
     out = {}
-    for spec in ("fp32", "int8"):
+    for spec in ("fp32", "int8", "int8+shuffle-lz4"):
         with tempfile.TemporaryDirectory() as tmp:
             cloud_args = ["--model", model, "--split", split, "--data", "trec", "--seed", str(seed),
                           "--max-len", str(seq_len), "--pad-to-max", "--user-edge-codecs", spec,
@@ -122,4 +122,5 @@ def bench_codecs_4g(model: str = "minilm-l6", split: str = "1,3", users: int = 4
                              users=users, edges=1, user_args=["--link-profile", "4g"])
         out[spec] = {"round_seconds": view["metrics"]["seconds"], "bytes": view["metrics"]["bytes"]}
     return {"profile": "4g", "users": users, "steps": steps, "batch": [batch_size, seq_len], "runs": out,
-            "speedup_int8": out["fp32"]["round_seconds"] / out["int8"]["round_seconds"]}
+            "speedup_int8": out["fp32"]["round_seconds"] / out["int8"]["round_seconds"],
+            "speedup_int8_shuffle_lz4": out["fp32"]["round_seconds"] / out["int8+shuffle-lz4"]["round_seconds"]}
