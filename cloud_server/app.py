@@ -6,25 +6,28 @@ import logging
 import queue
 import threading
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
-from pydantic import BaseModel, Field
+from fastapi import FastAPI, HTTPException, Path, Request, Response
+from pydantic import AfterValidator, BaseModel, Field
 
-from cloud_server.rounds import ROUND_STATES, Coordinator, RoundRecord, RoundRequest
+from cloud_server.rounds import MAX_DEADLINE, ROUND_STATES, Coordinator, RoundRecord, RoundRequest
 from cloud_server.store import Store
 from shared.adapters import LoraSettings, initial_state
 from shared.algorithms import create_algorithm, default_lr
 from shared.experiment import DataSpec, Experiment, codecs_for
 from shared.batching import derive_seed
 from shared.links import LinkEmulator, get_profile
-from shared.http import Auth, ByteLedger, HttpLink, call_handler, prometheus, read_message, resident_memory_bytes, round_key
+from shared.http import Auth, ByteLedger, check_url, guard, HttpLink, call_handler, prometheus, read_message, resident_memory_bytes, round_key
 from shared.models import resolve_model
 from shared.partition import Split
 from shared.settings import CloudSettings
 from shared.tier import ModelSpec, TierRuntime, adapter_shapes
 
 log = logging.getLogger("splitllm.cloud")
+
+
+Id = Annotated[int, Path(ge=0, le=2**63 - 1)]  # SQLite's integers
 
 
 class RoundIn(BaseModel):
@@ -38,20 +41,26 @@ class RoundIn(BaseModel):
     algorithm: str = "fedavg"
     config: dict[str, Any] = Field(default_factory=dict, description="the algorithm's options")
     evaluate: bool = True
-    deadline: float | None = Field(None, gt=0, description="seconds before silent users are dropped (default: setting)")
+    deadline: float | None = Field(None, gt=0, le=MAX_DEADLINE,
+                                   description="seconds before silent users are dropped (default: setting)")
     min_participants: int | None = Field(None, ge=1, description="users that must report to commit (default: setting)")
     clip_norm: float | None = Field(None, gt=0, description="clip each update's change to this L2 norm")
 
 
 class EdgeIn(BaseModel):
     edge_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
-    url: str = Field(min_length=1, max_length=2048)
+    url: Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(check_url)]
     link_profile: str = Field("none", description="the edge's link profile; starts sent to it are delayed by it")
 
 
 class UserIn(BaseModel):
     user_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
     num_samples: int = Field(ge=0)
+
+
+def _round_api_write(method: str, path: str) -> bool:
+    """The admin token's routes: starting and cancelling rounds."""
+    return method == "POST" and (path.rstrip("/") == "/v1/rounds" or path.endswith("/cancel"))
 
 
 def build_experiment(settings: CloudSettings) -> Experiment:
@@ -125,10 +134,16 @@ class CloudService:
             log.info("round %s %s%s", record.round_id, record.state, f": {record.error}" if record.error else "")
 
     def close(self) -> None:
+        """Cancel what runs, let the rounds thread finish, then close links and the store."""
+        for record in list(self.coordinator.rounds.values()):
+            if record.state in ("pending", "running", "aggregating"):
+                self.coordinator.cancel(record.round_id)
         self.queue.put(None)
+        self.worker.join(timeout=60)
         for link in self.coordinator.edges.values():
             link.close()
-        self.store.close()
+        with self.store.lock:
+            self.store.close()
 
     def request_from(self, body: RoundIn) -> RoundRequest:
         s = self.settings
@@ -186,8 +201,7 @@ def create_app(settings: CloudSettings) -> FastAPI:
                   description="Coordinator of a user / edge / cloud split LoRA fine-tuning deployment.")
 
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
-    auth = Auth(settings.token_value(), admin_token, settings.insecure_dev)
-    peer, admin = [Depends(auth.peer)], [Depends(auth.admin)]
+    guard(app, Auth(settings.token_value(), admin_token, settings.insecure_dev), is_admin=_round_api_write)
 
     def svc() -> CloudService:
         if "svc" not in holder:
@@ -204,11 +218,11 @@ def create_app(settings: CloudSettings) -> FastAPI:
     def metrics() -> Response:
         return Response(svc().metrics_text(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/spec", dependencies=peer)
+    @app.get("/v1/spec")
     def spec() -> dict[str, Any]:
         return svc().experiment.to_meta()
 
-    @app.post("/v1/edges", dependencies=peer)
+    @app.post("/v1/edges")
     def register_edge(body: EdgeIn) -> dict[str, Any]:
         s = svc()
         try:
@@ -224,7 +238,7 @@ def create_app(settings: CloudSettings) -> FastAPI:
         log.info("edge %s registered at %s", body.edge_id, body.url)
         return s.experiment.to_meta()
 
-    @app.post("/v1/edges/{edge_id}/users", dependencies=peer)
+    @app.post("/v1/edges/{edge_id}/users")
     def register_user(edge_id: str, body: UserIn) -> dict[str, Any]:
         try:
             svc().coordinator.register_user(edge_id, body.user_id, body.num_samples)
@@ -241,15 +255,15 @@ def create_app(settings: CloudSettings) -> FastAPI:
         s.counters["steps" if endpoint == "step" else "updates"] += 1
         return resp
 
-    @app.post("/v1/step", dependencies=peer)
+    @app.post("/v1/step")
     async def step(request: Request) -> Response:
         return await _msgpack(request, "step")
 
-    @app.post("/v1/update", dependencies=peer)
+    @app.post("/v1/update")
     async def update(request: Request) -> Response:
         return await _msgpack(request, "update")
 
-    @app.post("/v1/rounds", status_code=202, dependencies=admin)
+    @app.post("/v1/rounds", status_code=202)
     def start_round(body: RoundIn | None = None) -> dict[str, Any]:
         s = svc()
         try:
@@ -263,22 +277,22 @@ def create_app(settings: CloudSettings) -> FastAPI:
         s.queue.put(record)
         return {"round_id": record.round_id, "state": record.state, "base_version": record.base_version}
 
-    @app.get("/v1/rounds", dependencies=peer)
+    @app.get("/v1/rounds")
     def list_rounds() -> dict[str, Any]:
         s = svc()
         stored = {r["round_id"]: r for r in s.store.rounds()}
         stored.update({rid: r.to_dict() for rid, r in s.coordinator.rounds.items()})
         return {"version": s.coordinator.version, "rounds": [stored[k] for k in sorted(stored)]}
 
-    @app.get("/v1/rounds/{round_id}", dependencies=peer)
-    def get_round(round_id: int) -> dict[str, Any]:
+    @app.get("/v1/rounds/{round_id}")
+    def get_round(round_id: Id) -> dict[str, Any]:
         view = svc().round_view(round_id)
         if view is None:
             raise HTTPException(404, f"no round {round_id}")
         return view
 
-    @app.post("/v1/rounds/{round_id}/cancel", dependencies=admin)
-    def cancel_round(round_id: int) -> dict[str, Any]:
+    @app.post("/v1/rounds/{round_id}/cancel")
+    def cancel_round(round_id: Id) -> dict[str, Any]:
         s = svc()
         try:
             return s.coordinator.cancel(round_id).to_dict()
@@ -287,8 +301,8 @@ def create_app(settings: CloudSettings) -> FastAPI:
                 raise HTTPException(404, f"no round {round_id}") from None
             raise HTTPException(409, f"round {round_id} finished before this cloud process started") from None
 
-    @app.get("/v1/adapters/{version}", dependencies=peer)
-    def adapters(version: int) -> Response:
+    @app.get("/v1/adapters/{version}")
+    def adapters(version: Id) -> Response:
         try:
             data = svc().store.version_bytes(version)
         except KeyError:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.batching import IGNORE_INDEX
-from shared.tier import TierRuntime, pack_tokens, unpack_tokens
+from shared.tier import Session, TierRuntime, pack_tokens, unpack_tokens
 from shared.wire import Message
 
 
@@ -37,8 +37,12 @@ class CloudCompute:
         self.runtime = runtime
 
     def on_step(self, msg: Message) -> Message:
+        session = self.runtime.session(msg.meta["round"], msg.meta["user"])
+        with session.step_lock:  # a retry arriving while the first attempt runs waits, then gets its reply
+            return self._step(session, msg)
+
+    def _step(self, session: Session, msg: Message) -> Message:
         round_id, user_id, step = msg.meta["round"], msg.meta["user"], msg.meta["step"]
-        session = self.runtime.session(round_id, user_id)
         cached = session.replay(step)
         if cached is not None:
             return cached

@@ -25,6 +25,7 @@ from cloud_server.store import Store
 log = logging.getLogger("splitllm.rounds")
 
 TIER_NAMES = ("user", "edge", "cloud")
+MAX_DEADLINE = 7 * 24 * 3600.0
 ROUND_STATES = ("pending", "running", "aggregating", "committed", "failed", "cancelled")
 
 
@@ -40,12 +41,12 @@ class RoundRequest:
     algorithm: str = "fedavg"
     config: dict[str, Any] = field(default_factory=dict)
     evaluate: bool = True
-    deadline: float | None = None  # seconds: users silent past it are dropped from the round
+    deadline: float | None = None  # seconds (at most a week): users silent past it are dropped from the round
     min_participants: int = 1  # users that must report for the round to commit
     clip_norm: float | None = None  # clip each update's change to this L2 norm before aggregation
 
     def __post_init__(self) -> None:
-        if self.min_participants < 1 or (self.deadline is not None and not self.deadline > 0):
+        if self.min_participants < 1 or (self.deadline is not None and not 0 < self.deadline <= MAX_DEADLINE):
             raise ValueError(f"min_participants must be >= 1 and deadline > 0 (got {self.min_participants}, "
                              f"{self.deadline})")
         if self.local_steps < 1 or self.batch_size < 1 or not self.lr > 0:
@@ -138,7 +139,7 @@ class Coordinator:
             if key not in self._reports:
                 raise KeyError(f"no round {key[0]} ({key[1]}) is waiting for updates")
             algorithm = self._round_algorithms.get(key[0])
-        if key[1] == "train" and msg.tensors and algorithm is not None:
+        if key[1] == "train" and msg.meta.get("metrics") and algorithm is not None:  # users reported: adapters due
             for tier in ("user", "edge"):
                 state = {k[len(tier) + 1:]: v for k, v in msg.tensors.items() if k.startswith(f"{tier}/")}
                 algorithm.validate_update(tier, state, self.global_state[tier], f"edge {edge_id} ({tier} tier)")
@@ -208,6 +209,7 @@ class Coordinator:
     def run_round(self, record: RoundRecord) -> RoundRecord:
         """Train, aggregate, commit, then (optionally) evaluate the new version. Blocking."""
         started = time.perf_counter()
+        committed = False
         try:
             self._check_cancelled(record)
             chosen = self._select(record.request, record.round_id)
@@ -236,19 +238,21 @@ class Coordinator:
             record.metrics["dropped"] = sorted(set(record.participants) - set(train_metrics))
             record.metrics["bytes"] = self._bytes(reports)
             self._check_cancelled(record)
-            record.version = self.version + 1
-            record.state = "committed"
             record.metrics["seconds"] = time.perf_counter() - started
+            durable = {**record.to_dict(), "state": "committed", "version": self.version + 1}
             if self.store is not None:
-                self.store.commit(record.to_dict(), new_state)
-            self.global_state = new_state
-            self.version = record.version
+                self.store.commit(durable, new_state)  # the version's file and row, then the round's state
+            with self._cond:  # visible only once durable: state, version and global adapters together
+                self.global_state = new_state
+                self.version = durable["version"]
+                record.version, record.state = durable["version"], "committed"
+            committed = True
             if record.request.evaluate:
                 self._evaluate_into(record, chosen)
             self._save(record)
             algorithm.after_round(record.round_id, record.metrics)
         except Exception as exc:  # the round fails; the previous version stays current
-            if record.state == "committed":  # only the evaluation after the commit failed
+            if committed:  # only the evaluation after the commit failed
                 record.metrics["eval_error"] = f"{type(exc).__name__}: {exc}"
                 self._save(record)
                 return record

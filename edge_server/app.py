@@ -5,16 +5,16 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
-from pydantic import BaseModel, Field
+from fastapi import FastAPI, HTTPException, Request, Response
+from pydantic import AfterValidator, BaseModel, Field
 
 from edge_server.compute import EdgeServer
 from shared.batching import derive_seed
 from shared.experiment import Experiment
 from shared.links import LinkEmulator, get_profile
-from shared.http import Auth, ByteLedger, HttpLink, call_handler, post_json, prometheus, read_message, resident_memory_bytes, round_key
+from shared.http import Auth, ByteLedger, check_url, guard, HttpLink, call_handler, post_json, prometheus, read_message, resident_memory_bytes, round_key
 from shared.models import resolve_model
 from shared.settings import EdgeSettings
 from shared.tier import TierRuntime
@@ -24,7 +24,7 @@ log = logging.getLogger("splitllm.edge")
 
 class UserIn(BaseModel):
     user_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
-    url: str = Field(min_length=1, max_length=2048)
+    url: Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(check_url)]
     num_samples: int = Field(ge=0)
     link_profile: str = Field("none", description="the user's link profile; starts sent to it are delayed by it")
 
@@ -74,16 +74,18 @@ class EdgeService:
             profile = get_profile(body.link_profile)
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
-        post_json(f"{s.cloud.rstrip('/')}/v1/edges/{self.edge_id}/users",
-                  {"user_id": body.user_id, "num_samples": body.num_samples}, deadline=60,
-                  token=s.token_value(), verify=s.ca_file or True)
-        old = server.users.get(body.user_id)
         emulator = LinkEmulator(profile, seed=derive_seed(body.user_id, "down")) if profile else None
-        server.register_user(body.user_id, HttpLink(body.url, upward=False, timeout=s.request_timeout,
-                                                    max_message_bytes=s.max_message_bytes, ledger=self.ledger,
-                                                    emulator=emulator, token=s.token_value(),
-                                                    verify=s.ca_file or True),
-                             body.num_samples)
+        link = HttpLink(body.url, upward=False, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes,
+                        ledger=self.ledger, emulator=emulator, token=s.token_value(), verify=s.ca_file or True)
+        try:  # the cloud learns of the user only once the edge can call it back
+            post_json(f"{s.cloud.rstrip('/')}/v1/edges/{self.edge_id}/users",
+                      {"user_id": body.user_id, "num_samples": body.num_samples}, deadline=60,
+                      token=s.token_value(), verify=s.ca_file or True)
+        except Exception:
+            link.close()
+            raise
+        old = server.users.get(body.user_id)
+        server.register_user(body.user_id, link, body.num_samples)
         if old is not None:
             old.close()
 
@@ -100,8 +102,7 @@ def create_app(settings: EdgeSettings) -> FastAPI:
     app = FastAPI(title="splitllm edge", version="0.1.0", lifespan=lifespan,
                   description="Relay for many users: the middle blocks, per-session replicas, hierarchical FedAvg.")
 
-    auth = Auth(settings.token_value(), None, settings.insecure_dev)
-    peer = [Depends(auth.peer)]
+    guard(app, Auth(settings.token_value(), None, settings.insecure_dev))
 
     def svc() -> EdgeService:
         if "svc" not in holder:
@@ -135,13 +136,13 @@ def create_app(settings: EdgeSettings) -> FastAPI:
         })
         return Response(text, media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/spec", dependencies=peer)
+    @app.get("/v1/spec")
     def spec() -> dict[str, Any]:
         s = svc()
         s.ready()
         return s.experiment.to_meta()
 
-    @app.post("/v1/users", dependencies=peer)
+    @app.post("/v1/users")
     def register_user(body: UserIn) -> dict[str, Any]:
         svc().register_user(body)
         return {"ok": True, "edge_id": svc().edge_id}
@@ -156,15 +157,15 @@ def create_app(settings: EdgeSettings) -> FastAPI:
         s.counters["steps" if endpoint == "step" else "updates"] += endpoint != "start"
         return resp
 
-    @app.post("/v1/step", dependencies=peer)
+    @app.post("/v1/step")
     async def step(request: Request) -> Response:
         return await _msgpack(request, "step")
 
-    @app.post("/v1/start", dependencies=peer)
+    @app.post("/v1/start")
     async def start(request: Request) -> Response:
         return await _msgpack(request, "start")
 
-    @app.post("/v1/update", dependencies=peer)
+    @app.post("/v1/update")
     async def update(request: Request) -> Response:
         return await _msgpack(request, "update")
 

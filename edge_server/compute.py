@@ -57,6 +57,7 @@ class EdgeServer:
         self.users: dict[str, Link] = {}
         self.user_samples: dict[str, int] = {}
         self.pending: dict[tuple[int, str], PendingRound] = {}
+        self.finished: set[tuple[int, str]] = set()  # (round, phase) already reported: a retried start is a no-op
         self.lock = threading.Lock()
 
     def register_user(self, user_id: str, link: Link, num_samples: int) -> None:
@@ -76,7 +77,7 @@ class EdgeServer:
         if unknown:
             raise KeyError(f"edge {self.edge_id} has no registered user(s) {unknown}")
         with self.lock:
-            if key in self.pending:  # a retried start: already under way
+            if key in self.pending or key in self.finished:  # a retried start: under way or done
                 return ok(round=round_id, edge=self.edge_id, users=len(plans))
             self._drop_older(round_id)
             if self.max_sessions is not None and len(self.runtime.sessions) + len(plans) > self.max_sessions:
@@ -167,6 +168,7 @@ class EdgeServer:
     def _finish(self, key: tuple[int, str]) -> Message:
         """Pre-aggregate what came in (call with the lock held) and build the report for the cloud."""
         pending = self.pending.pop(key)
+        self.finished = {k for k in self.finished if k[0] >= key[0] - 1} | {key}
         if pending.timer:
             pending.timer.cancel()
         round_id, mode = key
@@ -192,8 +194,12 @@ class EdgeServer:
     # the step chain ----------------------------------------------------------------------------
     def on_step(self, msg: Message) -> Message:
         """Forward through this edge's blocks, relay to the cloud, backward with its gradient."""
-        round_id, user_id, step = msg.meta["round"], msg.meta["user"], int(msg.meta["step"])
-        session = self.runtime.session(round_id, user_id)
+        session = self.runtime.session(msg.meta["round"], msg.meta["user"])
+        with session.step_lock:  # a retry arriving while the first attempt runs waits, then gets its reply
+            return self._step(session, msg)
+
+    def _step(self, session: Any, msg: Message) -> Message:
+        step = int(msg.meta["step"])
         cached = session.replay(step)
         if cached is not None:
             return cached

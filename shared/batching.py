@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -58,19 +59,17 @@ class BatchSampler:
         self.tokenizer, self.examples, self.task, self.max_len = tokenizer, examples, task, max_len
         self.pad_to_max = pad_to_max
 
-    def round_batches(self, seed: int, round_id: int, user_id: str, steps: int, batch_size: int) -> list[Batch]:
+    def round_batches(self, seed: int, round_id: int, user_id: str, steps: int, batch_size: int) -> Iterator[Batch]:
+        """The round's batches, made one at a time (a long round never holds them all)."""
         rng = random.Random(derive_seed(seed, round_id, user_id, "batches"))
         order: list[int] = []
-        while len(order) < steps * batch_size:
-            chunk = list(range(len(self.examples)))
-            rng.shuffle(chunk)
-            order.extend(chunk)
-        return [
-            collate(self.tokenizer, [self.examples[j] for j in order[i * batch_size:(i + 1) * batch_size]], self.task,
-                    self.max_len, self.pad_to_max)
-            for i in range(steps)
-        ]
-
+        for i in range(steps):
+            while len(order) < batch_size:
+                chunk = list(range(len(self.examples)))
+                rng.shuffle(chunk)
+                order.extend(chunk)
+            picked, order = order[:batch_size], order[batch_size:]
+            yield collate(self.tokenizer, [self.examples[j] for j in picked], self.task, self.max_len, self.pad_to_max)
 
 def eval_batches(tokenizer: Tokenizer, examples: list[Example], task: str, max_len: int, batch_size: int) -> list[Batch]:
     return [collate(tokenizer, examples[i:i + batch_size], task, max_len) for i in range(0, len(examples), batch_size)]

@@ -202,7 +202,7 @@ def user_activation_bytes(model: str, data: str, split: tuple[int, int], ratios:
     runtime = TierRuntime("user", source, spec)
     state = initial_state(runtime.slots.shapes(), seed)
     sampler = BatchSampler(source.tokenizer(), dataset.clients[0].train, dataset.task, max_len)
-    batches = sampler.round_batches(seed, 1, "user-0", steps, batch_size)
+    batches = list(sampler.round_batches(seed, 1, "user-0", steps, batch_size))
     frozen = {p.untyped_storage().data_ptr() for p in runtime.partition.parameters()}
     out: dict[str, Any] = {"model": model, "split": list(split), "num_layers": source.num_layers,
                            "user_blocks": runtime.partition.layer_ids, "batch_shapes": sorted({tuple(b.input_ids.shape) for b in batches}),

@@ -13,6 +13,8 @@ from typing import Any, Callable
 import anyio
 import httpx
 from fastapi import HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 
 from shared.tier import Busy, SessionError
 from shared.transport import ENDPOINTS, Link, LinkStats
@@ -263,3 +265,64 @@ def resident_memory_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return 0
+
+
+class GuardMiddleware:
+    """Refuse before any body is read: ``/v1/*`` needs a token (admin routes the admin token), and a
+    JSON body over ``max_json_bytes`` gets 413. Msgpack bodies are capped by ``read_message``."""
+
+    def __init__(self, app: Any, auth: Auth, is_admin: Callable[[str, str], bool], max_json_bytes: int = 1 << 20) -> None:
+        self.app, self.auth, self.is_admin, self.max_json_bytes = app, auth, is_admin, max_json_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        try:
+            (self.auth.admin if self.is_admin(scope["method"], scope["path"]) else self.auth.peer)(request)
+            if request.headers.get("content-type", "").split(";")[0].strip().lower() != CONTENT_TYPE:
+                declared = request.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > self.max_json_bytes:
+                    raise HTTPException(413, f"a JSON body may hold at most {self.max_json_bytes} bytes")
+                receive = self._capped(receive)
+        except HTTPException as exc:
+            await JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _capped(self, receive: Callable) -> Callable:
+        seen = 0
+
+        async def wrapped() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_json_bytes:
+                raise HTTPException(413, f"a JSON body may hold at most {self.max_json_bytes} bytes")
+            return message
+
+        return wrapped
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with the errors' locations and messages only (the raw input may be bytes that JSON can't hold)."""
+    errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()]
+    return JSONResponse({"detail": errors}, 422)
+
+
+def guard(app: Any, auth: Auth, is_admin: Callable[[str, str], bool] = lambda method, path: False) -> None:
+    """What every tier's app gets: token checks before body parsing, a JSON body cap, safe 422s."""
+    app.add_middleware(GuardMiddleware, auth=auth, is_admin=is_admin)
+    app.add_exception_handler(RequestValidationError, validation_error)
+
+
+def check_url(url: str) -> str:
+    """A peer's callback URL: http(s) with a host, or ValueError (a 422 in the request models)."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError("the URL must be http(s)://host[:port]")
+    return url

@@ -36,8 +36,8 @@ class ServiceSettings(BaseSettings):
 
     def check_security(self) -> None:
         """No default token: a service without one refuses to start unless in insecure development mode."""
-        if not self.insecure_dev and self.token is None:
-            raise ValueError("no token: set --token (or SPLITLLM_TOKEN) on every tier, "
+        if not self.insecure_dev and (self.token is None or not self.token.get_secret_value().strip()):
+            raise ValueError("no token: set --token (or SPLITLLM_TOKEN) to a non-empty secret on every tier, "
                              "or pass --insecure-dev for local development")
 
     def token_value(self) -> str | None:
@@ -80,7 +80,7 @@ class CloudSettings(ServiceSettings):
 
     def check_security(self) -> None:
         super().check_security()
-        if not self.insecure_dev and self.admin_token is None:
+        if not self.insecure_dev and (self.admin_token is None or not self.admin_token.get_secret_value().strip()):
             raise ValueError("no admin token: set --admin-token (or SPLITLLM_ADMIN_TOKEN) on the cloud, "
                              "or pass --insecure-dev for local development")
 

@@ -90,6 +90,7 @@ class Session:
     samples: int = 0
     loss_sum: float = 0.0
     feedback: Any = None  # error feedback of top-k compressed gradients this tier sends
+    step_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one step at a time
     last_step: int = -1
     last_reply: Any = None  # the reply to ``last_step``, returned again if that step is retried
 

@@ -65,8 +65,8 @@ def as_lists(batches) -> list[tuple[list, list, list]]:
 
 @pytest.mark.parametrize("task", ["lm", "cls"])
 def test_round_batches_are_deterministic_under_seed_round_user(task: str) -> None:
-    first = sampler(task).round_batches(seed=3, round_id=2, user_id="user-1", steps=4, batch_size=3)
-    again = BatchSampler(TOK, list(EXAMPLES), task, 64).round_batches(3, 2, "user-1", 4, 3)
+    first = list(sampler(task).round_batches(seed=3, round_id=2, user_id="user-1", steps=4, batch_size=3))
+    again = list(BatchSampler(TOK, list(EXAMPLES), task, 64).round_batches(3, 2, "user-1", 4, 3))
     assert len(first) == 4 and all(b.size == 3 for b in first)
     assert as_lists(first) == as_lists(again)
 
@@ -79,7 +79,7 @@ def test_round_batches_differ_per_user_round_and_seed(change: dict) -> None:
 
 def test_round_batches_visit_every_example_before_repeating() -> None:
     n = len(EXAMPLES)
-    batches = sampler("cls").round_batches(seed=0, round_id=1, user_id="u", steps=3, batch_size=n)
+    batches = list(sampler("cls").round_batches(seed=0, round_id=1, user_id="u", steps=3, batch_size=n))
     for b in batches:  # each epoch is a fresh permutation of the client's examples
         texts = sorted(TOK.decode([i for i in row if i != TOK.pad_id]) for row in b.input_ids.tolist())
         assert texts == sorted(TEXTS)

@@ -57,7 +57,7 @@ def open_round(sim: Any, round_id: int, user: str = "user-0") -> tuple[RoundPlan
 
 def user_step(sim: Any, plan: RoundPlan, session: Any, step: int) -> Message:
     agent = next(u for u in sim.users if u.user_id == plan.user_id)
-    batch = agent.sampler.round_batches(plan.seed, plan.round_id, plan.user_id, step + 1, plan.batch_size)[step]
+    batch = list(agent.sampler.round_batches(plan.seed, plan.round_id, plan.user_id, step + 1, plan.batch_size))[step]
     hidden = sim.runtimes["user"].forward(session, None, batch.attention_mask, step, input_ids=batch.input_ids)
     return step_message(plan, step, hidden.detach(), batch)
 
@@ -101,11 +101,6 @@ class SlowLink(Link):
         return self.inner.request(endpoint, msg)
 
 
-@pytest.mark.xfail(strict=True, reason="edge_server/compute.py EdgeServer.on_step (and cloud_server/compute.py "
-                   "CloudCompute.on_step) check Session.replay before the step and remember the reply only after "
-                   "it: a retry that arrives while the first attempt is still in flight (with_retries resends on "
-                   "ReadError/RemoteProtocolError) passes the check too: the step is applied twice, or the second "
-                   "backward fails on adapters the first optimizer step changed in place (RuntimeError -> HTTP 500)")
 def test_a_duplicate_step_arriving_during_the_first_is_applied_once(sim):
     edge = sim.edges[0]
     plan, sessions, msg = open_round(sim, 60)
@@ -186,9 +181,6 @@ def test_retried_user_updates_are_counted_once(sim):
         assert torch.allclose(report.tensors[f"user/{k}"], v - 0.05, atol=1e-6), k
 
 
-@pytest.mark.xfail(strict=True, reason="edge_server/compute.py EdgeServer.on_start treats a start as a retry only "
-                   "while `key in self.pending`; once the edge has reported (pending popped in _finish), the same "
-                   "start opens new sessions and starts every user again (the round re-runs on the devices)")
 def test_a_start_retried_after_the_edge_reported_is_a_no_op(sim):
     edge = sim.edges[0]
     starts: list[Message] = []
@@ -258,9 +250,6 @@ def test_a_retried_start_at_the_edge_is_a_no_op_while_the_round_runs(stack):
         users["user-0"] = real
 
 
-@pytest.mark.xfail(strict=True, reason="user_agent/app.py POST /v1/start spawns a training thread for every start it "
-                   "gets, with no check that the (round, mode) is already running or reported: a retried start "
-                   "trains the round twice on the device (and the two runs share the runtime's session key)")
 def test_a_retried_start_at_the_user_is_a_no_op(stack, monkeypatch):
     runs: list[Any] = []
     monkeypatch.setattr(stack.user, "on_start", lambda msg: runs.append(msg.meta["plan"]["round_id"]))
@@ -296,9 +285,6 @@ COMMIT_ORDER = ("cloud_server/rounds.py Coordinator.run_round sets record.state 
                 "BEFORE store.commit(...) and before self.version / self.global_state are updated")
 
 
-@pytest.mark.xfail(strict=True, reason=COMMIT_ORDER + ": while the version is being written, GET /v1/rounds/{id} "
-                   "already says committed/version N but GET /v1/adapters/N is 404 and the current version is N-1 (a "
-                   "round requested in that window records base_version N-1 and trains from N)")
 def test_a_round_shows_committed_only_once_durable(tmp_path):
     with inprocess_stack(tmp_path) as s:
         store, client = s.cloud.store, s.clients["cloud"]
@@ -317,10 +303,6 @@ def test_a_round_shows_committed_only_once_durable(tmp_path):
         assert seen == {"adapters": 200, "current": view["version"]}, (view["version"], seen)
 
 
-@pytest.mark.xfail(strict=True, reason=COMMIT_ORDER + ": when store.commit raises (disk full, I/O error) the "
-                   "except branch takes `record.state == 'committed'` for 'only the evaluation failed': the round "
-                   "stays committed with version N and an eval_error, N is saved to SQLite for that round but has no "
-                   "adapter file or versions row, and the next round commits version N again")
 def test_a_failed_commit_fails_the_round_and_keeps_the_version(tmp_path):
     with inprocess_stack(tmp_path) as s:
         store, client = s.cloud.store, s.clients["cloud"]
@@ -342,11 +324,6 @@ def test_a_failed_commit_fails_the_round_and_keeps_the_version(tmp_path):
         assert second["version"] == 1 and [v for _, st, v in history if st == "committed"] == [1], history
 
 
-@pytest.mark.xfail(strict=True, reason="cloud_server/app.py CloudService.close() (the app's lifespan shutdown) puts "
-                   "None on the rounds queue and closes the links and the SQLite store without waiting for the rounds "
-                   "thread: a round finishing at shutdown writes to a closed connection (sqlite3.ProgrammingError "
-                   "in that thread) and, when the close and a write overlap, the process segfaults (seen: SIGSEGV in "
-                   "Store.save_round during a TestClient shutdown)")
 def test_shutdown_waits_for_the_round_in_progress(tmp_path, monkeypatch):
     errors: list[str] = []
     monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(f"{args.exc_type.__name__}: "

@@ -338,9 +338,6 @@ def test_health_metrics_and_docs_are_open(stack, tier):
     assert stack.token not in metrics and stack.admin not in metrics
 
 
-@pytest.mark.xfail(strict=True, reason="FastAPI parses (and validates) a JSON body before it runs the route's auth "
-                   "dependency: a tokenless request with a malformed body gets 422, and the server reads an "
-                   "unauthenticated JSON body of any size (JSON routes have no size limit)")
 def test_unauthenticated_requests_are_refused_before_their_body_is_parsed(stack):
     for tier, path in (("cloud", "/v1/edges"), ("cloud", "/v1/rounds"), ("edge", "/v1/users")):
         r = stack.clients[tier].post(path, content=b"{not json", headers={"content-type": "application/json"})
@@ -395,9 +392,6 @@ def test_no_endpoint_unpickles(stack, tier, tmp_path):
     assert stack.clients[tier].get("/healthz").status_code == 200
 
 
-@pytest.mark.xfail(strict=True, reason="a JSON route given a non-JSON content type validates the raw bytes; FastAPI's "
-                   "default RequestValidationError handler echoes the input through jsonable_encoder, which "
-                   "decodes bytes as UTF-8: any non-UTF-8 body (a pickle, msgpack) gets 500 instead of 415/422")
 @pytest.mark.parametrize("tier", ["cloud", "edge"])
 def test_json_routes_answer_non_utf8_bodies_with_4xx(stack, tier):
     bad = []
@@ -509,15 +503,11 @@ def test_bad_edge_updates_get_422_at_the_cloud(stack):
     assert view["state"] == "failed" and view["version"] is None, view  # no refused update got in
 
 
-@pytest.mark.xfail(strict=True, reason="cloud_server/rounds.py Coordinator.on_update checks an update's tensors only "
-                   "`if key[1] == 'train' and msg.tensors`: a train update WITHOUT tensors (but with users in its "
-                   "metrics) is accepted, FedAvg of empty states is {}, and the round commits a version whose user "
-                   "and edge adapters are empty; every later round then fails to open its sessions")
 def test_a_train_update_without_adapters_is_refused(tmp_path):
     with inprocess_stack(tmp_path) as s:
         forged = Message("update", {"edge": "edge-0", "mode": "train", "num_samples": 8,
                                     "metrics": {"user-0": {"train_loss": 0.1}}})
-        with waiting_round(s, deadline=3) as rid:
+        with waiting_round(s, deadline=10) as rid:  # generous: the forged update must arrive before it
             forged.meta["round"] = rid
             r = s.post_msg("cloud", "update", forged)
         view = wait_round(s, rid)
@@ -543,9 +533,6 @@ def test_clip_norm_bounds_the_change_of_a_round(tmp_path):
             assert 0.5 * bound < norm <= bound * (1 + 1e-3), (tier, norm)  # clipped (float32 rounding aside)
 
 
-@pytest.mark.xfail(strict=True, reason="shared/batching.py BatchSampler.round_batches builds every batch of the "
-                   "round up front (a list of local_steps collated batches): a round the API accepts (local_steps <= "
-                   "100000, batch_size <= 4096) needs ~0.8 GB per device at batch 8 and far more at larger batches")
 def test_preparing_a_round_does_not_build_all_its_batches_up_front(stack, monkeypatch):
     import shared.batching as batching
 
@@ -607,9 +594,6 @@ def test_services_without_a_token_refuse_to_start(tmp_path):
     assert not (tmp_path / "c1").exists(), "a refused cloud must not create its data directory"
 
 
-@pytest.mark.xfail(strict=True, reason="shared/settings.py ServiceSettings.check_security tests `self.token is None`"
-                   " only: an empty SPLITLLM_TOKEN starts the service, whose Auth then refuses every call (and whose "
-                   "outgoing calls carry no token)")
 def test_an_empty_token_is_refused_at_start():
     proc = _service("edge", "--cloud", "http://127.0.0.1:9", SPLITLLM_TOKEN="")
     err = _until(proc, "Uvicorn running", timeout=60)

@@ -8,12 +8,12 @@ import threading
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, HTTPException, Request, Response
 
 from shared.batching import derive_seed
 from shared.experiment import Experiment
 from shared.links import LinkEmulator, get_profile
-from shared.http import Auth, HttpLink, get_json, post_json, prometheus, read_message, resident_memory_bytes
+from shared.http import Auth, HttpLink, guard, get_json, post_json, prometheus, read_message, resident_memory_bytes
 from shared.models import resolve_model
 from shared.settings import UserSettings
 from shared.tier import TierRuntime
@@ -32,6 +32,7 @@ class UserService:
         self.agent: UserAgent | None = None
         self.error: str | None = None
         self.jobs: dict[str, str] = {}
+        self.lock = threading.Lock()
         self.last_error: str | None = None
         threading.Thread(target=self._start, name="user-start", daemon=True).start()
 
@@ -60,9 +61,17 @@ class UserService:
             self.error = f"{type(exc).__name__}: {exc}"
             log.error("user start-up failed: %s", self.error)
 
+    def claim(self, plan: dict[str, Any]) -> bool:
+        """True for the first start of a (round, phase); a retried start is a no-op."""
+        key = f"{plan['round_id']}:{plan['mode']}"
+        with self.lock:
+            if key in self.jobs:
+                return False
+            self.jobs[key] = "running"
+            return True
+
     def run(self, msg: Message) -> None:
         key = f"{msg.meta['plan']['round_id']}:{msg.meta['plan']['mode']}"
-        self.jobs[key] = "running"
         try:
             self.agent.on_start(msg)
             self.jobs[key] = "reported"
@@ -84,8 +93,7 @@ def create_app(settings: UserSettings) -> FastAPI:
     app = FastAPI(title="splitllm user", version="0.1.0", lifespan=lifespan,
                   description="A device: local data, embeddings and the first blocks, the local training loop.")
 
-    auth = Auth(settings.token_value(), None, settings.insecure_dev)
-    peer = [Depends(auth.peer)]
+    guard(app, Auth(settings.token_value(), None, settings.insecure_dev))
 
     def svc() -> UserService:
         if "svc" not in holder:
@@ -100,7 +108,7 @@ def create_app(settings: UserSettings) -> FastAPI:
                 "user_id": s.user_id, "error": s.error}
         return Response(json.dumps(body), status_code=200 if ready else 503, media_type="application/json")
 
-    @app.get("/v1/status", dependencies=peer)
+    @app.get("/v1/status")
     def status() -> dict[str, Any]:
         s = svc()
         return {"user_id": s.user_id, "ready": s.agent is not None, "jobs": s.jobs, "last_error": s.last_error}
@@ -119,7 +127,7 @@ def create_app(settings: UserSettings) -> FastAPI:
         })
         return Response(text, media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/start", status_code=202, dependencies=peer)
+    @app.post("/v1/start", status_code=202)
     async def start(request: Request) -> Response:
         s = svc()
         if s.agent is None:
@@ -128,7 +136,8 @@ def create_app(settings: UserSettings) -> FastAPI:
         plan = msg.meta.get("plan")
         if not isinstance(plan, dict) or "round_id" not in plan or "mode" not in plan:
             raise HTTPException(422, "start message lacks meta.plan with round_id and mode")
-        threading.Thread(target=s.run, args=(msg,), name=f"round-{plan['round_id']}", daemon=True).start()
+        if s.claim(plan):
+            threading.Thread(target=s.run, args=(msg,), name=f"round-{plan['round_id']}", daemon=True).start()
         from shared.wire import encode, CONTENT_TYPE
 
         return Response(encode(Message(kind="accepted", meta={"round": plan["round_id"], "user": s.user_id})),

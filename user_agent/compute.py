@@ -71,8 +71,10 @@ class UserAgent:
         losses: list[float] = []
         step_seconds: list[float] = []
         compute = 0.0
+        shape: list[int] = []
         started = time.perf_counter()
         for step, batch in enumerate(batches):
+            shape = shape or list(batch.input_ids.shape)
             t0 = step_start = time.perf_counter()
             hidden = self.runtime.forward(session, None, batch.attention_mask, step, input_ids=batch.input_ids)
             compute += self._slow(time.perf_counter() - t0)
@@ -91,8 +93,8 @@ class UserAgent:
             step_seconds.append(time.perf_counter() - step_start)
         update = self.runtime.pack_update(session)
         metrics: dict[str, Any] = {
-            "train_loss": sum(losses) / max(len(losses), 1), "losses": losses, "steps": len(batches),
-            "step_seconds": step_seconds, "batch_shape": list(batches[0].input_ids.shape) if batches else [],
+            "train_loss": sum(losses) / max(len(losses), 1), "losses": losses, "steps": len(losses),
+            "step_seconds": step_seconds, "batch_shape": shape,
             "seconds": time.perf_counter() - started, "user_compute_seconds": compute,
         }
         return Message(
