@@ -136,13 +136,18 @@ def cmd_bench_http(args: argparse.Namespace) -> int:
 def cmd_bench_codecs(args: argparse.Namespace) -> int:
     from shared.bench import bench_codecs, bench_codecs_4g, write_json
 
-    report = bench_codecs(args.model, args.split, args.steps, args.batch_size, args.seq_len)
+    report: dict[str, Any] = {"codecs": []}
+    if not args.only_4g:
+        report = bench_codecs(args.model, args.split, args.steps, args.batch_size, args.seq_len)
     print(f"{'codec':<44} {'bytes/step':>11} {'x fp32':>7} {'MB/s':>8} {'loss':>8} {'delta %':>8}")
     for r in report["codecs"]:
         print(f"{r['codec']:<44} {r['bytes_per_step']:>11.0f} {r['ratio_vs_fp32']:>7.2f} {r['encode_decode_mb_s']:>8.0f} "
               f"{r['loss_after_steps']:>8.4f} {r['loss_delta_pct']:>8.2f}")
-    if not args.no_4g:
+    if args.only_4g:
+        report = {"round_4g": bench_codecs_4g(args.model, args.split)}
+    elif not args.no_4g:
         report["round_4g"] = bench_codecs_4g(args.model, args.split)
+    if "round_4g" in report:
         r4 = report["round_4g"]
         print(f"4g round, {r4['users']} users through one edge, {r4['steps']} steps of {r4['batch']}: "
               f"fp32 {r4['runs']['fp32']['round_seconds']:.1f} s, int8 {r4['runs']['int8']['round_seconds']:.1f} s "
@@ -224,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--no-4g", action="store_true", help="skip the round over emulated 4g links (real processes)")
+    p.add_argument("--only-4g", action="store_true", help="only the round over emulated 4g links")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_bench_codecs)
 

@@ -22,7 +22,7 @@ class DataSpec:
     max_examples_per_client: int | None = 256
     eval_examples_per_client: int = 32
     max_len: int = 64
-    min_chars: int = 0  # language modelling: join consecutive texts until each has this many characters
+    min_chars: int = 0  # join consecutive texts (of the same label, for classification) up to this many characters
     pad_to_max: bool = False  # training batches padded to max_len (fixed shapes, for benchmarks)
 
     def load(self) -> FederatedDataset:
@@ -30,7 +30,7 @@ class DataSpec:
                                  seed=self.seed, max_examples_per_client=self.max_examples_per_client)
         for client in dataset.clients:
             client.eval = client.eval[: self.eval_examples_per_client]
-            if self.min_chars and dataset.task == "lm":
+            if self.min_chars:
                 client.train, client.eval = _joined(client.train, self.min_chars), _joined(client.eval, self.min_chars)
         return dataset
 
@@ -48,16 +48,20 @@ class DataSpec:
 
 
 def _joined(examples: list[Example], min_chars: int) -> list[Example]:
-    """Consecutive texts joined into examples of at least ``min_chars`` characters (full-length LM rows)."""
+    """Consecutive texts joined into examples of at least ``min_chars`` characters (full-length rows).
+
+    Classification examples are joined only with examples of the same label, which they keep.
+    """
     out: list[Example] = []
-    parts: list[str] = []
+    open_parts: dict[int | None, list[Example]] = {}
     for e in examples:
-        parts.append(e.text)
-        if sum(len(p) + 1 for p in parts) >= min_chars:
-            out.append(Example(text="\n".join(parts), group=e.group))
-            parts = []
-    if parts:
-        out.append(Example(text="\n".join(parts), group=examples[-1].group))
+        parts = open_parts.setdefault(e.label, [])
+        parts.append(e)
+        if sum(len(p.text) + 1 for p in parts) >= min_chars:
+            out.append(Example(text="\n".join(p.text for p in parts), label=e.label, group=e.group))
+            open_parts[e.label] = []
+    out.extend(Example(text="\n".join(p.text for p in parts), label=parts[-1].label, group=parts[-1].group)
+               for parts in open_parts.values() if parts)
     return out
 
 

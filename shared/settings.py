@@ -58,7 +58,8 @@ class CloudSettings(ServiceSettings):
     max_examples_per_client: int | None = 256
     eval_examples_per_client: int = 32
     max_len: int = 64
-    min_chars: int = Field(0, description="language modelling: join consecutive texts up to this many characters")
+    min_chars: int = Field(0, description="join consecutive texts (same label for classification) up to this many "
+                                          "characters: full-length rows")
     pad_to_max: bool = Field(False, description="pad every training batch to max_len (fixed shapes)")
     rank: int = 8
     lora_alpha: float = 16.0
