@@ -249,8 +249,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from shared.aggregation import AggregationError
     from shared.data import DataError
     from shared.models import ModelError
+    from shared.sim import RoundFailed
 
-    return (UsageError, ModelError, DataError, AggregationError, json.JSONDecodeError)
+    return (UsageError, ModelError, DataError, AggregationError, RoundFailed, json.JSONDecodeError)
 
 
 def main(argv: list[str] | None = None) -> int:

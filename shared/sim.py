@@ -21,6 +21,10 @@ from shared.transport import InProcessLink
 from user_agent.compute import UserAgent
 
 
+class RoundFailed(RuntimeError):
+    """A simulated round did not commit; the message carries the coordinator's reason."""
+
+
 def default_split(num_layers: int) -> tuple[int, int]:
     """A small user share and the middle of the model for the edge: (max(1, L // 15), L // 2)."""
     a = min(max(1, num_layers // 15), num_layers)
@@ -173,7 +177,7 @@ class Simulation:
 
     def _row(self, record: RoundRecord, before_: tuple[dict, dict], seconds: float) -> dict[str, Any]:
         if record.state != "committed":
-            raise RuntimeError(f"round {record.round_id} {record.state}: {record.error}")
+            raise RoundFailed(f"round {record.round_id} {record.state}: {record.error}")
         before, links_before = before_
         links = self.link_seconds()
         after = self.bytes()
