@@ -26,6 +26,7 @@ log = logging.getLogger("splitllm.rounds")
 
 TIER_NAMES = ("user", "edge", "cloud")
 MAX_DEADLINE = 7 * 24 * 3600.0
+KEEP_FINISHED = 16  # finished rounds kept in memory when a store holds the history
 ROUND_STATES = ("pending", "running", "aggregating", "committed", "failed", "cancelled")
 
 
@@ -185,8 +186,13 @@ class Coordinator:
         return record
 
     def _save(self, record: RoundRecord) -> None:
-        if self.store is not None:
-            self.store.save_round(record.to_dict())
+        if self.store is None:
+            return
+        self.store.save_round(record.to_dict())
+        with self._cond:  # finished rounds live in the store; keep the few latest in memory
+            finished = [rid for rid, r in self.rounds.items() if r.state in ("committed", "failed", "cancelled")]
+            for rid in sorted(finished)[:-KEEP_FINISHED]:
+                del self.rounds[rid]
 
     def cancel(self, round_id: int) -> RoundRecord:
         """Cancel a pending or running round; a finished one is left as it is."""
@@ -340,7 +346,7 @@ class Coordinator:
                     started.append(edge_id)
                 except Exception as exc:  # an unreachable edge: its users are dropped from this round
                     log.warning("round %s (%s): could not start edge %s: %s", record.round_id, mode, edge_id, exc)
-            timeout = req.deadline + self.grace if req.deadline else self.round_timeout
+            timeout = min(req.deadline + self.grace, self.round_timeout) if req.deadline else self.round_timeout
             with self._cond:
                 self._cond.wait_for(
                     lambda: all(e in self._reports[key] for e in started) or record.round_id in self._cancelled,
