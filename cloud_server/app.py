@@ -14,11 +14,12 @@ from pydantic import AfterValidator, BaseModel, Field
 from cloud_server.rounds import MAX_DEADLINE, ROUND_STATES, Coordinator, RoundRecord, RoundRequest
 from cloud_server.store import Store
 from shared.adapters import LoraSettings, initial_state
-from shared.algorithms import create_algorithm, default_lr
+from shared.algorithms import default_lr
 from shared.experiment import DataSpec, Experiment, codecs_for
 from shared.batching import derive_seed
 from shared.links import LinkEmulator, get_profile
-from shared.http import Auth, ByteLedger, check_url, guard, HttpLink, call_handler, prometheus, read_message, resident_memory_bytes, round_key
+from shared.http import (Auth, ByteLedger, HttpLink, check_url, guard, prometheus, resident_memory_bytes,
+                         serve_message)
 from shared.models import resolve_model
 from shared.partition import Split
 from shared.settings import CloudSettings
@@ -249,9 +250,7 @@ def create_app(settings: CloudSettings) -> FastAPI:
 
     async def _msgpack(request: Request, endpoint: str) -> Response:
         s = svc()
-        msg, n_in = await read_message(request, s.settings.max_message_bytes, endpoint, s.settings.max_tensor_elements)
-        resp, n_out = await call_handler(getattr(s.coordinator, f"on_{endpoint}"), msg)
-        s.ledger.add(round_key(msg), n_in, n_out)
+        resp = await serve_message(request, endpoint, getattr(s.coordinator, f"on_{endpoint}"), s.settings, s.ledger)
         s.counters["steps" if endpoint == "step" else "updates"] += 1
         return resp
 
@@ -266,13 +265,9 @@ def create_app(settings: CloudSettings) -> FastAPI:
     @app.post("/v1/rounds", status_code=202)
     def start_round(body: RoundIn | None = None) -> dict[str, Any]:
         s = svc()
-        try:
-            create_algorithm(body.algorithm if body else "fedavg", body.config if body else {})
-        except (ValueError, TypeError) as exc:
-            raise HTTPException(422, str(exc)) from None
-        try:
+        try:  # new_round validates the request and the algorithm's config
             record = s.coordinator.new_round(s.request_from(body or RoundIn()))
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise HTTPException(422, str(exc)) from None
         s.queue.put(record)
         return {"round_id": record.round_id, "state": record.state, "base_version": record.base_version}

@@ -10,7 +10,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
 
 from cloud_server.compute import CloudCompute
 from shared.adapters import AdapterState, clone_state
@@ -413,14 +412,3 @@ class Coordinator:
             out["eval_perplexity"] = math.exp(min(eval_loss, 50.0))
             out["eval_token_accuracy"] = correct / max(count, 1)
         return out
-
-    def adapters(self) -> dict[str, AdapterState]:
-        return {t: {k: v.clone() for k, v in s.items()} for t, s in self.global_state.items()}
-
-
-def flat_state(state: dict[str, AdapterState]) -> dict[str, torch.Tensor]:
-    """All tiers' adapters in one dict (keys are unique across tiers: blocks carry global indices)."""
-    out: dict[str, torch.Tensor] = {}
-    for tier in TIER_NAMES:
-        out.update(state.get(tier, {}))
-    return out

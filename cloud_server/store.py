@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load_file, save_file
 
 from shared.adapters import AdapterState
 
@@ -182,9 +182,6 @@ class Store:
         row = self.db.execute("SELECT MAX(version) FROM versions").fetchone()
         return None if row[0] is None else int(row[0])
 
-    def versions(self) -> list[int]:
-        return [int(r[0]) for r in self.db.execute("SELECT version FROM versions ORDER BY version")]
-
     def load_version(self, version: int) -> dict[str, AdapterState]:
         row = self.db.execute("SELECT file FROM versions WHERE version = ?", (version,)).fetchone()
         if row is None:
@@ -198,6 +195,3 @@ class Store:
             raise KeyError(f"no adapter version {version}")
         return (self.adapter_dir / row[0]).read_bytes()
 
-
-def state_to_safetensors(state: dict[str, AdapterState]) -> bytes:
-    return save(flatten(state))

@@ -14,7 +14,8 @@ from edge_server.compute import EdgeServer
 from shared.batching import derive_seed
 from shared.experiment import Experiment
 from shared.links import LinkEmulator, get_profile
-from shared.http import Auth, ByteLedger, check_url, guard, HttpLink, call_handler, post_json, prometheus, read_message, resident_memory_bytes, round_key
+from shared.http import (Auth, ByteLedger, HttpLink, check_url, guard, post_json, prometheus, resident_memory_bytes,
+                         serve_message)
 from shared.models import resolve_model
 from shared.settings import EdgeSettings
 from shared.tier import TierRuntime
@@ -149,11 +150,8 @@ def create_app(settings: EdgeSettings) -> FastAPI:
 
     async def _msgpack(request: Request, endpoint: str) -> Response:
         s = svc()
-        server = s.ready()
-        msg, n_in = await read_message(request, s.settings.max_message_bytes, endpoint, s.settings.max_tensor_elements)
-        resp, n_out = await call_handler(getattr(server, f"on_{endpoint}"), msg)
-        if endpoint != "start":  # starts come from the cloud; their bytes are counted there
-            s.ledger.add(round_key(msg), n_in, n_out)
+        ledger = s.ledger if endpoint != "start" else None  # starts come from the cloud, which counts them
+        resp = await serve_message(request, endpoint, getattr(s.ready(), f"on_{endpoint}"), s.settings, ledger)
         s.counters["steps" if endpoint == "step" else "updates"] += endpoint != "start"
         return resp
 

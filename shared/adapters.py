@@ -153,7 +153,3 @@ def initial_state(shapes: dict[str, tuple[int, ...]], seed: int, init_std: float
 
 def clone_state(state: AdapterState) -> AdapterState:
     return {k: v.detach().clone() for k, v in state.items()}
-
-
-def state_bytes(state: AdapterState) -> int:
-    return sum(v.numel() * v.element_size() for v in state.values())

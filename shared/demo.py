@@ -11,7 +11,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 from tqdm import tqdm
 
 from shared.cluster import Cluster

@@ -245,6 +245,16 @@ async def call_handler(fn: Callable[[Message], Message], msg: Message) -> tuple[
     return Response(content=body, media_type=CONTENT_TYPE), len(body)
 
 
+async def serve_message(request: Request, endpoint: str, handler: Callable[[Message], Message], settings: Any,
+                        ledger: ByteLedger | None = None) -> Response:
+    """A msgpack endpoint: read and check the message, run ``handler`` off the loop, count its bytes."""
+    msg, n_in = await read_message(request, settings.max_message_bytes, endpoint, settings.max_tensor_elements)
+    resp, n_out = await call_handler(handler, msg)
+    if ledger is not None:
+        ledger.add(round_key(msg), n_in, n_out)
+    return resp
+
+
 def prometheus(metrics: dict[str, tuple[str, str, list[tuple[dict[str, str], float]]]]) -> str:
     """Prometheus text exposition: ``{name: (type, help, [(labels, value), ...])}``."""
     lines = []

@@ -13,7 +13,7 @@ from shared.adapters import AdapterSlots, AdapterState, LoraSettings, clone_stat
 from shared.algorithms import Algorithm, RoundPlan, create_algorithm
 from shared.codecs import CodecPolicy, ErrorFeedback
 from shared.models import ModelSource
-from shared.partition import Partition, Split, build_partition, load_partition
+from shared.partition import Split, build_partition, load_partition
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,7 @@ class TierRuntime:
         self.partition.to(self.device)
         self.partition.train()
         self.slots = AdapterSlots(self.partition)
+        self.policies = {hop: CodecPolicy.from_dict(spec.codecs.get(hop)) for hop in ("user_edge", "edge_cloud")}
         self.optimizer_settings = optimizer or OptimizerSettings()
         self.sessions: dict[tuple[int, str], Session] = {}
         self.plugin_store: dict[str, dict[str, Any]] = {}  # per algorithm, kept across rounds (personal layers, ...)
@@ -213,7 +214,7 @@ class TierRuntime:
 
     def policy(self, hop: str) -> CodecPolicy:
         """The codecs of one hop ("user_edge" or "edge_cloud"); fp32 (lossless) where none is set."""
-        return CodecPolicy.from_dict(self.spec.codecs.get(hop))
+        return self.policies[hop]
 
     def outgoing_grad(self, session: Session, grad: torch.Tensor, hop: str) -> tuple[torch.Tensor, dict[str, str]]:
         """A gradient ready to send back over ``hop``: top-k with error feedback kept here, or as it is."""
