@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +57,27 @@ BENCH_CODECS = ("fp32", "fp16", "bf16", "int8", "int8+shuffle-lz4", "int4", "int
                 "activations=int8,gradients=topk:ratio=0.1")
 
 
+def _codec_data(model: str, data: str | None) -> str:
+    """The bench's default data for ``model``: TREC for an encoder (classification), Shakespeare for a decoder."""
+    if data:
+        return data
+    from shared.models import resolve_model
+
+    return "trec" if resolve_model(model).family == "bert" else "shakespeare"
+
+
 def _codec_run(spec: str, model: str, split: tuple[int, int], steps: int, batch_size: int, seq_len: int,
-               seed: int) -> dict[str, Any]:
+               seed: int, data: str, eval_examples: int) -> dict[str, Any]:
     """One user through one edge for ``steps`` steps with ``spec`` on both hops, from the same seed.
 
     Bytes are the training step messages on the user-edge hop (activation up, gradient down), as
-    encoded on the wire; the loss is the held-out loss after the steps.
+    encoded on the wire; the loss is the held-out loss after the steps. Language-model rows are full
+    length (consecutive speeches joined, then truncated), so every step carries batch x seq_len tokens.
     """
-    sim = Simulation(SimConfig(model=model, data="trec", users=1, edges=1, rounds=1, split=split, local_steps=steps,
-                               batch_size=batch_size, max_len=seq_len, seed=seed,
-                               max_examples_per_client=2 * steps * batch_size, eval_examples_per_client=128,
+    min_chars = 8 * seq_len if data == "shakespeare" else 0
+    sim = Simulation(SimConfig(model=model, data=data, users=1, edges=1, rounds=1, split=split, local_steps=steps,
+                               batch_size=batch_size, max_len=seq_len, seed=seed, min_chars=min_chars,
+                               max_examples_per_client=2 * steps * batch_size, eval_examples_per_client=eval_examples,
                                user_edge_codecs=spec, edge_cloud_codecs=spec, baseline_eval=False))
     sim.run_round(sim.request(evaluate=False))
     up, down, count = sim.user_links[0].stats.snapshot()["by_endpoint"]["step"]
@@ -74,44 +87,64 @@ def _codec_run(spec: str, model: str, split: tuple[int, int], steps: int, batch_
             "eval_loss": held_out["eval_loss"], "eval_accuracy": held_out.get("eval_accuracy")}
 
 
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (0 for a single value)."""
+    mean = statistics.mean(values)
+    return mean, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0)
+
+
 def bench_codecs(model: str = "minilm-l6", split: str = "1,3", steps: int = 50, batch_size: int = 16,
                  seq_len: int = 128, seeds: tuple[int, ...] = (0, 1, 2),
-                 codecs: tuple[str, ...] = BENCH_CODECS) -> dict[str, Any]:
+                 codecs: tuple[str, ...] = BENCH_CODECS, data: str | None = None,
+                 eval_examples: int = 128) -> dict[str, Any]:
     """Bytes per step, ratio against fp32, encode+decode throughput, and the loss after ``steps`` steps.
 
-    The loss effect is the held-out loss after the steps, against fp32's from the same seed, averaged
-    over ``seeds``: one seed alone moves by about 1% under any perturbation (fp16 included).
+    The loss effect is the held-out loss after the steps against the first codec's (fp32) from the
+    same seed, as a mean over ``seeds`` with its standard error: training moves a seed's loss by
+    several per cent under any perturbation of the activations (bf16 included), so a single seed
+    says little and the spread is part of the result.
     """
-    import statistics
-
     import torch
 
     from shared.codecs import measure
     from shared.experiment import parse_hop_codecs
+    from shared.models import resolve_model
 
     a, b = (int(x) for x in split.split(","))
-    runs = {spec: [_codec_run(spec, model, (a, b), steps, batch_size, seq_len, seed) for seed in seeds]
-            for spec in codecs}
+    data = _codec_data(model, data)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for spec in codecs:
+        for seed in seeds:
+            t0 = time.perf_counter()
+            runs.setdefault(spec, []).append(
+                _codec_run(spec, model, (a, b), steps, batch_size, seq_len, seed, data, eval_examples))
+            print(f"  {spec} seed {seed}: held-out loss {runs[spec][-1]['eval_loss']:.4f} "
+                  f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     base = runs[codecs[0]]
+    hidden = int(resolve_model(model).config.hidden_size)
+    act = torch.randn(batch_size, seq_len, hidden, generator=torch.Generator().manual_seed(0)) * 2
     results = []
     for spec in codecs:
         policy = parse_hop_codecs(spec) or {"activations": "fp32"}
-        hidden = 384 if model == "minilm-l6" else 576
-        act = torch.randn(batch_size, seq_len, hidden, generator=torch.Generator().manual_seed(0)) * 2
         throughput = measure(policy["activations"], act)
         deltas = [100.0 * (r["eval_loss"] - b0["eval_loss"]) / b0["eval_loss"] for r, b0 in zip(runs[spec], base)]
+        delta, delta_se = _mean_se(deltas)
         per_step = statistics.mean(r["bytes_per_step"] for r in runs[spec])
+        accuracies = [r["eval_accuracy"] for r in runs[spec] if r["eval_accuracy"] is not None]
         results.append({
             "codec": spec, "bytes_per_step": per_step,
             "ratio_vs_fp32": statistics.mean(r["bytes_per_step"] for r in base) / per_step,
             "encode_decode_mb_s": throughput["encode_decode_mb_s"],
             "loss_after_steps": statistics.mean(r["eval_loss"] for r in runs[spec]),
-            "loss_delta_pct": statistics.mean(deltas), "loss_delta_pct_per_seed": deltas,
-            "eval_accuracy": statistics.mean(r["eval_accuracy"] for r in runs[spec]),
+            "loss_delta_pct": delta, "loss_delta_pct_se": delta_se, "loss_delta_pct_per_seed": deltas,
+            "eval_loss_per_seed": [r["eval_loss"] for r in runs[spec]],
+            "eval_accuracy": statistics.mean(accuracies) if accuracies else None,
             "activation_rel_err": throughput["rel_err"],
         })
-    return {"model": model, "split": split, "steps": steps, "batch": [batch_size, seq_len], "seeds": list(seeds),
-            "loss": "held-out loss after the steps (128 examples), mean over seeds",
+    return {"model": model, "split": split, "data": data, "steps": steps, "batch": [batch_size, seq_len],
+            "seeds": list(seeds), "eval_examples": eval_examples,
+            "loss": f"held-out loss after the steps ({eval_examples} examples), mean over seeds; "
+                    "loss_delta_pct_se is the standard error of the mean change",
             "bytes": "user-edge hop, both ways, per training step", "codecs": results}
 
 

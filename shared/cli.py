@@ -134,15 +134,22 @@ def cmd_bench_http(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_codecs(args: argparse.Namespace) -> int:
-    from shared.bench import bench_codecs, bench_codecs_4g, write_json
+    from shared.bench import BENCH_CODECS, bench_codecs, bench_codecs_4g, write_json
 
     report: dict[str, Any] = {"codecs": []}
     if not args.only_4g:
-        report = bench_codecs(args.model, args.split, args.steps, args.batch_size, args.seq_len)
-    print(f"{'codec':<44} {'bytes/step':>11} {'x fp32':>7} {'MB/s':>8} {'loss':>8} {'delta %':>8}")
+        codecs = tuple(args.codec) if args.codec else BENCH_CODECS
+        if codecs[0] != "fp32":
+            codecs = ("fp32", *codecs)  # the reference every loss change is taken against
+        report = bench_codecs(args.model, args.split, args.steps, args.batch_size, args.seq_len,
+                              seeds=tuple(range(args.seed, args.seed + args.seeds)), codecs=codecs, data=args.data,
+                              eval_examples=args.eval_examples)
+        print(f"{report['model']} on {report['data']}, {report['steps']} steps of {report['batch']}, "
+              f"{len(report['seeds'])} seed(s); loss change against fp32 from the same seed, mean +- standard error")
+    print(f"{'codec':<44} {'bytes/step':>11} {'x fp32':>7} {'MB/s':>8} {'loss':>8} {'delta %':>15}")
     for r in report["codecs"]:
         print(f"{r['codec']:<44} {r['bytes_per_step']:>11.0f} {r['ratio_vs_fp32']:>7.2f} {r['encode_decode_mb_s']:>8.0f} "
-              f"{r['loss_after_steps']:>8.4f} {r['loss_delta_pct']:>8.2f}")
+              f"{r['loss_after_steps']:>8.4f} {r['loss_delta_pct']:>+8.2f} +- {r['loss_delta_pct_se']:.2f}")
     if args.only_4g:
         report = {"round_4g": bench_codecs_4g(args.model, args.split)}
     elif not args.no_4g:
@@ -228,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--data", default=None, help="default: trec for an encoder, shakespeare for a decoder")
+    p.add_argument("--seeds", type=int, default=3, help="runs per codec, seeds --seed .. --seed + N - 1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-examples", type=int, default=128, help="held-out examples the loss is taken on")
+    p.add_argument("--codec", action="append", default=None,
+                   help="a codec spec to compare (repeatable; fp32 is always run first); default: the standard set")
     p.add_argument("--no-4g", action="store_true", help="skip the round over emulated 4g links (real processes)")
     p.add_argument("--only-4g", action="store_true", help="only the round over emulated 4g links")
     p.add_argument("--json", default=None)

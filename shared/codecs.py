@@ -16,6 +16,15 @@ tensor, ``n_blocks = ceil(n / block)`` and the last block may be partial.
   * ``"int4"``: ``block``, ``scales`` (n_blocks float32: absmax/7, <= float32 max / 7), ``data`` (ceil(n/2) bytes:
     element 2i in the low nibble, 2i+1 in the high nibble, each nibble = q + 7 with q in [-7, 7], so
     nibble 15 is invalid; when n is odd the last high nibble is 0).
+  * int8 and int4, optional ``"channels": "rms"`` with ``channel_scales`` (shape[-1] float32, finite,
+    > 0; the tensor has 2+ dims and 2+ channels): the sender divided each channel (last dimension) by
+    its root-mean-square before the blockwise quantisation, so the value is q * scale * channel_scale
+    (and scale * qmax * channel_scale must stay <= float32 max). Without it, one channel many times
+    larger than the rest (LLM residual streams have them: "massive activations") sets the absmax of
+    every block it falls in, and the other channels of those blocks round to 0. Specs use it by
+    default (``int8`` = ``int8:channels=rms``); ``int8:channels=none`` is plain blockwise absmax. The
+    encoder scales channels only when there are at least 64 rows (then the channel scales cost <= 6 %
+    of the int8 payload, as the block scales do); smaller tensors go plain.
   * ``"topk"``: ``k`` (int, 0 <= k <= n), ``index_dtype`` ("uint8" | "uint16" | "uint32" | "uint64",
     the smallest one that holds n - 1), ``indices`` (k flat indices, strictly increasing, < n),
     ``value_dtype`` ("float32" | "float16"), ``data`` (the k values); every other element is 0.
@@ -23,7 +32,8 @@ tensor, ``n_blocks = ceil(n / block)`` and the last block may be partial.
 Scales are float32 (not fp16): fp16 scales would overflow for absmax > 65504 * 127 and flush small
 gradients' scales to zero; the cost is 4 bytes per block (6 % of the int8 payload at block 64, so
 int8 is 3.76x smaller than float32 and int4 7.1x). Error bounds: int8 <= absmax/254 per block, int4
-<= absmax/14 (plus float32 rounding, plus the rounding into a float16/bfloat16 declared dtype).
+<= absmax/14 (plus float32 rounding, plus the rounding into a float16/bfloat16 declared dtype), with
+absmax taken in the channel-scaled domain and the bound multiplied back by the channel's scale.
 
 Optional ``"post": "shuffle-lz4"``: every bin field above (``data``, ``scales``, ``indices``) is
 byte-shuffled by its element size (byte j of every element together, lane after lane) and then
@@ -38,7 +48,7 @@ carries NaN/Inf as values, and switches fp16 values to float32 when they would o
 Specs
 -----
 ``CodecSpec.parse("NAME[:KEY=VALUE[,KEY=VALUE...]][+POST]")``: ``fp32`` (lossless: the lz4 path),
-``raw``, ``lz4``, ``fp16``, ``bf16``, ``int8:block=64``, ``int4:block=64``,
+``raw``, ``lz4``, ``fp16``, ``bf16``, ``int8:block=64,channels=rms``, ``int4:block=64,channels=rms``,
 ``topk:k=100`` / ``topk:ratio=0.01`` (+ ``values=fp16|fp32``), POST = ``shuffle-lz4`` (lossy only).
 """
 
@@ -88,6 +98,9 @@ __all__ = [
 SHUFFLE_LZ4 = "shuffle-lz4"
 POSTS: tuple[str, ...] = (SHUFFLE_LZ4,)
 DEFAULT_BLOCK = 64
+CHANNEL_MODES: tuple[str, ...] = ("rms",)  # on the wire; an absent "channels" means none
+MIN_CHANNEL_ROWS = 64  # fewer rows: channel scales would cost over 6 % of the int8 payload; plain blocks
+DEFAULT_CHANNELS = "rms"  # spec default for int8/int4; "channels=none" is plain blockwise absmax
 MAX_BLOCK = MAX_DIM
 FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64"})
 _INDEX_DTYPES: dict[str, np.dtype] = {
@@ -316,6 +329,21 @@ def _quantise(x: np.ndarray, block: int, qmax: int) -> tuple[np.ndarray, np.ndar
     return q, scales
 
 
+def _channel_rms(x: np.ndarray, width: int) -> np.ndarray | None:
+    """float32 root-mean-square of each of the ``width`` channels (last dim) of flat ``x``; 1 where it is 0.
+
+    Summed in float64 (squares of large float32 values overflow float32); None if ``x`` is not finite.
+    The result is <= the channel's absmax, so it is finite, and x / rms stays within sqrt(rows).
+    """
+    rows = x.reshape(-1, width)
+    rms = np.sqrt(np.einsum("ij,ij->j", rows, rows, dtype=np.float64) / rows.shape[0])
+    if not np.isfinite(rms).all():
+        return None
+    out = rms.astype(np.float32)
+    out[out == 0] = 1.0  # all-zero (or underflowing) channel
+    return out
+
+
 def _dequantise(q: np.ndarray, scales: np.ndarray, block: int, n: int) -> np.ndarray:
     """float32 values q * scale of each element's block (scales are validated: no overflow)."""
     out = np.empty(n, dtype=np.float32)
@@ -342,11 +370,22 @@ def _int_codec(name: str, bits: int):  # noqa: ANN202
     def payload_len(n: int) -> int:
         return n if bits == 8 else (n + 1) // 2
 
-    def enc(t: torch.Tensor, dtype: str, block: int = DEFAULT_BLOCK, post: str | None = None) -> dict[str, Any] | None:
+    def enc(t: torch.Tensor, dtype: str, block: int = DEFAULT_BLOCK, channels: str | None = None,
+            post: str | None = None) -> dict[str, Any] | None:
         _check_block(block, name)
+        if channels not in (None, *CHANNEL_MODES):
+            raise ValueError(f"{name}: channels must be one of {', '.join(CHANNEL_MODES)}, got {channels!r}")
         if dtype not in FLOAT_DTYPES:
             return None
-        res = _quantise(_np_f32(t), block, qmax)
+        x = _np_f32(t)
+        width = t.shape[-1] if t.dim() >= 2 else 0
+        cscales = None
+        if channels == "rms" and width >= 2 and x.size >= MIN_CHANNEL_ROWS * width:
+            cscales = _channel_rms(x, width)
+            if cscales is None:
+                return None  # NaN/Inf: send losslessly
+            x = (x.reshape(-1, width) / cscales).reshape(-1)
+        res = _quantise(x, block, qmax)
         if res is None:
             return None  # NaN/Inf: send losslessly
         q, scales = res
@@ -360,7 +399,11 @@ def _int_codec(name: str, bits: int):  # noqa: ANN202
             data = nib[1::2] << 4
             data |= nib[0::2]
         fields_ = {"scales": (_as_bytes(scales.astype("<f4", copy=False)), 4), "data": (_as_bytes(data), 1)}
-        return _finish(fields_, post, {"block": block})
+        params: dict[str, Any] = {"block": block}
+        if cscales is not None:
+            fields_["channel_scales"] = (_as_bytes(cscales.astype("<f4", copy=False)), 4)
+            params["channels"] = channels
+        return _finish(fields_, post, params)
 
     def dec(entry: dict[str, Any], dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
         _need_float(dtype, name)
@@ -376,6 +419,20 @@ def _int_codec(name: str, bits: int):  # noqa: ANN202
         scales = np.frombuffer(sraw, dtype="<f4")
         if nb and not ((scales >= 0).all() and (scales <= _F32_MAX / qmax).all()):  # NaN fails both
             raise WireError(f"{name} scales must be finite, >= 0 and <= {_F32_MAX / qmax:.4g}")
+        cscales = None
+        if "channels" in entry:
+            _str_param(entry, "channels", name, dict.fromkeys(CHANNEL_MODES))
+            if len(shape) < 2 or shape[-1] < 2:
+                raise WireError(f"{name} channels need a tensor of 2+ dims with 2+ channels, got shape {list(shape)}")
+            width = shape[-1]
+            craw = _field(entry, "channel_scales", 4 * width, 4, post, f"{name} channel_scales",
+                          f"shape {list(shape)} with {width} channels")
+            cscales = np.frombuffer(craw, dtype="<f4")
+            cmax = float(cscales.max()) if cscales.size else 0.0
+            smax = float(scales.max()) if nb else 0.0
+            if not ((cscales > 0).all() and math.isfinite(cmax)) or smax * qmax * cmax > _F32_MAX:
+                raise WireError(f"{name} channel_scales must be finite and > 0, and scale x channel scale "
+                                f"x {qmax} must stay <= float32 max")
         if bits == 8:
             q = np.frombuffer(draw, dtype=np.int8)
             bad = n and int(q.min()) < -qmax  # only -128 is out of range
@@ -392,7 +449,10 @@ def _int_codec(name: str, bits: int):  # noqa: ANN202
             bad = n and int(q.max()) > qmax  # values are -7..8 here
         if bad:
             raise WireError(f"{name} payload holds a value outside [-{qmax}, {qmax}]")
-        return _to_torch(_dequantise(q, scales, block, n), dtype).reshape(shape)
+        out = _dequantise(q, scales, block, n)
+        if cscales is not None and n:
+            out.reshape(-1, shape[-1])[...] *= cscales
+        return _to_torch(out, dtype).reshape(shape)
 
     return enc, dec
 
@@ -565,8 +625,8 @@ _SPEC_PARAMS: dict[str, dict[str, type]] = {
     "fp32": {},
     "fp16": {},
     "bf16": {},
-    "int8": {"block": int},
-    "int4": {"block": int},
+    "int8": {"block": int, "channels": str},
+    "int4": {"block": int, "channels": str},
     "topk": {"k": int, "ratio": float, "values": str},
     "raw": {},
     "lz4": {},
@@ -683,6 +743,9 @@ class CodecSpec:
         out: dict[str, Any] = {}
         if self.name in ("int8", "int4"):
             out["block"] = self.params.get("block", DEFAULT_BLOCK)
+            channels = self.params.get("channels", DEFAULT_CHANNELS)
+            if channels != "none":
+                out["channels"] = channels
         elif self.name == "topk":
             out.update({k: v for k, v in self.params.items() if k in ("k", "ratio")})
             out["values"] = _SPEC_VALUES[self.params.get("values", "fp32")]
@@ -719,6 +782,10 @@ def _check_param(name: str, key: str, value: Any) -> Any:
         value = float(value)
         if not 0 < value <= 1:
             raise ValueError(f"codec {name!r}: ratio must be in (0, 1], got {value!r}")
+        return value
+    if key == "channels":
+        if value not in (*CHANNEL_MODES, "none"):
+            raise ValueError(f"codec {name!r}: channels must be one of {', '.join(CHANNEL_MODES)}, none; got {value!r}")
         return value
     if key == "values":
         if value not in _SPEC_VALUES:

@@ -57,6 +57,10 @@ def serve(prog: str, cls: type[ServiceSettings], create_app: Callable[[Any], Any
         return 2
     import uvicorn
 
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if settings.insecure_dev:
         print(f"\n{'!' * 78}\n{prog}: INSECURE DEVELOPMENT MODE: calls are accepted WITHOUT tokens.\n"

@@ -22,6 +22,8 @@ class ServiceSettings(BaseSettings):
     max_message_bytes: int = Field(256 * 1024 * 1024, description="largest accepted message body")
     request_timeout: float = Field(600.0, description="seconds a call to another tier may take")
     device: str = Field("cpu", description="torch device for this tier's compute (cpu, cuda)")
+    threads: int = Field(0, ge=0, description="CPU threads for this tier's tensor compute (0: torch's default, "
+                                              "one per core); set it when several tiers share a machine")
     log_level: str = Field("info", description="uvicorn log level")
     token: SecretStr | None = Field(None, description="bearer token every tier-to-tier call carries (no default)")
     insecure_dev: bool = Field(False, description="development only: accept calls without tokens (announced loudly)")
