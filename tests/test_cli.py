@@ -178,3 +178,15 @@ def test_first_use_of_a_tiny_model_prints_nothing(monkeypatch, tmp_path, capfd) 
     finally:
         quiet_transformers()
     assert capfd.readouterr().err == ""
+
+
+def test_threads_setting_is_parsed_and_checked() -> None:
+    from pydantic import ValidationError
+
+    from shared.service import parse_settings
+    from shared.settings import UserSettings
+
+    assert parse_settings("user", UserSettings, ["--threads", "1"]).threads == 1
+    assert parse_settings("user", UserSettings, []).threads == 0  # torch's default
+    with pytest.raises(ValidationError):
+        parse_settings("user", UserSettings, ["--threads", "-1"])
