@@ -53,7 +53,7 @@ def write_json(report: dict[str, Any], path: str | None) -> None:
         Path(path).write_text(json.dumps(report, indent=2))
 
 
-BENCH_CODECS = ("fp32", "fp16", "bf16", "int8", "int8+shuffle-lz4", "int4", "int4+shuffle-lz4",
+BENCH_CODECS = ("fp32", "fp16", "bf16", "int8", "int8+shuffle-lz4", "int8:channels=none", "int4", "int4+shuffle-lz4",
                 "activations=int8,gradients=topk:ratio=0.1")
 
 
@@ -149,13 +149,18 @@ def bench_codecs(model: str = "minilm-l6", split: str = "1,3", steps: int = 50, 
 
 
 def bench_codecs_4g(model: str = "minilm-l6", split: str = "1,3", users: int = 4, steps: int = 5,
-                    batch_size: int = 16, seq_len: int = 128, seed: int = 0) -> dict[str, Any]:
+                    batch_size: int = 16, seq_len: int = 128, seed: int = 0, threads: int = 0) -> dict[str, Any]:
     """Round wall time of ``users`` users through one edge over emulated 4g links: fp32 against int8.
 
     Real processes on loopback; each user's link to the edge really waits its 4g transfer time. Rows
     are full length (questions of one class joined, then truncated to ``seq_len``): padding does not
     travel (only real tokens cross a cut), so short rows would hide what the codec saves.
+    ``threads`` > 0 sets every tier's torch threads (all ``users`` + 2 processes share this machine's
+    cores); 0 leaves torch's default, one per core in each process.
     """
+    import os
+
+    env = {**os.environ, "SPLITLLM_THREADS": str(threads)}
     out = {}
     for spec in ("fp32", "int8", "int8+shuffle-lz4"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -163,8 +168,9 @@ def bench_codecs_4g(model: str = "minilm-l6", split: str = "1,3", users: int = 4
                           "--max-len", str(seq_len), "--min-chars", str(8 * seq_len), "--user-edge-codecs", spec,
                           "--max-examples-per-client", str(16 * steps * batch_size)]
             view = one_round(Path(tmp), cloud_args, {"local_steps": steps, "batch_size": batch_size, "evaluate": False},
-                             users=users, edges=1, user_args=["--link-profile", "4g"])
+                             users=users, edges=1, user_args=["--link-profile", "4g"], env=env)
         out[spec] = {"round_seconds": view["metrics"]["seconds"], "bytes": view["metrics"]["bytes"]}
-    return {"profile": "4g", "users": users, "steps": steps, "batch": [batch_size, seq_len], "runs": out,
+    return {"profile": "4g", "users": users, "steps": steps, "batch": [batch_size, seq_len], "threads": threads,
+            "runs": out,
             "speedup_int8": out["fp32"]["round_seconds"] / out["int8"]["round_seconds"],
             "speedup_int8_shuffle_lz4": out["fp32"]["round_seconds"] / out["int8+shuffle-lz4"]["round_seconds"]}

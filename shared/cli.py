@@ -151,9 +151,9 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
         print(f"{r['codec']:<44} {r['bytes_per_step']:>11.0f} {r['ratio_vs_fp32']:>7.2f} {r['encode_decode_mb_s']:>8.0f} "
               f"{r['loss_after_steps']:>8.4f} {r['loss_delta_pct']:>+8.2f} +- {r['loss_delta_pct_se']:.2f}")
     if args.only_4g:
-        report = {"round_4g": bench_codecs_4g(args.model, args.split)}
+        report = {"round_4g": bench_codecs_4g(args.model, args.split, threads=args.threads)}
     elif not args.no_4g:
-        report["round_4g"] = bench_codecs_4g(args.model, args.split)
+        report["round_4g"] = bench_codecs_4g(args.model, args.split, threads=args.threads)
     if "round_4g" in report:
         r4 = report["round_4g"]
         print(f"4g round, {r4['users']} users through one edge, {r4['steps']} steps of {r4['batch']}: "
@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a codec spec to compare (repeatable; fp32 is always run first); default: the standard set")
     p.add_argument("--no-4g", action="store_true", help="skip the round over emulated 4g links (real processes)")
     p.add_argument("--only-4g", action="store_true", help="only the round over emulated 4g links")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of every tier in the 4g round (0: one per core in each process)")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_bench_codecs)
 
