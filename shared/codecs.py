@@ -31,9 +31,10 @@ tensor, ``n_blocks = ceil(n / block)`` and the last block may be partial.
 
 Scales are float32 (not fp16): fp16 scales would overflow for absmax > 65504 * 127 and flush small
 gradients' scales to zero; the cost is 4 bytes per block (6 % of the int8 payload at block 64, so
-int8 is 3.76x smaller than float32 and int4 7.1x, less about 4 bytes a channel with channel scaling). Error bounds: int8 <= absmax/254 per block, int4
-<= absmax/14 (plus float32 rounding, plus the rounding into a float16/bfloat16 declared dtype), with
-absmax taken in the channel-scaled domain and the bound multiplied back by the channel's scale.
+int8 is 3.76x smaller than float32 and int4 7.1x; channel scaling adds 4 bytes a channel). Error
+bounds: int8 <= absmax/254 per block, int4 <= absmax/14 (plus float32 rounding, plus the rounding
+into a float16/bfloat16 declared dtype), with absmax taken in the channel-scaled domain and the
+bound multiplied back by the channel's scale.
 
 Optional ``"post": "shuffle-lz4"``: every bin field above (``data``, ``scales``, ``indices``) is
 byte-shuffled by its element size (byte j of every element together, lane after lane) and then
