@@ -118,7 +118,8 @@ def bench_codecs(model: str = "minilm-l6", split: str = "1,3", steps: int = 50, 
             t0 = time.perf_counter()
             runs.setdefault(spec, []).append(
                 _codec_run(spec, model, (a, b), steps, batch_size, seq_len, seed, data, eval_examples))
-            print(f"  {spec} seed {seed}: held-out loss {runs[spec][-1]['eval_loss']:.4f} "
+            print(f"  {spec} seed {seed}: held-out loss {runs[spec][-1]['eval_loss']:.4f}, "
+                  f"train loss (last 5 steps) {runs[spec][-1]['final_train_loss']:.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     base = runs[codecs[0]]
     hidden = int(resolve_model(model).config.hidden_size)
@@ -138,6 +139,10 @@ def bench_codecs(model: str = "minilm-l6", split: str = "1,3", steps: int = 50, 
             "loss_after_steps": statistics.mean(r["eval_loss"] for r in runs[spec]),
             "loss_delta_pct": delta, "loss_delta_pct_se": delta_se, "loss_delta_pct_per_seed": deltas,
             "eval_loss_per_seed": [r["eval_loss"] for r in runs[spec]],
+            "train_loss_per_seed": [r["final_train_loss"] for r in runs[spec]],
+            "train_loss_delta_pct": statistics.mean(
+                100.0 * (r["final_train_loss"] - b0["final_train_loss"]) / b0["final_train_loss"]
+                for r, b0 in zip(runs[spec], base)),
             "eval_accuracy": statistics.mean(accuracies) if accuracies else None,
             "activation_rel_err": throughput["rel_err"],
         })

@@ -818,7 +818,7 @@ def test_bench_codecs_writes_the_report(hermetic_cache, tmp_path, capsys) -> Non
     for r in rows.values():
         assert set(r) >= {"codec", "bytes_per_step", "ratio_vs_fp32", "encode_decode_mb_s", "loss_delta_pct",
                           "loss_delta_pct_se"}
-        assert len(r["loss_delta_pct_per_seed"]) == 2
+        assert len(r["loss_delta_pct_per_seed"]) == len(r["train_loss_per_seed"]) == 2
     assert rows["fp32"]["loss_delta_pct"] == 0 and rows["fp32"]["ratio_vs_fp32"] == 1
     assert rows["int8"]["ratio_vs_fp32"] > rows["bf16"]["ratio_vs_fp32"] > 1.5  # tiny rows: headers weigh
     assert "mean +- standard error" in capsys.readouterr().out
