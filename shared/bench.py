@@ -57,15 +57,6 @@ BENCH_CODECS = ("fp32", "fp16", "bf16", "int8", "int8+shuffle-lz4", "int8:channe
                 "activations=int8,gradients=topk:ratio=0.1")
 
 
-def _codec_data(model: str, data: str | None) -> str:
-    """The bench's default data for ``model``: TREC for an encoder (classification), Shakespeare for a decoder."""
-    if data:
-        return data
-    from shared.models import resolve_model
-
-    return "trec" if resolve_model(model).family == "bert" else "shakespeare"
-
-
 def _codec_run(spec: str, model: str, split: tuple[int, int], steps: int, batch_size: int, seq_len: int,
                seed: int, data: str, eval_examples: int) -> dict[str, Any]:
     """One user through one edge for ``steps`` steps with ``spec`` on both hops, from the same seed.
@@ -111,7 +102,8 @@ def bench_codecs(model: str = "minilm-l6", split: str = "1,3", steps: int = 50, 
     from shared.models import resolve_model
 
     a, b = (int(x) for x in split.split(","))
-    data = _codec_data(model, data)
+    source = resolve_model(model)
+    data = data or ("trec" if source.family == "bert" else "shakespeare")  # encoder: classification
     runs: dict[str, list[dict[str, Any]]] = {}
     for spec in codecs:
         for seed in seeds:
@@ -122,7 +114,7 @@ def bench_codecs(model: str = "minilm-l6", split: str = "1,3", steps: int = 50, 
                   f"train loss (last 5 steps) {runs[spec][-1]['final_train_loss']:.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     base = runs[codecs[0]]
-    hidden = int(resolve_model(model).config.hidden_size)
+    hidden = int(source.config.hidden_size)
     act = torch.randn(batch_size, seq_len, hidden, generator=torch.Generator().manual_seed(0)) * 2
     results = []
     for spec in codecs:

@@ -138,9 +138,8 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
 
     report: dict[str, Any] = {"codecs": []}
     if not args.only_4g:
-        codecs = tuple(args.codec) if args.codec else BENCH_CODECS
-        if codecs[0] != "fp32":
-            codecs = ("fp32", *codecs)  # the reference every loss change is taken against
+        # fp32 first: the reference every loss change is taken against
+        codecs = ("fp32", *(c for c in args.codec if c != "fp32")) if args.codec else BENCH_CODECS
         report = bench_codecs(args.model, args.split, args.steps, args.batch_size, args.seq_len,
                               seeds=tuple(range(args.seed, args.seed + args.seeds)), codecs=codecs, data=args.data,
                               eval_examples=args.eval_examples)
