@@ -27,7 +27,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 demo: setup
-	$(PY) -m shared.demo
+	$(PY) -m shared.lab.demo
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

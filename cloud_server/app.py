@@ -13,17 +13,21 @@ from pydantic import AfterValidator, BaseModel, Field
 
 from cloud_server.rounds import MAX_DEADLINE, ROUND_STATES, Coordinator, RoundRecord, RoundRequest
 from cloud_server.store import Store
-from shared.adapters import LoraSettings, initial_state
-from shared.algorithms import default_lr
-from shared.experiment import DataSpec, Experiment, codecs_for
-from shared.batching import derive_seed
-from shared.links import LinkEmulator, get_profile
-from shared.http import (Auth, ByteLedger, HttpLink, check_url, guard, prometheus, resident_memory_bytes,
-                         serve_message)
-from shared.models import resolve_model
-from shared.partition import Split
-from shared.settings import CloudSettings
-from shared.tier import ModelSpec, TierRuntime, adapter_shapes
+from shared.model.adapters import LoraSettings, initial_state
+from shared.fl import default_lr
+from shared.config.deployment import DataSpec, Experiment, codecs_for
+from shared.seeds import derive_seed
+from shared.protocol.links import LinkEmulator, get_profile
+from shared.http.auth import Auth, check_url
+from shared.http.server import guard
+from shared.http.metrics import ByteLedger, prometheus, resident_memory_bytes
+from shared.http.client import HttpLink
+from shared.http.server import serve_message
+from shared.model.sources import resolve_model
+from shared.model.partition import Split
+from shared.config.settings import CloudSettings
+from shared.config.model_spec import ModelSpec
+from shared.runtime.tier import TierRuntime, adapter_shapes
 
 log = logging.getLogger("splitllm.cloud")
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from shared.batching import IGNORE_INDEX
-from shared.tier import Session, TierRuntime, pack_tokens, unpack_tokens
-from shared.wire import Message
+from shared.data.batching import IGNORE_INDEX
+from shared.runtime.session import Session
+from shared.runtime.tier import TierRuntime
+from shared.runtime.steps import pack_tokens, unpack_tokens
+from shared.protocol.wire import Message
 
 
 def task_loss(task: str, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -12,13 +12,13 @@ from typing import Any
 
 
 from cloud_server.compute import CloudCompute
-from shared.adapters import AdapterState, clone_state
-from shared.aggregation import AdapterUpdate, clip_updates
-from shared.algorithms import Algorithm, Participant, RoundPlan, create_algorithm
-from shared.batching import derive_seed
-from shared.tier import TierRuntime
-from shared.transport import Link, ok
-from shared.wire import Message
+from shared.model.adapters import AdapterState, clone_state
+from shared.fl.aggregation import AdapterUpdate, clip_updates
+from shared.fl import Algorithm, Participant, RoundPlan, create_algorithm
+from shared.seeds import derive_seed
+from shared.runtime.tier import TierRuntime
+from shared.protocol.transport import Link, ok
+from shared.protocol.wire import Message
 from cloud_server.store import Store
 
 log = logging.getLogger("splitllm.rounds")

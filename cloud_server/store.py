@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared.adapters import AdapterState
+from shared.model.adapters import AdapterState
 
 TIERS = ("user", "edge", "cloud")
 UNFINISHED = ("pending", "running", "aggregating")

@@ -2,7 +2,7 @@
 # Entrypoint of every splitllm container: shape this container's link with tc netem from a link
 # profile, then run the tier.   Usage: shape-and-run.sh <cloud|edge|user> [--flag value ...]
 #
-#   LINK_PROFILE   wifi, 4g, 5g, fiber (shared/link_profiles.json) or none (default: none)
+#   LINK_PROFILE   wifi, 4g, 5g, fiber (shared/protocol/link_profiles.json) or none (default: none)
 #   SHAPE_DEV      the interface to shape (default: eth0)
 #   SHAPE_DRY_RUN  1: print the tc commands and the tier command instead of running them
 #   RUN_AS         drop to this user (via setpriv) before starting the tier; empty: stay root
@@ -16,7 +16,7 @@
 set -eu
 
 HERE=$(cd "$(dirname "$0")" && pwd)
-PROFILES_FILE="${PROFILES_FILE:-$HERE/../shared/link_profiles.json}"
+PROFILES_FILE="${PROFILES_FILE:-$HERE/../shared/protocol/link_profiles.json}"
 PROFILE="${LINK_PROFILE:-none}"
 DEV="${SHAPE_DEV:-eth0}"
 PY="${PYTHON:-python}"
@@ -83,9 +83,9 @@ fi
 if [ -n "${RUN_AS:-}" ] && command -v setpriv >/dev/null 2>&1; then
     RUN_HOME=$(getent passwd "$RUN_AS" | cut -d: -f6 || true)
     [ -n "$RUN_HOME" ] && export HOME="$RUN_HOME"  # the model cache lives under ~/.cache/splitllm
-    set -- setpriv --reuid="$RUN_AS" --regid="$RUN_AS" --init-groups --inh-caps=-all "$PY" -m shared.cli "$@"
+    set -- setpriv --reuid="$RUN_AS" --regid="$RUN_AS" --init-groups --inh-caps=-all "$PY" -m shared.lab.cli "$@"
 else
-    set -- "$PY" -m shared.cli "$@"
+    set -- "$PY" -m shared.lab.cli "$@"
 fi
 if [ "$DRY" = 1 ]; then
     echo "exec $*"

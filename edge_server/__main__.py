@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from shared.service import serve
-from shared.settings import EdgeSettings
+from shared.http.service import serve
+from shared.config.settings import EdgeSettings
 
 
 def main(argv: list[str] | None = None) -> int:

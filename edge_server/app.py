@@ -11,14 +11,17 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from pydantic import AfterValidator, BaseModel, Field
 
 from edge_server.compute import EdgeServer
-from shared.batching import derive_seed
-from shared.experiment import Experiment
-from shared.links import LinkEmulator, get_profile
-from shared.http import (Auth, ByteLedger, HttpLink, check_url, guard, post_json, prometheus, resident_memory_bytes,
-                         serve_message)
-from shared.models import resolve_model
-from shared.settings import EdgeSettings
-from shared.tier import TierRuntime
+from shared.seeds import derive_seed
+from shared.config.deployment import Experiment
+from shared.protocol.links import LinkEmulator, get_profile
+from shared.http.auth import Auth, check_url
+from shared.http.server import guard
+from shared.http.metrics import ByteLedger, prometheus, resident_memory_bytes
+from shared.http.client import HttpLink, post_json
+from shared.http.server import serve_message
+from shared.model.sources import resolve_model
+from shared.config.settings import EdgeSettings
+from shared.runtime.tier import TierRuntime
 
 log = logging.getLogger("splitllm.edge")
 

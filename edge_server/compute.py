@@ -9,11 +9,13 @@ from typing import Any
 
 import torch
 
-from shared.aggregation import AdapterUpdate, clip_updates
-from shared.algorithms import RoundPlan, create_algorithm
-from shared.tier import Busy, TierRuntime, pack_tokens, unpack_tokens
-from shared.transport import Link, ok
-from shared.wire import Message
+from shared.fl.aggregation import AdapterUpdate, clip_updates
+from shared.fl import RoundPlan, create_algorithm
+from shared.runtime.session import Busy
+from shared.runtime.tier import TierRuntime
+from shared.runtime.steps import pack_tokens, unpack_tokens
+from shared.protocol.transport import Link, ok
+from shared.protocol.wire import Message
 
 log = logging.getLogger("splitllm.edge")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from shared.models import ModelSource
-    from shared.sim import Simulation
+    from shared.model.sources import ModelSource
+    from shared.lab.sim import Simulation
 
 # Before anything imports transformers / huggingface_hub (they read these at import time).
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -43,7 +43,7 @@ def hermetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def tiny(hermetic_cache: Path) -> Callable[[str], ModelSource]:
     """``tiny("tiny-llama")``: the resolved tiny random model, generated once per session."""
-    from shared.models import resolve_model
+    from shared.model.sources import resolve_model
 
     return functools.cache(resolve_model)
 
@@ -51,7 +51,7 @@ def tiny(hermetic_cache: Path) -> Callable[[str], ModelSource]:
 @pytest.fixture(scope="session")
 def small_sim(hermetic_cache: Path) -> Callable[..., Simulation]:
     """``small_sim(**overrides)``: a few users on tiny-llama/shakespeare with very small settings."""
-    from shared.sim import SimConfig, Simulation
+    from shared.lab.sim import SimConfig, Simulation
 
     def make(**overrides: object) -> Simulation:
         settings: dict[str, object] = dict(
@@ -71,7 +71,7 @@ def run_cli(hermetic_cache: Path) -> Callable[..., subprocess.CompletedProcess[s
     ``module=...`` runs another module; ``code=...`` runs ``python -c CODE ARGS`` (to patch something first).
     """
 
-    def run(args: list[str], *, code: str | None = None, module: str = "shared.cli",
+    def run(args: list[str], *, code: str | None = None, module: str = "shared.lab.cli",
             timeout: float = 900) -> subprocess.CompletedProcess[str]:
         cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", module, *args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # SPLITLLM_CACHE, HF_HUB_OFFLINE, OMP_NUM_THREADS

@@ -10,14 +10,18 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Response
 
-from shared.batching import derive_seed
-from shared.experiment import Experiment
-from shared.links import LinkEmulator, get_profile
-from shared.http import Auth, HttpLink, guard, get_json, post_json, prometheus, read_message, resident_memory_bytes
-from shared.models import resolve_model
-from shared.settings import UserSettings
-from shared.tier import TierRuntime
-from shared.wire import Message
+from shared.seeds import derive_seed
+from shared.config.deployment import Experiment
+from shared.protocol.links import LinkEmulator, get_profile
+from shared.http.auth import Auth
+from shared.http.server import guard
+from shared.http.client import HttpLink, get_json, post_json
+from shared.http.metrics import prometheus, resident_memory_bytes
+from shared.http.server import read_message
+from shared.model.sources import resolve_model
+from shared.config.settings import UserSettings
+from shared.runtime.tier import TierRuntime
+from shared.protocol.wire import Message
 from user_agent.compute import UserAgent
 
 log = logging.getLogger("splitllm.user")
@@ -138,7 +142,7 @@ def create_app(settings: UserSettings) -> FastAPI:
             raise HTTPException(422, "start message lacks meta.plan with round_id and mode")
         if s.claim(plan):
             threading.Thread(target=s.run, args=(msg,), name=f"round-{plan['round_id']}", daemon=True).start()
-        from shared.wire import encode, CONTENT_TYPE
+        from shared.protocol.wire import encode, CONTENT_TYPE
 
         return Response(encode(Message(kind="accepted", meta={"round": plan["round_id"], "user": s.user_id})),
                         status_code=202, media_type=CONTENT_TYPE)

@@ -7,13 +7,15 @@ from typing import Any
 
 import torch
 
-from shared.algorithms import RoundPlan
-from shared.batching import Batch, BatchSampler, eval_batches
-from shared.data import ClientData
-from shared.models import Tokenizer
-from shared.tier import Session, TierRuntime, pack_tokens, unpack_tokens
-from shared.transport import Link, ok
-from shared.wire import Message
+from shared.fl import RoundPlan
+from shared.data.batching import Batch, BatchSampler, eval_batches
+from shared.data.datasets import ClientData
+from shared.model.sources import Tokenizer
+from shared.runtime.session import Session
+from shared.runtime.tier import TierRuntime
+from shared.runtime.steps import pack_tokens, unpack_tokens
+from shared.protocol.transport import Link, ok
+from shared.protocol.wire import Message
 
 USER_PREFIX = "user/"
 

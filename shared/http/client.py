@@ -1,0 +1,105 @@
+"""The HTTP side of the transport seam: an httpx client link, and the server half every tier's app uses."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any, Callable
+
+import httpx
+
+from shared.protocol.transport import ENDPOINTS, Link, LinkStats
+from shared.protocol.wire import CONTENT_TYPE, Message, decode, encode
+from shared.http.metrics import ByteLedger, round_key
+
+
+class TransportError(RuntimeError):
+    """A peer answered with an error, or could not be reached within the deadline."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _reason(resp: httpx.Response) -> str:
+    try:
+        detail = resp.json().get("detail")
+    except ValueError:
+        detail = resp.text[:200]
+    return f"HTTP {resp.status_code}: {detail}"
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
+class HttpLink(Link):
+    """POST /v1/<endpoint> with a msgpack body; the reply is msgpack too."""
+
+    def __init__(self, base_url: str, upward: bool, *, timeout: float = 600.0, max_message_bytes: int = 256 << 20,
+                 ledger: ByteLedger | None = None, retry_deadline: float = 30.0, emulator: Any = None,
+                 token: str | None = None, verify: str | bool = True) -> None:
+        self.base_url, self.upward, self.emulator = base_url.rstrip("/"), upward, emulator
+        self.client = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=10.0),
+                                   headers=auth_headers(token), verify=verify)
+        self.max_message_bytes = max_message_bytes
+        self.ledger = ledger
+        self.retry_deadline = retry_deadline
+        self.stats = LinkStats()
+
+    def request(self, endpoint: str, msg: Message) -> Message:
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"unknown endpoint '{endpoint}'")
+        body = encode(msg)
+        resp = with_retries(lambda: self.client.post(f"/v1/{endpoint}", content=body,
+                                                     headers={"content-type": CONTENT_TYPE}), self.retry_deadline)
+        if resp.status_code >= 400:
+            raise TransportError(f"{self.base_url}/v1/{endpoint}: {_reason(resp)}", resp.status_code)
+        reply = decode(resp.content, max_bytes=self.max_message_bytes)
+        up, down = (len(body), len(resp.content)) if self.upward else (len(resp.content), len(body))
+        self.stats.add(up, down, endpoint)
+        if self.ledger is not None:
+            self.ledger.add(round_key(msg), up, down)
+        self.emulate(len(body), len(resp.content))
+        return reply
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def with_retries(call: Callable[[], httpx.Response], deadline: float, base_delay: float = 0.2) -> httpx.Response:
+    """Retry connection errors and 503s with exponential backoff and jitter, until ``deadline`` seconds."""
+    end = time.monotonic() + deadline
+    delay = base_delay
+    while True:
+        try:
+            resp = call()
+            if resp.status_code != 503 or time.monotonic() >= end:
+                return resp
+            retry_after = resp.headers.get("retry-after")
+            wait = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else delay
+        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ConnectTimeout, httpx.ReadError) as exc:
+            if time.monotonic() >= end:
+                raise TransportError(f"could not reach peer: {exc}") from exc
+            wait = delay
+        time.sleep(min(wait * (0.5 + random.random()), max(0.0, end - time.monotonic())))
+        delay = min(delay * 2, 5.0)
+
+
+def post_json(url: str, payload: dict[str, Any], deadline: float, timeout: float = 30.0, token: str | None = None,
+              verify: str | bool = True) -> dict[str, Any]:
+    """A JSON control call (registration), retried until the peer answers or the deadline passes."""
+    with httpx.Client(timeout=timeout, headers=auth_headers(token), verify=verify) as client:
+        resp = with_retries(lambda: client.post(url, json=payload), deadline)
+    if resp.status_code >= 400:
+        raise TransportError(f"{url}: {_reason(resp)}", resp.status_code)
+    return resp.json()
+
+
+def get_json(url: str, deadline: float, timeout: float = 30.0, token: str | None = None,
+             verify: str | bool = True) -> dict[str, Any]:
+    with httpx.Client(timeout=timeout, headers=auth_headers(token), verify=verify) as client:
+        resp = with_retries(lambda: client.get(url), deadline)
+    if resp.status_code >= 400:
+        raise TransportError(f"{url}: {_reason(resp)}", resp.status_code)
+    return resp.json()

@@ -1,0 +1,299 @@
+"""The ``splitllm`` command: sim, verify-split, memory (and the services, in their own packages)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+class UsageError(ValueError):
+    """Bad command-line input, reported as one line without a traceback."""
+
+
+def _split_arg(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        a, b = (int(x) for x in text.split(","))
+    except ValueError:
+        raise UsageError(f"--split takes two integers 'a,b' (got '{text}'), e.g. --split 2,15") from None
+    return a, b
+
+
+def _lora_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    p.add_argument("--targets", default="", help="comma-separated target modules (default: per family)")
+
+
+def _lora(args: argparse.Namespace) -> Any:
+    from shared.model.adapters import LoraSettings
+
+    targets = [t for t in args.targets.split(",") if t]
+    return LoraSettings(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, target_modules=targets)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    quality = (f"acc {row['eval_accuracy']:.4f}" if "eval_accuracy" in row
+               else f"ppl {row['eval_perplexity']:.2f}" if "eval_perplexity" in row else "")
+    b = row["bytes"]
+    print(f"{row['round']:>5}  {_fmt(row['train_loss'], '.4f'):>10}  {_fmt(row['eval_loss'], '.4f'):>9}  {quality:>13}  "
+          f"{b['user']['up'] / 1e6:>9.2f}  {b['user']['down'] / 1e6:>9.2f}  {b['edge']['up'] / 1e6:>9.2f}  "
+          f"{b['edge']['down'] / 1e6:>9.2f}  {row['seconds']:>7.1f}", flush=True)
+
+
+def _json_object(text: str, flag: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{flag} must be a JSON object ({exc.msg} at position {exc.pos}), e.g. '{{\"k\": 1}}'") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{flag} must be a JSON object, e.g. '{{\"k\": 1}}'")
+    return value
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from shared.lab.sim import SimConfig, Simulation
+
+    cfg = SimConfig(model=args.model, data=args.data, users=args.users, edges=args.edges, rounds=args.rounds,
+                    split=_split_arg(args.split), local_steps=args.local_steps, batch_size=args.batch_size,
+                    lr=args.lr, max_len=args.max_len, partition=args.partition, alpha=args.dirichlet_alpha,
+                    max_examples_per_client=args.max_examples or None, eval_examples_per_client=args.eval_examples,
+                    lora=_lora(args), algorithm=args.algorithm, algorithm_config=_json_object(args.algorithm_config, "--algorithm-config"),
+                    seed=args.seed, user_link=args.user_link, edge_link=args.edge_link, link_sleep=args.link_sleep,
+                    user_edge_codecs=args.user_edge_codecs, edge_cloud_codecs=args.edge_cloud_codecs,
+                    adapter=args.adapter, slowdowns=[float(x) for x in args.slowdowns.split(",") if x])
+    sim = Simulation(cfg)
+    print(f"model {args.model} ({sim.source.family}, {sim.source.num_layers} blocks), split {sim.spec.split[0]},"
+          f"{sim.spec.split[1]}; data {args.data} ({sim.dataset.task}), {args.users} users, {args.edges} edges", flush=True)
+    if sim.dataset.task == "cls":
+        print(f"majority-class accuracy on the eval splits: {sim.dataset.majority_class_accuracy():.4f}", flush=True)
+    print(f"{'round':>5}  {'train_loss':>10}  {'eval_loss':>9}  {'quality':>13}  {'user_up_MB':>9}  {'user_dn_MB':>9}  "
+          f"{'edge_up_MB':>9}  {'edge_dn_MB':>9}  {'seconds':>7}", flush=True)
+    rows = sim.run(on_row=_print_row)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"config": cfg.to_dict(), "rounds": rows}, indent=2))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from shared.lab.verify import verify_split
+
+    split = _split_arg(args.split)
+    result = verify_split(args.model, split, args.steps, task=args.task, lr=args.lr, seed=args.seed)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"{args.model} split {split[0]},{split[1]}, {args.steps} steps, {result.num_adapter_tensors} adapter tensors")
+        for i, (a, b) in enumerate(zip(result.split_losses, result.whole_losses)):
+            print(f"  step {i}: split loss {a:.8f}  whole loss {b:.8f}  diff {abs(a - b):.2e}")
+        print(f"max loss difference   {result.max_loss_diff:.3e}")
+        print(f"max weight difference {result.max_weight_diff:.3e}")
+    return 0
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    from shared.lab.memory import memory_report
+
+    report = memory_report(args.model, _split_arg(args.split), batch_size=args.batch_size, seq_len=args.seq_len)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    whole = report["whole"]
+    print(f"{'process':>7}  {'param_MB':>9}  {'share':>6}  {'peak_rss_MB':>11}")
+    for name in ("user", "edge", "cloud", "whole"):
+        r = report[name]
+        print(f"{name:>7}  {r['param_bytes'] / 1e6:>9.1f}  {r['param_bytes'] / whole['param_bytes']:>6.1%}  "
+              f"{r['peak_rss_bytes'] / 1e6:>11.1f}")
+    for line in report["checks"]:
+        print(line)
+    return 0
+
+
+def cmd_bench_http(args: argparse.Namespace) -> int:
+    from shared.lab.bench.overhead import bench_http, write_json
+
+    report = bench_http(args.model, args.split, args.batch_size, args.seq_len, args.steps)
+    write_json(report, args.json)
+    print(f"{report['model']} batch {report['batch_shape']}: in-process {report['inprocess_step_seconds']:.3f} s/step, "
+          f"HTTP on loopback {report['http_step_seconds']:.3f} s/step, ratio {report['ratio']:.3f} (target <= 1.10)")
+    return 0
+
+
+def cmd_bench_codecs(args: argparse.Namespace) -> int:
+    from shared.lab.bench.codecs import BENCH_CODECS, bench_codecs, bench_codecs_4g
+    from shared.lab.bench.overhead import write_json
+
+    report: dict[str, Any] = {"codecs": []}
+    if not args.only_4g:
+        # fp32 first: the reference every loss change is taken against
+        codecs = ("fp32", *(c for c in args.codec if c != "fp32")) if args.codec else BENCH_CODECS
+        report = bench_codecs(args.model, args.split, args.steps, args.batch_size, args.seq_len,
+                              seeds=tuple(range(args.seed, args.seed + args.seeds)), codecs=codecs, data=args.data,
+                              eval_examples=args.eval_examples)
+        print(f"{report['model']} on {report['data']}, {report['steps']} steps of {report['batch']}, "
+              f"{len(report['seeds'])} seed(s); loss change against fp32 from the same seed, mean +- standard error")
+    print(f"{'codec':<44} {'bytes/step':>11} {'x fp32':>7} {'MB/s':>8} {'loss':>8} {'delta %':>15}")
+    for r in report["codecs"]:
+        print(f"{r['codec']:<44} {r['bytes_per_step']:>11.0f} {r['ratio_vs_fp32']:>7.2f} {r['encode_decode_mb_s']:>8.0f} "
+              f"{r['loss_after_steps']:>8.4f} {r['loss_delta_pct']:>+8.2f} +- {r['loss_delta_pct_se']:.2f}")
+    if args.only_4g:
+        report = {"round_4g": bench_codecs_4g(args.model, args.split, threads=args.threads)}
+    elif not args.no_4g:
+        report["round_4g"] = bench_codecs_4g(args.model, args.split, threads=args.threads)
+    if "round_4g" in report:
+        r4 = report["round_4g"]
+        print(f"4g round, {r4['users']} users through one edge, {r4['steps']} steps of {r4['batch']}: "
+              f"fp32 {r4['runs']['fp32']['round_seconds']:.1f} s, int8 {r4['runs']['int8']['round_seconds']:.1f} s "
+              f"({r4['speedup_int8']:.2f}x), int8+shuffle-lz4 {r4['runs']['int8+shuffle-lz4']['round_seconds']:.1f} s "
+              f"({r4['speedup_int8_shuffle_lz4']:.2f}x)")
+    write_json(report, args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitllm", description="Three-tier split LoRA fine-tuning runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sim", help="C users behind E edges for R rounds, in one process")
+    p.add_argument("--model", default="tiny-llama")
+    p.add_argument("--data", default="shakespeare", help="shakespeare, trec, sms_spam or sentiment")
+    p.add_argument("--users", type=int, default=4)
+    p.add_argument("--edges", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--split", default=None, help="split points a,b (default: max(1, L//15), L//2)")
+    p.add_argument("--local-steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 5e-3 for classification, 1e-3 for LM)")
+    p.add_argument("--max-len", type=int, default=64, help="tokens per example (default 64)")
+    p.add_argument("--partition", default="default", help="natural, dirichlet, iid (default: per data set)")
+    p.add_argument("--dirichlet-alpha", type=float, default=0.5)
+    p.add_argument("--max-examples", type=int, default=256, help="train examples per client (0: all)")
+    p.add_argument("--eval-examples", type=int, default=32, help="held-out examples per client")
+    p.add_argument("--algorithm", default="fedavg")
+    p.add_argument("--algorithm-config", default="{}", help="JSON object of the algorithm's options")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the per-round table as JSON to this path")
+    p.add_argument("--user-link", default="none", help="link profile of each user-edge hop: wifi, 4g, 5g, fiber, none")
+    p.add_argument("--edge-link", default="none", help="link profile of each edge-cloud hop")
+    p.add_argument("--link-sleep", action="store_true", help="really wait the link time (default: a virtual clock)")
+    p.add_argument("--user-edge-codecs", default="fp32",
+                   help="codecs on user-edge hops: 'int8' (activations and gradients) or "
+                        "'activations=int8,gradients=topk:ratio=0.1,uploads=fp16,downloads=fp32'")
+    p.add_argument("--edge-cloud-codecs", default="fp32", help="codecs on edge-cloud hops (same form)")
+    p.add_argument("--adapter", default="lora", choices=("lora", "svd"), help="adapter form (svd: what FedARA trains)")
+    p.add_argument("--slowdowns", default="", help="per-user compute slowdown factors, cycled, e.g. 1,2,4")
+    _lora_args(p)
+    p.set_defaults(func=cmd_sim)
+
+    p = sub.add_parser("verify-split", help="K steps split and unsplit from the same seed; largest differences")
+    p.add_argument("--model", required=True)
+    p.add_argument("--split", required=True, help="split points a,b")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--task", choices=("lm", "cls"), default=None, help="default: cls for BERT, lm otherwise")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help='print {"max_loss_diff": ..., "max_weight_diff": ...}')
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("memory", help="each tier's parameter bytes and peak resident memory against the whole model")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--split", default="2,15")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_memory)
+
+    bench = sub.add_parser("bench", help="benchmarks that write JSON").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("http", help="per-step time of the HTTP path on loopback against the in-process path")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--split", default="2,15")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_bench_http)
+
+    sub.add_parser("topology", help="the tiers in network namespaces joined by tc-shaped veth links (root)",
+                   add_help=False)
+    p = bench.add_parser("codecs", help="bytes, throughput and training effect of each tensor codec")
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--split", default="1,3")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--data", default=None, help="default: trec for an encoder, shakespeare for a decoder")
+    p.add_argument("--seeds", type=int, default=3, help="runs per codec, seeds --seed .. --seed + N - 1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-examples", type=int, default=128, help="held-out examples the loss is taken on")
+    p.add_argument("--codec", action="append", default=None,
+                   help="a codec spec to compare (repeatable; fp32 is always run first); default: the standard set")
+    p.add_argument("--no-4g", action="store_true", help="skip the round over emulated 4g links (real processes)")
+    p.add_argument("--only-4g", action="store_true", help="only the round over emulated 4g links")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of every tier in the 4g round (0: one per core in each process)")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_bench_codecs)
+
+    bench.add_parser("fedara", help="FedARA against fixed-rank LoRA (see splitllm bench fedara --help)", add_help=False)
+    bench.add_parser("droppeft", help="DropPEFT against plain split LoRA (see splitllm bench droppeft --help)",
+                     add_help=False)
+
+    for name in SERVICES:
+        sub.add_parser(name, help=f"run the {name} tier as a service (see splitllm {name} --help)", add_help=False)
+    return parser
+
+
+SERVICES = {"cloud": "cloud_server", "edge": "edge_server", "user": "user_agent"}
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from shared.fl.aggregation import AggregationError
+    from shared.data.datasets import DataError
+    from shared.model.sources import ModelError
+    from shared.lab.sim import RoundFailed
+
+    return (UsageError, ModelError, DataError, AggregationError, RoundFailed, json.JSONDecodeError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SERVICES:  # the services parse their own flags (generated from their settings)
+        import importlib
+
+        return int(importlib.import_module(f"{SERVICES[argv[0]]}.__main__").main(argv[1:]) or 0)
+    if argv[:2] in (["bench", "fedara"], ["bench", "droppeft"]):  # these benches parse their own flags
+        import importlib
+
+        return int(importlib.import_module(f"shared.lab.bench.{argv[1]}").main(argv[2:]) or 0)
+    if argv and argv[0] == "topology":
+        from shared.lab.topology import main as topology_main
+
+        return int(topology_main(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if isinstance(exc, user_errors()) or (isinstance(exc, ValueError) and type(exc) is ValueError):
+            print(f"splitllm {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

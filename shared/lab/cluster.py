@@ -1,0 +1,150 @@
+"""Real tier processes on loopback ports: the demo, the HTTP benchmark and the integration tests use them."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository (or site-packages) root holding shared/
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    port: int
+    log: Path
+    popen: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, env: dict[str, str]) -> None:
+        cmd = [sys.executable, "-m", "shared.lab.cli", *self.args, "--port", str(self.port), "--log-level", "warning"]
+        self.popen = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.popen and self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            self.popen.wait(timeout=30)
+
+    def wait_healthy(self, timeout: float = 180.0) -> dict:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.popen is not None and self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                r = httpx.get(f"{self.url}/healthz", timeout=2)
+                if r.status_code == 200:
+                    return r.json()
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"{self.name} not healthy after {timeout}s: {self.log.read_text()[-2000:]}")
+
+
+@dataclass
+class Cluster:
+    """One cloud, E edges, C users (user i behind edge i % E, holding client i), as separate processes."""
+
+    workdir: Path
+    cloud_args: list[str]
+    users: int = 4
+    edges: int = 2
+    edge_args: list[str] = field(default_factory=list)
+    user_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.env.setdefault("HF_HUB_OFFLINE", "1")
+        # A fresh pair of tokens per cluster: tiers authenticate to each other, the round API needs the admin one.
+        self.env.setdefault("SPLITLLM_TOKEN", secrets.token_urlsafe(24))
+        self.env.setdefault("SPLITLLM_ADMIN_TOKEN", secrets.token_urlsafe(24))
+        self.env["PYTHONPATH"] = str(ROOT)
+        cloud_port = free_port()
+        self.procs["cloud"] = Proc("cloud", ["cloud", "--data-dir", str(self.workdir / "cloud"),
+                                             "--num-clients", str(self.users), *self.cloud_args],
+                                   cloud_port, self.workdir / "cloud.log")
+        for e in range(self.edges):
+            self.procs[f"edge-{e}"] = Proc(f"edge-{e}", ["edge", "--cloud", self.cloud.url, "--edge-id", f"edge-{e}",
+                                                         *self.edge_args],
+                                           free_port(), self.workdir / f"edge-{e}.log")
+        for i in range(self.users):
+            edge = self.procs[f"edge-{i % self.edges}"]
+            self.procs[f"user-{i}"] = Proc(f"user-{i}", ["user", "--edge", edge.url, "--client-index", str(i),
+                                                         *self.user_args],
+                                           free_port(), self.workdir / f"user-{i}.log")
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.env['SPLITLLM_ADMIN_TOKEN']}"}
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(f"{self.cloud.url}{path}", headers=self.admin_headers, timeout=30)
+
+    @property
+    def cloud(self) -> Proc:
+        return self.procs["cloud"]
+
+    def start(self, timeout: float = 300.0) -> None:
+        for p in self.procs.values():
+            p.start(self.env)
+        for p in self.procs.values():
+            p.wait_healthy(timeout)
+        end = time.monotonic() + timeout
+        while self.cloud.wait_healthy()["users"] < self.users:
+            if time.monotonic() > end:
+                raise TimeoutError("users did not all register")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.kill(signal.SIGTERM)
+
+    def start_round(self, body: dict | None = None) -> int:
+        r = httpx.post(f"{self.cloud.url}/v1/rounds", json=body or {}, headers=self.admin_headers, timeout=30)
+        r.raise_for_status()
+        return r.json()["round_id"]
+
+    def wait_round(self, round_id: int, timeout: float = 600.0) -> dict:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            view = self.get(f"/v1/rounds/{round_id}").json()
+            if view["state"] in ("committed", "failed", "cancelled") and "eval_loss" in view.get("metrics", {}) \
+                    or view["state"] in ("failed", "cancelled"):
+                return view
+            if view["state"] == "committed" and not view["request"]["evaluate"]:
+                return view
+            time.sleep(0.3)
+        raise TimeoutError(f"round {round_id} did not finish in {timeout}s")
+
+
+def one_round(workdir: Path, cloud_args: list[str], body: dict, **cluster_kw) -> dict:
+    """Start a cluster, run one round with ``body``, stop it; the round's final view."""
+    cluster = Cluster(workdir, cloud_args, **cluster_kw)
+    try:
+        cluster.start()
+        view = cluster.wait_round(cluster.start_round(body), timeout=3600)
+    finally:
+        cluster.stop()
+    if view["state"] != "committed":
+        raise RuntimeError(f"round {view['state']}: {view.get('error')}")
+    return view

@@ -1,0 +1,212 @@
+"""In-process simulation: C users behind E edges and one cloud, on the services' code path."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from cloud_server.rounds import Coordinator, RoundRecord, RoundRequest
+from edge_server.compute import EdgeServer
+from shared.model.adapters import LoraSettings, initial_state
+from shared.fl import create_algorithm, default_lr
+from shared.data.datasets import FederatedDataset
+from shared.seeds import derive_seed
+from shared.config.deployment import DataSpec, codecs_for
+from shared.protocol.links import LinkEmulator, get_profile
+from shared.model.sources import ModelSource, resolve_model
+from shared.model.partition import Split
+from shared.config.model_spec import ModelSpec
+from shared.runtime.tier import TierRuntime, adapter_shapes
+from shared.protocol.transport import InProcessLink
+from user_agent.compute import UserAgent
+
+
+class RoundFailed(RuntimeError):
+    """A simulated round did not commit; the message carries the coordinator's reason."""
+
+
+def default_split(num_layers: int) -> tuple[int, int]:
+    """A small user share and the middle of the model for the edge: (max(1, L // 15), L // 2)."""
+    a = min(max(1, num_layers // 15), num_layers)
+    return a, max(a, num_layers // 2)
+
+
+@dataclass
+class SimConfig:
+    model: str = "tiny-llama"
+    data: str = "shakespeare"
+    users: int = 4
+    edges: int = 2
+    rounds: int = 3
+    split: tuple[int, int] | None = None
+    local_steps: int = 20
+    batch_size: int = 8
+    lr: float | None = None  # None: default_lr(task)
+    max_len: int = 64
+    min_chars: int = 0
+    pad_to_max: bool = False
+    partition: str = "default"
+    alpha: float = 0.5
+    max_examples_per_client: int | None = 256
+    eval_examples_per_client: int = 32
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    algorithm: str = "fedavg"
+    algorithm_config: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    wire: bool = True
+    baseline_eval: bool = True
+    user_link: str = "none"  # link profile of each user's hop to its edge (shared/protocol/link_profiles.json)
+    edge_link: str = "none"  # link profile of each edge's hop to the cloud
+    link_sleep: bool = False  # really wait the link time (wall clock) instead of a virtual clock
+    user_edge_codecs: str = "fp32"  # e.g. "int8", or "activations=int8,gradients=topk:ratio=0.1"
+    edge_cloud_codecs: str = "fp32"
+    adapter: str = "lora"  # or "svd" (what FedARA trains)
+    slowdowns: list[float] = field(default_factory=list)  # per-user compute slowdown factors (heterogeneous devices)
+
+    def __post_init__(self) -> None:
+        if self.local_steps < 1 or self.batch_size < 1 or (self.lr is not None and not self.lr > 0):
+            raise ValueError(f"--local-steps and --batch-size must be >= 1 and --lr > 0 "
+                             f"(got {self.local_steps}, {self.batch_size}, {self.lr})")
+        if self.rounds < 0 or self.max_len < 2:
+            raise ValueError(f"--rounds must be >= 0 and --max-len >= 2 (got {self.rounds}, {self.max_len})")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["lora"] = self.lora.to_dict()
+        out["split"] = list(self.split) if self.split else None
+        return out
+
+
+class Simulation:
+    """Builds the topology from a config; ``run_round`` drives one round through the coordinator."""
+
+    def __init__(self, config: SimConfig, source: ModelSource | None = None,
+                 dataset: FederatedDataset | None = None) -> None:
+        if config.edges < 1 or config.users < config.edges:
+            raise ValueError(f"need at least one edge and one user per edge (got {config.users} users, {config.edges} edges)")
+        self.config = config
+        create_algorithm(config.algorithm, config.algorithm_config)  # fail before loading anything
+        self.source = source or resolve_model(config.model)
+        self.data_spec = DataSpec(name=config.data, num_clients=config.users, partition=config.partition,
+                                  alpha=config.alpha, seed=config.seed, max_len=config.max_len, min_chars=config.min_chars,
+                                  pad_to_max=config.pad_to_max,
+                                  max_examples_per_client=config.max_examples_per_client,
+                                  eval_examples_per_client=config.eval_examples_per_client)
+        self.dataset = dataset or self.data_spec.load()
+        split = config.split or default_split(self.source.num_layers)
+        Split(split[0], split[1], self.source.num_layers)  # validate with a clear error
+        self.spec = ModelSpec(model=config.model, split=tuple(split), task=self.dataset.task,
+                              num_labels=self.dataset.num_labels, lora=config.lora, seed=config.seed,
+                              adapter=config.adapter, codecs=codecs_for(config.user_edge_codecs, config.edge_cloud_codecs))
+        shapes = adapter_shapes(self.source, self.spec)
+        initial = {tier: initial_state(shapes[tier], config.seed, kind=config.adapter) for tier in shapes}
+        tokenizer = self.source.tokenizer()
+        cloud_rt = TierRuntime("cloud", self.source, self.spec)
+        edge_rt = TierRuntime("edge", self.source, self.spec)
+        user_rt = TierRuntime("user", self.source, self.spec)
+        self.runtimes = {"user": user_rt, "edge": edge_rt, "cloud": cloud_rt}
+        self.coordinator = Coordinator(cloud_rt, initial, seed=config.seed)
+        self.edge_links: list[InProcessLink] = []
+        self.user_links: list[InProcessLink] = []
+        self.edges: list[EdgeServer] = []
+        self.emulators: dict[str, list[LinkEmulator]] = {"user_edge": [], "edge_cloud": []}
+        for e in range(config.edges):
+            edge_id = f"edge-{e}"
+            emulator = self._emulator("edge_cloud", config.edge_link, edge_id)
+            up = InProcessLink(self.coordinator, upward=True, wire=config.wire, emulator=emulator)
+            edge = EdgeServer(edge_id, edge_rt, up)
+            down = InProcessLink(edge, upward=False, wire=config.wire, emulator=emulator)
+            self.coordinator.register_edge(edge_id, down)
+            self.edges.append(edge)
+            self.edge_links += [up, down]
+        self.users: list[UserAgent] = []
+        for i, client in enumerate(self.dataset.clients):
+            edge = self.edges[i % config.edges]
+            user_id = f"user-{i}"
+            emulator = self._emulator("user_edge", config.user_link, user_id)
+            up = InProcessLink(edge, upward=True, wire=config.wire, emulator=emulator)
+            slowdown = config.slowdowns[i % len(config.slowdowns)] if config.slowdowns else 1.0
+            agent = UserAgent(user_id, user_rt, client, tokenizer, up, max_len=config.max_len, slowdown=slowdown,
+                              pad_to_max=config.pad_to_max)
+            down = InProcessLink(agent, upward=False, wire=config.wire, emulator=emulator)
+            edge.register_user(user_id, down, agent.num_samples)
+            self.coordinator.register_user(edge.edge_id, user_id, agent.num_samples)
+            self.users.append(agent)
+            self.user_links += [up, down]
+
+    def _emulator(self, hop: str, profile_name: str, owner: str) -> LinkEmulator | None:
+        profile = get_profile(profile_name)
+        if profile is None:
+            return None
+        emulator = LinkEmulator(profile, seed=derive_seed(self.config.seed, owner, "link"), sleep=self.config.link_sleep)
+        self.emulators[hop].append(emulator)
+        return emulator
+
+    def link_seconds(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for hop, emulators in self.emulators.items():
+            snaps = [e.clock.snapshot() for e in emulators]
+            out[hop] = {"up": sum(s["seconds_up"] for s in snaps), "down": sum(s["seconds_down"] for s in snaps)}
+        return out
+
+    def request(self, evaluate: bool = True) -> RoundRequest:
+        c = self.config
+        lr = c.lr if c.lr is not None else default_lr(self.dataset.task)
+        return RoundRequest(local_steps=c.local_steps, batch_size=c.batch_size, lr=lr, algorithm=c.algorithm,
+                            config=dict(c.algorithm_config), evaluate=evaluate)
+
+    def bytes(self) -> dict[str, dict[str, int]]:
+        def total(links: list[InProcessLink]) -> dict[str, int]:
+            snaps = [l.stats.snapshot() for l in links]
+            return {"up": sum(s["bytes_up"] for s in snaps), "down": sum(s["bytes_down"] for s in snaps)}
+
+        return {"user_edge": total(self.user_links), "edge_cloud": total(self.edge_links)}
+
+    def run_round(self, request: RoundRequest | None = None) -> dict[str, Any]:
+        before = (self.bytes(), self.link_seconds())
+        t0 = time.perf_counter()
+        record = self.coordinator.run_round(self.coordinator.new_round(request or self.request()))
+        return self._row(record, before, time.perf_counter() - t0)
+
+    def evaluate_only(self) -> dict[str, Any]:
+        """Held-out metrics of the current global adapters without training (the round-0 row)."""
+        before = (self.bytes(), self.link_seconds())
+        t0 = time.perf_counter()
+        record = self.coordinator.evaluate_current()
+        return self._row(record, before, time.perf_counter() - t0)
+
+    def _row(self, record: RoundRecord, before_: tuple[dict, dict], seconds: float) -> dict[str, Any]:
+        if record.state != "committed":
+            raise RoundFailed(f"round {record.round_id} {record.state}: {record.error}")
+        before, links_before = before_
+        links = self.link_seconds()
+        after = self.bytes()
+        hops = {h: {d: after[h][d] - before[h][d] for d in ("up", "down")} for h in after}
+        m = record.metrics
+        row: dict[str, Any] = {
+            "round": record.round_id, "version": record.version,
+            "train_loss": m.get("train_loss"), "eval_loss": m.get("eval_loss"),
+            "bytes_up": hops["user_edge"]["up"] + hops["edge_cloud"]["up"],
+            "bytes_down": hops["user_edge"]["down"] + hops["edge_cloud"]["down"],
+            "bytes": {"user": {"up": hops["user_edge"]["up"], "down": hops["user_edge"]["down"]},
+                      "edge": {"up": hops["edge_cloud"]["up"], "down": hops["edge_cloud"]["down"]}},
+            "seconds": seconds,
+            "link_seconds": {h: {d: links[h][d] - links_before[h][d] for d in ("up", "down")} for h in links},
+        }
+        for key in ("eval_accuracy", "eval_perplexity", "eval_token_accuracy"):
+            if key in m:
+                row[key] = m[key]
+        return row
+
+    def run(self, on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        rows = []
+        if self.config.baseline_eval:
+            rows.append(self.evaluate_only())
+            if on_row:
+                on_row(rows[-1])
+        for _ in range(self.config.rounds):
+            rows.append(self.run_round())
+            if on_row:
+                on_row(rows[-1])
+        return rows

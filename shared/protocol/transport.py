@@ -1,0 +1,97 @@
+"""The transport seam: one request/response interface between tiers, in-process or over HTTP."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from shared.protocol.wire import Message, decode, encode
+
+ENDPOINTS = ("step", "start", "update")
+
+
+class Handler(Protocol):
+    """A tier's compute object as the transport sees it: ``on_<endpoint>(message) -> message``."""
+
+    def on_step(self, msg: Message) -> Message: ...
+    def on_start(self, msg: Message) -> Message: ...
+    def on_update(self, msg: Message) -> Message: ...
+
+
+@dataclass
+class LinkStats:
+    """Bytes and messages that crossed one link, each way (up = towards the cloud)."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    messages: int = 0
+    by_endpoint: dict[str, list[int]] = field(default_factory=dict)  # endpoint -> [up, down, messages]
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, up: int, down: int, endpoint: str = "") -> None:
+        with self._lock:
+            self.bytes_up += up
+            self.bytes_down += down
+            self.messages += 1
+            counts = self.by_endpoint.setdefault(endpoint, [0, 0, 0])
+            counts[0] += up
+            counts[1] += down
+            counts[2] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "messages": self.messages,
+                    "by_endpoint": {k: list(v) for k, v in self.by_endpoint.items()}}
+
+
+class Link:
+    """A caller's handle on one peer tier."""
+
+    stats: LinkStats
+    upward: bool  # True when the peer is the caller's parent (user -> edge, edge -> cloud)
+    emulator: Any = None  # a shared.links.LinkEmulator for this hop, or None
+
+    def emulate(self, sent: int, received: int) -> None:
+        """Charge the hop's link time for a request of ``sent`` bytes and its reply of ``received``."""
+        if self.emulator is not None:
+            self.emulator.transfer(sent, upward=self.upward)
+            self.emulator.transfer(received, upward=not self.upward)
+
+    def request(self, endpoint: str, msg: Message) -> Message:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release connections (nothing to do in-process)."""
+
+
+class InProcessLink(Link):
+    """Direct calls, with every message really encoded and decoded so bytes and dtypes are real."""
+
+    def __init__(self, handler: Any, upward: bool, wire: bool = True, emulator: Any = None) -> None:
+        self.handler, self.upward, self.wire, self.emulator = handler, upward, wire, emulator
+        self.stats = LinkStats()
+
+    def request(self, endpoint: str, msg: Message) -> Message:
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"unknown endpoint '{endpoint}'")
+        sent = received = 0
+        if self.wire:
+            data = encode(msg)
+            sent = len(data)
+            msg = decode(data)
+        reply = getattr(self.handler, f"on_{endpoint}")(msg)
+        if self.wire:
+            data = encode(reply)
+            received = len(data)
+            reply = decode(data)
+        if self.upward:
+            self.stats.add(sent, received, endpoint)
+        else:
+            self.stats.add(received, sent, endpoint)
+        self.emulate(sent, received)
+        return reply
+
+
+def ok(kind: str = "ok", **meta: Any) -> Message:
+    return Message(kind=kind, meta=meta)

@@ -1,0 +1,266 @@
+"""DropPEFT: one skip mask on every tier, skipped blocks never run, eval runs all, the bandit, personal layers."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+
+import pytest
+import torch
+
+from shared.fl import Participant, RoundPlan, create_algorithm, register_algorithm
+from shared.fl.droppeft import DropPEFT, UCBPolicy, block_of, layer_ratios, progress_per_second
+from shared.config.model_spec import ModelSpec
+from shared.runtime.tier import TierContext
+
+SPLIT = (2, 4)  # a 6-block model: user [0, 2), edge [2, 4), cloud [4, 6)
+TIER_LAYERS = {"user": [0, 1], "edge": [2, 3], "cloud": [4, 5]}
+
+
+def tier_instance(tier: str, config: dict, num_layers: int = 6) -> DropPEFT:
+    algorithm = create_algorithm("droppeft", config)
+    algorithm.ctx = TierContext(tier, TIER_LAYERS[tier], num_layers, ModelSpec("x", SPLIT, "lm"), {}, {})
+    return algorithm
+
+
+# --- STLD: one mask, derived on every tier --------------------------------------------------------
+
+
+def test_every_tier_derives_the_same_mask_from_the_shared_seed() -> None:
+    tiers = {t: tier_instance(t, {}) for t in TIER_LAYERS}
+    skipped = Counter()
+    draws = 0
+    for user in ("user-0", "user-1"):
+        for round_id in (1, 2):
+            for ratio in (0.1, 0.3, 0.5):
+                plan = RoundPlan(round_id=round_id, user_id=user, seed=7, algorithm="droppeft", extra={"ratio": ratio})
+                for step in range(100):
+                    masks = {t: a.mask(plan, step) for t, a in tiers.items()}
+                    assert len({tuple(m) for m in masks.values()}) == 1  # identical on user, edge and cloud
+                    ran = [i for t, a in tiers.items() for i in a.layers_to_run(t, TIER_LAYERS[t], plan, step)]
+                    assert ran == [i for i in range(6) if not masks["user"][i]]  # the tiers run exactly the kept blocks
+                    if ratio == 0.5:
+                        skipped.update(i for i in range(6) if masks["user"][i])
+                        draws += 1
+    # a fresh instance (another process) agrees; another step, round, user or seed gives another mask
+    plan = RoundPlan(round_id=1, user_id="user-0", seed=7, extra={"ratio": 0.5})
+    assert tier_instance("edge", {}).mask(plan, 3) == tiers["cloud"].mask(plan, 3)
+    others = [tiers["user"].mask(RoundPlan(round_id=r, user_id=u, seed=s, extra={"ratio": 0.5}), st)
+              for r, u, s, st in ((1, "user-0", 7, 4), (2, "user-0", 7, 3), (1, "user-1", 7, 3), (1, "user-0", 8, 3))]
+    assert any(m != tiers["user"].mask(plan, 3) for m in others)
+    # skipping grows with depth: p_l = 0.5 * 2l / 5, the deepest capped at 0.9; block 0 always runs
+    rates = [skipped[i] / draws for i in range(6)]
+    expected = layer_ratios(0.5, 6, 0.9)
+    assert expected == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 0.9])
+    assert rates[0] == 0.0
+    assert all(abs(r - e) < 0.08 for r, e in zip(rates, expected)), rates
+    # ratio 0: nothing is skipped
+    assert tiers["edge"].layers_to_run("edge", [2, 3], RoundPlan(round_id=1, user_id="u", extra={"ratio": 0.0}), 0) == [2, 3]
+
+
+@register_algorithm
+class RecordingDropPEFT(DropPEFT):
+    """DropPEFT that records, per tier, the whole-model mask it derived and the blocks it ran."""
+
+    name = "test-droppeft-recorder"
+    seen: list[tuple[str, str, int, int, tuple[bool, ...], tuple[int, ...]]] = []
+
+    def layers_to_run(self, tier, layer_ids, plan, step):
+        run = super().layers_to_run(tier, layer_ids, plan, step)
+        RecordingDropPEFT.seen.append((tier, plan.user_id, plan.round_id, step, tuple(self.mask(plan, step)), tuple(run)))
+        return run
+
+
+def test_sim_round_same_mask_on_every_tier_skipped_blocks_never_run_and_eval_runs_all(small_sim) -> None:
+    sim = small_sim(algorithm="test-droppeft-recorder", algorithm_config={"ratio": 0.5}, users=2, local_steps=4,
+                    split=(1, 3), eval_examples_per_client=2)
+    calls: Counter[tuple[int, str]] = Counter()
+    for runtime in sim.runtimes.values():
+        for index, block in runtime.partition.blocks.items():
+            block.register_forward_hook(
+                lambda m, a, o, i=int(index): calls.update([(i, "train" if torch.is_grad_enabled() else "eval")]))
+    RecordingDropPEFT.seen.clear()
+    sim.run_round()
+    seen = list(RecordingDropPEFT.seen)
+    by_step: dict[tuple[str, int], dict[str, tuple[bool, ...]]] = defaultdict(dict)
+    ran: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for tier, user, _, step, mask, run in seen:
+        by_step[(user, step)][tier] = mask
+        ran[(user, step)] += run
+    assert len(by_step) == 2 * 4
+    kept = Counter()
+    for key, masks in by_step.items():
+        assert set(masks) == {"user", "edge", "cloud"}, key
+        assert len(set(masks.values())) == 1, (key, masks)  # every tier saw the same mask
+        mask = masks["cloud"]
+        assert sorted(ran[key]) == [i for i in range(4) if not mask[i]]
+        kept.update(i for i in range(4) if not mask[i])
+    assert sum(len(by_step) - kept[i] for i in range(4)) > 0, "ratio 0.5 skipped nothing in 8 steps"
+    # a skipped block is never called; evaluation (no grad) calls every block once per user and batch
+    assert {i: calls[(i, "train")] for i in range(4)} == {i: kept[i] for i in range(4)}
+    assert {i: calls[(i, "eval")] for i in range(4)} == {i: 2 for i in range(4)}
+
+
+# --- online ratios: the bandit ------------------------------------------------------------------------
+
+
+def test_ucb_converges_to_the_best_arm_deterministically() -> None:
+    means = [0.2, 0.5, 0.8, 0.45, 0.3, 0.1]
+
+    def play(seed: int) -> tuple[list[int], UCBPolicy]:
+        policy, noise, arms = UCBPolicy(len(means), seed=seed), random.Random(seed), []
+        for _ in range(400):
+            arm = policy.select()
+            arms.append(arm)
+            policy.update(arm, means[arm] + noise.gauss(0, 0.2))
+        return arms, policy
+
+    arms, policy = play(3)
+    assert play(3)[0] == arms  # deterministic under its seed
+    assert sorted(arms[:6]) == list(range(6))  # every arm is tried once first
+    assert policy.best() == 2
+    assert Counter(arms[-100:]).most_common(1)[0][0] == 2
+    assert policy.counts[2] > 0.6 * sum(policy.counts)
+
+
+def true_rate(ratio: float) -> float:
+    """Synthetic loss decrease per second: best at ratio 0.3 (cheaper steps against less progress per step)."""
+    return 1.0 - 2.5 * abs(ratio - 0.3)
+
+
+def _synthetic_metrics(round_id: int, ratio_of: dict[str, float], rng: random.Random) -> dict:
+    """8 steps per user; progress per second is ``true_rate``, shrinking over rounds for every arm alike."""
+    users = {}
+    trend = 1.0 / (1.0 + round_id / 10)
+    for user, ratio in ratio_of.items():
+        step = 0.1 * (1.0 - 0.8 * ratio)
+        losses = [2.0 - 0.1 * trend * true_rate(ratio) * step * s + rng.gauss(0, 0.0005) for s in range(8)]
+        users[user] = {"losses": losses, "step_seconds": [step] * 8, "seconds": 8 * step}
+    return {"users": users, "train_loss": 1.0}
+
+
+def test_coordinator_assigns_each_user_a_ratio_and_learns_the_best_one() -> None:
+    def run(seed: int) -> tuple[list[dict], DropPEFT]:
+        algorithm = create_algorithm("droppeft", {"seed": seed})
+        participants = [Participant(f"user-{i}", "edge-0", 10) for i in range(3)]
+        rng, plans = random.Random(seed), []
+        for round_id in range(1, 61):
+            extras = algorithm.configure_round(round_id, participants)
+            assert set(extras) == {"user-0", "user-1", "user-2"}
+            assert all(e["ratio"] in algorithm.config.ratios for e in extras.values())
+            plans.append(extras)
+            algorithm.after_round(round_id, _synthetic_metrics(round_id, {u: e["ratio"] for u, e in extras.items()}, rng))
+        return plans, algorithm
+
+    plans, algorithm = run(0)
+    assert run(0)[0] == plans  # same seed, same rewards: the same assignments
+    best = max(algorithm.config.ratios, key=true_rate)
+    assert best == 0.3
+    for user in ("user-0", "user-1", "user-2"):
+        policy = algorithm.policies[user]
+        assert algorithm.config.ratios[policy.best()] == best
+        assert Counter(p[user]["ratio"] for p in plans[-20:]).most_common(1)[0][0] == best
+    assert {h["user"] for h in algorithm.history} == {"user-0", "user-1", "user-2"}
+    fixed = create_algorithm("droppeft", {"ratio": 0.2}).configure_round(1, [Participant("u", "e", 1)])
+    assert fixed == {"u": {"ratio": 0.2}}
+
+
+def test_reward_is_loss_decrease_per_second() -> None:
+    assert progress_per_second([4.0, 3.0, 2.0, 1.0], [0.5, 0.5, 0.5, 0.5], 0.25) == pytest.approx((4 - 1) / 2.0)
+    assert progress_per_second([4.0, 3.0, 2.0, 1.0], [0.5] * 4, 0.5) == pytest.approx((3.5 - 1.5) / 2.0)
+    assert progress_per_second([1.0], [1.0], 0.25) is None
+    with pytest.raises(ValueError, match="ratios"):
+        create_algorithm("droppeft", {"ratios": [0.1, 1.0]})
+    with pytest.raises(ValueError, match="personal_layers"):
+        create_algorithm("droppeft", {"personal_layers": [-1]})
+
+
+# --- PTLS: personal layers -----------------------------------------------------------------------------
+
+
+def test_build_adapters_uses_the_users_own_values_for_personal_keys_in_train_and_eval() -> None:
+    state = {"blocks.2.q.lora_A.weight": torch.zeros(2, 3), "blocks.3.q.lora_A.weight": torch.zeros(2, 3)}
+    edge = tier_instance("edge", {"personal_layers": [3]})
+    plan = RoundPlan(round_id=1, user_id="u", algorithm="droppeft", config={"personal_layers": [3]})
+    params = edge.build_adapters("edge", state, plan)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(1.0)
+    packed = edge.pack_update("edge", params, plan)
+    assert torch.equal(packed["blocks.2.q.lora_A.weight"], torch.ones(2, 3))
+    assert torch.equal(packed["blocks.3.q.lora_A.weight"], torch.zeros(2, 3))  # the download, not the personal value
+    store = edge.ctx.store
+    assert torch.equal(store["personal"]["u"]["blocks.3.q.lora_A.weight"], torch.ones(2, 3))
+    for mode in ("train", "eval"):  # a later session of this user on this tier (same store) starts from its own
+        again = create_algorithm("droppeft", {"personal_layers": [3]})
+        again.ctx = TierContext("edge", [2, 3], 6, ModelSpec("x", SPLIT, "lm"), {}, store)
+        params = again.build_adapters("edge", state, RoundPlan(round_id=2, user_id="u", mode=mode))
+        assert torch.equal(params["blocks.3.q.lora_A.weight"], torch.ones(2, 3))
+        assert torch.equal(params["blocks.2.q.lora_A.weight"], torch.zeros(2, 3))
+        other = again.build_adapters("edge", state, RoundPlan(round_id=2, user_id="v", mode=mode))
+        assert torch.equal(other["blocks.3.q.lora_A.weight"], torch.zeros(2, 3))  # another user: the global value
+
+
+PERSONAL = [0, 2, 3]  # tiny-llama split (1, 3): block 0 on the user, 2 on the edge, 3 on the cloud
+
+
+def test_personal_layers_stay_out_of_aggregation_on_every_tier_with_codecs(small_sim) -> None:
+    sim = small_sim(algorithm="droppeft", algorithm_config={"personal_layers": PERSONAL, "ratio": 0.1}, users=4,
+                    edges=2, split=(1, 3), local_steps=3, user_edge_codecs="int8",
+                    edge_cloud_codecs="uploads=fp16,downloads=fp16")
+    initial = {t: {k: v.clone() for k, v in s.items()} for t, s in sim.coordinator.global_state.items()}
+    rows = [sim.run_round() for _ in range(2)]
+    assert all(r["eval_loss"] > 0 for r in rows)
+    final = sim.coordinator.global_state
+    moved = 0
+    for tier, state in initial.items():
+        for key, value in state.items():
+            if block_of(key) in PERSONAL:
+                assert torch.equal(final[tier][key], value), (tier, key)  # the global never moves
+            elif ".lora_B." in key:
+                moved += not torch.equal(final[tier][key], value)
+    assert moved > 0
+    users = [u.user_id for u in sim.users]
+    for tier, block in (("user", 0), ("edge", 2), ("cloud", 3)):
+        personal = sim.runtimes[tier].plugin_store["droppeft"]["personal"]
+        assert sorted(personal) == sorted(users), tier
+        keys = sorted(k for k in initial[tier] if block_of(k) == block)
+        for user in users:
+            assert sorted(personal[user]) == keys
+            for key in keys:
+                if ".lora_B." in key:  # each user's own value moved off the (zero) global one
+                    assert torch.count_nonzero(personal[user][key]) > 0, (tier, user, key)
+        b_key = next(k for k in keys if ".lora_B." in k)
+        assert not torch.equal(personal[users[0]][b_key], personal[users[1]][b_key])  # personal, not shared
+
+
+@pytest.mark.slow  # four real tier processes (cloud, edge, two users): about 25 s; run with `make test-slow`
+def test_through_real_services_equals_the_simulator(tmp_path) -> None:
+    """A droppeft round request through HTTP services (STLD at 0.5, a personal block per tier) gives the sim's state."""
+    from shared.lab.cluster import Cluster
+    from shared.lab.sim import SimConfig, Simulation
+
+    config = {"ratio": 0.5, "personal_layers": [0, 2, 3]}  # a personal block on every tier
+    args = ["--model", "tiny-bert", "--split", "1,3", "--data", "trec", "--local-steps", "3", "--batch-size", "4",
+            "--max-examples-per-client", "16", "--eval-examples-per-client", "4", "--seed", "7"]
+    cluster = Cluster(tmp_path / "cluster", args, users=2, edges=1)
+    try:
+        cluster.start()
+        for expected in (1, 2):
+            view = cluster.wait_round(cluster.start_round({"algorithm": "droppeft", "config": config}))
+            assert view["state"] == "committed", view
+            assert view["version"] == expected and view["request"]["algorithm"] == "droppeft"
+        from cloud_server.store import unflatten
+        from safetensors.torch import load
+
+        served = unflatten(load(cluster.get("/v1/adapters/2").content))
+    finally:
+        cluster.stop()
+    sim = Simulation(SimConfig(model="tiny-bert", data="trec", users=2, edges=1, rounds=2, split=(1, 3), local_steps=3,
+                               batch_size=4, max_examples_per_client=16, eval_examples_per_client=4, seed=7,
+                               baseline_eval=False, algorithm="droppeft", algorithm_config=config))
+    sim.run()
+    for tier, state in sim.coordinator.global_state.items():
+        assert set(served[tier]) == set(state)
+        for key, value in state.items():
+            assert torch.equal(served[tier][key], value), (tier, key)

@@ -1,0 +1,535 @@
+"""Faults: retried and duplicated messages (in-process, fast), then killed users, edges and clouds (real processes,
+``slow``).
+
+Default suite: a retried step is applied once and answered from the cache (in-process and over the apps' HTTP
+path), retried updates and starts are no-ops, a start past ``--max-sessions`` gets 503 + Retry-After and the
+client's retry loop honours it.
+
+``-m slow``: one cloud, two edges and four users as real processes (shared.cluster.Cluster). SIGKILL a user
+mid-round (the round commits without it, or fails when everyone is needed), SIGKILL and restart the cloud
+mid-round (the round is failed at start-up, history stays, the next round continues from the last version),
+SIGKILL an edge mid-round (its users are dropped after the deadline plus the cloud's grace).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+from typing import Any, Iterator
+
+import httpx
+import pytest
+import torch
+
+from shared.fl import RoundPlan
+from shared.http.client import TransportError, with_retries
+from shared.protocol.transport import InProcessLink, Link
+from shared.protocol.wire import Message, decode, encode
+from test_security import AcceptingLink, Stack, bearer, inprocess_stack, wait_round
+from user_agent.compute import step_message
+
+
+# -- in-process: retries and duplicates ------------------------------------------------------------------------
+
+def params_of(session: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in session.params.items()}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def sim(small_sim: Any) -> Any:
+    return small_sim(model="tiny-bert", data="trec", users=2, edges=1, local_steps=2, batch_size=2, max_len=16,
+                     max_examples_per_client=8, eval_examples_per_client=2)
+
+
+def open_round(sim: Any, round_id: int, user: str = "user-0") -> tuple[RoundPlan, dict[str, Any], Message]:
+    """Sessions for (round, user) on all three tiers and the user's real first step message."""
+    plan = RoundPlan(round_id=round_id, user_id=user, local_steps=3, batch_size=2, lr=5e-3, seed=0)
+    state = sim.coordinator.global_state
+    sessions = {t: sim.runtimes[t].open_session(plan, state[t]) for t in ("user", "edge", "cloud")}
+    return plan, sessions, user_step(sim, plan, sessions["user"], 0)
+
+
+def user_step(sim: Any, plan: RoundPlan, session: Any, step: int) -> Message:
+    agent = next(u for u in sim.users if u.user_id == plan.user_id)
+    batch = list(agent.sampler.round_batches(plan.seed, plan.round_id, plan.user_id, step + 1, plan.batch_size))[step]
+    hidden = sim.runtimes["user"].forward(session, None, batch.attention_mask, step, input_ids=batch.input_ids)
+    return step_message(plan, step, hidden.detach(), batch)
+
+
+def test_a_retried_step_is_applied_once_and_answered_from_the_cache(sim):
+    edge = sim.edges[0]
+    plan, sessions, msg = open_round(sim, 50)
+    initial = {t: params_of(sessions[t]) for t in ("edge", "cloud")}
+    link = InProcessLink(edge, upward=True)  # every message really encoded and decoded, as over HTTP
+    first = link.request("step", msg)
+    after_first = {t: params_of(sessions[t]) for t in ("edge", "cloud")}
+    for _ in range(3):  # the same step, retried
+        again = link.request("step", msg)
+        assert torch.equal(again.tensors["grad"], first.tensors["grad"]) and again.meta == first.meta
+    assert sessions["edge"].steps == 1 and sessions["cloud"].steps == 1
+    for t in ("edge", "cloud"):
+        assert not same(initial[t], after_first[t]), f"the first step moved nothing on the {t} tier"
+        assert same(after_first[t], params_of(sessions[t])), f"a retried step moved the {t} tier's adapters"
+    # the next step is applied (once), and a step from the past is refused
+    link.request("step", user_step(sim, plan, sessions["user"], 1))
+    assert sessions["edge"].steps == 2 and sessions["cloud"].steps == 2
+    with pytest.raises(ValueError, match="older than the last step"):
+        edge.on_step(decode(encode(msg)))
+    # the same through the cloud's handler directly (the edge's relay retried)
+    relayed = Message("step", {**msg.meta, "step": 7}, dict(msg.tensors))
+    cloud_session = sessions["cloud"]
+    sim.coordinator.on_step(decode(encode(relayed)))
+    before = params_of(cloud_session)
+    sim.coordinator.on_step(decode(encode(relayed)))
+    assert cloud_session.steps == 3 and same(before, params_of(cloud_session))
+
+
+class SlowLink(Link):
+    """A link that takes ``delay`` seconds before it forwards (a slow cloud)."""
+
+    def __init__(self, inner: Link, delay: float) -> None:
+        self.inner, self.delay, self.upward, self.stats = inner, delay, inner.upward, inner.stats
+
+    def request(self, endpoint: str, msg: Message) -> Message:
+        time.sleep(self.delay)
+        return self.inner.request(endpoint, msg)
+
+
+def test_a_duplicate_step_arriving_during_the_first_is_applied_once(sim):
+    edge = sim.edges[0]
+    plan, sessions, msg = open_round(sim, 60)
+    real = edge.cloud
+    edge.cloud = SlowLink(real, 0.4)
+    replies: list[Any] = []
+    errors: list[str] = []
+
+    def attempt() -> None:
+        try:
+            replies.append(edge.on_step(decode(encode(msg))))
+        except Exception as exc:  # over HTTP: a 500 (RuntimeError is not mapped) or a 4xx
+            errors.append(f"{type(exc).__name__}: {str(exc)[:160]}")
+
+    try:
+        threads = [threading.Thread(target=attempt) for _ in range(2)]
+        for t in threads:
+            t.start()
+            time.sleep(0.1)
+        for t in threads:
+            t.join(30)
+    finally:
+        edge.cloud = real
+    assert errors == [] and len(replies) == 2, errors
+    assert (sessions["edge"].steps, sessions["cloud"].steps) == (1, 1)
+    assert torch.equal(replies[0].tensors["grad"], replies[1].tensors["grad"])
+
+
+class Recorder(Link):
+    """The cloud as the edge sees it: records the edge's reports."""
+
+    def __init__(self) -> None:
+        self.upward, self.stats, self.calls = True, None, []
+
+    def request(self, endpoint: str, msg: Message) -> Message:
+        self.calls.append((endpoint, decode(encode(msg))))
+        return Message("ok")
+
+
+def test_retried_user_updates_are_counted_once(sim):
+    edge, coordinator = sim.edges[0], sim.coordinator
+    rid = 70
+    plans = [RoundPlan(round_id=rid, user_id=u, local_steps=1, batch_size=2, lr=5e-3) for u in ("user-0", "user-1")]
+    state = coordinator.global_state
+    tensors = {f"user/{k}": v for k, v in state["user"].items()}
+    tensors.update({f"edge/{k}": v for k, v in state["edge"].items()})
+    real_users, real_cloud = dict(edge.users), edge.cloud
+    edge.users.update({u: AcceptingLink() for u in ("user-0", "user-1")})
+    edge.cloud = recorder = Recorder()
+    try:
+        edge.on_start(Message("start", {"plans": [p.to_meta() for p in plans]}, dict(tensors)))
+
+        def update(user: str, delta: float, n: int) -> Message:
+            return Message("update", {"round": rid, "user": user, "mode": "train", "num_samples": n,
+                                      "metrics": {"train_loss": 1.0}},
+                           {f"user/{k}": v + delta for k, v in state["user"].items()})
+
+        for _ in range(3):
+            edge.on_update(decode(encode(update("user-0", 0.1, 10))))
+        pending = edge.pending[(rid, "train")]
+        assert list(pending.metrics) == ["user-0"] and len(pending.user_updates) == 1
+        assert len(pending.edge_updates) == 1
+        assert recorder.calls == []
+        edge.on_update(decode(encode(update("user-1", -0.1, 30))))
+        try:  # the edge has reported: a late retry must not produce a second report
+            edge.on_update(decode(encode(update("user-1", -0.1, 30))))
+        except KeyError:
+            pass  # (today: 404 "no train round 70 expects user-1")
+    finally:
+        edge.users.clear()
+        edge.users.update(real_users)
+        edge.cloud = real_cloud
+    assert len(recorder.calls) == 1
+    endpoint, report = recorder.calls[0]
+    assert endpoint == "update" and report.meta["num_samples"] == 40
+    assert sorted(report.meta["metrics"]) == ["user-0", "user-1"]
+    for k, v in state["user"].items():  # sample-weighted: (10 * (v + .1) + 30 * (v - .1)) / 40 = v - .05
+        assert torch.allclose(report.tensors[f"user/{k}"], v - 0.05, atol=1e-6), k
+
+
+def test_a_start_retried_after_the_edge_reported_is_a_no_op(sim):
+    edge = sim.edges[0]
+    starts: list[Message] = []
+    real_on_start = edge.on_start
+    edge.on_start = lambda msg: starts.append(msg) or real_on_start(msg)  # the coordinator's InProcessLink calls this
+    user_starts: list[str] = []
+    for agent in sim.users:
+        agent.on_start = (lambda a, real: lambda msg: user_starts.append(a.user_id) or real(msg))(agent, agent.on_start)
+    row = sim.run_round(sim.request(evaluate=False))
+    assert row["version"] == 1 and len(user_starts) == 2
+    train_start = next(m for m in starts if m.meta["plans"][0]["mode"] == "train")
+    try:
+        real_on_start(decode(encode(train_start)))
+    except Exception:
+        pass
+    assert len(user_starts) == 2, f"users started again: {user_starts[2:]}"
+
+
+# -- over the apps' HTTP path ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with inprocess_stack(tmp_path_factory.mktemp("faults")) as s:
+        yield s
+
+
+def test_a_retried_step_over_http_gets_the_same_reply_and_is_applied_once(stack):
+    rid = 500
+    sessions = stack.open_sessions(rid)
+    initial = {t: params_of(s) for t, s in sessions.items()}
+    body = encode(stack.step_message(rid, 0))
+    first = stack.post_msg("edge", "step", body)
+    assert first.status_code == 200, first.text
+    after_first = {t: params_of(s) for t, s in sessions.items()}
+    for _ in range(3):
+        again = stack.post_msg("edge", "step", body)
+        assert again.status_code == 200 and again.content == first.content
+    for t, s in sessions.items():
+        assert s.steps == 1 and s.last_step == 0, t
+        assert not same(initial[t], after_first[t]) and same(after_first[t], params_of(s)), t
+    # the next step is applied once more; then a step from the past is refused
+    assert stack.post_msg("edge", "step", encode(stack.step_message(rid, 1, seed=1))).status_code == 200
+    assert all(s.steps == 2 for s in sessions.values())
+    old = stack.post_msg("edge", "step", body)
+    assert old.status_code == 422 and "older than the last step" in old.json()["detail"]
+    # the edge's relay retried at the cloud: same answer, applied once
+    cloud_session = stack.open_sessions(rid + 1, tiers=("cloud",))["cloud"]
+    relay = encode(stack.step_message(rid + 1, 0, seed=2))
+    a = stack.post_msg("cloud", "step", relay)
+    before = params_of(cloud_session)
+    b = stack.post_msg("cloud", "step", relay)
+    assert a.status_code == b.status_code == 200 and a.content == b.content
+    assert cloud_session.steps == 1 and same(before, params_of(cloud_session))
+
+
+def test_a_retried_start_at_the_edge_is_a_no_op_while_the_round_runs(stack):
+    users = stack.edge.users
+    real = users["user-0"]
+    users["user-0"] = counting = AcceptingLink()
+    try:
+        start = encode(stack.edge_start([stack.plan(510)]))
+        replies = [stack.post_msg("edge", "start", start) for _ in range(3)]
+        assert [r.status_code for r in replies] == [200, 200, 200]
+        assert [e for e, _ in counting.calls] == ["start"], "a retried start started the user again"
+        assert sum(1 for k in stack.edge.runtime.sessions if k[0] == 510) == 1
+    finally:
+        users["user-0"] = real
+
+
+def test_a_retried_start_at_the_user_is_a_no_op(stack, monkeypatch):
+    runs: list[Any] = []
+    monkeypatch.setattr(stack.user, "on_start", lambda msg: runs.append(msg.meta["plan"]["round_id"]))
+    start = encode(Message("start", {"plan": stack.plan(520).to_meta()}, stack.adapter_tensors("user")))
+    replies = [stack.post_msg("user", "start", start) for _ in range(2)]
+    assert [r.status_code for r in replies] == [202, 202]
+    time.sleep(0.3)
+    assert runs == [520], f"the device ran round 520 {len(runs)} times"
+
+
+def test_a_start_past_max_sessions_gets_503_with_retry_after(stack):
+    edge = stack.edge
+    users = edge.users
+    real_users, real_limit = users["user-0"], edge.max_sessions
+    users["user-0"] = counting = AcceptingLink()
+    edge.max_sessions = 1
+    try:
+        stack.open_sessions(530, user="someone-else", tiers=("edge",))  # the one session the edge may hold
+        start = encode(stack.edge_start([stack.plan(530)]))
+        r = stack.post_msg("edge", "start", start)
+        assert r.status_code == 503, r.text
+        assert float(r.headers["retry-after"]) > 0 and "limit of 1" in r.json()["detail"]
+        assert (530, "train") not in edge.pending and counting.calls == [], "a refused start left state behind"
+        edge.runtime.close_session(530, "someone-else")
+        r = stack.post_msg("edge", "start", start)
+        assert r.status_code == 200, r.text
+        assert [e for e, _ in counting.calls] == ["start"]
+    finally:
+        users["user-0"], edge.max_sessions = real_users, real_limit
+
+
+COMMIT_ORDER = ("cloud_server/rounds.py Coordinator.run_round sets record.state = 'committed' and record.version "
+                "BEFORE store.commit(...) and before self.version / self.global_state are updated")
+
+
+def test_a_round_shows_committed_only_once_durable(tmp_path):
+    with inprocess_stack(tmp_path) as s:
+        store, client = s.cloud.store, s.clients["cloud"]
+        real_commit = store.commit
+        store.commit = lambda record, state: time.sleep(0.5) or real_commit(record, state)  # a slow disk
+        rid = client.post("/v1/rounds", json={"local_steps": 1, "evaluate": False},
+                          headers=bearer(s.admin)).json()["round_id"]
+        end = time.monotonic() + 60
+        while (view := client.get(f"/v1/rounds/{rid}", headers=bearer(s.token)).json())["state"] != "committed":
+            assert view["state"] not in ("failed", "cancelled") and time.monotonic() < end, view
+            time.sleep(0.01)
+        seen = {"adapters": client.get(f"/v1/adapters/{view['version']}", headers=bearer(s.token)).status_code,
+                "current": client.get("/healthz").json()["version"]}
+        while client.get("/healthz").json()["version"] < view["version"] and time.monotonic() < end:
+            time.sleep(0.02)  # let the commit finish before the stack closes
+        assert seen == {"adapters": 200, "current": view["version"]}, (view["version"], seen)
+
+
+def test_a_failed_commit_fails_the_round_and_keeps_the_version(tmp_path):
+    with inprocess_stack(tmp_path) as s:
+        store, client = s.cloud.store, s.clients["cloud"]
+        real_commit = store.commit
+
+        def disk_full(record: Any, state: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        store.commit = disk_full
+        first = wait_round(s, client.post("/v1/rounds", json={"local_steps": 1, "evaluate": False},
+                                          headers=bearer(s.admin)).json()["round_id"], durable=False)
+        store.commit = real_commit
+        second = wait_round(s, client.post("/v1/rounds", json={"local_steps": 1, "evaluate": False},
+                                           headers=bearer(s.admin)).json()["round_id"], durable=False)
+        history = [(r["round_id"], r["state"], r["version"])
+                   for r in client.get("/v1/rounds", headers=bearer(s.token)).json()["rounds"]]
+        assert (first["state"], first["version"]) == ("failed", None), (first["state"], first["version"],
+                                                                        first["metrics"].get("eval_error"), history)
+        assert second["version"] == 1 and [v for _, st, v in history if st == "committed"] == [1], history
+
+
+def test_shutdown_waits_for_the_round_in_progress(tmp_path, monkeypatch):
+    errors: list[str] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(f"{args.exc_type.__name__}: "
+                                                                             f"{args.exc_value}"))
+    with inprocess_stack(tmp_path, drain=False) as s:
+        store, client = s.cloud.store, s.clients["cloud"]
+        real_save = store.save_round
+
+        def slow_final_save(record: dict[str, Any]) -> None:
+            if record["state"] == "committed":
+                time.sleep(0.5)  # the round's last write, still under way when the service shuts down
+            real_save(record)
+
+        store.save_round = slow_final_save
+        rid = client.post("/v1/rounds", json={"local_steps": 1, "evaluate": False},
+                          headers=bearer(s.admin)).json()["round_id"]
+        wait_round(s, rid)
+    time.sleep(1.0)
+    assert errors == []
+
+
+def test_the_client_retries_503_and_unreachable_peers_until_its_deadline():
+    calls: list[float] = []
+
+    def busy_twice() -> httpx.Response:
+        calls.append(time.monotonic())
+        return httpx.Response(503, headers={"retry-after": "0.2"}) if len(calls) < 3 else httpx.Response(200)
+
+    assert with_retries(busy_twice, deadline=10).status_code == 200
+    assert len(calls) == 3 and calls[1] - calls[0] >= 0.09  # waited about Retry-After (0.5x-1.5x jitter)
+
+    t0 = time.monotonic()
+    always_busy = with_retries(lambda: httpx.Response(503, headers={"retry-after": "0.1"}), deadline=0.6)
+    assert always_busy.status_code == 503 and 0.5 <= time.monotonic() - t0 < 3
+
+    refused = []
+
+    def refuse() -> httpx.Response:
+        refused.append(1)
+        raise httpx.ConnectError("connection refused")
+
+    with pytest.raises(TransportError, match="could not reach peer"):
+        with_retries(refuse, deadline=0.5, base_delay=0.05)
+    assert len(refused) >= 2
+
+    not_retried = []
+    assert with_retries(lambda: not_retried.append(1) or httpx.Response(404), deadline=10).status_code == 404
+    assert not_retried == [1]
+
+
+# -- real processes ----------------------------------------------------------------------------------------------
+
+FAULT_ARGS = ["--model", "tiny-bert", "--split", "1,3", "--data", "trec", "--local-steps", "3", "--batch-size", "4",
+              "--max-examples-per-client", "32", "--eval-examples-per-client", "8", "--max-len", "32", "--seed", "7"]
+STEPS = 100  # a round of ~4 s with four users on this machine
+DEADLINE = 15.0  # seconds: comfortably past the time the survivors need
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from shared.lab.cluster import Cluster
+
+    c = Cluster(tmp_path_factory.mktemp("faults-cluster"), FAULT_ARGS, users=4, edges=2)
+    c.start()
+    rid = c.start_round({"evaluate": False})  # some committed history to protect
+    assert settle(c, rid)["state"] == "committed"
+    yield c
+    c.stop()
+
+
+def rounds(cluster: Any) -> dict[int, dict[str, Any]]:
+    return {r["round_id"]: r for r in cluster.get("/v1/rounds").json()["rounds"]}
+
+
+KEPT = ("round_id", "state", "version", "base_version", "request", "participants", "metrics", "error")
+
+
+def committed(cluster: Any) -> dict[int, dict[str, Any]]:
+    """The committed rounds as the API shows them (the fields a restart must not change)."""
+    return {rid: {k: r[k] for k in KEPT} for rid, r in rounds(cluster).items() if r["state"] == "committed"}
+
+
+def adapter_files(cluster: Any) -> dict[int, bytes]:
+    out = {}
+    for r in committed(cluster).values():
+        resp = cluster.get(f"/v1/adapters/{r['version']}")
+        assert resp.status_code == 200
+        out[r["version"]] = resp.content
+    return out
+
+
+def version(cluster: Any) -> int:
+    return cluster.get("/v1/rounds").json()["version"]
+
+
+def settle(cluster: Any, rid: int, timeout: float = 600.0) -> dict[str, Any]:
+    """Cluster.wait_round, then (for a committed round) until its version is current at the cloud: a round shows
+    "committed" a moment before its version is durable (see test_a_round_shows_committed_only_once_durable)."""
+    view = cluster.wait_round(rid, timeout)
+    end = time.monotonic() + 60
+    while view["state"] == "committed" and version(cluster) < view["version"]:
+        assert time.monotonic() < end, "a committed round's version never became current"
+        time.sleep(0.05)
+    return view
+
+
+def wait_training(cluster: Any, rid: int, user: str, min_step: int = 5, timeout: float = 120.0) -> str:
+    """Until the cloud's progress shows ``user`` at least ``min_step`` steps into the round."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        progress = cluster.get(f"/v1/rounds/{rid}").json()["progress"].get(user, "")
+        m = re.match(r"train step (\d+)/", progress)
+        if m and int(m.group(1)) >= min_step:
+            return progress
+        time.sleep(0.1)
+    raise TimeoutError(f"{user} never trained in round {rid}: {progress!r}")
+
+
+def restart(cluster: Any, name: str) -> None:
+    proc = cluster.procs[name]
+    proc.kill(signal.SIGKILL)
+    proc.start(cluster.env)
+    proc.wait_healthy()
+
+
+def round_body(**extra: Any) -> dict[str, Any]:
+    return {"local_steps": STEPS, "deadline": DEADLINE, "evaluate": False, **extra}
+
+
+@pytest.mark.slow
+def test_killed_user_fails_a_round_that_needs_every_user(cluster):
+    base, history, files = version(cluster), committed(cluster), adapter_files(cluster)
+    rid = cluster.start_round(round_body(min_participants=4))
+    wait_training(cluster, rid, "user-3")
+    cluster.procs["user-3"].kill(signal.SIGKILL)
+    view = settle(cluster, rid)
+    assert view["state"] == "failed" and view["version"] is None, view
+    assert "min_participants=4" in view["error"] and "3 of 4" in view["error"], view["error"]
+    assert version(cluster) == base and cluster.get(f"/v1/adapters/{base + 1}").status_code == 404
+    assert committed(cluster) == history and adapter_files(cluster) == files
+    restart(cluster, "user-3")
+
+
+@pytest.mark.slow
+def test_killed_user_is_dropped_and_the_round_commits_with_the_others(cluster):
+    base, history, files = version(cluster), committed(cluster), adapter_files(cluster)
+    rid = cluster.start_round(round_body(min_participants=3))
+    wait_training(cluster, rid, "user-3")
+    cluster.procs["user-3"].kill(signal.SIGKILL)
+    view = settle(cluster, rid)
+    assert view["state"] == "committed", view
+    assert view["metrics"]["dropped"] == ["user-3"]
+    assert sorted(view["metrics"]["users"]) == ["user-0", "user-1", "user-2"]
+    assert view["progress"]["user-3"] == "dropped"
+    assert view["base_version"] == base and view["version"] == base + 1 == version(cluster)
+    after = committed(cluster)
+    assert {k: v for k, v in after.items() if k != rid} == history
+    new_files = adapter_files(cluster)
+    assert {v: b for v, b in new_files.items() if v <= base} == files and base + 1 in new_files
+    restart(cluster, "user-3")
+    # the device is back: the next round has everyone again
+    rid = cluster.start_round({"local_steps": 3, "evaluate": False})
+    view = settle(cluster, rid)
+    assert view["state"] == "committed" and view["metrics"]["dropped"] == [], view
+
+
+@pytest.mark.slow
+def test_killed_cloud_fails_the_running_round_and_the_next_continues_from_the_last_version(cluster):
+    base, history, files = version(cluster), committed(cluster), adapter_files(cluster)
+    rid = cluster.start_round(round_body())
+    wait_training(cluster, rid, "user-0")
+    cluster.cloud.kill(signal.SIGKILL)
+    cluster.cloud.start(cluster.env)
+    health = cluster.cloud.wait_healthy()
+    assert (health["version"], health["edges"], health["users"]) == (base, 2, 4), health  # topology from SQLite
+    after = rounds(cluster)
+    assert after[rid]["state"] == "failed" and after[rid]["version"] is None, after[rid]
+    assert "restarted" in after[rid]["error"], after[rid]["error"]
+    assert committed(cluster) == history and adapter_files(cluster) == files
+    assert version(cluster) == base
+    # the edges and users stayed up; the next round starts from the last committed version
+    nxt = cluster.start_round({"local_steps": 3})
+    assert nxt == rid + 1
+    view = settle(cluster, nxt)
+    assert view["state"] == "committed", view
+    assert view["base_version"] == base and view["version"] == base + 1
+    assert view["metrics"]["dropped"] == [] and "eval_loss" in view["metrics"]
+
+
+@pytest.mark.slow
+def test_killed_edge_drops_its_users_and_the_round_commits_with_the_other_edge(cluster):
+    base, history = version(cluster), committed(cluster)
+    deadline = 10.0
+    t0 = time.monotonic()
+    rid = cluster.start_round(round_body(deadline=deadline, min_participants=2))
+    wait_training(cluster, rid, "user-1")
+    cluster.procs["edge-1"].kill(signal.SIGKILL)
+    view = settle(cluster, rid, timeout=deadline + 30 + 120)
+    took = time.monotonic() - t0
+    assert view["state"] == "committed", view
+    assert view["metrics"]["dropped"] == ["user-1", "user-3"]
+    assert sorted(view["metrics"]["users"]) == ["user-0", "user-2"]
+    assert view["version"] == base + 1 and version(cluster) == base + 1
+    assert {k: v for k, v in committed(cluster).items() if k != rid} == history
+    assert took >= deadline, took  # it waited for the dead edge: deadline + the cloud's grace (30 s)
+    # the surviving edge's users go on training
+    rid = cluster.start_round({"local_steps": 3, "evaluate": False, "participants": ["user-0", "user-2"]})
+    view = settle(cluster, rid)
+    assert view["state"] == "committed" and view["version"] == base + 2, view

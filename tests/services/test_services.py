@@ -1,0 +1,111 @@
+"""Three tiers as real processes on loopback: the HTTP path is the simulator's math, and a killed cloud loses nothing."""
+
+from __future__ import annotations
+
+import httpx
+import msgpack
+import pytest
+import torch
+from safetensors.torch import load
+
+from cloud_server.store import unflatten
+from shared.lab.sim import SimConfig, Simulation
+from shared.protocol.wire import CONTENT_TYPE, Message, encode
+from shared.lab.cluster import Cluster
+
+LIMIT = 4_000_000
+CLOUD_ARGS = ["--model", "tiny-bert", "--split", "1,3", "--data", "trec", "--local-steps", "3", "--batch-size", "4",
+              "--max-examples-per-client", "32", "--eval-examples-per-client", "8", "--seed", "7",
+              "--max-message-bytes", str(LIMIT)]
+
+
+def sim_config() -> SimConfig:
+    return SimConfig(model="tiny-bert", data="trec", users=4, edges=2, rounds=2, split=(1, 3), local_steps=3,
+                     batch_size=4, max_examples_per_client=32, eval_examples_per_client=8, seed=7, baseline_eval=False)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("cluster"), CLOUD_ARGS, edge_args=["--max-message-bytes", str(LIMIT)])  # inherits SPLITLLM_CACHE from conftest
+    c.start()
+    yield c
+    c.stop()
+
+
+def fetch_version(cluster: Cluster, version: int) -> dict[str, dict[str, torch.Tensor]]:
+    r = cluster.get(f"/v1/adapters/{version}")
+    assert r.status_code == 200
+    return unflatten(load(r.content))
+
+
+def test_http_rounds_equal_the_simulator(cluster):
+    for expected in (1, 2):
+        rid = cluster.start_round()
+        view = cluster.wait_round(rid)
+        assert view["state"] == "committed", view
+        assert view["version"] == expected
+    served = fetch_version(cluster, 2)
+    sim = Simulation(sim_config())
+    sim.run()
+    for tier, state in sim.coordinator.global_state.items():
+        assert set(served[tier]) == set(state)
+        for key, value in state.items():
+            assert torch.equal(served[tier][key], value), (tier, key, float((served[tier][key] - value).abs().max()))
+
+
+def test_killed_cloud_restarts_from_its_last_committed_version(cluster):
+    before = cluster.get("/v1/rounds").json()
+    committed = [r for r in before["rounds"] if r["state"] == "committed"]
+    assert committed, "the previous test commits two rounds"
+    last = max(r["version"] for r in committed)
+    cluster.cloud.kill()  # SIGKILL: no shutdown hooks run
+    cluster.cloud.start(cluster.env)
+    cluster.cloud.wait_healthy()
+    after = cluster.get("/v1/rounds").json()
+    assert after["version"] == last
+    assert [(r["round_id"], r["state"], r["version"]) for r in after["rounds"]] == \
+        [(r["round_id"], r["state"], r["version"]) for r in before["rounds"]]
+    rid = cluster.start_round({"evaluate": False})
+    view = cluster.wait_round(rid)
+    assert view["state"] == "committed", view
+    assert view["base_version"] == last and view["version"] == last + 1
+
+
+def _entry(dtype: str, shape: list[int], data: bytes) -> dict:
+    return {"dtype": dtype, "shape": shape, "codec": "raw", "data": data}
+
+
+def _raw_step(hidden: dict) -> bytes:
+    meta = {"round": 1, "user": "user-0", "step": 0, "mode": "train"}
+    return msgpack.packb({"v": 1, "kind": "step", "meta": meta, "tensors": {
+        "hidden": hidden, "attention_mask": _entry("uint8", [1, 2], b"\x01\x01"),
+        "labels": _entry("int64", [1], bytes(8))}})
+
+
+def _unknown_session() -> bytes:
+    return encode(Message("step", {"round": 999, "user": "nobody", "step": 0, "mode": "train"}, {
+        "hidden": torch.zeros(1, 2, 32), "attention_mask": torch.ones(1, 2, dtype=torch.uint8),
+        "labels": torch.zeros(1, dtype=torch.int64)}))
+
+
+BAD_BODIES = {
+    "malformed msgpack": (b"\xc1\xc1 not msgpack", CONTENT_TYPE, 400),
+    "wrong content type": (b"{}", "application/json", 415),
+    "shape disagrees with bytes": (_raw_step(_entry("float32", [1, 2, 32], bytes(100))), CONTENT_TYPE, 400),
+    "unknown dtype": (_raw_step(_entry("float128", [1, 2, 32], bytes(1024))), CONTENT_TYPE, 400),
+    "body over the limit": (bytes(LIMIT + 1), CONTENT_TYPE, 413),
+    "step for an unknown session": (_unknown_session(), CONTENT_TYPE, 404),
+    "step without its tensors": (encode(Message("step", {"round": 1, "user": "u", "step": 0, "mode": "train"})),
+                                 CONTENT_TYPE, 422),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BODIES))
+def test_bad_input_gets_4xx_with_a_json_reason_and_the_service_stays_up(cluster, case):
+    body, ctype, status = BAD_BODIES[case]
+    for proc in (cluster.cloud, cluster.procs["edge-0"]):
+        headers = {"content-type": ctype, "authorization": f"Bearer {cluster.env['SPLITLLM_TOKEN']}"}
+        r = httpx.post(f"{proc.url}/v1/step", content=body, headers=headers, timeout=30)
+        assert r.status_code == status, (proc.name, r.text)
+        assert isinstance(r.json()["detail"], str) and r.json()["detail"]
+        assert httpx.get(f"{proc.url}/healthz", timeout=30).status_code == 200
