@@ -1,4 +1,4 @@
-"""shared/topology.py: the plan everywhere; real namespaces, veths and tc shaping where root can make them."""
+"""shared/lab/topology: the plan everywhere; real namespaces, veths and tc shaping where root can make them."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from shared.lab import topology
+from shared.lab.topology import lifecycle, network
 from shared.protocol.links import get_profile
 from shared.http.service import settings_parser
 from shared.config.settings import CloudSettings, EdgeSettings, UserSettings
@@ -174,18 +175,18 @@ def test_up_shapes_user_edge_link_then_down(workdir: Path) -> None:
 @needs_netns
 def test_down_is_idempotent_and_cleans_a_half_built_up(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert topology.main(["down", "--workdir", str(workdir)]) == 0  # nothing there: fine
-    real = topology.shaping_commands
+    real = network.shaping_commands
 
     def broken(*args, **kwargs):  # fail once the namespaces and the first veths exist
         return [cmd + ["no-such-tc-option"] for cmd in real(*args, **kwargs)]
 
-    monkeypatch.setattr(topology, "shaping_commands", broken)
+    monkeypatch.setattr(network, "shaping_commands", broken)  # where build_network looks it up
     plan = topology.make_plan(2, 1, "4g", "fiber", prefix=PREFIX, subnet=SUBNET)
     with pytest.raises(topology.TopologyError, match="no-such-tc-option"):
         topology.up(plan, workdir, tiers=False)
     assert ours() == [], "up undoes what it made when it fails"
     # a crash half-way (state written, nothing undone) is cleaned by down, twice over
-    monkeypatch.setattr(topology, "down", lambda *a, **k: [])
+    monkeypatch.setattr(lifecycle, "down", lambda *a, **k: [])  # where up looks it up
     with pytest.raises(topology.TopologyError):
         topology.up(plan, workdir, tiers=False)
     monkeypatch.undo()
