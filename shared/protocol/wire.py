@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import lz4.block
 import msgpack
-import numpy as np
 import torch
+
+# Importing the codecs package registers the lossy codecs (fp16, bf16, int8, int4, topk), so every
+# receiver can decode them.
+from shared.protocol.codecs import FLOAT_DTYPES, KNOWN_CODECS, CodecSpec
+from shared.protocol.tensors import (DTYPES, Codec, WireError, bounded_repr, check_shape, codec_registry, dtype_name,
+                                     lz4_encode, raw_encode, shorten, tensor_nbytes, torch_dtype)
 
 # ---------------------------------------------------------------------------------------------
 # Format
@@ -47,10 +51,10 @@ The encoder's default codec is "lz4", but tensors under ``LZ4_MIN_BYTES`` (256) 
 block would not be smaller than the raw bytes, are sent "raw"; receivers simply follow "codec".
 
 Lossy codecs "fp16", "bf16", "int8", "int4", "topk" (each optionally "post": "shuffle-lz4") are
-registered by ``shared.codecs`` (imported at the end of this module); their entry layouts are
+registered by ``shared.protocol.codecs`` (imported by this module); their entry layouts are
 documented there. They apply to floating tensors only and keep the ORIGINAL dtype/shape in the
 entry. Per-tensor choice: ``encode(msg, tensor_codecs={"hidden": "int8", "grad": "topk:ratio=0.05"})``
-or ``Message.codecs`` (specs parsed by ``shared.codecs.CodecSpec``); integer and bool tensors
+or ``Message.codecs`` (specs parsed by ``shared.protocol.codecs.CodecSpec``); integer and bool tensors
 always take the lossless path. A lossy encoder that cannot represent a tensor (e.g. NaN for int8)
 falls back to lz4, then raw.
 """
@@ -58,38 +62,11 @@ falls back to lz4, then raw.
 CONTENT_TYPE = "application/x-msgpack"
 WIRE_VERSION = 1
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-MAX_RANK = 8
-MAX_DIM = 2**31 - 1
 MAX_CONTAINERS = 1_000_000  # maps + arrays per message: bounds decode-time object overhead
 MAX_META_DEPTH = 64
-LZ4_MIN_BYTES = 256
 
 _TOP_KEYS = frozenset({"v", "kind", "meta", "tensors"})
 _RESERVED_ENTRY_KEYS = frozenset({"dtype", "shape", "codec"})
-
-# dtype name -> (torch dtype, little-endian numpy dtype used for the bytes on the wire)
-_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
-    "float32": (torch.float32, np.dtype("<f4")),
-    "float16": (torch.float16, np.dtype("<f2")),
-    "bfloat16": (torch.bfloat16, np.dtype("<i2")),  # carried as its 16-bit pattern
-    "float64": (torch.float64, np.dtype("<f8")),
-    "int64": (torch.int64, np.dtype("<i8")),
-    "int32": (torch.int32, np.dtype("<i4")),
-    "int16": (torch.int16, np.dtype("<i2")),
-    "int8": (torch.int8, np.dtype("i1")),
-    "uint8": (torch.uint8, np.dtype("u1")),
-    "bool": (torch.bool, np.dtype("u1")),  # one byte per element
-}
-_NAME_OF: dict[torch.dtype, str] = {td: name for name, (td, _) in _DTYPES.items()}
-DTYPES: tuple[str, ...] = tuple(_DTYPES)
-
-
-class WireError(ValueError):
-    """Bad bytes from the network; ``reason`` is a one-line human-readable explanation."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass
@@ -100,131 +77,6 @@ class Message:
     # Sender-side codec policy, tensor name -> codec spec ("int8", "topk:ratio=0.01", ...): used by
     # ``encode`` when no ``tensor_codecs`` is given. Not sent on the wire (decoded messages have {}).
     codecs: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tensor bytes helpers (also meant for codecs registered elsewhere)
-# ---------------------------------------------------------------------------------------------
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """Wire name of a torch dtype; TypeError if it cannot be sent."""
-    try:
-        return _NAME_OF[dtype]
-    except KeyError:
-        raise TypeError(f"dtype {dtype} is not supported on the wire (supported: {', '.join(DTYPES)})") from None
-
-
-def tensor_nbytes(dtype: str, shape: Iterable[int]) -> int:
-    """Declared uncompressed size in bytes of a tensor of wire dtype ``dtype`` and ``shape``."""
-    if not isinstance(dtype, str) or dtype not in _DTYPES:
-        raise WireError(f"unknown dtype {_q(dtype)}")
-    return math.prod(shape) * _DTYPES[dtype][1].itemsize
-
-
-def tensor_to_bytes(t: torch.Tensor) -> memoryview:
-    """Little-endian, C-order bytes of ``t`` (a CPU tensor of a supported dtype), as a flat memoryview."""
-    t = t.detach().cpu().contiguous()
-    name = dtype_name(t.dtype)
-    if name == "bfloat16":
-        t = t.view(torch.int16)
-    elif name == "bool":
-        t = t.view(torch.uint8)
-    arr = t.resolve_conj().resolve_neg().numpy().reshape(-1)
-    arr = arr.astype(_DTYPES[name][1], copy=False)  # byte-swaps only on big-endian hosts
-    return memoryview(arr.view(np.uint8))
-
-
-def tensor_from_bytes(buf: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """Writable tensor from little-endian bytes; WireError unless len(buf) is exactly the declared size."""
-    need = tensor_nbytes(dtype, shape)
-    if len(buf) != need:
-        raise WireError(f"declared shape {list(shape)} {dtype} needs {need} bytes, got {len(buf)}")
-    tdt, npdt = _DTYPES[dtype]
-    if need == 0:
-        return torch.empty(shape, dtype=tdt)
-    arr = np.frombuffer(buf, dtype=npdt).astype(npdt.newbyteorder("="))  # always a writable copy
-    t = torch.from_numpy(arr)
-    if dtype == "bfloat16":
-        t = t.view(torch.bfloat16)
-    elif dtype == "bool":
-        t = t != 0
-    return t.reshape(shape)
-
-
-# ---------------------------------------------------------------------------------------------
-# Codec registry
-# ---------------------------------------------------------------------------------------------
-
-# encode_fn(tensor, dtype_name, **params) -> entry fields ({"data": bytes, **params}) or None to
-# send losslessly instead ("raw" for "raw"/"lz4"; lz4, else raw, for any other codec). The tensor is
-# detached, on CPU and contiguous; ``params`` (only passed when non-empty) come from a CodecSpec.
-EncodeFn = Callable[..., "dict[str, Any] | None"]
-# decode_fn(entry, dtype_name, shape) -> tensor of exactly that dtype and shape; raise WireError on
-# bad input. Called only after dtype/shape and the declared size have been checked against limits.
-DecodeFn = Callable[[dict[str, Any], str, tuple[int, ...]], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Codec:
-    name: str
-    encode: EncodeFn
-    decode: DecodeFn
-
-
-_CODECS: dict[str, Codec] = {}
-
-
-def register_codec(name: str, encode_fn: EncodeFn, decode_fn: DecodeFn, *, replace: bool = False) -> None:
-    """Register a tensor codec under ``name`` (the value of the entry's "codec" field)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError("codec name must be a non-empty str")
-    if name in _CODECS and not replace:
-        raise ValueError(f"codec {name!r} is already registered")
-    _CODECS[name] = Codec(name, encode_fn, decode_fn)
-
-
-def codecs() -> tuple[str, ...]:
-    return tuple(_CODECS)
-
-
-def _raw_encode(t: torch.Tensor, dtype: str) -> dict[str, Any]:
-    return {"data": tensor_to_bytes(t)}
-
-
-def _raw_decode(entry: dict[str, Any], dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    return tensor_from_bytes(_bin(entry, "data"), dtype, shape)
-
-
-def _lz4_encode(t: torch.Tensor, dtype: str) -> dict[str, Any] | None:
-    raw = tensor_to_bytes(t)
-    if raw.nbytes < LZ4_MIN_BYTES:
-        return None
-    packed = lz4.block.compress(raw, store_size=False)
-    if len(packed) >= raw.nbytes:
-        return None
-    return {"data": packed, "raw_size": raw.nbytes}
-
-
-def _lz4_decode(entry: dict[str, Any], dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    need = tensor_nbytes(dtype, shape)
-    raw_size = entry.get("raw_size")
-    if type(raw_size) is not int:
-        raise WireError("lz4 entry needs an int 'raw_size'")
-    if raw_size != need:
-        raise WireError(f"declared shape {list(shape)} {dtype} needs {need} bytes, raw_size says {raw_size}")
-    data = _bin(entry, "data")
-    try:
-        raw = lz4.block.decompress(data, uncompressed_size=need)  # output bounded by the declared size
-    except Exception as e:  # LZ4BlockError and friends
-        raise WireError(f"corrupt lz4 block: {_short(str(e))}") from None
-    if len(raw) != need:
-        raise WireError(f"declared shape {list(shape)} {dtype} needs {need} bytes, lz4 block gave {len(raw)}")
-    return tensor_from_bytes(raw, dtype, shape)
-
-
-register_codec("raw", _raw_encode, _raw_decode)
-register_codec("lz4", _lz4_encode, _lz4_decode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,9 +108,6 @@ def _check_meta(meta: Any) -> None:
             )
 
 
-_FLOAT_NAMES = frozenset({"float32", "float16", "bfloat16", "float64"})
-
-
 @dataclass(frozen=True)
 class _Choice:
     codec: str  # registered wire codec
@@ -271,15 +120,14 @@ _LZ4_CHOICE = _Choice("lz4", (), False)
 
 def _choice(spec: Any, where: str) -> _Choice:
     """Resolve a codec spec (str or CodecSpec) or a plain registered wire codec name."""
-    CodecSpec = _codecs_module.CodecSpec
-    if isinstance(spec, str) and spec in _CODECS and spec.strip() not in _codecs_module.KNOWN_CODECS:
+    if isinstance(spec, str) and spec in codec_registry() and spec.strip() not in KNOWN_CODECS:
         return _Choice(spec, (), False)  # a codec registered elsewhere, used as is on every tensor
     if not isinstance(spec, (str, CodecSpec)):
         raise TypeError(f"{where}: codec must be a str or CodecSpec, got {type(spec).__name__}")
     try:
         cs = CodecSpec.parse(spec)
     except ValueError as e:
-        registered = ", ".join(c for c in _CODECS if c not in _codecs_module.KNOWN_CODECS)
+        registered = ", ".join(c for c in codec_registry() if c not in KNOWN_CODECS)
         extra = f"; also registered: {registered}" if registered else ""
         raise ValueError(f"{where}: {e}{extra}") from None
     return _Choice(cs.wire_codec, tuple(cs.wire_params().items()), cs.lossy)
@@ -323,15 +171,15 @@ def encode(
         dt = dtype_name(t.dtype)
         t = t.detach().cpu().contiguous()
         choice = chosen.get(name, default)
-        if choice.lossy and dt not in _FLOAT_NAMES:
+        if choice.lossy and dt not in FLOAT_DTYPES:
             choice = lossless  # masks, labels, indices are never quantised
         used = choice.codec
-        enc = _CODECS[used].encode
+        enc = codec_registry()[used].encode
         fields = enc(t, dt, **dict(choice.params)) if choice.params else enc(t, dt)
         if fields is None and used not in ("raw", "lz4"):
-            fields, used = _lz4_encode(t, dt), "lz4"
+            fields, used = lz4_encode(t, dt), "lz4"
         if fields is None:
-            fields, used = _raw_encode(t, dt), "raw"
+            fields, used = raw_encode(t, dt), "raw"
         if _RESERVED_ENTRY_KEYS & fields.keys() or "data" not in fields:
             raise ValueError(f"codec {used!r} returned bad fields {sorted(fields)}")
         tensors[name] = {"dtype": dt, "shape": list(t.shape), "codec": used, **fields}
@@ -344,26 +192,9 @@ def encode(
 # ---------------------------------------------------------------------------------------------
 
 
-def _short(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _q(value: Any) -> str:
-    """Bounded repr of a value taken from the network, for error messages."""
-    return _short(repr(value), 80)
-
-
 def _one_line(e: BaseException) -> str:
-    detail = _short(str(e))
+    detail = shorten(str(e))
     return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
-
-
-def _bin(entry: dict[str, Any], key: str) -> bytes:
-    v = entry.get(key)
-    if not isinstance(v, bytes):
-        raise WireError(f"field {key!r} must be bin, got {type(v).__name__}")
-    return v
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -396,23 +227,6 @@ def _check_decoded_meta(meta: dict[str, Any]) -> None:
             stack.extend(v)
         elif not (v is None or isinstance(v, (bool, int, float, str, bytes))):
             raise WireError(f"meta holds a non-native value ({type(v).__name__})")  # e.g. msgpack Timestamp
-
-
-def _check_shape(name: str, shape: Any) -> tuple[int, ...]:
-    if not isinstance(shape, list):
-        raise WireError(f"tensor {_q(name)}: shape must be an array, got {type(shape).__name__}")
-    if len(shape) > MAX_RANK:
-        raise WireError(f"tensor {_q(name)}: rank {len(shape)} exceeds {MAX_RANK}")
-    for d in shape:
-        if type(d) is not int:
-            raise WireError(f"tensor {_q(name)}: shape {_q(shape)} has a non-int dim")
-        if d < 0:
-            raise WireError(f"tensor {_q(name)}: shape {shape} has a negative dim")
-        if d > MAX_DIM:
-            raise WireError(f"tensor {_q(name)}: shape {shape} has a dim over {MAX_DIM}")
-    if math.prod(max(d, 1) for d in shape) > 2**48:  # keeps torch's storage-size arithmetic sane
-        raise WireError(f"tensor {_q(name)}: shape {shape} is absurdly large")
-    return tuple(shape)
 
 
 def decode(
@@ -453,10 +267,10 @@ def decode(
         raise WireError(f"top level must be a map, got {type(doc).__name__}")
     extra = set(doc) - _TOP_KEYS
     if extra:
-        raise WireError(f"unexpected top-level key(s): {_short(', '.join(sorted(map(repr, extra))), 120)}")
+        raise WireError(f"unexpected top-level key(s): {shorten(', '.join(sorted(map(repr, extra))), 120)}")
     v = doc.get("v")
     if type(v) is not int or v != WIRE_VERSION:
-        raise WireError(f"unsupported wire version {_q(v)} (expected {WIRE_VERSION})")
+        raise WireError(f"unsupported wire version {bounded_repr(v)} (expected {WIRE_VERSION})")
     kind = doc.get("kind")
     if not isinstance(kind, str):
         raise WireError(f"'kind' must be str, got {type(kind).__name__}")
@@ -475,22 +289,22 @@ def decode(
         if not isinstance(name, str):
             raise WireError(f"tensor names must be str, got {type(name).__name__}")
         if not isinstance(entry, dict):
-            raise WireError(f"tensor {_q(name)}: entry must be a map, got {type(entry).__name__}")
+            raise WireError(f"tensor {bounded_repr(name)}: entry must be a map, got {type(entry).__name__}")
         dtype = entry.get("dtype")
-        if not isinstance(dtype, str) or dtype not in _DTYPES:
-            raise WireError(f"tensor {_q(name)}: unknown dtype {_q(dtype)}")
-        shape = _check_shape(name, entry.get("shape"))
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise WireError(f"tensor {bounded_repr(name)}: unknown dtype {bounded_repr(dtype)}")
+        shape = check_shape(name, entry.get("shape"))
         numel = math.prod(shape)
         if max_tensor_elements is not None and numel > max_tensor_elements:
-            raise WireError(f"tensor {_q(name)}: {numel} elements exceeds limit {max_tensor_elements}")
+            raise WireError(f"tensor {bounded_repr(name)}: {numel} elements exceeds limit {max_tensor_elements}")
         size = tensor_nbytes(dtype, shape)
         total += size
         if size > max_bytes or total > max_bytes:
-            raise WireError(f"tensor {_q(name)}: total decoded size {total} bytes exceeds limit {max_bytes}")
+            raise WireError(f"tensor {bounded_repr(name)}: total decoded size {total} bytes exceeds limit {max_bytes}")
         codec_name = entry.get("codec")
-        codec = _CODECS.get(codec_name) if isinstance(codec_name, str) else None
+        codec = codec_registry().get(codec_name) if isinstance(codec_name, str) else None
         if codec is None:
-            raise WireError(f"tensor {_q(name)}: unknown codec {_q(codec_name)}")
+            raise WireError(f"tensor {bounded_repr(name)}: unknown codec {bounded_repr(codec_name)}")
         plan.append((name, entry, dtype, shape, codec))
 
     tensors: dict[str, torch.Tensor] = {}
@@ -498,15 +312,10 @@ def decode(
         try:
             t = codec.decode(entry, dtype, shape)
         except WireError as e:
-            raise WireError(f"tensor {_q(name)}: {e.reason}") from None
+            raise WireError(f"tensor {bounded_repr(name)}: {e.reason}") from None
         except Exception as e:  # a registered codec choking on hostile input is still bad input
-            raise WireError(f"tensor {_q(name)}: codec {codec.name!r} failed: {_one_line(e)}") from None
-        if t.dtype != _DTYPES[dtype][0] or tuple(t.shape) != shape:
-            raise WireError(f"tensor {_q(name)}: codec {codec.name!r} produced {t.dtype} {list(t.shape)}")
+            raise WireError(f"tensor {bounded_repr(name)}: codec {codec.name!r} failed: {_one_line(e)}") from None
+        if t.dtype != torch_dtype(dtype) or tuple(t.shape) != shape:
+            raise WireError(f"tensor {bounded_repr(name)}: codec {codec.name!r} produced {t.dtype} {list(t.shape)}")
         tensors[name] = t
     return Message(kind=kind, meta=meta, tensors=tensors)
-
-
-# Registers the lossy codecs (fp16, bf16, int8, int4, topk) so every receiver can decode them.
-# At the end of the module: shared.codecs imports names defined above.
-from shared.protocol import codecs as _codecs_module  # noqa: E402

@@ -1,4 +1,4 @@
-"""Property and refusal tests for shared.wire (the tensor/metadata wire format)."""
+"""Property and refusal tests for shared.protocol.wire (the tensor/metadata wire format) and its tensor bytes."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shared.protocol import tensors as tensor_module
 from shared.protocol import wire
-from shared.protocol.wire import (CONTENT_TYPE, DTYPES, Message, WireError, decode, encode, register_codec, tensor_nbytes)
+from shared.protocol.tensors import (DTYPES, codec_registry, register_codec, tensor_from_bytes, tensor_nbytes,
+                                     tensor_to_bytes)
+from shared.protocol.wire import CONTENT_TYPE, Message, WireError, decode, encode
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -449,16 +452,16 @@ def test_samples_decode() -> None:
 
 
 def test_register_codec_extends_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(wire, "_CODECS", dict(wire._CODECS))  # keep the registration local to this test
+    monkeypatch.setattr(tensor_module, "_CODECS", dict(codec_registry()))  # keep the registration local to this test
 
     def enc(t: torch.Tensor, dtype: str) -> dict[str, Any]:
-        raw = bytes(wire.tensor_to_bytes(t))
+        raw = bytes(tensor_to_bytes(t))
         return {"data": raw[::-1], "rev": True}
 
     def dec(e: dict[str, Any], dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
         if e.get("rev") is not True:
             raise WireError("missing rev")
-        return wire.tensor_from_bytes(e["data"][::-1], dtype, shape)
+        return tensor_from_bytes(e["data"][::-1], dtype, shape)
 
     with pytest.raises(ValueError, match="already registered"):
         register_codec("raw", enc, dec)

@@ -63,7 +63,7 @@ def bench_codecs(model: str = "minilm-l6", split: str = "1,3", steps: int = 50, 
     """
     import torch
 
-    from shared.protocol.codecs import measure
+    from shared.protocol.measure import measure
     from shared.config.deployment import parse_hop_codecs
     from shared.model.sources import resolve_model
 

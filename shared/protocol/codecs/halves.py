@@ -1,0 +1,59 @@
+"""The fp16 and bf16 codecs: floating tensors sent as IEEE half / bfloat16 values.
+
+Entry layout (dtype and shape are the ORIGINAL tensor's, see ``shared.protocol.codecs``):
+
+  * ``"fp16"`` / ``"bf16"``: ``data`` = the n values as IEEE half / bfloat16 bit patterns (2n bytes).
+
+The encoder falls back to the lossless path when a finite value would overflow (become inf).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.protocol.codecs.arrays import as_bytes, bf16_bits_to_f32, f32_to_bf16_bits, np_flat, numel, to_torch
+from shared.protocol.codecs.entries import FLOAT_DTYPES, finish_entry, need_float, post_of, read_field
+from shared.protocol.tensors import DecodeFn, EncodeFn, tensor_from_bytes, tensor_to_bytes
+
+
+def half_codec(name: str, wire_dtype: str) -> tuple[EncodeFn, DecodeFn]:
+    """(encode_fn, decode_fn) of codec ``name`` carrying values as wire dtype "float16" or "bfloat16"."""
+
+    def enc(t: torch.Tensor, dtype: str, post: str | None = None) -> dict[str, Any] | None:
+        if dtype not in FLOAT_DTYPES:
+            return None
+        if dtype == wire_dtype:
+            return finish_entry({"data": (tensor_to_bytes(t), 2)}, post, {})
+        a = np_flat(t)
+        if wire_dtype == "float16":
+            with np.errstate(over="ignore"):
+                h = a.astype("<f2")
+            bad = np.isinf(h)
+        else:
+            with np.errstate(over="ignore"):  # float64 -> float32 -> bf16 (double rounding: still < 1 ulp)
+                h = f32_to_bf16_bits(a.astype(np.float32))
+            bad = (h & 0x7FFF) == 0x7F80
+        if bad.any() and np.isfinite(a[bad]).any():
+            return None  # a finite value would become inf: send it losslessly instead
+        return finish_entry({"data": (as_bytes(h.astype(h.dtype.newbyteorder("<"), copy=False)), 2)}, post, {})
+
+    def dec(entry: dict[str, Any], dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+        need_float(dtype, name)
+        post = post_of(entry)
+        n = numel(shape)
+        raw = read_field(entry, "data", 2 * n, 2, post, f"{name} payload", f"shape {list(shape)}")
+        if dtype == wire_dtype:
+            return tensor_from_bytes(raw, wire_dtype, shape)
+        if wire_dtype == "float16":
+            a = np.frombuffer(raw, dtype="<f2")
+            if dtype == "float64":
+                return torch.from_numpy(a.astype(np.float64)).reshape(shape)
+            a = a.astype(np.float32)
+        else:
+            a = bf16_bits_to_f32(np.frombuffer(raw, dtype="<u2"))
+        return to_torch(a, dtype).reshape(shape)
+
+    return enc, dec
