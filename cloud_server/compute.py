@@ -6,10 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from shared.data.batching import IGNORE_INDEX
-from shared.runtime.session import Session
-from shared.runtime.tier import TierRuntime
-from shared.runtime.steps import pack_tokens, unpack_tokens
+from shared.errors import InvalidInput
+from shared.protocol.enums import Hop
+from shared.protocol.messages import EvalReply, StepRequest
 from shared.protocol.wire import Message
+from shared.runtime.session import Session
+from shared.runtime.steps import Downstream, serve_step
+from shared.runtime.tier import TierRuntime
 
 
 def task_loss(task: str, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -21,48 +24,34 @@ def task_loss(task: str, logits: torch.Tensor, labels: torch.Tensor, reduction: 
     return F.cross_entropy(logits.float(), labels, reduction=reduction)
 
 
-def eval_counts(task: str, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float | int]:
+def eval_counts(task: str, logits: torch.Tensor, labels: torch.Tensor) -> EvalReply:
     """Loss sum, the count it is over (tokens or examples), and correct predictions."""
     loss_sum = float(task_loss(task, logits, labels, reduction="sum"))
     if task == "lm":
         target = labels[:, 1:]
         valid = target != IGNORE_INDEX
         pred = logits[:, :-1, :].argmax(-1)
-        return {"loss_sum": loss_sum, "count": int(valid.sum()), "correct": int(((pred == target) & valid).sum())}
-    return {"loss_sum": loss_sum, "count": int(labels.numel()), "correct": int((logits.argmax(-1) == labels).sum())}
+        return EvalReply(loss_sum=loss_sum, count=int(valid.sum()), correct=int(((pred == target) & valid).sum()))
+    return EvalReply(loss_sum=loss_sum, count=int(labels.numel()), correct=int((logits.argmax(-1) == labels).sum()))
 
 
 class CloudCompute:
-    """The cloud partition's handler for forward steps (rounds live in ``rounds.py``)."""
+    """The cloud partition's handler for steps (rounds live in ``rounds.py``)."""
 
     def __init__(self, runtime: TierRuntime) -> None:
         self.runtime = runtime
 
     def on_step(self, msg: Message) -> Message:
-        session = self.runtime.session(msg.meta["round"], msg.meta["user"])
-        with session.step_lock:  # a retry arriving while the first attempt runs waits, then gets its reply
-            return self._step(session, msg)
+        return serve_step(self.runtime, msg, self.head_and_loss, Hop.EDGE_CLOUD)
 
-    def _step(self, session: Session, msg: Message) -> Message:
-        round_id, user_id, step = msg.meta["round"], msg.meta["user"], msg.meta["step"]
-        cached = session.replay(step)
-        if cached is not None:
-            return cached
-        train = session.plan.mode == "train"
-        self.runtime.check_step(msg.tensors["hidden"], msg.tensors["attention_mask"], msg.tensors["labels"])
-        device = self.runtime.device
-        mask = msg.tensors["attention_mask"]
-        hidden_in = unpack_tokens(msg.tensors["hidden"].to(device), mask).requires_grad_(train)
-        labels = msg.tensors["labels"].to(device, torch.int64)
-        out = self.runtime.forward(session, hidden_in, mask, step)
-        logits = self.runtime.head(session, out, mask)
-        if not train:
-            return session.remember(step, Message(kind="eval", meta=eval_counts(self.runtime.spec.task, logits.detach(), labels)))
-        loss = task_loss(self.runtime.spec.task, logits, labels)
+    def head_and_loss(self, session: Session, request: StepRequest, out: torch.Tensor) -> Downstream:
+        """The cloud's next stage: the head; the held-out counts in evaluation, the loss in training."""
+        task = self.runtime.spec.task
+        labels = request.labels.to(self.runtime.device, torch.int64)
+        logits = self.runtime.head(session, out, request.attention_mask)
+        if not session.plan.training:
+            return Downstream(reply=eval_counts(task, logits.detach(), labels).to_message())
+        loss = task_loss(task, logits, labels)
         if not torch.isfinite(loss):
-            raise ValueError(f"the loss of round {round_id}, user '{user_id}', step {step} is not finite")
-        self.runtime.backward_and_step(session, [loss], [None])
-        grad = hidden_in.grad if hidden_in.grad is not None else torch.zeros_like(hidden_in)
-        grad, codecs = self.runtime.outgoing_grad(session, pack_tokens(grad, mask), "edge_cloud")
-        return session.remember(step, Message(kind="grad", meta={"loss": float(loss.detach())}, tensors={"grad": grad},
-                                              codecs=codecs))
+            raise InvalidInput(f"the loss of round {request.round}, user '{request.user}', step {request.step} is not finite")
+        return Downstream(output=loss, loss=float(loss.detach()))

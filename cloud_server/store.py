@@ -10,12 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
 
-from shared.model.adapters import AdapterState
+from shared.protocol.bundle import AdapterBundle
 
-TIERS = ("user", "edge", "cloud")
 UNFINISHED = ("pending", "running", "aggregating")
 
 _SCHEMA = """
@@ -44,21 +42,6 @@ CREATE TABLE IF NOT EXISTS settings (
     value TEXT NOT NULL
 );
 """
-
-
-def flatten(state: dict[str, AdapterState]) -> dict[str, torch.Tensor]:
-    """``{tier: {key: t}}`` -> ``{"tier/key": t}``, the layout of an adapter version file."""
-    return {f"{tier}/{k}": v.contiguous() for tier in TIERS for k, v in state.get(tier, {}).items()}
-
-
-def unflatten(flat: dict[str, torch.Tensor]) -> dict[str, AdapterState]:
-    out: dict[str, AdapterState] = {t: {} for t in TIERS}
-    for key, value in flat.items():
-        tier, _, name = key.partition("/")
-        if tier not in out or not name:
-            raise ValueError(f"adapter file has a key outside the tiers: '{key}'")
-        out[tier][name] = value
-    return out
 
 
 class Store:
@@ -142,16 +125,16 @@ class Store:
         return ids
 
     # versions ---------------------------------------------------------------------------------
-    def _write_file(self, version: int, state: dict[str, AdapterState]) -> tuple[Path, int]:
+    def _write_file(self, version: int, state: AdapterBundle) -> tuple[Path, int]:
         final = self.adapter_dir / f"v{version}.safetensors"
         tmp = final.with_suffix(".tmp")
-        save_file(flatten(state), str(tmp), metadata={"version": str(version)})
+        save_file({k: v.contiguous() for k, v in state.tensors().items()}, str(tmp), metadata={"version": str(version)})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
         return final, final.stat().st_size
 
-    def put_initial(self, state: dict[str, AdapterState]) -> None:
+    def put_initial(self, state: AdapterBundle) -> None:
         if self.latest_version() is not None:
             return
         path, nbytes = self._write_file(0, state)
@@ -159,7 +142,7 @@ class Store:
             self.db.execute("INSERT INTO versions (version, round_id, file, nbytes, created_at) VALUES (0, NULL, ?, ?, ?)",
                             (path.name, nbytes, time.time()))
 
-    def commit(self, record: dict[str, Any], state: dict[str, AdapterState]) -> None:
+    def commit(self, record: dict[str, Any], state: AdapterBundle) -> None:
         """The new version's file and row, and the round's committed state, together or not at all."""
         version = record["version"]
         path, nbytes = self._write_file(version, state)
@@ -182,11 +165,11 @@ class Store:
         row = self.db.execute("SELECT MAX(version) FROM versions").fetchone()
         return None if row[0] is None else int(row[0])
 
-    def load_version(self, version: int) -> dict[str, AdapterState]:
+    def load_version(self, version: int) -> AdapterBundle:
         row = self.db.execute("SELECT file FROM versions WHERE version = ?", (version,)).fetchone()
         if row is None:
             raise KeyError(f"no adapter version {version}")
-        return unflatten(load_file(str(self.adapter_dir / row[0])))
+        return AdapterBundle.from_tensors(load_file(str(self.adapter_dir / row[0])))
 
     def version_bytes(self, version: int) -> bytes:
         """The safetensors file of a version, as served by ``GET /v1/adapters/{version}``."""

@@ -9,17 +9,19 @@ from typing import Any
 
 import torch
 
+from shared.errors import Busy, NotFound
 from shared.fl.aggregation import AdapterUpdate, clip_updates
-from shared.fl import RoundPlan, create_algorithm
-from shared.runtime.session import Busy
-from shared.runtime.tier import TierRuntime
-from shared.runtime.steps import pack_tokens, unpack_tokens
-from shared.protocol.transport import Link, ok
+from shared.fl.plugin import Strategy, StrategyContext, get_algorithm
+from shared.protocol.bundle import AdapterBundle
+from shared.protocol.enums import Hop, Mode, Tier
+from shared.protocol.messages import EvalReply, Report, RoundPlan, RoundStart, StepRequest, TrainReply, Update, UserStart, ack
+from shared.protocol.transport import Link
 from shared.protocol.wire import Message
+from shared.runtime.session import Session
+from shared.runtime.steps import Downstream, check_grad, pack_tokens, serve_step, unpack_tokens
+from shared.runtime.tier import TierRuntime
 
 log = logging.getLogger("splitllm.edge")
-
-USER_PREFIX, EDGE_PREFIX = "user/", "edge/"
 
 
 @dataclass
@@ -27,7 +29,8 @@ class PendingRound:
     """One (round, phase) at this edge: who is expected, and what has come back."""
 
     plans: dict[str, RoundPlan]
-    previous: dict[str, dict[str, torch.Tensor]]
+    previous: AdapterBundle  # what came down: the global user- and edge-side adapters (as the download packs them)
+    strategy: Strategy  # this round's pre-aggregation and arrival checks
     clip_norm: float | None = None
     user_updates: list[AdapterUpdate] = field(default_factory=list)
     edge_updates: list[AdapterUpdate] = field(default_factory=list)
@@ -38,10 +41,6 @@ class PendingRound:
     @property
     def settled(self) -> bool:
         return len(self.metrics) + len(self.missing) >= len(self.plans)
-
-
-def split_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 class EdgeServer:
@@ -58,8 +57,8 @@ class EdgeServer:
         self.max_sessions = max_sessions
         self.users: dict[str, Link] = {}
         self.user_samples: dict[str, int] = {}
-        self.pending: dict[tuple[int, str], PendingRound] = {}
-        self.finished: set[tuple[int, str]] = set()  # (round, phase) already reported: a retried start is a no-op
+        self.pending: dict[tuple[int, Mode], PendingRound] = {}
+        self.finished: set[tuple[int, Mode]] = set()  # (round, phase) already reported: a retried start is a no-op
         self.lock = threading.Lock()
 
     def register_user(self, user_id: str, link: Link, num_samples: int) -> None:
@@ -70,43 +69,37 @@ class EdgeServer:
     # control -------------------------------------------------------------------------------
     def on_start(self, msg: Message) -> Message:
         """Open edge sessions for the listed users, then start each user."""
-        plans = [RoundPlan.from_meta(p) for p in msg.meta["plans"]]
-        if not plans:
-            raise ValueError("a start message needs at least one plan")
-        round_id, phase = plans[0].round_id, plans[0].mode
+        start = RoundStart.from_message(msg)
+        round_id, phase = start.plans[0].round_id, start.plans[0].mode
         key = (round_id, phase)
-        unknown = [p.user_id for p in plans if p.user_id not in self.users]
+        unknown = [p.user_id for p in start.plans if p.user_id not in self.users]
         if unknown:
-            raise KeyError(f"edge {self.edge_id} has no registered user(s) {unknown}")
+            raise NotFound(f"edge {self.edge_id} has no registered user(s) {unknown}")
         with self.lock:
             if key in self.pending or key in self.finished:  # a retried start: under way or done
-                return ok(round=round_id, edge=self.edge_id, users=len(plans))
+                return ack(round=round_id, edge=self.edge_id, users=len(start.plans))
             self._drop_older(round_id)
-            if self.max_sessions is not None and len(self.runtime.sessions) + len(plans) > self.max_sessions:
+            if self.max_sessions is not None and len(self.runtime.sessions) + len(start.plans) > self.max_sessions:
                 raise Busy(f"edge {self.edge_id} holds {len(self.runtime.sessions)} sessions; "
-                           f"{len(plans)} more would pass its limit of {self.max_sessions}")
-            pending = PendingRound({p.user_id: p for p in plans},
-                                   previous={"user": split_prefixed(msg.tensors, USER_PREFIX),
-                                             "edge": split_prefixed(msg.tensors, EDGE_PREFIX)},
-                                   clip_norm=msg.meta.get("clip_norm"))
+                           f"{len(start.plans)} more would pass its limit of {self.max_sessions}")
+            plan = start.plans[0]
+            strategy = get_algorithm(plan.algorithm).strategy(plan.config, StrategyContext(Tier.EDGE, self.runtime.spec))
+            pending = PendingRound({p.user_id: p for p in start.plans}, start.adapters, strategy, start.clip_norm)
             self.pending[key] = pending
-        for plan in plans:
-            self.runtime.open_session(plan, pending.previous["edge"])
-        deadline = msg.meta.get("deadline")
-        if deadline:
-            pending.timer = threading.Timer(float(deadline), self._expire, (key,))
+        for plan in start.plans:
+            self.runtime.open_session(plan, pending.previous[Tier.EDGE])
+        if start.deadline:
+            pending.timer = threading.Timer(float(start.deadline), self._expire, (key,))
             pending.timer.daemon = True
             pending.timer.start()
-        for plan in plans:
-            tensors = {USER_PREFIX + k: v for k, v in pending.previous["user"].items()}
-            start = Message(kind="start", meta={"plan": plan.to_meta()}, tensors=tensors,
-                            codecs=dict.fromkeys(tensors, self.runtime.policy("user_edge").downloads))
+        codec = self.runtime.policy(Hop.USER_EDGE).downloads
+        for plan in start.plans:
             try:
-                self.users[plan.user_id].request("start", start)
+                self.users[plan.user_id].request("start", UserStart(plan, pending.previous[Tier.USER]).to_message(codec))
             except Exception as exc:  # an unreachable user is dropped from this round, not the round
                 log.warning("round %s: could not start %s: %s", round_id, plan.user_id, exc)
                 self._drop_user(key, plan.user_id)
-        return ok(round=round_id, edge=self.edge_id, users=len(plans))
+        return ack(round=round_id, edge=self.edge_id, users=len(start.plans))
 
     def _drop_older(self, round_id: int) -> None:
         """Leftovers of earlier rounds (failed or timed out at the cloud) go when a newer round starts."""
@@ -116,7 +109,7 @@ class EdgeServer:
                 stale.timer.cancel()
         self.runtime.drop_sessions(keep=lambda k: k[0] >= round_id)
 
-    def _drop_user(self, key: tuple[int, str], user_id: str) -> None:
+    def _drop_user(self, key: tuple[int, Mode], user_id: str) -> None:
         report = None
         with self.lock:
             pending = self.pending.get(key)
@@ -130,7 +123,7 @@ class EdgeServer:
         if report is not None:
             self.cloud.request("update", report)
 
-    def _expire(self, key: tuple[int, str]) -> None:
+    def _expire(self, key: tuple[int, Mode]) -> None:
         """The deadline passed: drop the silent users and report the others."""
         with self.lock:
             pending = self.pending.get(key)
@@ -141,84 +134,75 @@ class EdgeServer:
             self._drop_user(key, user_id)
 
     def on_update(self, msg: Message) -> Message:
-        """A user's report; once every user has reported or been dropped, one update goes up."""
-        round_id, user_id, mode = int(msg.meta["round"]), str(msg.meta["user"]), str(msg.meta["mode"])
-        key = (round_id, mode)
+        """A user's report; once every user has reported or been dropped, one report goes up.
+
+        A user that could not do its part says so (``metrics.error``): it is dropped at once, as if
+        its deadline had passed.
+        """
+        update = Update.from_message(msg)
+        key = (update.round, update.mode)
         with self.lock:
             pending = self.pending.get(key)
-            if pending is None or user_id not in pending.plans or user_id in pending.missing:
-                raise KeyError(f"edge {self.edge_id}: no {mode} round {round_id} expects user '{user_id}'")
-            if user_id in pending.metrics:  # a retried update: already counted
-                return ok(round=round_id, user=user_id)
-            num_samples = int(msg.meta["num_samples"])
-            if mode == "train":
-                state = split_prefixed(msg.tensors, USER_PREFIX)
-                plan = pending.plans[user_id]
-                create_algorithm(plan.algorithm, plan.config).validate_update(
-                    "user", state, pending.previous["user"], f"user {user_id}")
-                session = self.runtime.close_session(round_id, user_id)
-                pending.user_updates.append(AdapterUpdate(user_id, "user", state, num_samples))
-                pending.edge_updates.append(AdapterUpdate(user_id, "edge", self.runtime.pack_update(session), num_samples))
-            else:
-                self.runtime.close_session(round_id, user_id)
-            pending.metrics[user_id] = msg.meta["metrics"]
-            report = self._finish(key) if pending.settled else None
-        if report is not None:
+            if pending is None or update.user not in pending.plans or update.user in pending.missing:
+                raise NotFound(f"edge {self.edge_id}: no {update.mode} round {update.round} expects user '{update.user}'")
+            if update.user in pending.metrics:  # a retried update: already counted
+                return ack(round=update.round, user=update.user)
+            if update.error is None:
+                report = self._accept(pending, key, update)
+        if update.error is not None:
+            log.warning("round %s (%s): user %s failed: %s", key[0], key[1], update.user, update.error)
+            self._drop_user(key, update.user)
+        elif report is not None:
             self.cloud.request("update", report)
-        return ok(round=round_id, user=user_id)
+        return ack(round=update.round, user=update.user)
 
-    def _finish(self, key: tuple[int, str]) -> Message:
+    def _accept(self, pending: PendingRound, key: tuple[int, Mode], update: Update) -> Message | None:
+        """Count a user's update (call with the lock held); the report for the cloud once the round is settled."""
+        if update.mode is Mode.TRAIN:
+            pending.strategy.validate_update(Tier.USER, update.adapters, pending.previous[Tier.USER],
+                                             f"user {update.user}")
+            session = self.runtime.close_session(update.round, update.user)
+            pending.user_updates.append(AdapterUpdate(update.user, Tier.USER, update.adapters, update.num_samples))
+            pending.edge_updates.append(AdapterUpdate(update.user, Tier.EDGE, self.runtime.pack_update(session),
+                                                      update.num_samples))
+        else:
+            self.runtime.close_session(update.round, update.user)
+        pending.metrics[update.user] = update.metrics
+        return self._finish(key) if pending.settled else None
+
+    def _finish(self, key: tuple[int, Mode]) -> Message:
         """Pre-aggregate what came in (call with the lock held) and build the report for the cloud."""
         pending = self.pending.pop(key)
         self.finished = {k for k in self.finished if k[0] >= key[0] - 1} | {key}
         if pending.timer:
             pending.timer.cancel()
         round_id, mode = key
-        tensors: dict[str, torch.Tensor] = {}
+        states: dict[Tier, dict[str, torch.Tensor]] = {}
         total = sum(self.user_samples.get(u, 0) for u in pending.metrics)
-        if mode == "train" and pending.user_updates:
+        if mode is Mode.TRAIN and pending.user_updates:
             total = sum(u.num_samples for u in pending.user_updates)  # the weights the users reported
-            plan = next(iter(pending.plans.values()))
-            algorithm = create_algorithm(plan.algorithm, plan.config)
-            for tier, updates, prefix in (("user", pending.user_updates, USER_PREFIX),
-                                          ("edge", pending.edge_updates, EDGE_PREFIX)):
+            for tier, updates in ((Tier.USER, pending.user_updates), (Tier.EDGE, pending.edge_updates)):
                 if updates[0].state:
                     updates = clip_updates(updates, pending.previous[tier], pending.clip_norm)
-                    state = algorithm.aggregate(tier, updates, pending.previous[tier])
-                    tensors.update({prefix + k: v for k, v in state.items()})
-        meta = {"round": round_id, "edge": self.edge_id, "mode": mode, "num_samples": total,
-                "metrics": pending.metrics, "missing": sorted(pending.missing)}
-        if self.ledger is not None:
-            meta["bytes"] = self.ledger.get(key)
-        return Message(kind="update", meta=meta, tensors=tensors,
-                       codecs=dict.fromkeys(tensors, self.runtime.policy("edge_cloud").uploads))
+                    states[tier] = pending.strategy.aggregate(tier, updates, pending.previous[tier])
+        report = Report(round=round_id, edge=self.edge_id, mode=mode, num_samples=total, metrics=pending.metrics,
+                        missing=sorted(pending.missing), adapters=AdapterBundle(states),
+                        bytes=self.ledger.get(key) if self.ledger is not None else None)
+        return report.to_message(self.runtime.policy(Hop.EDGE_CLOUD).uploads)
 
     # the step chain ----------------------------------------------------------------------------
     def on_step(self, msg: Message) -> Message:
         """Forward through this edge's blocks, relay to the cloud, backward with its gradient."""
-        session = self.runtime.session(msg.meta["round"], msg.meta["user"])
-        with session.step_lock:  # a retry arriving while the first attempt runs waits, then gets its reply
-            return self._step(session, msg)
+        return serve_step(self.runtime, msg, self.relay, Hop.USER_EDGE)
 
-    def _step(self, session: Any, msg: Message) -> Message:
-        step = int(msg.meta["step"])
-        cached = session.replay(step)
-        if cached is not None:
-            return cached
-        train = session.plan.mode == "train"
-        self.runtime.check_step(msg.tensors["hidden"], msg.tensors["attention_mask"], msg.tensors["labels"])
-        mask = msg.tensors["attention_mask"]
-        hidden_in = unpack_tokens(msg.tensors["hidden"].to(self.runtime.device), mask).requires_grad_(train)
-        out = self.runtime.forward(session, hidden_in, mask, step)
-        reply = self.cloud.request("step", Message(kind="step", meta=msg.meta, tensors={
-            "hidden": pack_tokens(out.detach(), mask), "attention_mask": mask, "labels": msg.tensors["labels"]},
-            codecs={"hidden": self.runtime.policy("edge_cloud").activations}))
-        if not train:
-            return session.remember(step, reply)
-        grad = reply.tensors["grad"]
-        if list(grad.shape) != list(msg.tensors["hidden"].shape) or not torch.isfinite(grad).all():
-            raise ValueError(f"the cloud sent a non-finite or mis-shaped gradient {list(grad.shape)}")
-        self.runtime.backward_and_step(session, [out], [unpack_tokens(grad.to(out.device, out.dtype), mask)])
-        grad_in = hidden_in.grad if hidden_in.grad is not None else torch.zeros_like(hidden_in)
-        grad_in, codecs = self.runtime.outgoing_grad(session, pack_tokens(grad_in, mask), "user_edge")
-        return session.remember(step, Message(kind="grad", meta=reply.meta, tensors={"grad": grad_in}, codecs=codecs))
+    def relay(self, session: Session, request: StepRequest, out: torch.Tensor) -> Downstream:
+        """The edge's next stage: the cloud, with this edge's output rows."""
+        mask = request.attention_mask
+        forward = StepRequest(request.round, request.user, request.step, request.mode,
+                              pack_tokens(out.detach(), mask), mask, request.labels)
+        reply = self.cloud.request("step", forward.to_message(self.runtime.policy(Hop.EDGE_CLOUD).activations))
+        if not session.plan.training:
+            return Downstream(reply=EvalReply.from_message(reply).to_message())
+        answer = TrainReply.from_message(reply)
+        check_grad(answer.grad, request.hidden, "the cloud")
+        return Downstream(output=out, grad=unpack_tokens(answer.grad.to(out.device, out.dtype), mask), loss=answer.loss)

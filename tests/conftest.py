@@ -51,22 +51,26 @@ def tiny(hermetic_cache: Path) -> Callable[[str], ModelSource]:
 @pytest.fixture(scope="session")
 def small_sim(hermetic_cache: Path) -> Callable[..., Simulation]:
     """``small_sim(**overrides)``: a few users on tiny-llama/shakespeare with very small settings."""
+    from shared.config.round import RoundConfig
     from shared.lab.sim import SimConfig, Simulation
 
     def make(**overrides: object) -> Simulation:
+        """Round fields (``local_steps``, ``algorithm``, ``config``, ...) go into the round's configuration."""
         settings: dict[str, object] = dict(
-            model="tiny-llama", data="shakespeare", users=2, edges=1, rounds=1, split=(1, 3), local_steps=2,
-            batch_size=2, max_len=16, max_examples_per_client=8, eval_examples_per_client=2, baseline_eval=False,
+            model="tiny-llama", data="shakespeare", users=2, edges=1, rounds=1, split=(1, 3),
+            max_len=16, max_examples_per_client=8, eval_examples_per_client=2, baseline_eval=False,
         )
-        settings.update(overrides)
-        return Simulation(SimConfig(**settings))
+        round_fields = {"local_steps": 2, "batch_size": 2}
+        for name, value in overrides.items():
+            (round_fields if name in RoundConfig.model_fields else settings)[name] = value
+        return Simulation(SimConfig(**settings, round=RoundConfig(**round_fields)))
 
     return make
 
 
 @pytest.fixture(scope="session")
 def run_cli(hermetic_cache: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
-    """``run_cli(args)``: ``python -m shared.cli ARGS`` from the repository root, in this session's cache.
+    """``run_cli(args)``: ``python -m shared.lab.cli ARGS`` from the repository root, in this session's cache.
 
     ``module=...`` runs another module; ``code=...`` runs ``python -c CODE ARGS`` (to patch something first).
     """

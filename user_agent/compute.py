@@ -1,34 +1,36 @@
-"""The user tier's work: local batches through embeddings + first blocks, the chain, local updates."""
+"""The user tier's work: local batches through embeddings + first blocks, the chain, local updates.
+
+A round's start returns at once (``accepted``); the device trains in a thread of its own and reports
+to its edge when done. The services and the simulator both run users this way.
+"""
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from typing import Any
 
 import torch
 
-from shared.fl import RoundPlan
 from shared.data.batching import Batch, BatchSampler, eval_batches
 from shared.data.datasets import ClientData
 from shared.model.sources import Tokenizer
-from shared.runtime.session import Session
-from shared.runtime.tier import TierRuntime
-from shared.runtime.steps import pack_tokens, unpack_tokens
-from shared.protocol.transport import Link, ok
+from shared.protocol.enums import Hop, Mode
+from shared.protocol.messages import EvalReply, RoundPlan, StepRequest, TrainReply, Update, UserStart, ack
+from shared.protocol.transport import Link
 from shared.protocol.wire import Message
+from shared.runtime.session import Session
+from shared.runtime.steps import check_grad, pack_tokens, unpack_tokens
+from shared.runtime.tier import TierRuntime
 
-USER_PREFIX = "user/"
+log = logging.getLogger("splitllm.user")
 
 
-def step_message(plan: RoundPlan, step: int, hidden: torch.Tensor, batch: Batch, codec: str = "fp32") -> Message:
-    """The forward message of one step: activation plus the small metadata every tier rebuilds from."""
-    return Message(
-        kind="step",
-        meta={"round": plan.round_id, "user": plan.user_id, "step": step, "mode": plan.mode},
-        tensors={"hidden": pack_tokens(hidden.detach(), batch.attention_mask),
-                 "attention_mask": batch.attention_mask.to(torch.uint8), "labels": batch.labels},
-        codecs={"hidden": codec},
-    )
+def step_request(plan: RoundPlan, step: int, hidden: torch.Tensor, batch: Batch) -> StepRequest:
+    """The forward message of one step: the real tokens' activations plus what every tier rebuilds from."""
+    return StepRequest(plan.round_id, plan.user_id, step, plan.mode, pack_tokens(hidden.detach(), batch.attention_mask),
+                       batch.attention_mask.to(torch.uint8), batch.labels)
 
 
 class UserAgent:
@@ -44,23 +46,56 @@ class UserAgent:
         task = runtime.spec.task
         self.sampler = BatchSampler(tokenizer, data.train, task, max_len, pad_to_max)
         self.eval_data = eval_batches(tokenizer, data.eval, task, max_len, eval_batch_size)
-        self.policy = runtime.policy("user_edge")
+        self.policy = runtime.policy(Hop.USER_EDGE)
+        self.jobs: dict[str, str] = {}  # "<round>:<mode>" -> running | reported | failed
+        self.last_error: str | None = None
+        self.lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
 
     @property
     def num_samples(self) -> int:
         return len(self.data.train)
 
+    # a round's start --------------------------------------------------------------------------
     def on_start(self, msg: Message) -> Message:
-        """Run this user's part of a round (train or eval) and report to the edge."""
-        plan = RoundPlan.from_meta(msg.meta["plan"])
-        state = {k[len(USER_PREFIX):]: v for k, v in msg.tensors.items() if k.startswith(USER_PREFIX)}
-        if plan.mode == "train":
-            report = self.train(plan, state)
-        else:
-            report = self.evaluate(plan, state)
-        self.edge.request("update", report)
-        return ok(round=plan.round_id, user=self.user_id)
+        """Accept a round's start and run this user's part of it (train or eval) in its own thread."""
+        start = UserStart.from_message(msg)
+        plan = start.plan
+        key = f"{plan.round_id}:{plan.mode}"
+        with self.lock:
+            first = key not in self.jobs  # a retried start is a no-op
+            if first:
+                self.jobs[key] = "running"
+        if first:
+            thread = threading.Thread(target=self._run, args=(start, key), name=f"{self.user_id}-round-{key}", daemon=True)
+            with self.lock:
+                self.threads = [t for t in self.threads if t.is_alive()] + [thread]
+            thread.start()
+        return ack("accepted", round=plan.round_id, user=self.user_id)
 
+    def wait(self, timeout: float | None = None) -> None:
+        """Until this device's round jobs have finished (the simulator waits so that a round's bytes are all counted)."""
+        with self.lock:
+            threads = list(self.threads)
+        for thread in threads:
+            thread.join(timeout)
+
+    def _run(self, start: UserStart, key: str) -> None:
+        try:
+            report = self.train(start.plan, start.adapters) if start.plan.training else self.evaluate(start.plan, start.adapters)
+            self.edge.request("update", report)
+            self.jobs[key] = "reported"
+        except Exception as exc:
+            self.jobs[key] = "failed"
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.exception("round %s failed on device %s", key, self.user_id)
+            notice = Update.failure(start.plan.round_id, self.user_id, start.plan.mode, self.last_error)
+            try:  # the edge drops this user now; if it cannot be told, its deadline does
+                self.edge.request("update", notice.to_message())
+            except Exception as told:
+                log.warning("could not tell the edge that round %s failed here: %s", key, told)
+
+    # training and evaluation ---------------------------------------------------------------------
     def train(self, plan: RoundPlan, state: dict[str, torch.Tensor]) -> Message:
         session = self.runtime.open_session(plan, state)
         try:
@@ -80,32 +115,23 @@ class UserAgent:
             t0 = step_start = time.perf_counter()
             hidden = self.runtime.forward(session, None, batch.attention_mask, step, input_ids=batch.input_ids)
             compute += self._slow(time.perf_counter() - t0)
-            reply = self.edge.request("step", step_message(plan, step, hidden, batch, self.policy.activations))
-            grad = reply.tensors["grad"]
-            tokens = int(batch.attention_mask.sum())
-            if list(grad.shape) != [tokens, hidden.shape[-1]] or not torch.isfinite(grad).all():
-                raise ValueError(f"the edge sent a gradient of shape {list(grad.shape)} with non-finite or "
-                                 f"mismatched values for {tokens} tokens of width {hidden.shape[-1]}")
+            request = step_request(plan, step, hidden, batch)
+            answer = TrainReply.from_message(self.edge.request("step", request.to_message(self.policy.activations)))
+            check_grad(answer.grad, request.hidden, "the edge")
             t0 = time.perf_counter()
-            grad = unpack_tokens(grad.to(hidden.device, hidden.dtype), batch.attention_mask)
+            grad = unpack_tokens(answer.grad.to(hidden.device, hidden.dtype), batch.attention_mask)
             self.runtime.backward_and_step(session, [hidden], [grad])
             compute += self._slow(time.perf_counter() - t0)
-            losses.append(float(reply.meta["loss"]))
+            losses.append(answer.loss)
             session.samples += batch.size
             step_seconds.append(time.perf_counter() - step_start)
-        update = self.runtime.pack_update(session)
         metrics: dict[str, Any] = {
             "train_loss": sum(losses) / max(len(losses), 1), "losses": losses, "steps": len(losses),
             "step_seconds": step_seconds, "batch_shape": shape,
             "seconds": time.perf_counter() - started, "user_compute_seconds": compute,
         }
-        return Message(
-            kind="update",
-            meta={"round": plan.round_id, "user": self.user_id, "mode": "train", "num_samples": self.num_samples,
-                  "metrics": metrics},
-            tensors={USER_PREFIX + k: v for k, v in update.items()},
-            codecs={USER_PREFIX + k: self.policy.uploads for k in update},
-        )
+        update = Update(plan.round_id, self.user_id, Mode.TRAIN, self.num_samples, metrics, self.runtime.pack_update(session))
+        return update.to_message(self.policy.uploads)
 
     def _slow(self, seconds: float) -> float:
         """Stretch a compute phase to ``slowdown`` times its length; returns the stretched length."""
@@ -119,11 +145,12 @@ class UserAgent:
         try:
             for step, batch in enumerate(self.eval_data):
                 hidden = self.runtime.forward(session, None, batch.attention_mask, step, input_ids=batch.input_ids)
-                reply = self.edge.request("step", step_message(plan, step, hidden, batch, self.policy.activations))
-                for key in ("loss_sum", "count", "correct"):
-                    totals[key] += reply.meta[key]
+                request = step_request(plan, step, hidden, batch)
+                counts = EvalReply.from_message(self.edge.request("step", request.to_message(self.policy.activations)))
+                totals["loss_sum"] += counts.loss_sum
+                totals["count"] += counts.count
+                totals["correct"] += counts.correct
                 totals["examples"] += batch.size
         finally:
             self.runtime.close_session(plan.round_id, self.user_id)
-        return Message(kind="update", meta={"round": plan.round_id, "user": self.user_id, "mode": "eval",
-                                            "num_samples": len(self.data.eval), "metrics": totals})
+        return Update(plan.round_id, self.user_id, Mode.EVAL, len(self.data.eval), totals).to_message()

@@ -10,6 +10,8 @@ from typing import Any
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.config.round import RoundDefaults
+
 
 class ServiceSettings(BaseSettings):
     """Settings every tier has."""
@@ -46,8 +48,12 @@ class ServiceSettings(BaseSettings):
         return self.token.get_secret_value() if self.token is not None else None
 
 
-class CloudSettings(ServiceSettings):
-    """The coordinator: it fixes the model, split, data and round defaults for every tier."""
+class CloudSettings(ServiceSettings, RoundDefaults):
+    """The coordinator: it fixes the model, split, data and round defaults for every tier.
+
+    The round defaults (``local_steps``, ``batch_size``, ``lr``, ``deadline``, ``min_participants``,
+    ``clip_norm``) are declared once, in ``shared.config.round.RoundDefaults``.
+    """
 
     port: int = 8000
     data_dir: Path = Field(Path("runs/cloud"), description="SQLite store and adapter versions live here")
@@ -72,14 +78,8 @@ class CloudSettings(ServiceSettings):
                                                       "uploads=..,downloads=..")
     edge_cloud_codecs: str = Field("fp32", description="codecs on edge-cloud hops (same form)")
     seed: int = 0
-    local_steps: int = 20
-    batch_size: int = 8
-    lr: float | None = Field(None, description="default learning rate (None: 5e-3 classification, 1e-3 LM)")
     round_timeout: float = Field(3600.0, description="seconds a round may take before it fails")
     admin_token: SecretStr | None = Field(None, description="bearer token of the round API (start, cancel)")
-    user_deadline: float = Field(600.0, description="seconds after a round starts when silent users are dropped")
-    min_participants: int = Field(1, description="users that must report for a round to commit")
-    clip_update_norm: float | None = Field(None, description="clip each update's change to this L2 norm")
 
     def check_security(self) -> None:
         super().check_security()

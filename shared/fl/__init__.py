@@ -1,11 +1,10 @@
-"""Algorithm plug-ins: the interface, the registry, FedAvg (importing this registers the built-ins)."""
+"""Federated algorithms: aggregation, the plug-in interface and registry, and the built-in plug-ins."""
 
-from shared.fl.plugin import (Algorithm, AlgorithmConfig, Participant, RoundPlan, algorithm_names, create_algorithm, default_lr, register_algorithm)
-from shared.fl import fedavg  # noqa: F401  (registers "fedavg")
-from shared.fl import fedara  # noqa: F401  (registers "fedara")
-from shared.fl import droppeft  # noqa: F401  (registers "droppeft")
+from shared.fl import droppeft, fedara, fedavg  # noqa: F401  (importing them registers "droppeft", "fedara", "fedavg")
+from shared.fl.plugin import (Algorithm, AlgorithmConfig, Participant, SessionContext, SessionPlugin, Strategy,
+                              StrategyContext, algorithm_names, get_algorithm, register_algorithm)
 
 __all__ = [
-    "Algorithm", "AlgorithmConfig", "Participant", "RoundPlan",
-    "algorithm_names", "create_algorithm", "default_lr", "register_algorithm",
+    "Algorithm", "AlgorithmConfig", "Participant", "SessionContext", "SessionPlugin", "Strategy", "StrategyContext",
+    "algorithm_names", "get_algorithm", "register_algorithm",
 ]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
+from shared.errors import InvalidInput
 from shared.model.adapters import AdapterState
 
 
@@ -18,10 +18,9 @@ class AdapterUpdate:
     tier: str
     state: AdapterState
     num_samples: int
-    metrics: dict[str, Any] = field(default_factory=dict)
 
 
-class AggregationError(ValueError):
+class AggregationError(InvalidInput):
     """Updates cannot be combined (no samples, mismatched keys or shapes)."""
 
 
@@ -50,25 +49,17 @@ def weighted_mean(updates: list[AdapterUpdate]) -> AdapterState:
     return out
 
 
-def pre_aggregate(source: str, updates: list[AdapterUpdate]) -> AdapterUpdate:
-    """An edge's hierarchical step: its users' mean, carried up with their sample total."""
-    if not updates:
-        raise AggregationError("no updates to pre-aggregate")
-    total = sum(u.num_samples for u in updates)
-    return AdapterUpdate(source=source, tier=updates[0].tier, state=weighted_mean(updates), num_samples=total)
-
-
 def check_update(state: AdapterState, expected: AdapterState, source: str) -> None:
-    """Refuse an update whose keys, shapes or values cannot join the aggregate (ValueError: HTTP 422)."""
+    """Refuse an update whose keys, shapes or values cannot join the aggregate (``InvalidInput``: HTTP 422)."""
     if set(state) != set(expected):
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        raise ValueError(f"update from {source}: adapter keys differ (missing {missing[:3]}, unexpected {extra[:3]})")
+        raise InvalidInput(f"update from {source}: adapter keys differ (missing {missing[:3]}, unexpected {extra[:3]})")
     for key, value in state.items():
         if tuple(value.shape) != tuple(expected[key].shape):
-            raise ValueError(f"update from {source}: '{key}' has shape {list(value.shape)}, "
+            raise InvalidInput(f"update from {source}: '{key}' has shape {list(value.shape)}, "
                              f"expected {list(expected[key].shape)}")
         if not value.is_floating_point() or not torch.isfinite(value).all():
-            raise ValueError(f"update from {source}: '{key}' is not a finite float tensor")
+            raise InvalidInput(f"update from {source}: '{key}' is not a finite float tensor")
 
 
 def clip_updates(updates: list[AdapterUpdate], previous: AdapterState, max_norm: float | None) -> list[AdapterUpdate]:
@@ -78,7 +69,7 @@ def clip_updates(updates: list[AdapterUpdate], previous: AdapterState, max_norm:
     out = []
     for u in updates:
         if any(k not in previous or previous[k].shape != v.shape for k, v in u.state.items()):
-            raise ValueError(f"clip_norm needs updates shaped like the global adapters; {u.source}'s are not "
+            raise InvalidInput(f"clip_norm needs updates shaped like the global adapters; {u.source}'s are not "
                              f"(compact updates, e.g. FedARA's, are not clipped: leave clip_norm unset)")
         deltas = {k: v.to(torch.float64) - previous[k].to(torch.float64) for k, v in u.state.items()}
         norm = float(torch.sqrt(sum((d * d).sum() for d in deltas.values())))
@@ -87,5 +78,5 @@ def clip_updates(updates: list[AdapterUpdate], previous: AdapterState, max_norm:
             continue
         scale = max_norm / norm
         state = {k: (previous[k].to(torch.float64) + d * scale).to(u.state[k].dtype) for k, d in deltas.items()}
-        out.append(AdapterUpdate(u.source, u.tier, state, u.num_samples, u.metrics))
+        out.append(AdapterUpdate(u.source, u.tier, state, u.num_samples))
     return out

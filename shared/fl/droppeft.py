@@ -53,7 +53,11 @@ from torch import nn
 
 from shared.model.adapters import AdapterState
 from shared.fl.aggregation import AdapterUpdate, weighted_mean
-from shared.fl.plugin import Algorithm, AlgorithmConfig, Participant, RoundPlan, register_algorithm
+from shared.errors import InvalidInput
+from shared.fl.plugin import (AlgorithmConfig, Participant, SessionContext, SessionPlugin, Strategy, StrategyContext,
+                              register_algorithm)
+from shared.protocol.enums import Tier
+from shared.protocol.messages import RoundPlan
 from shared.seeds import derive_seed
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -94,18 +98,18 @@ class DropPEFTConfig(AlgorithmConfig):
     def __post_init__(self) -> None:
         self.ratios = [float(r) for r in self.ratios]
         if not self.ratios or any(not 0.0 <= r < 1.0 for r in self.ratios):
-            raise ValueError(f"droppeft: ratios must be a non-empty list of values in [0, 1) (got {self.ratios})")
+            raise InvalidInput(f"droppeft: ratios must be a non-empty list of values in [0, 1) (got {self.ratios})")
         if self.ratio is not None and not 0.0 <= float(self.ratio) < 1.0:
-            raise ValueError(f"droppeft: ratio must be in [0, 1) (got {self.ratio})")
+            raise InvalidInput(f"droppeft: ratio must be in [0, 1) (got {self.ratio})")
         if not 0.0 <= self.max_layer_ratio < 1.0:
-            raise ValueError(f"droppeft: max_layer_ratio must be in [0, 1) (got {self.max_layer_ratio})")
+            raise InvalidInput(f"droppeft: max_layer_ratio must be in [0, 1) (got {self.max_layer_ratio})")
         if self.exploration < 0 or not 0.0 < self.window <= 0.5:
-            raise ValueError(f"droppeft: exploration must be >= 0 and window in (0, 0.5] "
+            raise InvalidInput(f"droppeft: exploration must be >= 0 and window in (0, 0.5] "
                              f"(got {self.exploration}, {self.window})")
         if self.normalize not in ("round", "none"):
-            raise ValueError(f"droppeft: normalize must be 'round' or 'none' (got '{self.normalize}')")
+            raise InvalidInput(f"droppeft: normalize must be 'round' or 'none' (got '{self.normalize}')")
         if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.personal_layers):
-            raise ValueError(f"droppeft: personal_layers must be global block indices >= 0 (got {self.personal_layers})")
+            raise InvalidInput(f"droppeft: personal_layers must be global block indices >= 0 (got {self.personal_layers})")
         self.personal_layers = sorted(set(self.personal_layers))
 
 
@@ -174,46 +178,29 @@ def progress_per_second(losses: list[float], step_seconds: list[float], window: 
     return value if math.isfinite(value) else None
 
 
-@register_algorithm
-class DropPEFT(Algorithm):
-    name = "droppeft"
-    config_cls = DropPEFTConfig
+def is_personal(config: DropPEFTConfig, key: str) -> bool:
+    block = block_of(key)
+    return block is not None and block in config.personal_layers
+
+
+def ratio_of(config: DropPEFTConfig, plan: RoundPlan) -> float:
+    """The plan's ratio: the bandit's arm, else the config's fixed ratio, else 0."""
+    if "ratio" in plan.extra:
+        return float(plan.extra["ratio"])
+    return float(config.ratio) if config.ratio is not None else 0.0
+
+
+class DropPEFTStrategy(Strategy):
+    """The coordinator's bandits (one per user, kept across rounds) and PTLS-aware aggregation."""
+
     config: DropPEFTConfig
 
-    def __init__(self, config: DropPEFTConfig | None = None) -> None:
-        super().__init__(config)
-        # the coordinator's instance: bandits, the arms handed out per round, a history of rewards
+    def __init__(self, config: DropPEFTConfig, ctx: StrategyContext) -> None:
+        super().__init__(config, ctx)
         self.policies: dict[str, UCBPolicy] = {}
-        self.assigned: dict[int, dict[str, int]] = {}
+        self.assigned: dict[int, dict[str, int]] = {}  # round -> user -> arm handed out
         self.history: list[dict[str, Any]] = []
-        # a tier session's instance: what came down for the personal keys (sent back in their place)
-        self._download: AdapterState = {}
 
-    # helpers ----------------------------------------------------------------------------------
-    def is_personal(self, key: str) -> bool:
-        block = block_of(key)
-        return block is not None and block in self.config.personal_layers
-
-    def _personal_store(self, user_id: str) -> dict[str, torch.Tensor]:
-        if self.ctx is None:
-            raise RuntimeError("droppeft: personal layers need a tier context (ctx.store)")
-        return self.ctx.store.setdefault(STORE_PERSONAL, {}).setdefault(user_id, {})
-
-    def ratio_of(self, plan: RoundPlan) -> float:
-        if "ratio" in plan.extra:
-            return float(plan.extra["ratio"])
-        return float(self.config.ratio) if self.config.ratio is not None else 0.0
-
-    def mask(self, plan: RoundPlan, step: int, num_layers: int | None = None) -> list[bool]:
-        """The step's skip mask over the whole model's blocks (True = skipped)."""
-        if num_layers is None:
-            if self.ctx is None:
-                raise RuntimeError("droppeft: the skip mask needs the model's block count (a tier context)")
-            num_layers = self.ctx.num_layers
-        return skip_mask(plan.seed, plan.round_id, plan.user_id, step, self.ratio_of(plan), num_layers,
-                         self.config.max_layer_ratio)
-
-    # cloud: ratios per user -------------------------------------------------------------------------
     def _policy(self, user_id: str) -> UCBPolicy:
         if user_id not in self.policies:
             self.policies[user_id] = UCBPolicy(len(self.config.ratios), self.config.exploration,
@@ -258,44 +245,62 @@ class DropPEFT(Algorithm):
         scale = sum(others) / len(others)
         return scale if scale > 0 else 1.0
 
-    # every tier: the step's blocks ------------------------------------------------------------------
-    def layers_to_run(self, tier: str, layer_ids: list[int], plan: RoundPlan, step: int) -> list[int]:
-        if self.ratio_of(plan) <= 0.0:
-            return list(layer_ids)
-        skipped = self.mask(plan, step)
-        return [i for i in layer_ids if not skipped[i]]
+    def aggregate(self, tier: Tier, updates: list[AdapterUpdate], previous: AdapterState) -> AdapterState:
+        merged = weighted_mean(updates)
+        for key in merged:
+            if is_personal(self.config, key) and key in previous:
+                merged[key] = previous[key].detach().clone().to(merged[key].dtype)
+        return merged
 
-    # every tier: personal layers ----------------------------------------------------------------------
-    def build_adapters(self, tier: str, state: AdapterState, plan: RoundPlan) -> dict[str, nn.Parameter]:
-        params = super().build_adapters(tier, state, plan)
-        if self.ctx is not None:
-            bad = [i for i in self.config.personal_layers if i >= self.ctx.num_layers]
-            if bad:
-                raise ValueError(f"droppeft: personal_layers {bad} are not blocks of a {self.ctx.num_layers}-block model")
-        personal = [k for k in params if self.is_personal(k)]
+
+class DropPEFTSession(SessionPlugin):
+    """A session on one tier: the step's skip mask over this tier's blocks, and the user's personal layers."""
+
+    config: DropPEFTConfig
+
+    def __init__(self, config: DropPEFTConfig, ctx: SessionContext) -> None:
+        super().__init__(config, ctx)
+        self.download: AdapterState = {}  # what came down for the personal keys (sent back in their place)
+
+    def _personal_store(self) -> dict[str, torch.Tensor]:
+        return self.ctx.store.setdefault(STORE_PERSONAL, {}).setdefault(self.plan.user_id, {})
+
+    def mask(self, step: int) -> list[bool]:
+        """The step's skip mask over the whole model's blocks (True = skipped)."""
+        return skip_mask(self.plan.seed, self.plan.round_id, self.plan.user_id, step, ratio_of(self.config, self.plan),
+                         self.ctx.num_layers, self.config.max_layer_ratio)
+
+    def layers_to_run(self, step: int) -> list[int]:
+        if not self.plan.training or ratio_of(self.config, self.plan) <= 0.0:  # evaluation runs every block
+            return list(self.ctx.layer_ids)
+        skipped = self.mask(step)
+        return [i for i in self.ctx.layer_ids if not skipped[i]]
+
+    def build_adapters(self, state: AdapterState) -> dict[str, nn.Parameter]:
+        params = super().build_adapters(state)
+        bad = [i for i in self.config.personal_layers if i >= self.ctx.num_layers]
+        if bad:
+            raise InvalidInput(f"droppeft: personal_layers {bad} are not blocks of a {self.ctx.num_layers}-block model")
+        personal = [k for k in params if is_personal(self.config, k)]
         if not personal:
             return params
-        self._download = {k: state[k].detach().clone() for k in personal}
-        own = self._personal_store(plan.user_id)
+        self.download = {k: state[k].detach().clone() for k in personal}
+        own = self._personal_store()
         with torch.no_grad():
             for key in personal:
                 if key in own and tuple(own[key].shape) == tuple(params[key].shape):
                     params[key].copy_(own[key].to(params[key].device, params[key].dtype))
         return params
 
-    def pack_update(self, tier: str, params: dict[str, nn.Parameter], plan: RoundPlan) -> AdapterState:
-        out = super().pack_update(tier, params, plan)
-        personal = [k for k in out if self.is_personal(k)]
-        if personal and plan.mode == "train":
-            own = self._personal_store(plan.user_id)
+    def pack_update(self, params: dict[str, nn.Parameter]) -> AdapterState:
+        out = super().pack_update(params)
+        personal = [k for k in out if is_personal(self.config, k)]
+        if personal and self.plan.training:
+            own = self._personal_store()
             for key in personal:
                 own[key] = out[key].detach().cpu().clone()
-                out[key] = self._download[key].clone()  # what came down: nothing personal leaves the tier
+                out[key] = self.download[key].clone()  # what came down: nothing personal leaves the tier
         return out
 
-    def aggregate(self, tier: str, updates: list[AdapterUpdate], previous: AdapterState) -> AdapterState:
-        merged = weighted_mean(updates)
-        for key in merged:
-            if self.is_personal(key) and key in previous:
-                merged[key] = previous[key].detach().clone().to(merged[key].dtype)
-        return merged
+
+DROPPEFT = register_algorithm("droppeft", config=DropPEFTConfig, strategy=DropPEFTStrategy, session=DropPEFTSession)

@@ -41,122 +41,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from shared.model.adapters import AdapterState
+from shared.errors import InvalidInput
 from shared.fl.aggregation import AdapterUpdate, AggregationError
-from shared.fl.plugin import Algorithm, AlgorithmConfig, Participant, RoundPlan, register_algorithm
-
-Q_SUFFIX, P_SUFFIX, E_SUFFIX = ".lora_A", ".lora_B", ".lora_E"
-FACTORS = (Q_SUFFIX, P_SUFFIX, E_SUFFIX)
-INDEX, SCORE, SAMPLES = ".rank_index", ".rank_score", ".rank_samples"
-EXTRAS = (INDEX, SCORE, SAMPLES)
-
-
-# --- pieces usable on their own (and tested as such) ---------------------------------------------------
-
-
-def module_of(key: str) -> tuple[str, str] | None:
-    """``(module, suffix)`` for a factor or FedARA extra key, None for anything else (head tensors)."""
-    for suffix in FACTORS + EXTRAS:
-        if key.endswith(suffix):
-            return key[: -len(suffix)], suffix
-    return None
-
-
-def split_state(state: AdapterState) -> tuple[dict[str, dict[str, torch.Tensor]], AdapterState]:
-    """Group a state into ``{module: {suffix: tensor}}`` and the other (head) tensors."""
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    others: AdapterState = {}
-    for key, value in state.items():
-        found = module_of(key)
-        if found is None:
-            others[key] = value
-        else:
-            modules.setdefault(found[0], {})[found[1]] = value
-    return modules, others
-
-
-def orthogonality_penalty(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """||P^T P - I||_F^2 + ||Q Q^T - I||_F^2 for P (d x k) and Q (k x n): k active triplets."""
-    k = P.shape[1]
-    eye = torch.eye(k, dtype=P.dtype, device=P.device)
-    return (P.T @ P - eye).square().sum() + (Q @ Q.T - eye).square().sum()
-
-
-def budget_schedule(round_number: int, total_rounds: int, warmup_rounds: int, final_rounds: int,
-                    initial: int, target: int) -> int:
-    """Active triplets allowed in round ``round_number`` (1-based): warm-up, cubic decay, final rounds."""
-    if round_number <= warmup_rounds:
-        return initial
-    decay_end = total_rounds - final_rounds
-    if round_number > decay_end:
-        return target
-    decay_rounds = decay_end - warmup_rounds
-    k = round_number - warmup_rounds
-    return int(round(target + (initial - target) * (1.0 - k / (decay_rounds + 1)) ** 3))
-
-
-def triplet_scores(s_q: torch.Tensor, s_p: torch.Tensor, s_e: torch.Tensor) -> torch.Tensor:
-    """Per-triplet importance from per-entry scores of Q (k x n), P (d x k) and e (k x 1)."""
-    return s_e.reshape(-1) + s_q.mean(dim=1) + s_p.mean(dim=0)
-
-
-class ImportanceTracker:
-    """AdaLoRA's smoothed sensitivity and uncertainty, per tensor, over the steps of one session."""
-
-    def __init__(self, beta1: float, beta2: float) -> None:
-        self.beta1, self.beta2 = beta1, beta2
-        self.ipt: dict[str, torch.Tensor] = {}
-        self.unc: dict[str, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def update(self, key: str, param: torch.Tensor) -> None:
-        if param.grad is None:
-            return
-        ipt = (param.detach() * param.grad.detach()).abs().float()
-        avg = self.ipt.get(key, torch.zeros_like(ipt)).mul(self.beta1).add_(ipt, alpha=1 - self.beta1)
-        unc = self.unc.get(key, torch.zeros_like(ipt)).mul(self.beta2).add_((ipt - avg).abs(), alpha=1 - self.beta2)
-        self.ipt[key], self.unc[key] = avg, unc
-
-    def entry_scores(self, key: str, like: torch.Tensor) -> torch.Tensor:
-        if key not in self.ipt:
-            return torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-        return self.ipt[key] * self.unc[key]
-
-
-def compact(factors: dict[str, torch.Tensor], idx: list[int]) -> dict[str, torch.Tensor]:
-    """The rows of Q and e and the columns of P of triplets ``idx``."""
-    index = torch.tensor(idx, dtype=torch.long, device=factors[Q_SUFFIX].device)
-    return {Q_SUFFIX: factors[Q_SUFFIX].index_select(0, index), P_SUFFIX: factors[P_SUFFIX].index_select(1, index),
-            E_SUFFIX: factors[E_SUFFIX].index_select(0, index)}
-
-
-def masked_state(state: AdapterState, active: dict[str, list[int]]) -> AdapterState:
-    """The global state as FedARA's model sees it: e of masked triplets set to zero (for export)."""
-    out = {k: v.clone() for k, v in state.items()}
-    for key, value in state.items():
-        found = module_of(key)
-        if found is None or found[1] != E_SUFFIX or found[0] not in active:
-            continue
-        keep = torch.zeros(value.shape[0], dtype=torch.bool)
-        keep[list(active[found[0]])] = True
-        out[key][~keep] = 0
-    return out
-
-
-def _check_indices(idx: Any, rank: int, where: str) -> list[int]:
-    if not isinstance(idx, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
-        raise ValueError(f"{where}: active triplets must be a list of integers")
-    idx = list(idx)
-    if any(i < 0 or i >= rank for i in idx) or any(a >= b for a, b in zip(idx, idx[1:])):
-        raise ValueError(f"{where}: active triplets must be strictly increasing indices in [0, {rank})")
-    return idx
-
-
-def _float_ok(value: torch.Tensor) -> bool:
-    return value.is_floating_point() and bool(torch.isfinite(value).all())
-
-
-# --- the plug-in ----------------------------------------------------------------------------------------
+from shared.fl.plugin import (AlgorithmConfig, Participant, SessionContext, SessionPlugin, Strategy, StrategyContext,
+                              register_algorithm)
+from shared.fl.svd import (E_SUFFIX, FACTORS, INDEX, P_SUFFIX, Q_SUFFIX, SAMPLES, SCORE, ImportanceTracker,
+                           budget_schedule, check_indices, compact, float_ok, module_of, orthogonality_penalty,
+                           split_state, triplet_scores)
+from shared.model.adapters import AdapterState
+from shared.protocol.enums import Tier
 
 
 @dataclass
@@ -174,58 +67,53 @@ class FedARAConfig(AlgorithmConfig):
 
     def __post_init__(self) -> None:
         if self.init_rank < 0:
-            raise ValueError(f"fedara: init_rank must be >= 0 (0: the adapters' rank), got {self.init_rank}")
+            raise InvalidInput(f"fedara: init_rank must be >= 0 (0: the adapters' rank), got {self.init_rank}")
         if self.target_rank is not None and not self.target_rank > 0:
-            raise ValueError(f"fedara: target_rank must be > 0 (or null: a third of the initial rank), got {self.target_rank}")
+            raise InvalidInput(f"fedara: target_rank must be > 0 (or null: a third of the initial rank), got {self.target_rank}")
         if self.target_rank is not None and self.init_rank and self.target_rank > self.init_rank:
-            raise ValueError(f"fedara: target_rank {self.target_rank} exceeds init_rank {self.init_rank}")
+            raise InvalidInput(f"fedara: target_rank {self.target_rank} exceeds init_rank {self.init_rank}")
         if min(self.total_rounds, self.warmup_rounds, self.final_rounds) < 0 or \
                 self.warmup_rounds + self.final_rounds > self.total_rounds:
-            raise ValueError(f"fedara: need 0 <= warmup_rounds + final_rounds <= total_rounds (got {self.warmup_rounds}"
+            raise InvalidInput(f"fedara: need 0 <= warmup_rounds + final_rounds <= total_rounds (got {self.warmup_rounds}"
                              f" + {self.final_rounds} > {self.total_rounds})")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"fedara: beta1 and beta2 must lie in [0, 1) (got {self.beta1}, {self.beta2})")
+            raise InvalidInput(f"fedara: beta1 and beta2 must lie in [0, 1) (got {self.beta1}, {self.beta2})")
         if not self.ortho_weight >= 0:
-            raise ValueError(f"fedara: ortho_weight must be >= 0, got {self.ortho_weight}")
+            raise InvalidInput(f"fedara: ortho_weight must be >= 0, got {self.ortho_weight}")
 
 
-@register_algorithm
-class FedARA(Algorithm):
-    name = "fedara"
-    config_cls = FedARAConfig
+def initial_triplets(config: FedARAConfig, rank: int) -> list[int]:
+    """The triplets a module trains before any allocation: ``init_rank`` of them (0: all ``rank``)."""
+    return list(range(min(config.init_rank, rank) if config.init_rank else rank))
+
+
+class FedARAStrategy(Strategy):
+    """The coordinator's allocation (kept across rounds) and the per-triplet aggregation (cloud and edge)."""
+
     config: FedARAConfig
 
-    def __init__(self, config: FedARAConfig | None = None) -> None:
-        super().__init__(config)
-        # at the coordinator (kept across rounds)
+    def __init__(self, config: FedARAConfig, ctx: StrategyContext) -> None:
+        super().__init__(config, ctx)
         self.full_rank: dict[str, int] = {}  # module -> r of its slot, learnt from the global states
         self.active: dict[str, list[int]] | None = None  # None: nothing allocated yet (initial triplets)
         self.scores: dict[str, torch.Tensor] = {}  # module -> last aggregated score of each triplet
         self.round_scores: dict[str, torch.Tensor] = {}  # this round's (NaN: nobody held the triplet)
         self.completed = 0
         self.history: list[dict[str, Any]] = []
-        # in a session (a fresh instance per session)
-        self.indices: dict[str, list[int]] = {}
-        self.tracker = ImportanceTracker(self.config.beta1, self.config.beta2)
-
-    # which triplets --------------------------------------------------------------------------------------
-    def _initial(self, rank: int) -> list[int]:
-        return list(range(min(self.config.init_rank, rank) if self.config.init_rank else rank))
 
     def _active_of(self, module: str, rank: int) -> list[int]:
         if self.active is not None and module in self.active:
             return list(self.active[module])
-        return self._initial(rank)
+        return initial_triplets(self.config, rank)
 
     def target_budget(self) -> tuple[int, int]:
         """(initial, target) total triplets over the modules known so far."""
-        initial = sum(len(self._initial(r)) for r in self.full_rank.values())
+        initial = sum(len(initial_triplets(self.config, r)) for r in self.full_rank.values())
         per_module = self.config.target_rank
         if per_module is None:
             per_module = (self.config.init_rank or max(self.full_rank.values(), default=0)) / 3.0
         return initial, min(initial, max(0, int(round(per_module * len(self.full_rank)))))
 
-    # coordinator hooks -----------------------------------------------------------------------------------
     def configure_round(self, round_id: int, participants: list[Participant]) -> dict[str, dict[str, Any]]:
         self.round_scores = {}
         extra: dict[str, Any] = {"round": self.completed + 1}
@@ -233,7 +121,7 @@ class FedARA(Algorithm):
             extra["active"] = {m: list(v) for m, v in sorted(self.active.items())}
         return {p.user_id: {k: (dict(v) if isinstance(v, dict) else v) for k, v in extra.items()} for p in participants}
 
-    def pack_download(self, tier: str, state: AdapterState, round_id: int) -> AdapterState:
+    def pack_download(self, tier: Tier, state: AdapterState, round_id: int) -> AdapterState:
         modules, out = split_state(state)
         out = dict(out)
         for module, factors in sorted(modules.items()):
@@ -247,110 +135,35 @@ class FedARA(Algorithm):
             out[module + INDEX] = torch.tensor(idx, dtype=torch.int64)
         return out
 
-    # tier hooks ------------------------------------------------------------------------------------------
-    def _session_masks(self, plan: RoundPlan) -> dict[str, list[int]] | None:
-        masks = plan.extra.get("active") if plan.extra else None
-        if masks is not None and not isinstance(masks, dict):
-            raise ValueError("fedara: the plan's 'active' must map module names to index lists")
-        store = self.ctx.store if self.ctx is not None else None
-        if plan.mode == "train":
-            if store is not None:
-                store["active"] = masks
-            return masks
-        if masks is None and store is not None:  # evaluation plans carry no extras: the round's training masks
-            return store.get("active")
-        return masks
-
-    def build_adapters(self, tier: str, state: AdapterState, plan: RoundPlan) -> dict[str, nn.Parameter]:
-        if self.ctx is not None and self.ctx.spec.adapter != "svd":
-            raise ValueError(f"fedara trains truncated-SVD adapters (P diag(e) Q): this deployment uses adapter "
-                             f"'{self.ctx.spec.adapter}'; start it with --adapter svd (SimConfig(adapter='svd'))")
-        shapes = self.ctx.shapes if self.ctx is not None else {k: tuple(v.shape) for k, v in state.items()}
-        slot_modules, slot_others = split_state({k: torch.empty(0) for k in shapes})
-        masks = self._session_masks(plan)
-        params: dict[str, nn.Parameter] = {}
-        for key in slot_others:
-            if key not in state:
-                raise ValueError(f"{tier} adapters lack '{key}'")
-            params[key] = nn.Parameter(state[key].detach().clone())
-        for module in sorted(slot_modules):
-            present = [s for s in FACTORS if module + s in state]
-            if not present:  # pruned: the layer runs without its adapter
-                continue
-            if len(present) != len(FACTORS):
-                raise ValueError(f"{tier} adapters hold only {present} of module '{module}'")
-            rank = int(shapes[module + Q_SUFFIX][0])
-            factors = {s: state[module + s] for s in FACTORS}
-            held = int(factors[Q_SUFFIX].shape[0])
-            if masks is not None and module in masks:
-                idx = _check_indices(masks[module], rank, f"fedara plan, module '{module}'")
-            else:
-                idx = self._initial(rank) if held == rank else list(range(held))
-            if not idx:
-                continue
-            if held == rank and len(idx) < rank:
-                factors = compact(factors, idx)
-            elif held != len(idx):
-                if plan.mode == "train":
-                    raise ValueError(f"fedara: module '{module}' arrived with {held} triplets, the plan lists {len(idx)}")
-                idx = list(range(held))  # evaluation of a compact download: the order of triplets does not matter
-            self.indices[module] = idx
-            for suffix, value in factors.items():
-                params[module + suffix] = nn.Parameter(value.detach().clone())
-        return params
-
-    def extra_loss(self, tier: str, params: dict[str, nn.Parameter], plan: RoundPlan) -> torch.Tensor | None:
-        if not self.config.ortho_weight or not self.indices:
-            return None
-        total = sum(orthogonality_penalty(params[m + P_SUFFIX], params[m + Q_SUFFIX]) for m in sorted(self.indices))
-        return self.config.ortho_weight * total
-
-    def after_backward(self, tier: str, params: dict[str, nn.Parameter], plan: RoundPlan) -> None:
-        for key, param in params.items():
-            if module_of(key) is not None:
-                self.tracker.update(key, param)
-
-    def pack_update(self, tier: str, params: dict[str, nn.Parameter], plan: RoundPlan) -> AdapterState:
-        out = {k: p.detach().clone() for k, p in params.items()}
-        for module, idx in sorted(self.indices.items()):
-            q, p, e = (params[module + s] for s in FACTORS)
-            scores = triplet_scores(self.tracker.entry_scores(module + Q_SUFFIX, q),
-                                    self.tracker.entry_scores(module + P_SUFFIX, p),
-                                    self.tracker.entry_scores(module + E_SUFFIX, e))
-            out[module + INDEX] = torch.tensor(idx, dtype=torch.int64)
-            out[module + SCORE] = scores.detach().float().cpu()
-        return out
-
-    # arrivals and aggregation ----------------------------------------------------------------------------
     def _allowed(self, module: str, prev: dict[str, torch.Tensor]) -> list[int]:
         if INDEX in prev:  # a compact download (at an edge): what was sent down
             return prev[INDEX].tolist()
         return self._active_of(module, int(prev[Q_SUFFIX].shape[0]))  # the full global state (at the cloud)
 
-    def validate_update(self, tier: str, state: AdapterState, previous: AdapterState, source: str) -> None:
+    def validate_update(self, tier: Tier, state: AdapterState, previous: AdapterState, source: str) -> None:
         modules, others = split_state(state)
         prev_modules, prev_others = split_state(previous)
         if set(others) != set(prev_others):
             missing, extra = sorted(set(prev_others) - set(others)), sorted(set(others) - set(prev_others))
-            raise ValueError(f"update from {source}: tensors differ (missing {missing[:3]}, unexpected {extra[:3]})")
+            raise InvalidInput(f"update from {source}: tensors differ (missing {missing[:3]}, unexpected {extra[:3]})")
         for key, value in others.items():
-            if tuple(value.shape) != tuple(previous[key].shape) or not _float_ok(value):
-                raise ValueError(f"update from {source}: '{key}' must be a finite float tensor of shape "
+            if tuple(value.shape) != tuple(previous[key].shape) or not float_ok(value):
+                raise InvalidInput(f"update from {source}: '{key}' must be a finite float tensor of shape "
                                  f"{list(previous[key].shape)}")
         for module, parts in modules.items():
             prev = prev_modules.get(module)
             if prev is None or Q_SUFFIX not in prev:
-                raise ValueError(f"update from {source}: module '{module}' was not sent (pruned or unknown)")
+                raise InvalidInput(f"update from {source}: module '{module}' was not sent (pruned or unknown)")
             needed = set(FACTORS) | {INDEX, SCORE}
             if not needed <= set(parts):
-                raise ValueError(f"update from {source}: module '{module}' lacks {sorted(needed - set(parts))}")
+                raise InvalidInput(f"update from {source}: module '{module}' lacks {sorted(needed - set(parts))}")
             index = parts[INDEX]
             if index.dtype not in (torch.int64, torch.int32, torch.int16) or index.dim() != 1 or index.numel() == 0:
-                raise ValueError(f"update from {source}: '{module}{INDEX}' must be a non-empty 1-d integer tensor")
+                raise InvalidInput(f"update from {source}: '{module}{INDEX}' must be a non-empty 1-d integer tensor")
             idx = index.tolist()
             allowed = set(self._allowed(module, prev))
             if any(a >= b for a, b in zip(idx, idx[1:])) or not set(idx) <= allowed:
-                raise ValueError(f"update from {source}: '{module}{INDEX}' must list increasing indices of triplets "
+                raise InvalidInput(f"update from {source}: '{module}{INDEX}' must list increasing indices of triplets "
                                  f"that were sent for training")
             k = len(idx)
             want = {Q_SUFFIX: (k, prev[Q_SUFFIX].shape[1]), P_SUFFIX: (prev[P_SUFFIX].shape[0], k), E_SUFFIX: (k, 1),
@@ -358,13 +171,13 @@ class FedARA(Algorithm):
             for suffix, value in parts.items():
                 if suffix == INDEX:
                     continue
-                if tuple(value.shape) != tuple(want[suffix]) or not _float_ok(value):
-                    raise ValueError(f"update from {source}: '{module}{suffix}' must be a finite float tensor of "
+                if tuple(value.shape) != tuple(want[suffix]) or not float_ok(value):
+                    raise InvalidInput(f"update from {source}: '{module}{suffix}' must be a finite float tensor of "
                                      f"shape {list(want[suffix])}")
                 if suffix in (SCORE, SAMPLES) and bool((value < 0).any()):
-                    raise ValueError(f"update from {source}: '{module}{suffix}' must not be negative")
+                    raise InvalidInput(f"update from {source}: '{module}{suffix}' must not be negative")
 
-    def aggregate(self, tier: str, updates: list[AdapterUpdate], previous: AdapterState) -> AdapterState:
+    def aggregate(self, tier: Tier, updates: list[AdapterUpdate], previous: AdapterState) -> AdapterState:
         """Per triplet: the sample-weighted mean over the updates holding it; the others keep ``previous``.
 
         ``previous`` is full (the cloud's global state: the result is full) or compact with
@@ -468,3 +281,90 @@ class FedARA(Algorithm):
                    "ranks": {m: len(v) for m, v in current.items()}}
         self.history.append(summary)
         metrics["fedara"] = {k: v for k, v in summary.items() if k != "ranks"}
+
+
+class FedARASession(SessionPlugin):
+    """A session on one tier: its active triplets, the orthogonality penalty, importance scores, compact updates."""
+
+    config: FedARAConfig
+
+    def __init__(self, config: FedARAConfig, ctx: SessionContext) -> None:
+        super().__init__(config, ctx)
+        self.indices: dict[str, list[int]] = {}
+        self.tracker = ImportanceTracker(self.config.beta1, self.config.beta2)
+
+    def _session_masks(self) -> dict[str, list[int]] | None:
+        plan, store = self.plan, self.ctx.store
+        masks = plan.extra.get("active") if plan.extra else None
+        if masks is not None and not isinstance(masks, dict):
+            raise InvalidInput("fedara: the plan's 'active' must map module names to index lists")
+        if plan.training:
+            store["active"] = masks
+            return masks
+        if masks is None:  # evaluation plans carry no extras: the round's training masks
+            return store.get("active")
+        return masks
+
+    def build_adapters(self, state: AdapterState) -> dict[str, nn.Parameter]:
+        tier = self.ctx.tier
+        if self.ctx.spec is not None and self.ctx.spec.adapter != "svd":
+            raise InvalidInput(f"fedara trains truncated-SVD adapters (P diag(e) Q): this deployment uses adapter "
+                               f"'{self.ctx.spec.adapter}'; start it with --adapter svd (SimConfig(adapter='svd'))")
+        shapes = self.ctx.shapes
+        slot_modules, slot_others = split_state({k: torch.empty(0) for k in shapes})
+        masks = self._session_masks()
+        params: dict[str, nn.Parameter] = {}
+        for key in slot_others:
+            if key not in state:
+                raise InvalidInput(f"{tier} adapters lack '{key}'")
+            params[key] = nn.Parameter(state[key].detach().clone())
+        for module in sorted(slot_modules):
+            present = [s for s in FACTORS if module + s in state]
+            if not present:  # pruned: the layer runs without its adapter
+                continue
+            if len(present) != len(FACTORS):
+                raise InvalidInput(f"{tier} adapters hold only {present} of module '{module}'")
+            rank = int(shapes[module + Q_SUFFIX][0])
+            factors = {s: state[module + s] for s in FACTORS}
+            held = int(factors[Q_SUFFIX].shape[0])
+            if masks is not None and module in masks:
+                idx = check_indices(masks[module], rank, f"fedara plan, module '{module}'")
+            else:
+                idx = initial_triplets(self.config, rank) if held == rank else list(range(held))
+            if not idx:
+                continue
+            if held == rank and len(idx) < rank:
+                factors = compact(factors, idx)
+            elif held != len(idx):
+                if self.plan.training:
+                    raise InvalidInput(f"fedara: module '{module}' arrived with {held} triplets, the plan lists {len(idx)}")
+                idx = list(range(held))  # evaluation of a compact download: the order of triplets does not matter
+            self.indices[module] = idx
+            for suffix, value in factors.items():
+                params[module + suffix] = nn.Parameter(value.detach().clone())
+        return params
+
+    def extra_loss(self, params: dict[str, nn.Parameter]) -> torch.Tensor | None:
+        if not self.config.ortho_weight or not self.indices:
+            return None
+        total = sum(orthogonality_penalty(params[m + P_SUFFIX], params[m + Q_SUFFIX]) for m in sorted(self.indices))
+        return self.config.ortho_weight * total
+
+    def after_backward(self, params: dict[str, nn.Parameter]) -> None:
+        for key, param in params.items():
+            if module_of(key) is not None:
+                self.tracker.update(key, param)
+
+    def pack_update(self, params: dict[str, nn.Parameter]) -> AdapterState:
+        out = {k: p.detach().clone() for k, p in params.items()}
+        for module, idx in sorted(self.indices.items()):
+            q, p, e = (params[module + s] for s in FACTORS)
+            scores = triplet_scores(self.tracker.entry_scores(module + Q_SUFFIX, q),
+                                    self.tracker.entry_scores(module + P_SUFFIX, p),
+                                    self.tracker.entry_scores(module + E_SUFFIX, e))
+            out[module + INDEX] = torch.tensor(idx, dtype=torch.int64)
+            out[module + SCORE] = scores.detach().float().cpu()
+        return out
+
+
+FEDARA = register_algorithm("fedara", config=FedARAConfig, strategy=FedARAStrategy, session=FedARASession)

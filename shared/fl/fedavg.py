@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.fl.plugin import Algorithm, AlgorithmConfig, register_algorithm
+from shared.fl.plugin import AlgorithmConfig, register_algorithm
 
 
 @dataclass
@@ -12,7 +12,4 @@ class FedAvgConfig(AlgorithmConfig):
     """FedAvg has no options: sample-weighted means per tier."""
 
 
-@register_algorithm
-class FedAvg(Algorithm):
-    name = "fedavg"
-    config_cls = FedAvgConfig
+FEDAVG = register_algorithm("fedavg", config=FedAvgConfig)

@@ -1,56 +1,53 @@
-"""The algorithm plug-in interface: a config dataclass and hooks that default to no-ops."""
+"""The algorithm plug-in interface: a config, what runs where rounds are coordinated, what runs in a session.
+
+A plug-in is registered under a name with three parts, each overriding only the hooks it needs:
+
+| part                 | hook              | runs at                                                        |
+|----------------------|-------------------|----------------------------------------------------------------|
+| ``AlgorithmConfig``  | ``__post_init__`` | wherever the config is parsed (the round API first)            |
+| ``Strategy``         | configure_round   | cloud: per-participant plan extras                             |
+|                      | before_round      | cloud: sees every tier's global adapters, may reshape them     |
+|                      | pack_download     | cloud: what a round's start carries of the global adapters     |
+|                      | validate_update   | edge and cloud: refuse an arriving update (422)                |
+|                      | aggregate         | edge (pre-aggregation of its users) and cloud                  |
+|                      | after_round       | cloud, after the commit: bandits, schedules, stage changes     |
+| ``SessionPlugin``    | build_adapters    | every tier: the session's trainable replica                    |
+|                      | lr_scales         | every tier: the optimizer's step size per adapter tensor kind  |
+|                      | base_overrides    | every tier: frozen base weights this session runs instead      |
+|                      | layers_to_run     | every tier, training and evaluation: the blocks of a step      |
+|                      | extra_loss        | every tier: a loss term on its own adapters                    |
+|                      | after_backward    | every tier: gradients ready, before the optimizer step         |
+|                      | pack_update       | every tier: what leaves it for aggregation                     |
+
+The cloud keeps one ``Strategy`` per (algorithm, config) across rounds; an edge makes one per round
+for its pre-aggregation. Every tier makes one ``SessionPlugin`` per session, from the plan.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from shared.model.adapters import AdapterState, clone_state
+from shared.config.deployment import ModelSpec
+from shared.errors import InvalidInput
 from shared.fl.aggregation import AdapterUpdate, check_update, weighted_mean
+from shared.model.adapters import AdapterState, clone_state, tensor_kind_of
+from shared.protocol.bundle import AdapterBundle
+from shared.protocol.enums import Tier
+from shared.protocol.messages import RoundPlan
+
+Json = dict[str, Any]
 
 
-def default_lr(task: str) -> float:
-    """AdamW step size when none is given: a fresh classification head wants a larger one than LoRA alone.
-
-    Language modelling uses 2e-4: on smollm2-135m / Shakespeare, 1e-3 overfits each character's few
-    speeches within one round (held-out loss rose in round 2), 2e-4 lowers it round over round.
-    """
-    return 5e-3 if task == "cls" else 2e-4
-
-
-@dataclass
-class RoundPlan:
-    """What one participant does in one round; travels as msgpack metadata, never as code."""
-
-    round_id: int
-    user_id: str
-    local_steps: int = 10
-    batch_size: int = 8
-    lr: float = 1e-3
-    seed: int = 0
-    algorithm: str = "fedavg"
-    config: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)  # per-participant plug-in data (ratios, masks, ...)
-    mode: str = "train"  # "train" or "eval"
-
-    def to_meta(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> "RoundPlan":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(meta) - names
-        if unknown:
-            raise ValueError(f"unknown round plan fields: {sorted(unknown)}")
-        return cls(**meta)
-
-
-@dataclass
+@dataclass(frozen=True)
 class Participant:
+    """A registered user as the coordinator sees it."""
+
     user_id: str
     edge_id: str
     num_samples: int = 0
@@ -58,118 +55,178 @@ class Participant:
 
 @dataclass
 class AlgorithmConfig:
-    """Base of every plug-in's config: validated in ``__post_init__``, serialisable with ``asdict``."""
+    """Base of every plug-in's config: validated in ``__post_init__``, serialisable with ``to_dict``."""
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "AlgorithmConfig":
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "AlgorithmConfig":
         data = dict(data or {})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**data)
+            raise InvalidInput(f"{cls.__name__}: unknown fields {sorted(unknown)}; known: {sorted(names)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise InvalidInput(f"{cls.__name__}: {exc}") from None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> Json:
         return dataclasses.asdict(self)
 
 
-class Algorithm:
-    """A federated algorithm over the split runtime. Override only the hooks you need.
+# -- the coordinator's side --------------------------------------------------------------------------------------
 
-    | hook             | runs at                          |
-    |------------------|----------------------------------|
-    | configure_round  | cloud                            |
-    | pack_download    | cloud (what a round start sends) |
-    | build_adapters   | every tier                       |
-    | layers_to_run    | every tier                       |
-    | extra_loss       | every tier                       |
-    | after_backward   | every tier                       |
-    | pack_update      | every tier (what leaves it)      |
-    | validate_update  | edge, cloud (what arrives)       |
-    | aggregate        | edge (pre), cloud                |
-    | after_round      | cloud                            |
 
-    On every tier but the cloud's coordinator, a fresh instance is made per session from the
-    plan; ``self.ctx`` (a ``shared.tier.TierContext``) then says which tier and blocks it runs on
-    and holds ``store``, a dict that persists across rounds on that tier (personal layers, scores).
-    The coordinator's instance persists across rounds (bandit state, schedules, masks).
-    """
+@dataclass
+class StrategyContext:
+    """Where a strategy runs: the cloud (the coordinator's instance) or an edge (one round's pre-aggregation)."""
 
-    ctx: Any = None
+    tier: Tier
+    spec: ModelSpec | None = None
+    seed: int = 0
 
-    name: ClassVar[str] = ""
-    config_cls: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
 
-    def __init__(self, config: AlgorithmConfig | None = None) -> None:
-        self.config = config if config is not None else self.config_cls()
+class Strategy:
+    """Plans, downloads, arrivals and aggregation; FedAvg's behaviour by default."""
 
-    def configure_round(self, round_id: int, participants: list[Participant]) -> dict[str, dict[str, Any]]:
+    def __init__(self, config: AlgorithmConfig, ctx: StrategyContext) -> None:
+        self.config, self.ctx = config, ctx
+
+    def configure_round(self, round_id: int, participants: list[Participant]) -> dict[str, Json]:
         """Per-participant plan extras (``RoundPlan.extra``), keyed by user id."""
         return {p.user_id: {} for p in participants}
 
-    def pack_download(self, tier: str, state: AdapterState, round_id: int) -> AdapterState:
+    def before_round(self, round_id: int, global_state: AdapterBundle) -> AdapterBundle:
+        """Every tier's global adapters before the round is planned; return them reshaped (a stage change) or as they are."""
+        return global_state
+
+    def pack_download(self, tier: Tier, state: AdapterState, round_id: int) -> AdapterState:
         """What a round's start carries of the global adapters of ``tier`` (user or edge)."""
         return state
 
-    def build_adapters(self, tier: str, state: AdapterState, plan: RoundPlan) -> dict[str, nn.Parameter]:
-        """A session's trainable replica, made from the round's global adapters of this tier."""
-        if self.ctx is not None:
-            missing = set(self.ctx.shapes) - set(state)
-            if missing:
-                raise ValueError(f"{tier} adapters lack {len(missing)} tensors, e.g. {sorted(missing)[0]}")
-        return {k: nn.Parameter(v) for k, v in clone_state(state).items()}
+    def validate_update(self, tier: Tier, state: AdapterState, previous: AdapterState, source: str) -> None:
+        """Refuse an arriving update that cannot join the aggregate (``InvalidInput``: HTTP 422).
 
-    def layers_to_run(self, tier: str, layer_ids: list[int], plan: RoundPlan, step: int) -> list[int]:
-        """The blocks of this tier to run at this training step (all of them by default)."""
-        return layer_ids
-
-    def extra_loss(self, tier: str, params: dict[str, nn.Parameter], plan: RoundPlan) -> torch.Tensor | None:
-        """A loss term on this tier's adapters only, added to its backward (e.g. a penalty)."""
-        return None
-
-    def after_backward(self, tier: str, params: dict[str, nn.Parameter], plan: RoundPlan) -> None:
-        """After the tier's gradients are ready and before its optimizer steps."""
-
-    def pack_update(self, tier: str, params: dict[str, nn.Parameter], plan: RoundPlan) -> AdapterState:
-        """What leaves this tier for aggregation."""
-        return {k: p.detach().clone() for k, p in params.items()}
-
-    def validate_update(self, tier: str, state: AdapterState, previous: AdapterState, source: str) -> None:
-        """Refuse an arriving update that cannot join the aggregate (ValueError: HTTP 422).
-
-        ``previous`` is what was sent down for this round (the download at an edge, the global
-        state at the cloud). The default wants the same keys and shapes and finite values.
+        ``previous`` is what was sent down for this round (the download at an edge, the global state
+        at the cloud). The default wants the same keys and shapes and finite values.
         """
         check_update(state, previous, source)
 
-    def aggregate(self, tier: str, updates: list[AdapterUpdate], previous: AdapterState) -> AdapterState:
-        """Combine updates (an edge's users, or the cloud's edges) into one state."""
+    def aggregate(self, tier: Tier, updates: list[AdapterUpdate], previous: AdapterState) -> AdapterState:
+        """Combine updates (an edge's users, or the cloud's edges and its own replicas) into one state."""
         return weighted_mean(updates)
 
-    def after_round(self, round_id: int, metrics: dict[str, Any]) -> None:
-        """Round metrics, at the cloud after commit (bandit rewards, schedules, stages)."""
+    def after_round(self, round_id: int, metrics: Json) -> None:
+        """The committed round's metrics, at the cloud (bandit rewards, schedules, stages)."""
 
 
-_REGISTRY: dict[str, type[Algorithm]] = {}
+# -- a session's side ----------------------------------------------------------------------------------------------
 
 
-def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
-    """Class decorator: make a plug-in available by its ``name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a non-empty name")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"algorithm '{cls.name}' is already registered")
-    _REGISTRY[cls.name] = cls
-    return cls
+@dataclass
+class SessionContext:
+    """What a session plug-in may know of the tier it runs on; ``store`` persists across rounds on that tier."""
+
+    tier: Tier
+    plan: RoundPlan
+    layer_ids: list[int]  # the blocks this tier holds
+    num_layers: int  # blocks in the whole model
+    spec: ModelSpec | None
+    shapes: dict[str, tuple[int, ...]]  # this tier's adapter slots
+    store: dict[str, Any] = field(default_factory=dict)
+    tensor_kind: Callable[[str], str] = tensor_kind_of  # adapter key -> its kind ("lora_A", "svd_e", "head", ...)
+
+
+class SessionPlugin:
+    """One (round, user) session on one tier; plain training of every block by default."""
+
+    def __init__(self, config: AlgorithmConfig, ctx: SessionContext) -> None:
+        self.config, self.ctx = config, ctx
+
+    @property
+    def plan(self) -> RoundPlan:
+        return self.ctx.plan
+
+    def build_adapters(self, state: AdapterState) -> dict[str, nn.Parameter]:
+        """The session's trainable replica, made from the round's global adapters of this tier."""
+        missing = set(self.ctx.shapes) - set(state)
+        if missing:
+            raise InvalidInput(f"{self.ctx.tier} adapters lack {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+        return {k: nn.Parameter(v) for k, v in clone_state(state).items()}
+
+    def lr_scales(self) -> dict[str, float]:
+        """Multipliers of the plan's learning rate per adapter tensor kind (``ctx.tensor_kind``); 1 for the rest."""
+        return {}
+
+    def base_overrides(self, blocks: Mapping[int, nn.Module]) -> dict[str, torch.Tensor]:
+        """Frozen base weights this session runs in place of the tier's own: ``{parameter name: tensor}``.
+
+        Names are the partition's (``blocks.3.self_attn.q_proj.base_layer.weight``); ``blocks`` are
+        the tier's loaded blocks by global index. The tier binds the tensors for this session's
+        forward passes only (DevFT's fused layers); nothing by default.
+        """
+        return {}
+
+    def layers_to_run(self, step: int) -> list[int]:
+        """The blocks of this tier that step ``step`` runs, in training and in evaluation (all by default)."""
+        return list(self.ctx.layer_ids)
+
+    def extra_loss(self, params: dict[str, nn.Parameter]) -> torch.Tensor | None:
+        """A loss term on this tier's adapters only, added to its backward (e.g. a penalty)."""
+        return None
+
+    def after_backward(self, params: dict[str, nn.Parameter]) -> None:
+        """After the tier's gradients are ready and before its optimizer steps."""
+
+    def pack_update(self, params: dict[str, nn.Parameter]) -> AdapterState:
+        """What leaves this tier for aggregation."""
+        return {k: p.detach().clone() for k, p in params.items()}
+
+
+# -- the registry ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A registered plug-in: its name, config type, coordinator-side and session-side classes."""
+
+    name: str
+    config_cls: type[AlgorithmConfig] = AlgorithmConfig
+    strategy_cls: type[Strategy] = Strategy
+    session_cls: type[SessionPlugin] = SessionPlugin
+
+    def parse_config(self, data: Mapping[str, Any] | AlgorithmConfig | None) -> AlgorithmConfig:
+        return data if isinstance(data, self.config_cls) else self.config_cls.from_dict(data)  # type: ignore[arg-type]
+
+    def strategy(self, config: Mapping[str, Any] | AlgorithmConfig | None, ctx: StrategyContext) -> Strategy:
+        return self.strategy_cls(self.parse_config(config), ctx)
+
+    def session(self, config: Mapping[str, Any] | AlgorithmConfig | None, ctx: SessionContext) -> SessionPlugin:
+        return self.session_cls(self.parse_config(config), ctx)
+
+
+_REGISTRY: dict[str, Algorithm] = {}
+
+
+def register_algorithm(name: str, *, config: type[AlgorithmConfig] = AlgorithmConfig,
+                       strategy: type[Strategy] = Strategy, session: type[SessionPlugin] = SessionPlugin) -> Algorithm:
+    """Make a plug-in available by ``name`` (a second registration of the same name with other parts is refused)."""
+    entry = Algorithm(name, config, strategy, session)
+    if not name:
+        raise ValueError("an algorithm needs a non-empty name")
+    if name in _REGISTRY and _REGISTRY[name] != entry:
+        raise ValueError(f"algorithm '{name}' is already registered")
+    _REGISTRY[name] = entry
+    return entry
 
 
 def algorithm_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_algorithm(name: str, config: dict[str, Any] | None = None) -> Algorithm:
-    """Instantiate a registered plug-in with a validated config; unknown names raise ValueError."""
-    cls = _REGISTRY.get(name)
-    if cls is None:
-        raise ValueError(f"unknown algorithm '{name}'; registered: {', '.join(algorithm_names())}")
-    return cls(cls.config_cls.from_dict(config))
+def get_algorithm(name: str) -> Algorithm:
+    """The registered plug-in ``name``; an unknown name is a client's mistake (``InvalidInput``)."""
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        raise InvalidInput(f"unknown algorithm '{name}'; registered: {', '.join(algorithm_names())}")
+    return entry
+

@@ -1,4 +1,4 @@
-"""The HTTP side of the transport seam: an httpx client link, and the server half every tier's app uses."""
+"""Who may call a tier: bearer tokens checked in constant time before any body is read, and peer URL checks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The HTTP side of the transport seam: an httpx client link, and the server half every tier's app uses."""
+"""The client half of the HTTP transport: a link to a peer tier with retries, and JSON control calls."""
 
 from __future__ import annotations
 
@@ -8,16 +8,17 @@ from typing import Any, Callable
 
 import httpx
 
+from shared.errors import UpstreamError
 from shared.protocol.transport import ENDPOINTS, Link, LinkStats
-from shared.protocol.wire import CONTENT_TYPE, Message, decode, encode
+from shared.protocol.wire import CONTENT_TYPE, Message, WireError, decode, encode
 from shared.http.metrics import ByteLedger, round_key
 
 
-class TransportError(RuntimeError):
-    """A peer answered with an error, or could not be reached within the deadline."""
+class TransportError(UpstreamError):
+    """A peer answered with an error, or could not be reached within the deadline (502 to our own caller)."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
+        super().__init__(f"upstream: {message}", status)
         self.status = status
 
 
@@ -55,7 +56,10 @@ class HttpLink(Link):
                                                      headers={"content-type": CONTENT_TYPE}), self.retry_deadline)
         if resp.status_code >= 400:
             raise TransportError(f"{self.base_url}/v1/{endpoint}: {_reason(resp)}", resp.status_code)
-        reply = decode(resp.content, max_bytes=self.max_message_bytes)
+        try:
+            reply = decode(resp.content, max_bytes=self.max_message_bytes)
+        except WireError as exc:
+            raise TransportError(f"{self.base_url}/v1/{endpoint} sent a malformed reply: {exc}") from None
         up, down = (len(body), len(resp.content)) if self.upward else (len(resp.content), len(body))
         self.stats.add(up, down, endpoint)
         if self.ledger is not None:

@@ -1,4 +1,4 @@
-"""The HTTP side of the transport seam: an httpx client link, and the server half every tier's app uses."""
+"""What a tier counts and exposes: bytes per round and hop, Prometheus text, resident memory."""
 
 from __future__ import annotations
 

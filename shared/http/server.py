@@ -1,56 +1,32 @@
-"""The HTTP side of the transport seam: an httpx client link, and the server half every tier's app uses."""
+"""The server half every tier's app uses: reading msgpack bodies, running handlers, mapping errors to statuses."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
-from fastapi import HTTPException, Request, Response
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from shared.runtime.session import Busy, SessionError
-from shared.protocol.wire import CONTENT_TYPE, Message, WireError, decode, encode
-from shared.http.client import TransportError
-from shared.http.metrics import ByteLedger, round_key
+from shared.errors import ServiceError, Starting
 from shared.http.auth import Auth, GuardMiddleware
+from shared.http.metrics import ByteLedger, round_key
+from shared.protocol.wire import CONTENT_TYPE, Message, WireError, decode, encode
 
 log = logging.getLogger("splitllm.http")
 
-# What each endpoint's message must carry, checked before any compute runs.
-REQUIRED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "step": (("round", "user", "step", "mode"), ("hidden", "attention_mask", "labels")),
-    "update": (("round", "mode", "num_samples", "metrics"), ()),
-    "start": ((), ()),
-}
+INTERNAL_ERROR = "internal error; the service logged the details"
+
+Handler = Callable[[Message], Message]
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# -- server half ---------------------------------------------------------------------------------
-
-
-
-async def read_message(request: Request, max_bytes: int, endpoint: str,
-                       max_tensor_elements: int | None = None) -> tuple[Message, int]:
-    """Check content type and size, decode (never unpickling), check the endpoint's required fields."""
+async def read_message(request: Request, max_bytes: int, max_tensor_elements: int | None = None) -> tuple[Message, int]:
+    """Check content type and size, then decode (never unpickling); a bad body is a 4xx with the reason."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != CONTENT_TYPE:
         raise HTTPException(415, f"content type must be {CONTENT_TYPE} (got '{ctype or 'none'}')")
@@ -69,45 +45,42 @@ async def read_message(request: Request, max_bytes: int, endpoint: str,
             lambda: decode(body, max_bytes=max_bytes, max_tensor_elements=max_tensor_elements))
     except WireError as exc:
         raise HTTPException(400, f"bad message: {exc}") from None
-    meta_keys, tensor_keys = REQUIRED.get(endpoint, ((), ()))
-    missing = [f"meta.{k}" for k in meta_keys if k not in msg.meta] + [f"tensors.{k}" for k in tensor_keys if k not in msg.tensors]
-    if missing:
-        raise HTTPException(422, f"{endpoint} message lacks {', '.join(missing)}")
     return msg, len(body)
 
 
-async def call_handler(fn: Callable[[Message], Message], msg: Message) -> tuple[Response, int]:
-    """Run compute off the event loop; map its errors onto 4xx with a JSON reason."""
+async def call_handler(fn: Handler, msg: Message, what: str = "", status_code: int = 200) -> tuple[Response, int]:
+    """Run compute off the event loop. The project's errors keep their status (``ServiceError``); any other
+    exception is our bug: 500 with a generic body, the traceback in the log."""
     try:
         reply = await anyio.to_thread.run_sync(fn, msg)
         body = await anyio.to_thread.run_sync(encode, reply)
-    except Busy as exc:
-        raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from None
-    except SessionError as exc:
-        raise HTTPException(404, str(exc.args[0] if exc.args else exc)) from None
-    except KeyError as exc:
-        raise HTTPException(404, str(exc.args[0] if exc.args else exc)) from None
-    except (ValueError, TypeError, WireError) as exc:
-        raise HTTPException(422, str(exc)) from None
-    except TransportError as exc:
-        raise HTTPException(502, f"upstream: {exc}") from None
-    return Response(content=body, media_type=CONTENT_TYPE), len(body)
+    except ServiceError:
+        raise
+    except Exception:
+        log.exception("internal error serving %s", what or getattr(fn, "__name__", "a request"))
+        raise HTTPException(500, INTERNAL_ERROR) from None
+    return Response(content=body, status_code=status_code, media_type=CONTENT_TYPE), len(body)
 
 
-async def serve_message(request: Request, endpoint: str, handler: Callable[[Message], Message], settings: Any,
-                        ledger: ByteLedger | None = None) -> Response:
-    """A msgpack endpoint: read and check the message, run ``handler`` off the loop, count its bytes."""
-    msg, n_in = await read_message(request, settings.max_message_bytes, endpoint, settings.max_tensor_elements)
-    resp, n_out = await call_handler(handler, msg)
+async def serve_message(request: Request, handler: Handler, settings: Any, ledger: ByteLedger | None = None,
+                        status_code: int = 200) -> Response:
+    """A msgpack endpoint: read the message, run ``handler`` off the loop, count its bytes."""
+    msg, n_in = await read_message(request, settings.max_message_bytes, settings.max_tensor_elements)
+    resp, n_out = await call_handler(handler, msg, request.url.path, status_code)
     if ledger is not None:
         ledger.add(round_key(msg), n_in, n_out)
     return resp
 
 
+def msgpack_route(app: FastAPI, endpoint: str, run: Callable[[Request, str], Awaitable[Response]],
+                  status_code: int = 200, summary: str = "") -> None:
+    """``POST /v1/<endpoint>``, a msgpack body in and out, served by ``run(request, endpoint)``."""
 
+    async def route(request: Request) -> Response:
+        return await run(request, endpoint)
 
-
-
+    app.add_api_route(f"/v1/{endpoint}", route, methods=["POST"], status_code=status_code, name=endpoint,
+                      summary=summary or f"{endpoint} (application/x-msgpack)")
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -116,7 +89,86 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     return JSONResponse({"detail": errors}, 422)
 
 
+async def service_error(request: Request, exc: ServiceError) -> JSONResponse:  # type: ignore[override]
+    """A ``ServiceError`` from a route: its status and reason."""
+    return JSONResponse({"detail": exc.reason}, exc.status, headers=exc.headers)
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """Anything else is a bug of ours: 500, a generic body, the traceback in the log."""
+    log.error("internal error serving %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": INTERNAL_ERROR}, 500)
+
+
 def guard(app: Any, auth: Auth, is_admin: Callable[[str, str], bool] = lambda method, path: False) -> None:
-    """What every tier's app gets: token checks before body parsing, a JSON body cap, safe 422s."""
+    """What every tier's app gets: token checks before body parsing, a JSON body cap, safe 4xx and 500 bodies."""
     app.add_middleware(GuardMiddleware, auth=auth, is_admin=is_admin)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(Exception, internal_error)
+
+
+def service_app(title: str, description: str, make: Callable[[], Any], auth: Auth,
+                is_admin: Callable[[str, str], bool] = lambda method, path: False) -> tuple[FastAPI, Callable[[], Any]]:
+    """A tier's FastAPI app whose service object is made at start-up (lifespan) and closed at shutdown.
+
+    Returns the app and ``current()``, which gives the service or answers 503 while it starts.
+    """
+    holder: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        holder["svc"] = app.state.service = make()
+        yield
+        close = getattr(holder.pop("svc"), "close", None)
+        if close is not None:
+            close()
+
+    app = FastAPI(title=title, version="0.1.0", lifespan=lifespan, description=description)
+    guard(app, auth, is_admin)
+
+    def current() -> Any:
+        if "svc" not in holder:
+            raise HTTPException(503, f"the {title} is starting", headers={"Retry-After": "1"})
+        return holder["svc"]
+
+    return app, current
+
+
+class BackgroundStart:
+    """A tier that starts in a thread of its own (registering, loading its blocks) and says how far it got.
+
+    A subclass sets ``tier``, does its work in ``start`` and says in ``started`` whether it is done;
+    an exception in ``start`` is kept in ``error`` (shown by ``/healthz``) and the process stays up.
+    """
+
+    tier = ""
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+        threading.Thread(target=self._start, name=f"{self.tier}-start", daemon=True).start()
+
+    def _start(self) -> None:
+        try:
+            self.start()
+        except Exception as exc:  # reported by /healthz; the process stays up to say why
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("%s start-up failed: %s", self.tier, self.error)
+
+    def start(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @property
+    def started(self) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def starting(self) -> Starting:
+        """The 503 to answer while the tier is not ready: why (the start-up error), or that it is starting."""
+        return Starting(self.error or f"the {self.tier} is starting")
+
+    def health(self, **fields: Any) -> JSONResponse:
+        """``/healthz``: 200 once the tier can serve, 503 (with the reason in the body) until then."""
+        ready = self.started
+        body = {"status": "ok" if ready else ("error" if self.error else "starting"), "tier": self.tier, **fields,
+                "error": self.error}
+        return JSONResponse(body, status_code=200 if ready else 503)

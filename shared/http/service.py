@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Any, Callable
 
+from shared.config.flags import add_model_flags, first_error, model_flag_values
 from shared.config.settings import ServiceSettings, load_settings
 
 
@@ -16,28 +17,13 @@ def settings_parser(prog: str, cls: type[ServiceSettings]) -> argparse.ArgumentP
     parser = argparse.ArgumentParser(prog=prog, description=f"{cls.__doc__ or ''} Every flag also reads "
                                      f"SPLITLLM_<NAME> from the environment.")
     parser.add_argument("--config", default=None, help="a .json, .toml or .yaml file of settings")
-    for name, field in cls.model_fields.items():
-        default = field.default if field.default_factory is None else field.default_factory()
-        flag = f"--{name.replace('_', '-')}"
-        if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action="store_const", const=True, default=None,
-                                help=field.description or "")
-            continue
-        shown = "none" if "token" in name else default
-        parser.add_argument(flag, dest=name, default=None, help=f"{field.description or ''} (default: {shown})".strip())
+    add_model_flags(parser, cls, secret=lambda name: "token" in name)
     return parser
 
 
 def parse_settings(prog: str, cls: type[ServiceSettings], argv: list[str] | None) -> ServiceSettings:
-    args = vars(settings_parser(prog, cls).parse_args(argv))
-    config = args.pop("config")
-    flags: dict[str, Any] = {}
-    for name, value in args.items():
-        if value is None:
-            continue
-        annotation = str(cls.model_fields[name].annotation)
-        flags[name] = [v for v in value.split(",") if v] if annotation.startswith("list") else value
-    return load_settings(cls, flags, config)
+    args = settings_parser(prog, cls).parse_args(argv)
+    return load_settings(cls, model_flag_values(args, cls), args.config)
 
 
 def serve(prog: str, cls: type[ServiceSettings], create_app: Callable[[Any], Any], argv: list[str] | None = None) -> int:
@@ -52,7 +38,7 @@ def serve(prog: str, cls: type[ServiceSettings], create_app: Callable[[Any], Any
         settings = parse_settings(prog, cls, argv)
         settings.check_security()
     except (ValidationError, ValueError, OSError) as exc:
-        print(f"{prog}: error: {str(exc).splitlines()[0] if not isinstance(exc, ValidationError) else _first(exc)}",
+        print(f"{prog}: error: {str(exc).splitlines()[0] if not isinstance(exc, ValidationError) else first_error(exc)}",
               file=sys.stderr)
         return 2
     import uvicorn
@@ -68,8 +54,3 @@ def serve(prog: str, cls: type[ServiceSettings], create_app: Callable[[Any], Any
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=5, ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile)
     return 0
-
-
-def _first(exc: Any) -> str:
-    err = exc.errors()[0]
-    return f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"

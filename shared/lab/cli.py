@@ -9,6 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from shared.config.flags import add_model_flags, first_error, model_flag_values
+from shared.config.round import RoundConfig
+from shared.errors import ClientError
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
@@ -54,25 +60,14 @@ def _print_row(row: dict[str, Any]) -> None:
           f"{b['edge']['down'] / 1e6:>9.2f}  {row['seconds']:>7.1f}", flush=True)
 
 
-def _json_object(text: str, flag: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{flag} must be a JSON object ({exc.msg} at position {exc.pos}), e.g. '{{\"k\": 1}}'") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"{flag} must be a JSON object, e.g. '{{\"k\": 1}}'")
-    return value
-
-
 def cmd_sim(args: argparse.Namespace) -> int:
     from shared.lab.sim import SimConfig, Simulation
 
     cfg = SimConfig(model=args.model, data=args.data, users=args.users, edges=args.edges, rounds=args.rounds,
-                    split=_split_arg(args.split), local_steps=args.local_steps, batch_size=args.batch_size,
-                    lr=args.lr, max_len=args.max_len, partition=args.partition, alpha=args.dirichlet_alpha,
+                    split=_split_arg(args.split), round=RoundConfig(**model_flag_values(args, RoundConfig)),
+                    max_len=args.max_len, partition=args.partition, alpha=args.dirichlet_alpha,
                     max_examples_per_client=args.max_examples or None, eval_examples_per_client=args.eval_examples,
-                    lora=_lora(args), algorithm=args.algorithm, algorithm_config=_json_object(args.algorithm_config, "--algorithm-config"),
-                    seed=args.seed, user_link=args.user_link, edge_link=args.edge_link, link_sleep=args.link_sleep,
+                    lora=_lora(args), seed=args.seed, user_link=args.user_link, edge_link=args.edge_link, link_sleep=args.link_sleep,
                     user_edge_codecs=args.user_edge_codecs, edge_cloud_codecs=args.edge_cloud_codecs,
                     adapter=args.adapter, slowdowns=[float(x) for x in args.slowdowns.split(",") if x])
     sim = Simulation(cfg)
@@ -175,16 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edges", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--split", default=None, help="split points a,b (default: max(1, L//15), L//2)")
-    p.add_argument("--local-steps", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 5e-3 for classification, 1e-3 for LM)")
+    add_model_flags(p, RoundConfig, [n for n in RoundConfig.model_fields if n != "participants"])
     p.add_argument("--max-len", type=int, default=64, help="tokens per example (default 64)")
     p.add_argument("--partition", default="default", help="natural, dirichlet, iid (default: per data set)")
     p.add_argument("--dirichlet-alpha", type=float, default=0.5)
     p.add_argument("--max-examples", type=int, default=256, help="train examples per client (0: all)")
     p.add_argument("--eval-examples", type=int, default=32, help="held-out examples per client")
-    p.add_argument("--algorithm", default="fedavg")
-    p.add_argument("--algorithm-config", default="{}", help="JSON object of the algorithm's options")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the per-round table as JSON to this path")
     p.add_argument("--user-link", default="none", help="link profile of each user-edge hop: wifi, 4g, 5g, fiber, none")
@@ -266,7 +257,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from shared.model.sources import ModelError
     from shared.lab.sim import RoundFailed
 
-    return (UsageError, ModelError, DataError, AggregationError, RoundFailed, json.JSONDecodeError)
+    return (UsageError, ClientError, ModelError, DataError, AggregationError, RoundFailed, json.JSONDecodeError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except ValidationError as exc:
+        print(f"splitllm {args.command}: error: {first_error(exc)}", file=sys.stderr)
+        return 2
     except Exception as exc:
         if isinstance(exc, user_errors()) or (isinstance(exc, ValueError) and type(exc) is ValueError):
             print(f"splitllm {args.command}: error: {exc}", file=sys.stderr)

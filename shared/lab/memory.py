@@ -23,9 +23,9 @@ def _peak_rss_bytes() -> int:
 def probe(model: str, split: tuple[int, int], tier: str, batch_size: int, seq_len: int) -> dict[str, Any]:
     """Load one tier (or the whole model) in this process and run one LoRA training step through it."""
     from shared.model.adapters import LoraSettings
-    from shared.fl import RoundPlan
+    from shared.protocol.messages import RoundPlan
     from shared.model.sources import resolve_model
-    from shared.config.model_spec import ModelSpec
+    from shared.config.deployment import ModelSpec
     from shared.runtime.tier import TierRuntime
 
     source = resolve_model(model)
@@ -36,11 +36,11 @@ def probe(model: str, split: tuple[int, int], tier: str, batch_size: int, seq_le
 
         from shared.model.adapters import peft_config
         from shared.model.families import FAMILIES
-        from shared.lab.verify import _whole_model
+        from shared.lab.verify import whole_model
 
         family = FAMILIES[source.family]
         task = "cls" if source.family == "bert" else "lm"
-        whole = get_peft_model(_whole_model(source, task, 2), peft_config(LoraSettings(), family.name, family.lora_targets))
+        whole = get_peft_model(whole_model(source, task, 2), peft_config(LoraSettings(), family.name, family.lora_targets))
         param_bytes = sum(p.numel() * p.element_size() for p in whole.get_base_model().parameters())
         labels = ids.clone() if task == "lm" else torch.zeros(batch_size, dtype=torch.int64)
         whole(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
@@ -48,7 +48,7 @@ def probe(model: str, split: tuple[int, int], tier: str, batch_size: int, seq_le
     task = "cls" if source.family == "bert" else "lm"
     spec = ModelSpec(model=model, split=split, task=task, num_labels=2 if task == "cls" else 0)
     runtime = TierRuntime(tier, source, spec)
-    session = runtime.open_session(RoundPlan(round_id=1, user_id="probe"), runtime.global_state_template())
+    session = runtime.open_session(RoundPlan(round_id=1, user_id="probe", local_steps=1, batch_size=batch_size, lr=1e-3), runtime.global_state_template())
     hidden = None
     if tier != "user":
         hidden = torch.randn(batch_size, seq_len, int(source.config.hidden_size), requires_grad=True)

@@ -1,4 +1,9 @@
-"""In-process simulation: C users behind E edges and one cloud, on the services' code path."""
+"""In-process simulation: C users behind E edges and one cloud, on the services' code path.
+
+Every message is encoded and decoded as on the network, and a round runs as the services run it:
+the cloud starts the edges, each edge starts its users, and the users train concurrently, each in a
+thread of its own (``UserAgent.on_start``), reporting to their edge when done.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from cloud_server.rounds import Coordinator, RoundRecord, RoundRequest
+from cloud_server.records import RoundRecord
+from cloud_server.rounds import Coordinator
 from edge_server.compute import EdgeServer
-from shared.model.adapters import LoraSettings, initial_state
-from shared.fl import create_algorithm, default_lr
+from shared.config.deployment import DataSpec, ModelSpec, codecs_for
+from shared.config.round import RoundConfig
 from shared.data.datasets import FederatedDataset
-from shared.seeds import derive_seed
-from shared.config.deployment import DataSpec, codecs_for
-from shared.protocol.links import LinkEmulator, get_profile
-from shared.model.sources import ModelSource, resolve_model
+from shared.fl.plugin import get_algorithm
+from shared.model.adapters import LoraSettings, initial_state
 from shared.model.partition import Split
-from shared.config.model_spec import ModelSpec
-from shared.runtime.tier import TierRuntime, adapter_shapes
+from shared.model.sources import ModelSource, resolve_model
+from shared.protocol.bundle import AdapterBundle
+from shared.protocol.enums import Tier
+from shared.protocol.links import LinkEmulator, get_profile
 from shared.protocol.transport import InProcessLink
+from shared.runtime.tier import TierRuntime, adapter_shapes
+from shared.seeds import derive_seed
 from user_agent.compute import UserAgent
 
 
@@ -34,15 +42,15 @@ def default_split(num_layers: int) -> tuple[int, int]:
 
 @dataclass
 class SimConfig:
+    """A simulated deployment; ``round`` is every round's configuration (``shared.config.round.RoundConfig``)."""
+
     model: str = "tiny-llama"
     data: str = "shakespeare"
     users: int = 4
     edges: int = 2
     rounds: int = 3
     split: tuple[int, int] | None = None
-    local_steps: int = 20
-    batch_size: int = 8
-    lr: float | None = None  # None: default_lr(task)
+    round: RoundConfig = field(default_factory=RoundConfig)
     max_len: int = 64
     min_chars: int = 0
     pad_to_max: bool = False
@@ -51,8 +59,6 @@ class SimConfig:
     max_examples_per_client: int | None = 256
     eval_examples_per_client: int = 32
     lora: LoraSettings = field(default_factory=LoraSettings)
-    algorithm: str = "fedavg"
-    algorithm_config: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     wire: bool = True
     baseline_eval: bool = True
@@ -65,15 +71,13 @@ class SimConfig:
     slowdowns: list[float] = field(default_factory=list)  # per-user compute slowdown factors (heterogeneous devices)
 
     def __post_init__(self) -> None:
-        if self.local_steps < 1 or self.batch_size < 1 or (self.lr is not None and not self.lr > 0):
-            raise ValueError(f"--local-steps and --batch-size must be >= 1 and --lr > 0 "
-                             f"(got {self.local_steps}, {self.batch_size}, {self.lr})")
         if self.rounds < 0 or self.max_len < 2:
             raise ValueError(f"--rounds must be >= 0 and --max-len >= 2 (got {self.rounds}, {self.max_len})")
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
         out["lora"] = self.lora.to_dict()
+        out["round"] = self.round.to_dict()
         out["split"] = list(self.split) if self.split else None
         return out
 
@@ -86,7 +90,7 @@ class Simulation:
         if config.edges < 1 or config.users < config.edges:
             raise ValueError(f"need at least one edge and one user per edge (got {config.users} users, {config.edges} edges)")
         self.config = config
-        create_algorithm(config.algorithm, config.algorithm_config)  # fail before loading anything
+        get_algorithm(config.round.algorithm).parse_config(config.round.config)  # fail before loading anything
         self.source = source or resolve_model(config.model)
         self.data_spec = DataSpec(name=config.data, num_clients=config.users, partition=config.partition,
                                   alpha=config.alpha, seed=config.seed, max_len=config.max_len, min_chars=config.min_chars,
@@ -100,12 +104,12 @@ class Simulation:
                               num_labels=self.dataset.num_labels, lora=config.lora, seed=config.seed,
                               adapter=config.adapter, codecs=codecs_for(config.user_edge_codecs, config.edge_cloud_codecs))
         shapes = adapter_shapes(self.source, self.spec)
-        initial = {tier: initial_state(shapes[tier], config.seed, kind=config.adapter) for tier in shapes}
+        initial = AdapterBundle({tier: initial_state(shapes[tier], config.seed, kind=config.adapter) for tier in shapes})
         tokenizer = self.source.tokenizer()
-        cloud_rt = TierRuntime("cloud", self.source, self.spec)
-        edge_rt = TierRuntime("edge", self.source, self.spec)
-        user_rt = TierRuntime("user", self.source, self.spec)
-        self.runtimes = {"user": user_rt, "edge": edge_rt, "cloud": cloud_rt}
+        cloud_rt = TierRuntime(Tier.CLOUD, self.source, self.spec)
+        edge_rt = TierRuntime(Tier.EDGE, self.source, self.spec)
+        user_rt = TierRuntime(Tier.USER, self.source, self.spec)
+        self.runtimes = {Tier.USER: user_rt, Tier.EDGE: edge_rt, Tier.CLOUD: cloud_rt}
         self.coordinator = Coordinator(cloud_rt, initial, seed=config.seed)
         self.edge_links: list[InProcessLink] = []
         self.user_links: list[InProcessLink] = []
@@ -150,11 +154,9 @@ class Simulation:
             out[hop] = {"up": sum(s["seconds_up"] for s in snaps), "down": sum(s["seconds_down"] for s in snaps)}
         return out
 
-    def request(self, evaluate: bool = True) -> RoundRequest:
-        c = self.config
-        lr = c.lr if c.lr is not None else default_lr(self.dataset.task)
-        return RoundRequest(local_steps=c.local_steps, batch_size=c.batch_size, lr=lr, algorithm=c.algorithm,
-                            config=dict(c.algorithm_config), evaluate=evaluate)
+    def request(self, **changes: Any) -> RoundConfig:
+        """The configured round, with ``changes`` (``evaluate=False``, ...)."""
+        return self.config.round.model_copy(update=changes)
 
     def bytes(self) -> dict[str, dict[str, int]]:
         def total(links: list[InProcessLink]) -> dict[str, int]:
@@ -163,17 +165,29 @@ class Simulation:
 
         return {"user_edge": total(self.user_links), "edge_cloud": total(self.edge_links)}
 
-    def run_round(self, request: RoundRequest | None = None) -> dict[str, Any]:
+    def run_record(self, request: RoundConfig | None = None) -> RoundRecord:
+        """One round as the coordinator records it, once every user's thread is done."""
+        record = self.coordinator.run_round(self.coordinator.new_round(request or self.request()))
+        self.wait_users()
+        return record
+
+    def run_round(self, request: RoundConfig | None = None) -> dict[str, Any]:
         before = (self.bytes(), self.link_seconds())
         t0 = time.perf_counter()
-        record = self.coordinator.run_round(self.coordinator.new_round(request or self.request()))
+        record = self.run_record(request)
         return self._row(record, before, time.perf_counter() - t0)
+
+    def wait_users(self) -> None:
+        """Until every user's thread has finished its last job (its final update's reply included)."""
+        for user in self.users:
+            user.wait()
 
     def evaluate_only(self) -> dict[str, Any]:
         """Held-out metrics of the current global adapters without training (the round-0 row)."""
         before = (self.bytes(), self.link_seconds())
         t0 = time.perf_counter()
         record = self.coordinator.evaluate_current()
+        self.wait_users()
         return self._row(record, before, time.perf_counter() - t0)
 
     def _row(self, record: RoundRecord, before_: tuple[dict, dict], seconds: float) -> dict[str, Any]:

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
-from shared.model.adapters import LoraSettings, peft_config
+from shared.config.round import RoundConfig
+from shared.model.adapters import LoraSettings, peft_config, tensor_kind_of
+from shared.protocol.enums import Tier
 from shared.data.batching import BatchSampler
 from shared.data.datasets import ClientData, Example, FederatedDataset
 from shared.model.sources import ModelSource, resolve_model
@@ -45,7 +47,7 @@ def verify_dataset(task: str) -> FederatedDataset:
     return FederatedDataset(name="verify", task=task, label_names=["a", "b"] if task == "cls" else [], clients=[client])
 
 
-def _whole_model(source: ModelSource, task: str, num_labels: int) -> torch.nn.Module:
+def whole_model(source: ModelSource, task: str, num_labels: int) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = tier_config(source)
@@ -65,11 +67,12 @@ def verify_split(model: str, split: tuple[int, int], steps: int = 5, *, task: st
     source = resolve_model(model)
     task = task or ("cls" if source.family == "bert" else "lm")
     lora = LoraSettings(rank=rank, dropout=0.0)
-    cfg = SimConfig(model=model, users=1, edges=1, rounds=1, split=split, local_steps=steps, batch_size=batch_size,
-                    lr=lr, max_len=max_len, lora=lora, seed=seed, baseline_eval=False)
+    cfg = SimConfig(model=model, users=1, edges=1, rounds=1, split=split,
+                    round=RoundConfig(local_steps=steps, batch_size=batch_size, lr=lr, deadline=None, evaluate=False),
+                    max_len=max_len, lora=lora, seed=seed, baseline_eval=False)
     sim = Simulation(cfg, source=source, dataset=verify_dataset(task))
     initial = {k: v.clone() for tier in sim.coordinator.global_state.values() for k, v in tier.items()}
-    record = sim.coordinator.run_round(sim.coordinator.new_round(sim.request(evaluate=False)))
+    record = sim.run_record()
     if record.state != "committed":
         raise RuntimeError(f"split run failed: {record.error}")
     split_losses = list(record.metrics["users"]["user-0"]["losses"])
@@ -77,7 +80,7 @@ def verify_split(model: str, split: tuple[int, int], steps: int = 5, *, task: st
 
     family = FAMILIES[source.family]
     torch.manual_seed(seed)
-    whole = get_peft_model(_whole_model(source, task, sim.spec.num_labels),
+    whole = get_peft_model(whole_model(source, task, sim.spec.num_labels),
                            peft_config(lora, family.name, family.lora_targets))
     params: dict[str, torch.nn.Parameter] = {}
     for name, p in whole.named_parameters():
@@ -94,7 +97,7 @@ def verify_split(model: str, split: tuple[int, int], steps: int = 5, *, task: st
         extra = sorted(set(params) - set(initial))[:3]
         raise RuntimeError(f"adapter keys differ between split and whole model: missing {missing}, extra {extra}")
     whole.train()
-    opt = sim.runtimes["user"].optimizer_settings.make(list(params.values()), lr)
+    opt = sim.runtimes[Tier.USER].optimizer_settings.make(params, lr, {}, tensor_kind_of)
     sampler = BatchSampler(source.tokenizer(), sim.dataset.clients[0].train, task, max_len)
     whole_losses = []
     for batch in sampler.round_batches(seed, record.round_id, "user-0", steps, batch_size):

@@ -5,16 +5,14 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from shared.model.partition import Partition, head_trainable_names
-
-AdapterState = dict[str, torch.Tensor]
-ADAPTER_KINDS = ("lora", "svd")  # svd: dW = P diag(e) Q (peft's AdaLoRA layers), for FedARA
-
+from shared.protocol.bundle import AdapterState
 
 @dataclass
 class LoraSettings:
@@ -38,21 +36,89 @@ class LoraSettings:
         return asdict(self)
 
 
-def peft_config(lora: LoraSettings, family_name: str, family_targets: tuple[str, ...], kind: str = "lora") -> Any:
-    if kind not in ADAPTER_KINDS:
-        raise ValueError(f"unknown adapter kind '{kind}'; choose one of {', '.join(ADAPTER_KINDS)}")
-    if kind == "svd":
-        from peft import AdaLoraConfig
+@dataclass(frozen=True)
+class AdapterKind:
+    """A form of trainable adapter: how peft injects it, its version-0 values, the kinds of its tensors."""
 
-        return AdaLoraConfig(init_r=lora.rank, target_r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=lora.targets(family_targets), fan_in_fan_out=(family_name == "gpt2"),
-                             total_step=1)
+    name: str
+    peft_config: Callable[[LoraSettings, str, tuple[str, ...]], Any]  # (settings, family, family targets) -> config
+    initial: Callable[[str, tuple[int, ...], torch.Generator], torch.Tensor | None]  # None: not this kind's tensor
+    tensor_kind: Callable[[str], str | None]  # adapter key -> kind name ("lora_A", ...), None: not this kind's
+
+
+_KINDS: dict[str, AdapterKind] = {}
+
+
+def register_adapter_kind(kind: AdapterKind) -> AdapterKind:
+    if kind.name in _KINDS and _KINDS[kind.name] is not kind:
+        raise ValueError(f"adapter kind '{kind.name}' is already registered")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def adapter_kind(name: str) -> AdapterKind:
+    try:
+        return _KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown adapter kind '{name}'; choose one of {', '.join(_KINDS)}") from None
+
+
+def tensor_kind_of(key: str) -> str:
+    """The kind of an adapter tensor: its adapter form's name for it, ``head`` for a new task head's."""
+    for kind in _KINDS.values():
+        found = kind.tensor_kind(key)
+        if found is not None:
+            return found
+    return "head" if key.startswith("head.") else "other"
+
+
+def _lora_config(lora: LoraSettings, family: str, targets: tuple[str, ...]) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
-        target_modules=lora.targets(family_targets), fan_in_fan_out=(family_name == "gpt2"),
-    )
+    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+                      target_modules=lora.targets(targets), fan_in_fan_out=(family == "gpt2"))
+
+
+def _lora_initial(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor | None:
+    """A: uniform(+-1/sqrt(fan_in)), as peft's kaiming_uniform(a=sqrt(5)); B: zeros, so dW = 0 at the start."""
+    if ".lora_A." in key:
+        bound = 1.0 / math.sqrt(shape[1])
+        return (torch.rand(shape, generator=gen) * 2 - 1) * bound
+    if ".lora_B." in key:
+        return torch.zeros(shape)
+    return None
+
+
+def _lora_kind(key: str) -> str | None:
+    return "lora_A" if ".lora_A." in key else "lora_B" if ".lora_B." in key else None
+
+
+def _svd_config(lora: LoraSettings, family: str, targets: tuple[str, ...]) -> Any:
+    from peft import AdaLoraConfig
+
+    return AdaLoraConfig(init_r=lora.rank, target_r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                         target_modules=lora.targets(targets), fan_in_fan_out=(family == "gpt2"), total_step=1)
+
+
+def _svd_initial(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor | None:
+    """P and Q: normal(0, 0.02); e: zeros, so dW = 0 at the start (peft's AdaLoRA)."""
+    if key.endswith((".lora_A", ".lora_B")):
+        return torch.randn(shape, generator=gen) * 0.02
+    if key.endswith(".lora_E"):
+        return torch.zeros(shape)
+    return None
+
+
+def _svd_kind(key: str) -> str | None:
+    return {".lora_A": "svd_Q", ".lora_B": "svd_P", ".lora_E": "svd_e"}.get(key[key.rfind("."):]) if "." in key else None
+
+
+LORA = register_adapter_kind(AdapterKind("lora", _lora_config, _lora_initial, _lora_kind))
+SVD = register_adapter_kind(AdapterKind("svd", _svd_config, _svd_initial, _svd_kind))  # dW = P diag(e) Q, FedARA's
+
+
+def peft_config(lora: LoraSettings, family_name: str, family_targets: tuple[str, ...], kind: str = "lora") -> Any:
+    return adapter_kind(kind).peft_config(lora, family_name, family_targets)
 
 
 def inject_lora(part: Partition, lora: LoraSettings, kind: str = "lora", low_cpu_mem_usage: bool = False) -> None:
@@ -130,24 +196,17 @@ def initial_state(shapes: dict[str, tuple[int, ...]], seed: int, init_std: float
                   kind: str = "lora") -> AdapterState:
     """Version-0 adapters, each tensor from its own seeded generator (independent of who makes it).
 
-    LoRA A: uniform(+-1/sqrt(fan_in)) as peft's kaiming_uniform(a=sqrt(5)); LoRA B: zeros; a new
-    classification head: normal(0, init_std) weights and zero bias. SVD form (as peft's AdaLoRA):
-    P and Q normal(0, 0.02), e zeros, so dW = 0 at the start.
+    Adapter tensors as their kind initialises them (``AdapterKind.initial``); a new classification
+    head: normal(0, init_std) weights and zero bias.
     """
+    form = adapter_kind(kind)
     state: AdapterState = {}
     for key in sorted(shapes):
         shape = shapes[key]
-        if kind == "svd" and (key.endswith(".lora_A") or key.endswith(".lora_B")):
-            state[key] = torch.randn(shape, generator=_key_generator(seed, key)) * 0.02
-        elif key.endswith(".lora_E"):
-            state[key] = torch.zeros(shape)
-        elif ".lora_A." in key:
-            bound = 1.0 / math.sqrt(shape[1])
-            state[key] = (torch.rand(shape, generator=_key_generator(seed, key)) * 2 - 1) * bound
-        elif ".lora_B." in key or key.endswith(".bias"):
-            state[key] = torch.zeros(shape)
-        else:
-            state[key] = torch.randn(shape, generator=_key_generator(seed, key)) * init_std
+        value = form.initial(key, shape, _key_generator(seed, key))
+        if value is None:
+            value = torch.zeros(shape) if key.endswith(".bias") else torch.randn(shape, generator=_key_generator(seed, key)) * init_std
+        state[key] = value
     return state
 
 

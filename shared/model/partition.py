@@ -108,7 +108,7 @@ def head_trainable_names(partition: Partition) -> list[str]:
     return [n for n, _ in partition.named_parameters() if n.startswith(("head.classifier.", "head.score."))]
 
 
-def _checkpoint_index(source: ModelSource) -> dict[str, Path]:
+def checkpoint_index(source: ModelSource) -> dict[str, Path]:
     from safetensors import safe_open
 
     index: dict[str, Path] = {}
@@ -140,7 +140,7 @@ def load_partition(source: ModelSource, tier: str, split: Split, task: str, num_
     from safetensors import safe_open
 
     part = build_partition(source, tier, split, task, num_labels, base_dropout=base_dropout)
-    index = _checkpoint_index(source)
+    index = checkpoint_index(source)
     wanted = [n for n, _ in part.named_parameters()]
     by_file: dict[Path, list[tuple[str, str]]] = {}
     missing: list[str] = []

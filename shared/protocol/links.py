@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.errors import InvalidInput
+
 PROFILES_FILE = Path(__file__).with_name("link_profiles.json")
 PACKET_BYTES = 1500
 
@@ -52,7 +54,7 @@ def get_profile(name: str | None, overrides: dict[str, Any] | None = None) -> Li
         return None
     profiles = load_profiles()
     if name not in profiles:
-        raise ValueError(f"unknown link profile '{name}'; known: {', '.join(sorted(profiles))} (or 'none')")
+        raise InvalidInput(f"unknown link profile '{name}'; known: {', '.join(sorted(profiles))} (or 'none')")
     profile = profiles[name]
     if overrides:
         profile = LinkProfile(**{**profile.to_dict(), **overrides})

@@ -50,7 +50,7 @@ class Link:
 
     stats: LinkStats
     upward: bool  # True when the peer is the caller's parent (user -> edge, edge -> cloud)
-    emulator: Any = None  # a shared.links.LinkEmulator for this hop, or None
+    emulator: Any = None  # a shared.protocol.links.LinkEmulator for this hop, or None
 
     def emulate(self, sent: int, received: int) -> None:
         """Charge the hop's link time for a request of ``sent`` bytes and its reply of ``received``."""
@@ -92,6 +92,3 @@ class InProcessLink(Link):
         self.emulate(sent, received)
         return reply
 
-
-def ok(kind: str = "ok", **meta: Any) -> Message:
-    return Message(kind=kind, meta=meta)

@@ -1,15 +1,18 @@
-"""What every tier runs: its partition with LoRA, per-session replicas and optimizers, the hooks."""
+"""One (round, user) replica on one tier: adapters, optimizer, plug-in, and the last reply for retries."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from shared.fl import Algorithm, RoundPlan
+from shared.errors import InvalidInput
+from shared.fl.plugin import SessionPlugin
+from shared.protocol.messages import RoundPlan
 
 
 @dataclass
@@ -20,51 +23,55 @@ class OptimizerSettings:
     eps: float = 1e-8
     weight_decay: float = 0.0
 
-    def make(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer | None:
+    def make(self, params: dict[str, nn.Parameter], lr: float, scales: dict[str, float],
+             kind_of: Callable[[str], str]) -> torch.optim.Optimizer | None:
+        """AdamW over ``params``: one group per learning rate, ``lr`` times the scale of each tensor's kind."""
         if not params:
             return None
-        return torch.optim.AdamW(params, lr=lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
-
-
-class SessionError(KeyError):
-    """A step or update names a session this tier does not hold."""
-
-
-class Busy(RuntimeError):
-    """This tier holds as many sessions as it may; the caller should retry later (HTTP 503)."""
+        groups: dict[float, list[nn.Parameter]] = {}
+        for key, param in params.items():
+            groups.setdefault(lr * float(scales.get(kind_of(key), 1.0)), []).append(param)
+        return torch.optim.AdamW([{"params": ps, "lr": g} for g, ps in groups.items()], lr=lr, betas=self.betas,
+                                 eps=self.eps, weight_decay=self.weight_decay)
 
 
 @dataclass
 class Session:
-    """One (round, user) replica on one tier: its adapters, optimizer state and counters."""
+    """One (round, user) replica on one tier: its adapters, optimizer state, plug-in and counters."""
 
-    round_id: int
-    user_id: str
     plan: RoundPlan
-    algorithm: Algorithm
+    plugin: SessionPlugin
     params: dict[str, nn.Parameter]
     optimizer: torch.optim.Optimizer | None
+    base: dict[str, torch.Tensor] = field(default_factory=dict)  # frozen base weights this session runs instead
     steps: int = 0
     samples: int = 0
-    loss_sum: float = 0.0
     feedback: Any = None  # error feedback of top-k compressed gradients this tier sends
     step_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one step at a time
     last_step: int = -1
     last_reply: Any = None  # the reply to ``last_step``, returned again if that step is retried
 
+    @property
+    def round_id(self) -> int:
+        return self.plan.round_id
+
+    @property
+    def user_id(self) -> str:
+        return self.plan.user_id
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return (self.plan.round_id, self.plan.user_id)
+
     def replay(self, step: int) -> Any:
-        """The cached reply when ``step`` is a retry of the last one; refuses steps from the past."""
+        """The cached reply when ``step`` is a retry of the last one; refuses steps from the past (422)."""
         if step == self.last_step and self.last_reply is not None:
             return self.last_reply
         if step <= self.last_step:
-            raise ValueError(f"step {step} of round {self.round_id}, user '{self.user_id}' is older than the last "
-                             f"step served ({self.last_step})")
+            raise InvalidInput(f"step {step} of round {self.round_id}, user '{self.user_id}' is older than the last "
+                               f"step served ({self.last_step})")
         return None
 
     def remember(self, step: int, reply: Any) -> Any:
         self.last_step, self.last_reply = step, reply
         return reply
-
-    @property
-    def key(self) -> tuple[int, str]:
-        return (self.round_id, self.user_id)

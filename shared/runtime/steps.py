@@ -1,10 +1,24 @@
-"""What every tier runs: its partition with LoRA, per-session replicas and optimizers, the hooks."""
+"""The one step pipeline every serving tier runs (edge and cloud), and the packing of activations across a cut.
+
+``serve_step`` takes a step request, finds its session, answers a retry from the cache, checks the
+tensors, runs this tier's blocks, hands the output to what lies downstream (the edge relays it to
+the cloud; the cloud runs the head and the loss), backpropagates, steps the optimizer and replies
+with the gradient of the request's activations.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from shared.errors import InvalidInput, UpstreamError
+from shared.protocol.enums import Hop
+from shared.protocol.messages import StepRequest, TrainReply
+from shared.protocol.wire import Message
+from shared.runtime.session import Session
+from shared.runtime.tier import TierRuntime
 
 
 def pack_tokens(t: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -21,3 +35,74 @@ def unpack_tokens(rows: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     out = rows.new_zeros((*attention_mask.shape, rows.shape[-1]))
     out[attention_mask.to(rows.device, torch.bool)] = rows
     return out
+
+
+def check_step(request: StepRequest, width: int, task: str) -> None:
+    """Refuse step tensors that cannot belong to this model (``InvalidInput``: a 422 over HTTP).
+
+    ``hidden`` carries the real tokens only (``pack_tokens``): one row per 1 in the mask.
+    """
+    hidden, attention_mask, labels = request.hidden, request.attention_mask, request.labels
+    if attention_mask.dim() != 2 or attention_mask.is_floating_point() or attention_mask.numel() == 0:
+        raise InvalidInput(f"attention_mask must be a non-empty integer tensor (batch, seq); got "
+                           f"{attention_mask.dtype} {list(attention_mask.shape)}")
+    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise InvalidInput("attention_mask must hold 0s and 1s")
+    tokens = int(attention_mask.sum())
+    if hidden.dim() != 2 or list(hidden.shape) != [tokens, width] or not hidden.is_floating_point():
+        raise InvalidInput(f"hidden must be a float tensor of the mask's {tokens} tokens x {width}; "
+                           f"got {hidden.dtype} {list(hidden.shape)}")
+    want = list(attention_mask.shape) if task == "lm" else [attention_mask.shape[0]]
+    if list(labels.shape) != want or labels.is_floating_point():
+        raise InvalidInput(f"labels must be integers of shape {want}; got {labels.dtype} {list(labels.shape)}")
+    if not torch.isfinite(hidden).all():
+        raise InvalidInput("hidden contains NaN or Inf")
+
+
+def check_grad(grad: torch.Tensor, like: torch.Tensor, source: str) -> None:
+    """A gradient that came back for ``like`` (packed rows): same shape, finite."""
+    if list(grad.shape) != list(like.shape) or not grad.is_floating_point() or not torch.isfinite(grad).all():
+        raise UpstreamError(f"{source} sent a non-finite or mis-shaped gradient {list(grad.shape)} for "
+                            f"{list(like.shape)}")
+
+
+@dataclass
+class Downstream:
+    """What lies past this tier's blocks, for one step.
+
+    In evaluation: ``reply`` (sent back as it is). In training: ``output`` to backpropagate from
+    (this tier's output, or the loss), its incoming gradient ``grad`` (None for a loss), and the
+    step's ``loss`` for the reply.
+    """
+
+    reply: Message | None = None
+    output: torch.Tensor | None = None
+    grad: torch.Tensor | None = None
+    loss: float = 0.0
+
+
+NextStage = Callable[[Session, StepRequest, torch.Tensor], Downstream]
+
+
+def serve_step(runtime: TierRuntime, msg: Message, next_stage: NextStage, back_hop: Hop) -> Message:
+    """One step at a serving tier: the request's activations through this tier and back (see the module doc)."""
+    request = StepRequest.from_message(msg)
+    session = runtime.session(request.round, request.user)
+    if request.mode != session.plan.mode:
+        raise InvalidInput(f"step mode '{request.mode}' does not match the session's '{session.plan.mode}'")
+    with session.step_lock:  # a retry arriving while the first attempt runs waits, then gets its reply
+        cached = session.replay(request.step)
+        if cached is not None:
+            return cached
+        check_step(request, runtime.width, runtime.spec.task)
+        train = session.plan.training
+        mask = request.attention_mask
+        hidden_in = unpack_tokens(request.hidden.to(runtime.device), mask).requires_grad_(train)
+        out = runtime.forward(session, hidden_in, mask, request.step)
+        result = next_stage(session, request, out)
+        if not train:
+            return session.remember(request.step, result.reply)
+        runtime.backward_and_step(session, [result.output], [result.grad])
+        grad = hidden_in.grad if hidden_in.grad is not None else torch.zeros_like(hidden_in)
+        grad, codecs = runtime.outgoing_grad(session, pack_tokens(grad, mask), back_hop)
+        return session.remember(request.step, TrainReply(loss=result.loss, grad=grad).to_message(codecs))

@@ -1,42 +1,25 @@
-"""What every tier runs: its partition with LoRA, per-session replicas and optimizers, the hooks."""
+"""A tier's compute, free of any transport: its partition with adapters, the sessions, forward, backward, step."""
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
 
-from shared.model.adapters import AdapterSlots, AdapterState, clone_state, inject_lora
-from shared.fl import Algorithm, RoundPlan, create_algorithm
-from shared.protocol.codecs import CodecPolicy, ErrorFeedback
-from shared.model.sources import ModelSource
+from shared.config.deployment import ModelSpec
+from shared.errors import NotFound
+from shared.fl.plugin import SessionContext, get_algorithm
+from shared.model.adapters import AdapterSlots, AdapterState, clone_state, inject_lora, tensor_kind_of
 from shared.model.partition import Split, build_partition, load_partition
-from shared.config.model_spec import ModelSpec
-from shared.runtime.session import OptimizerSettings, Session, SessionError
-
-
-
-
-@dataclass
-class TierContext:
-    """What a plug-in may know of the tier it runs on; ``store`` persists across rounds on this tier."""
-
-    tier: str
-    layer_ids: list[int]
-    num_layers: int
-    spec: ModelSpec
-    shapes: dict[str, tuple[int, ...]]
-    store: dict[str, Any]
-
-
-
-
-
-
-
-
+from shared.model.sources import ModelSource
+from shared.protocol.codecs import CodecPolicy, ErrorFeedback
+from shared.protocol.enums import TIERS, Hop, Tier
+from shared.protocol.messages import RoundPlan
+from shared.runtime.session import OptimizerSettings, Session
 
 
 class TierRuntime:
@@ -46,36 +29,41 @@ class TierRuntime:
     optimizer step of one session may run while another session does its forward.
     """
 
-    def __init__(self, tier: str, source: ModelSource, spec: ModelSpec,
+    def __init__(self, tier: Tier | str, source: ModelSource, spec: ModelSpec,
                  optimizer: OptimizerSettings | None = None, device: str = "cpu") -> None:
-        self.tier, self.source, self.spec = tier, source, spec
+        self.tier, self.source, self.spec = Tier(tier), source, spec
         self.split = Split(spec.split[0], spec.split[1], source.num_layers)
-        self.partition = load_partition(source, tier, self.split, spec.task, spec.num_labels,
+        self.partition = load_partition(source, self.tier, self.split, spec.task, spec.num_labels,
                                         base_dropout=spec.base_dropout, seed=spec.seed)
         inject_lora(self.partition, spec.lora, spec.adapter)
         self.device = torch.device(device)
         self.partition.to(self.device)
         self.partition.train()
         self.slots = AdapterSlots(self.partition)
-        self.policies = {hop: CodecPolicy.from_dict(spec.codecs.get(hop)) for hop in ("user_edge", "edge_cloud")}
+        self.policies = {hop: CodecPolicy.from_dict(spec.codecs.get(hop.value)) for hop in Hop}
         self.optimizer_settings = optimizer or OptimizerSettings()
         self.sessions: dict[tuple[int, str], Session] = {}
         self.plugin_store: dict[str, dict[str, Any]] = {}  # per algorithm, kept across rounds (personal layers, ...)
         self.lock = threading.RLock()
 
+    @property
+    def width(self) -> int:
+        return int(self.partition.config.hidden_size)
+
     # sessions -------------------------------------------------------------------------------
-    def open_session(self, plan: RoundPlan, state: AdapterState, algorithm: Algorithm | None = None) -> Session:
+    def open_session(self, plan: RoundPlan, state: AdapterState) -> Session:
         """Make this tier's replica for (round, user) from the round's global adapters."""
-        algorithm = algorithm or create_algorithm(plan.algorithm, plan.config)
-        algorithm.ctx = TierContext(self.tier, self.partition.layer_ids, self.split.num_layers, self.spec,
-                                    self.slots.shapes(), self.plugin_store.setdefault(plan.algorithm, {}))
+        ctx = SessionContext(self.tier, plan, list(self.partition.layer_ids), self.split.num_layers, self.spec,
+                             self.slots.shapes(), self.plugin_store.setdefault(plan.algorithm, {}), tensor_kind_of)
+        plugin = get_algorithm(plan.algorithm).session(plan.config, ctx)
         on_device = {k: v.to(self.device) for k, v in state.items() if k in self.slots.locations}
-        params = algorithm.build_adapters(self.tier, on_device, plan)
-        train = plan.mode == "train"
+        params = plugin.build_adapters(on_device)
         for p in params.values():
-            p.requires_grad_(train)
-        optimizer = self.optimizer_settings.make(list(params.values()), plan.lr) if train else None
-        session = Session(plan.round_id, plan.user_id, plan, algorithm, params, optimizer)
+            p.requires_grad_(plan.training)
+        optimizer = (self.optimizer_settings.make(params, plan.lr, plugin.lr_scales(), ctx.tensor_kind)
+                     if plan.training else None)
+        base = self._check_base(plugin.base_overrides({i: self.partition.blocks[str(i)] for i in self.partition.layer_ids}))
+        session = Session(plan, plugin, params, optimizer, base=base)
         with self.lock:
             self.sessions[session.key] = session
         return session
@@ -84,7 +72,7 @@ class TierRuntime:
         try:
             return self.sessions[(round_id, user_id)]
         except KeyError:
-            raise SessionError(f"no session for round {round_id}, user '{user_id}' on the {self.tier} tier") from None
+            raise NotFound(f"no session for round {round_id}, user '{user_id}' on the {self.tier} tier") from None
 
     def close_session(self, round_id: int, user_id: str) -> Session:
         with self.lock:
@@ -92,7 +80,7 @@ class TierRuntime:
             del self.sessions[session.key]
         return session
 
-    def drop_sessions(self, keep: Any = lambda key: False) -> int:
+    def drop_sessions(self, keep: Callable[[tuple[int, str]], bool] = lambda key: False) -> int:
         """Close every session whose key ``keep`` rejects (leftovers of failed rounds)."""
         with self.lock:
             stale = [k for k in self.sessions if not keep(k)]
@@ -101,49 +89,71 @@ class TierRuntime:
         return len(stale)
 
     def pack_update(self, session: Session) -> AdapterState:
-        return {k: v.detach().cpu() for k, v in session.algorithm.pack_update(self.tier, session.params, session.plan).items()}
+        return {k: v.detach().cpu() for k, v in session.plugin.pack_update(session.params).items()}
 
     # compute --------------------------------------------------------------------------------
-    def _layers(self, session: Session, step: int) -> list[int]:
-        if session.plan.mode != "train":
-            return self.partition.layer_ids
-        return session.algorithm.layers_to_run(self.tier, self.partition.layer_ids, session.plan, step)
+    @contextmanager
+    def _bound(self, session: Session) -> Iterator[None]:
+        """The session's adapters (and base weight overrides, restored afterwards) on the partition's modules."""
+        with self.lock, torch.set_grad_enabled(session.plan.training):
+            self.slots.bind(session.params)
+            originals: dict[str, torch.Tensor] = {}
+            try:
+                for name, value in session.base.items():
+                    originals[name] = self._swap_base(name, value)
+                yield
+            finally:
+                for name, value in originals.items():
+                    self._swap_base(name, value)
+
+    def _check_base(self, overrides: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A plug-in's base weight overrides name frozen parameters of this partition, with their shapes."""
+        frozen = {name: p for name, p in self.partition.named_parameters() if name not in self.slots.locations}
+        for name, value in overrides.items():
+            if name not in frozen or tuple(value.shape) != tuple(frozen[name].shape):
+                raise ValueError(f"base override '{name}' is not a frozen parameter of the {self.tier} partition "
+                                 f"with shape {tuple(value.shape)}")
+        return {name: value.to(self.device) for name, value in overrides.items()}
+
+    def _swap_base(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        module_name, _, pname = name.rpartition(".")
+        module = self.partition.get_submodule(module_name)
+        old = getattr(module, pname)
+        setattr(module, pname, value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False))
+        return old
 
     def forward(self, session: Session, hidden: torch.Tensor | None, attention_mask: torch.Tensor, step: int,
                 input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings (user tier, from ``input_ids``) and this tier's blocks, under the session's adapters."""
-        train = session.plan.mode == "train"
-        with self.lock, torch.set_grad_enabled(train):
-            self.slots.bind(session.params)
+        with self._bound(session):
             if input_ids is not None:
                 hidden = self.partition.embed_tokens(input_ids.to(self.device), attention_mask.to(self.device))
-            return self.partition.run_blocks(hidden, attention_mask.to(self.device), self._layers(session, step))
+            return self.partition.run_blocks(hidden, attention_mask.to(self.device), session.plugin.layers_to_run(step))
 
     def head(self, session: Session, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Cloud only: final norm and head. Call right after ``forward`` on the same thread."""
-        with self.lock, torch.set_grad_enabled(session.plan.mode == "train"):
-            self.slots.bind(session.params)
+        with self._bound(session):
             return self.partition.run_head(hidden, attention_mask.to(self.device))
 
     def backward_and_step(self, session: Session, outputs: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
         """Backpropagate into this tier's adapters, run the plug-in hooks, step the optimizer."""
         pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
-        extra = session.algorithm.extra_loss(self.tier, session.params, session.plan)
+        extra = session.plugin.extra_loss(session.params)
         if extra is not None:
             pairs.append((extra, None))
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        session.algorithm.after_backward(self.tier, session.params, session.plan)
+        session.plugin.after_backward(session.params)
         if session.optimizer is not None:
             session.optimizer.step()
             session.optimizer.zero_grad(set_to_none=True)
         session.steps += 1
 
-    def policy(self, hop: str) -> CodecPolicy:
-        """The codecs of one hop ("user_edge" or "edge_cloud"); fp32 (lossless) where none is set."""
-        return self.policies[hop]
+    def policy(self, hop: Hop | str) -> CodecPolicy:
+        """The codecs of one hop; fp32 (lossless) where none is set."""
+        return self.policies[Hop(hop)]
 
-    def outgoing_grad(self, session: Session, grad: torch.Tensor, hop: str) -> tuple[torch.Tensor, dict[str, str]]:
+    def outgoing_grad(self, session: Session, grad: torch.Tensor, hop: Hop) -> tuple[torch.Tensor, dict[str, str]]:
         """A gradient ready to send back over ``hop``: top-k with error feedback kept here, or as it is."""
         spec = self.policy(hop).spec("gradients")
         if spec.name == "topk":
@@ -153,27 +163,6 @@ class TierRuntime:
                                              values=spec.params.get("values", "fp32"))
         return grad, {"grad": str(spec)}
 
-    def check_step(self, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> None:
-        """Refuse step tensors that cannot belong to this model (ValueError: a 422 over HTTP).
-
-        ``hidden`` carries the real tokens only (``pack_tokens``): one row per 1 in the mask.
-        """
-        width = int(self.partition.config.hidden_size)
-        if attention_mask.dim() != 2 or attention_mask.is_floating_point() or attention_mask.numel() == 0:
-            raise ValueError(f"attention_mask must be a non-empty integer tensor (batch, seq); got "
-                             f"{attention_mask.dtype} {list(attention_mask.shape)}")
-        if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-            raise ValueError("attention_mask must hold 0s and 1s")
-        tokens = int(attention_mask.sum())
-        if hidden.dim() != 2 or list(hidden.shape) != [tokens, width] or not hidden.is_floating_point():
-            raise ValueError(f"hidden must be a float tensor of the mask's {tokens} tokens x {width}; "
-                             f"got {hidden.dtype} {list(hidden.shape)}")
-        want = list(attention_mask.shape) if self.spec.task == "lm" else [attention_mask.shape[0]]
-        if list(labels.shape) != want or labels.is_floating_point():
-            raise ValueError(f"labels must be integers of shape {want}; got {labels.dtype} {list(labels.shape)}")
-        if not torch.isfinite(hidden).all():
-            raise ValueError("hidden contains NaN or Inf")
-
     def global_state_template(self) -> AdapterState:
         return clone_state(self.slots.current())
 
@@ -181,17 +170,12 @@ class TierRuntime:
         return self.partition.parameter_bytes()
 
 
-
-
-
-
-def adapter_shapes(source: ModelSource, spec: ModelSpec) -> dict[str, dict[str, tuple[int, ...]]]:
+def adapter_shapes(source: ModelSource, spec: ModelSpec) -> dict[Tier, dict[str, tuple[int, ...]]]:
     """Adapter shapes of every tier from the config alone (meta tensors: nothing is loaded)."""
     split = Split(spec.split[0], spec.split[1], source.num_layers)
-    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-    for tier in ("user", "edge", "cloud"):
+    shapes: dict[Tier, dict[str, tuple[int, ...]]] = {}
+    for tier in TIERS:
         part = build_partition(source, tier, split, spec.task, spec.num_labels, base_dropout=spec.base_dropout)
         inject_lora(part, spec.lora, spec.adapter, low_cpu_mem_usage=True)
         shapes[tier] = AdapterSlots(part).shapes()
     return shapes
-

@@ -9,7 +9,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.fl.aggregation import AdapterUpdate, AggregationError, pre_aggregate, weighted_mean
+from shared.fl.aggregation import AdapterUpdate, AggregationError, weighted_mean
+from shared.fl.fedavg import FedAvgConfig
+from shared.fl.plugin import Strategy, StrategyContext
+from shared.protocol.enums import Tier
 
 FAST = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 SHAPES = {"blocks.0.q.lora_A.weight": (4, 6), "blocks.0.q.lora_B.weight": (6, 4), "head.classifier.bias": (3,)}
@@ -33,6 +36,13 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def edge_report(edge_id: str, updates: list[AdapterUpdate]) -> AdapterUpdate:
+    """What an edge sends up for its users: its round's strategy's pre-aggregate over the users' sample total."""
+    strategy = Strategy(FedAvgConfig(), StrategyContext(Tier.EDGE))  # an edge makes one per round
+    state = strategy.aggregate(Tier.USER, updates, updates[0].state if updates else {})
+    return AdapterUpdate(edge_id, "edge", state, sum(u.num_samples for u in updates))
 
 
 sample_counts = st.lists(st.integers(0, 1000), min_size=1, max_size=8).filter(lambda xs: sum(xs) > 0)
@@ -82,7 +92,7 @@ def test_hierarchical_equals_flat(data: st.DataObject, seed: int) -> None:
         st.lists(st.integers(0, num_edges - 1), min_size=len(samples) - num_edges, max_size=len(samples) - num_edges))
     edge_of = data.draw(st.permutations(edge_of), label="assignment")
     updates = make_updates(samples, seed)
-    edges = [pre_aggregate(f"edge-{e}", [u for u, eu in zip(updates, edge_of) if eu == e]) for e in range(num_edges)]
+    edges = [edge_report(f"edge-{e}", [u for u, eu in zip(updates, edge_of) if eu == e]) for e in range(num_edges)]
     assert sum(e.num_samples for e in edges) == sum(samples)
     hierarchical = weighted_mean(edges)
     flat = weighted_mean(updates)
@@ -90,9 +100,9 @@ def test_hierarchical_equals_flat(data: st.DataObject, seed: int) -> None:
         torch.testing.assert_close(hierarchical[k], flat[k], rtol=0, atol=1e-6)
 
 
-def test_pre_aggregate_carries_the_sample_total_and_tier() -> None:
+def test_edge_pre_aggregation_is_the_weighted_mean_over_the_sample_total() -> None:
     updates = make_updates([3, 5], seed=2, tier="edge")
-    edge = pre_aggregate("edge-7", updates)
+    edge = edge_report("edge-7", updates)
     assert (edge.source, edge.tier, edge.num_samples) == ("edge-7", "edge", 8)
     assert_bit_identical(edge.state, weighted_mean(updates))
 
@@ -125,11 +135,11 @@ def test_weighted_mean_refuses(updates: list[AdapterUpdate], message: str) -> No
         weighted_mean(updates)
 
 
-def test_pre_aggregate_refuses_zero_samples() -> None:
+def test_edge_pre_aggregation_refuses_zero_samples() -> None:
     with pytest.raises(AggregationError, match="no samples"):
-        pre_aggregate("edge-0", make_updates([0, 0], seed=5))
+        edge_report("edge-0", make_updates([0, 0], seed=5))
 
 
-def test_pre_aggregate_refuses_no_updates() -> None:
+def test_edge_pre_aggregation_refuses_no_updates() -> None:
     with pytest.raises(AggregationError):
-        pre_aggregate("edge-0", [])
+        edge_report("edge-0", [])

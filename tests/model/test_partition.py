@@ -1,25 +1,16 @@
-"""Partitioning and adapters: split validation, what each tier holds and reads, tied heads, adapter keys."""
+"""Partitioning: split validation, what each tier holds and reads, tied heads, parameter bytes."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 
 import pytest
 import torch
 
-from shared.model.adapters import initial_state
-from shared.fl import RoundPlan
-from shared.data.batching import collate
-from shared.data.datasets import Example
-from shared.model.sources import ByteTokenizer, ModelError, tiny_config
+from shared.model.sources import ModelError, tiny_config
 from shared.model.families import FAMILIES
-from shared.model.partition import (TIERS, Split, _checkpoint_index, build_partition, head_trainable_names, load_partition)
-from shared.config.model_spec import ModelSpec
-from shared.runtime.tier import TierRuntime, adapter_shapes
-from shared.protocol.transport import InProcessLink
-from user_agent.compute import step_message
+from shared.model.partition import (TIERS, Split, checkpoint_index, build_partition, head_trainable_names, load_partition)
 
 L = 4  # blocks of every tiny model
 TASK = {"tiny-llama": "lm", "tiny-gpt2": "lm", "tiny-bert": "cls"}
@@ -103,6 +94,7 @@ class _RecordingHandle:
         return getattr(self._handle, attr)
 
 
+
 # --- split points ----------------------------------------------------------------------------------
 
 
@@ -158,14 +150,14 @@ def test_partition_holds_exactly_its_blocks(tiny, model: str, split: tuple[int, 
 
 
 @pytest.mark.parametrize("model", TASK)
-def test_partitions_together_are_the_whole_model(tiny, model: str) -> None:
+def test_partitions_together_are_thewhole_model(tiny, model: str) -> None:
     """Every parameter of transformers' own whole model sits, with the same value, on the tier that owns it."""
-    from shared.lab.verify import _whole_model
+    from shared.lab.verify import whole_model
 
     source, split, task = tiny(model), Split(1, 3, L), TASK[model]
     parts = {t: dict(load_partition(source, t, split, task, NUM_LABELS[task]).named_parameters()) for t in TIERS}
     family = FAMILIES[source.family]
-    whole = _whole_model(source, task, NUM_LABELS[task])
+    whole = whole_model(source, task, NUM_LABELS[task])
     matched = set()
     for name, p in whole.named_parameters():
         norm = family.normalise(name)
@@ -187,7 +179,7 @@ def test_partitions_together_are_the_whole_model(tiny, model: str) -> None:
 @pytest.mark.parametrize("model", TASK)
 def test_partition_reads_only_its_own_tensors(tiny, monkeypatch, model: str, split: tuple[int, int], tier: str) -> None:
     source, s = tiny(model), Split(*split, L)
-    checkpoint = list(_checkpoint_index(source))
+    checkpoint = list(checkpoint_index(source))
     reads = TensorReads(monkeypatch)
     load_partition(source, tier, s, TASK[model], NUM_LABELS[TASK[model]])
     expected = sorted(k for k in checkpoint if tier in owners(model, k, s))
@@ -238,167 +230,3 @@ def test_build_partition_is_meta_and_loads_nothing(tiny, monkeypatch) -> None:
     part = build_partition(tiny("tiny-llama"), "edge", Split(1, 3, L), "lm")
     assert part.layer_ids == [1, 2]
     assert all(p.is_meta for p in part.parameters())
-
-
-# --- what crosses between tiers --------------------------------------------------------------------
-
-
-def test_step_message_carries_only_hidden_mask_and_labels() -> None:
-    batch = collate(ByteTokenizer(), [Example("ab"), Example("abcdef")], "lm", 16)
-    hidden = torch.randn(2, batch.input_ids.shape[1], 32)
-    msg = step_message(RoundPlan(round_id=3, user_id="u"), 5, hidden, batch)
-    assert set(msg.tensors) == {"hidden", "attention_mask", "labels"}
-    assert msg.tensors["attention_mask"].dtype == torch.uint8
-    assert msg.meta == {"round": 3, "user": "u", "step": 5, "mode": "train"}
-
-
-def test_step_chain_carries_no_rotary_or_position_tensors(small_sim, monkeypatch) -> None:
-    """Every step message of a real round, both hops, both phases: activations, mask, labels down; grads back."""
-    seen: list[tuple[str, set[str], set[str]]] = []
-    real = InProcessLink.request
-
-    def spy(self, endpoint, msg):
-        reply = real(self, endpoint, msg)
-        if endpoint == "step":
-            seen.append((msg.meta["mode"], set(msg.tensors), set(reply.tensors)))
-        return reply
-
-    monkeypatch.setattr(InProcessLink, "request", spy)
-    small_sim().run_round()
-    assert {m for m, _, _ in seen} == {"train", "eval"}
-    for mode, sent, returned in seen:
-        assert sent == {"hidden", "attention_mask", "labels"}
-        assert returned == ({"grad"} if mode == "train" else set())
-
-
-# --- adapters --------------------------------------------------------------------------------------
-
-ADAPTER_CASES = [("tiny-llama", "lm", (1, 3)), ("tiny-gpt2", "lm", (0, 2)), ("tiny-bert", "cls", (1, 3)),
-                 ("tiny-llama", "cls", (2, 4)), ("tiny-bert", "cls", (4, 4))]
-
-
-def _spec(model: str, task: str, split: tuple[int, int]) -> ModelSpec:
-    return ModelSpec(model=model, split=split, task=task, num_labels=NUM_LABELS[task])
-
-
-@pytest.mark.parametrize("model, task, split", ADAPTER_CASES)
-def test_adapter_keys_are_normalised_and_the_same_from_meta_and_loaded(tiny, model, task, split) -> None:
-    source, s = tiny(model), Split(*split, L)
-    family = FAMILIES[source.family]
-    spec = _spec(model, task, split)
-    meta = adapter_shapes(source, spec)
-    all_keys: list[str] = []
-    for tier in TIERS:
-        runtime = TierRuntime(tier, source, spec)
-        assert runtime.slots.shapes() == meta[tier], tier
-        assert runtime.slots.keys == sorted(meta[tier])
-        for key in meta[tier]:
-            assert ".default" not in key and key.startswith(("blocks.", "head.")), key
-            assert tier_of(key, s) == tier, key
-            if key.startswith("blocks."):
-                assert re.search(r"\.lora_[AB]\.weight$", key), key
-                assert any(f".{t}.lora_" in key for t in family.lora_targets), key
-            else:
-                assert task == "cls" and key in NEW_HEAD["cls"], key
-        all_keys += meta[tier]
-    assert len(all_keys) == len(set(all_keys)) > 0  # unique across tiers: blocks carry global indices
-    n_lora = sum(k.startswith("blocks.") for k in all_keys)
-    assert n_lora == 2 * L * len(family.lora_targets)
-
-
-def test_adapter_shapes_loads_nothing(tiny, monkeypatch) -> None:
-    import safetensors
-
-    source = tiny("tiny-llama")
-    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: pytest.fail("adapter_shapes read the checkpoint"))
-    shapes = adapter_shapes(source, _spec("tiny-llama", "lm", (1, 3)))
-    assert set(shapes) == set(TIERS) and all(shapes.values())
-
-
-def test_lora_shapes_follow_rank(tiny) -> None:
-    shapes = adapter_shapes(tiny("tiny-llama"), _spec("tiny-llama", "lm", (1, 3)))
-    flat = {k: v for t in shapes.values() for k, v in t.items()}
-    assert flat["blocks.0.self_attn.q_proj.lora_A.weight"] == (8, 32)
-    assert flat["blocks.0.self_attn.q_proj.lora_B.weight"] == (32, 8)
-    assert flat["blocks.3.self_attn.k_proj.lora_B.weight"] == (16, 8)  # 2 key/value heads of 8
-
-
-def _flat_shapes(tiny, model, task, split) -> dict[str, tuple[int, ...]]:
-    shapes = adapter_shapes(tiny(model), _spec(model, task, split))
-    return {k: v for t in shapes.values() for k, v in t.items()}
-
-
-def test_initial_state_is_deterministic_per_key(tiny) -> None:
-    shapes = _flat_shapes(tiny, "tiny-bert", "cls", (1, 3))
-    state = initial_state(shapes, seed=7)
-    again = initial_state(shapes, seed=7)
-    other_seed = initial_state(shapes, seed=8)
-    for key, shape in shapes.items():
-        assert torch.equal(state[key], again[key]), key
-        alone = initial_state({key: shape}, seed=7)[key]  # made without any other key
-        assert torch.equal(alone, state[key]), key
-        if ".lora_B." not in key and not key.endswith(".bias"):
-            assert not torch.equal(other_seed[key], state[key]), key
-
-
-def test_initial_state_does_not_depend_on_the_tier_that_makes_it(tiny) -> None:
-    """Blocks 1 and 2 sit on the edge with split 1,3 and on the user with split 3,3: same initial tensors."""
-    tiers_13 = adapter_shapes(tiny("tiny-llama"), _spec("tiny-llama", "lm", (1, 3)))
-    tiers_33 = adapter_shapes(tiny("tiny-llama"), _spec("tiny-llama", "lm", (3, 3)))
-    on_edge = initial_state(tiers_13["edge"], seed=0)
-    on_user = initial_state(tiers_33["user"], seed=0)
-    assert on_edge and set(on_edge) <= set(on_user)
-    for key, value in on_edge.items():
-        assert torch.equal(value, on_user[key]), key
-
-
-def test_initial_values_lora_b_zero_a_bounded_head_small(tiny) -> None:
-    shapes = _flat_shapes(tiny, "tiny-bert", "cls", (1, 3))
-    state = initial_state(shapes, seed=0)
-    for key, value in state.items():
-        assert tuple(value.shape) == shapes[key] and value.dtype == torch.float32
-        if ".lora_B." in key or key.endswith(".bias"):
-            assert torch.count_nonzero(value) == 0, key
-        elif ".lora_A." in key:
-            bound = 1 / math.sqrt(value.shape[1])
-            assert 0 < value.abs().max() <= bound, key
-        else:
-            assert key == "head.classifier.weight"
-            assert 0.005 < float(value.std()) < 0.05
-
-
-# --- memory ---------------------------------------------------------------------------------------
-
-MEMORY_REPORT = """\
-import json
-from shared.lab.memory import memory_report
-print(json.dumps(memory_report("smollm2-135m", (2, 15))))
-"""
-
-
-@pytest.mark.slow
-def test_memory_report_smollm2_user_tier_is_small(run_cli) -> None:
-    # Convert the GGUF in one process and report from a fresh, small one: a probe's peak RSS inherits its
-    # parent's (see test_memory_probe_peak_rss_is_its_own), and this test process holds large models.
-    convert = run_cli([], code="from shared.models import resolve_model; resolve_model('smollm2-135m')")
-    assert convert.returncode == 0, convert.stderr[-2000:]
-    proc = run_cli([], code=MEMORY_REPORT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    print({k: report[k] for k in ("user_param_share", "user_rss_saving_bytes", "user_bytes_not_held")},
-          {t: report[t] for t in ("user", "edge", "cloud", "whole")})
-    assert report["user_param_share"] <= 0.30
-    assert report["user_rss_saving_bytes"] >= report["user_bytes_not_held"]
-
-
-def test_memory_probe_peak_rss_is_its_own(tiny, run_cli) -> None:
-    tiny("tiny-llama")
-    ballast = torch.ones(2**28)  # 1 GiB, touched: this process's peak RSS is now above 1 GiB
-    try:
-        proc = run_cli(["tiny-llama", "1,3", "user", "2", "8"], module="shared.lab.memory")
-    finally:
-        del ballast
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    probe = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert probe["param_bytes"] > 0
-    assert probe["peak_rss_bytes"] < 2**30  # a tiny-model probe really peaks at a few hundred MB

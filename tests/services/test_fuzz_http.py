@@ -7,7 +7,7 @@
   (meta values swapped for junk, tensors of the wrong shape/dtype or holding NaN/Inf, lossy codecs, flipped and
   truncated bytes).
 
-The deployment is the in-process one of test_security.py, made inert so that no fuzzed round trains: the edge's
+The deployment is the in-process one of stack_helpers.py, made inert so that no fuzzed round trains: the edge's
 user never answers a start, the cloud cannot reach the edge, the user cannot reach the edge.
 
 Two kinds of 5xx are the runtime's documented answers and are allowed: 503 (with Retry-After) from an edge whose
@@ -31,8 +31,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 
-from shared.protocol.wire import DTYPES, Message, encode
-from test_security import AcceptingLink, Stack, bearer, inprocess_stack
+from shared.protocol.bundle import AdapterBundle
+from shared.protocol.enums import Mode
+from shared.protocol.messages import Report
+from shared.protocol.tensors import DTYPES
+from shared.protocol.wire import Message, encode
+from stack_helpers import AcceptingLink, Stack, bearer, inprocess_stack
 
 schemathesis = pytest.importorskip("schemathesis")
 from schemathesis import GenerationMode  # noqa: E402
@@ -218,12 +222,14 @@ def templates(s: Stack) -> dict[tuple[str, str], tuple[Message, dict[str, Any]]]
                   "config": native, "extra": native, "bogus": native})
     step_values = {"round": rounds, "user": users, "step": steps, "mode": modes}
     update_values = {"round": rounds, "user": users, "mode": modes, "num_samples": st.integers(-5, 10**12),
-                     "edge": st.sampled_from(["edge-0", "edge-x"]), "metrics": native}
+                     "edge": st.sampled_from(["edge-0", "edge-x"]), "metrics": native,
+                     "missing": st.lists(users, max_size=2), "bytes": native}
     start_values = {"plans": st.lists(safe_plan, max_size=3), "deadline": st.sampled_from([None, 0.05, -1, 1e9, "x"]),
                     "clip_norm": st.sampled_from([None, 0.0, 1e-3, -1.0, "x", 1e308]), "plan": safe_plan}
-    cloud_update = Message("update", {"round": 1, "edge": "edge-0", "mode": "train", "num_samples": 8,
-                                      "metrics": {"user-0": {"train_loss": 1.0}}},
-                           {k: v + 0.01 for k, v in s.adapter_tensors("user", "edge").items()})
+    cloud_update = Report(round=1, edge="edge-0", mode=Mode.TRAIN, num_samples=8,
+                          metrics={"user-0": {"train_loss": 1.0}},
+                          adapters=AdapterBundle.from_tensors(
+                              {k: v + 0.01 for k, v in s.adapter_tensors("user", "edge").items()})).to_message()
     return {
         ("cloud", "step"): (s.step_message(CLOUD_ROUND, 0), step_values),
         ("cloud", "update"): (cloud_update, update_values),

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from cloud_server.store import unflatten
+from shared.config.round import RoundConfig
 from shared.lab.sim import SimConfig, Simulation
+from shared.protocol.bundle import AdapterBundle
 from shared.protocol.wire import CONTENT_TYPE, Message, encode
 from shared.lab.cluster import Cluster
 
@@ -20,8 +21,9 @@ CLOUD_ARGS = ["--model", "tiny-bert", "--split", "1,3", "--data", "trec", "--loc
 
 
 def sim_config() -> SimConfig:
-    return SimConfig(model="tiny-bert", data="trec", users=4, edges=2, rounds=2, split=(1, 3), local_steps=3,
-                     batch_size=4, max_examples_per_client=32, eval_examples_per_client=8, seed=7, baseline_eval=False)
+    return SimConfig(model="tiny-bert", data="trec", users=4, edges=2, rounds=2, split=(1, 3),
+                     round=RoundConfig(local_steps=3, batch_size=4), max_examples_per_client=32,
+                     eval_examples_per_client=8, seed=7, baseline_eval=False)
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +34,10 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-def fetch_version(cluster: Cluster, version: int) -> dict[str, dict[str, torch.Tensor]]:
+def fetch_version(cluster: Cluster, version: int) -> AdapterBundle:
     r = cluster.get(f"/v1/adapters/{version}")
     assert r.status_code == 200
-    return unflatten(load(r.content))
+    return AdapterBundle.from_tensors(load(r.content))
 
 
 def test_http_rounds_equal_the_simulator(cluster):

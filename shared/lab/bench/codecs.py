@@ -11,6 +11,7 @@ from typing import Any
 
 from shared.lab.cluster import one_round
 from shared.lab.sim import SimConfig, Simulation
+from shared.config.round import RoundConfig
 
 
 
@@ -32,11 +33,12 @@ def _codec_run(spec: str, model: str, split: tuple[int, int], steps: int, batch_
     length (consecutive speeches joined, then truncated), so every step carries batch x seq_len tokens.
     """
     min_chars = 8 * seq_len if data == "shakespeare" else 0
-    sim = Simulation(SimConfig(model=model, data=data, users=1, edges=1, rounds=1, split=split, local_steps=steps,
-                               batch_size=batch_size, max_len=seq_len, seed=seed, min_chars=min_chars,
+    sim = Simulation(SimConfig(model=model, data=data, users=1, edges=1, rounds=1, split=split,
+                               round=RoundConfig(local_steps=steps, batch_size=batch_size, deadline=None, evaluate=False),
+                               max_len=seq_len, seed=seed, min_chars=min_chars,
                                max_examples_per_client=2 * steps * batch_size, eval_examples_per_client=eval_examples,
                                user_edge_codecs=spec, edge_cloud_codecs=spec, baseline_eval=False))
-    sim.run_round(sim.request(evaluate=False))
+    sim.run_round()
     up, down, count = sim.user_links[0].stats.snapshot()["by_endpoint"]["step"]
     losses = next(iter(sim.coordinator.rounds.values())).metrics["users"]["user-0"]["losses"]
     held_out = sim.evaluate_only()

@@ -33,8 +33,10 @@ from typing import Any
 
 import torch
 
-from shared.fl import RoundPlan
-from shared.fl.droppeft import DropPEFT, skip_mask
+from shared.config.round import RoundConfig
+from shared.fl.droppeft import DropPEFTConfig, DropPEFTStrategy, skip_mask
+from shared.protocol.enums import Tier
+from shared.protocol.messages import RoundPlan
 from shared.data.batching import BatchSampler
 from shared.lab.sim import SimConfig, Simulation
 
@@ -72,15 +74,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _config(args: argparse.Namespace, algorithm: str, algorithm_config: dict[str, Any]) -> SimConfig:
     a, b = (int(x) for x in args.split.split(","))
     return SimConfig(model=args.model, data=args.data, users=args.users, edges=args.edges, rounds=args.rounds,
-                     split=(a, b), local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
+                     split=(a, b), round=RoundConfig(local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
+                                                     algorithm=algorithm, config=algorithm_config, deadline=None),
                      max_len=args.max_len, max_examples_per_client=args.max_examples or None,
-                     eval_examples_per_client=args.eval_examples, algorithm=algorithm,
-                     algorithm_config=algorithm_config, seed=args.seed,
+                     eval_examples_per_client=args.eval_examples, seed=args.seed,
                      slowdowns=[float(x) for x in args.slowdowns.split(",") if x])
-
-
-def _coordinator_algorithm(sim: Simulation) -> Any:
-    return next(iter(sim.coordinator.algorithms.values()), None)
 
 
 class MethodRun:
@@ -100,7 +98,7 @@ class MethodRun:
 
     def algorithm(self) -> Any:
         """The coordinator's persistent instance of this run's algorithm (the baseline evaluation adds a fedavg one)."""
-        return self.sim.coordinator.algorithm_for(self.sim.request())
+        return self.sim.coordinator.strategy_for(self.sim.request())
 
     def round(self) -> dict[str, Any]:
         """One round; its modelled time is the max over users of their round seconds."""
@@ -114,13 +112,13 @@ class MethodRun:
                "wall_seconds": row["seconds"], "user_seconds": user_seconds,
                "user_compute_seconds": {u: float(m["user_compute_seconds"]) for u, m in users.items()}}
         algorithm = self.algorithm()
-        if isinstance(algorithm, DropPEFT):
+        if isinstance(algorithm, DropPEFTStrategy):
             entries = [h for h in algorithm.history if h["round"] == row["round"]]
             ratios = {h["user"]: h["ratio"] for h in entries}
             out["ratios"] = ratios
             out["rewards"] = {h["user"]: h["reward"] for h in entries}
             out["blocks_run_fraction"] = {
-                u: _blocks_run(self.cfg.seed, row["round"], u, self.cfg.local_steps, r, self.num_layers,
+                u: _blocks_run(self.cfg.seed, row["round"], u, self.cfg.round.local_steps, r, self.num_layers,
                                algorithm.config.max_layer_ratio) for u, r in ratios.items()}
         self.rows.append(out)
         self.log(f"  {self.method:>8} round {row['round']:>3}: eval loss {row['eval_loss']:.4f}  "
@@ -129,10 +127,10 @@ class MethodRun:
         return out
 
     def result(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"method": self.method, "algorithm": self.cfg.algorithm,
-                               "algorithm_config": self.cfg.algorithm_config, "slowdowns": self.slowdown, "rounds": self.rows}
+        out: dict[str, Any] = {"method": self.method, "algorithm": self.cfg.round.algorithm,
+                               "algorithm_config": self.cfg.round.config, "slowdowns": self.slowdown, "rounds": self.rows}
         algorithm = self.algorithm()
-        if isinstance(algorithm, DropPEFT):
+        if isinstance(algorithm, DropPEFTStrategy):
             ratios = [str(r) for r in algorithm.config.ratios]
             out["bandit"] = {u: {"ratio_counts": dict(zip(ratios, p.counts)), "mean_rewards": dict(zip(ratios, p.means())),
                                  "best_ratio": algorithm.config.ratios[p.best()]}
@@ -194,13 +192,13 @@ def user_activation_bytes(model: str, data: str, split: tuple[int, int], ratios:
     from shared.model.adapters import initial_state
     from shared.config.deployment import DataSpec
     from shared.model.sources import resolve_model
-    from shared.config.model_spec import ModelSpec
+    from shared.config.deployment import ModelSpec
     from shared.runtime.tier import TierRuntime
 
     source = resolve_model(model)
     dataset = DataSpec(name=data, num_clients=1, seed=seed, max_len=max_len).load()
     spec = ModelSpec(model=model, split=split, task=dataset.task, num_labels=dataset.num_labels, seed=seed)
-    runtime = TierRuntime("user", source, spec)
+    runtime = TierRuntime(Tier.USER, source, spec)
     state = initial_state(runtime.slots.shapes(), seed)
     sampler = BatchSampler(source.tokenizer(), dataset.clients[0].train, dataset.task, max_len)
     batches = list(sampler.round_batches(seed, 1, "user-0", steps, batch_size))
@@ -210,7 +208,8 @@ def user_activation_bytes(model: str, data: str, split: tuple[int, int], ratios:
                            "steps": steps, "by_ratio": {}}
     for ratio in ratios:
         config = {"ratio": ratio}
-        plan = RoundPlan(round_id=1, user_id="user-0", seed=seed, lr=1e-3, algorithm="droppeft", config=config,
+        plan = RoundPlan(round_id=1, user_id="user-0", local_steps=steps, batch_size=batch_size, seed=seed, lr=1e-3,
+                         algorithm="droppeft", config=config,
                          extra={"ratio": ratio})
         session = runtime.open_session(plan, state)
         trainable = {p.untyped_storage().data_ptr() for p in session.params.values()}
@@ -229,7 +228,7 @@ def user_activation_bytes(model: str, data: str, split: tuple[int, int], ratios:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 hidden = runtime.forward(session, None, batch.attention_mask, step, input_ids=batch.input_ids)
             per_step.append(sum(seen.values()))
-            blocks.append(len(session.algorithm.layers_to_run("user", runtime.partition.layer_ids, plan, step)))
+            blocks.append(len(session.plugin.layers_to_run(step)))
             runtime.backward_and_step(session, [hidden], [torch.ones_like(hidden) * 1e-3])
             del hidden
         runtime.close_session(1, "user-0")
@@ -297,14 +296,14 @@ def run_bench(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     del runs
     target_round = max(1, math.ceil(args.target_fraction * args.rounds))
     target = plain["rounds"][target_round]["eval_loss"]
-    arms = DropPEFT(DropPEFT.config_cls.from_dict(drop_config)).config.ratios
+    arms = DropPEFTConfig.from_dict(drop_config).ratios
     log("memory probe (user tier forward, saved tensors)")
     memory = {"split_user": user_activation_bytes(args.model, args.data, (a, b), arms, args.memory_steps,
                                                   args.batch_size, args.max_len, args.seed),
               "whole_model": user_activation_bytes(args.model, args.data, (num_layers, num_layers), [0.0, max(arms)],
                                                    args.memory_steps, args.batch_size, args.max_len, args.seed)}
     split_mem = memory["split_user"]["by_ratio"]
-    cap = DropPEFT(DropPEFT.config_cls.from_dict(drop_config)).config.max_layer_ratio
+    cap = DropPEFTConfig.from_dict(drop_config).max_layer_ratio
     for run, ratio in ((plain, 0.0), (drop, max(arms))):
         seconds, rounds = time_to_target(run["rounds"], target)
         add_block_cost(run, args.seed, (a, b), num_layers, args.local_steps, cap)

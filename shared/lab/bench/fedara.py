@@ -55,8 +55,10 @@ def _mean_last(rounds: list[dict[str, Any]], n: int) -> float:
 
 
 def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
-    from shared.model.adapters import LoraSettings
+    from shared.config.round import RoundConfig
+    from shared.fl.fedara import initial_triplets
     from shared.lab.sim import SimConfig, Simulation
+    from shared.model.adapters import LoraSettings
 
     fedara = method == "fedara"
     algorithm_config: dict[str, Any] = {}
@@ -64,11 +66,12 @@ def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
         algorithm_config = {"total_rounds": args.rounds, "warmup_rounds": args.warmup_rounds,
                             "final_rounds": args.final_rounds, "target_rank": args.target_rank}
     cfg = SimConfig(model=args.model, data=args.data, users=args.users, edges=args.edges, rounds=args.rounds,
-                    local_steps=args.local_steps, batch_size=args.batch_size, max_len=args.max_len,
+                    round=RoundConfig(local_steps=args.local_steps, batch_size=args.batch_size, deadline=None,
+                                      algorithm="fedara" if fedara else "fedavg", config=algorithm_config),
+                    max_len=args.max_len,
                     partition="dirichlet", alpha=args.dirichlet_alpha, max_examples_per_client=args.max_examples,
                     eval_examples_per_client=args.eval_examples, lora=LoraSettings(rank=args.rank),
-                    adapter="svd" if fedara else "lora", algorithm="fedara" if fedara else "fedavg",
-                    algorithm_config=algorithm_config, seed=args.seed, baseline_eval=False)
+                    adapter="svd" if fedara else "lora", seed=args.seed, baseline_eval=False)
     sim = Simulation(cfg)
     links = sim.user_links + sim.edge_links
     tensors = _TensorBytes(links)
@@ -90,9 +93,9 @@ def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
                  "adapter_tensor_bytes": tensors.total - tensor_before, "cumulative_adapter_bytes": cumulative,
                  "seconds": row["seconds"]}
         if fedara:
-            algorithm = sim.coordinator.algorithm_for(sim.request())
+            algorithm = sim.coordinator.strategy_for(sim.request())
             trained = algorithm.history[-2]["active"] if len(algorithm.history) > 1 else \
-                sum(len(algorithm._initial(r)) for r in algorithm.full_rank.values())
+                sum(len(initial_triplets(algorithm.config, r)) for r in algorithm.full_rank.values())
             entry["active_triplets"] = trained
             entry["next_budget"] = algorithm.history[-1]["budget"]
             entry["pruned_modules"] = len(algorithm.history[-1]["pruned_modules"])
@@ -102,13 +105,13 @@ def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
               + (f"  triplets {entry['active_triplets']}" if fedara else ""), flush=True)
     seconds = time.perf_counter() - start
     out: dict[str, Any] = {
-        "method": method, "adapter": cfg.adapter, "algorithm": cfg.algorithm, "algorithm_config": algorithm_config,
+        "method": method, "adapter": cfg.adapter, "algorithm": cfg.round.algorithm, "algorithm_config": algorithm_config,
         "rank": args.rank, "final_accuracy": rounds[-1]["eval_accuracy"],
         "mean_last3_accuracy": _mean_last(rounds, 3), "adapter_bytes": _link_bytes(links) - link0,
         "adapter_tensor_bytes": tensors.total - tensor0, "seconds": seconds, "rounds": rounds,
     }
     if fedara:
-        algorithm = sim.coordinator.algorithm_for(sim.request())
+        algorithm = sim.coordinator.strategy_for(sim.request())
         out["final_ranks"] = algorithm.history[-1]["ranks"] if algorithm.history else {}
         out["schedule"] = [{k: v for k, v in h.items() if k != "ranks"} for h in algorithm.history]
     return out

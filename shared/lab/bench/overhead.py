@@ -10,6 +10,7 @@ from typing import Any
 
 from shared.lab.cluster import one_round
 from shared.lab.sim import SimConfig, Simulation
+from shared.config.round import RoundConfig
 
 
 def _step_times(record_metrics: dict[str, Any]) -> list[float]:
@@ -26,9 +27,9 @@ def bench_http(model: str = "smollm2-135m", split: str = "2,15", batch_size: int
     a, b = (int(x) for x in split.split(","))
     common = dict(model=model, data="shakespeare", seed=seed, max_len=seq_len, min_chars=8 * seq_len,
                   max_examples_per_client=4 * batch_size * steps)
-    sim = Simulation(SimConfig(users=1, edges=1, rounds=1, split=(a, b), local_steps=steps, batch_size=batch_size,
-                               baseline_eval=False, **common))
-    record = sim.coordinator.run_round(sim.coordinator.new_round(sim.request(evaluate=False)))
+    sim = Simulation(SimConfig(users=1, edges=1, rounds=1, split=(a, b), baseline_eval=False, **common,
+                               round=RoundConfig(local_steps=steps, batch_size=batch_size, deadline=None, evaluate=False)))
+    record = sim.run_record()
     inproc = _step_times(record.metrics)
     shape = next(iter(record.metrics["users"].values()))["batch_shape"]
     del sim

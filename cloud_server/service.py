@@ -1,0 +1,177 @@
+"""The cloud as a service: the deployment it fixes, its store, the coordinator, the rounds queue."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, Field
+
+from cloud_server.records import ROUND_STATES, RoundRecord
+from cloud_server.rounds import Coordinator
+from cloud_server.store import Store
+from shared.config.deployment import DataSpec, Experiment, ModelSpec, codecs_for
+from shared.config.round import merge
+from shared.config.settings import CloudSettings
+from shared.http.auth import check_url
+from shared.http.client import HttpLink
+from shared.http.metrics import ByteLedger, prometheus, resident_memory_bytes
+from shared.model.adapters import LoraSettings, initial_state
+from shared.model.partition import Split
+from shared.model.sources import resolve_model
+from shared.protocol.bundle import AdapterBundle
+from shared.protocol.enums import Tier
+from shared.protocol.links import LinkEmulator, get_profile
+from shared.runtime.tier import TierRuntime, adapter_shapes
+from shared.seeds import derive_seed
+
+log = logging.getLogger("splitllm.cloud")
+
+Ident = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+
+
+class EdgeIn(BaseModel):
+    """``POST /v1/edges``: an edge registering with the cloud."""
+
+    edge_id: Ident
+    url: Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(check_url)]
+    link_profile: str = Field("none", description="the edge's link profile; starts sent to it are delayed by it")
+
+
+class UserIn(BaseModel):
+    """``POST /v1/edges/{edge_id}/users``: an edge telling the cloud of a user it registered."""
+
+    user_id: Ident
+    num_samples: int = Field(ge=0)
+
+
+def build_experiment(settings: CloudSettings) -> Experiment:
+    data = DataSpec(name=settings.data, num_clients=settings.num_clients, partition=settings.partition,
+                    alpha=settings.dirichlet_alpha, seed=settings.seed, max_len=settings.max_len,
+                    min_chars=settings.min_chars, pad_to_max=settings.pad_to_max,
+                    max_examples_per_client=settings.max_examples_per_client,
+                    eval_examples_per_client=settings.eval_examples_per_client)
+    task, num_labels = data.task_and_labels()
+    source = resolve_model(settings.model)
+    split = Split.parse(settings.split, source.num_layers)
+    lora = LoraSettings(rank=settings.rank, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
+                        target_modules=list(settings.target_modules))
+    spec = ModelSpec(model=settings.model, split=(split.a, split.b), task=task,
+                     num_labels=num_labels if task == "cls" else 0, lora=lora, seed=settings.seed,
+                     adapter=settings.adapter, codecs=codecs_for(settings.user_edge_codecs, settings.edge_cloud_codecs))
+    return Experiment(spec=spec, data=data)
+
+
+class CloudService:
+    """Everything the routes touch; the routes themselves do no torch math."""
+
+    def __init__(self, settings: CloudSettings) -> None:
+        self.settings = settings
+        self.experiment = build_experiment(settings)
+        spec = self.experiment.spec
+        source = resolve_model(spec.model)
+        self.runtime = TierRuntime(Tier.CLOUD, source, spec, device=settings.device)
+        shapes = adapter_shapes(source, spec)
+        initial = AdapterBundle({tier: initial_state(shapes[tier], spec.seed, kind=spec.adapter) for tier in shapes})
+        self.store = Store(settings.data_dir)
+        self.ledger = ByteLedger()
+        self.coordinator = Coordinator(self.runtime, initial, seed=spec.seed, round_timeout=settings.round_timeout,
+                                       store=self.store, ledger=self.ledger)
+        self.edge_profiles: dict[str, str] = {}
+        self._restore_topology()
+        self.queue: queue.Queue[RoundRecord | None] = queue.Queue()
+        self.worker = threading.Thread(target=self._work, name="rounds", daemon=True)
+        self.worker.start()
+        self.counters = {"steps": 0, "updates": 0}
+
+    def edge_link(self, url: str, link_profile: str = "none") -> HttpLink:
+        profile = get_profile(link_profile)
+        return HttpLink(url, upward=False, timeout=self.settings.request_timeout,
+                        max_message_bytes=self.settings.max_message_bytes, ledger=self.ledger,
+                        token=self.settings.token_value(), verify=self.settings.ca_file or True,
+                        emulator=LinkEmulator(profile, seed=derive_seed(url, "down")) if profile else None)
+
+    def register_edge(self, body: EdgeIn) -> None:
+        link = self.edge_link(body.url, body.link_profile)
+        old = self.coordinator.edges.get(body.edge_id)
+        self.edge_profiles[body.edge_id] = body.link_profile
+        self.coordinator.register_edge(body.edge_id, link)
+        if old is not None:
+            old.close()
+        self.save_topology()
+        log.info("edge %s registered at %s", body.edge_id, body.url)
+
+    def _restore_topology(self) -> None:
+        """A restarted cloud calls the edges and users it knew; they need not register again."""
+        topology = self.store.get_setting("topology") or {}
+        for edge_id, entry in topology.items():
+            self.edge_profiles[edge_id] = entry.get("link_profile", "none")
+            self.coordinator.register_edge(edge_id, self.edge_link(entry["url"], self.edge_profiles[edge_id]))
+            for user_id, n in entry["users"].items():
+                self.coordinator.register_user(edge_id, user_id, n)
+
+    def save_topology(self) -> None:
+        c = self.coordinator
+        self.store.put_setting("topology", {e: {"url": c.edges[e].base_url, "users": dict(c.edge_users[e]),
+                                                "link_profile": self.edge_profiles.get(e, "none")} for e in c.edges})
+
+    def _work(self) -> None:
+        while True:
+            record = self.queue.get()
+            if record is None:
+                return
+            if record.state == "cancelled":
+                continue
+            self.coordinator.run_round(record)
+            log.info("round %s %s%s", record.round_id, record.state, f": {record.error}" if record.error else "")
+
+    def close(self) -> None:
+        """Cancel what runs, let the rounds thread finish, then close links and the store."""
+        for record in list(self.coordinator.rounds.values()):
+            if record.state in ("pending", "running", "aggregating"):
+                self.coordinator.cancel(record.round_id)
+        self.queue.put(None)
+        self.worker.join(timeout=60)
+        for link in self.coordinator.edges.values():
+            link.close()
+        with self.store.lock:
+            self.store.close()
+
+    def start_round(self, body: BaseModel | None) -> RoundRecord:
+        """Queue a round: the body's fields over this cloud's defaults, checked before it is accepted."""
+        record = self.coordinator.new_round(merge(body, self.settings))
+        self.queue.put(record)
+        return record
+
+    def round_view(self, round_id: int) -> dict[str, Any] | None:
+        record = self.coordinator.rounds.get(round_id)
+        if record is None:
+            return self.store.round(round_id)
+        view = record.to_dict()
+        if record.state == "running":  # live per-user step counts from the cloud's sessions
+            for user in record.participants:
+                session = self.runtime.sessions.get((round_id, user))
+                if session is not None:
+                    view["progress"][user] = f"{session.plan.mode} step {session.steps}/{session.plan.local_steps}"
+        return view
+
+    def metrics_text(self) -> str:
+        rounds = self.store.rounds()
+        by_state = {s: sum(1 for r in rounds if r["state"] == s) for s in ROUND_STATES}
+        total = self.ledger.total.snapshot()
+        return prometheus({
+            "splitllm_rounds": ("gauge", "rounds by state", [({"state": s}, n) for s, n in by_state.items()]),
+            "splitllm_adapter_version": ("gauge", "current committed adapter version", [({}, self.coordinator.version)]),
+            "splitllm_registered_edges": ("gauge", "edges registered", [({}, len(self.coordinator.edges))]),
+            "splitllm_registered_users": ("gauge", "users registered",
+                                          [({}, sum(len(u) for u in self.coordinator.edge_users.values()))]),
+            "splitllm_steps_total": ("counter", "forward/backward steps served", [({}, self.counters["steps"])]),
+            "splitllm_updates_total": ("counter", "edge updates received", [({}, self.counters["updates"])]),
+            "splitllm_bytes_total": ("counter", "bytes on the edge-cloud hop",
+                                     [({"direction": "up"}, total["bytes_up"]), ({"direction": "down"}, total["bytes_down"])]),
+            "splitllm_open_sessions": ("gauge", "cloud sessions held", [({}, len(self.runtime.sessions))]),
+            "process_resident_memory_bytes": ("gauge", "resident memory", [({}, resident_memory_bytes())]),
+        })
+

@@ -1,0 +1,94 @@
+"""The edge as a service: it registers with its cloud, loads its blocks, and registers its users."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, Field
+
+from edge_server.compute import EdgeServer
+from shared.config.deployment import Experiment
+from shared.config.settings import EdgeSettings
+from shared.errors import InvalidInput
+from shared.http.auth import check_url
+from shared.http.client import HttpLink, post_json
+from shared.http.metrics import ByteLedger
+from shared.http.server import BackgroundStart
+from shared.model.sources import resolve_model
+from shared.protocol.enums import Tier
+from shared.protocol.links import LinkEmulator, get_profile
+from shared.runtime.tier import TierRuntime
+from shared.seeds import derive_seed
+
+log = logging.getLogger("splitllm.edge")
+
+
+class UserIn(BaseModel):
+    """``POST /v1/users``: a user registering with this edge."""
+
+    user_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    url: Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(check_url)]
+    num_samples: int = Field(ge=0)
+    link_profile: str = Field("none", description="the user's link profile; starts sent to it are delayed by it")
+
+
+class EdgeService(BackgroundStart):
+    """Registers with the cloud (retrying until it answers), then loads the edge partition."""
+
+    tier = "edge"
+
+    def __init__(self, settings: EdgeSettings) -> None:
+        self.settings = settings
+        self.edge_id = settings.ident()
+        self.ledger = ByteLedger()
+        self.experiment: Experiment | None = None
+        self.server: EdgeServer | None = None
+        self.counters = {"steps": 0, "updates": 0}
+        super().__init__()
+
+    @property
+    def started(self) -> bool:
+        return self.server is not None
+
+    def start(self) -> None:
+        s = self.settings
+        profile = get_profile(s.link_profile)  # validate before registering
+        meta = post_json(f"{s.cloud.rstrip('/')}/v1/edges",
+                         {"edge_id": self.edge_id, "url": s.url(), "link_profile": s.link_profile}, deadline=3600,
+                         token=s.token_value(), verify=s.ca_file or True)
+        self.experiment = Experiment.from_meta(meta)
+        runtime = TierRuntime(Tier.EDGE, resolve_model(self.experiment.spec.model), self.experiment.spec,
+                              device=s.device)
+        cloud = HttpLink(s.cloud, upward=True, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes,
+                         token=s.token_value(), verify=s.ca_file or True,
+                         emulator=LinkEmulator(profile, seed=derive_seed(self.edge_id, "link")) if profile else None)
+        self.server = EdgeServer(self.edge_id, runtime, cloud, ledger=self.ledger, max_sessions=s.max_sessions)
+        log.info("edge %s ready (blocks %s)", self.edge_id, runtime.partition.layer_ids)
+
+    def ready(self) -> EdgeServer:
+        if self.server is None:
+            raise self.starting()
+        return self.server
+
+    def register_user(self, body: UserIn) -> None:
+        server = self.ready()
+        s = self.settings
+        try:
+            profile = get_profile(body.link_profile)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        emulator = LinkEmulator(profile, seed=derive_seed(body.user_id, "down")) if profile else None
+        link = HttpLink(body.url, upward=False, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes,
+                        ledger=self.ledger, emulator=emulator, token=s.token_value(), verify=s.ca_file or True)
+        try:  # the cloud learns of the user only once the edge can call it back
+            post_json(f"{s.cloud.rstrip('/')}/v1/edges/{self.edge_id}/users",
+                      {"user_id": body.user_id, "num_samples": body.num_samples}, deadline=60,
+                      token=s.token_value(), verify=s.ca_file or True)
+        except Exception:
+            link.close()
+            raise
+        old = server.users.get(body.user_id)
+        server.register_user(body.user_id, link, body.num_samples)
+        if old is not None:
+            old.close()
