@@ -35,6 +35,12 @@ class BadMessage(ClientError, ValueError):
     status = 400
 
 
+class Forbidden(ClientError):
+    """The caller's credential is valid but may not do this (403): it acts as someone else, or outside its role."""
+
+    status = 403
+
+
 class NotFound(ClientError, LookupError):
     """An unknown session, round, version, edge or user (404)."""
 

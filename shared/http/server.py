@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 from shared.errors import ServiceError, Starting
 from shared.http.auth import Auth, GuardMiddleware
+from shared.http.credentials import Principal
 from shared.http.metrics import ByteLedger, round_key
 from shared.protocol.wire import CONTENT_TYPE, Message, WireError, decode, encode
 
@@ -23,6 +24,7 @@ log = logging.getLogger("splitllm.http")
 INTERNAL_ERROR = "internal error; the service logged the details"
 
 Handler = Callable[[Message], Message]
+Authorize = Callable[[Message, Principal], None]  # raises Forbidden when the caller may not send this message
 
 
 async def read_message(request: Request, max_bytes: int, max_tensor_elements: int | None = None) -> tuple[Message, int]:
@@ -63,9 +65,12 @@ async def call_handler(fn: Handler, msg: Message, what: str = "", status_code: i
 
 
 async def serve_message(request: Request, handler: Handler, settings: Any, ledger: ByteLedger | None = None,
-                        status_code: int = 200) -> Response:
-    """A msgpack endpoint: read the message, run ``handler`` off the loop, count its bytes."""
+                        status_code: int = 200, authorize: Authorize | None = None) -> Response:
+    """A msgpack endpoint: read the message, check the caller may send it, run ``handler`` off the loop, count bytes."""
     msg, n_in = await read_message(request, settings.max_message_bytes, settings.max_tensor_elements)
+    caller = getattr(request.state, "principal", None)
+    if authorize is not None and caller is not None:
+        authorize(msg, caller)
     resp, n_out = await call_handler(handler, msg, request.url.path, status_code)
     if ledger is not None:
         ledger.add(round_key(msg), n_in, n_out)
@@ -100,16 +105,15 @@ async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": INTERNAL_ERROR}, 500)
 
 
-def guard(app: Any, auth: Auth, is_admin: Callable[[str, str], bool] = lambda method, path: False) -> None:
-    """What every tier's app gets: token checks before body parsing, a JSON body cap, safe 4xx and 500 bodies."""
-    app.add_middleware(GuardMiddleware, auth=auth, is_admin=is_admin)
+def guard(app: Any, auth: Auth) -> None:
+    """What every tier's app gets: credential checks before body parsing, a JSON body cap, safe 4xx and 500 bodies."""
+    app.add_middleware(GuardMiddleware, auth=auth)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(Exception, internal_error)
 
 
-def service_app(title: str, description: str, make: Callable[[], Any], auth: Auth,
-                is_admin: Callable[[str, str], bool] = lambda method, path: False) -> tuple[FastAPI, Callable[[], Any]]:
+def service_app(title: str, description: str, make: Callable[[], Any], auth: Auth) -> tuple[FastAPI, Callable[[], Any]]:
     """A tier's FastAPI app whose service object is made at start-up (lifespan) and closed at shutdown.
 
     Returns the app and ``current()``, which gives the service or answers 503 while it starts.
@@ -125,7 +129,7 @@ def service_app(title: str, description: str, make: Callable[[], Any], auth: Aut
             close()
 
     app = FastAPI(title=title, version="0.1.0", lifespan=lifespan, description=description)
-    guard(app, auth, is_admin)
+    guard(app, auth)
 
     def current() -> Any:
         if "svc" not in holder:

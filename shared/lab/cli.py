@@ -69,7 +69,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
                     max_examples_per_client=args.max_examples or None, eval_examples_per_client=args.eval_examples,
                     lora=_lora(args), seed=args.seed, user_link=args.user_link, edge_link=args.edge_link, link_sleep=args.link_sleep,
                     user_edge_codecs=args.user_edge_codecs, edge_cloud_codecs=args.edge_cloud_codecs,
-                    adapter=args.adapter, slowdowns=[float(x) for x in args.slowdowns.split(",") if x])
+                    adapter=args.adapter, slowdowns=[float(x) for x in args.slowdowns.split(",") if x],
+                    u_shaped=args.u_shaped)
     sim = Simulation(cfg)
     print(f"model {args.model} ({sim.source.family}, {sim.source.num_layers} blocks), split {sim.spec.split[0]},"
           f"{sim.spec.split[1]}; data {args.data} ({sim.dataset.task}), {args.users} users, {args.edges} edges", flush=True)
@@ -88,7 +89,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from shared.lab.verify import verify_split
 
     split = _split_arg(args.split)
-    result = verify_split(args.model, split, args.steps, task=args.task, lr=args.lr, seed=args.seed)
+    result = verify_split(args.model, split, args.steps, task=args.task, lr=args.lr, seed=args.seed,
+                          u_shaped=args.u_shaped)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -187,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edge-cloud-codecs", default="fp32", help="codecs on edge-cloud hops (same form)")
     p.add_argument("--adapter", default="lora", choices=("lora", "svd"), help="adapter form (svd: what FedARA trains)")
     p.add_argument("--slowdowns", default="", help="per-user compute slowdown factors, cycled, e.g. 1,2,4")
+    p.add_argument("--u-shaped", action="store_true",
+                   help="labels never leave the device: the user holds the head and the loss (two requests a step)")
     _lora_args(p)
     p.set_defaults(func=cmd_sim)
 
@@ -197,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("lm", "cls"), default=None, help="default: cls for BERT, lm otherwise")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--u-shaped", action="store_true", help="the U-shaped chain: the head and the loss on the user")
     p.add_argument("--json", action="store_true", help='print {"max_loss_diff": ..., "max_weight_diff": ...}')
     p.set_defaults(func=cmd_verify)
 
@@ -220,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("topology", help="the tiers in network namespaces joined by tc-shaped veth links (root)",
                    add_help=False)
+    sub.add_parser("credentials", help="a deployment's key, tiers' credentials, revocation (see --help)", add_help=False)
     p = bench.add_parser("codecs", help="bytes, throughput and training effect of each tensor codec")
     p.add_argument("--model", default="minilm-l6")
     p.add_argument("--split", default="1,3")
@@ -270,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         return int(importlib.import_module(f"shared.lab.bench.{argv[1]}").main(argv[2:]) or 0)
+    if argv and argv[0] == "credentials":
+        from shared.lab.credentials import main as credentials_main
+
+        return int(credentials_main(argv[1:]) or 0)
     if argv and argv[0] == "topology":
         from shared.lab.topology import main as topology_main
 

@@ -58,8 +58,10 @@ def whole_model(source: ModelSource, task: str, num_labels: int) -> torch.nn.Mod
 
 
 def verify_split(model: str, split: tuple[int, int], steps: int = 5, *, task: str | None = None,
-                 lr: float = 1e-3, batch_size: int = 4, rank: int = 8, seed: int = 0, max_len: int = 48) -> VerifyResult:
-    """Train ``steps`` steps split (one user, one edge, the cloud) and unsplit; compare losses and weights."""
+                 lr: float = 1e-3, batch_size: int = 4, rank: int = 8, seed: int = 0, max_len: int = 48,
+                 u_shaped: bool = False) -> VerifyResult:
+    """Train ``steps`` steps split (one user, one edge, the cloud; U-shaped: the head on the user) and unsplit;
+    compare losses and weights."""
     from peft import get_peft_model
 
     if steps < 1:
@@ -69,7 +71,7 @@ def verify_split(model: str, split: tuple[int, int], steps: int = 5, *, task: st
     lora = LoraSettings(rank=rank, dropout=0.0)
     cfg = SimConfig(model=model, users=1, edges=1, rounds=1, split=split,
                     round=RoundConfig(local_steps=steps, batch_size=batch_size, lr=lr, deadline=None, evaluate=False),
-                    max_len=max_len, lora=lora, seed=seed, baseline_eval=False)
+                    max_len=max_len, lora=lora, seed=seed, baseline_eval=False, u_shaped=u_shaped)
     sim = Simulation(cfg, source=source, dataset=verify_dataset(task))
     initial = {k: v.clone() for tier in sim.coordinator.global_state.values() for k, v in tier.items()}
     record = sim.run_record()

@@ -61,13 +61,15 @@ class Split:
 
 
 class Partition(nn.Module):
-    """One tier's slice: ``embed`` (user), ``blocks`` keyed by global block index, ``head`` (cloud).
+    """One tier's slice: ``embed`` (user), ``blocks`` keyed by global block index, ``head`` (the cloud, or the
+    user in a U-shaped chain: ``head_tier``).
 
     Parameter names are normalised (``blocks.3.self_attn.q_proj.weight``), so adapter keys are the
     same whichever tier holds a block and in the whole (unsplit) model.
     """
 
-    def __init__(self, family: Family, config: Any, tier: str, split: Split, task: str, num_labels: int) -> None:
+    def __init__(self, family: Family, config: Any, tier: str, split: Split, task: str, num_labels: int,
+                 head_tier: str = "cloud") -> None:
         super().__init__()
         if tier not in TIERS:
             raise ValueError(f"unknown tier '{tier}'")
@@ -78,7 +80,7 @@ class Partition(nn.Module):
         self.layer_ids = list(split.layers(tier))
         self.embed = family.make_embed(config) if tier == "user" else None
         self.blocks = nn.ModuleDict({str(i): family.make_block(config, i) for i in self.layer_ids})
-        self.head = family.make_head(config, task, num_labels) if tier == "cloud" else None
+        self.head = family.make_head(config, task, num_labels) if tier == head_tier else None
         self.aux = family.make_aux(config)
 
     def embed_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -120,18 +122,18 @@ def checkpoint_index(source: ModelSource) -> dict[str, Path]:
 
 
 def build_partition(source: ModelSource, tier: str, split: Split, task: str, num_labels: int = 0,
-                    *, base_dropout: bool = False, device: str = "meta") -> Partition:
+                    *, base_dropout: bool = False, device: str = "meta", head_tier: str = "cloud") -> Partition:
     """A partition whose parameters are on the meta device (no memory) or empty on ``device``."""
     from accelerate import init_empty_weights
 
     config = tier_config(source, base_dropout)
     with init_empty_weights(include_buffers=False):
-        part = Partition(FAMILIES[source.family], config, tier, split, task, num_labels)
+        part = Partition(FAMILIES[source.family], config, tier, split, task, num_labels, head_tier)
     return part
 
 
 def load_partition(source: ModelSource, tier: str, split: Split, task: str, num_labels: int = 0,
-                   *, base_dropout: bool = False, seed: int = 0) -> Partition:
+                   *, base_dropout: bool = False, seed: int = 0, head_tier: str = "cloud") -> Partition:
     """Build a tier's partition and read only its own tensors from the safetensors files.
 
     Tensors the checkpoint lacks (a new classification head) are initialised from ``seed``, the
@@ -139,7 +141,7 @@ def load_partition(source: ModelSource, tier: str, split: Split, task: str, num_
     """
     from safetensors import safe_open
 
-    part = build_partition(source, tier, split, task, num_labels, base_dropout=base_dropout)
+    part = build_partition(source, tier, split, task, num_labels, base_dropout=base_dropout, head_tier=head_tier)
     index = checkpoint_index(source)
     wanted = [n for n, _ in part.named_parameters()]
     by_file: dict[Path, list[tuple[str, str]]] = {}

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 from shared.protocol.wire import Message, decode, encode
 
-ENDPOINTS = ("step", "start", "update")
+ENDPOINTS = ("step", "backward", "start", "update")
 
 
 class Handler(Protocol):

@@ -57,3 +57,14 @@ def test_bundled_model_split_equals_whole_model(model: str, split: tuple[int, in
     print(f"{model} {split}: max_loss_diff={result.max_loss_diff:.3e} max_weight_diff={result.max_weight_diff:.3e} "
           f"adapter tensors={result.num_adapter_tensors}")
     check(result)
+
+
+U_SHAPED = [("tiny-llama", (1, 3)), ("tiny-llama", (4, 4)), ("tiny-gpt2", (0, 2)), ("tiny-bert", (1, 3)),
+            ("tiny-bert", (2, 4))]
+
+
+@pytest.mark.parametrize("model, split", U_SHAPED, ids=[f"{m}-{a},{b}" for m, (a, b) in U_SHAPED])
+def test_the_u_shaped_chain_equals_whole_model(tiny, model: str, split: tuple[int, int]) -> None:
+    """Labels stay on the device: the user holds the head and the loss; the result is the same training."""
+    tiny(model)
+    check(verify_split(model, split, steps=STEPS, u_shaped=True))

@@ -16,8 +16,8 @@ namespaces (``ip netns exec <ns> python -m shared.lab.cli <tier> ...``), and ``u
 user has registered, writes ``<workdir>/state.json`` (namespaces, veths, pids, urls) and prints the
 cloud's URL, which the host reaches over the unshaped ``sl-host`` link. Flags ``up`` does not know are
 the tiers' settings: cloud-only ones go to the cloud, ones every tier has to every tier. Without
-``--insecure-dev`` or tokens in the environment, fresh tokens are made (the admin token is written to
-``<workdir>/admin-token``, mode 0600).
+``--insecure-dev``, each tier gets a credential of its own from a fresh deployment key in
+``<workdir>/credentials`` (the admin's bearer credential in ``admin.token`` there, mode 0600).
 
 ``splitllm topology down [--workdir ...]`` stops those processes and deletes the namespaces (their
 veths go with them). It is idempotent and also cleans up after an ``up`` that failed half-way: the
