@@ -8,6 +8,8 @@ handler, which an attacker holding a tier token can make it pay. Memory is the e
 idle resident memory (after one small warm-up step), as a multiple of the burst's total body bytes: at the peak
 (the kernel's high-water mark ``VmHWM``, reset through ``/proc/<pid>/clear_refs`` before each burst) and after
 (once every reply is in and ``settle`` seconds have passed). Linux only.
+
+``splitllm bench memory-bodies [--json PATH]`` runs it.
 """
 
 from __future__ import annotations
@@ -62,18 +64,25 @@ def reset_peak(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
+def _post(client: httpx.Client, url: str, token: str, content: Any) -> dict[str, Any]:
+    """POST ``content`` (bytes, or an iterator of chunks: sent chunked); the reply's status, Retry-After, detail."""
+    try:
+        r = client.post(url, content=content, headers={"content-type": CONTENT_TYPE, "authorization": f"Bearer {token}"})
+    except httpx.HTTPError as exc:  # a server that answered early may close the connection under the upload
+        return {"status": None, "error": f"{type(exc).__name__}: {exc}"}
+    return {"status": r.status_code, "retry_after": r.headers.get("retry-after"),
+            "detail": r.json().get("detail") if r.content else None}
+
+
 def _burst(url: str, token: str, body: bytes, n: int) -> list[dict[str, Any]]:
-    """POST ``body`` to ``url`` ``n`` times at once, from ``n`` threads; each reply's status and headers."""
+    """POST ``body`` to ``url`` ``n`` times at once, from ``n`` threads; the replies."""
     replies: list[dict[str, Any]] = [{} for _ in range(n)]
     start = threading.Barrier(n)
 
     def send(i: int) -> None:
         with httpx.Client(timeout=600) as client:
             start.wait()
-            r = client.post(url, content=body, headers={"content-type": CONTENT_TYPE,
-                                                        "authorization": f"Bearer {token}"})
-            replies[i] = {"status": r.status_code, "retry_after": r.headers.get("retry-after"),
-                          "detail": r.json().get("detail") if r.content else None}
+            replies[i] = _post(client, url, token, body)
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(n)]
     for t in threads:
@@ -83,39 +92,51 @@ def _burst(url: str, token: str, body: bytes, n: int) -> list[dict[str, Any]]:
     return replies
 
 
+def _measured(pid: int, idle: int, total: int, settle: float, send: Any) -> dict[str, Any]:
+    """Run ``send()``; the edge's peak and after-release resident memory over ``idle``, also as ratios to ``total``."""
+    before = proc_memory(pid)["rss"]
+    reset_peak(pid)
+    replies = send()
+    peak = proc_memory(pid)["peak"]
+    time.sleep(settle)
+    after = proc_memory(pid)["rss"]
+    return {"rss_before": before, "peak_rss": peak, "rss_after": after, "peak_over_idle": (peak - idle) / total,
+            "after_over_idle": (after - idle) / total, "statuses": sorted(r["status"] or 0 for r in replies),
+            "replies": replies}
+
+
 def bench_memory_bodies(model: str = "tiny-bert", split: str = "1,3", bodies: int = 4,
-                        max_message_bytes: int = 256 * MiB, bursts: int = 3, settle: float = 2.0,
-                        edge_args: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Peak and after-release resident memory of a real edge under ``bursts`` bursts of ``bodies`` concurrent
-    maximum-size step bodies (see the module doc); ratios are to the burst's total body bytes."""
+                        max_message_bytes: int = 256 * MiB, bursts: int = 3, settle: float = 2.0) -> dict[str, Any]:
+    """The edge's resident memory under ``bursts`` bursts of ``bodies`` concurrent maximum-size step bodies (see
+    the module doc), then under one burst of ``bodies + 1`` (the budget's default of 4 bodies answers the extra
+    one 503), then under one chunked body 1.25 x the limit (413 once past it). Ratios are to ``bodies`` bodies'
+    total bytes, the chunked body's to the limit."""
     from shared.model.sources import resolve_model
 
     width = int(resolve_model(model).config.hidden_size)
     body = step_body(width, max_message_bytes, max_elements=64 * MiB)
     total = bodies * len(body)
+    chunk = b"\0" * MiB
     with tempfile.TemporaryDirectory() as tmp:
         cluster = Cluster(Path(tmp), ["--model", model, "--split", split, "--data", "trec"], users=0, edges=1,
-                          edge_args=["--max-message-bytes", str(max_message_bytes), *edge_args])
+                          edge_args=["--max-message-bytes", str(max_message_bytes)])
         try:
             cluster.start()
             edge = cluster.procs["edge-0"]
             pid, url, token = edge.popen.pid, f"{edge.url}/v1/step", cluster.env["SPLITLLM_TOKEN"]
-            _burst(url, token, step_body(width, 1 * MiB, 64 * MiB), 1)  # warm up the route and its threads
+            _burst(url, token, step_body(width, MiB, 64 * MiB), 1)  # warm up the route and its threads
             idle = proc_memory(pid)["rss"]
-            runs = []
-            for _ in range(bursts):
-                before = proc_memory(pid)["rss"]
-                reset_peak(pid)
-                replies = _burst(url, token, body, bodies)
-                peak = proc_memory(pid)["peak"]
-                time.sleep(settle)
-                after = proc_memory(pid)["rss"]
-                runs.append({"rss_before": before, "peak_rss": peak, "rss_after": after,
-                             "peak_over_idle": (peak - idle) / total, "after_over_idle": (after - idle) / total,
-                             "statuses": sorted(r["status"] for r in replies)})
+            runs = [_measured(pid, idle, total, settle, lambda: _burst(url, token, body, bodies)) for _ in range(bursts)]
+            over = _measured(pid, idle, total, settle, lambda: _burst(url, token, body, bodies + 1))
+
+            def chunked() -> list[dict[str, Any]]:
+                with httpx.Client(timeout=600) as client:
+                    return [_post(client, url, token, (chunk for _ in range(max_message_bytes * 5 // 4 // MiB)))]
+
+            over_limit = _measured(pid, idle, max_message_bytes, settle, chunked)
         finally:
             cluster.stop()
     return {"model": model, "tier": "edge", "bodies": bodies, "body_bytes": len(body), "total_body_bytes": total,
             "max_message_bytes": max_message_bytes, "idle_rss": idle, "bursts": runs,
             "peak_ratio": max(r["peak_over_idle"] for r in runs), "target_peak_ratio": 1.5,
-            "after_ratio": max(r["after_over_idle"] for r in runs)}
+            "after_ratio": max(r["after_over_idle"] for r in runs), "over_budget": over, "chunked_over_limit": over_limit}
