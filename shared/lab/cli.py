@@ -166,10 +166,10 @@ def cmd_bench_memory_bodies(args: argparse.Namespace) -> int:
     r = bench_memory_bodies(args.model, args.split, args.bodies, args.max_message_bytes, args.bursts, args.settle)
     write_json(r, args.json)
     print(f"edge ({r['model']}), {r['bodies']} concurrent step bodies of {r['body_bytes'] / MiB:.1f} MiB "
-          f"({r['total_body_bytes'] / MiB:.0f} MiB in all), idle RSS {r['idle_rss'] / MiB:.0f} MiB")
+          f"({r['total_body_bytes'] / MiB:.0f} MiB in all); idle: RSS {r['idle']['rss'] / MiB:.0f} MiB, "
+          f"anonymous {r['idle']['anon'] / MiB:.0f} MiB")
     for i, b in enumerate(r["bursts"]):
-        print(f"  burst {i}: peak +{(b['peak_rss'] - r['idle_rss']) / MiB:.0f} MiB = {b['peak_over_idle']:.2f}x the "
-              f"bodies, after +{(b['rss_after'] - r['idle_rss']) / MiB:.0f} MiB = {b['after_over_idle']:.3f}x; "
+        print(f"  burst {i}: peak {b['peak_over_idle']:.2f}x the bodies, after {b['after_over_idle']:+.3f}x; "
               f"statuses {b['statuses']}")
     o, c = r["over_budget"], r["chunked_over_limit"]
     print(f"  {r['bodies'] + 1} at once: statuses {o['statuses']}, peak {o['peak_over_idle']:.2f}x the "

@@ -15,6 +15,7 @@ any ext, as on anything else unusual, and the caller then decodes the bytes the 
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import struct
 from dataclasses import dataclass
@@ -162,8 +163,9 @@ class MessageBuffer:
         for span in spans:
             total += -(span.start + total) % ALIGN
             shifts.append(total)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
         for span, shift in zip(reversed(spans), reversed(shifts)):  # last first: a move never overtakes one
-            if shift:
-                self._map.move(span.start + shift, span.start, span.end - span.start)
+            if shift:  # ctypes' memmove lets other threads run (mmap.move holds the GIL)
+                ctypes.memmove(base + span.start + shift, base + span.start, span.end - span.start)
         whole = memoryview(self._map)
         return [whole[s.start + shift:s.end + shift] for s, shift in zip(spans, shifts)]
