@@ -138,7 +138,8 @@ class MessageBuffer:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._map = mmap.mmap(-1, capacity + ALIGN * (capacity // BULK_MIN + 1))
+        # private: plain anonymous memory, like the heap's, but unmapped (given back) as a whole when done
+        self._map = mmap.mmap(-1, capacity + ALIGN * (capacity // BULK_MIN + 1), flags=mmap.MAP_PRIVATE)
         self._size = 0
 
     def __len__(self) -> int:

@@ -6,12 +6,13 @@ its uint8 mask, int64 labels) whose encoded body is just under ``max_message_byt
 each one in full, then answers 404 (no such session): what is measured is what a body costs the tier up to its
 handler, which an attacker holding a tier token can make it pay.
 
-Memory is taken over the edge's idle memory (after one small warm-up step), as a multiple of the burst's total
-body bytes. The peak is the larger of two readings: the kernel's high-water mark of its resident memory
-(``VmHWM``, reset through ``/proc/<pid>/clear_refs`` before each burst) and its anonymous resident memory
-(``RssAnon``, sampled every 5 ms during the burst). "After" is its anonymous resident memory once every reply
-is in and ``settle`` seconds have passed: on a machine short of memory the kernel may drop file-backed pages
-(the libraries' code), which would make the total look released when it is not, or lower than idle. Linux only.
+Memory is taken over the edge's idle memory (after one small warm-up step), as a multiple of the burst's
+total body bytes. The peak is the larger of two readings: the kernel's high-water mark of its resident
+memory (``VmHWM``, reset through ``/proc/<pid>/clear_refs`` before each burst) and its anonymous resident
+memory (``RssAnon`` + ``RssShmem``, sampled every 5 ms during the burst). "After" is its anonymous resident
+memory once every reply is in and ``settle`` seconds have passed: on a machine short of memory the kernel
+may drop file-backed pages (the libraries' code), which would make the total look released when it is not,
+or lower than idle. Linux only.
 
 ``splitllm bench memory-bodies [--json PATH]`` runs it.
 """
@@ -54,13 +55,14 @@ def step_body(width: int, max_bytes: int, max_elements: int, batch: int = 1024, 
 
 
 def proc_memory(pid: int) -> dict[str, int]:
-    """Resident memory of process ``pid`` in bytes: now (``VmRSS``), at its peak (``VmHWM``), anonymous (``RssAnon``)."""
+    """Resident memory of process ``pid`` in bytes: now (``VmRSS``), at its peak (``VmHWM``), and its anonymous
+    part (``RssAnon`` + ``RssShmem``: private and shared anonymous memory, all but the files' pages)."""
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon"):
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssShmem"):
             fields[key] = int(value.split()[0]) * 1024
-    return {"rss": fields["VmRSS"], "peak": fields["VmHWM"], "anon": fields["RssAnon"]}
+    return {"rss": fields["VmRSS"], "peak": fields["VmHWM"], "anon": fields["RssAnon"] + fields["RssShmem"]}
 
 
 def reset_peak(pid: int) -> None:
@@ -71,7 +73,8 @@ def reset_peak(pid: int) -> None:
 def _post(client: httpx.Client, url: str, token: str, content: Any) -> dict[str, Any]:
     """POST ``content`` (bytes, or an iterator of chunks: sent chunked); the reply's status, Retry-After, detail."""
     try:
-        r = client.post(url, content=content, headers={"content-type": CONTENT_TYPE, "authorization": f"Bearer {token}"})
+        r = client.post(url, content=content,
+                        headers={"content-type": CONTENT_TYPE, "authorization": f"Bearer {token}"})
     except httpx.HTTPError as exc:  # a server that answered early may close the connection under the upload
         return {"status": None, "error": f"{type(exc).__name__}: {exc}"}
     return {"status": r.status_code, "retry_after": r.headers.get("retry-after"),
@@ -144,7 +147,8 @@ def bench_memory_bodies(model: str = "tiny-bert", split: str = "1,3", bodies: in
             pid, url, token = edge.popen.pid, f"{edge.url}/v1/step", cluster.env["SPLITLLM_TOKEN"]
             _burst(url, token, step_body(width, MiB, 64 * MiB), 1)  # warm up the route and its threads
             idle = proc_memory(pid)
-            runs = [_measured(pid, idle, total, settle, lambda: _burst(url, token, body, bodies)) for _ in range(bursts)]
+            runs = [_measured(pid, idle, total, settle, lambda: _burst(url, token, body, bodies))
+                    for _ in range(bursts)]
             over = _measured(pid, idle, total, settle, lambda: _burst(url, token, body, bodies + 1))
 
             def chunked() -> list[dict[str, Any]]:
@@ -157,4 +161,5 @@ def bench_memory_bodies(model: str = "tiny-bert", split: str = "1,3", bodies: in
     return {"model": model, "tier": "edge", "bodies": bodies, "body_bytes": len(body), "total_body_bytes": total,
             "max_message_bytes": max_message_bytes, "idle": idle, "bursts": runs,
             "peak_ratio": max(r["peak_over_idle"] for r in runs), "target_peak_ratio": 1.5,
-            "after_ratio": max(r["after_over_idle"] for r in runs), "over_budget": over, "chunked_over_limit": over_limit}
+            "after_ratio": max(r["after_over_idle"] for r in runs), "over_budget": over,
+            "chunked_over_limit": over_limit}
