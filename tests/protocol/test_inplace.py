@@ -25,14 +25,18 @@ def buffer_of(data: bytes, chunk: int = 4096) -> MessageBuffer:
     return buf
 
 
+def raw(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes, to compare tensors bit for bit."""
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
 def outcome(data: bytes | MessageBuffer, **kw: Any) -> Any:
     """What decode makes of ``data``: (kind, meta, {name: (dtype, shape, bytes)}), or the error's reason."""
     try:
         msg = decode(data, **kw)
     except WireError as e:
         return e.reason
-    return msg.kind, msg.meta, {k: (t.dtype, tuple(t.shape), t.contiguous().view(-1).view(torch.uint8).tolist())
-                                for k, t in msg.tensors.items()}
+    return msg.kind, msg.meta, {k: (t.dtype, tuple(t.shape), raw(t).tolist()) for k, t in msg.tensors.items()}
 
 
 def step(rows: int = 1024, width: int = 32) -> bytes:
@@ -57,14 +61,11 @@ def test_large_tensors_are_aligned_writable_views_and_nothing_is_copied_whole() 
     assert peak < len(data) / 5, f"decoding in place allocated {peak} bytes for a {len(data)}-byte body"
     expected = decode(data)
     for name in ("hidden", "grad"):
-        t = msg.tensors[name]
-        assert t.data_ptr() % ALIGN == 0
-        assert torch.equal(t.view(torch.uint8) if t.dtype != torch.bfloat16 else t.view(torch.int16),
-                           expected.tensors[name].view(torch.uint8) if t.dtype != torch.bfloat16
-                           else expected.tensors[name].view(torch.int16))
-    before = msg.tensors["grad"].clone()
+        assert msg.tensors[name].data_ptr() % ALIGN == 0
+        assert torch.equal(raw(msg.tensors[name]), raw(expected.tensors[name]))
+    before = raw(msg.tensors["grad"]).clone()
     msg.tensors["hidden"].fill_(7.0)  # writable, and its own: the other tensor is untouched
-    assert torch.equal(msg.tensors["grad"].view(torch.int16), before.view(torch.int16))
+    assert torch.equal(raw(msg.tensors["grad"]), before)
     assert msg.meta["blob"] == b"x" * 100_000 and isinstance(msg.meta["blob"], bytes)  # bins in meta stay bytes
 
 
