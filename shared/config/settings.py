@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.config.round import RoundDefaults
@@ -36,6 +36,9 @@ class ServiceSettings(BaseSettings):
     port: int = Field(8000, description="port to listen on")
     public_url: str | None = Field(None, description="URL the parent tier calls back on (default http://host:port)")
     max_message_bytes: int = Field(256 * 1024 * 1024, description="largest accepted message body")
+    max_inflight_bytes: int | None = Field(None, description="bytes of message bodies held at once (reading, "
+                                                             "decoding, handling); more get 503 with Retry-After "
+                                                             "(default 4 x max_message_bytes)")
     request_timeout: float = Field(600.0, description="seconds a call to another tier may take")
     device: str = Field("cpu", description="torch device for this tier's compute (cpu, cuda)")
     threads: int = Field(0, ge=0, description="CPU threads for this tier's tensor compute (0: torch's default, "
@@ -60,6 +63,17 @@ class ServiceSettings(BaseSettings):
     callback_hosts: list[str] = Field(default_factory=lambda: ["*"],
                                       description="hosts a registering tier may give as its callback URL (shell "
                                                   "patterns); link-local and cloud metadata addresses are always refused")
+
+    @model_validator(mode="after")
+    def _room_for_a_body(self) -> "ServiceSettings":
+        if self.max_inflight_bytes is not None and self.max_inflight_bytes < self.max_message_bytes:
+            raise ValueError(f"max_inflight_bytes ({self.max_inflight_bytes}) must be at least max_message_bytes "
+                             f"({self.max_message_bytes}), or the largest body could never be read")
+        return self
+
+    def inflight_limit(self) -> int:
+        """``max_inflight_bytes``, or 4 x ``max_message_bytes`` when it is not set."""
+        return self.max_inflight_bytes if self.max_inflight_bytes is not None else 4 * self.max_message_bytes
 
     def url(self) -> str:
         scheme = "https" if self.ssl_certfile else "http"

@@ -15,9 +15,10 @@ from fastapi.responses import JSONResponse
 
 from shared.errors import ServiceError, Starting
 from shared.http.auth import Auth, GuardMiddleware
+from shared.http.bodies import incoming_message
 from shared.http.credentials import Principal
 from shared.http.metrics import ByteLedger, round_key
-from shared.protocol.wire import CONTENT_TYPE, Message, WireError, decode, encode
+from shared.protocol.wire import CONTENT_TYPE, Message, encode
 
 log = logging.getLogger("splitllm.http")
 
@@ -25,29 +26,6 @@ INTERNAL_ERROR = "internal error; the service logged the details"
 
 Handler = Callable[[Message], Message]
 Authorize = Callable[[Message, Principal], None]  # raises Forbidden when the caller may not send this message
-
-
-async def read_message(request: Request, max_bytes: int, max_tensor_elements: int | None = None) -> tuple[Message, int]:
-    """Check content type and size, then decode (never unpickling); a bad body is a 4xx with the reason."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != CONTENT_TYPE:
-        raise HTTPException(415, f"content type must be {CONTENT_TYPE} (got '{ctype or 'none'}')")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise HTTPException(413, f"body of {declared} bytes is over the limit of {max_bytes}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise HTTPException(413, f"body is over the limit of {max_bytes} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    try:
-        msg = await anyio.to_thread.run_sync(
-            lambda: decode(body, max_bytes=max_bytes, max_tensor_elements=max_tensor_elements))
-    except WireError as exc:
-        raise HTTPException(400, f"bad message: {exc}") from None
-    return msg, len(body)
 
 
 async def call_handler(fn: Handler, msg: Message, what: str = "", status_code: int = 200) -> tuple[Response, int]:
@@ -66,14 +44,15 @@ async def call_handler(fn: Handler, msg: Message, what: str = "", status_code: i
 
 async def serve_message(request: Request, handler: Handler, settings: Any, ledger: ByteLedger | None = None,
                         status_code: int = 200, authorize: Authorize | None = None) -> Response:
-    """A msgpack endpoint: read the message, check the caller may send it, run ``handler`` off the loop, count bytes."""
-    msg, n_in = await read_message(request, settings.max_message_bytes, settings.max_tensor_elements)
-    caller = getattr(request.state, "principal", None)
-    if authorize is not None and caller is not None:
-        authorize(msg, caller)
-    resp, n_out = await call_handler(handler, msg, request.url.path, status_code)
-    if ledger is not None:
-        ledger.add(round_key(msg), n_in, n_out)
+    """A msgpack endpoint: read the message (``shared.http.bodies``), check the caller may send it, run ``handler``
+    off the loop, count its bytes."""
+    async with incoming_message(request, settings) as (msg, n_in):
+        caller = getattr(request.state, "principal", None)
+        if authorize is not None and caller is not None:
+            authorize(msg, caller)
+        resp, n_out = await call_handler(handler, msg, request.url.path, status_code)
+        if ledger is not None:
+            ledger.add(round_key(msg), n_in, n_out)
     return resp
 
 

@@ -161,6 +161,28 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_memory_bodies(args: argparse.Namespace) -> int:
+    from shared.lab.bench.bodies import MiB, bench_memory_bodies
+    from shared.lab.bench.overhead import write_json
+
+    r = bench_memory_bodies(args.model, args.split, args.bodies, args.max_message_bytes, args.bursts, args.settle)
+    write_json(r, args.json)
+    print(f"edge ({r['model']}), {r['bodies']} concurrent step bodies of {r['body_bytes'] / MiB:.1f} MiB "
+          f"({r['total_body_bytes'] / MiB:.0f} MiB in all); idle: RSS {r['idle']['rss'] / MiB:.0f} MiB, "
+          f"anonymous {r['idle']['anon'] / MiB:.0f} MiB")
+    for i, b in enumerate(r["bursts"]):
+        print(f"  burst {i}: peak {b['peak_over_idle']:.2f}x the bodies, after {b['after_over_idle']:+.3f}x; "
+              f"statuses {b['statuses']}")
+    o, c = r["over_budget"], r["chunked_over_limit"]
+    print(f"  {r['bodies'] + 1} at once: statuses {o['statuses']}, peak {o['peak_over_idle']:.2f}x the "
+          f"{r['bodies']} bodies, after {o['after_over_idle']:.3f}x")
+    print(f"  chunked body of 1.25x the limit: status {c['statuses']}, peak {c['peak_over_idle']:.2f}x the limit, "
+          f"after {c['after_over_idle']:.3f}x")
+    print(f"peak {r['peak_ratio']:.2f}x the bodies' total (target <= {r['target_peak_ratio']}), "
+          f"after {r['after_ratio']:.3f}x")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitllm", description="Three-tier split LoRA fine-tuning runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -244,6 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads of every tier in the 4g round (0: one per core in each process)")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_bench_codecs)
+
+    p = bench.add_parser("memory-bodies", help="a real edge's resident memory under concurrent maximum-size bodies")
+    p.add_argument("--model", default="tiny-bert")
+    p.add_argument("--split", default="1,3")
+    p.add_argument("--bodies", type=int, default=4, help="concurrent bodies per burst (default 4)")
+    p.add_argument("--max-message-bytes", type=int, default=256 << 20, help="the edge's limit; bodies just under it")
+    p.add_argument("--bursts", type=int, default=3)
+    p.add_argument("--settle", type=float, default=2.0, help="seconds after a burst before the after-release RSS")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_bench_memory_bodies)
 
     bench.add_parser("fedara", help="FedARA against fixed-rank LoRA (see splitllm bench fedara --help)", add_help=False)
     bench.add_parser("droppeft", help="DropPEFT against plain split LoRA (see splitllm bench droppeft --help)",
