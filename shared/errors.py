@@ -75,3 +75,10 @@ class UpstreamError(ServiceError):
     def __init__(self, reason: str, upstream_status: int | None = None) -> None:
         super().__init__(reason)
         self.upstream_status = upstream_status
+
+
+class ModelError(ValueError):
+    """A model cannot be resolved or loaded (an undescribed family, a broken config, a missing file).
+
+    The message is one line saying what is wrong and how to fix it; commands print it and exit 2.
+    """

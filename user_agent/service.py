@@ -45,7 +45,9 @@ class UserService(BackgroundStart):
         link = HttpLink(s.edge, upward=True, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes,
                         token=s.token_value(), verify=s.ca_file or True,
                         emulator=LinkEmulator(profile, seed=derive_seed(self.user_id, "link")) if profile else None)
-        agent = UserAgent(self.user_id, runtime, client, source.tokenizer(), link, max_len=experiment.data.max_len,
+        tokenizer = source.tokenizer(experiment.spec.tokenizer)
+        log.info("user %s: tokenizer %s", self.user_id, tokenizer.origin)
+        agent = UserAgent(self.user_id, runtime, client, tokenizer, link, max_len=experiment.data.max_len,
                           slowdown=s.slowdown, pad_to_max=experiment.data.pad_to_max)
         post_json(f"{edge}/v1/users", {"user_id": self.user_id, "url": s.url(), "num_samples": agent.num_samples,
                                        "link_profile": s.link_profile},

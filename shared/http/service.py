@@ -26,8 +26,13 @@ def parse_settings(prog: str, cls: type[ServiceSettings], argv: list[str] | None
     return load_settings(cls, model_flag_values(args, cls), args.config)
 
 
-def serve(prog: str, cls: type[ServiceSettings], create_app: Callable[[Any], Any], argv: list[str] | None = None) -> int:
-    """Parse settings, build the app, run uvicorn until SIGINT/SIGTERM; bad settings exit 2 with one line."""
+def serve(prog: str, cls: type[ServiceSettings], create_app: Callable[[Any], Any], argv: list[str] | None = None,
+          check: Callable[[Any], Any] | None = None) -> int:
+    """Parse settings, build the app, run uvicorn until SIGINT/SIGTERM; bad settings exit 2 with one line.
+
+    ``check(settings)`` runs before the server starts (the cloud resolves its model and data there): a
+    ValueError it raises (a ModelError, say) is bad settings too.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Idle OpenMP threads sleep instead of spinning: a tier mostly waits for its peers, and several
     # tiers may share cores (read before torch loads, so set here).
@@ -37,6 +42,8 @@ def serve(prog: str, cls: type[ServiceSettings], create_app: Callable[[Any], Any
     try:
         settings = parse_settings(prog, cls, argv)
         settings.check_security()
+        if check is not None:
+            check(settings)
     except (ValidationError, ValueError, OSError) as exc:
         print(f"{prog}: error: {str(exc).splitlines()[0] if not isinstance(exc, ValidationError) else first_error(exc)}",
               file=sys.stderr)

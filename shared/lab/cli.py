@@ -40,6 +40,12 @@ def _lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", default="", help="comma-separated target modules (default: per family)")
 
 
+def _tokenizer_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", default="", metavar="NAME_OR_DIR",
+                   help="tokenizer for a model directory without one: a directory with tokenizer files, a bundled model, "
+                        "or 'byte' (default: the model's own files, else a byte-level fallback)")
+
+
 def _lora(args: argparse.Namespace) -> Any:
     from shared.model.adapters import LoraSettings
 
@@ -69,10 +75,12 @@ def cmd_sim(args: argparse.Namespace) -> int:
                     max_examples_per_client=args.max_examples or None, eval_examples_per_client=args.eval_examples,
                     lora=_lora(args), seed=args.seed, user_link=args.user_link, edge_link=args.edge_link, link_sleep=args.link_sleep,
                     user_edge_codecs=args.user_edge_codecs, edge_cloud_codecs=args.edge_cloud_codecs,
-                    adapter=args.adapter, slowdowns=[float(x) for x in args.slowdowns.split(",") if x])
+                    adapter=args.adapter, slowdowns=[float(x) for x in args.slowdowns.split(",") if x],
+                    tokenizer=args.tokenizer)
     sim = Simulation(cfg)
-    print(f"model {args.model} ({sim.source.family}, {sim.source.num_layers} blocks), split {sim.spec.split[0]},"
+    print(f"model {args.model} ({sim.source.family.name}, {sim.source.num_layers} blocks), split {sim.spec.split[0]},"
           f"{sim.spec.split[1]}; data {args.data} ({sim.dataset.task}), {args.users} users, {args.edges} edges", flush=True)
+    print(f"tokenizer: {sim.tokenizer.origin}", flush=True)
     if sim.dataset.task == "cls":
         print(f"majority-class accuracy on the eval splits: {sim.dataset.majority_class_accuracy():.4f}", flush=True)
     print(f"{'round':>5}  {'train_loss':>10}  {'eval_loss':>9}  {'quality':>13}  {'user_up_MB':>9}  {'user_dn_MB':>9}  "
@@ -88,11 +96,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from shared.lab.verify import verify_split
 
     split = _split_arg(args.split)
-    result = verify_split(args.model, split, args.steps, task=args.task, lr=args.lr, seed=args.seed)
+    result = verify_split(args.model, split, args.steps, task=args.task, lr=args.lr, seed=args.seed,
+                          tokenizer=args.tokenizer)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
-        print(f"{args.model} split {split[0]},{split[1]}, {args.steps} steps, {result.num_adapter_tensors} adapter tensors")
+        print(f"{args.model} ({result.family}) split {split[0]},{split[1]}, {args.steps} steps, "
+              f"{result.num_adapter_tensors} adapter tensors; tokenizer: {result.tokenizer}")
         for i, (a, b) in enumerate(zip(result.split_losses, result.whole_losses)):
             print(f"  step {i}: split loss {a:.8f}  whole loss {b:.8f}  diff {abs(a - b):.2e}")
         print(f"max loss difference   {result.max_loss_diff:.3e}")
@@ -187,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edge-cloud-codecs", default="fp32", help="codecs on edge-cloud hops (same form)")
     p.add_argument("--adapter", default="lora", choices=("lora", "svd"), help="adapter form (svd: what FedARA trains)")
     p.add_argument("--slowdowns", default="", help="per-user compute slowdown factors, cycled, e.g. 1,2,4")
+    _tokenizer_arg(p)
     _lora_args(p)
     p.set_defaults(func=cmd_sim)
 
@@ -194,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--split", required=True, help="split points a,b")
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--task", choices=("lm", "cls"), default=None, help="default: cls for BERT, lm otherwise")
+    p.add_argument("--task", choices=("lm", "cls"), default=None, help="default: lm, or cls for encoders")
+    _tokenizer_arg(p)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help='print {"max_loss_diff": ..., "max_weight_diff": ...}')
@@ -254,7 +266,7 @@ SERVICES = {"cloud": "cloud_server", "edge": "edge_server", "user": "user_agent"
 def user_errors() -> tuple[type[BaseException], ...]:
     from shared.fl.aggregation import AggregationError
     from shared.data.datasets import DataError
-    from shared.model.sources import ModelError
+    from shared.errors import ModelError
     from shared.lab.sim import RoundFailed
 
     return (UsageError, ClientError, ModelError, DataError, AggregationError, RoundFailed, json.JSONDecodeError)

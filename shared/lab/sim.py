@@ -68,6 +68,7 @@ class SimConfig:
     user_edge_codecs: str = "fp32"  # e.g. "int8", or "activations=int8,gradients=topk:ratio=0.1"
     edge_cloud_codecs: str = "fp32"
     adapter: str = "lora"  # or "svd" (what FedARA trains)
+    tokenizer: str = ""  # --tokenizer NAME_OR_DIR; "" = the model's own files, else the byte-level fallback
     slowdowns: list[float] = field(default_factory=list)  # per-user compute slowdown factors (heterogeneous devices)
 
     def __post_init__(self) -> None:
@@ -102,10 +103,11 @@ class Simulation:
         Split(split[0], split[1], self.source.num_layers)  # validate with a clear error
         self.spec = ModelSpec(model=config.model, split=tuple(split), task=self.dataset.task,
                               num_labels=self.dataset.num_labels, lora=config.lora, seed=config.seed,
-                              adapter=config.adapter, codecs=codecs_for(config.user_edge_codecs, config.edge_cloud_codecs))
+                              adapter=config.adapter, codecs=codecs_for(config.user_edge_codecs, config.edge_cloud_codecs),
+                              tokenizer=config.tokenizer)
         shapes = adapter_shapes(self.source, self.spec)
         initial = AdapterBundle({tier: initial_state(shapes[tier], config.seed, kind=config.adapter) for tier in shapes})
-        tokenizer = self.source.tokenizer()
+        self.tokenizer = tokenizer = self.source.tokenizer(config.tokenizer)
         cloud_rt = TierRuntime(Tier.CLOUD, self.source, self.spec)
         edge_rt = TierRuntime(Tier.EDGE, self.source, self.spec)
         user_rt = TierRuntime(Tier.USER, self.source, self.spec)
