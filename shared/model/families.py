@@ -167,7 +167,7 @@ def family_of(model_type: str) -> Family:
     """The family describing ``model_type``, or a one-line ModelError saying what is supported and how to add one."""
     family = FAMILIES.get(model_type)
     if family is None:
-        raise ModelError(f"model type '{model_type or '?'}' is not described; supported: {supported()}; "
+        raise ModelError(f"model type '{model_type}' is not described; supported: {supported()}; "
                          f"to add one, see {ADD_A_FAMILY}")
     return family
 

@@ -118,8 +118,8 @@ class Partition(nn.Module):
         self.family, self.config, self.tier, self.split, self.task = family, model.config, tier, split, task
         self.layer_ids = list(split.layers(tier))
         modules = layout(family, model, task)
-        if f"blocks.{split.num_layers - 1}" not in modules or f"blocks.{split.num_layers}" in modules:
-            raise ModelError(f"the config says {split.num_layers} blocks but the {family.name} model has another number")
+        if (count := sum(n.startswith("blocks.") for n in modules)) != split.num_layers:
+            raise ModelError(f"the config says {split.num_layers} blocks but the {family.name} model has {count}")
         mine = {"embed": tier == "user", "head": tier == "cloud"}
         self.paths = {n: p for n, p in modules.items()  # normalised module name -> path in the task model
                       if mine.get(n.split(".")[0], n.startswith("blocks.") and int(n.split(".")[1]) in self.layer_ids)}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ModelError
-from shared.model.families import FAMILIES, Family, family_of, task_model, tier_config
+from shared.model.families import FAMILIES, Family, family_of, supported, task_model, tier_config
 from shared.model.tokenizers import BYTE_MARKER, ByteTokenizer, Tokenizer, load_tokenizer
 
 __all__ = ["BUNDLED", "TINY", "ModelError", "ModelSource", "resolve_model", "tiny_config"]
@@ -86,7 +86,10 @@ def _load_config(path: Path) -> tuple[Family, Any]:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path / 'config.json'} cannot be read ({_first_line(exc)})") from None
-    family = family_of(str(raw.get("model_type", "")) if isinstance(raw, dict) else "")
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if not model_type:
+        raise ModelError(f"{path / 'config.json'} has no model_type; supported: {supported()}")
+    family = family_of(str(model_type))
     try:
         config = AutoConfig.from_pretrained(str(path))
     except Exception as exc:  # transformers raises several types for a config it cannot take

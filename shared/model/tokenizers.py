@@ -86,19 +86,23 @@ def load_tokenizer(path: Path, vocab_size: int, override: Path | str | None = No
     directory's own files, else the byte-level fallback (when the vocabulary has room for its 260 ids)."""
     if override is not None and str(override) == "byte":
         tok: Tokenizer = ByteTokenizer("byte-level (--tokenizer byte)")
-    elif override is not None:
-        found = [f for f in VOCABULARY_FILES if (Path(override) / f).exists()] if Path(override).is_dir() else None
-        tok = _from_pretrained(str(override), f"--tokenizer {override}", found)
-    elif (path / BYTE_MARKER).exists():
-        tok = ByteTokenizer(f"byte-level ({BYTE_MARKER} in {path})")
-    elif found := [f for f in VOCABULARY_FILES if (path / f).exists()]:
-        tok = _from_pretrained(str(path), f"{', '.join(found)} in {path}", found)
-    elif vocab_size >= ByteTokenizer.vocab_size:
-        tok = ByteTokenizer(f"byte-level fallback: {path} has no tokenizer files ({', '.join(VOCABULARY_FILES)}); "
-                            "pass --tokenizer NAME_OR_DIR for the model's own")
+    elif override is not None and not Path(override).is_dir():  # a name in the local Hugging Face cache
+        tok = _from_pretrained(str(override), f"--tokenizer {override}")
     else:
-        raise ModelError(f"{path} has no tokenizer files (none of {', '.join(VOCABULARY_FILES)}) and its vocabulary "
-                         f"({vocab_size}) is too small for the byte-level fallback: pass --tokenizer NAME_OR_DIR")
+        where = Path(override) if override is not None else path
+        found = [f for f in VOCABULARY_FILES if (where / f).exists()]
+        if (where / BYTE_MARKER).exists():
+            tok = ByteTokenizer(f"byte-level ({BYTE_MARKER} in {where})")
+        elif found:
+            tok = _from_pretrained(str(where), f"--tokenizer {override}" if override is not None
+                                   else f"{', '.join(found)} in {where}", found)
+        elif override is None and vocab_size >= ByteTokenizer.vocab_size:
+            tok = ByteTokenizer(f"byte-level fallback: {path} has no tokenizer files ({', '.join(VOCABULARY_FILES)}); "
+                                "pass --tokenizer NAME_OR_DIR for the model's own")
+        else:
+            small = f" and its vocabulary ({vocab_size}) is too small for the byte-level fallback" if override is None else ""
+            raise ModelError(f"{where} has no tokenizer files (none of {', '.join(VOCABULARY_FILES)}){small}: "
+                             "pass --tokenizer NAME_OR_DIR")
     size = len(tok.tok) if isinstance(tok, HFTokenizer) else ByteTokenizer.vocab_size
     if size > vocab_size:
         raise ModelError(f"the tokenizer ({tok.origin}) has {size} tokens, more than the model's vocabulary of "
