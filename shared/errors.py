@@ -82,3 +82,9 @@ class ModelError(ValueError):
 
     The message is one line saying what is wrong and how to fix it; commands print it and exit 2.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: the first line of its message``: a third-party exception told in a one-line error."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shared.errors import ModelError
+from shared.errors import ModelError, first_line
 
 TASKS = ("lm", "cls")
 TASK_NAMES = {"lm": "language modelling", "cls": "classification"}
@@ -210,8 +210,7 @@ def task_model(family: Family, config: Any, task: str, num_labels: int = 0) -> n
         with init_empty_weights(include_buffers=False), no_init_weights():
             return auto.from_config(config, dtype=torch.float32)
     except Exception as exc:  # anything a config makes the model's own __init__ raise
-        text = str(exc).strip()
-        if isinstance(exc, ValueError) and text.startswith("Unrecognized configuration class"):
+        if isinstance(exc, ValueError) and str(exc).startswith("Unrecognized configuration class"):
             raise ModelError(f"transformers has no {kind} class for model type '{family.name}'") from None
-        reason = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
-        raise ModelError(f"the config of this {family.name} model fails to build its {kind} class ({reason})") from None
+        raise ModelError(f"the config of this {family.name} model fails to build its {kind} class "
+                         f"({first_line(exc)})") from None

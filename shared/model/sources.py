@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ModelError
+from shared.errors import ModelError, first_line
 from shared.model.families import FAMILIES, Family, family_of, supported, task_model, tier_config
 from shared.model.tokenizers import BYTE_MARKER, ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -72,11 +72,6 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
-
-
 def _load_config(path: Path) -> tuple[Family, Any]:
     """The family (from config.json's model_type, before transformers reads it) and the config, or one line."""
     from transformers import AutoConfig
@@ -85,7 +80,7 @@ def _load_config(path: Path) -> tuple[Family, Any]:
     try:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{path / 'config.json'} cannot be read ({_first_line(exc)})") from None
+        raise ModelError(f"{path / 'config.json'} cannot be read ({first_line(exc)})") from None
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if not model_type:
         raise ModelError(f"{path / 'config.json'} has no model_type; supported: {supported()}")
@@ -93,7 +88,7 @@ def _load_config(path: Path) -> tuple[Family, Any]:
     try:
         config = AutoConfig.from_pretrained(str(path))
     except Exception as exc:  # transformers raises several types for a config it cannot take
-        raise ModelError(f"{path / 'config.json'} does not make a {family.name} config ({_first_line(exc)})") from None
+        raise ModelError(f"{path / 'config.json'} does not make a {family.name} config ({first_line(exc)})") from None
     task_model(family, tier_config(family, config), family.tasks[0], 2)  # a config that fails to build says so here, in one line
     return family, config
 

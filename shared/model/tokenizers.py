@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ModelError
+from shared.errors import ModelError, first_line
 
 # Files that carry a vocabulary (tokenizer_config.json alone does not), and the companions some of them need.
 VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
@@ -62,11 +62,6 @@ class HFTokenizer(Tokenizer):
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _from_pretrained(name_or_dir: str, origin: str, found: list[str] | None = None) -> HFTokenizer:
     from transformers import AutoTokenizer
 
@@ -76,7 +71,7 @@ def _from_pretrained(name_or_dir: str, origin: str, found: list[str] | None = No
         where = f"{name_or_dir} (found {', '.join(found)})" if found else name_or_dir
         missing = [c for f in found or [] for c in COMPANIONS.get(f, ()) if not (Path(name_or_dir) / c).exists()]
         lacks = f"; missing {', '.join(missing)}" if missing else ""
-        raise ModelError(f"cannot load the tokenizer in {where}{lacks}: {_first_line(exc)}; "
+        raise ModelError(f"cannot load the tokenizer in {where}{lacks}: {first_line(exc)}; "
                          "pass --tokenizer NAME_OR_DIR (a directory with tokenizer files, a bundled model, or 'byte')"
                          ) from None
 
