@@ -158,6 +158,7 @@ def tiny_config(name: str) -> Any:
     """A random test config of any described family (``tiny-<model type>``): 4 blocks, hidden 32, byte vocabulary."""
     from transformers import AutoConfig
 
+    quiet_transformers()  # the families' default configs warn about their default token ids
     model_type = name[len(TINY):] if name.startswith(TINY) else ""
     family = family_of(model_type)
     sizes: dict[str, Any] = dict(
