@@ -81,13 +81,15 @@ def build_experiment(settings: CloudSettings) -> Experiment:
                     eval_examples_per_client=settings.eval_examples_per_client)
     task, num_labels = data.task_and_labels()
     source = resolve_model(settings.model)
+    source.family.require(task)  # refused here, in one line: a model without a head for the data's task,
+    source.tokenizer(settings.tokenizer)  # or without a usable tokenizer
     split = Split.parse(settings.split, source.num_layers)
     lora = LoraSettings(rank=settings.rank, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
                         target_modules=list(settings.target_modules))
     spec = ModelSpec(model=settings.model, split=(split.a, split.b), task=task,
                      num_labels=num_labels if task == "cls" else 0, lora=lora, seed=settings.seed,
                      adapter=settings.adapter, codecs=codecs_for(settings.user_edge_codecs, settings.edge_cloud_codecs),
-                     u_shaped=settings.u_shaped)
+                     u_shaped=settings.u_shaped, tokenizer=settings.tokenizer)
     return Experiment(spec=spec, data=data)
 
 

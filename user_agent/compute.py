@@ -15,7 +15,7 @@ import torch
 
 from shared.data.batching import Batch, BatchSampler, eval_batches
 from shared.data.datasets import ClientData
-from shared.model.sources import Tokenizer
+from shared.model.tokenizers import Tokenizer
 from shared.protocol.enums import Hop, Mode
 from shared.protocol.messages import (BackwardRequest, EvalReply, OutputReply, RoundPlan, StepRequest, TrainReply, Update,
                                       UserStart, ack)

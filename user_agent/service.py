@@ -49,7 +49,9 @@ class UserService(BackgroundStart):
         link = HttpLink(s.edge, upward=True, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes,
                         identity=self.security.identity, audience=audience,
                         emulator=LinkEmulator(profile, seed=derive_seed(self.user_id, "link")) if profile else None)
-        agent = UserAgent(self.user_id, runtime, client, source.tokenizer(), link, max_len=experiment.data.max_len,
+        tokenizer = source.tokenizer(experiment.spec.tokenizer)
+        log.info("user %s: tokenizer %s", self.user_id, tokenizer.origin)
+        agent = UserAgent(self.user_id, runtime, client, tokenizer, link, max_len=experiment.data.max_len,
                           slowdown=s.slowdown, pad_to_max=experiment.data.pad_to_max)
         self.register(agent.num_samples, deadline=3600)
         self.agent = agent

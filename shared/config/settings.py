@@ -115,7 +115,9 @@ class CloudSettings(ServiceSettings, RoundDefaults):
     role: ClassVar[str] = "cloud"
     port: int = 8000
     data_dir: Path = Field(Path("runs/cloud"), description="SQLite store and adapter versions live here")
-    model: str = Field("minilm-l6", description="model directory, bundled name or tiny-* test model")
+    model: str = Field("minilm-l6", description="model directory, bundled name or tiny-<model type> test model")
+    tokenizer: str = Field("", description="tokenizer for a model directory without one: a directory with tokenizer "
+                                           "files, a bundled model, or 'byte' (default: the model's own, else byte-level)")
     split: str = Field("1,3", description="split points a,b")
     data: str = Field("trec", description="shakespeare, trec, sms_spam or sentiment")
     num_clients: int = Field(4, description="clients the data set is partitioned into (one per user)")

@@ -52,8 +52,13 @@ def tier_security(settings: ServiceSettings, role: str, revocations: Revocations
     return TierSecurity(Identity(credential=credential, verify=verify), verifier, principal)
 
 
-def serve(prog: str, cls: type[ServiceSettings], create_app: Callable[[Any], Any], argv: list[str] | None = None) -> int:
-    """Parse settings, build the app, run uvicorn until SIGINT/SIGTERM; bad settings exit 2 with one line."""
+def serve(prog: str, cls: type[ServiceSettings], create_app: Callable[[Any], Any], argv: list[str] | None = None,
+          check: Callable[[Any], Any] | None = None) -> int:
+    """Parse settings, build the app, run uvicorn until SIGINT/SIGTERM; bad settings exit 2 with one line.
+
+    ``check(settings)`` runs before the server starts (the cloud resolves its model and data there): a
+    ValueError it raises (a ModelError, say) is bad settings too.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Idle OpenMP threads sleep instead of spinning: a tier mostly waits for its peers, and several
     # tiers may share cores (read before torch loads, so set here).
@@ -63,6 +68,8 @@ def serve(prog: str, cls: type[ServiceSettings], create_app: Callable[[Any], Any
     try:
         settings = parse_settings(prog, cls, argv)
         settings.check_security()
+        if check is not None:
+            check(settings)
         app = create_app(settings)  # checks the credential against the trust key and the flags: one line if refused
     except (ValidationError, ValueError, OSError) as exc:
         print(f"{prog}: error: {str(exc).splitlines()[0] if not isinstance(exc, ValidationError) else first_error(exc)}",

@@ -40,6 +40,12 @@ def _lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", default="", help="comma-separated target modules (default: per family)")
 
 
+def _tokenizer_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", default="", metavar="NAME_OR_DIR",
+                   help="tokenizer for a model directory without one: a directory with tokenizer files, a bundled model, "
+                        "or 'byte' (default: the model's own files, else a byte-level fallback)")
+
+
 def _lora(args: argparse.Namespace) -> Any:
     from shared.model.adapters import LoraSettings
 
@@ -70,10 +76,12 @@ def cmd_sim(args: argparse.Namespace) -> int:
                     lora=_lora(args), seed=args.seed, user_link=args.user_link, edge_link=args.edge_link, link_sleep=args.link_sleep,
                     user_edge_codecs=args.user_edge_codecs, edge_cloud_codecs=args.edge_cloud_codecs,
                     adapter=args.adapter, slowdowns=[float(x) for x in args.slowdowns.split(",") if x],
-                    u_shaped=args.u_shaped)
+                    u_shaped=args.u_shaped,
+                    tokenizer=args.tokenizer)
     sim = Simulation(cfg)
-    print(f"model {args.model} ({sim.source.family}, {sim.source.num_layers} blocks), split {sim.spec.split[0]},"
+    print(f"model {args.model} ({sim.source.family.name}, {sim.source.num_layers} blocks), split {sim.spec.split[0]},"
           f"{sim.spec.split[1]}; data {args.data} ({sim.dataset.task}), {args.users} users, {args.edges} edges", flush=True)
+    print(f"tokenizer: {sim.tokenizer.origin}", flush=True)
     if sim.dataset.task == "cls":
         print(f"majority-class accuracy on the eval splits: {sim.dataset.majority_class_accuracy():.4f}", flush=True)
     print(f"{'round':>5}  {'train_loss':>10}  {'eval_loss':>9}  {'quality':>13}  {'user_up_MB':>9}  {'user_dn_MB':>9}  "
@@ -90,11 +98,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     split = _split_arg(args.split)
     result = verify_split(args.model, split, args.steps, task=args.task, lr=args.lr, seed=args.seed,
-                          u_shaped=args.u_shaped)
+                          u_shaped=args.u_shaped,
+                          tokenizer=args.tokenizer)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
-        print(f"{args.model} split {split[0]},{split[1]}, {args.steps} steps, {result.num_adapter_tensors} adapter tensors")
+        print(f"{args.model} ({result.family}) split {split[0]},{split[1]}, {args.steps} steps, "
+              f"{result.num_adapter_tensors} adapter tensors; tokenizer: {result.tokenizer}")
         for i, (a, b) in enumerate(zip(result.split_losses, result.whole_losses)):
             print(f"  step {i}: split loss {a:.8f}  whole loss {b:.8f}  diff {abs(a - b):.2e}")
         print(f"max loss difference   {result.max_loss_diff:.3e}")
@@ -213,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slowdowns", default="", help="per-user compute slowdown factors, cycled, e.g. 1,2,4")
     p.add_argument("--u-shaped", action="store_true",
                    help="labels never leave the device: the user holds the head and the loss (two requests a step)")
+    _tokenizer_arg(p)
     _lora_args(p)
     p.set_defaults(func=cmd_sim)
 
@@ -220,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--split", required=True, help="split points a,b")
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--task", choices=("lm", "cls"), default=None, help="default: cls for BERT, lm otherwise")
+    p.add_argument("--task", choices=("lm", "cls"), default=None, help="default: lm, or cls for encoders")
+    _tokenizer_arg(p)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--u-shaped", action="store_true", help="the U-shaped chain: the head and the loss on the user")
@@ -292,7 +304,7 @@ SERVICES = {"cloud": "cloud_server", "edge": "edge_server", "user": "user_agent"
 def user_errors() -> tuple[type[BaseException], ...]:
     from shared.fl.aggregation import AggregationError
     from shared.data.datasets import DataError
-    from shared.model.sources import ModelError
+    from shared.errors import ModelError
     from shared.lab.sim import RoundFailed
 
     return (UsageError, ClientError, ModelError, DataError, AggregationError, RoundFailed, json.JSONDecodeError)

@@ -69,6 +69,7 @@ class SimConfig:
     edge_cloud_codecs: str = "fp32"
     adapter: str = "lora"  # or "svd" (what FedARA trains)
     u_shaped: bool = False  # labels never leave the device (the user holds the head and the loss)
+    tokenizer: str = ""  # --tokenizer NAME_OR_DIR; "" = the model's own files, else the byte-level fallback
     slowdowns: list[float] = field(default_factory=list)  # per-user compute slowdown factors (heterogeneous devices)
 
     def __post_init__(self) -> None:
@@ -104,10 +105,10 @@ class Simulation:
         self.spec = ModelSpec(model=config.model, split=tuple(split), task=self.dataset.task,
                               num_labels=self.dataset.num_labels, lora=config.lora, seed=config.seed,
                               adapter=config.adapter, codecs=codecs_for(config.user_edge_codecs, config.edge_cloud_codecs),
-                              u_shaped=config.u_shaped)
+                              u_shaped=config.u_shaped, tokenizer=config.tokenizer)
         shapes = adapter_shapes(self.source, self.spec)
         initial = AdapterBundle({tier: initial_state(shapes[tier], config.seed, kind=config.adapter) for tier in shapes})
-        tokenizer = self.source.tokenizer()
+        self.tokenizer = tokenizer = self.source.tokenizer(config.tokenizer)
         cloud_rt = TierRuntime(Tier.CLOUD, self.source, self.spec)
         edge_rt = TierRuntime(Tier.EDGE, self.source, self.spec)
         user_rt = TierRuntime(Tier.USER, self.source, self.spec)

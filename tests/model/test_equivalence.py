@@ -1,10 +1,12 @@
-"""Split training equals unsplit peft LoRA training: K steps through user -> edge -> cloud against one model."""
+"""Split training equals unsplit peft LoRA training: K steps through user -> edge -> cloud against one model,
+for a tiny random checkpoint of every described family (``splitllm verify-split --model tiny-<model type>``)."""
 
 from __future__ import annotations
 
 import pytest
 
 from shared.lab.verify import verify_split
+from shared.model.families import FAMILIES
 
 TOLERANCE = 1e-5
 STEPS = 5
@@ -30,6 +32,12 @@ CASES = [
 ]
 
 
+# Every family at a = 0 (the user holds only embeddings), a = b (no edge blocks) and b = L (no cloud blocks),
+# on its first task (causal LM, or classification for encoders); decoders' classification heads at 1,3.
+FAMILY_CASES = [(t, f.tasks[0], s) for t, f in FAMILIES.items() for s in [(0, 2), (3, 3), (1, 4)]] + \
+    [(t, "cls", (1, 3)) for t, f in FAMILIES.items() if f.tasks == ("lm", "cls")]
+
+
 def check(result, steps: int = STEPS) -> None:
     assert len(result.split_losses) == len(result.whole_losses) == steps
     assert result.num_adapter_tensors > 0
@@ -47,6 +55,16 @@ def test_classification_on_a_decoder_equals_whole_model(tiny) -> None:
     """A Llama with a new score head (last-token pooling over right-padded rows)."""
     tiny("tiny-llama")
     result = verify_split("tiny-llama", (1, 3), steps=3, task="cls")
+    check(result, steps=3)
+
+
+@pytest.mark.parametrize("model_type, task, split", FAMILY_CASES,
+                         ids=[f"{t}-{task}-{a},{b}" for t, task, (a, b) in FAMILY_CASES])
+def test_every_family_trains_split_as_whole(tiny, model_type: str, task: str, split: tuple[int, int]) -> None:
+    model = f"tiny-{model_type}"
+    tiny(model)
+    result = verify_split(model, split, steps=3, task=task)
+    assert result.family == model_type
     check(result, steps=3)
 
 
