@@ -191,8 +191,10 @@ def inprocess_stack(workdir: Path, edge: dict[str, Any] | None = None, drain: bo
 
     def route(method: str, url: str, payload: Any, identity: Identity, audience: str) -> Any:
         u = httpx.URL(url)
-        r = stack.clients[hosts[u.host]].request(method, u.raw_path.decode(), json=payload,
-                                                  auth=identity.auth(audience))
+        client = stack.clients.get(hosts[u.host])
+        if client is None:  # a tier not started yet, or already stopped: unreachable, as over a real network
+            raise TransportError(f"{url}: connection refused")
+        r = client.request(method, u.raw_path.decode(), json=payload, auth=identity.auth(audience))
         if r.status_code >= 400:
             raise TransportError(f"{url}: HTTP {r.status_code}: {r.text[:200]}", r.status_code)
         return r.json()
