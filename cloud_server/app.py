@@ -57,7 +57,8 @@ def create_app(settings: CloudSettings) -> FastAPI:
 
     async def serve(request: Request, endpoint: str) -> Response:
         s: CloudService = svc()
-        resp = await serve_message(request, getattr(s.coordinator, f"on_{endpoint}"), s.settings, s.ledger)
+        resp = await serve_message(request, getattr(s.coordinator, f"on_{endpoint}"), s.settings, s.ledger,
+                                   after=getattr(s.coordinator, f"after_{endpoint}", None))
         s.counters["steps" if endpoint == "step" else "updates"] += 1
         return resp
 

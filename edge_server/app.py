@@ -54,7 +54,9 @@ def create_app(settings: EdgeSettings) -> FastAPI:
     async def serve(request: Request, endpoint: str) -> Response:
         s: EdgeService = svc()
         ledger = s.ledger if endpoint != "start" else None  # starts come from the cloud, which counts them
-        resp = await serve_message(request, getattr(s.ready(), f"on_{endpoint}"), s.settings, ledger)
+        server = s.ready()
+        resp = await serve_message(request, getattr(server, f"on_{endpoint}"), s.settings, ledger,
+                                   after=getattr(server, f"after_{endpoint}", None))
         if endpoint != "start":
             s.counters["steps" if endpoint == "step" else "updates"] += 1
         return resp

@@ -59,6 +59,7 @@ class EdgeServer:
         self.user_samples: dict[str, int] = {}
         self.pending: dict[tuple[int, Mode], PendingRound] = {}
         self.finished: set[tuple[int, Mode]] = set()  # (round, phase) already reported: a retried start is a no-op
+        self.outbox: dict[tuple[int, Mode, str], Report] = {}  # reports that a user's update settled, to send
         self.lock = threading.Lock()
 
     def register_user(self, user_id: str, link: Link, num_samples: int) -> None:
@@ -98,7 +99,7 @@ class EdgeServer:
                 self.users[plan.user_id].request("start", UserStart(plan, pending.previous[Tier.USER]).to_message(codec))
             except Exception as exc:  # an unreachable user is dropped from this round, not the round
                 log.warning("round %s: could not start %s: %s", round_id, plan.user_id, exc)
-                self._drop_user(key, plan.user_id)
+                self._send(self._drop_user(key, plan.user_id))
         return ack(round=round_id, edge=self.edge_id, users=len(start.plans))
 
     def _drop_older(self, round_id: int) -> None:
@@ -109,19 +110,24 @@ class EdgeServer:
                 stale.timer.cancel()
         self.runtime.drop_sessions(keep=lambda k: k[0] >= round_id)
 
-    def _drop_user(self, key: tuple[int, Mode], user_id: str) -> None:
-        report = None
+    def _drop_user(self, key: tuple[int, Mode], user_id: str) -> Report | None:
+        """Drop a user from a (round, phase); the report for the cloud once that settles it."""
         with self.lock:
             pending = self.pending.get(key)
             if pending is None or user_id in pending.metrics or user_id in pending.missing:
-                return
+                return None
             pending.missing.add(user_id)
             if (key[0], user_id) in self.runtime.sessions:
                 self.runtime.close_session(key[0], user_id)
-            if pending.settled:
-                report = self._finish(key)
-        if report is not None:
-            self.cloud.request("update", report)
+            return self._finish(key) if pending.settled else None
+
+    def _send(self, report: Report | None) -> None:
+        """Report to the cloud, with the (round, phase)'s bytes on the user-edge hop as counted now."""
+        if report is None:
+            return
+        if self.ledger is not None:
+            report.bytes = self.ledger.get((report.round, report.mode))
+        self.cloud.request("update", report.to_message(self.runtime.policy(Hop.EDGE_CLOUD).uploads))
 
     def _expire(self, key: tuple[int, Mode]) -> None:
         """The deadline passed: drop the silent users and report the others."""
@@ -131,10 +137,10 @@ class EdgeServer:
                                                  if u not in pending.metrics and u not in pending.missing]
         for user_id in silent:
             log.warning("round %s (%s): user %s silent past the deadline; dropped", key[0], key[1], user_id)
-            self._drop_user(key, user_id)
+            self._send(self._drop_user(key, user_id))
 
     def on_update(self, msg: Message) -> Message:
-        """A user's report; once every user has reported or been dropped, one report goes up.
+        """A user's report; once every user has reported or been dropped, one report goes up (``after_update``).
 
         A user that could not do its part says so (``metrics.error``): it is dropped at once, as if
         its deadline had passed.
@@ -151,12 +157,24 @@ class EdgeServer:
                 report = self._accept(pending, key, update)
         if update.error is not None:
             log.warning("round %s (%s): user %s failed: %s", key[0], key[1], update.user, update.error)
-            self._drop_user(key, update.user)
-        elif report is not None:
-            self.cloud.request("update", report)
+            report = self._drop_user(key, update.user)
+        if report is not None:
+            with self.lock:
+                self.outbox[(*key, update.user)] = report
         return ack(round=update.round, user=update.user)
 
-    def _accept(self, pending: PendingRound, key: tuple[int, Mode], update: Update) -> Message | None:
+    def after_update(self, msg: Message) -> None:
+        """Once the transport has counted an update and its reply: send the report that update settled, if any.
+
+        The report carries the round's bytes on the user-edge hop, so it goes only after the last
+        update's own bytes are in the ledger.
+        """
+        meta = msg.meta
+        with self.lock:
+            report = self.outbox.pop((meta.get("round"), meta.get("mode"), meta.get("user")), None)
+        self._send(report)
+
+    def _accept(self, pending: PendingRound, key: tuple[int, Mode], update: Update) -> Report | None:
         """Count a user's update (call with the lock held); the report for the cloud once the round is settled."""
         if update.mode is Mode.TRAIN:
             pending.strategy.validate_update(Tier.USER, update.adapters, pending.previous[Tier.USER],
@@ -170,7 +188,7 @@ class EdgeServer:
         pending.metrics[update.user] = update.metrics
         return self._finish(key) if pending.settled else None
 
-    def _finish(self, key: tuple[int, Mode]) -> Message:
+    def _finish(self, key: tuple[int, Mode]) -> Report:
         """Pre-aggregate what came in (call with the lock held) and build the report for the cloud."""
         pending = self.pending.pop(key)
         self.finished = {k for k in self.finished if k[0] >= key[0] - 1} | {key}
@@ -185,10 +203,8 @@ class EdgeServer:
                 if updates[0].state:
                     updates = clip_updates(updates, pending.previous[tier], pending.clip_norm)
                     states[tier] = pending.strategy.aggregate(tier, updates, pending.previous[tier])
-        report = Report(round=round_id, edge=self.edge_id, mode=mode, num_samples=total, metrics=pending.metrics,
-                        missing=sorted(pending.missing), adapters=AdapterBundle(states),
-                        bytes=self.ledger.get(key) if self.ledger is not None else None)
-        return report.to_message(self.runtime.policy(Hop.EDGE_CLOUD).uploads)
+        return Report(round=round_id, edge=self.edge_id, mode=mode, num_samples=total, metrics=pending.metrics,
+                      missing=sorted(pending.missing), adapters=AdapterBundle(states))
 
     # the step chain ----------------------------------------------------------------------------
     def on_step(self, msg: Message) -> Message:

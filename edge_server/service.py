@@ -17,7 +17,7 @@ from shared.http.metrics import ByteLedger
 from shared.http.server import BackgroundStart
 from shared.model.sources import resolve_model
 from shared.protocol.enums import Tier
-from shared.protocol.links import LinkEmulator, get_profile
+from shared.protocol.links import link_emulator
 from shared.runtime.tier import TierRuntime
 from shared.seeds import derive_seed
 
@@ -31,6 +31,7 @@ class UserIn(BaseModel):
     url: Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(check_url)]
     num_samples: int = Field(ge=0)
     link_profile: str = Field("none", description="the user's link profile; starts sent to it are delayed by it")
+    link_rate_shaped: bool = Field(False, description="the network shapes the user's link rates: emulate delay and loss only")
 
 
 class EdgeService(BackgroundStart):
@@ -53,16 +54,17 @@ class EdgeService(BackgroundStart):
 
     def start(self) -> None:
         s = self.settings
-        profile = get_profile(s.link_profile)  # validate before registering
+        emulator = link_emulator(s.link_profile, derive_seed(self.edge_id, "link"),  # validated before registering
+                                 rate_shaped=s.link_rate_shaped)
         meta = post_json(f"{s.cloud.rstrip('/')}/v1/edges",
-                         {"edge_id": self.edge_id, "url": s.url(), "link_profile": s.link_profile}, deadline=3600,
+                         {"edge_id": self.edge_id, "url": s.url(), "link_profile": s.link_profile,
+                          "link_rate_shaped": s.link_rate_shaped}, deadline=3600,
                          token=s.token_value(), verify=s.ca_file or True)
         self.experiment = Experiment.from_meta(meta)
         runtime = TierRuntime(Tier.EDGE, resolve_model(self.experiment.spec.model), self.experiment.spec,
                               device=s.device)
         cloud = HttpLink(s.cloud, upward=True, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes,
-                         token=s.token_value(), verify=s.ca_file or True,
-                         emulator=LinkEmulator(profile, seed=derive_seed(self.edge_id, "link")) if profile else None)
+                         token=s.token_value(), verify=s.ca_file or True, emulator=emulator)
         self.server = EdgeServer(self.edge_id, runtime, cloud, ledger=self.ledger, max_sessions=s.max_sessions)
         log.info("edge %s ready (blocks %s)", self.edge_id, runtime.partition.layer_ids)
 
@@ -75,10 +77,10 @@ class EdgeService(BackgroundStart):
         server = self.ready()
         s = self.settings
         try:
-            profile = get_profile(body.link_profile)
+            emulator = link_emulator(body.link_profile, derive_seed(body.user_id, "down"),
+                                     rate_shaped=body.link_rate_shaped)
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
-        emulator = LinkEmulator(profile, seed=derive_seed(body.user_id, "down")) if profile else None
         link = HttpLink(body.url, upward=False, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes,
                         ledger=self.ledger, emulator=emulator, token=s.token_value(), verify=s.ca_file or True)
         try:  # the cloud learns of the user only once the edge can call it back

@@ -10,7 +10,7 @@ from shared.http.client import HttpLink, get_json, post_json
 from shared.http.server import BackgroundStart
 from shared.model.sources import resolve_model
 from shared.protocol.enums import Tier
-from shared.protocol.links import LinkEmulator, get_profile
+from shared.protocol.links import link_emulator
 from shared.runtime.tier import TierRuntime
 from shared.seeds import derive_seed
 from user_agent.compute import UserAgent
@@ -41,14 +41,13 @@ class UserService(BackgroundStart):
         client = experiment.data.client(s.client_index)
         source = resolve_model(experiment.spec.model)
         runtime = TierRuntime(Tier.USER, source, experiment.spec, device=s.device)
-        profile = get_profile(s.link_profile)
+        emulator = link_emulator(s.link_profile, derive_seed(self.user_id, "link"), rate_shaped=s.link_rate_shaped)
         link = HttpLink(s.edge, upward=True, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes,
-                        token=s.token_value(), verify=s.ca_file or True,
-                        emulator=LinkEmulator(profile, seed=derive_seed(self.user_id, "link")) if profile else None)
+                        token=s.token_value(), verify=s.ca_file or True, emulator=emulator)
         agent = UserAgent(self.user_id, runtime, client, source.tokenizer(), link, max_len=experiment.data.max_len,
                           slowdown=s.slowdown, pad_to_max=experiment.data.pad_to_max)
         post_json(f"{edge}/v1/users", {"user_id": self.user_id, "url": s.url(), "num_samples": agent.num_samples,
-                                       "link_profile": s.link_profile},
+                                       "link_profile": s.link_profile, "link_rate_shaped": s.link_rate_shaped},
                   deadline=3600, token=s.token_value(), verify=s.ca_file or True)
         self.agent = agent
         log.info("user %s ready: client %d, %d train / %d eval examples", self.user_id, s.client_index,
