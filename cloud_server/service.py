@@ -77,6 +77,7 @@ class CloudService:
         shapes = adapter_shapes(source, spec)
         initial = AdapterBundle({tier: initial_state(shapes[tier], spec.seed, kind=spec.adapter) for tier in shapes})
         self.store = Store(settings.data_dir)
+        self.store.put_setting("experiment", self.experiment.to_meta())  # what `splitllm export` reads offline
         self.ledger = ByteLedger()
         self.coordinator = Coordinator(self.runtime, initial, seed=spec.seed, round_timeout=settings.round_timeout,
                                        store=self.store, ledger=self.ledger)
