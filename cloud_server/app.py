@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Path, Request, Response
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 
 from cloud_server.service import CloudService, EdgeIn, UserIn
 from shared.config.round import RoundBody
@@ -14,6 +17,7 @@ from shared.http.auth import Auth
 from shared.http.server import msgpack_route, serve_message, service_app
 
 Id = Annotated[int, Path(ge=0, le=2**63 - 1)]  # SQLite's integers
+UI = FilePath(__file__).with_name("ui")  # the dashboard: static files, the round API called from the page
 
 
 def round_api_write(method: str, path: str) -> bool:
@@ -103,4 +107,9 @@ def create_app(settings: CloudSettings) -> FastAPI:
         return Response(data, media_type="application/octet-stream",
                         headers={"content-disposition": f'attachment; filename="adapters-v{version}.safetensors"'})
 
+    @app.get("/ui", include_in_schema=False)
+    def ui() -> RedirectResponse:
+        return RedirectResponse("/ui/")
+
+    app.mount("/ui/", StaticFiles(directory=UI, html=True), name="ui")  # open, like /healthz: it holds no data
     return app

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,20 +78,23 @@ def compose_command() -> list[str]:
 
 
 def fill_wheelhouse(python: str = sys.executable, wheelhouse: Path = WHEELHOUSE) -> None:
-    """Every wheel the image needs, at this environment's own versions, so that the build needs no index.
-    Done again only when those versions or pyproject.toml change."""
+    """Every wheel the image needs, at this environment's own versions, so that the build needs no index:
+    ``requirements.txt`` (the project's dependencies, which the image installs) and what they need.
+    Done again only when those versions or the dependencies change (the files stay as they are, and so
+    does the image's dependency layer)."""
     wheelhouse.mkdir(parents=True, exist_ok=True)
     frozen = run([python, "-m", "pip", "freeze", "--exclude-editable"])
     pins = "".join(line.split("+")[0] + "\n" for line in frozen.splitlines() if "==" in line)
-    constraints, stamp = wheelhouse / "constraints.txt", wheelhouse / ".complete"
-    wanted = pins + (ROOT / "pyproject.toml").read_text()
-    if stamp.exists() and stamp.read_text() == wanted:
+    needs = "".join(f"{d}\n" for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    stamp = wheelhouse.with_name(wheelhouse.name + ".stamp")
+    if stamp.exists() and stamp.read_text() == pins + needs:
         return
-    constraints.write_text(pins)
+    (wheelhouse / "constraints.txt").write_text(pins)
+    (wheelhouse / "requirements.txt").write_text(needs)
     pip = [python, "-m", "pip", "download", "-q", "-d", str(wheelhouse)]
-    run([*pip, "-c", str(constraints), "torch==2.13.0", str(ROOT)])
+    run([*pip, "-c", str(wheelhouse / "constraints.txt"), "torch==2.13.0", "-r", str(wheelhouse / "requirements.txt")])
     run([*pip, "--no-deps", *BUNDLED])
-    stamp.write_text(wanted)
+    stamp.write_text(pins + needs)
 
 
 def ensure_base_image(tag: str) -> None:

@@ -21,17 +21,20 @@ from shared.protocol.enums import Mode, Tier
 from shared.protocol.messages import RoundPlan
 from shared.runtime.steps import pack_tokens, unpack_tokens
 
-CASES = {"tiny-bert/trec": ("tiny-bert", "trec"), "tiny-llama/shakespeare": ("tiny-llama", "shakespeare"),
-         "tiny-gpt2/shakespeare": ("tiny-gpt2", "shakespeare")}
+CASES = {"tiny-bert/trec": ("tiny-bert", "trec", "lora"), "tiny-llama/shakespeare": ("tiny-llama", "shakespeare", "lora"),
+         "tiny-gpt2/shakespeare": ("tiny-gpt2", "shakespeare", "lora"),
+         "tiny-bert/trec/fedara": ("tiny-bert", "trec", "svd")}  # FedARA's SVD form: peft's AdaLoRA
 TEXTS = ["To be, or not to be, that is the question.", "What films featured the character Popeye Doyle?",
          "Ok lar... Joking wif u oni..."]
 
 
 def trained(case: str) -> Simulation:
-    model, data = CASES[case]
+    model, data, adapter = CASES[case]
+    algorithm = {"algorithm": "fedara", "config": {"target_rank": 4}} if adapter == "svd" else {}
     sim = Simulation(SimConfig(model=model, data=data, users=2, edges=1, rounds=1, split=(1, 3), max_len=32,
                                max_examples_per_client=16, eval_examples_per_client=4, seed=3, baseline_eval=False,
-                               round=RoundConfig(local_steps=3, batch_size=4, lr=0.05, evaluate=False)))
+                               adapter=adapter,
+                               round=RoundConfig(local_steps=3, batch_size=4, lr=0.05, evaluate=False, **algorithm)))
     sim.run()
     return sim
 
@@ -83,7 +86,8 @@ def test_plain_peft_gives_the_split_models_logits(case: str, tmp_path, hermetic_
     out = tmp_path / "peft"
     config = json.loads((out / "adapter_config.json").read_text())
     info = json.loads((out / "splitllm.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 8 and config["base_model_name_or_path"] == info["base_model"]
+    assert config["peft_type"] == ("ADALORA" if info["adapter"] == "svd" else "LORA")
+    assert config["base_model_name_or_path"] == info["base_model"]
     keys = load_file(str(out / "adapter_model.safetensors"))
     assert all(k.startswith("base_model.model.") for k in keys)
     assert len([k for k in keys if ".lora_" in k]) == sum(
@@ -140,3 +144,32 @@ def test_bad_sources_are_one_line_errors(tmp_path, capsys) -> None:
     store.close()
     with pytest.raises(ExportError, match="does not record its deployment"):
         from_data_dir(tmp_path / "old", None)
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs_as_written(tmp_path, hermetic_cache) -> None:
+    """The README's export command and its Python block, run in a directory whose runs/cloud is a cloud's data
+    directory after a minilm-l6 round on trec (the README's services)."""
+    import ast
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Exporting a version"):]
+    command = re.search(r"^splitllm export (.*?)\s+#", section, re.M).group(1).split()
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    sim = Simulation(SimConfig(model="minilm-l6", data="trec", users=2, edges=1, rounds=1, split=(1, 3),
+                               max_examples_per_client=16, eval_examples_per_client=4, baseline_eval=False,
+                               round=RoundConfig(local_steps=2, batch_size=4, evaluate=False)))
+    sim.run()
+    data_dir_of(sim, tmp_path / "runs" / "cloud")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    subprocess.run([sys.executable, "-m", "shared.lab.cli", "export", *command], cwd=tmp_path, env=env, check=True,
+                   capture_output=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    labels = ast.literal_eval(out.stdout.strip().splitlines()[-1])  # the printed list of two label names
+    assert len(labels) == 2 and set(labels) <= set(sim.dataset.label_names)
