@@ -80,7 +80,8 @@ function chart(id, series, data) {
   const el = $(id);
   if (charts[id]) charts[id].destroy();
   const opts = {width: 380, height: 200, scales: {x: {time: false}},
-                axes: [{label: "round"}, {}], series: [{label: "round"}, ...series]};
+                axes: [{label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500]}, {}],
+                series: [{label: "round"}, ...series]};
   charts[id] = new uPlot(opts, data, el);
 }
 

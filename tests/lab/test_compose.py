@@ -15,13 +15,12 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 from shared.protocol.links import load_profiles  # noqa: E402
-from shared.http.service import parse_settings, settings_parser  # noqa: E402
-from shared.config.settings import CloudSettings, EdgeSettings, UserSettings  # noqa: E402
+from shared.http.service import settings_parser  # noqa: E402
+from deploy_helpers import CLASSES, tier_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose"
 SCRIPT = COMPOSE / "shape-and-run.sh"
-CLASSES = {"cloud": CloudSettings, "edge": EdgeSettings, "user": UserSettings}
 SERVICES = ["cloud", "edge-0", "edge-1", "user-0", "user-1", "user-2", "user-3"]
 _INTERPOLATION = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
 
@@ -61,13 +60,7 @@ def tier_of(service: dict) -> str:
 
 def settings_of(service: dict, monkeypatch: pytest.MonkeyPatch):
     """The tier's settings exactly as the tier would build them from this service's env and command."""
-    for key in list(os.environ):
-        if key.startswith("SPLITLLM_"):
-            monkeypatch.delenv(key)
-    for key, value in env_of(service).items():
-        monkeypatch.setenv(key, value)
-    tier = tier_of(service)
-    return parse_settings(tier, CLASSES[tier], command_of(service)[1:])
+    return tier_settings(tier_of(service), env_of(service), command_of(service)[1:], monkeypatch)
 
 
 def test_seven_services_one_image(compose: dict) -> None:

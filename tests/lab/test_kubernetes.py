@@ -4,7 +4,6 @@ SPLITLLM_* settings, the Services the tiers call, and TLS names that cover every
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -16,13 +15,12 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-from shared.config.settings import CloudSettings, EdgeSettings, UserSettings  # noqa: E402
-from shared.http.service import parse_settings, settings_parser  # noqa: E402
+from deploy_helpers import CLASSES, tier_settings  # noqa: E402
+from shared.http.service import settings_parser  # noqa: E402
 from shared.lab.compose import IMAGE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
-CLASSES = {"cloud": CloudSettings, "edge": EdgeSettings, "user": UserSettings}
 NAMESPACE = "splitllm"
 POD = {"POD_NAME": "splitllm-edge-5d8f7-x2x9q", "POD_NAMESPACE": NAMESPACE}
 
@@ -54,13 +52,7 @@ def env_of(container: dict) -> dict[str, str]:
 
 
 def settings_of(container: dict, monkeypatch: pytest.MonkeyPatch):
-    for key in list(os.environ):
-        if key.startswith("SPLITLLM_"):
-            monkeypatch.delenv(key)
-    for key, value in env_of(container).items():
-        monkeypatch.setenv(key, value)
-    tier = container["args"][0]
-    return parse_settings(tier, CLASSES[tier], container["args"][1:])
+    return tier_settings(container["args"][0], env_of(container), container["args"][1:], monkeypatch)
 
 
 def test_the_manifests_validate_against_the_kubernetes_api_schema() -> None:
