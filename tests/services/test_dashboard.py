@@ -1,7 +1,8 @@
 """The cloud's dashboard (``/ui``) in a real headless Chromium against real tier processes (``make test-ui``):
-an unauthenticated start shows the 401 on the page; with the admin token a round starts, its users' progress
-shows, and it commits. Skips where Chromium or playwright is missing. ``SPLITLLM_UI_SCREENSHOT=path`` keeps
-a screenshot of the page after the rounds (the README's)."""
+an unauthenticated start shows the 401 on the page and the tier token's the 403; with the admin token rounds
+start, their users' progress shows, and they commit; a long round is cancelled from the page. Skips where
+Chromium or playwright is missing. ``SPLITLLM_UI_SCREENSHOT=path`` keeps a screenshot of the page after the
+committed rounds (the README's)."""
 
 from __future__ import annotations
 
@@ -77,7 +78,15 @@ def test_the_dashboard_starts_rounds_and_shows_them_commit(browser, cluster) -> 
     assert view["state"] == "committed" and view["request"]["local_steps"] == 8
     expect(page.locator("#chart-loss canvas")).to_have_count(1)
     expect(page.locator("#live-title")).to_have_text("none")
-    assert errors == []
     if os.environ.get("SPLITLLM_UI_SCREENSHOT"):
         page.screenshot(path=os.environ["SPLITLLM_UI_SCREENSHOT"], full_page=True)
+
+    page.fill("#local-steps", "5000")  # a long round, cancelled from the page
+    page.click("#start")
+    expect(page.locator("#progress [data-user='user-0']")).to_contain_text("step", timeout=60_000)
+    page.click("#cancel")
+    expect(page.locator(f"#rounds tr[data-round-id='{ROUNDS + 1}'] td.state")).to_contain_text("cancelled",
+                                                                                                timeout=120_000)
+    assert cluster.get(f"/v1/rounds/{ROUNDS + 1}").json()["state"] == "cancelled"
+    assert errors == []
     page.close()
