@@ -60,6 +60,7 @@ class EdgeServer:
         self.pending: dict[tuple[int, Mode], PendingRound] = {}
         self.finished: set[tuple[int, Mode]] = set()  # (round, phase) already reported: a retried start is a no-op
         self.outbox: dict[tuple[int, Mode, str], Report] = {}  # reports that a user's update settled, to send
+        self.starting: dict[tuple[int, Mode], threading.Event] = {}  # set once every user of a phase was started
         self.lock = threading.Lock()
 
     def register_user(self, user_id: str, link: Link, num_samples: int) -> None:
@@ -87,6 +88,7 @@ class EdgeServer:
             strategy = get_algorithm(plan.algorithm).strategy(plan.config, StrategyContext(Tier.EDGE, self.runtime.spec))
             pending = PendingRound({p.user_id: p for p in start.plans}, start.adapters, strategy, start.clip_norm)
             self.pending[key] = pending
+            starts_done = self.starting[key] = threading.Event()
         for plan in start.plans:
             self.runtime.open_session(plan, pending.previous[Tier.EDGE])
         if start.deadline:
@@ -94,12 +96,17 @@ class EdgeServer:
             pending.timer.daemon = True
             pending.timer.start()
         codec = self.runtime.policy(Hop.USER_EDGE).downloads
-        for plan in start.plans:
-            try:
-                self.users[plan.user_id].request("start", UserStart(plan, pending.previous[Tier.USER]).to_message(codec))
-            except Exception as exc:  # an unreachable user is dropped from this round, not the round
-                log.warning("round %s: could not start %s: %s", round_id, plan.user_id, exc)
-                self._send(self._drop_user(key, plan.user_id))
+        try:
+            for plan in start.plans:
+                try:
+                    self.users[plan.user_id].request("start", UserStart(plan, pending.previous[Tier.USER]).to_message(codec))
+                except Exception as exc:  # an unreachable user is dropped from this round, not the round
+                    log.warning("round %s: could not start %s: %s", round_id, plan.user_id, exc)
+                    self._send(self._drop_user(key, plan.user_id))
+        finally:
+            with self.lock:
+                self.starting.pop(key, None)
+            starts_done.set()
         return ack(round=round_id, edge=self.edge_id, users=len(start.plans))
 
     def _drop_older(self, round_id: int) -> None:
@@ -137,7 +144,7 @@ class EdgeServer:
                                                  if u not in pending.metrics and u not in pending.missing]
         for user_id in silent:
             log.warning("round %s (%s): user %s silent past the deadline; dropped", key[0], key[1], user_id)
-            self._send(self._drop_user(key, user_id))
+            self._report(self._drop_user(key, user_id))
 
     def on_update(self, msg: Message) -> Message:
         """A user's report; once every user has reported or been dropped, one report goes up (``after_update``).
@@ -167,11 +174,22 @@ class EdgeServer:
         """Once the transport has counted an update and its reply: send the report that update settled, if any.
 
         The report carries the round's bytes on the user-edge hop, so it goes only after the last
-        update's own bytes are in the ledger.
+        update's own bytes are in the ledger (and every start's, ``_report``).
         """
         meta = msg.meta
         with self.lock:
             report = self.outbox.pop((meta.get("round"), meta.get("mode"), meta.get("user")), None)
+        self._report(report)
+
+    def _report(self, report: Report | None) -> None:
+        """Send a report once this edge has started every user of its phase: a user may report before the
+        edge has read the reply to its start, and that start's bytes belong to the round too."""
+        if report is None:
+            return
+        with self.lock:
+            starting = self.starting.get((report.round, report.mode))
+        if starting is not None:
+            starting.wait()
         self._send(report)
 
     def _accept(self, pending: PendingRound, key: tuple[int, Mode], update: Update) -> Report | None:
