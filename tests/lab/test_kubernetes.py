@@ -135,6 +135,9 @@ def test_services_reach_the_tiers_on_their_ports(monkeypatch) -> None:
 def test_the_certificate_covers_every_name_a_tier_calls(tmp_path, monkeypatch) -> None:
     subprocess.run(["sh", str(K8S / "make-secrets.sh"), NAMESPACE, str(tmp_path)], check=True, capture_output=True,
                    timeout=120)
+    validate = subprocess.run([str(Path(sys.executable).with_name("kubernetes-validate")), "--strict", "--no-warn",
+                               str(tmp_path / "secrets.yaml")], capture_output=True, text=True, timeout=120)
+    assert validate.returncode == 0, validate.stdout[-2000:]
     secrets = list(yaml.safe_load_all((tmp_path / "secrets.yaml").read_text()))
     assert {s["metadata"]["name"] for s in secrets} == {"splitllm-tokens", "splitllm-tls"}
     assert set(secrets[0]["stringData"]) == {"token", "admin-token"}
