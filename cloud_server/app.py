@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Path, Request, Response
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 
 from cloud_server.service import CloudService, EdgeIn, RevokeIn, UserIn
 from shared.config.round import RoundBody
@@ -18,6 +21,7 @@ from shared.protocol.wire import Message
 
 # A round id or version: a plain decimal number that fits SQLite's integers (no sign, no leading zero, no "_").
 Id = Annotated[str, Path(pattern=r"^(0|[1-9][0-9]{0,17})$", description="a decimal number")]
+UI = FilePath(__file__).with_name("ui")  # the dashboard: static files, the round API called from the page
 
 # Who may call what: edges register, step and report; an admin runs rounds and manages credentials.
 RULES = (
@@ -72,7 +76,8 @@ def create_app(settings: CloudSettings) -> FastAPI:
     async def serve(request: Request, endpoint: str) -> Response:
         s: CloudService = svc()
         resp = await serve_message(request, getattr(s.coordinator, f"on_{endpoint}"), s.settings, s.ledger,
-                                   authorize=own_report if endpoint == "update" else own_sessions)
+                                   authorize=own_report if endpoint == "update" else own_sessions,
+                                   after=getattr(s.coordinator, f"after_{endpoint}", None))
         s.counters["updates" if endpoint == "update" else "steps"] += 1
         return resp
 
@@ -125,4 +130,9 @@ def create_app(settings: CloudSettings) -> FastAPI:
     def revoked() -> dict[str, Any]:
         return svc().revocations.to_meta()
 
+    @app.get("/ui", include_in_schema=False)
+    def ui() -> RedirectResponse:
+        return RedirectResponse("/ui/")
+
+    app.mount("/ui/", StaticFiles(directory=UI, html=True), name="ui")  # open, like /healthz: it holds no data
     return app

@@ -59,6 +59,7 @@ class Coordinator:
         self.strategies: dict[str, Strategy] = {}
         self._cancelled: set[int] = set()
         self._reports: dict[tuple[int, Mode], dict[str, Report]] = {}
+        self._arrived: dict[tuple[int, Mode, str], Report] = {}  # accepted, waiting for ``after_update``
         self._running: tuple[int, Strategy, AdapterBundle] | None = None  # the round in progress, its base state
         self.revoked: Callable[[], dict[str, Any]] | None = None  # the revoked credentials edges are told of
         self._cond = threading.Condition()
@@ -94,7 +95,10 @@ class Coordinator:
         return self.compute.on_backward(msg)
 
     def on_update(self, msg: Message) -> Message:
-        """An edge's report for one (round, phase): its users' pre-averaged adapters and metrics."""
+        """An edge's report for one (round, phase): its users' pre-averaged adapters and metrics.
+
+        It counts for the round once the transport has counted its bytes too (``after_update``).
+        """
         report = Report.from_message(msg)
         key = (report.round, report.mode)
         if report.edge not in self.edges:
@@ -111,9 +115,18 @@ class Coordinator:
         with self._cond:
             if key not in self._reports:
                 raise NotFound(f"no round {key[0]} ({key[1]}) is waiting for updates")
-            self._reports[key][report.edge] = report
-            self._cond.notify_all()
+            self._arrived[(*key, report.edge)] = report
         return ack(round=report.round)
+
+    def after_update(self, msg: Message) -> None:
+        """The transport has counted a report and its reply: the round may now read its bytes and go on."""
+        meta = msg.meta
+        with self._cond:
+            report = self._arrived.pop((meta.get("round"), meta.get("mode"), meta.get("edge")), None)
+            key = (meta.get("round"), meta.get("mode"))
+            if report is not None and key in self._reports:
+                self._reports[key][report.edge] = report
+                self._cond.notify_all()
 
     # rounds ---------------------------------------------------------------------------------------
     def strategy_for(self, request: RoundConfig) -> Strategy:
@@ -311,12 +324,14 @@ class Coordinator:
         codec = self.runtime.policy(Hop.EDGE_CLOUD).downloads
         started: list[str] = []
         errors: dict[str, str] = {}
+        revoked = self.revoked() if self.revoked is not None else None
+        revoked = revoked if revoked and any(revoked.values()) else None  # none revoked: nothing to say
         try:
             for edge_id, edge_plans in sorted(by_edge.items()):
                 start = RoundStart(edge_plans, download, deadline=req.deadline, clip_norm=req.clip_norm,
                                    clip_factor=req.clip_factor, aggregator=req.aggregator, trim=req.trim,
                                    weights={p.user_id: weights[p.user_id] for p in edge_plans},
-                                   revoked=self.revoked() if self.revoked is not None else None)
+                                   revoked=revoked)
                 try:
                     self.edges[edge_id].request("start", start.to_message(codec))
                     started.append(edge_id)
@@ -340,6 +355,8 @@ class Coordinator:
         finally:
             with self._cond:
                 self._reports.pop(key, None)
+                for stale in [k for k in self._arrived if k[:2] == key]:
+                    del self._arrived[stale]
         reported = {u for r in reports.values() for u in r.metrics}
         self._drop_sessions([p for u, p in plans.items() if mode is Mode.EVAL or u not in reported])
         return reports

@@ -29,7 +29,7 @@ from shared.model.partition import Split
 from shared.model.sources import resolve_model
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.enums import Tier
-from shared.protocol.links import LinkEmulator, get_profile
+from shared.protocol.links import link_emulator
 from shared.runtime.tier import TierRuntime, adapter_shapes
 from shared.seeds import derive_seed
 
@@ -44,6 +44,7 @@ class EdgeIn(BaseModel):
     edge_id: Ident
     url: Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(check_url)]
     link_profile: str = Field("none", description="the edge's link profile; starts sent to it are delayed by it")
+    link_rate_shaped: bool = Field(False, description="the network shapes the edge's link rates: emulate delay and loss only")
 
 
 class SignedRequest(BaseModel):
@@ -106,11 +107,12 @@ class CloudService:
         initial = AdapterBundle({tier: initial_state(shapes[tier], spec.seed, kind=spec.adapter) for tier in shapes})
         self.store = Store(settings.data_dir)
         revocations.merge(self.store.get_setting("revocations") or {})
+        self.store.put_setting("experiment", self.experiment.to_meta())  # what `splitllm export` reads offline
         self.ledger = ByteLedger()
         self.coordinator = Coordinator(self.runtime, initial, seed=spec.seed, round_timeout=settings.round_timeout,
                                        store=self.store, ledger=self.ledger)
         self.coordinator.revoked = revocations.to_meta
-        self.edge_profiles: dict[str, str] = {}
+        self.edge_links: dict[str, dict[str, Any]] = {}  # edge id -> its link_profile, link_rate_shaped
         self._client_sizes: list[int] | None = None
         self._restore_topology()
         self.queue: queue.Queue[RoundRecord | None] = queue.Queue()
@@ -118,12 +120,11 @@ class CloudService:
         self.worker.start()
         self.counters = {"steps": 0, "updates": 0}
 
-    def edge_link(self, edge_id: str, url: str, link_profile: str = "none") -> HttpLink:
-        profile = get_profile(link_profile)
+    def edge_link(self, edge_id: str, url: str, link_profile: str = "none", link_rate_shaped: bool = False) -> HttpLink:
         return HttpLink(url, upward=False, timeout=self.settings.request_timeout,
                         max_message_bytes=self.settings.max_message_bytes, ledger=self.ledger,
                         identity=self.security.identity, audience=f"edge:{edge_id}",
-                        emulator=LinkEmulator(profile, seed=derive_seed(url, "down")) if profile else None)
+                        emulator=link_emulator(link_profile, derive_seed(url, "down"), rate_shaped=link_rate_shaped))
 
     def register_edge(self, body: EdgeIn, caller: Principal | None) -> dict[str, Any]:
         """An edge (re-)registering itself: only with its own credential, at an allowed callback URL."""
@@ -131,9 +132,12 @@ class CloudService:
         refused = callback_allowed(body.url, self.settings.callback_hosts)
         if refused:
             raise InvalidInput(f"callback URL refused: {refused}")
-        link = self.edge_link(body.edge_id, body.url, body.link_profile)
+        try:
+            link = self.edge_link(body.edge_id, body.url, body.link_profile, body.link_rate_shaped)
+        except ValueError as exc:  # an unknown link profile
+            raise InvalidInput(str(exc)) from None
         old = self.coordinator.edges.get(body.edge_id)
-        self.edge_profiles[body.edge_id] = body.link_profile
+        self.edge_links[body.edge_id] = {"link_profile": body.link_profile, "link_rate_shaped": body.link_rate_shaped}
         self.coordinator.register_edge(body.edge_id, link)
         if old is not None:
             old.close()
@@ -196,15 +200,16 @@ class CloudService:
         """A restarted cloud calls the edges and users it knew; they need not register again."""
         topology = self.store.get_setting("topology") or {}
         for edge_id, entry in topology.items():
-            self.edge_profiles[edge_id] = entry.get("link_profile", "none")
-            self.coordinator.register_edge(edge_id, self.edge_link(edge_id, entry["url"], self.edge_profiles[edge_id]))
+            self.edge_links[edge_id] = {"link_profile": entry.get("link_profile", "none"),
+                                        "link_rate_shaped": bool(entry.get("link_rate_shaped", False))}
+            self.coordinator.register_edge(edge_id, self.edge_link(edge_id, entry["url"], **self.edge_links[edge_id]))
             for user_id, n in entry["users"].items():
                 self.coordinator.register_user(edge_id, user_id, n)
 
     def save_topology(self) -> None:
         c = self.coordinator
         self.store.put_setting("topology", {e: {"url": c.edges[e].base_url, "users": dict(c.edge_users[e]),
-                                                "link_profile": self.edge_profiles.get(e, "none")} for e in c.edges})
+                                                **self.edge_links.get(e, {})} for e in c.edges})
 
     def _work(self) -> None:
         while True:

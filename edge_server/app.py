@@ -95,8 +95,10 @@ def create_app(settings: EdgeSettings) -> FastAPI:
     async def serve(request: Request, endpoint: str) -> Response:
         s: EdgeService = svc()
         ledger = s.ledger if endpoint != "start" else None  # starts come from the cloud, which counts them
-        resp = await serve_message(request, getattr(s.ready(), f"on_{endpoint}"), s.settings, ledger,
-                                   authorize=own_messages if endpoint != "start" else None)
+        server = s.ready()
+        resp = await serve_message(request, getattr(server, f"on_{endpoint}"), s.settings, ledger,
+                                   authorize=own_messages if endpoint != "start" else None,
+                                   after=getattr(server, f"after_{endpoint}", None))
         if endpoint != "start":
             s.counters["updates" if endpoint == "update" else "steps"] += 1
         return resp

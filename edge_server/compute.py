@@ -65,6 +65,8 @@ class EdgeServer:
         self.user_samples: dict[str, int] = {}
         self.pending: dict[tuple[int, Mode], PendingRound] = {}
         self.finished: set[tuple[int, Mode]] = set()  # (round, phase) already reported: a retried start is a no-op
+        self.outbox: dict[tuple[int, Mode, str], Report] = {}  # reports that a user's update settled, to send
+        self.starting: dict[tuple[int, Mode], threading.Event] = {}  # set once every user of a phase was started
         self.lock = threading.Lock()
 
     def register_user(self, user_id: str, link: Link, num_samples: int) -> None:
@@ -92,6 +94,7 @@ class EdgeServer:
             policy = AggregationPolicy(start.clip_norm, start.clip_factor, start.aggregator, start.trim)
             pending = PendingRound({p.user_id: p for p in start.plans}, start.adapters, strategy, policy, start.weights)
             self.pending[key] = pending
+            starts_done = self.starting[key] = threading.Event()
         known = [p for p in start.plans if p.user_id in self.users]
         for plan in known:
             self.runtime.open_session(plan, pending.previous[Tier.EDGE])
@@ -99,16 +102,21 @@ class EdgeServer:
             pending.timer = threading.Timer(float(start.deadline), self._expire, (key,))
             pending.timer.daemon = True
             pending.timer.start()
-        for plan in start.plans:
-            if plan.user_id not in self.users:  # e.g. this edge restarted: the user re-registers at its next heartbeat
-                self._drop_user(key, plan.user_id, f"not registered at {self.edge_id} (did the edge restart?)")
         codec = self.runtime.policy(Hop.USER_EDGE).downloads
-        for plan in known:
-            try:
-                self.users[plan.user_id].request("start", UserStart(plan, pending.previous[Tier.USER]).to_message(codec))
-            except Exception as exc:  # an unreachable user is dropped from this round, not the round
-                log.warning("round %s: could not start %s: %s", round_id, plan.user_id, exc)
-                self._drop_user(key, plan.user_id, f"could not be started: {exc}")
+        try:  # a report settled here is sent at once (``_send``): ``_report`` would wait for this very start
+            for plan in start.plans:
+                if plan.user_id not in self.users:  # e.g. this edge restarted: the user re-registers at its next heartbeat
+                    self._send(self._drop_user(key, plan.user_id, f"not registered at {self.edge_id} (did the edge restart?)"))
+            for plan in known:
+                try:
+                    self.users[plan.user_id].request("start", UserStart(plan, pending.previous[Tier.USER]).to_message(codec))
+                except Exception as exc:  # an unreachable user is dropped from this round, not the round
+                    log.warning("round %s: could not start %s: %s", round_id, plan.user_id, exc)
+                    self._send(self._drop_user(key, plan.user_id, f"could not be started: {exc}"))
+        finally:
+            with self.lock:
+                self.starting.pop(key, None)
+            starts_done.set()
         return ack(round=round_id, edge=self.edge_id, users=len(known))
 
     def _drop_older(self, round_id: int) -> None:
@@ -119,19 +127,24 @@ class EdgeServer:
                 stale.timer.cancel()
         self.runtime.drop_sessions(keep=lambda k: k[0] >= round_id)
 
-    def _drop_user(self, key: tuple[int, Mode], user_id: str, reason: str) -> None:
-        report = None
+    def _drop_user(self, key: tuple[int, Mode], user_id: str, reason: str) -> Report | None:
+        """Drop a user from a (round, phase), saying why; the report for the cloud once that settles it."""
         with self.lock:
             pending = self.pending.get(key)
             if pending is None or user_id in pending.metrics or user_id in pending.missing:
-                return
+                return None
             pending.missing[user_id] = reason[:300]
             if (key[0], user_id) in self.runtime.sessions:
                 self.runtime.close_session(key[0], user_id)
-            if pending.settled:
-                report = self._finish(key)
-        if report is not None:
-            self.cloud.request("update", report)
+            return self._finish(key) if pending.settled else None
+
+    def _send(self, report: Report | None) -> None:
+        """Report to the cloud, with the (round, phase)'s bytes on the user-edge hop as counted now."""
+        if report is None:
+            return
+        if self.ledger is not None:
+            report.bytes = self.ledger.get((report.round, report.mode))
+        self.cloud.request("update", report.to_message(self.runtime.policy(Hop.EDGE_CLOUD).uploads))
 
     def _expire(self, key: tuple[int, Mode]) -> None:
         """The deadline passed: drop the silent users and report the others."""
@@ -141,10 +154,10 @@ class EdgeServer:
                                                  if u not in pending.metrics and u not in pending.missing]
         for user_id in silent:
             log.warning("round %s (%s): user %s silent past the deadline; dropped", key[0], key[1], user_id)
-            self._drop_user(key, user_id, "silent past the round's deadline")
+            self._report(self._drop_user(key, user_id, "silent past the round's deadline"))
 
     def on_update(self, msg: Message) -> Message:
-        """A user's report; once every user has reported or been dropped, one report goes up.
+        """A user's report; once every user has reported or been dropped, one report goes up (``after_update``).
 
         A user that could not do its part says so (``metrics.error``): it is dropped at once, as if
         its deadline had passed.
@@ -157,16 +170,38 @@ class EdgeServer:
                 raise NotFound(f"edge {self.edge_id}: no {update.mode} round {update.round} expects user '{update.user}'")
             if update.user in pending.metrics:  # a retried update: already counted
                 return ack(round=update.round, user=update.user)
-            if update.error is None:
-                report = self._accept(pending, key, update)
+            report = self._accept(pending, key, update) if update.error is None else None
         if update.error is not None:
             log.warning("round %s (%s): user %s failed: %s", key[0], key[1], update.user, update.error)
-            self._drop_user(key, update.user, f"failed on the device: {update.error}")
-        elif report is not None:
-            self.cloud.request("update", report)
+            report = self._drop_user(key, update.user, f"failed on the device: {update.error}")
+        if report is not None:
+            with self.lock:
+                self.outbox[(*key, update.user)] = report
         return ack(round=update.round, user=update.user)
 
-    def _accept(self, pending: PendingRound, key: tuple[int, Mode], update: Update) -> Message | None:
+    def after_update(self, msg: Message) -> None:
+        """Once the transport has counted an update and its reply: send the report that update settled, if any.
+
+        The report carries the round's bytes on the user-edge hop, so it goes only after the last
+        update's own bytes are in the ledger (and every start's, ``_report``).
+        """
+        meta = msg.meta
+        with self.lock:
+            report = self.outbox.pop((meta.get("round"), meta.get("mode"), meta.get("user")), None)
+        self._report(report)
+
+    def _report(self, report: Report | None) -> None:
+        """Send a report once this edge has started every user of its phase: a user may report before the
+        edge has read the reply to its start, and that start's bytes belong to the round too."""
+        if report is None:
+            return
+        with self.lock:
+            starting = self.starting.get((report.round, report.mode))
+        if starting is not None:
+            starting.wait()
+        self._send(report)
+
+    def _accept(self, pending: PendingRound, key: tuple[int, Mode], update: Update) -> Report | None:
         """Count a user's update (call with the lock held); the report for the cloud once the round is settled."""
         if update.mode is Mode.TRAIN:
             loss = as_number(update.metrics.get("train_loss"), f"user {update.user}'s metrics.train_loss")
@@ -183,7 +218,7 @@ class EdgeServer:
         pending.metrics[update.user] = update.metrics
         return self._finish(key) if pending.settled else None
 
-    def _finish(self, key: tuple[int, Mode]) -> Message:
+    def _finish(self, key: tuple[int, Mode]) -> Report:
         """Pre-aggregate what came in (call with the lock held) and build the report for the cloud."""
         pending = self.pending.pop(key)
         self.finished = {k for k in self.finished if k[0] >= key[0] - 1} | {key}
@@ -203,11 +238,9 @@ class EdgeServer:
                                     combined.clipped, combined.bound)
                         clipped[tier.value] = {"bound": combined.bound, "sources": combined.clipped}
                     states[tier] = combined.state
-        report = Report(round=round_id, edge=self.edge_id, mode=mode, num_samples=total, metrics=pending.metrics,
-                        missing=sorted(pending.missing), reasons=dict(sorted(pending.missing.items())), clipped=clipped,
-                        adapters=AdapterBundle(states),
-                        bytes=self.ledger.get(key) if self.ledger is not None else None)
-        return report.to_message(self.runtime.policy(Hop.EDGE_CLOUD).uploads)
+        return Report(round=round_id, edge=self.edge_id, mode=mode, num_samples=total, metrics=pending.metrics,
+                      missing=sorted(pending.missing), reasons=dict(sorted(pending.missing.items())), clipped=clipped,
+                      adapters=AdapterBundle(states))
 
     # the step chain ----------------------------------------------------------------------------
     def on_step(self, msg: Message) -> Message:

@@ -19,7 +19,7 @@ from shared.http.server import BackgroundStart
 from shared.http.service import TierSecurity
 from shared.model.sources import resolve_model
 from shared.protocol.enums import Tier
-from shared.protocol.links import LinkEmulator, get_profile
+from shared.protocol.links import link_emulator
 from shared.runtime.tier import TierRuntime
 from shared.seeds import derive_seed
 
@@ -33,6 +33,7 @@ class UserIn(BaseModel):
     url: Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(check_url)]
     num_samples: int = Field(ge=0)
     link_profile: str = Field("none", description="the user's link profile; starts sent to it are delayed by it")
+    link_rate_shaped: bool = Field(False, description="the network shapes the user's link rates: emulate delay and loss only")
 
 
 class EdgeService(BackgroundStart):
@@ -54,17 +55,18 @@ class EdgeService(BackgroundStart):
 
     def start(self) -> None:
         s = self.settings
-        profile = get_profile(s.link_profile)  # validate before registering
+        emulator = link_emulator(s.link_profile, derive_seed(self.edge_id, "link"),  # validated before registering
+                                 rate_shaped=s.link_rate_shaped)
         meta = post_json(f"{s.cloud.rstrip('/')}/v1/edges",
-                         {"edge_id": self.edge_id, "url": s.url(), "link_profile": s.link_profile}, deadline=3600,
+                         {"edge_id": self.edge_id, "url": s.url(), "link_profile": s.link_profile,
+                          "link_rate_shaped": s.link_rate_shaped}, deadline=3600,
                          identity=self.security.identity, audience="cloud")
         self.revocations.merge(meta.get("revoked") or {})
         self.experiment = Experiment.from_meta(meta)
         runtime = TierRuntime(Tier.EDGE, resolve_model(self.experiment.spec.model), self.experiment.spec,
                               device=s.device)
         cloud = HttpLink(s.cloud, upward=True, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes,
-                         identity=self.security.identity, audience="cloud",
-                         emulator=LinkEmulator(profile, seed=derive_seed(self.edge_id, "link")) if profile else None)
+                         identity=self.security.identity, audience="cloud", emulator=emulator)
         self.server = EdgeServer(self.edge_id, runtime, cloud, ledger=self.ledger, max_sessions=s.max_sessions,
                                  on_revoked=self.revocations.merge)
         log.info("edge %s ready (blocks %s)", self.edge_id, runtime.partition.layer_ids)
@@ -83,8 +85,11 @@ class EdgeService(BackgroundStart):
         refused = callback_allowed(body.url, s.callback_hosts)
         if refused:
             raise InvalidInput(f"callback URL refused: {refused}")
-        profile = get_profile(body.link_profile)
-        emulator = LinkEmulator(profile, seed=derive_seed(body.user_id, "down")) if profile else None
+        try:
+            emulator = link_emulator(body.link_profile, derive_seed(body.user_id, "down"),
+                                     rate_shaped=body.link_rate_shaped)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
         link = HttpLink(body.url, upward=False, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes,
                         ledger=self.ledger, emulator=emulator, identity=self.security.identity,
                         audience=f"user:{body.user_id}")

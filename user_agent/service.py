@@ -13,7 +13,7 @@ from shared.http.server import BackgroundStart
 from shared.http.service import TierSecurity
 from shared.model.sources import resolve_model
 from shared.protocol.enums import Tier
-from shared.protocol.links import LinkEmulator, get_profile
+from shared.protocol.links import link_emulator
 from shared.runtime.tier import TierRuntime
 from shared.seeds import derive_seed
 from user_agent.compute import UserAgent
@@ -45,10 +45,9 @@ class UserService(BackgroundStart):
         client = experiment.data.client(self.client_index)
         source = resolve_model(experiment.spec.model)
         runtime = TierRuntime(Tier.USER, source, experiment.spec, device=s.device)
-        profile = get_profile(s.link_profile)
+        emulator = link_emulator(s.link_profile, derive_seed(self.user_id, "link"), rate_shaped=s.link_rate_shaped)
         link = HttpLink(s.edge, upward=True, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes,
-                        identity=self.security.identity, audience=audience,
-                        emulator=LinkEmulator(profile, seed=derive_seed(self.user_id, "link")) if profile else None)
+                        identity=self.security.identity, audience=audience, emulator=emulator)
         tokenizer = source.tokenizer(experiment.spec.tokenizer)
         log.info("user %s: tokenizer %s", self.user_id, tokenizer.origin)
         agent = UserAgent(self.user_id, runtime, client, tokenizer, link, max_len=experiment.data.max_len,
@@ -63,7 +62,7 @@ class UserService(BackgroundStart):
     def register(self, num_samples: int, deadline: float) -> None:
         s = self.settings
         post_json(f"{s.edge.rstrip('/')}/v1/users", {"user_id": self.user_id, "url": s.url(), "num_samples": num_samples,
-                                                     "link_profile": s.link_profile},
+                                                     "link_profile": s.link_profile, "link_rate_shaped": s.link_rate_shaped},
                   deadline=deadline, identity=self.security.identity, audience=f"edge:{self.edge_id}")
 
     def _heartbeat(self) -> None:

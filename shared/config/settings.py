@@ -26,6 +26,10 @@ def check_shared_secrets(token: str | None, admin_token: str | None) -> None:
         raise ValueError("--token and --admin-token must differ: a tier must not hold the round API's secret")
 
 
+LINK_RATE_SHAPED = ("the network (tc) shapes this link's rates already: the emulator adds only the profile's "
+                    "delay, jitter and loss")
+
+
 class ServiceSettings(BaseSettings):
     """Settings every tier has."""
 
@@ -161,6 +165,7 @@ class EdgeSettings(ServiceSettings):
     port: int = 8100
     max_sessions: int = Field(64, description="concurrent user sessions; more get 503 with Retry-After")
     link_profile: str = Field("none", description="emulated link to the cloud: wifi, 4g, 5g, fiber or none")
+    link_rate_shaped: bool = Field(False, description=LINK_RATE_SHAPED)
     cloud: str = Field("http://127.0.0.1:8000", description="URL of the cloud")
     edge_id: str | None = Field(None, description="this edge's id (default: its credential's, else edge-<port>)")
 
@@ -172,6 +177,7 @@ class UserSettings(ServiceSettings):
     role: ClassVar[str] = "user"
     port: int = 8200
     link_profile: str = Field("none", description="emulated link to the edge: wifi, 4g, 5g, fiber or none")
+    link_rate_shaped: bool = Field(False, description=LINK_RATE_SHAPED)
     edge: str = Field("http://127.0.0.1:8100", description="URL of this user's edge")
     user_id: str | None = Field(None, description="this user's id (default: its credential's, else user-<client index>)")
     client_index: int = Field(0, description="which client of the partitioned data set this device holds")

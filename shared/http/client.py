@@ -11,9 +11,9 @@ import httpx
 
 from shared.errors import UpstreamError
 from shared.http.credentials import Credential
-from shared.protocol.transport import ENDPOINTS, Link, LinkStats
+from shared.protocol.transport import ENDPOINTS, Link, LinkStats, round_key
 from shared.protocol.wire import CONTENT_TYPE, Message, WireError, decode, encode
-from shared.http.metrics import ByteLedger, round_key
+from shared.http.metrics import ByteLedger
 
 
 class TransportError(UpstreamError):

@@ -17,7 +17,8 @@ from shared.errors import ServiceError, Starting
 from shared.http.auth import Auth, GuardMiddleware
 from shared.http.bodies import incoming_message
 from shared.http.credentials import Principal
-from shared.http.metrics import ByteLedger, round_key
+from shared.http.metrics import ByteLedger
+from shared.protocol.transport import round_key
 from shared.protocol.wire import CONTENT_TYPE, Message, encode
 
 log = logging.getLogger("splitllm.http")
@@ -28,24 +29,31 @@ Handler = Callable[[Message], Message]
 Authorize = Callable[[Message, Principal], None]  # raises Forbidden when the caller may not send this message
 
 
-async def call_handler(fn: Handler, msg: Message, what: str = "", status_code: int = 200) -> tuple[Response, int]:
-    """Run compute off the event loop. The project's errors keep their status (``ServiceError``); any other
+async def off_loop(fn: Callable[[Any], Any], arg: Any, what: str) -> Any:
+    """``fn(arg)`` in a worker thread. The project's errors keep their status (``ServiceError``); any other
     exception is our bug: 500 with a generic body, the traceback in the log."""
     try:
-        reply = await anyio.to_thread.run_sync(fn, msg)
-        body = await anyio.to_thread.run_sync(encode, reply)
+        return await anyio.to_thread.run_sync(fn, arg)
     except ServiceError:
         raise
     except Exception:
-        log.exception("internal error serving %s", what or getattr(fn, "__name__", "a request"))
+        log.exception("internal error serving %s", what)
         raise HTTPException(500, INTERNAL_ERROR) from None
+
+
+async def call_handler(fn: Handler, msg: Message, what: str = "", status_code: int = 200) -> tuple[Response, int]:
+    """Run compute off the event loop and encode its reply (errors as ``off_loop`` maps them)."""
+    what = what or getattr(fn, "__name__", "a request")
+    body = await off_loop(encode, await off_loop(fn, msg, what), what)
     return Response(content=body, status_code=status_code, media_type=CONTENT_TYPE), len(body)
 
 
 async def serve_message(request: Request, handler: Handler, settings: Any, ledger: ByteLedger | None = None,
-                        status_code: int = 200, authorize: Authorize | None = None) -> Response:
+                        status_code: int = 200, authorize: Authorize | None = None,
+                        after: Callable[[Message], None] | None = None) -> Response:
     """A msgpack endpoint: read the message (``shared.http.bodies``), check the caller may send it, run ``handler``
-    off the loop, count its bytes."""
+    off the loop, count its bytes; then, the body's memory released, run ``after(message)`` (a handler's
+    ``after_<endpoint>``, see ``shared.protocol.transport.Handler``)."""
     async with incoming_message(request, settings) as (msg, n_in):
         caller = getattr(request.state, "principal", None)
         if authorize is not None and caller is not None:
@@ -53,6 +61,8 @@ async def serve_message(request: Request, handler: Handler, settings: Any, ledge
         resp, n_out = await call_handler(handler, msg, request.url.path, status_code)
         if ledger is not None:
             ledger.add(round_key(msg), n_in, n_out)
+    if after is not None:
+        await off_loop(after, msg, f"{request.url.path} (after its reply)")
     return resp
 
 

@@ -260,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("topology", help="the tiers in network namespaces joined by tc-shaped veth links (root)",
                    add_help=False)
     sub.add_parser("credentials", help="a deployment's key, tiers' credentials, revocation (see --help)", add_help=False)
+    sub.add_parser("compose", help="the compose topology under Docker, built offline; runs a round (root)",
+                   add_help=False)
+    sub.add_parser("export", help="an adapter version as a PEFT adapter directory (see splitllm export --help)",
+                   add_help=False)
     p = bench.add_parser("codecs", help="bytes, throughput and training effect of each tensor codec")
     p.add_argument("--model", default="minilm-l6")
     p.add_argument("--split", default="1,3")
@@ -328,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         from shared.lab.topology import main as topology_main
 
         return int(topology_main(argv[1:]) or 0)
+    if argv and argv[0] in ("compose", "export"):  # these parse their own flags
+        import importlib
+
+        return int(importlib.import_module(f"shared.lab.{argv[0]}").main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -18,12 +18,13 @@ from shared.config.deployment import DataSpec, ModelSpec, codecs_for
 from shared.config.round import RoundConfig
 from shared.data.datasets import FederatedDataset
 from shared.fl.plugin import get_algorithm
+from shared.http.metrics import ByteLedger
 from shared.model.adapters import LoraSettings, initial_state
 from shared.model.partition import Split
 from shared.model.sources import ModelSource, resolve_model
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.enums import Tier
-from shared.protocol.links import LinkEmulator, get_profile
+from shared.protocol.links import LinkEmulator, link_emulator
 from shared.protocol.transport import InProcessLink
 from shared.runtime.tier import TierRuntime, adapter_shapes
 from shared.seeds import derive_seed
@@ -113,7 +114,8 @@ class Simulation:
         edge_rt = TierRuntime(Tier.EDGE, self.source, self.spec)
         user_rt = TierRuntime(Tier.USER, self.source, self.spec)
         self.runtimes = {Tier.USER: user_rt, Tier.EDGE: edge_rt, Tier.CLOUD: cloud_rt}
-        self.coordinator = Coordinator(cloud_rt, initial, seed=config.seed)
+        # each server-side tier counts its hop by round as the services do, so reports carry the same bytes
+        self.coordinator = Coordinator(cloud_rt, initial, seed=config.seed, ledger=ByteLedger())
         self.edge_links: list[InProcessLink] = []
         self.user_links: list[InProcessLink] = []
         self.edges: list[EdgeServer] = []
@@ -121,9 +123,10 @@ class Simulation:
         for e in range(config.edges):
             edge_id = f"edge-{e}"
             emulator = self._emulator("edge_cloud", config.edge_link, edge_id)
-            up = InProcessLink(self.coordinator, upward=True, wire=config.wire, emulator=emulator)
-            edge = EdgeServer(edge_id, edge_rt, up)
-            down = InProcessLink(edge, upward=False, wire=config.wire, emulator=emulator)
+            cloud_ledger = self.coordinator.ledger
+            up = InProcessLink(self.coordinator, upward=True, wire=config.wire, emulator=emulator, ledger=cloud_ledger)
+            edge = EdgeServer(edge_id, edge_rt, up, ledger=ByteLedger())
+            down = InProcessLink(edge, upward=False, wire=config.wire, emulator=emulator, ledger=cloud_ledger)
             self.coordinator.register_edge(edge_id, down)
             self.edges.append(edge)
             self.edge_links += [up, down]
@@ -132,22 +135,20 @@ class Simulation:
             edge = self.edges[i % config.edges]
             user_id = f"user-{i}"
             emulator = self._emulator("user_edge", config.user_link, user_id)
-            up = InProcessLink(edge, upward=True, wire=config.wire, emulator=emulator)
+            up = InProcessLink(edge, upward=True, wire=config.wire, emulator=emulator, ledger=edge.ledger)
             slowdown = config.slowdowns[i % len(config.slowdowns)] if config.slowdowns else 1.0
             agent = UserAgent(user_id, user_rt, client, tokenizer, up, max_len=config.max_len, slowdown=slowdown,
                               pad_to_max=config.pad_to_max)
-            down = InProcessLink(agent, upward=False, wire=config.wire, emulator=emulator)
+            down = InProcessLink(agent, upward=False, wire=config.wire, emulator=emulator, ledger=edge.ledger)
             edge.register_user(user_id, down, agent.num_samples)
             self.coordinator.register_user(edge.edge_id, user_id, agent.num_samples)
             self.users.append(agent)
             self.user_links += [up, down]
 
     def _emulator(self, hop: str, profile_name: str, owner: str) -> LinkEmulator | None:
-        profile = get_profile(profile_name)
-        if profile is None:
-            return None
-        emulator = LinkEmulator(profile, seed=derive_seed(self.config.seed, owner, "link"), sleep=self.config.link_sleep)
-        self.emulators[hop].append(emulator)
+        emulator = link_emulator(profile_name, derive_seed(self.config.seed, owner, "link"), sleep=self.config.link_sleep)
+        if emulator is not None:
+            self.emulators[hop].append(emulator)
         return emulator
 
     def link_seconds(self) -> dict[str, dict[str, float]]:

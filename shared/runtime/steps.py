@@ -45,7 +45,7 @@ def check_step(request: StepRequest, limits: StepLimits) -> None:
     compute dtype. Labels are class ids below the head's size (language modelling: -100 where ignored).
     """
     hidden, attention_mask, labels = request.hidden, request.attention_mask, request.labels
-    width, task = limits.width, limits.task
+    width = limits.width
     if (labels is not None) != limits.labels:
         raise InvalidInput("a step of this deployment carries labels" if limits.labels else
                            "this deployment is U-shaped: labels stay on the device, a step must not carry them")

@@ -152,15 +152,20 @@ def test_retried_user_updates_are_counted_once(sim):
             return Update(rid, user, Mode.TRAIN, n, {"train_loss": 1.0},
                           {k: v + delta for k, v in state["user"].items()}).to_message()
 
+        def deliver(msg: Message) -> None:  # as a transport does: the handler, then its after-reply hook
+            msg = decode(encode(msg))
+            edge.on_update(msg)
+            edge.after_update(msg)
+
         for _ in range(3):
-            edge.on_update(decode(encode(update("user-0", 0.1, 10))))
+            deliver(update("user-0", 0.1, 10))
         pending = edge.pending[(rid, "train")]
         assert list(pending.metrics) == ["user-0"] and len(pending.user_updates) == 1
         assert len(pending.edge_updates) == 1
         assert recorder.calls == []
-        edge.on_update(decode(encode(update("user-1", -0.1, 30))))
+        deliver(update("user-1", -0.1, 30))
         try:  # the edge has reported: a late retry must not produce a second report
-            edge.on_update(decode(encode(update("user-1", -0.1, 30))))
+            deliver(update("user-1", -0.1, 30))
         except NotFound:
             pass  # (today: 404 "no train round 70 expects user-1")
     finally:

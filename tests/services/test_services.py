@@ -50,15 +50,24 @@ def fetch_version(cluster: Cluster, version: int) -> AdapterBundle:
     return AdapterBundle.from_tensors(load(r.content))
 
 
+def hop_bytes(row: dict) -> dict:
+    """A simulator row's bytes per hop, named as a round's metrics name them."""
+    return {"user_edge": row["bytes"]["user"], "edge_cloud": row["bytes"]["edge"]}
+
+
 def test_http_rounds_equal_the_simulator(cluster):
+    views = []
     for expected in (1, 2):
         rid = cluster.start_round()
         view = cluster.wait_round(rid)
         assert view["state"] == "committed", view
         assert view["version"] == expected
+        views.append(view)
     served = fetch_version(cluster, 2)
     sim = Simulation(sim_config())
-    sim.run()
+    rows = sim.run()
+    # every message of a round, training and evaluation, counted on each hop: the same bytes as in-process
+    assert [v["metrics"]["bytes"] for v in views] == [hop_bytes(r) for r in rows]
     for tier, state in sim.coordinator.global_state.items():
         assert set(served[tier]) == set(state)
         for key, value in state.items():

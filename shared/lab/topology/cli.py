@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     if d["netem"]:
         print("netem: delay, jitter and loss of each profile applied by the kernel")
     else:
-        print("netem: not in this kernel; tbf shapes the rates only, and delay/jitter/loss come from the "
-              "transport's link emulator (shared/protocol/links.py) where a run configures one")
+        print("netem: not in this kernel; tbf shapes the rates, and the edges' and users' link emulators "
+              "(--link-rate-shaped) add each profile's delay, jitter and loss")
     print(f"state: {state.path}")
     if args.no_tiers:
         print("tiers not started (--no-tiers)")

@@ -39,7 +39,7 @@ def up(plan: Plan, workdir: Path, tiers: bool = True, tier_args: TierArgs | None
         build_network(plan, state, netem)
         if tiers:
             tier_args = tier_args or TierArgs()
-            cmds = tier_commands(plan, workdir, python, tier_args, log_level)
+            cmds = tier_commands(plan, workdir, python, tier_args, log_level, emulate=not netem)
             popens = start_tiers(plan, state, cmds, tier_env(tier_args, workdir, plan), tier_args.scheme)
             wait_ready(plan, state, popens, timeout, python)
     except BaseException:

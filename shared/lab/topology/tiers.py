@@ -73,9 +73,14 @@ def parsed_config(extra: list[str]) -> str:
 
 
 def tier_commands(plan: Plan, workdir: Path, python: str, tier_args: TierArgs,
-                  log_level: str = "warning") -> dict[str, list[str]]:
+                  log_level: str = "warning", emulate: bool = False) -> dict[str, list[str]]:
     """``ip netns exec <ns> python -m shared.lab.cli <tier> ...`` for every tier; the tiers listen inside
-    their own namespaces (cloud and edges on all their links, users on their one address)."""
+    their own namespaces (cloud and edges on all their links, users on their one address). With
+    ``emulate`` (no netem in the kernel) edges and users get their link profile with ``--link-rate-shaped``:
+    tbf paces the bytes, and their link emulators add the profile's delay, jitter and loss."""
+    def link(profile: str) -> list[str]:
+        return ["--link-profile", profile, "--link-rate-shaped"] if emulate and profile != "none" else []
+
     cmds: dict[str, list[str]] = {}
     common = ["--log-level", log_level, *tier_args.common]
     s = tier_args.scheme
@@ -86,13 +91,15 @@ def tier_commands(plan: Plan, workdir: Path, python: str, tier_args: TierArgs,
         name = f"edge-{e}"
         cmds[name] = in_ns(plan.namespaces[name], python, "-m", "shared.lab.cli", "edge", "--host", "0.0.0.0",
                            "--port", str(PORTS["edge"]), "--cloud", f"{s}://{parent_addr(plan, name)}:{PORTS['cloud']}",
-                           "--edge-id", name, "--public-url", f"{s}://{plan.addrs[name]}:{PORTS['edge']}", *common)
+                           "--edge-id", name, "--public-url", f"{s}://{plan.addrs[name]}:{PORTS['edge']}",
+                           *link(plan.edge_profile), *common)
     for i in range(plan.users):
         name = f"user-{i}"
         addr = plan.addrs[name]
         cmds[name] = in_ns(plan.namespaces[name], python, "-m", "shared.lab.cli", "user", "--host", addr,
                            "--port", str(PORTS["user"]), "--edge", f"{s}://{parent_addr(plan, name)}:{PORTS['edge']}",
-                           "--client-index", str(i), "--public-url", f"{s}://{addr}:{PORTS['user']}", *common)
+                           "--client-index", str(i), "--public-url", f"{s}://{addr}:{PORTS['user']}",
+                           *link(plan.profile), *common)
     return cmds
 
 
