@@ -10,9 +10,9 @@ from shared.config.settings import CloudSettings
 
 def main(argv: list[str] | None = None) -> int:
     from cloud_server.app import create_app
-    from cloud_server.service import build_experiment
+    from shared.config.federation import federation_from
 
-    return serve("splitllm cloud", CloudSettings, create_app, argv, check=build_experiment)
+    return serve("splitllm cloud", CloudSettings, create_app, argv, check=federation_from)
 
 
 if __name__ == "__main__":

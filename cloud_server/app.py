@@ -9,7 +9,8 @@ from fastapi import FastAPI, HTTPException, Path, Request, Response
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from cloud_server.service import CloudService, EdgeIn, RevokeIn, UserIn
+from cloud_server.registration import UserIn
+from cloud_server.service import CloudService, EdgeIn, RevokeIn
 from shared.config.round import RoundBody
 from shared.config.settings import CloudSettings
 from shared.errors import Conflict, Forbidden, NotFound
@@ -53,7 +54,8 @@ def create_app(settings: CloudSettings) -> FastAPI:
 
     @app.get("/v1/spec")
     def spec() -> dict[str, Any]:
-        return svc().experiment.to_meta()
+        s: CloudService = svc()
+        return {**s.experiment.to_meta(), "deployments": [d.to_meta() for d in s.federation.deployments.values()]}
 
     @app.post("/v1/edges")
     def register_edge(body: EdgeIn, request: Request) -> dict[str, Any]:
@@ -61,8 +63,7 @@ def create_app(settings: CloudSettings) -> FastAPI:
 
     @app.post("/v1/edges/{edge_id}/users")
     def register_user(edge_id: str, body: UserIn, request: Request) -> dict[str, Any]:
-        svc().register_user(edge_id, body, principal_of(request))
-        return {"ok": True}
+        return {"ok": True, "placement": svc().register_user(edge_id, body, principal_of(request))}
 
     def own_sessions(msg: Message, caller: Principal) -> None:
         """An edge steps only the sessions of users registered behind it."""

@@ -34,7 +34,7 @@ class CloudCompute:
             codec = self.runtime.policy(Hop.EDGE_CLOUD).activations
             reply = OutputReply(pack_tokens(out.detach(), request.attention_mask)).to_message(codec)
             return Downstream(reply=reply, output=out if session.plan.training else None)
-        task = self.runtime.spec.task
+        task = self.runtime.variant(session.plan).spec.task
         labels = request.labels.to(self.runtime.device, torch.int64)
         logits = self.runtime.head(session, out, request.attention_mask)
         if not session.plan.training:

@@ -38,14 +38,28 @@ def train_metrics(chosen: list[str], per_user: dict[str, dict[str, Any]]) -> dic
     return out
 
 
-def eval_metrics(task: str, reports: dict[str, Report]) -> dict[str, Any]:
-    """Held-out loss over every token or example the users evaluated; accuracy, or perplexity for a language model."""
+def eval_metrics(reports: dict[str, Report], task_of: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """Held-out loss over every token or example the users evaluated; accuracy, or perplexity for a language model.
+
+    ``task_of`` maps each user to its (task name, ``cls`` or ``lm``). With several tasks, ``tasks`` holds each
+    one's own metrics, and the overall figures pool the tasks of the first one's kind.
+    """
+    per_user = {u: m for report in reports.values() for u, m in report.metrics.items()}
+    names = sorted({task_of[u][0] for u in per_user}) or [""]
+    kind = next((task_of[u][1] for u in per_user), "cls")
+    out = _pooled(kind, {u: m for u, m in per_user.items() if task_of[u][1] == kind})
+    if len(names) > 1:
+        out["tasks"] = {name: _pooled(next(k for n, k in task_of.values() if n == name),
+                                      {u: m for u, m in per_user.items() if task_of[u][0] == name}) for name in names}
+    return out
+
+
+def _pooled(task: str, per_user: dict[str, dict[str, Any]]) -> dict[str, Any]:
     loss_sum = count = correct = 0.0
-    for report in reports.values():
-        for user, m in report.metrics.items():
-            loss_sum += as_number(m.get("loss_sum"), f"{user}'s loss_sum")
-            count += as_number(m.get("count"), f"{user}'s count")
-            correct += as_number(m.get("correct"), f"{user}'s correct")
+    for user, m in per_user.items():
+        loss_sum += as_number(m.get("loss_sum"), f"{user}'s loss_sum")
+        count += as_number(m.get("count"), f"{user}'s count")
+        correct += as_number(m.get("correct"), f"{user}'s correct")
     eval_loss = loss_sum / max(count, 1)
     out: dict[str, Any] = {"eval_loss": eval_loss}
     if task == "cls":
@@ -65,3 +79,11 @@ def hop_bytes(reports: dict[str, Report], ledger: ByteLedger | None, key: tuple[
     if ledger is not None and reports:
         out["edge_cloud"] = ledger.get(key)
     return out
+
+
+def drop_reasons(reports: dict[str, Report], chosen: list[str]) -> dict[str, str]:
+    """Why each chosen user that did not report was dropped: as its edge said, or its edge never reported."""
+    reasons = {u: r for report in reports.values() for u, r in report.reasons.items()}
+    reported = {u for report in reports.values() for u in (*report.metrics, *report.missing)}
+    reasons.update({u: "its edge did not report" for u in chosen if u not in reported})
+    return dict(sorted(reasons.items()))

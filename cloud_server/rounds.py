@@ -5,26 +5,27 @@ from __future__ import annotations
 import logging
 import math
 import random
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from cloud_server.compute import CloudCompute
-from cloud_server.metrics import eval_metrics, hop_bytes, train_metrics
+from cloud_server.aggregation import aggregate_round
+from cloud_server.metrics import drop_reasons, eval_metrics, hop_bytes, train_metrics
 from cloud_server.records import FINISHED, RoundCancelled, RoundError, RoundRecord
 from cloud_server.store import Store
+from cloud_server.topology import Topology
 from shared.config.round import RoundConfig
 from shared.errors import InvalidInput, NotFound
 from shared.fl.aggregation import AdapterUpdate
-from shared.fl.robust import AggregationPolicy, combine
-from shared.fl.plugin import Participant, Strategy, StrategyContext, get_algorithm
+from shared.fl.namespaces import with_prefix, within
+from shared.fl.robust import AggregationPolicy
+from shared.fl.plugin import ModelInfo, Participant, Strategy, StrategyContext, get_algorithm
 from shared.http.metrics import ByteLedger
-from shared.model.adapters import AdapterState, clone_state
+from shared.model.adapters import clone_state
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.enums import TIERS, Hop, Mode, Tier
 from shared.protocol.messages import Report, RoundPlan, RoundStart, ack
-from shared.protocol.transport import Link
 from shared.protocol.wire import Message
 from shared.runtime.tier import TierRuntime
 from shared.seeds import derive_seed
@@ -34,13 +35,23 @@ log = logging.getLogger("splitllm.rounds")
 KEEP_FINISHED = 16  # finished rounds kept in memory when a store holds the history
 
 
-class Coordinator:
-    """The cloud's round driver and the cloud tier's handler (``on_step``, ``on_update``)."""
+class Coordinator(Topology):
+    """The cloud's round driver and the cloud tier's handler (``on_step``, ``on_update``).
 
-    def __init__(self, runtime: TierRuntime, initial: AdapterBundle, seed: int = 0, round_timeout: float = 3600.0,
-                 store: Store | None = None, ledger: ByteLedger | None = None, grace: float = 30.0) -> None:
-        self.runtime = runtime
-        self.compute = CloudCompute(runtime)
+    ``runtime`` is the cloud tier of the one deployment, or one per deployment by name (a federation of
+    several models): their keys in the global state then carry the ``<deployment>/`` prefix, and each
+    edge serves one of them.
+    """
+
+    def __init__(self, runtime: TierRuntime | Mapping[str, TierRuntime], initial: AdapterBundle, seed: int = 0,
+                 round_timeout: float = 3600.0, store: Store | None = None, ledger: ByteLedger | None = None,
+                 grace: float = 30.0) -> None:
+        runtimes = dict(runtime) if isinstance(runtime, Mapping) else {"": runtime}
+        super().__init__(next(iter(runtimes)))
+        self.runtimes = runtimes
+        self.runtime = next(iter(runtimes.values()))  # the default deployment's
+        self.prefixes = {name: f"{name}/" if len(runtimes) > 1 else "" for name in runtimes}
+        self.computes = {name: CloudCompute(rt) for name, rt in runtimes.items()}
         self.store = store
         self.ledger = ledger  # bytes on the edge-cloud hop per (round, mode), where a transport measures them
         self.global_state = AdapterBundle({t: clone_state(initial[t]) for t in TIERS})
@@ -53,8 +64,6 @@ class Coordinator:
         self.seed = seed
         self.round_timeout = round_timeout
         self.grace = grace  # how long past a round's deadline the cloud waits for edges' reports
-        self.edges: dict[str, Link] = {}
-        self.edge_users: dict[str, dict[str, int]] = {}
         self.rounds: dict[int, RoundRecord] = {}
         self.strategies: dict[str, Strategy] = {}
         self._cancelled: set[int] = set()
@@ -62,37 +71,20 @@ class Coordinator:
         self._arrived: dict[tuple[int, Mode, str], Report] = {}  # accepted, waiting for ``after_update``
         self._running: tuple[int, Strategy, AdapterBundle] | None = None  # the round in progress, its base state
         self.revoked: Callable[[], dict[str, Any]] | None = None  # the revoked credentials edges are told of
-        self._cond = threading.Condition()
 
-    # topology --------------------------------------------------------------------------------
-    def register_edge(self, edge_id: str, link: Link) -> None:
-        with self._cond:
-            self.edges[edge_id] = link
-            self.edge_users.setdefault(edge_id, {})
+    def _deployment(self, user_id: str) -> str:
+        return self.deployment_of(user_id) if len(self.runtimes) > 1 else self.default_deployment
 
-    def register_user(self, edge_id: str, user_id: str, num_samples: int) -> None:
-        """A user behind ``edge_id``; a user that registers again through another edge moves there."""
-        with self._cond:
-            if edge_id not in self.edges:
-                raise NotFound(f"unknown edge '{edge_id}'")
-            for users in self.edge_users.values():
-                users.pop(user_id, None)
-            self.edge_users[edge_id][user_id] = num_samples
-
-    def edge_of(self, user_id: str) -> str | None:
-        """The edge a user is registered behind."""
-        with self._cond:
-            return next((e for e, users in self.edge_users.items() if user_id in users), None)
-
-    def participants(self) -> list[Participant]:
-        return [Participant(u, e, n) for e, users in sorted(self.edge_users.items()) for u, n in sorted(users.items())]
+    def runtime_of(self, user_id: str) -> TierRuntime:
+        """The cloud tier of the deployment a registered user trains."""
+        return self.runtimes[self._deployment(user_id)]
 
     # handlers ----------------------------------------------------------------------------------
     def on_step(self, msg: Message) -> Message:
-        return self.compute.on_step(msg)
+        return self.computes[self._deployment(str(msg.meta.get("user")))].on_step(msg)
 
     def on_backward(self, msg: Message) -> Message:
-        return self.compute.on_backward(msg)
+        return self.computes[self._deployment(str(msg.meta.get("user")))].on_backward(msg)
 
     def on_update(self, msg: Message) -> Message:
         """An edge's report for one (round, phase): its users' pre-averaged adapters and metrics.
@@ -107,11 +99,13 @@ class Coordinator:
             if key not in self._reports:
                 raise NotFound(f"no round {key[0]} ({key[1]}) is waiting for updates")
             running = self._running
+        prefix = self.prefixes.get(self.edge_deployment.get(report.edge, ""), "")
         if report.mode is Mode.TRAIN and report.metrics and running is not None and running[0] == report.round:
             _, strategy, base = running
             for tier in (Tier.USER, Tier.EDGE):
-                strategy.validate_update(tier, report.adapters.get(tier, {}), base[tier],
+                strategy.validate_update(tier, report.adapters.get(tier, {}), within(base[tier], prefix),
                                          f"edge {report.edge} ({tier} tier)")
+        report.adapters = AdapterBundle({t: with_prefix(state, prefix) for t, state in report.adapters.items()})
         with self._cond:
             if key not in self._reports:
                 raise NotFound(f"no round {key[0]} ({key[1]}) is waiting for updates")
@@ -133,7 +127,8 @@ class Coordinator:
         """One strategy per (algorithm, config), kept across rounds for plug-ins with state (bandits, schedules)."""
         key = f"{request.algorithm}:{sorted(request.config.items())}"
         if key not in self.strategies:
-            ctx = StrategyContext(Tier.CLOUD, self.runtime.spec, self.seed)
+            models = {name: ModelInfo(rt.spec, rt.source.num_layers, self.prefixes[name]) for name, rt in self.runtimes.items()}
+            ctx = StrategyContext(Tier.CLOUD, self.runtime.spec, self.seed, models)
             self.strategies[key] = get_algorithm(request.algorithm).strategy(request.config, ctx)
         return self.strategies[key]
 
@@ -155,7 +150,8 @@ class Coordinator:
         """Record a round to run; the algorithm and its config are checked first (``InvalidInput``: 422)."""
         request = request.resolved(self.runtime.spec.task)
         algorithm = get_algorithm(request.algorithm)
-        algorithm.strategy_cls.check_request(algorithm.parse_config(request.config), request, self.runtime.spec)
+        for rt in self.runtimes.values():
+            algorithm.strategy_cls.check_request(algorithm.parse_config(request.config), request, rt.spec)
         if request.participants:
             known = {p.user_id for p in self.participants()}
             unknown = sorted(set(request.participants) - known)
@@ -269,7 +265,7 @@ class Coordinator:
         """Held-out metrics of the version just committed, merged into the round's metrics."""
         t0 = time.perf_counter()
         reports = self._phase(record, chosen, Mode.EVAL, {p.user_id: {} for p in chosen}, self.global_state, strategy)
-        record.metrics.update(eval_metrics(self.runtime.spec.task, reports))
+        record.metrics.update(eval_metrics(reports, self._task_of(chosen)))
         evaluated = {u for r in reports.values() for u in r.metrics}
         for hop, counts in hop_bytes(reports, self.ledger, (record.round_id, Mode.EVAL)).items():
             for d, n in counts.items():
@@ -287,12 +283,21 @@ class Coordinator:
             record.participants = [p.user_id for p in chosen]
             reports = self._phase(record, chosen, Mode.EVAL, {p.user_id: {} for p in chosen}, self.global_state,
                                   self.strategy_for(request))
-            record.metrics = eval_metrics(self.runtime.spec.task, reports)
+            record.metrics = eval_metrics(reports, self._task_of(chosen))
             record.metrics["seconds"] = time.perf_counter() - started
             record.state = "committed"
         except Exception as exc:
             record.state, record.error = "failed", f"{type(exc).__name__}: {exc}"
         return record
+
+    def _task_of(self, chosen: list[Participant]) -> dict[str, tuple[str, str]]:
+        """Each user's task in round metrics (``<deployment>/<data>`` in a federation of several) and its kind."""
+        out = {}
+        for p in chosen:
+            rt = self.runtimes[p.deployment or self.default_deployment]
+            name = self.prefixes[p.deployment or self.default_deployment] + rt.task_name(p.data)
+            out[p.user_id] = (name, rt.task_variant(p.data).spec.task)
+        return out
 
     def _plans(self, record: RoundRecord, chosen: list[Participant], mode: Mode,
                extras: dict[str, dict[str, Any]]) -> dict[str, RoundPlan]:
@@ -300,7 +305,7 @@ class Coordinator:
         return {p.user_id: RoundPlan(
             round_id=record.round_id, user_id=p.user_id, local_steps=req.local_steps, batch_size=req.batch_size,
             lr=float(req.lr), seed=self.seed, algorithm=req.algorithm, config=dict(req.config),
-            extra=extras.get(p.user_id, {}), mode=mode) for p in chosen}
+            extra=extras.get(p.user_id, {}), mode=mode, data=p.data, cut=p.cut, rank=p.rank) for p in chosen}
 
     def _phase(self, record: RoundRecord, chosen: list[Participant], mode: Mode, extras: dict[str, dict[str, Any]],
                state: AdapterBundle, strategy: Strategy) -> dict[str, Report]:
@@ -310,8 +315,9 @@ class Coordinator:
         is left out: its users count as dropped, and ``min_participants`` decides the round.
         """
         plans = self._plans(record, chosen, mode, extras)
-        for plan in plans.values():
-            self.runtime.open_session(plan, state[Tier.CLOUD])
+        for p in chosen:
+            name = p.deployment or self.default_deployment
+            self.runtimes[name].open_session(plans[p.user_id], within(state[Tier.CLOUD], self.prefixes[name]))
         by_edge: dict[str, list[RoundPlan]] = {}
         weights = {p.user_id: p.num_samples for p in chosen}
         for p in chosen:
@@ -328,8 +334,10 @@ class Coordinator:
         revoked = self.revoked() if self.revoked is not None else None
         revoked = revoked if revoked and any(revoked.values()) else None  # none revoked: nothing to say
         try:
-            for edge_id, edge_plans in sorted(by_edge.items()):
-                start = RoundStart(edge_plans, download, deadline=req.deadline, clip_norm=req.clip_norm,
+            for edge_id, edge_plans in sorted(by_edge.items()):  # each edge gets its own deployment's adapters
+                prefix = self.prefixes.get(self.edge_deployment.get(edge_id, ""), "")
+                own = AdapterBundle({tier: within(part, prefix) for tier, part in download.items()})
+                start = RoundStart(edge_plans, own, deadline=req.deadline, clip_norm=req.clip_norm,
                                    clip_factor=req.clip_factor, aggregator=req.aggregator, trim=req.trim,
                                    weights={p.user_id: weights[p.user_id] for p in edge_plans},
                                    revoked=revoked)
@@ -364,40 +372,25 @@ class Coordinator:
 
     def _drop_sessions(self, plans: Any) -> None:
         for plan in plans:
-            if (plan.round_id, plan.user_id) in self.runtime.sessions:
-                self.runtime.close_session(plan.round_id, plan.user_id)
+            for runtime in self.runtimes.values():
+                if (plan.round_id, plan.user_id) in runtime.sessions:
+                    runtime.close_session(plan.round_id, plan.user_id)
 
     def _aggregate(self, strategy: Strategy, chosen: list[Participant], reports: dict[str, Report],
                    record: RoundRecord, base: AdapterBundle) -> tuple[AdapterBundle, dict[str, Any]]:
-        """Every tier's new global adapters, and whose updates were clipped to what bound, per tier. An edge weighs as its reporting users' weights (the cloud's, not the
-        report's); the request's policy clips and combines (``shared.fl.robust``)."""
+        """Every tier's new global adapters, and whose updates were clipped to what bound, per tier. An edge weighs as
+        its reporting users' weights (the cloud's, not the report's); the request's policy clips and combines
+        (``shared.fl.robust``)."""
         req, weight = record.request, {p.user_id: p.num_samples for p in chosen}
-        policy = AggregationPolicy(req.clip_norm, req.clip_factor, req.aggregator, req.trim)
-        new_state: dict[Tier, AdapterState] = {}
-        clipped: dict[str, Any] = {}
         reports = {e: r for e, r in reports.items() if r.metrics}  # edges all of whose users dropped add nothing
         updates_of: dict[Tier, list[AdapterUpdate]] = {
             tier: [AdapterUpdate(edge_id, tier, r.adapters.get(tier, {}), sum(weight.get(u, 0) for u in r.metrics))
                    for edge_id, r in reports.items()] for tier in (Tier.USER, Tier.EDGE)}
         updates_of[Tier.CLOUD] = []
         for p in chosen:
-            session = self.runtime.close_session(record.round_id, p.user_id)
-            updates_of[Tier.CLOUD].append(AdapterUpdate(p.user_id, Tier.CLOUD, self.runtime.pack_update(session),
-                                                        p.num_samples))
-        for tier, updates in updates_of.items():
-            if not base[tier]:
-                new_state[tier] = {}
-                continue
-            combined = combine(strategy, tier, updates, base[tier], policy)
-            new_state[tier] = combined.state
-            if combined.clipped:
-                clipped[tier.value] = {"bound": combined.bound, "sources": combined.clipped}
-        return AdapterBundle(new_state), clipped
-
-
-def drop_reasons(reports: dict[str, Report], chosen: list[str]) -> dict[str, str]:
-    """Why each chosen user that did not report was dropped: as its edge said, or its edge never reported."""
-    reasons = {u: r for report in reports.values() for u, r in report.reasons.items()}
-    reported = {u for report in reports.values() for u in (*report.metrics, *report.missing)}
-    reasons.update({u: "its edge did not report" for u in chosen if u not in reported})
-    return dict(sorted(reasons.items()))
+            name = p.deployment or self.default_deployment
+            session = self.runtimes[name].close_session(record.round_id, p.user_id)
+            update = with_prefix(self.runtimes[name].pack_update(session), self.prefixes[name])
+            updates_of[Tier.CLOUD].append(AdapterUpdate(p.user_id, Tier.CLOUD, update, p.num_samples))
+        policy = AggregationPolicy(req.clip_norm, req.clip_factor, req.aggregator, req.trim)
+        return aggregate_round(strategy, updates_of, base, policy)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import logging
 import queue
 import threading
@@ -13,57 +10,36 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, Field
 
 from cloud_server.records import ROUND_STATES, RoundRecord
+from cloud_server.registration import Ident, UserIn, check_registration
 from cloud_server.rounds import Coordinator
 from cloud_server.store import Store
-from shared.config.deployment import DataSpec, Experiment, ModelSpec, codecs_for
+from shared.config.federation import Deployment, federation_from
+from shared.config.placement import Placement, assign, device_bytes
 from shared.config.round import merge
 from shared.config.settings import CloudSettings
-from shared.errors import InvalidInput
+from shared.errors import InvalidInput, NotFound
 from shared.http.auth import callback_allowed, check_url, require_identity
 from shared.http.client import HttpLink
-from shared.http.credentials import CredentialError, Principal, Revocations
+from shared.http.credentials import Principal, Revocations
 from shared.http.metrics import ByteLedger, prometheus, resident_memory_bytes
 from shared.http.service import TierSecurity
-from shared.model.adapters import LoraSettings, initial_state
-from shared.model.partition import Split
 from shared.model.sources import resolve_model
-from shared.protocol.bundle import AdapterBundle
 from shared.protocol.enums import Tier
 from shared.protocol.links import link_emulator
-from shared.runtime.tier import TierRuntime, adapter_shapes
+from shared.runtime.tier import TierRuntime, federation_state
 from shared.seeds import derive_seed
 
 log = logging.getLogger("splitllm.cloud")
-
-Ident = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
 
 
 class EdgeIn(BaseModel):
     """``POST /v1/edges``: an edge registering with the cloud."""
 
     edge_id: Ident
+    model: str | None = Field(None, max_length=2048, description="the model deployment it serves (default: the first)")
     url: Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(check_url)]
     link_profile: str = Field("none", description="the edge's link profile; starts sent to it are delayed by it")
     link_rate_shaped: bool = Field(False, description="the network shapes the edge's link rates: emulate delay and loss only")
-
-
-class SignedRequest(BaseModel):
-    """A request as its sender signed it: the signature headers and the body (base64), forwarded as proof."""
-
-    headers: dict[str, str] = Field(max_length=8)
-    body: str = Field(max_length=1 << 16)
-
-
-class UserIn(BaseModel):
-    """``POST /v1/edges/{edge_id}/users``: an edge telling the cloud of a user it registered.
-
-    ``registration`` is the user's own signed registration request to that edge: proof that the user
-    (not only its edge) asked to be registered there. Required outside development mode.
-    """
-
-    user_id: Ident
-    num_samples: int = Field(ge=0)
-    registration: SignedRequest | None = None
 
 
 class RevokeIn(BaseModel):
@@ -74,46 +50,30 @@ class RevokeIn(BaseModel):
                                 description="role:id, e.g. user:user-3")
 
 
-def build_experiment(settings: CloudSettings) -> Experiment:
-    data = DataSpec(name=settings.data, num_clients=settings.num_clients, partition=settings.partition,
-                    alpha=settings.dirichlet_alpha, seed=settings.seed, max_len=settings.max_len,
-                    min_chars=settings.min_chars, pad_to_max=settings.pad_to_max,
-                    max_examples_per_client=settings.max_examples_per_client,
-                    eval_examples_per_client=settings.eval_examples_per_client)
-    task, num_labels = data.task_and_labels()
-    source = resolve_model(settings.model)
-    source.family.require(task)  # refused here, in one line: a model without a head for the data's task,
-    source.tokenizer(settings.tokenizer)  # or without a usable tokenizer
-    split = Split.parse(settings.split, source.num_layers)
-    lora = LoraSettings(rank=settings.rank, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
-                        target_modules=list(settings.target_modules))
-    spec = ModelSpec(model=settings.model, split=(split.a, split.b), task=task,
-                     num_labels=num_labels if task == "cls" else 0, lora=lora, seed=settings.seed,
-                     adapter=settings.adapter, codecs=codecs_for(settings.user_edge_codecs, settings.edge_cloud_codecs),
-                     u_shaped=settings.u_shaped, tokenizer=settings.tokenizer)
-    return Experiment(spec=spec, data=data)
-
-
 class CloudService:
     """Everything the routes touch; the routes themselves do no torch math."""
 
     def __init__(self, settings: CloudSettings, security: TierSecurity, revocations: Revocations) -> None:
         self.settings, self.security, self.revocations = settings, security, revocations
-        self.experiment = build_experiment(settings)
-        spec = self.experiment.spec
-        source = resolve_model(spec.model)
-        self.runtime = TierRuntime(Tier.CLOUD, source, spec, device=settings.device)
-        shapes = adapter_shapes(source, spec)
-        initial = AdapterBundle({tier: initial_state(shapes[tier], spec.seed, kind=spec.adapter) for tier in shapes})
+        self.federation = federation_from(settings)
+        self.experiment = self.federation.primary.primary  # the default deployment's first task
+        self.sources = {name: resolve_model(d.spec.model) for name, d in self.federation.deployments.items()}
+        runtimes = {name: TierRuntime(Tier.CLOUD, self.sources[name], d.spec, device=settings.device,
+                                      tasks={t: e.spec for t, e in d.experiments.items()})
+                    for name, d in self.federation.deployments.items()}
+        self.runtime = runtimes[self.federation.primary.name]
+        initial = federation_state(self.federation, self.sources, settings.seed)
         self.store = Store(settings.data_dir)
         revocations.merge(self.store.get_setting("revocations") or {})
         self.store.put_setting("experiment", self.experiment.to_meta())  # what `splitllm export` reads offline
         self.ledger = ByteLedger()
-        self.coordinator = Coordinator(self.runtime, initial, seed=spec.seed, round_timeout=settings.round_timeout,
-                                       store=self.store, ledger=self.ledger)
+        self.coordinator = Coordinator(runtimes if self.federation.namespaced else self.runtime, initial,
+                                       seed=settings.seed, round_timeout=settings.round_timeout, store=self.store,
+                                       ledger=self.ledger)
         self.coordinator.revoked = revocations.to_meta
         self.edge_links: dict[str, dict[str, Any]] = {}  # edge id -> its link_profile, link_rate_shaped
-        self._client_sizes: list[int] | None = None
+        self._client_sizes: dict[tuple[str, str], list[int]] = {}  # (deployment, task) -> its clients' sizes
+        self._device_bytes: dict[tuple[str, str], tuple[int, list[int]]] = {}
         self._restore_topology()
         self.queue: queue.Queue[RoundRecord | None] = queue.Queue()
         self.worker = threading.Thread(target=self._work, name="rounds", daemon=True)
@@ -132,61 +92,69 @@ class CloudService:
         refused = callback_allowed(body.url, self.settings.callback_hosts)
         if refused:
             raise InvalidInput(f"callback URL refused: {refused}")
+        deployment = self.federation.deployment(body.model)  # an unknown model: 422, naming what is served
         try:
             link = self.edge_link(body.edge_id, body.url, body.link_profile, body.link_rate_shaped)
         except ValueError as exc:  # an unknown link profile
             raise InvalidInput(str(exc)) from None
         old = self.coordinator.edges.get(body.edge_id)
         self.edge_links[body.edge_id] = {"link_profile": body.link_profile, "link_rate_shaped": body.link_rate_shaped}
-        self.coordinator.register_edge(body.edge_id, link)
+        self.coordinator.register_edge(body.edge_id, link, deployment.name if self.federation.namespaced else None)
         if old is not None:
             old.close()
         self.save_topology()
-        log.info("edge %s registered at %s", body.edge_id, body.url)
-        return {**self.experiment.to_meta(), "revoked": self.revocations.to_meta()}
+        log.info("edge %s registered at %s for %s", body.edge_id, body.url, deployment.name)
+        return {**deployment.primary.to_meta(), "deployment": deployment.to_meta(), "revoked": self.revocations.to_meta()}
 
-    def register_user(self, edge_id: str, body: UserIn, caller: Principal | None) -> None:
-        """A user behind ``edge_id``: the edge's own call, with the user's signed registration as proof."""
+    def deployment_of_edge(self, edge_id: str) -> Deployment:
+        name = self.coordinator.edge_deployment.get(edge_id)
+        return self.federation.deployments.get(name or "", self.federation.primary)
+
+    def register_user(self, edge_id: str, body: UserIn, caller: Principal | None) -> dict[str, Any]:
+        """A user behind ``edge_id``: the edge's own call, with the user's signed registration as proof. The user's
+        model must be its edge's, its task one the model trains (422 otherwise, naming what the cloud serves); the
+        reply is the placement the cloud assigns it (``shared.config.placement``)."""
         require_identity(caller, edge_id, "edge")
-        user = self.check_registration(edge_id, body) if self.security.verifier is not None else None
-        self.coordinator.register_user(edge_id, body.user_id, self.weight_of(body.num_samples, user))
+        user = check_registration(self.security.verifier, edge_id, body) if self.security.verifier is not None else None
+        if edge_id not in self.coordinator.edges:
+            raise NotFound(f"unknown edge '{edge_id}'")
+        deployment = self.deployment_of_edge(edge_id)
+        if body.model is not None and body.model not in (deployment.name, deployment.spec.model):
+            raise InvalidInput(f"edge '{edge_id}' serves model {deployment.name}, not '{body.model[:80]}'; this cloud "
+                               f"serves {self.federation.served()}")
+        bound = user.data if user is not None else None
+        if bound is not None and body.data not in (None, bound):
+            raise InvalidInput(f"the user's credential binds it to task '{bound}', not '{body.data[:64]}'")
+        experiment = deployment.experiment(body.data or bound)  # an unknown task: 422, naming those served
+        key = (deployment.name, experiment.data.name)
+        if body.memory_budget is not None and key not in self._device_bytes:
+            self._device_bytes[key] = device_bytes(self.sources[deployment.name], experiment.spec)
+        task = experiment.data.name if len(deployment.experiments) > 1 else None
+        placement = assign(body.declared(), experiment.spec, self._device_bytes.get(key), task)
+        self.coordinator.register_user(edge_id, body.user_id, self.weight_of(body.num_samples, user, key), placement)
         self.save_topology()
+        cut = experiment.spec.split[0] if placement.cut is None else placement.cut
+        return {**placement.to_meta(), "cut": cut, "rank": placement.rank or experiment.spec.lora.rank,
+                "data": experiment.data.name}
 
-    def weight_of(self, reported: int, user: Principal | None) -> int:
-        """A user's weight in every aggregate: the size of the data partition its credential assigns it, else what
-        it reports, capped at ``max_samples_per_user`` (default: the deployment's largest partition)."""
-        sizes = self.client_sizes()
+    def weight_of(self, reported: int, user: Principal | None, task: tuple[str, str]) -> int:
+        """A user's weight in every aggregate: the size of the data partition of its task that its credential assigns
+        it, else what it reports, capped at ``max_samples_per_user`` (default: the task's largest partition)."""
+        sizes = self.client_sizes(task)
         if user is not None and user.client is not None:
             if not 0 <= user.client < len(sizes):
-                raise InvalidInput(f"the user's credential names data client {user.client}; the deployment has "
+                raise InvalidInput(f"the user's credential names data client {user.client}; task {task[1]} has "
                                    f"{len(sizes)}")
             return sizes[user.client]
         cap = self.settings.max_samples_per_user or max(sizes, default=reported)
         return min(reported, cap)
 
-    def client_sizes(self) -> list[int]:
-        """The training examples of each data client the deployment partitions (loaded once)."""
-        if self._client_sizes is None:
-            self._client_sizes = [len(c.train) for c in self.experiment.data.load().clients]
-        return self._client_sizes
-
-    def check_registration(self, edge_id: str, body: UserIn) -> Principal:
-        """The user signed a registration for this edge, recently, with this id and sample count."""
-        proof, verifier = body.registration, self.security.verifier
-        if proof is None or verifier is None:
-            raise InvalidInput("a user's registration needs its signed request to its edge (registration)")
-        try:
-            raw = base64.b64decode(proof.body, validate=True)
-            user, digest = verifier.request(proof.headers, "POST", "/v1/users", {f"edge:{edge_id}"})
-            signed = json.loads(raw)
-        except (CredentialError, ValueError) as exc:
-            raise InvalidInput(f"the user's registration does not verify: {exc}") from None
-        if hashlib.sha256(raw).hexdigest() != digest or user.role != "user":
-            raise InvalidInput("the user's registration does not verify: not the body the user signed")
-        if not isinstance(signed, dict) or signed.get("user_id") != body.user_id or user.id != body.user_id \
-                or signed.get("num_samples") != body.num_samples:
-            raise InvalidInput("the registration the user signed is for another user id or sample count")
-        return user
+    def client_sizes(self, task: tuple[str, str]) -> list[int]:
+        """The training examples of each data client of a (deployment, task) (loaded once)."""
+        if task not in self._client_sizes:
+            data = self.federation.deployments[task[0]].experiment(task[1]).data
+            self._client_sizes[task] = [len(c.train) for c in data.load().clients]
+        return self._client_sizes[task]
 
     def revoke(self, body: RevokeIn) -> dict[str, Any]:
         """Revoke a credential (or a subject's), durably; edges learn of it with their next round's start."""
@@ -202,13 +170,17 @@ class CloudService:
         for edge_id, entry in topology.items():
             self.edge_links[edge_id] = {"link_profile": entry.get("link_profile", "none"),
                                         "link_rate_shaped": bool(entry.get("link_rate_shaped", False))}
-            self.coordinator.register_edge(edge_id, self.edge_link(edge_id, entry["url"], **self.edge_links[edge_id]))
+            self.coordinator.register_edge(edge_id, self.edge_link(edge_id, entry["url"], **self.edge_links[edge_id]),
+                                           entry.get("deployment"))
+            placements = entry.get("placements", {})
             for user_id, n in entry["users"].items():
-                self.coordinator.register_user(edge_id, user_id, n)
+                self.coordinator.register_user(edge_id, user_id, n, Placement.from_meta(placements.get(user_id)))
 
     def save_topology(self) -> None:
         c = self.coordinator
         self.store.put_setting("topology", {e: {"url": c.edges[e].base_url, "users": dict(c.edge_users[e]),
+                                                "deployment": c.edge_deployment.get(e) or None,
+                                                "placements": {u: c.placements[u].to_meta() for u in c.edge_users[e]},
                                                 **self.edge_links.get(e, {})} for e in c.edges})
 
     def _work(self) -> None:

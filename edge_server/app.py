@@ -71,7 +71,7 @@ def create_app(settings: EdgeSettings) -> FastAPI:
     def spec() -> dict[str, Any]:
         s: EdgeService = svc()
         s.ready()
-        return {**s.experiment.to_meta(), "edge_id": s.edge_id}
+        return {**s.experiment.to_meta(), "deployment": s.deployment.to_meta(), "edge_id": s.edge_id}
 
     @app.post("/v1/users")
     async def register_user(body: UserIn, request: Request) -> dict[str, Any]:
@@ -81,8 +81,8 @@ def create_app(settings: EdgeSettings) -> FastAPI:
             proof = {"headers": {h: request.headers[h] for h in (CERT_HEADER, SIGNED_HEADER, SIGNATURE_HEADER)},
                      "body": base64.b64encode(await request.body()).decode()}
         caller = principal_of(request)
-        await anyio.to_thread.run_sync(lambda: s.register_user(body, caller, proof))  # calls the cloud: off the loop
-        return {"ok": True, "edge_id": s.edge_id}
+        placement = await anyio.to_thread.run_sync(lambda: s.register_user(body, caller, proof))  # calls the cloud
+        return {"ok": True, "edge_id": s.edge_id, "placement": placement}
 
     @app.get("/v1/users/{user_id}")
     def user_status(user_id: str, request: Request) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import torch
 
 from shared.errors import Busy, InvalidInput, NotFound
 from shared.fl.aggregation import AdapterUpdate
+from shared.fl.cuts import at_cut, restack
 from shared.fl.robust import AggregationPolicy, combine
 from shared.fl.plugin import Strategy, StrategyContext, get_algorithm
 from shared.protocol.bundle import AdapterBundle
@@ -42,6 +43,7 @@ class PendingRound:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)  # user -> why it was dropped
     timer: threading.Timer | None = None
+    downloads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # what each user's device started from
 
     @property
     def settled(self) -> bool:
@@ -69,7 +71,10 @@ class EdgeServer:
         self.starting: dict[tuple[int, Mode], threading.Event] = {}  # set once every user of a phase was started
         self.lock = threading.Lock()
 
-    def register_user(self, user_id: str, link: Link, num_samples: int) -> None:
+    def register_user(self, user_id: str, link: Link, num_samples: int, cut: int | None = None) -> None:
+        """A user behind this edge; with a cut of its own (a_u), this edge serves it blocks [a_u, b)."""
+        if cut is not None:
+            self.runtime.hold_from(cut)
         with self.lock:
             self.users[user_id] = link
             self.user_samples[user_id] = num_samples
@@ -96,8 +101,10 @@ class EdgeServer:
             self.pending[key] = pending
             starts_done = self.starting[key] = threading.Event()
         known = [p for p in start.plans if p.user_id in self.users]
-        for plan in known:
-            self.runtime.open_session(plan, pending.previous[Tier.EDGE])
+        for plan in known:  # each user's own cut divides the round's adapters between its device and this edge
+            device, edge = at_cut(pending.previous, self.runtime.spec.split[0] if plan.cut is None else plan.cut)
+            pending.downloads[plan.user_id] = device
+            self.runtime.open_session(plan, edge)
         if start.deadline:
             pending.timer = threading.Timer(float(start.deadline), self._expire, (key,))
             pending.timer.daemon = True
@@ -109,7 +116,8 @@ class EdgeServer:
                     self._send(self._drop_user(key, plan.user_id, f"not registered at {self.edge_id} (did the edge restart?)"))
             for plan in known:
                 try:
-                    self.users[plan.user_id].request("start", UserStart(plan, pending.previous[Tier.USER]).to_message(codec))
+                    start_msg = UserStart(plan, pending.downloads[plan.user_id]).to_message(codec)
+                    self.users[plan.user_id].request("start", start_msg)
                 except Exception as exc:  # an unreachable user is dropped from this round, not the round
                     log.warning("round %s: could not start %s: %s", round_id, plan.user_id, exc)
                     self._send(self._drop_user(key, plan.user_id, f"could not be started: {exc}"))
@@ -207,12 +215,13 @@ class EdgeServer:
             loss = as_number(update.metrics.get("train_loss"), f"user {update.user}'s metrics.train_loss")
             if loss < 0:
                 raise InvalidInput(f"user {update.user}'s train_loss must not be negative")
-            pending.strategy.validate_update(Tier.USER, update.adapters, pending.previous[Tier.USER],
+            pending.strategy.validate_update(Tier.USER, update.adapters, pending.downloads[update.user],
                                              f"user {update.user}")
             session = self.runtime.close_session(update.round, update.user)
             weight = pending.weights.get(update.user, update.num_samples)  # the cloud's; self-reported only in-process
-            pending.user_updates.append(AdapterUpdate(update.user, Tier.USER, update.adapters, weight))
-            pending.edge_updates.append(AdapterUpdate(update.user, Tier.EDGE, self.runtime.pack_update(session), weight))
+            stacked = restack(update.adapters, self.runtime.pack_update(session), self.runtime.spec.split[0])
+            pending.user_updates.append(AdapterUpdate(update.user, Tier.USER, stacked[Tier.USER], weight))
+            pending.edge_updates.append(AdapterUpdate(update.user, Tier.EDGE, stacked[Tier.EDGE], weight))
         else:
             self.runtime.close_session(update.round, update.user)
         pending.metrics[update.user] = update.metrics

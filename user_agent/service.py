@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
-from shared.config.deployment import Experiment
+from shared.config.federation import Deployment
 from shared.config.settings import UserSettings
 from shared.http.client import HttpLink, TransportError, get_json, post_json
 from shared.http.server import BackgroundStart
@@ -30,6 +31,7 @@ class UserService(BackgroundStart):
         self.settings, self.security, self.user_id, self.client_index = settings, security, user_id, client_index
         self.edge_id: str | None = None  # learnt from the edge's spec; only it may start this user
         self.agent: UserAgent | None = None
+        self.placement: dict[str, Any] = {}  # what the cloud assigned at registration: data, cut, rank
         super().__init__()
 
     @property
@@ -37,14 +39,17 @@ class UserService(BackgroundStart):
         return self.agent is not None
 
     def start(self) -> None:
+        """Fetch the spec, load this device's data, register (the cloud assigns its placement), then load its blocks."""
         s = self.settings
         edge = s.edge.rstrip("/")
         meta = get_json(f"{edge}/v1/spec", deadline=3600, identity=self.security.identity, audience="edge")
-        experiment, self.edge_id = Experiment.from_meta(meta), str(meta.get("edge_id", ""))
+        self.edge_id = str(meta.get("edge_id", ""))
+        experiment = Deployment.from_meta(meta["deployment"]).experiment(s.data)
         audience = f"edge:{self.edge_id}"
         client = experiment.data.client(self.client_index)
+        self.placement = self.register(len(client.train), deadline=3600)
         source = resolve_model(experiment.spec.model)
-        runtime = TierRuntime(Tier.USER, source, experiment.spec, device=s.device)
+        runtime = TierRuntime(Tier.USER, source, experiment.spec, device=s.device, cut=int(self.placement["cut"]))
         emulator = link_emulator(s.link_profile, derive_seed(self.user_id, "link"), rate_shaped=s.link_rate_shaped)
         link = HttpLink(s.edge, upward=True, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes,
                         identity=self.security.identity, audience=audience, emulator=emulator)
@@ -52,18 +57,22 @@ class UserService(BackgroundStart):
         log.info("user %s: tokenizer %s", self.user_id, tokenizer.origin)
         agent = UserAgent(self.user_id, runtime, client, tokenizer, link, max_len=experiment.data.max_len,
                           slowdown=s.slowdown, pad_to_max=experiment.data.pad_to_max)
-        self.register(agent.num_samples, deadline=3600)
         self.agent = agent
         if s.heartbeat:
             threading.Thread(target=self._heartbeat, name="user-heartbeat", daemon=True).start()
-        log.info("user %s ready: client %d, %d train / %d eval examples", self.user_id, self.client_index,
-                 len(client.train), len(client.eval))
+        log.info("user %s ready: client %d of %s, %d train / %d eval examples, blocks %s, rank %s", self.user_id,
+                 self.client_index, experiment.data.name, len(client.train), len(client.eval),
+                 runtime.partition.layer_ids, self.placement["rank"])
 
-    def register(self, num_samples: int, deadline: float) -> None:
+    def register(self, num_samples: int, deadline: float) -> dict[str, Any]:
+        """Register at the edge with what this device declares; the placement the cloud assigned it."""
         s = self.settings
-        post_json(f"{s.edge.rstrip('/')}/v1/users", {"user_id": self.user_id, "url": s.url(), "num_samples": num_samples,
-                                                     "link_profile": s.link_profile, "link_rate_shaped": s.link_rate_shaped},
-                  deadline=deadline, identity=self.security.identity, audience=f"edge:{self.edge_id}")
+        declared = s.model_dump(include={"model", "data", "max_blocks", "memory_budget", "rank"})
+        reply = post_json(f"{s.edge.rstrip('/')}/v1/users",
+                          {"user_id": self.user_id, "url": s.url(), "num_samples": num_samples,
+                           "link_profile": s.link_profile, "link_rate_shaped": s.link_rate_shaped, **declared},
+                          deadline=deadline, identity=self.security.identity, audience=f"edge:{self.edge_id}")
+        return reply["placement"]
 
     def _heartbeat(self) -> None:
         """Register again whenever the edge no longer knows this user (it restarted, and lost its registrations)."""
@@ -79,9 +88,13 @@ class UserService(BackgroundStart):
                     continue
                 log.warning("the edge no longer knows user %s (it restarted?): registering again", self.user_id)
                 try:
-                    self.register(agent.num_samples, deadline=s.heartbeat)
+                    placement = self.register(agent.num_samples, deadline=s.heartbeat)
                 except Exception as again:  # the next heartbeat tries again
                     log.warning("registering again failed: %s", again)
+                    continue
+                if placement != self.placement:
+                    log.warning("the cloud now places user %s at %s (was %s): restart it to follow", self.user_id,
+                                placement, self.placement)
 
     def ready(self) -> UserAgent:
         if self.agent is None:

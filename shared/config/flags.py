@@ -35,7 +35,7 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], nam
     """One ``--flag`` per field (``data_dir`` -> ``--data-dir``); an unset flag stays None (the model's default applies).
 
     Booleans that default to False are switches (``--insecure-dev``); those that default to True get
-    ``--no-<name>`` too. Lists take comma-separated values; maps take a JSON object.
+    ``--no-<name>`` too. Lists take comma-separated values (or a JSON list); maps take a JSON object.
     """
     for name in names if names is not None else model.model_fields:
         info = model.model_fields[name]
@@ -61,18 +61,23 @@ def model_flag_values(args: argparse.Namespace, model: type[BaseModel], names: t
             continue
         info = model.model_fields[name]
         kind = _base_type(info.annotation)
-        if kind is list and isinstance(value, str):
+        if kind is list and isinstance(value, str) and value.lstrip().startswith("["):
+            value = _json(value, flag_name(name, info), "a JSON list")
+        elif kind is list and isinstance(value, str):
             value = [v for v in value.split(",") if v]
         elif kind is dict and isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise InvalidInput(f"{flag_name(name, info)} must be a JSON object ({exc.msg} at position {exc.pos}), "
-                                   f"e.g. '{{\"k\": 1}}'") from None
+            value = _json(value, flag_name(name, info), "a JSON object")
             if not isinstance(value, dict):
                 raise InvalidInput(f"{flag_name(name, info)} must be a JSON object, e.g. '{{\"k\": 1}}'")
         out[name] = value
     return out
+
+
+def _json(text: str, flag: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{flag} must be {what} ({exc.msg} at position {exc.pos}), e.g. '{{\"k\": 1}}'") from None
 
 
 def first_error(exc: Any) -> str:

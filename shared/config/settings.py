@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.config.round import RoundDefaults
@@ -109,6 +109,21 @@ class ServiceSettings(BaseSettings):
         return self.credential.get_secret_value() if self.credential is not None else None
 
 
+class DeploymentEntry(BaseModel):
+    """Another model the cloud serves (``--deployments``), beside the one ``--model`` names; unset fields take the
+    cloud's own settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, description="model directory, bundled name or tiny-<model type> test model")
+    name: str | None = Field(None, description="its name in the federation (default: the model's)")
+    split: str | None = Field(None, description="its split points a,b (default: the middle of the model)")
+    data: str = Field(min_length=1, description="its tasks: one data set or several, comma-separated")
+    rank: int | None = Field(None, ge=1, description="its LoRA rank: the largest a user of it may declare")
+    target_modules: list[str] | None = None
+    tokenizer: str | None = None
+
+
 class CloudSettings(ServiceSettings, RoundDefaults):
     """The coordinator: it fixes the model, split, data and round defaults for every tier.
 
@@ -123,7 +138,11 @@ class CloudSettings(ServiceSettings, RoundDefaults):
     tokenizer: str = Field("", description="tokenizer for a model directory without one: a directory with tokenizer "
                                            "files, a bundled model, or 'byte' (default: the model's own, else byte-level)")
     split: str = Field("1,3", description="split points a,b")
-    data: str = Field("trec", description="shakespeare, trec, sms_spam or sentiment")
+    data: str = Field("trec", description="shakespeare, trec, sms_spam or sentiment; several comma-separated: "
+                                          "each a task of the model, with a head of its own")
+    deployments: list[DeploymentEntry] = Field(default_factory=list, description="more models to serve at once, as a JSON "
+                                               "list: [{\"model\": \"smollm2-135m\", \"split\": \"2,15\", "
+                                               "\"data\": \"sentiment\", \"rank\": 32}]")
     num_clients: int = Field(4, description="clients the data set is partitioned into (one per user)")
     partition: str = "default"
     dirichlet_alpha: float = 0.5
@@ -168,6 +187,8 @@ class EdgeSettings(ServiceSettings):
     link_rate_shaped: bool = Field(False, description=LINK_RATE_SHAPED)
     cloud: str = Field("http://127.0.0.1:8000", description="URL of the cloud")
     edge_id: str | None = Field(None, description="this edge's id (default: its credential's, else edge-<port>)")
+    model: str | None = Field(None, description="the model deployment this edge serves, where its cloud serves "
+                                                "several (default: the cloud's first)")
 
     def ident(self) -> str:
         return self.edge_id or f"edge-{self.port}"
@@ -181,6 +202,14 @@ class UserSettings(ServiceSettings):
     edge: str = Field("http://127.0.0.1:8100", description="URL of this user's edge")
     user_id: str | None = Field(None, description="this user's id (default: its credential's, else user-<client index>)")
     client_index: int = Field(0, description="which client of the partitioned data set this device holds")
+    model: str | None = Field(None, description="the model it trains: its edge's (checked at registration)")
+    data: str | None = Field(None, description="the task (data set) it trains, where its model trains several "
+                                               "(default: the first)")
+    max_blocks: int | None = Field(None, ge=0, description="the most blocks this device can hold: the cloud assigns its "
+                                                           "cut up to this (and up to the deployment's b)")
+    memory_budget: int | None = Field(None, ge=0, description="or the bytes of model parameters it can hold "
+                                                              "(embeddings, blocks and their adapters)")
+    rank: int | None = Field(None, ge=1, description="its LoRA rank, up to the deployment's (default: the deployment's)")
     slowdown: float = Field(1.0, ge=1.0, description="simulated slower device: compute takes this many times longer")
     heartbeat: float = Field(15.0, ge=0, description="seconds between checks that the edge still knows this user; "
                                                      "it registers again if not (an edge that restarted); 0: never")

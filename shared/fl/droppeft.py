@@ -44,14 +44,13 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from shared.model.adapters import AdapterState
+from shared.model.adapters import AdapterState, block_of
 from shared.fl.aggregation import AdapterUpdate, weighted_mean
 from shared.errors import InvalidInput
 from shared.fl.plugin import (AlgorithmConfig, Participant, SessionContext, SessionPlugin, Strategy, StrategyContext,
@@ -60,14 +59,7 @@ from shared.protocol.enums import Tier
 from shared.protocol.messages import RoundPlan
 from shared.seeds import derive_seed
 
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 STORE_PERSONAL = "personal"  # ctx.store[STORE_PERSONAL][user_id][key] = that user's own adapter tensor
-
-
-def block_of(key: str) -> int | None:
-    """The global block index of an adapter key (``blocks.3.attention...`` -> 3); None for the head."""
-    m = _BLOCK.match(key)
-    return int(m.group(1)) if m else None
 
 
 def layer_ratios(ratio: float, num_layers: int, cap: float) -> list[float]:

@@ -11,11 +11,13 @@ A plug-in is registered under a name with three parts, each overriding only the 
 |                      | pack_download     | cloud: what a round's start carries of the global adapters     |
 |                      | validate_update   | edge and cloud: refuse an arriving update (422)                |
 |                      | aggregate         | edge (pre-aggregation of its users) and cloud                  |
+|                      | aggregate_round   | cloud: a whole round at once, across tiers and deployments     |
 |                      | after_round       | cloud, after the commit: bandits, schedules, stage changes     |
 | ``SessionPlugin``    | build_adapters    | every tier: the session's trainable replica                    |
 |                      | lr_scales         | every tier: the optimizer's step size per adapter tensor kind  |
 |                      | base_overrides    | every tier: frozen base weights this session runs instead      |
 |                      | layers_to_run     | every tier, training and evaluation: the blocks of a step      |
+|                      | bound             | every tier: the tensors a forward binds (computed ones too)    |
 |                      | extra_loss        | every tier: a loss term on its own adapters                    |
 |                      | after_backward    | every tier: gradients ready, before the optimizer step         |
 |                      | pack_update       | every tier: what leaves it for aggregation                     |
@@ -38,7 +40,13 @@ from shared.config.deployment import ModelSpec
 from shared.config.round import RoundConfig
 from shared.errors import InvalidInput
 from shared.fl.aggregation import AdapterUpdate, check_update, weighted_mean
-from shared.model.adapters import AdapterState, clone_state, tensor_kind_of
+from shared.model.adapters import (
+    AdapterState,
+    clone_state,
+    pad_rank,
+    tensor_kind_of,
+    truncate_rank,
+)
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.enums import Tier
 from shared.protocol.messages import RoundPlan
@@ -48,11 +56,16 @@ Json = dict[str, Any]
 
 @dataclass(frozen=True)
 class Participant:
-    """A registered user as the coordinator sees it."""
+    """A registered user as the coordinator sees it: its weight and the placement the cloud assigned it (None: the
+    deployment's default task, cut and rank)."""
 
     user_id: str
     edge_id: str
     num_samples: int = 0
+    data: str | None = None
+    cut: int | None = None
+    rank: int | None = None
+    deployment: str = ""  # the model deployment it trains, in a federation of several
 
 
 @dataclass
@@ -60,7 +73,7 @@ class AlgorithmConfig:
     """Base of every plug-in's config: validated in ``__post_init__``, serialisable with ``to_dict``."""
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> "AlgorithmConfig":
+    def from_dict(cls, data: Mapping[str, Any] | None) -> AlgorithmConfig:
         data = dict(data or {})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
@@ -78,13 +91,26 @@ class AlgorithmConfig:
 # -- the coordinator's side --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model deployment as a strategy sees it: its spec, its depth, the prefix of its keys in the global state."""
+
+    spec: ModelSpec
+    num_layers: int
+    prefix: str = ""
+
+
 @dataclass
 class StrategyContext:
-    """Where a strategy runs: the cloud (the coordinator's instance) or an edge (one round's pre-aggregation)."""
+    """Where a strategy runs: the cloud (the coordinator's instance) or an edge (one round's pre-aggregation).
+
+    ``models`` (the cloud's) describes every deployment of the federation, by name.
+    """
 
     tier: Tier
     spec: ModelSpec | None = None
     seed: int = 0
+    models: dict[str, ModelInfo] = field(default_factory=dict)
 
 
 class Strategy:
@@ -121,6 +147,11 @@ class Strategy:
         """Combine updates (an edge's users, or the cloud's edges and its own replicas) into one state."""
         return weighted_mean(updates)
 
+    def aggregate_round(self, updates: Mapping[Tier, list[AdapterUpdate]], previous: AdapterBundle) -> AdapterBundle | None:
+        """The cloud's aggregate of a whole round at once, every tier and deployment together (H2Tune aligns layers
+        across them); None (the default) combines each tier's updates with ``aggregate``, namespace by namespace."""
+        return None
+
     def after_round(self, round_id: int, metrics: Json) -> None:
         """The committed round's metrics, at the cloud (bandit rewards, schedules, stages)."""
 
@@ -134,10 +165,10 @@ class SessionContext:
 
     tier: Tier
     plan: RoundPlan
-    layer_ids: list[int]  # the blocks this tier holds
+    layer_ids: list[int]  # the blocks this session runs on this tier (a participant's own cut decides the user's and edge's)
     num_layers: int  # blocks in the whole model
     spec: ModelSpec | None
-    shapes: dict[str, tuple[int, ...]]  # this tier's adapter slots
+    shapes: dict[str, tuple[int, ...]]  # the adapter slots of those blocks (and of the head), at the deployment's rank
     store: dict[str, Any] = field(default_factory=dict)
     tensor_kind: Callable[[str], str] = tensor_kind_of  # adapter key -> its kind ("lora_A", "svd_e", "head", ...)
 
@@ -153,10 +184,13 @@ class SessionPlugin:
         return self.ctx.plan
 
     def build_adapters(self, state: AdapterState) -> dict[str, nn.Parameter]:
-        """The session's trainable replica, made from the round's global adapters of this tier."""
+        """The session's trainable replica, made from the round's global adapters of this tier (a lower-rank
+        participant's truncated to its first ``plan.rank`` components)."""
         missing = set(self.ctx.shapes) - set(state)
         if missing:
             raise InvalidInput(f"{self.ctx.tier} adapters lack {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+        if self.plan.rank is not None:
+            state = truncate_rank(state, self.plan.rank)
         return {k: nn.Parameter(v) for k, v in clone_state(state).items()}
 
     def lr_scales(self) -> dict[str, float]:
@@ -176,6 +210,11 @@ class SessionPlugin:
         """The blocks of this tier that step ``step`` runs, in training and in evaluation (all by default)."""
         return list(self.ctx.layer_ids)
 
+    def bound(self, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        """The tensors a forward pass binds into the adapter slots: the parameters themselves by default, or
+        tensors computed from them (H2Tune binds M A where peft's layer holds A)."""
+        return params
+
     def extra_loss(self, params: dict[str, nn.Parameter]) -> torch.Tensor | None:
         """A loss term on this tier's adapters only, added to its backward (e.g. a penalty)."""
         return None
@@ -184,8 +223,9 @@ class SessionPlugin:
         """After the tier's gradients are ready and before its optimizer steps."""
 
     def pack_update(self, params: dict[str, nn.Parameter]) -> AdapterState:
-        """What leaves this tier for aggregation."""
-        return {k: p.detach().clone() for k, p in params.items()}
+        """What leaves this tier for aggregation (a lower-rank participant's zero-padded to the deployment's rank)."""
+        out = {k: p.detach().clone() for k, p in params.items()}
+        return pad_rank(out, self.ctx.shapes) if self.plan.rank is not None else out
 
 
 # -- the registry ----------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from shared.fl.aggregation import AdapterUpdate, AggregationError
+from shared.fl.namespaces import namespace_of, namespaces
 from shared.model.adapters import AdapterState
 
 AGGREGATORS = ("mean", "median", "trimmed_mean")
@@ -104,6 +105,29 @@ def coordinate_wise(updates: list[AdapterUpdate], kind: str, trim: float) -> Ada
             k = int(trim * len(ordered))
             value = stacked.sort(dim=0).values[k:len(ordered) - k].mean(dim=0)
         out[key] = value.to(ref.dtype)
+    return out
+
+
+def combine_namespaces(strategy: Any, tier: Any, updates: list[AdapterUpdate], previous: AdapterState,
+                       policy: AggregationPolicy) -> Combined:
+    """``combine`` namespace by namespace (``shared.fl.namespaces``): each over the updates that hold its keys, a
+    namespace none holds kept as it was; one namespace (a federation of one deployment and task) is plain ``combine``."""
+    groups = namespaces(previous, *(u.state for u in updates))
+    if len(groups) <= 1:
+        return combine(strategy, tier, updates, previous, policy)
+    out = Combined({})
+    for group in groups:
+        prev = {k: v for k, v in previous.items() if namespace_of(k) == group}
+        part = [AdapterUpdate(u.source, u.tier, sub, u.num_samples) for u in updates
+                if (sub := {k: v for k, v in u.state.items() if namespace_of(k) == group})]
+        if not part:
+            out.state.update(prev)
+            continue
+        result = combine(strategy, tier, part, prev, policy)
+        out.state.update(result.state)
+        if result.clipped:
+            out.clipped += [f"{s} ({group.rstrip('/')})" for s in result.clipped]
+            out.bound = result.bound if out.bound is None else max(out.bound, result.bound or 0.0)
     return out
 
 

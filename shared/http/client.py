@@ -22,17 +22,20 @@ class TransportError(UpstreamError):
     The reason shown to our caller does not name the peer's URL (an internal address); ``url`` keeps it for logs.
     """
 
-    def __init__(self, message: str, status: int | None = None, url: str = "") -> None:
+    def __init__(self, message: str, status: int | None = None, url: str = "", detail: str = "") -> None:
         super().__init__(f"upstream: {message}", status)
-        self.status, self.url = status, url
+        self.status, self.url, self.detail = status, url, detail
+
+
+def _detail(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json().get("detail"))
+    except (ValueError, AttributeError):
+        return resp.text[:200]
 
 
 def _reason(resp: httpx.Response) -> str:
-    try:
-        detail = resp.json().get("detail")
-    except ValueError:
-        detail = resp.text[:200]
-    return f"HTTP {resp.status_code}: {detail}"
+    return f"HTTP {resp.status_code}: {_detail(resp)}"
 
 
 class SignedAuth:
@@ -138,7 +141,7 @@ def post_json(url: str, payload: dict[str, Any], deadline: float, identity: Iden
     with httpx.Client(timeout=timeout, auth=identity.auth(audience), verify=identity.verify) as client:
         resp = with_retries(lambda: client.post(url, json=payload), deadline)
     if resp.status_code >= 400:
-        raise TransportError(f"{httpx.URL(url).path}: {_reason(resp)}", resp.status_code, url)
+        raise TransportError(f"{httpx.URL(url).path}: {_reason(resp)}", resp.status_code, url, _detail(resp))
     return resp.json()
 
 

@@ -58,6 +58,7 @@ class Principal:
     jti: str
     issued_at: float
     client: int | None = None  # a user's data partition, as the admin assigned it
+    data: str | None = None  # and the task (data set) it may train, where the admin bound one
 
     @property
     def subject(self) -> str:
@@ -133,7 +134,8 @@ class Credential:
 
     def principal(self) -> Principal:
         claims = jwt.decode(self.certificate, options={"verify_signature": False})
-        return Principal(claims["role"], claims["sub"], claims["jti"], float(claims["iat"]), claims.get("client"))
+        return Principal(claims["role"], claims["sub"], claims["jti"], float(claims["iat"]), claims.get("client"),
+                         claims.get("data"))
 
     def to_json(self) -> str:
         doc = {"certificate": self.certificate}
@@ -171,7 +173,7 @@ def signing_input(method: str, path: str, params: str) -> bytes:
 
 
 def issue(signing_key: Ed25519PrivateKey, deployment: str, role: str, ident: str, ttl: float,
-          client: int | None = None) -> Credential:
+          client: int | None = None, data: str | None = None) -> Credential:
     """A new credential for ``role``/``ident``, valid ``ttl`` seconds; tiers get a fresh key pair of their own."""
     if role not in ROLES:
         raise CredentialError(f"unknown role '{role}'; roles: {', '.join(ROLES)}")
@@ -182,6 +184,8 @@ def issue(signing_key: Ed25519PrivateKey, deployment: str, role: str, ident: str
                               "exp": int(now + ttl), "jti": uuid.uuid4().hex}
     if client is not None:
         claims["client"] = int(client)
+    if data is not None:
+        claims["data"] = str(data)
     key = None
     if role != "admin":
         key = Ed25519PrivateKey.generate()
@@ -246,9 +250,10 @@ class Verifier:
         role, sub = claims.get("role"), claims.get("sub")
         if role not in ROLES or not isinstance(sub, str) or not isinstance(claims.get("jti"), str):
             raise CredentialError("the credential lacks a valid role, sub or jti")
-        client = claims.get("client")
+        client, data = claims.get("client"), claims.get("data")
         principal = Principal(role, sub, claims["jti"], float(claims["iat"]),
-                              client if isinstance(client, int) and not isinstance(client, bool) else None)
+                              client if isinstance(client, int) and not isinstance(client, bool) else None,
+                              data if isinstance(data, str) else None)
         if role not in set(roles):
             raise CredentialError(f"a {role} credential may not be used here")
         if self.revocations.revoked(principal):

@@ -36,8 +36,9 @@ class Provisioned:
 
 
 def provision(directory: str | Path, edges: list[str], users: dict[str, int], deployment: str = "splitllm",
-              ttl: float = 30 * DAY) -> Provisioned:
-    """A new deployment key and a credential for the cloud, each edge, each user (with its data client) and an admin."""
+              ttl: float = 30 * DAY, tasks: dict[str, str] | None = None) -> Provisioned:
+    """A new deployment key and a credential for the cloud, each edge, each user (with its data client, and its task
+    where ``tasks`` binds one) and an admin."""
     directory = Path(directory)
     key_path, pub_path = init_deployment(directory)
     key = load_private_key(key_path)
@@ -45,7 +46,7 @@ def provision(directory: str | Path, edges: list[str], users: dict[str, int], de
     for role, ident, client in [("cloud", "cloud", None), *(("edge", e, None) for e in edges),
                                 *(("user", u, c) for u, c in users.items())]:
         files[ident] = directory / f"{ident}.json"
-        write_private(files[ident], issue(key, deployment, role, ident, ttl, client).to_json())
+        write_private(files[ident], issue(key, deployment, role, ident, ttl, client, (tasks or {}).get(ident)).to_json())
     admin = issue(key, deployment, "admin", "admin", ttl).certificate
     write_private(directory / "admin.token", admin + "\n")
     return Provisioned(directory, deployment, pub_path, files, admin)
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--role", required=True, choices=("admin", "cloud", "edge", "user"))
     one.add_argument("--id", required=True, help="the tier's id: user-3, edge-0, cloud; an admin's name")
     one.add_argument("--client", type=int, default=None, help="a user's data client (its partition of the data set)")
+    one.add_argument("--data", default=None, help="the task (data set) a user may train, where its cloud trains several")
     one.add_argument("--deployment", default="splitllm", help="the deployment's name (every tier's --deployment)")
     one.add_argument("--ttl-days", type=float, default=30.0, help="days the credential is valid")
     one.add_argument("--out", default=None, help="the credential file to write (0600); tiers only")
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {key} (keep it secret: it issues credentials) and {pub} (every tier's --trust-key)")
         elif args.action == "issue":
             credential = issue(load_private_key(Path(args.dir) / "deployment.key"), args.deployment, args.role, args.id,
-                               args.ttl_days * DAY, args.client)
+                               args.ttl_days * DAY, args.client, args.data)
             if args.role == "admin":
                 print(credential.certificate)
             else:

@@ -7,6 +7,7 @@ thread of its own (``UserAgent.on_start``), reporting to their edge when done.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -14,31 +15,26 @@ from typing import Any, Callable
 from cloud_server.records import RoundRecord
 from cloud_server.rounds import Coordinator
 from edge_server.compute import EdgeServer
-from shared.config.deployment import DataSpec, ModelSpec, codecs_for
+from shared.config.deployment import DataSpec, Experiment, ModelSpec, codecs_for
+from shared.config.federation import Deployment, Federation, deployment_name
+from shared.config.placement import Declared, assign, device_bytes
 from shared.config.round import RoundConfig
 from shared.data.datasets import FederatedDataset
 from shared.fl.plugin import get_algorithm
 from shared.http.metrics import ByteLedger
-from shared.model.adapters import LoraSettings, initial_state
-from shared.model.partition import Split
+from shared.model.adapters import LoraSettings
+from shared.model.partition import Split, default_split
 from shared.model.sources import ModelSource, resolve_model
-from shared.protocol.bundle import AdapterBundle
 from shared.protocol.enums import Tier
 from shared.protocol.links import LinkEmulator, link_emulator
 from shared.protocol.transport import InProcessLink
-from shared.runtime.tier import TierRuntime, adapter_shapes
+from shared.runtime.tier import TierRuntime, federation_state
 from shared.seeds import derive_seed
 from user_agent.compute import UserAgent
 
 
 class RoundFailed(RuntimeError):
     """A simulated round did not commit; the message carries the coordinator's reason."""
-
-
-def default_split(num_layers: int) -> tuple[int, int]:
-    """A small user share and the middle of the model for the edge: (max(1, L // 15), L // 2)."""
-    a = min(max(1, num_layers // 15), num_layers)
-    return a, max(a, num_layers // 2)
 
 
 @dataclass
@@ -72,21 +68,43 @@ class SimConfig:
     u_shaped: bool = False  # labels never leave the device (the user holds the head and the loss)
     tokenizer: str = ""  # --tokenizer NAME_OR_DIR; "" = the model's own files, else the byte-level fallback
     slowdowns: list[float] = field(default_factory=list)  # per-user compute slowdown factors (heterogeneous devices)
+    # a heterogeneous federation: each list is cycled over the users (empty: ``model``, ``data``, the defaults)
+    user_models: list[str] = field(default_factory=list)  # each user's base model (a deployment per model)
+    user_data: list[str] = field(default_factory=list)  # each user's task (data set)
+    cuts: list[int] = field(default_factory=list)  # the blocks each user declares it can hold (its cut, up to b)
+    memory_budgets: list[int] = field(default_factory=list)  # or the bytes it declares
+    ranks: list[int] = field(default_factory=list)  # each user's LoRA rank
+    splits: dict[str, tuple[int, int]] = field(default_factory=dict)  # model -> its split (default: default_split)
 
     def __post_init__(self) -> None:
         if self.rounds < 0 or self.max_len < 2:
             raise ValueError(f"--rounds must be >= 0 and --max-len >= 2 (got {self.rounds}, {self.max_len})")
+
+    def user(self, i: int) -> tuple[str, str, Declared]:
+        """User ``i``'s model, task and declarations (each list cycled over the users)."""
+        def pick(values: list[Any], default: Any = None) -> Any:
+            return values[i % len(values)] if values else default
+
+        return (pick(self.user_models, self.model), pick(self.user_data, self.data),
+                Declared(max_blocks=pick(self.cuts), memory_budget=pick(self.memory_budgets), rank=pick(self.ranks)))
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
         out["lora"] = self.lora.to_dict()
         out["round"] = self.round.to_dict()
         out["split"] = list(self.split) if self.split else None
+        out["splits"] = {m: list(v) for m, v in self.splits.items()}
         return out
 
 
 class Simulation:
-    """Builds the topology from a config; ``run_round`` drives one round through the coordinator."""
+    """Builds the topology from a config; ``run_round`` drives one round through the coordinator.
+
+    A heterogeneous federation gives each user its own model, task, cut and rank (``user_models``,
+    ``user_data``, ``cuts``, ``ranks``): each model is a deployment of its own (its split from
+    ``splits``, its rank the largest any of its users declares), with ``edges`` edges, and each data set
+    is partitioned among the users that train it.
+    """
 
     def __init__(self, config: SimConfig, source: ModelSource | None = None,
                  dataset: FederatedDataset | None = None) -> None:
@@ -94,56 +112,100 @@ class Simulation:
             raise ValueError(f"need at least one edge and one user per edge (got {config.users} users, {config.edges} edges)")
         self.config = config
         get_algorithm(config.round.algorithm).parse_config(config.round.config)  # fail before loading anything
-        self.source = source or resolve_model(config.model)
-        self.data_spec = DataSpec(name=config.data, num_clients=config.users, partition=config.partition,
-                                  alpha=config.alpha, seed=config.seed, max_len=config.max_len, min_chars=config.min_chars,
-                                  pad_to_max=config.pad_to_max,
-                                  max_examples_per_client=config.max_examples_per_client,
-                                  eval_examples_per_client=config.eval_examples_per_client)
-        self.dataset = dataset or self.data_spec.load()
-        split = config.split or default_split(self.source.num_layers)
-        Split(split[0], split[1], self.source.num_layers)  # validate with a clear error
-        self.spec = ModelSpec(model=config.model, split=tuple(split), task=self.dataset.task,
-                              num_labels=self.dataset.num_labels, lora=config.lora, seed=config.seed,
-                              adapter=config.adapter, codecs=codecs_for(config.user_edge_codecs, config.edge_cloud_codecs),
-                              u_shaped=config.u_shaped, tokenizer=config.tokenizer)
-        shapes = adapter_shapes(self.source, self.spec)
-        initial = AdapterBundle({tier: initial_state(shapes[tier], config.seed, kind=config.adapter) for tier in shapes})
-        self.tokenizer = tokenizer = self.source.tokenizer(config.tokenizer)
-        cloud_rt = TierRuntime(Tier.CLOUD, self.source, self.spec)
-        edge_rt = TierRuntime(Tier.EDGE, self.source, self.spec)
-        user_rt = TierRuntime(Tier.USER, self.source, self.spec)
-        self.runtimes = {Tier.USER: user_rt, Tier.EDGE: edge_rt, Tier.CLOUD: cloud_rt}
+        users = [config.user(i) for i in range(config.users)]
+        self.sources = {m: source if source is not None and m == config.model else resolve_model(m)
+                        for m in dict.fromkeys(m for m, _, _ in users)}
+        self.datasets = {}
+        for d in dict.fromkeys(d for _, d, _ in users):
+            data_spec = self._data_spec(d, sum(1 for _, du, _ in users if du == d))
+            self.datasets[d] = dataset if dataset is not None and d == config.data else data_spec.load()
+        self.federation = Federation({})
+        for m, src in self.sources.items():
+            self.federation.deployments[deployment_name(m)] = self._deployment(m, src, users)
+        primary = self.federation.primary
+        self.source, self.spec = self.sources[primary.spec.model], primary.spec
+        self.data_spec, self.dataset = primary.primary.data, self.datasets[primary.primary.data.name]
+        self.tokenizer = self.source.tokenizer(config.tokenizer)
+        clouds, edge_rts = {}, {}
+        for name, dep in self.federation.deployments.items():
+            src, specs = self.sources[dep.spec.model], {d: e.spec for d, e in dep.experiments.items()}
+            clouds[name] = TierRuntime(Tier.CLOUD, src, dep.spec, tasks=specs)
+            edge_rts[name] = TierRuntime(Tier.EDGE, src, dep.spec, tasks=specs, cut=dep.spec.split[1])
+        initial = federation_state(self.federation, {n: self.sources[d.spec.model] for n, d in
+                                                     self.federation.deployments.items()}, config.seed)
         # each server-side tier counts its hop by round as the services do, so reports carry the same bytes
-        self.coordinator = Coordinator(cloud_rt, initial, seed=config.seed, ledger=ByteLedger())
+        self.coordinator = Coordinator(clouds if self.federation.namespaced else clouds[primary.name],
+                                       initial, seed=config.seed, ledger=ByteLedger())
         self.edge_links: list[InProcessLink] = []
         self.user_links: list[InProcessLink] = []
         self.edges: list[EdgeServer] = []
         self.emulators: dict[str, list[LinkEmulator]] = {"user_edge": [], "edge_cloud": []}
-        for e in range(config.edges):
-            edge_id = f"edge-{e}"
-            emulator = self._emulator("edge_cloud", config.edge_link, edge_id)
-            cloud_ledger = self.coordinator.ledger
-            up = InProcessLink(self.coordinator, upward=True, wire=config.wire, emulator=emulator, ledger=cloud_ledger)
-            edge = EdgeServer(edge_id, edge_rt, up, ledger=ByteLedger())
-            down = InProcessLink(edge, upward=False, wire=config.wire, emulator=emulator, ledger=cloud_ledger)
-            self.coordinator.register_edge(edge_id, down)
-            self.edges.append(edge)
-            self.edge_links += [up, down]
+        edges_of: dict[str, list[EdgeServer]] = {}
+        for name in self.federation.deployments:
+            for _ in range(config.edges):
+                edge_id = f"edge-{len(self.edges)}"
+                emulator = self._emulator("edge_cloud", config.edge_link, edge_id)
+                cloud_ledger = self.coordinator.ledger
+                up = InProcessLink(self.coordinator, upward=True, wire=config.wire, emulator=emulator, ledger=cloud_ledger)
+                edge = EdgeServer(edge_id, edge_rts[name], up, ledger=ByteLedger())
+                down = InProcessLink(edge, upward=False, wire=config.wire, emulator=emulator, ledger=cloud_ledger)
+                self.coordinator.register_edge(edge_id, down, name if self.federation.namespaced else None)
+                self.edges.append(edge)
+                edges_of.setdefault(name, []).append(edge)
+                self.edge_links += [up, down]
         self.users: list[UserAgent] = []
-        for i, client in enumerate(self.dataset.clients):
-            edge = self.edges[i % config.edges]
+        user_rts: dict[tuple[str, str, int], TierRuntime] = {}
+        sizes: dict[str, tuple[int, list[int]]] = {}
+        for i, (model, data, declared) in enumerate(users):
+            name = deployment_name(model)
+            dep, src = self.federation.deployments[name], self.sources[model]
+            spec = dep.experiment(data).spec
+            if declared.memory_budget is not None and name not in sizes:
+                sizes[name] = device_bytes(src, spec)
+            placement = assign(declared, spec, sizes.get(name), data if len(dep.experiments) > 1 else None)
+            cut = spec.split[0] if placement.cut is None else placement.cut
+            if (name, data, cut) not in user_rts:
+                user_rts[(name, data, cut)] = TierRuntime(Tier.USER, src, spec, cut=cut)
+            ordinal = sum(1 for _, d, _ in users[:i] if d == data)
+            mine = sum(1 for m, _, _ in users[:i] if m == model)
+            edge = edges_of[name][mine % config.edges]
             user_id = f"user-{i}"
             emulator = self._emulator("user_edge", config.user_link, user_id)
             up = InProcessLink(edge, upward=True, wire=config.wire, emulator=emulator, ledger=edge.ledger)
             slowdown = config.slowdowns[i % len(config.slowdowns)] if config.slowdowns else 1.0
-            agent = UserAgent(user_id, user_rt, client, tokenizer, up, max_len=config.max_len, slowdown=slowdown,
-                              pad_to_max=config.pad_to_max)
+            tokenizer = self.tokenizer if model == primary.spec.model else src.tokenizer(config.tokenizer)
+            agent = UserAgent(user_id, user_rts[(name, data, cut)], self.datasets[data].clients[ordinal], tokenizer, up,
+                              max_len=config.max_len, slowdown=slowdown, pad_to_max=config.pad_to_max)
             down = InProcessLink(agent, upward=False, wire=config.wire, emulator=emulator, ledger=edge.ledger)
-            edge.register_user(user_id, down, agent.num_samples)
-            self.coordinator.register_user(edge.edge_id, user_id, agent.num_samples)
+            edge.register_user(user_id, down, agent.num_samples, cut)
+            self.coordinator.register_user(edge.edge_id, user_id, agent.num_samples, placement)
             self.users.append(agent)
             self.user_links += [up, down]
+        default_user = next(rt for (n, _, c), rt in user_rts.items() if n == primary.name)
+        self.runtimes = {Tier.USER: default_user, Tier.EDGE: edge_rts[primary.name], Tier.CLOUD: clouds[primary.name]}
+
+    def _data_spec(self, name: str, clients: int) -> DataSpec:
+        c = self.config
+        return DataSpec(name=name, num_clients=clients, partition=c.partition, alpha=c.alpha, seed=c.seed,
+                        max_len=c.max_len, min_chars=c.min_chars, pad_to_max=c.pad_to_max,
+                        max_examples_per_client=c.max_examples_per_client,
+                        eval_examples_per_client=c.eval_examples_per_client)
+
+    def _deployment(self, model: str, source: ModelSource, users: list[tuple[str, str, Declared]]) -> Deployment:
+        """A model's deployment: its split, a rank as large as its users declare, one experiment per task it trains."""
+        c = self.config
+        split = c.splits.get(model) or (c.split if model == c.model else None) or default_split(source.num_layers)
+        Split(split[0], split[1], source.num_layers)  # validate with a clear error
+        ranks = [decl.rank for m, _, decl in users if m == model and decl.rank is not None]
+        lora = dataclasses.replace(c.lora, rank=max([c.lora.rank, *ranks]))
+        experiments = {}
+        for data in dict.fromkeys(d for m, d, _ in users if m == model):
+            ds = self.datasets[data]
+            spec = ModelSpec(model=model, split=tuple(split), task=ds.task, num_labels=ds.num_labels, lora=lora,
+                             seed=c.seed, adapter=c.adapter, codecs=codecs_for(c.user_edge_codecs, c.edge_cloud_codecs),
+                             u_shaped=c.u_shaped, tokenizer=c.tokenizer)
+            experiments[data] = Experiment(spec, self._data_spec(data, len(ds.clients)))
+        return Deployment(deployment_name(model), experiments)
 
     def _emulator(self, hop: str, profile_name: str, owner: str) -> LinkEmulator | None:
         emulator = link_emulator(profile_name, derive_seed(self.config.seed, owner, "link"), sleep=self.config.link_sleep)
@@ -212,7 +274,7 @@ class Simulation:
             "seconds": seconds,
             "link_seconds": {h: {d: links[h][d] - links_before[h][d] for d in ("up", "down")} for h in links},
         }
-        for key in ("eval_accuracy", "eval_perplexity", "eval_token_accuracy"):
+        for key in ("eval_accuracy", "eval_perplexity", "eval_token_accuracy", "tasks"):
             if key in m:
                 row[key] = m[key]
         return row

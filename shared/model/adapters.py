@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
 from typing import Any
@@ -119,6 +120,44 @@ LORA = register_adapter_kind(AdapterKind("lora", _lora_config, _lora_initial, _l
 SVD = register_adapter_kind(AdapterKind("svd", _svd_config, _svd_initial, _svd_kind))  # dW = P diag(e) Q, FedARA's
 
 
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+RANK_AXES = {"lora_A": 0, "lora_B": 1, "svd_Q": 0, "svd_P": 1, "svd_e": 0}  # tensor kind -> its rank dimension
+
+
+def block_of(key: str) -> int | None:
+    """The global block index of an adapter key (``blocks.3.attention...`` -> 3); None for the head."""
+    m = _BLOCK.match(key)
+    return int(m.group(1)) if m else None
+
+
+def rank_axis(key: str) -> int | None:
+    """The dimension of an adapter tensor that its rank indexes (``lora_A``: rows, ``lora_B``: columns); None if none."""
+    return RANK_AXES.get(tensor_kind_of(key))
+
+
+def truncate_rank(state: AdapterState, rank: int) -> AdapterState:
+    """A lower-rank client's view of full-rank adapters: the first ``rank`` components of each (HetLoRA's truncation)."""
+    out: AdapterState = {}
+    for key, value in state.items():
+        axis = rank_axis(key)
+        out[key] = value if axis is None or value.shape[axis] <= rank else value.narrow(axis, 0, rank).contiguous()
+    return out
+
+
+def pad_rank(state: AdapterState, shapes: dict[str, tuple[int, ...]]) -> AdapterState:
+    """Lower-rank tensors zero-padded along their rank to ``shapes`` (the deployment's rank), for plain FedAvg."""
+    out: AdapterState = {}
+    for key, value in state.items():
+        axis, full = rank_axis(key), shapes.get(key)
+        if axis is None or full is None or value.shape[axis] == full[axis]:
+            out[key] = value
+            continue
+        padded = value.new_zeros(full)
+        padded.narrow(axis, 0, value.shape[axis]).copy_(value)
+        out[key] = padded
+    return out
+
+
 def peft_config(lora: LoraSettings, family: Family, kind: str = "lora") -> Any:
     return adapter_kind(kind).peft_config(lora, family)
 
@@ -144,10 +183,15 @@ class AdapterSlots:
     forward pass. Autograd records the bound tensors, so after the forward the slots may be bound
     to another session while this one's backward is still to come. Tensors may be smaller than the
     slot along the rank (a plug-in's active triplets), and an adapter layer none of whose tensors a
-    session holds is switched off for it (a pruned module costs no adapter compute).
+    session holds is switched off for it (a pruned module costs no adapter compute). A tensor computed
+    from a session's parameters (H2Tune's middle matrix times A) is bound as it is, so that autograd
+    carries its gradient back to them.
+
+    ``head`` is the partition whose head a session trains, where that is not ``part``'s own (a
+    deployment's second task).
     """
 
-    def __init__(self, part: Partition) -> None:
+    def __init__(self, part: Partition, head: Partition | None = None) -> None:
         self.locations: dict[str, tuple[nn.Module, str]] = {}
         self.layer_of: dict[str, nn.Module] = {}
         tuner_layers = {name: m for name, m in part.named_modules() if hasattr(m, "_disable_adapters")}
@@ -160,9 +204,10 @@ class AdapterSlots:
                     owner = full.split(".lora_")[0]
                     if owner in tuner_layers:
                         self.layer_of[key] = tuner_layers[owner]
-        for full in head_trainable_names(part):
+        head = head or part
+        for full in head_trainable_names(head):
             mod_name, pname = full.rsplit(".", 1)
-            self.locations[full] = (part.get_submodule(mod_name), pname)
+            self.locations[full] = (head.get_submodule(mod_name), pname)
         self.keys = sorted(self.locations)
         self.full_shapes = {k: tuple(getattr(m, p).shape) for k, (m, p) in self.locations.items()}
 
@@ -182,9 +227,12 @@ class AdapterSlots:
                     raise KeyError(f"a session lacks the adapter tensor '{key}'")
                 absent.add(id(self.layer_of[key]))
                 continue
-            if not isinstance(value, nn.Parameter):
-                value = nn.Parameter(value, requires_grad=False)
-            setattr(module, pname, value)
+            if isinstance(value, nn.Parameter):
+                setattr(module, pname, value)
+            elif value.requires_grad:  # computed from the session's parameters: bound as it is, the graph kept
+                module._parameters[pname] = value
+            else:
+                setattr(module, pname, nn.Parameter(value, requires_grad=False))
         for layer in {id(m): m for m in self.layer_of.values()}.values():
             layer._disable_adapters = id(layer) in absent
 

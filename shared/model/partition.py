@@ -46,6 +46,11 @@ class Split:
         return "user" if layer < self.a else "edge" if layer < self.b else "cloud"
 
 
+def default_split(num_layers: int) -> tuple[int, int]:
+    """A small user share and the middle of the model for the edge: (max(1, L // 15), L // 2)."""
+    a = min(max(1, num_layers // 15), num_layers)
+    return a, max(a, num_layers // 2)
+
 
 def _present(model: nn.Module, path: str) -> bool:
     try:

@@ -65,6 +65,12 @@ class RoundPlan:
     config: Json = field(default_factory=dict)
     extra: Json = field(default_factory=dict)  # per-participant plug-in data (ratios, masks, ...)
     mode: Mode = Mode.TRAIN
+    # the participant's placement, as the cloud assigned it at registration (None: the deployment's defaults)
+    data: str | None = None  # the task (data set) it trains, where its model serves several
+    cut: int | None = None  # its own cut a_u: the device runs blocks [0, a_u), the edge [a_u, b)
+    rank: int | None = None  # its LoRA rank (<= the deployment's): tensors truncated on download, zero-padded on upload
+
+    PLACEMENT: ClassVar[tuple[str, ...]] = ("data", "cut", "rank")
 
     def __post_init__(self) -> None:
         self.mode = Mode(self.mode)
@@ -76,6 +82,9 @@ class RoundPlan:
     def to_meta(self) -> Json:
         meta = dataclasses.asdict(self)
         meta["mode"] = self.mode.value
+        for name in self.PLACEMENT:  # sent only where set: a default placement costs no bytes
+            if meta[name] is None:
+                del meta[name]
         return meta
 
     @classmethod
@@ -83,7 +92,13 @@ class RoundPlan:
         meta = as_map(meta, "a round plan")
         names = tuple(f.name for f in dataclasses.fields(cls))
         check_fields("round plan", meta, names[:5], names[5:])
-        return cls(
+        placement = {name: meta.get(name) for name in cls.PLACEMENT}
+        if placement["data"] is not None:
+            as_str(placement["data"], "plan.data")
+        for name in ("cut", "rank"):
+            if placement[name] is not None:
+                as_int(placement[name], f"plan.{name}", 0 if name == "cut" else 1)
+        return cls(**placement,
             round_id=as_int(meta["round_id"], "plan.round_id", 0), user_id=as_str(meta["user_id"], "plan.user_id"),
             local_steps=as_int(meta["local_steps"], "plan.local_steps", 1),
             batch_size=as_int(meta["batch_size"], "plan.batch_size", 1), lr=as_number(meta["lr"], "plan.lr"),

@@ -127,7 +127,7 @@ def serve_step(runtime: TierRuntime, msg: Message, next_stage: NextStage, back_h
         cached = session.replay(request.step)
         if cached is not None:
             return cached
-        check_step(request, runtime.step_limits)
+        check_step(request, runtime.step_limits(session))
         train = session.plan.training
         mask = request.attention_mask
         hidden_in = unpack_tokens(request.hidden.to(runtime.device), mask).requires_grad_(train)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -12,11 +12,22 @@ import torch
 from torch import nn
 
 from shared.config.deployment import ModelSpec
-from shared.errors import NotFound
+from shared.config.federation import Federation
+from shared.errors import InvalidInput, NotFound
+from shared.fl.namespaces import with_prefix
 from shared.fl.plugin import SessionContext, get_algorithm
-from shared.model.adapters import AdapterSlots, AdapterState, clone_state, inject_lora, tensor_kind_of
-from shared.model.partition import Split, build_partition, load_partition
+from shared.model.adapters import (
+    AdapterSlots,
+    AdapterState,
+    block_of,
+    clone_state,
+    initial_state,
+    inject_lora,
+    tensor_kind_of,
+)
+from shared.model.partition import Partition, Split, build_partition, load_partition
 from shared.model.sources import ModelSource
+from shared.protocol.bundle import AdapterBundle
 from shared.protocol.codecs import CodecPolicy, ErrorFeedback
 from shared.protocol.enums import TIERS, Hop, Tier
 from shared.protocol.messages import RoundPlan
@@ -34,54 +45,142 @@ class StepLimits:
     labels: bool = True  # steps carry labels (not in a U-shaped chain: they stay on the device)
 
 
+@dataclass
+class Variant:
+    """One task a runtime serves: its spec (the head's task and labels), the adapter slots its sessions bind, the
+    partition that runs its head (on the head's tier), and the prefix of its head's keys in the global state."""
+
+    spec: ModelSpec
+    slots: AdapterSlots
+    head: Partition | None
+    prefix: str = ""
+
+    def local(self, key: str) -> str | None:
+        """A global key as this task's sessions name it; None for another task's head."""
+        if "/" not in key:
+            return key
+        return key[len(self.prefix):] if self.prefix and key.startswith(self.prefix) else None
+
+    def shared(self, key: str) -> str:
+        """A session's key as the global state names it (a head's under the task's prefix)."""
+        return self.prefix + key if self.prefix and key.startswith("head.") else key
+
+
 class TierRuntime:
     """A tier's compute, free of any transport: forward under a session's adapters, backward, step.
 
     One lock guards binding + forward; autograd keeps the bound tensors, so backward and the
     optimizer step of one session may run while another session does its forward.
+
+    ``cut`` is where the blocks this process holds begin or end, where participants have cuts of their
+    own: a device holds [0, cut), an edge [cut, b) (``hold_from`` extends it when a user with a lower cut
+    registers). Each session runs the blocks of its participant's cut (``plan.cut``; the deployment's a
+    by default).
+
+    ``tasks`` (data set name -> spec) are the tasks of a deployment that trains several: they share the
+    blocks and their adapters, and each has a head of its own (loaded once, beside the blocks) whose keys
+    carry the task's prefix (``Variant``). A session serves the task of its plan (``plan.data``).
     """
 
     def __init__(self, tier: Tier | str, source: ModelSource, spec: ModelSpec,
-                 optimizer: OptimizerSettings | None = None, device: str = "cpu") -> None:
+                 optimizer: OptimizerSettings | None = None, device: str = "cpu", cut: int | None = None,
+                 tasks: Mapping[str, ModelSpec] | None = None) -> None:
         self.tier, self.source, self.spec = Tier(tier), source, spec
-        self.split = Split(spec.split[0], spec.split[1], source.num_layers)
-        self.partition = load_partition(source, self.tier, self.split, spec.task, spec.num_labels,
-                                        base_dropout=spec.base_dropout, seed=spec.seed, head_tier=spec.head_tier)
-        inject_lora(self.partition, spec.lora, spec.adapter)
+        self.task_names = list(tasks or {})  # the deployment's tasks (data sets), where known
+        self.tasks = dict(tasks) if tasks and len(tasks) > 1 else {}
         self.device = torch.device(device)
-        self.partition.to(self.device)
-        self.partition.train()
-        self.slots = AdapterSlots(self.partition)
+        self.lock = threading.RLock()
+        self._load(spec.split[0] if cut is None else cut)
         self.policies = {hop: CodecPolicy.from_dict(spec.codecs.get(hop.value)) for hop in Hop}
         self.optimizer_settings = optimizer or OptimizerSettings()
         self.sessions: dict[tuple[int, str], Session] = {}
         self.plugin_store: dict[str, dict[str, Any]] = {}  # per algorithm, kept across rounds (personal layers, ...)
-        self.lock = threading.RLock()
+
+    def _load(self, cut: int) -> None:
+        """Read this tier's blocks for ``cut`` (see the class doc), attach the adapters and find their slots."""
+        self.split = Split(cut, self.spec.split[1], self.source.num_layers)
+        partition = load_partition(self.source, self.tier, self.split, self.spec.task, self.spec.num_labels,
+                                   base_dropout=self.spec.base_dropout, seed=self.spec.seed, head_tier=self.spec.head_tier)
+        inject_lora(partition, self.spec.lora, self.spec.adapter)
+        variants: dict[str | None, Variant] = {}
+        for data, spec in (self.tasks or {None: self.spec}).items():
+            head = None
+            if partition.head is not None:
+                head = partition if not variants else load_partition(
+                    self.source, Tier.CLOUD, Split(self.source.num_layers, self.source.num_layers, self.source.num_layers),
+                    spec.task, spec.num_labels, base_dropout=spec.base_dropout, seed=spec.seed)
+                head.to(self.device).train()
+            variants[data] = Variant(spec, AdapterSlots(partition, head), head, f"{data}/" if self.tasks else "")
+        partition.to(self.device)
+        partition.train()
+        self.partition, self.variants = partition, variants
+        self.slots = next(iter(variants.values())).slots
+
+    def hold_from(self, cut: int) -> None:
+        """An edge: hold blocks [cut, b) too (a user whose own cut is lower registered); a no-op if it does."""
+        if self.tier is not Tier.EDGE:
+            raise ValueError("only an edge extends the blocks it holds")
+        with self.lock:  # sessions keep their own tensors: they bind onto the reloaded modules as onto the old
+            if cut < self.split.a:
+                Split(cut, self.spec.split[1], self.source.num_layers)  # a clear error for a cut out of range
+                self._load(cut)
+
+    def layers_for(self, plan: RoundPlan) -> list[int]:
+        """The blocks a participant's session runs on this tier: its own cut decides the user's and the edge's."""
+        a, b, total = self.spec.split[0] if plan.cut is None else plan.cut, self.spec.split[1], self.source.num_layers
+        if not 0 <= a <= b:
+            raise InvalidInput(f"cut {a} of user '{plan.user_id}' is out of range: 0 <= cut <= {b}")
+        layers = list({Tier.USER: range(a), Tier.EDGE: range(a, b), Tier.CLOUD: range(b, total)}[self.tier])
+        held = set(self.partition.layer_ids)
+        if not held.issuperset(layers):
+            raise InvalidInput(f"the {self.tier} tier holds blocks {sorted(held)}; user '{plan.user_id}' with cut {a} "
+                               f"needs {layers}")
+        return layers
 
     @property
     def width(self) -> int:
         return int(self.partition.config.hidden_size)
 
-    @property
-    def step_limits(self) -> StepLimits:
-        """What an arriving step's tensors must be (see ``shared.runtime.steps.check_step``)."""
-        classes = self.spec.num_labels if self.spec.task == "cls" else int(self.partition.config.vocab_size)
+    def variant(self, plan: RoundPlan) -> Variant:
+        """The task a session serves: its plan's (the deployment's first where the plan names none)."""
+        return self.task_variant(plan.data)
+
+    def task_variant(self, data: str | None) -> Variant:
+        if data is None or not self.tasks:
+            return next(iter(self.variants.values()))
+        if data not in self.variants:
+            raise InvalidInput(f"this deployment does not train task '{data[:64]}'; it trains {', '.join(self.tasks)}")
+        return self.variants[data]
+
+    def task_name(self, data: str | None) -> str:
+        """A task's name in round metrics: its data set (the deployment's first for None), else its kind."""
+        return data or (self.task_names[0] if self.task_names else self.spec.task)
+
+    def step_limits(self, session: Session) -> StepLimits:
+        """What an arriving step of ``session`` must be (see ``shared.runtime.steps.check_step``)."""
+        spec = self.variant(session.plan).spec
+        classes = spec.num_labels if spec.task == "cls" else int(self.partition.config.vocab_size)
         dtype = next((p.dtype for p in self.partition.parameters()), torch.float32)
-        return StepLimits(self.width, self.spec.task, classes, dtype, labels=not self.spec.u_shaped)
+        return StepLimits(self.width, spec.task, classes, dtype, labels=not spec.u_shaped)
 
     # sessions -------------------------------------------------------------------------------
     def open_session(self, plan: RoundPlan, state: AdapterState) -> Session:
         """Make this tier's replica for (round, user) from the round's global adapters."""
-        ctx = SessionContext(self.tier, plan, list(self.partition.layer_ids), self.split.num_layers, self.spec,
-                             self.slots.shapes(), self.plugin_store.setdefault(plan.algorithm, {}), tensor_kind_of)
+        if plan.rank is not None and plan.rank > self.spec.lora.rank:
+            raise InvalidInput(f"rank {plan.rank} of user '{plan.user_id}' exceeds the deployment's {self.spec.lora.rank}")
+        layers, variant = self.layers_for(plan), self.variant(plan)
+        shapes = {k: v for k, v in variant.slots.shapes().items() if block_of(k) is None or block_of(k) in layers}
+        ctx = SessionContext(self.tier, plan, layers, self.split.num_layers, variant.spec, shapes,
+                             self.plugin_store.setdefault(plan.algorithm, {}), tensor_kind_of)
         plugin = get_algorithm(plan.algorithm).session(plan.config, ctx)
-        on_device = {k: v.to(self.device) for k, v in state.items() if k in self.slots.locations}
+        local = {name: v for k, v in state.items() if (name := variant.local(k)) is not None}
+        on_device = {k: v.to(self.device) for k, v in local.items() if k in shapes}
         params = plugin.build_adapters(on_device)
         for p in params.values():
             p.requires_grad_(plan.training)
         optimizer = (self.optimizer_settings.make(params, plan.lr, plugin.lr_scales(), ctx.tensor_kind)
                      if plan.training else None)
-        base = self._check_base(plugin.base_overrides({i: self.partition.blocks[str(i)] for i in self.partition.layer_ids}))
+        base = self._check_base(plugin.base_overrides({i: self.partition.blocks[str(i)] for i in layers}))
         session = Session(plan, plugin, params, optimizer, base=base)
         with self.lock:
             self.sessions[session.key] = session
@@ -108,14 +207,16 @@ class TierRuntime:
         return len(stale)
 
     def pack_update(self, session: Session) -> AdapterState:
-        return {k: v.detach().cpu() for k, v in session.plugin.pack_update(session.params).items()}
+        """What leaves this tier of a session, under the global state's names."""
+        variant = self.variant(session.plan)
+        return {variant.shared(k): v.detach().cpu() for k, v in session.plugin.pack_update(session.params).items()}
 
     # compute --------------------------------------------------------------------------------
     @contextmanager
     def _bound(self, session: Session) -> Iterator[None]:
         """The session's adapters (and base weight overrides, restored afterwards) on the partition's modules."""
         with self.lock, torch.set_grad_enabled(session.plan.training):
-            self.slots.bind(session.params)
+            self.variant(session.plan).slots.bind(session.plugin.bound(session.params))
             originals: dict[str, torch.Tensor] = {}
             try:
                 for name, value in session.base.items():
@@ -150,9 +251,12 @@ class TierRuntime:
             return self.partition.run_blocks(hidden, attention_mask.to(self.device), session.plugin.layers_to_run(step))
 
     def head(self, session: Session, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Cloud only: final norm and head. Call right after ``forward`` on the same thread."""
+        """The head tier only: final norm and the session's task's head. Call right after ``forward`` on the same thread."""
+        head = self.variant(session.plan).head
+        if head is None:
+            raise ValueError(f"the {self.tier} tier runs no head")
         with self._bound(session):
-            return self.partition.run_head(hidden, attention_mask.to(self.device))
+            return head.run_head(hidden, attention_mask.to(self.device))
 
     def backward_and_step(self, session: Session, outputs: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
         """Backpropagate into this tier's adapters, run the plug-in hooks, step the optimizer."""
@@ -189,13 +293,30 @@ class TierRuntime:
         return self.partition.parameter_bytes()
 
 
-def adapter_shapes(source: ModelSource, spec: ModelSpec) -> dict[Tier, dict[str, tuple[int, ...]]]:
-    """Adapter shapes of every tier from the config alone (meta tensors: nothing is loaded)."""
+def adapter_shapes(source: ModelSource, spec: ModelSpec,
+                   tasks: Mapping[str, ModelSpec] | None = None) -> dict[Tier, dict[str, tuple[int, ...]]]:
+    """Adapter shapes of every tier from the config alone (meta tensors: nothing is loaded); with several ``tasks``,
+    each task's head under its prefix (``Variant``)."""
     split = Split(spec.split[0], spec.split[1], source.num_layers)
     shapes: dict[Tier, dict[str, tuple[int, ...]]] = {}
     for tier in TIERS:
-        part = build_partition(source, tier, split, spec.task, spec.num_labels, base_dropout=spec.base_dropout,
-                               head_tier=spec.head_tier)
-        inject_lora(part, spec.lora, spec.adapter, low_cpu_mem_usage=True)
-        shapes[tier] = AdapterSlots(part).shapes()
+        shapes[tier] = {}
+        for data, task_spec in (tasks if tasks and len(tasks) > 1 else {"": spec}).items():
+            part = build_partition(source, tier, split, task_spec.task, task_spec.num_labels,
+                                   base_dropout=task_spec.base_dropout, head_tier=task_spec.head_tier)
+            inject_lora(part, task_spec.lora, task_spec.adapter, low_cpu_mem_usage=True)
+            prefix = f"{data}/" if data else ""
+            shapes[tier].update({prefix + k if k.startswith("head.") else k: v for k, v in AdapterSlots(part).shapes().items()})
     return shapes
+
+
+def federation_state(federation: Federation, sources: Mapping[str, ModelSource], seed: int) -> AdapterBundle:
+    """Version-0 adapters of every deployment of a federation (``sources`` by deployment name), each tier's in one
+    state, a deployment's keys under its prefix."""
+    states: dict[Tier, AdapterState] = {t: {} for t in TIERS}
+    for name, dep in federation.deployments.items():
+        shapes = adapter_shapes(sources[name], dep.spec, {d: e.spec for d, e in dep.experiments.items()})
+        for tier in TIERS:
+            state = initial_state(shapes[tier], seed, kind=dep.spec.adapter)
+            states[tier].update(with_prefix(state, federation.deployment_prefix(name)))
+    return AdapterBundle(states)

@@ -12,9 +12,10 @@ from plans import make_plan
 from shared.config.deployment import ModelSpec
 from shared.config.round import RoundConfig
 from shared.fl import Participant, SessionContext, StrategyContext, get_algorithm, register_algorithm
-from shared.fl.droppeft import (DropPEFTConfig, DropPEFTSession, DropPEFTStrategy, UCBPolicy, block_of, layer_ratios,
+from shared.fl.droppeft import (DropPEFTConfig, DropPEFTSession, DropPEFTStrategy, UCBPolicy, layer_ratios,
                                 progress_per_second)
 from shared.protocol.enums import Tier
+from shared.model.adapters import block_of
 from shared.protocol.messages import RoundPlan
 
 SPLIT = (2, 4)  # a 6-block model: user [0, 2), edge [2, 4), cloud [4, 6)

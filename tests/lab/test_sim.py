@@ -11,7 +11,8 @@ import torch
 from shared.config.round import RoundConfig
 from shared.fl import SessionPlugin, register_algorithm
 from shared.fl.aggregation import AdapterUpdate, weighted_mean
-from shared.lab.sim import SimConfig, Simulation, default_split
+from shared.lab.sim import SimConfig, Simulation
+from shared.model.partition import default_split
 
 SETTINGS = dict(users=4, edges=2, rounds=2, max_len=32, max_examples_per_client=32, eval_examples_per_client=8)
 ROUND = dict(local_steps=3, batch_size=4)
