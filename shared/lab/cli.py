@@ -33,6 +33,18 @@ def _split_arg(text: str | None) -> tuple[int, int] | None:
     return a, b
 
 
+def _cuts_arg(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        cuts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--cuts takes integers 'a1,a2,...' (got '{text}'), e.g. --cuts 0,3") from None
+    if any(c < 0 for c in cuts):
+        raise UsageError(f"--cuts must be >= 0 (got '{text}')")
+    return cuts
+
+
 def _lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
@@ -98,8 +110,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     split = _split_arg(args.split)
     result = verify_split(args.model, split, args.steps, task=args.task, lr=args.lr, seed=args.seed,
-                          u_shaped=args.u_shaped,
-                          tokenizer=args.tokenizer)
+                          u_shaped=args.u_shaped, tokenizer=args.tokenizer, cuts=_cuts_arg(args.cuts))
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -107,6 +118,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
               f"{result.num_adapter_tensors} adapter tensors; tokenizer: {result.tokenizer}")
         for i, (a, b) in enumerate(zip(result.split_losses, result.whole_losses)):
             print(f"  step {i}: split loss {a:.8f}  whole loss {b:.8f}  diff {abs(a - b):.2e}")
+        if args.cuts:
+            print(f"users' device blocks {result.device_blocks}; weights compared with the mean of their whole runs")
         print(f"max loss difference   {result.max_loss_diff:.3e}")
         print(f"max weight difference {result.max_weight_diff:.3e}")
     return 0
@@ -236,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--u-shaped", action="store_true", help="the U-shaped chain: the head and the loss on the user")
+    p.add_argument("--cuts", default=None, help="the mixed case: one user per cut (the blocks it declares), e.g. 0,3")
     p.add_argument("--json", action="store_true", help='print {"max_loss_diff": ..., "max_weight_diff": ...}')
     p.set_defaults(func=cmd_verify)
 

@@ -10,7 +10,6 @@ import torch
 from shared.config.round import RoundConfig
 from shared.model.adapters import LoraSettings, peft_config, tensor_kind_of
 from shared.protocol.enums import Tier
-from shared.data.batching import BatchSampler
 from shared.data.datasets import ClientData, Example, FederatedDataset
 from shared.model.families import tier_config
 from shared.model.partition import layout, normalise
@@ -39,15 +38,18 @@ class VerifyResult:
     num_adapter_tensors: int
     family: str = ""
     tokenizer: str = ""  # where the tokenizer came from (the byte-level fallback says so)
+    device_blocks: list[list[int]] | None = None  # the blocks each user's device held (the mixed case: its cut's)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def verify_dataset(task: str) -> FederatedDataset:
+def verify_dataset(task: str, clients: int = 1) -> FederatedDataset:
+    """The verify texts for ``clients`` clients, each holding them all in its own order (a rotation)."""
     examples = [Example(text=t, label=i % 2 if task == "cls" else None) for i, t in enumerate(VERIFY_TEXTS)]
-    client = ClientData(client_id="verify", train=examples, eval=examples[:2])
-    return FederatedDataset(name="verify", task=task, label_names=["a", "b"] if task == "cls" else [], clients=[client])
+    parts = [ClientData(client_id=f"verify-{c}", train=examples[c:] + examples[:c], eval=examples[:2])
+             for c in range(clients)]
+    return FederatedDataset(name="verify", task=task, label_names=["a", "b"] if task == "cls" else [], clients=parts)
 
 
 def whole_model(source: ModelSource, task: str, num_labels: int) -> torch.nn.Module:
@@ -62,29 +64,52 @@ def whole_model(source: ModelSource, task: str, num_labels: int) -> torch.nn.Mod
 
 def verify_split(model: str, split: tuple[int, int], steps: int = 5, *, task: str | None = None,
                  lr: float = 1e-3, batch_size: int = 4, rank: int = 8, seed: int = 0, max_len: int = 48,
-                 tokenizer: str = "", u_shaped: bool = False) -> VerifyResult:
+                 tokenizer: str = "", u_shaped: bool = False, cuts: list[int] | None = None) -> VerifyResult:
     """Train ``steps`` steps split (one user, one edge, the cloud; U-shaped: the head on the user) and unsplit;
-    compare losses and weights."""
-    from peft import get_peft_model
+    compare losses and weights.
 
+    ``cuts`` makes it the mixed case: one user per cut, each declaring that many blocks (its own a_u), all
+    behind one edge. The split run's aggregate is compared with the sample-weighted mean of one whole-model
+    run per user (from the same initial adapters, on the same batches); losses are compared user by user.
+    """
     if steps < 1:
         raise ValueError(f"--steps must be at least 1 (got {steps})")
     source = resolve_model(model)
     task = task or source.family.tasks[0]
     lora = LoraSettings(rank=rank, dropout=0.0)
-    cfg = SimConfig(model=model, users=1, edges=1, rounds=1, split=split,
+    users = len(cuts) if cuts else 1
+    cfg = SimConfig(model=model, users=users, edges=1, rounds=1, split=split,
                     round=RoundConfig(local_steps=steps, batch_size=batch_size, lr=lr, deadline=None, evaluate=False),
                     max_len=max_len, lora=lora, seed=seed, baseline_eval=False, u_shaped=u_shaped,
-                    tokenizer=tokenizer)
-    sim = Simulation(cfg, source=source, dataset=verify_dataset(task))
+                    tokenizer=tokenizer, cuts=list(cuts or []))
+    sim = Simulation(cfg, source=source, dataset=verify_dataset(task, users))
     initial = {k: v.clone() for tier in sim.coordinator.global_state.values() for k, v in tier.items()}
     record = sim.run_record()
     if record.state != "committed":
         raise RuntimeError(f"split run failed: {record.error}")
-    split_losses = list(record.metrics["users"]["user-0"]["losses"])
     trained = {k: v for tier in sim.coordinator.global_state.values() for k, v in tier.items()}
+    split_losses: list[float] = []
+    whole_losses: list[float] = []
+    runs: list[tuple[float, dict[str, torch.Tensor]]] = []
+    for i, agent in enumerate(sim.users):
+        split_losses += record.metrics["users"][agent.user_id]["losses"]
+        losses, params = _whole_run(sim, source, task, lora, initial, i, record.round_id, steps, batch_size, lr)
+        whole_losses += losses
+        runs.append((float(agent.num_samples), params))
+    total = sum(w for w, _ in runs)
+    expected = {k: sum(w * params[k] for w, params in runs) / total for k in trained}
+    max_loss = max(abs(a - b) for a, b in zip(split_losses, whole_losses))
+    max_weight = max(float((trained[k] - expected[k]).abs().max()) for k in trained)
+    return VerifyResult(max_loss, max_weight, split_losses, whole_losses, len(trained), source.family.name,
+                        sim.tokenizer.origin, [list(agent.runtime.partition.layer_ids) for agent in sim.users])
 
-    torch.manual_seed(seed)
+
+def _whole_run(sim: Simulation, source: ModelSource, task: str, lora: LoraSettings, initial: dict[str, torch.Tensor],
+               user: int, round_id: int, steps: int, batch_size: int, lr: float) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """One user's steps on the whole model with ordinary peft LoRA, from ``initial``: its losses and adapters."""
+    from peft import get_peft_model
+
+    torch.manual_seed(sim.config.seed)
     base = whole_model(source, task, sim.spec.num_labels)
     modules = layout(source.family, base, task)
     whole = get_peft_model(base, peft_config(lora, source.family))
@@ -104,16 +129,12 @@ def verify_split(model: str, split: tuple[int, int], steps: int = 5, *, task: st
         raise RuntimeError(f"adapter keys differ between split and whole model: missing {missing}, extra {extra}")
     whole.train()
     opt = sim.runtimes[Tier.USER].optimizer_settings.make(params, lr, {}, tensor_kind_of)
-    sampler = BatchSampler(sim.tokenizer, sim.dataset.clients[0].train, task, max_len)
-    whole_losses = []
-    for batch in sampler.round_batches(seed, record.round_id, "user-0", steps, batch_size):
+    agent = sim.users[user]
+    losses = []
+    for batch in agent.sampler.round_batches(sim.config.seed, round_id, agent.user_id, steps, batch_size):
         out = whole(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        whole_losses.append(float(out.loss.detach()))
-    max_loss = max(abs(a - b) for a, b in zip(split_losses, whole_losses))
-    max_weight = max(float((trained[k] - params[k].detach()).abs().max()) for k in trained)
-    return VerifyResult(max_loss, max_weight, split_losses, whole_losses, len(trained), source.family.name,
-                        sim.tokenizer.origin)
-
+        losses.append(float(out.loss.detach()))
+    return losses, {k: p.detach() for k, p in params.items()}

@@ -86,3 +86,18 @@ def test_the_u_shaped_chain_equals_whole_model(tiny, model: str, split: tuple[in
     """Labels stay on the device: the user holds the head and the loss; the result is the same training."""
     tiny(model)
     check(verify_split(model, split, steps=STEPS, u_shaped=True))
+
+
+# Per-device cuts (a_u declared as a block count, up to b): one user at its own cut trains as the whole model;
+# users at different cuts aggregate to the sample-weighted mean of their whole-model runs.
+MIXED = [("tiny-llama", (1, 3), [2]), ("tiny-llama", (2, 3), [0]), ("tiny-llama", (1, 3), [0, 3]),
+         ("tiny-gpt2", (1, 3), [3, 1]), ("tiny-bert", (2, 4), [1, 4, 0])]
+
+
+@pytest.mark.parametrize("model, split, cuts", MIXED, ids=[f"{m}-{a},{b}-cuts{c}" for m, (a, b), c in MIXED])
+def test_mixed_cuts_equal_the_aggregate_of_whole_model_runs(tiny, model: str, split: tuple[int, int],
+                                                            cuts: list[int]) -> None:
+    tiny(model)
+    result = verify_split(model, split, steps=3, cuts=cuts)
+    assert result.device_blocks == [list(range(min(cut, split[1]))) for cut in cuts]
+    check(result, steps=3 * len(cuts))

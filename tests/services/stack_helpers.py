@@ -196,7 +196,8 @@ def inprocess_stack(workdir: Path, edge: dict[str, Any] | None = None, drain: bo
             raise TransportError(f"{url}: connection refused")
         r = client.request(method, u.raw_path.decode(), json=payload, auth=identity.auth(audience))
         if r.status_code >= 400:
-            raise TransportError(f"{url}: HTTP {r.status_code}: {r.text[:200]}", r.status_code)
+            detail = r.json().get("detail") if r.headers.get("content-type") == "application/json" else r.text[:200]
+            raise TransportError(f"{url}: HTTP {r.status_code}: {r.text[:200]}", r.status_code, url, str(detail))
         return r.json()
 
     def fake_post_json(url, payload, deadline, identity=Identity(), audience="", timeout=30.0):  # noqa: ANN001
