@@ -52,7 +52,8 @@ def create_app(settings: UserSettings) -> FastAPI:
         s: UserService = svc()
         agent = s.agent
         return {"user_id": s.user_id, "ready": agent is not None, "jobs": dict(agent.jobs) if agent else {},
-                "last_error": agent.last_error if agent else None}
+                "last_error": agent.last_error if agent else None, "placement": s.placement,
+                "blocks": list(agent.runtime.partition.layer_ids) if agent else []}
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -66,6 +66,9 @@ class Proc:
 class Cluster:
     """One cloud, E edges, C users (user i behind edge i % E, holding client i), as separate processes.
 
+    A heterogeneous federation gives processes args of their own: ``edge_extra[e]`` (the model edge e
+    serves), ``user_extra[i]`` (user i's task, cut, rank) and ``user_edge[i]`` (the edge user i registers at).
+
     Each process gets a credential of its own from a fresh deployment key (``<workdir>/credentials``);
     ``admin_headers`` carry the admin's. ``insecure=True`` runs them in development mode instead.
     """
@@ -80,6 +83,9 @@ class Cluster:
     procs: dict[str, Proc] = field(default_factory=dict)
     insecure: bool = False
     admin_token: str = ""
+    edge_extra: dict[int, list[str]] = field(default_factory=dict)
+    user_extra: dict[int, list[str]] = field(default_factory=dict)
+    user_edge: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -93,12 +99,12 @@ class Cluster:
                                    cloud_port, self.workdir / "cloud.log")
         for e in range(self.edges):
             self.procs[f"edge-{e}"] = Proc(f"edge-{e}", ["edge", "--cloud", self.cloud.url, "--edge-id", f"edge-{e}",
-                                                         *self.edge_args],
+                                                         *self.edge_args, *self.edge_extra.get(e, [])],
                                            free_port(), self.workdir / f"edge-{e}.log")
         for i in range(self.users):
-            edge = self.procs[f"edge-{i % self.edges}"]
+            edge = self.procs[f"edge-{self.user_edge[i] if self.user_edge else i % self.edges}"]
             self.procs[f"user-{i}"] = Proc(f"user-{i}", ["user", "--edge", edge.url, "--client-index", str(i),
-                                                         *self.user_args],
+                                                         *self.user_args, *self.user_extra.get(i, [])],
                                            free_port(), self.workdir / f"user-{i}.log")
         if self.insecure:
             for proc in self.procs.values():
