@@ -14,6 +14,7 @@ A plug-in is registered under a name with three parts, each overriding only the 
 |                      | aggregate_round   | cloud: a whole round at once, across tiers and deployments     |
 |                      | after_round       | cloud, after the commit: bandits, schedules, stage changes     |
 | ``SessionPlugin``    | build_adapters    | every tier: the session's trainable replica                    |
+|                      | accepts           | every tier: downloaded keys beyond the adapter slots it takes  |
 |                      | lr_scales         | every tier: the optimizer's step size per adapter tensor kind  |
 |                      | base_overrides    | every tier: frozen base weights this session runs instead      |
 |                      | layers_to_run     | every tier, training and evaluation: the blocks of a step      |
@@ -192,6 +193,10 @@ class SessionPlugin:
         if self.plan.rank is not None:
             state = truncate_rank(state, self.plan.rank)
         return {k: nn.Parameter(v) for k, v in clone_state(state).items()}
+
+    def accepts(self, key: str) -> bool:
+        """A downloaded key that is no adapter slot's but which ``build_adapters`` takes (H2Tune's middle matrices)."""
+        return False
 
     def lr_scales(self) -> dict[str, float]:
         """Multipliers of the plan's learning rate per adapter tensor kind (``ctx.tensor_kind``); 1 for the rest."""

@@ -174,7 +174,7 @@ class TierRuntime:
                              self.plugin_store.setdefault(plan.algorithm, {}), tensor_kind_of)
         plugin = get_algorithm(plan.algorithm).session(plan.config, ctx)
         local = {name: v for k, v in state.items() if (name := variant.local(k)) is not None}
-        on_device = {k: v.to(self.device) for k, v in local.items() if k in shapes}
+        on_device = {k: v.to(self.device) for k, v in local.items() if k in shapes or plugin.accepts(k)}
         params = plugin.build_adapters(on_device)
         for p in params.values():
             p.requires_grad_(plan.training)

@@ -58,3 +58,14 @@ def test_each_user_holds_the_blocks_of_the_cut_the_cloud_assigned_it(cluster: Cl
         assert status.status_code == 200, status.text
         assert status.json()["placement"] == {"data": data, "cut": cut, "rank": rank}
         assert status.json()["blocks"] == blocks
+
+
+def test_h2tune_runs_in_the_services_and_shares_middle_matrices_only(cluster: Cluster) -> None:
+    round_id = cluster.start_round({"algorithm": "h2tune", "config": {"keep": 0.5}})
+    assert round_id % 2 == 0  # an even round: H2Tune's shared phase (odd rounds train the task part)
+    view = cluster.wait_round(round_id, timeout=900)
+    assert view["state"] == "committed", view.get("error")
+    assert sorted(view["metrics"]["tasks"]) == ["tiny-bert/sms_spam", "tiny-bert/trec", "tiny-llama/sentiment"]
+    keys = load(cluster.get(f"/v1/adapters/{view['version']}").content).keys()
+    assert any(k.startswith("user/tiny-bert/") and k.endswith(".h2_m") for k in keys)
+    assert any(k.startswith("cloud/tiny-llama/") and k.endswith(".h2_m") for k in keys)
