@@ -24,7 +24,7 @@ from typing import Any
 ENDPOINTS = ("start", "update")
 
 
-def _link_bytes(links: list[Any]) -> int:
+def link_bytes(links: list[Any]) -> int:
     total = 0
     for link in links:
         by = link.stats.snapshot()["by_endpoint"]
@@ -81,12 +81,12 @@ def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
     rounds.append({"round": 0, "eval_accuracy": base.get("eval_accuracy"), "eval_loss": base.get("eval_loss"),
                    "train_loss": None, "adapter_bytes": 0, "adapter_tensor_bytes": 0, "cumulative_adapter_bytes": 0,
                    "seconds": base["seconds"]})
-    link0, tensor0 = _link_bytes(links), tensors.total
+    link0, tensor0 = link_bytes(links), tensors.total
     cumulative = 0
     for _ in range(args.rounds):
-        before, tensor_before = _link_bytes(links), tensors.total
+        before, tensor_before = link_bytes(links), tensors.total
         row = sim.run_round()
-        moved = _link_bytes(links) - before
+        moved = link_bytes(links) - before
         cumulative += moved
         entry = {"round": row["round"], "eval_accuracy": row.get("eval_accuracy"), "eval_loss": row["eval_loss"],
                  "train_loss": row["train_loss"], "adapter_bytes": moved,
@@ -107,7 +107,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
         "method": method, "adapter": cfg.adapter, "algorithm": cfg.round.algorithm, "algorithm_config": algorithm_config,
         "rank": args.rank, "final_accuracy": rounds[-1]["eval_accuracy"],
-        "mean_last3_accuracy": _mean_last(rounds, 3), "adapter_bytes": _link_bytes(links) - link0,
+        "mean_last3_accuracy": _mean_last(rounds, 3), "adapter_bytes": link_bytes(links) - link0,
         "adapter_tensor_bytes": tensors.total - tensor0, "seconds": seconds, "rounds": rounds,
     }
     if fedara:
