@@ -33,6 +33,10 @@ def _split_arg(text: str | None) -> tuple[int, int] | None:
     return a, b
 
 
+def _list(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
 def _cuts_arg(text: str | None) -> list[int] | None:
     if not text:
         return None
@@ -76,6 +80,9 @@ def _print_row(row: dict[str, Any]) -> None:
     print(f"{row['round']:>5}  {_fmt(row['train_loss'], '.4f'):>10}  {_fmt(row['eval_loss'], '.4f'):>9}  {quality:>13}  "
           f"{b['user']['up'] / 1e6:>9.2f}  {b['user']['down'] / 1e6:>9.2f}  {b['edge']['up'] / 1e6:>9.2f}  "
           f"{b['edge']['down'] / 1e6:>9.2f}  {row['seconds']:>7.1f}", flush=True)
+    for task, m in sorted(row.get("tasks", {}).items()):  # a federation of several tasks: each one's own
+        print(f"       {task}: eval_loss {m['eval_loss']:.4f}" + "".join(
+            f", {k[5:]} {m[k]:.4f}" for k in ("eval_accuracy", "eval_perplexity") if k in m), flush=True)
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -88,8 +95,10 @@ def cmd_sim(args: argparse.Namespace) -> int:
                     lora=_lora(args), seed=args.seed, user_link=args.user_link, edge_link=args.edge_link, link_sleep=args.link_sleep,
                     user_edge_codecs=args.user_edge_codecs, edge_cloud_codecs=args.edge_cloud_codecs,
                     adapter=args.adapter, slowdowns=[float(x) for x in args.slowdowns.split(",") if x],
-                    u_shaped=args.u_shaped,
-                    tokenizer=args.tokenizer)
+                    u_shaped=args.u_shaped, tokenizer=args.tokenizer,
+                    user_models=_list(args.user_models), user_data=_list(args.user_data),
+                    cuts=[int(x) for x in _list(args.cuts)], ranks=[int(x) for x in _list(args.ranks)],
+                    memory_budgets=[int(x) for x in _list(args.memory_budgets)])
     sim = Simulation(cfg)
     print(f"model {args.model} ({sim.source.family.name}, {sim.source.num_layers} blocks), split {sim.spec.split[0]},"
           f"{sim.spec.split[1]}; data {args.data} ({sim.dataset.task}), {args.users} users, {args.edges} edges", flush=True)
@@ -234,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edge-cloud-codecs", default="fp32", help="codecs on edge-cloud hops (same form)")
     p.add_argument("--adapter", default="lora", choices=("lora", "svd"), help="adapter form (svd: what FedARA trains)")
     p.add_argument("--slowdowns", default="", help="per-user compute slowdown factors, cycled, e.g. 1,2,4")
+    p.add_argument("--user-models", default="", help="a heterogeneous federation: each user's model, cycled "
+                                                     "(a deployment per model), e.g. minilm-l6,smollm2-135m")
+    p.add_argument("--user-data", default="", help="each user's task (data set), cycled, e.g. trec,sms_spam,sentiment")
+    p.add_argument("--cuts", default="", help="the blocks each user declares it holds (its cut), cycled")
+    p.add_argument("--memory-budgets", default="", help="or the parameter bytes each user declares, cycled")
+    p.add_argument("--ranks", default="", help="each user's LoRA rank, cycled (a model's rank: its users' largest)")
     p.add_argument("--u-shaped", action="store_true",
                    help="labels never leave the device: the user holds the head and the loss (two requests a step)")
     _tokenizer_arg(p)
