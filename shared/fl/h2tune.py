@@ -130,6 +130,7 @@ class H2TuneSession(SessionPlugin):
 
 class H2TuneStrategy(Strategy):
     config: H2TuneConfig
+    owned_suffixes = (M,)
 
     @classmethod
     def check_request(cls, config: AlgorithmConfig, request: RoundConfig, spec: ModelSpec) -> None:

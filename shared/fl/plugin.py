@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -128,9 +128,17 @@ class Strategy:
         """Per-participant plan extras (``RoundPlan.extra``), keyed by user id."""
         return {p.user_id: {} for p in participants}
 
+    owned_suffixes: ClassVar[tuple[str, ...]] = ()  # global-state keys only this plug-in reads (H2Tune's ".h2_m")
+
     def before_round(self, round_id: int, global_state: AdapterBundle) -> AdapterBundle:
-        """Every tier's global adapters before the round is planned; return them reshaped (a stage change) or as they are."""
-        return global_state
+        """Every tier's global adapters before the round is planned; return them reshaped (a stage change) or as they
+        are. The default leaves out keys another plug-in owns (``owned_suffixes``): a round of this algorithm after
+        rounds of that one neither sends nor keeps them."""
+        foreign = tuple(OWNED_SUFFIXES - set(self.owned_suffixes))
+        if not foreign or not any(k.endswith(foreign) for state in global_state.values() for k in state):
+            return global_state
+        return AdapterBundle({t: {k: v for k, v in state.items() if not k.endswith(foreign)}
+                              for t, state in global_state.items()})
 
     def pack_download(self, tier: Tier, state: AdapterState, round_id: int) -> AdapterState:
         """What a round's start carries of the global adapters of ``tier`` (user or edge)."""
@@ -256,6 +264,7 @@ class Algorithm:
 
 
 _REGISTRY: dict[str, Algorithm] = {}
+OWNED_SUFFIXES: set[str] = set()  # every registered strategy's owned_suffixes
 
 
 def register_algorithm(name: str, *, config: type[AlgorithmConfig] = AlgorithmConfig,
@@ -267,6 +276,7 @@ def register_algorithm(name: str, *, config: type[AlgorithmConfig] = AlgorithmCo
     if name in _REGISTRY and _REGISTRY[name] != entry:
         raise ValueError(f"algorithm '{name}' is already registered")
     _REGISTRY[name] = entry
+    OWNED_SUFFIXES.update(strategy.owned_suffixes)
     return entry
 
 

@@ -150,3 +150,6 @@ def test_a_mixed_federation_trains_with_h2tune_in_the_simulator(hermetic_cache) 
     state = sim.coordinator.global_state
     shared = [k for t in state.values() for k in t if k.endswith(".h2_m")]
     assert any(k.startswith("tiny-bert/") for k in shared) and any(k.startswith("tiny-llama/") for k in shared)
+    # a FedAvg round after H2Tune's: the middle matrices are H2Tune's own, neither sent nor kept
+    sim.run_round(RoundConfig(local_steps=1, batch_size=2, algorithm="fedavg"))
+    assert not [k for t in sim.coordinator.global_state.values() for k in t if k.endswith(".h2_m")]
