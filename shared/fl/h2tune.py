@@ -30,9 +30,25 @@ from shared.config.deployment import ModelSpec
 from shared.config.round import RoundConfig
 from shared.errors import InvalidInput
 from shared.fl.aggregation import AdapterUpdate
-from shared.fl.alignment import (A_SUFFIX, B_SUFFIX, MEAN, M, WEIGHT, check_upload, dense_parts, module_of,
-                                 module_orders, slot_of, sparse)
-from shared.fl.plugin import AlgorithmConfig, SessionPlugin, Strategy, register_algorithm
+from shared.fl.alignment import (
+    A_SUFFIX,
+    B_SUFFIX,
+    MEAN,
+    WEIGHT,
+    M,
+    check_upload,
+    dense_parts,
+    module_of,
+    module_orders,
+    slot_of,
+    sparse,
+)
+from shared.fl.plugin import (
+    AlgorithmConfig,
+    SessionPlugin,
+    Strategy,
+    register_algorithm,
+)
 from shared.model.adapters import AdapterState, block_of, initial_state
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.enums import TIERS, Tier

@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from plans import make_plan
+
 from shared.config.deployment import ModelSpec
 from shared.config.round import RoundConfig
 from shared.errors import InvalidInput
 from shared.fl import SessionContext, StrategyContext, get_algorithm
 from shared.fl.aggregation import AdapterUpdate
-from shared.fl.alignment import check_upload, module_orders, slot_of, sparse, top_entries
+from shared.fl.alignment import (
+    check_upload,
+    module_orders,
+    slot_of,
+    sparse,
+    top_entries,
+)
 from shared.fl.plugin import ModelInfo
 from shared.lab.sim import SimConfig, Simulation
 from shared.model.adapters import LoraSettings

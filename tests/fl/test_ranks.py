@@ -14,8 +14,8 @@ from shared.config.round import RoundConfig
 from shared.lab.sim import SimConfig, Simulation
 from shared.model.adapters import LoraSettings, pad_rank, rank_axis, truncate_rank
 
-SETTINGS = dict(model="tiny-llama", data="trec", users=2, edges=1, rounds=1, max_len=24, max_examples_per_client=8,
-                eval_examples_per_client=4, split=(1, 3))
+SETTINGS = {"model": "tiny-llama", "data": "trec", "users": 2, "edges": 1, "rounds": 1, "max_len": 24,
+            "max_examples_per_client": 8, "eval_examples_per_client": 4, "split": (1, 3)}
 
 
 def test_truncation_keeps_the_first_components_and_padding_restores_the_shape_with_zeros() -> None:

@@ -4,11 +4,11 @@ cut the cloud assigns (and the blocks the edge then holds), and the 4xx a declar
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
-
 from stack_helpers import AUDIENCES, Stack, inprocess_stack
 
 
