@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cloud_server.compute import CloudCompute
-from cloud_server.metrics import eval_metrics, hop_bytes, train_metrics
+from cloud_server.metrics import drop_reasons, eval_metrics, hop_bytes, train_metrics
 from cloud_server.records import FINISHED, RoundCancelled, RoundError, RoundRecord
 from cloud_server.store import Store
 from shared.config.round import RoundConfig
@@ -299,7 +299,7 @@ class Coordinator:
         return {p.user_id: RoundPlan(
             round_id=record.round_id, user_id=p.user_id, local_steps=req.local_steps, batch_size=req.batch_size,
             lr=float(req.lr), seed=self.seed, algorithm=req.algorithm, config=dict(req.config),
-            extra=extras.get(p.user_id, {}), mode=mode) for p in chosen}
+            extra=extras.get(p.user_id, {}), mode=mode, micro_batches=req.micro_batches) for p in chosen}
 
     def _phase(self, record: RoundRecord, chosen: list[Participant], mode: Mode, extras: dict[str, dict[str, Any]],
                state: AdapterBundle, strategy: Strategy) -> dict[str, Report]:
@@ -393,10 +393,3 @@ class Coordinator:
                 clipped[tier.value] = {"bound": combined.bound, "sources": combined.clipped}
         return AdapterBundle(new_state), clipped
 
-
-def drop_reasons(reports: dict[str, Report], chosen: list[str]) -> dict[str, str]:
-    """Why each chosen user that did not report was dropped: as its edge said, or its edge never reported."""
-    reasons = {u: r for report in reports.values() for u, r in report.reasons.items()}
-    reported = {u for report in reports.values() for u in (*report.metrics, *report.missing)}
-    reasons.update({u: "its edge did not report" for u in chosen if u not in reported})
-    return dict(sorted(reasons.items()))

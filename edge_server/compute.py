@@ -255,7 +255,7 @@ class EdgeServer:
         """The edge's next stage: the cloud, with this edge's output rows."""
         mask = request.attention_mask
         forward = StepRequest(request.round, request.user, request.step, request.mode,
-                              pack_tokens(out.detach(), mask), mask, request.labels)
+                              pack_tokens(out.detach(), mask), mask, request.labels, request.micro, request.label_count)
         reply = self.cloud.request("step", forward.to_message(self.runtime.policy(Hop.EDGE_CLOUD).activations))
         if self.runtime.spec.u_shaped:  # the cloud's output rows go on to the user's head
             rows = OutputReply.from_message(reply).hidden
@@ -271,7 +271,7 @@ class EdgeServer:
     def relay_back(self, session: Session, request: BackwardRequest, pending: Pending) -> torch.Tensor:
         """The gradient of the cloud's output goes on to the cloud; the gradient of its input is that of this
         edge's output."""
-        back = BackwardRequest(request.round, request.user, request.step, request.loss, request.grad)
+        back = BackwardRequest(request.round, request.user, request.step, request.loss, request.grad, request.micro)
         answer = TrainReply.from_message(self.cloud.request("backward", back.to_message(
             self.runtime.policy(Hop.EDGE_CLOUD).gradients)))
         rows = pack_tokens(pending.out, pending.mask)

@@ -154,33 +154,43 @@ class TierRuntime:
         with self._bound(session):
             return self.partition.run_head(hidden, attention_mask.to(self.device))
 
-    def backward_and_step(self, session: Session, outputs: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
-        """Backpropagate into this tier's adapters, run the plug-in hooks, step the optimizer."""
+    def backward(self, session: Session, outputs: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+        """Backpropagate into this tier's adapters; the gradients of several calls (micro-batches) add up."""
         pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
-        extra = session.plugin.extra_loss(session.params)
-        if extra is not None:
-            pairs.append((extra, None))
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+
+    def step(self, session: Session) -> None:
+        """The step's update, once its gradients are in: the plug-in's ``extra_loss`` and ``after_backward``, AdamW."""
+        extra = session.plugin.extra_loss(session.params)
+        if extra is not None:
+            torch.autograd.backward([extra])
         session.plugin.after_backward(session.params)
         if session.optimizer is not None:
             session.optimizer.step()
             session.optimizer.zero_grad(set_to_none=True)
         session.steps += 1
 
+    def backward_and_step(self, session: Session, outputs: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+        """A whole step's backward and update."""
+        self.backward(session, outputs, grads)
+        self.step(session)
+
     def policy(self, hop: Hop | str) -> CodecPolicy:
         """The codecs of one hop; fp32 (lossless) where none is set."""
         return self.policies[Hop(hop)]
 
-    def outgoing_grad(self, session: Session, grad: torch.Tensor, hop: Hop) -> tuple[torch.Tensor, dict[str, str]]:
-        """A gradient ready to send back over ``hop``: top-k with error feedback kept here, or as it is."""
+    def outgoing_grad(self, session: Session, grad: torch.Tensor, hop: Hop, micro: int = 0) -> torch.Tensor:
+        """A gradient ready to send back over ``hop``: top-k with error feedback kept here (per micro-batch of a
+        step), or as it is."""
         spec = self.policy(hop).spec("gradients")
         if spec.name == "topk":
-            if session.feedback is None:
-                session.feedback = ErrorFeedback()
-            grad = session.feedback.compress("grad", grad, k=spec.params.get("k"), ratio=spec.params.get("ratio"),
-                                             values=spec.params.get("values", "fp32"))
-        return grad, {"grad": str(spec)}
+            with self.lock:
+                if session.feedback is None:
+                    session.feedback = ErrorFeedback()
+            grad = session.feedback.compress(("grad", micro), grad, k=spec.params.get("k"),
+                                             ratio=spec.params.get("ratio"), values=spec.params.get("values", "fp32"))
+        return grad
 
     def global_state_template(self) -> AdapterState:
         return clone_state(self.slots.current())
