@@ -67,11 +67,15 @@ class Link:
     upward: bool  # True when the peer is the caller's parent (user -> edge, edge -> cloud)
     emulator: Any = None  # a shared.protocol.links.LinkEmulator for this hop, or None
 
-    def emulate(self, sent: int, received: int) -> None:
-        """Charge the hop's link time for a request of ``sent`` bytes and its reply of ``received``."""
+    def carry_request(self, nbytes: int) -> None:
+        """The hop's link time for a request of ``nbytes``, before the peer gets it (an emulated link waits here)."""
         if self.emulator is not None:
-            self.emulator.transfer(sent, upward=self.upward)
-            self.emulator.transfer(received, upward=not self.upward)
+            self.emulator.transfer(nbytes, upward=self.upward)
+
+    def carry_reply(self, nbytes: int) -> None:
+        """The hop's link time for a reply of ``nbytes``, before the caller gets it."""
+        if self.emulator is not None:
+            self.emulator.transfer(nbytes, upward=not self.upward)
 
     def request(self, endpoint: str, msg: Message) -> Message:  # pragma: no cover - interface
         raise NotImplementedError
@@ -96,18 +100,19 @@ class InProcessLink(Link):
             data = encode(msg)
             sent = len(data)
             msg = decode(data)
+        self.carry_request(sent)
         reply = getattr(self.handler, f"on_{endpoint}")(msg)
         if self.wire:
             data = encode(reply)
             received = len(data)
             reply = decode(data)
+        self.carry_reply(received)
         if self.upward:
             self.stats.add(sent, received, endpoint)
         else:
             self.stats.add(received, sent, endpoint)
         if self.ledger is not None:
             self.ledger.add(round_key(msg), *((sent, received) if self.upward else (received, sent)))
-        self.emulate(sent, received)
         after = getattr(self.handler, f"after_{endpoint}", None)
         if after is not None:
             after(msg)
