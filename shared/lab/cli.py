@@ -131,7 +131,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_http(args: argparse.Namespace) -> int:
-    from shared.lab.bench.overhead import bench_http, write_json
+    from shared.lab.bench.overhead import bench_http
+    from shared.lab.bench.timing import write_json
 
     report = bench_http(args.model, args.split, args.batch_size, args.seq_len, args.steps)
     write_json(report, args.json)
@@ -142,7 +143,7 @@ def cmd_bench_http(args: argparse.Namespace) -> int:
 
 def cmd_bench_codecs(args: argparse.Namespace) -> int:
     from shared.lab.bench.codecs import BENCH_CODECS, bench_codecs, bench_codecs_4g
-    from shared.lab.bench.overhead import write_json
+    from shared.lab.bench.timing import write_json
 
     report: dict[str, Any] = {"codecs": []}
     if not args.only_4g:
@@ -173,7 +174,7 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
 
 def cmd_bench_memory_bodies(args: argparse.Namespace) -> int:
     from shared.lab.bench.bodies import MiB, bench_memory_bodies
-    from shared.lab.bench.overhead import write_json
+    from shared.lab.bench.timing import write_json
 
     r = bench_memory_bodies(args.model, args.split, args.bodies, args.max_message_bytes, args.bursts, args.settle)
     write_json(r, args.json)
@@ -294,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_memory_bodies)
 
     bench.add_parser("fedara", help="FedARA against fixed-rank LoRA (see splitllm bench fedara --help)", add_help=False)
+    bench.add_parser("pipeline", help="one user's step with and without micro-batch pipelining over an emulated link",
+                     add_help=False)
     bench.add_parser("droppeft", help="DropPEFT against plain split LoRA (see splitllm bench droppeft --help)",
                      add_help=False)
 
@@ -320,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         return int(importlib.import_module(f"{SERVICES[argv[0]]}.__main__").main(argv[1:]) or 0)
-    if argv[:2] in (["bench", "fedara"], ["bench", "droppeft"]):  # these benches parse their own flags
+    if argv[:2] in (["bench", "fedara"], ["bench", "droppeft"], ["bench", "pipeline"]):  # these parse their own flags
         import importlib
 
         return int(importlib.import_module(f"shared.lab.bench.{argv[1]}").main(argv[2:]) or 0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -44,9 +43,3 @@ def bench_http(model: str = "smollm2-135m", split: str = "2,15", batch_size: int
     return {"model": model, "split": split, "batch_shape": shape, "steps": steps,
             "inprocess_step_seconds": med_in, "http_step_seconds": med_http, "ratio": med_http / med_in,
             "target_ratio": 1.10, "inprocess_steps": inproc, "http_steps": http}
-
-
-def write_json(report: dict[str, Any], path: str | None) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(report, indent=2))
