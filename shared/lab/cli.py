@@ -121,7 +121,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(report, indent=2))
     whole = report["whole"]
     print(f"{'process':>7}  {'param_MB':>9}  {'share':>6}  {'peak_rss_MB':>11}")
-    for name in ("user", "edge", "cloud", "whole"):
+    for name in ("user", "edge", "cloud", "whole", "runtime"):
         r = report[name]
         print(f"{name:>7}  {r['param_bytes'] / 1e6:>9.1f}  {r['param_bytes'] / whole['param_bytes']:>6.1%}  "
               f"{r['peak_rss_bytes'] / 1e6:>11.1f}")
@@ -137,7 +137,9 @@ def cmd_bench_http(args: argparse.Namespace) -> int:
     report = bench_http(args.model, args.split, args.batch_size, args.seq_len, args.steps)
     write_json(report, args.json)
     print(f"{report['model']} batch {report['batch_shape']}: in-process {report['inprocess_step_seconds']:.3f} s/step, "
-          f"HTTP on loopback {report['http_step_seconds']:.3f} s/step, ratio {report['ratio']:.3f} (target <= 1.10)")
+          f"HTTP on loopback {report['http_step_seconds']:.3f} s/step, ratio {report['ratio']:.3f} (target <= 1.05); CPU seconds of the round: in-process "
+          f"{report['inprocess_round_cpu_seconds']:.1f}, HTTP {report['http_round_cpu_seconds']:.1f} (all three processes), "
+          f"ratio {report['cpu_ratio']:.3f}; load {report['machine']['http']['load_before']}")
     return 0
 
 
@@ -297,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser("fedara", help="FedARA against fixed-rank LoRA (see splitllm bench fedara --help)", add_help=False)
     bench.add_parser("pipeline", help="one user's step with and without micro-batch pipelining over an emulated link",
                      add_help=False)
+    bench.add_parser("scaling", help="samples per second against the number of concurrent users through 2 edges",
+                     add_help=False)
     bench.add_parser("droppeft", help="DropPEFT against plain split LoRA (see splitllm bench droppeft --help)",
                      add_help=False)
 
@@ -323,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         return int(importlib.import_module(f"{SERVICES[argv[0]]}.__main__").main(argv[1:]) or 0)
-    if argv[:2] in (["bench", "fedara"], ["bench", "droppeft"], ["bench", "pipeline"]):  # these parse their own flags
+    if argv[:2] in (["bench", "fedara"], ["bench", "droppeft"], ["bench", "pipeline"], ["bench", "scaling"]):
+        # these parse their own flags
         import importlib
 
         return int(importlib.import_module(f"shared.lab.bench.{argv[1]}").main(argv[2:]) or 0)

@@ -31,7 +31,7 @@ import torch
 from shared.config.round import RoundConfig
 from shared.http.client import HttpLink, Identity, TransportError
 from shared.http.credentials import Credential
-from shared.lab.bench.timing import Machine, median_after_first
+from shared.lab.bench.timing import Machine
 from shared.lab.cluster import Cluster
 from shared.protocol.enums import Mode
 from shared.protocol.links import get_profile
@@ -50,13 +50,6 @@ def data_args(model: str, split: str, batch_size: int, seq_len: int, steps: int,
 def user_steps(view: dict[str, Any]) -> dict[str, list[float]]:
     """Each user's step seconds in a finished round's view."""
     return {user: list(m["step_seconds"]) for user, m in view["metrics"]["users"].items()}
-
-
-def run_round(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
-    view = cluster.wait_round(cluster.start_round(body), timeout=3600)
-    if view["state"] != "committed":
-        raise RuntimeError(f"round {view['state']}: {view.get('error')}")
-    return view
 
 
 def request_overhead(cluster: Cluster, count: int = 40) -> dict[str, float]:
@@ -117,7 +110,7 @@ def bench_pipeline(model: str = "minilm-l6", split: str = "1,3", batch_size: int
                 with Machine() as machine:
                     for _ in range(repeats):
                         for m in (1, micro_batches):
-                            view = run_round(cluster, {"local_steps": steps, "batch_size": batch_size,
+                            view = cluster.run_round({"local_steps": steps, "batch_size": batch_size,
                                                        "micro_batches": m, "evaluate": False})
                             times[m] += user_steps(view)["user-0"][1:]
                             hop = view["metrics"]["bytes"]["user_edge"]
@@ -140,8 +133,8 @@ def bench_pipeline(model: str = "minilm-l6", split: str = "1,3", batch_size: int
 
 
 def summary(report: dict[str, Any]) -> list[str]:
-    lines = [f"{report['model']} batch {report['batch']} over {report['profile']}, {report['micro_batches']} "
-             f"micro-batches against 1 ({report['steps']} steps x {report['repeats']} rounds each):"]
+    lines = [(f"{report['model']} batch {report['batch']} over {report['profile']}, {report['micro_batches']} "
+              f"micro-batches against 1 ({report['steps']} steps x {report['repeats']} rounds each):")]
     for codec, r in report["codecs"].items():
         lines.append(f"  {codec:>5}: unpipelined {r['unpipelined_step_s']:.2f} s/step, pipelined {r['pipelined_step_s']:.2f}"
                      f" s/step, ratio {r['ratio']:.2f} (target <= 0.6; the link's floor {r['link_floor_s']:.2f} s = "

@@ -12,7 +12,7 @@ import os
 import statistics
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -25,11 +25,11 @@ def load() -> list[float]:
 class Machine:
     """The machine's cores and load around a timed part: ``with Machine() as m: ...``; ``m.record`` for the JSON."""
 
-    def __enter__(self) -> "Machine":
+    def __enter__(self) -> Self:
         self.before = load()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.after = load()
 
     @property
