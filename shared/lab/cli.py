@@ -156,9 +156,10 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
                               eval_examples=args.eval_examples)
         print(f"{report['model']} on {report['data']}, {report['steps']} steps of {report['batch']}, "
               f"{len(report['seeds'])} seed(s); loss change against fp32 from the same seed, mean +- standard error")
-    print(f"{'codec':<44} {'bytes/step':>11} {'x fp32':>7} {'MB/s':>8} {'loss':>8} {'delta %':>15}")
+    print(f"{'codec':<44} {'bytes/step':>11} {'x fp32':>7} {'MB/s':>8} {'CPU MB/s':>8} {'loss':>8} {'delta %':>15}")
     for r in report["codecs"]:
         print(f"{r['codec']:<44} {r['bytes_per_step']:>11.0f} {r['ratio_vs_fp32']:>7.2f} {r['encode_decode_mb_s']:>8.0f} "
+              f"{r['encode_decode_cpu_mb_s']:>8.0f} "
               f"{r['loss_after_steps']:>8.4f} {r['loss_delta_pct']:>+8.2f} +- {r['loss_delta_pct_se']:.2f}")
     if args.only_4g:
         report = {"round_4g": bench_codecs_4g(args.model, args.split, threads=args.threads)}

@@ -31,7 +31,7 @@ import torch
 from shared.config.round import RoundConfig
 from shared.http.client import HttpLink, Identity, TransportError
 from shared.http.credentials import Credential
-from shared.lab.bench.timing import Machine
+from shared.lab.bench.timing import Machine, cpu_seconds
 from shared.lab.cluster import Cluster
 from shared.protocol.enums import Mode
 from shared.protocol.links import get_profile
@@ -106,12 +106,16 @@ def bench_pipeline(model: str = "minilm-l6", split: str = "1,3", batch_size: int
                 cluster.start()
                 overhead = request_overhead(cluster)
                 times: dict[int, list[float]] = {1: [], micro_batches: []}
+                cpu: dict[int, list[float]] = {1: [], micro_batches: []}
                 bytes_per_step: dict[int, dict[str, float]] = {}
+                pids = [p.popen.pid for p in cluster.procs.values()]
                 with Machine() as machine:
                     for _ in range(repeats):
                         for m in (1, micro_batches):
+                            cpu0 = sum(cpu_seconds(pid) for pid in pids)
                             view = cluster.run_round({"local_steps": steps, "batch_size": batch_size,
-                                                       "micro_batches": m, "evaluate": False})
+                                                      "micro_batches": m, "evaluate": False})
+                            cpu[m].append((sum(cpu_seconds(pid) for pid in pids) - cpu0) / steps)
                             times[m] += user_steps(view)["user-0"][1:]
                             hop = view["metrics"]["bytes"]["user_edge"]
                             bytes_per_step[m] = {"up": hop["up"] / steps, "down": hop["down"] / steps}
@@ -123,6 +127,7 @@ def bench_pipeline(model: str = "minilm-l6", split: str = "1,3", batch_size: int
         out["codecs"][codec] = {
             "unpipelined_step_s": whole, "pipelined_step_s": piped, "ratio": piped / whole,
             "step_seconds": {str(m): t for m, t in times.items()}, "bytes_per_step": bytes_per_step,
+            "cpu_seconds_per_step": {str(m): statistics.median(c) for m, c in cpu.items()},
             "link_floor_s": floor, "link_floor_ratio": floor / whole,
             "request_overhead": overhead,
             "extra_requests_per_step": 2 * (micro_batches - 1),  # per hop on the way to the cloud, one more each
@@ -140,7 +145,9 @@ def summary(report: dict[str, Any]) -> list[str]:
                      f" s/step, ratio {r['ratio']:.2f} (target <= 0.6; the link's floor {r['link_floor_s']:.2f} s = "
                      f"{r['link_floor_ratio']:.2f}); one more request costs {r['request_overhead']['median_s'] * 1e3:.1f} ms "
                      f"({r['extra_request_share']:.1%} of the pipelined step); load {r['machine']['load_before']}"
-                     f" -> {r['machine']['load_after']}")
+                     f" -> {r['machine']['load_after']}; CPU seconds per step of all three processes "
+                     f"{r['cpu_seconds_per_step']['1']:.2f} unpipelined, "
+                     f"{r['cpu_seconds_per_step'][str(report['micro_batches'])]:.2f} pipelined")
     return lines
 
 
