@@ -20,6 +20,7 @@ streaming them on one request, per micro-batch and hop.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import tempfile
 import time
@@ -151,25 +152,28 @@ def summary(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from shared.lab.bench.timing import write_json
-
-    p = argparse.ArgumentParser(prog="splitllm bench pipeline", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def bench_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The flags the timed round benches share: model, split, batch, the pipelined setting, --json."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="minilm-l6")
     p.add_argument("--split", default="1,3")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--micro-batches", type=int, default=4)
+    p.add_argument("--micro-batches", type=int, default=4, help="the pipelined setting, run beside 1")
+    p.add_argument("--json", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from shared.lab.bench.timing import write_json
+
+    p = bench_parser("splitllm bench pipeline", __doc__)
     p.add_argument("--profile", default="4g", help="the user's link to its edge (wifi, 4g, 5g, fiber)")
     p.add_argument("--steps", type=int, default=6, help="steps per round (the first of each is left out)")
     p.add_argument("--repeats", type=int, default=2, help="rounds of each setting, alternating")
     p.add_argument("--codec", action="append", default=None, help="user-edge codecs to run (default: fp32 and int8)")
     p.add_argument("--threads", type=int, default=0, help="torch threads of every tier (0: one per core)")
     p.add_argument("--quick", action="store_true", help="fp32 only, 3 steps, one round of each")
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     codecs = tuple(args.codec or (("fp32",) if args.quick else ("fp32", "int8")))
     steps, repeats = (3, 1) if args.quick else (args.steps, args.repeats)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config.round import RoundConfig
-from shared.lab.bench.pipeline import data_args, user_steps
+from shared.lab.bench.pipeline import bench_parser, data_args, user_steps
 from shared.lab.bench.timing import Machine, cpu_seconds
 from shared.lab.cluster import Cluster
 from shared.protocol.links import get_profile
@@ -105,25 +105,16 @@ def summary(report: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     from shared.lab.bench.timing import write_json
 
-    p = argparse.ArgumentParser(prog="splitllm bench scaling", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="minilm-l6")
-    p.add_argument("--split", default="1,3")
+    p = bench_parser("splitllm bench scaling", __doc__)
     p.add_argument("--users", default="1,2,4,8,16", help="comma-separated user counts")
     p.add_argument("--edges", type=int, default=2)
     p.add_argument("--profile", action="append", default=None,
                    help="the users' links (none = loopback, wifi, 4g, ...; default: none and wifi)")
-    p.add_argument("--micro-batches", type=int, default=4, help="the pipelined setting, run beside 1")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=5, help="steps per round (the first of each is left out)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of every process (0: one per core)")
     p.add_argument("--quick", action="store_true", help="1 and 4 users under wifi, 3 steps")
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     users = (1, 4) if args.quick else tuple(int(x) for x in args.users.split(","))
     profiles = tuple(args.profile or (("wifi",) if args.quick else ("none", "wifi")))
