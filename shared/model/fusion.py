@@ -4,10 +4,10 @@ A stage of ``k`` layers replaces the model's ``L`` blocks by ``k`` representativ
 runtime every tier builds its own representatives from the blocks it holds, so no tier reads another
 tier's weights and no group crosses a tier cut:
 
-* **Shares** (``representative_shares``): a tier holding ``n_t`` of the ``L`` blocks gets ``k * n_t / L``
-  representatives, rounded by largest remainder (Hamilton's method), with every tier that holds blocks
-  getting at least one and none more than its ``n_t``. So a stage needs at least as many layers as
-  there are tiers holding blocks.
+* **Shares** (``representative_shares``): a tier holding ``n_t`` of the ``L`` blocks gets about
+  ``k * n_t / L`` representatives: at least one if it holds blocks, at most ``n_t``, in proportion by
+  Sainte-Lague's divisor method, handed out one at a time so that no tier's share shrinks as stages
+  grow. So a stage needs at least as many layers as there are tiers holding blocks.
 * **Groups** (``contiguous_groups``): a tier's blocks are cut into as many contiguous groups as it has
   representatives. The similarity of two blocks is the mean, over the block's weight matrices, of the
   cosine of the two blocks' matrices (``block_similarity``). A group's first block is its anchor, and
@@ -33,20 +33,23 @@ _BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
 def representative_shares(split: Split, layers: int) -> dict[str, int]:
-    """Each tier's number of representative layers in a stage of ``layers`` (Hamilton's method, 1 to n_t)."""
+    """Each tier's number of representative layers in a stage of ``layers`` (see the module doc).
+
+    Handed out one at a time: every tier holding blocks starts with one, and each next one goes to the
+    tier, not yet at its own number of blocks ``n``, with the largest ``n / (share + 1/2)`` (Sainte-Lague's
+    divisor method; the deeper tier on a tie). So a larger stage's shares contain a smaller one's: as the
+    stages grow, no tier ever loses a representative.
+    """
     held = {tier: len(split.layers(tier)) for tier in ("user", "edge", "cloud")}
     holders = [t for t, n in held.items() if n]
     if not len(holders) <= layers <= split.num_layers:
         raise ValueError(f"a stage of {layers} layers cannot give each of the {len(holders)} tiers holding blocks "
                          f"at least one representative within the model's {split.num_layers} blocks")
-    quota = {t: layers * n / split.num_layers for t, n in held.items()}
-    share = {t: min(held[t], max(1, int(quota[t]))) if held[t] else 0 for t in held}
-    while sum(share.values()) < layers:  # the largest remainder first; the deeper tier on a tie
-        tier = max((t for t in holders if share[t] < held[t]), key=lambda t: (quota[t] - share[t], holders.index(t)))
+    share = {t: 1 if held[t] else 0 for t in held}
+    for _ in range(layers - len(holders)):
+        tier = max((t for t in holders if share[t] < held[t]),
+                   key=lambda t: (held[t] / (share[t] + 0.5), holders.index(t)))
         share[tier] += 1
-    while sum(share.values()) > layers:  # only where the minimum of one pushed a tier over its quota
-        tier = min((t for t in holders if share[t] > 1), key=lambda t: (quota[t] - share[t], -holders.index(t)))
-        share[tier] -= 1
     return share
 
 
