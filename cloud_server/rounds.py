@@ -218,13 +218,14 @@ class Coordinator:
             per_user = {u: m for r in reports.values() for u, m in r.metrics.items()}
             reasons = drop_reasons(reports, [p.user_id for p in chosen])
             needed = min(record.request.min_participants, len(chosen))
-            if len(per_user) < needed:
+            record.progress = {u: "reported" if u in per_user else "dropped" for u in record.participants}
+            if len(per_user) < needed:  # the round fails: who reported, who was dropped and why stay on record
+                record.metrics = {"dropped": sorted(set(record.participants) - set(per_user)), "drop_reasons": reasons}
                 why = "; ".join(f"{u}: {r}" for u, r in list(reasons.items())[:5])
                 raise RoundError(f"only {len(per_user)} of {len(chosen)} users reported "
                                  f"(min_participants={record.request.min_participants})" + (f": {why}" if why else ""))
             chosen = [p for p in chosen if p.user_id in per_user]
             record.state = "aggregating"
-            record.progress = {u: "reported" if u in per_user else "dropped" for u in record.participants}
             self._save(record)
             new_state, clipped, cloud_compute = self._aggregate(strategy, chosen, reports, record, base)
             record.metrics = train_metrics([p.user_id for p in chosen], per_user, cloud_compute)
