@@ -85,6 +85,16 @@ def eval_metrics(task: str, reports: dict[str, Report]) -> dict[str, Any]:
     return out
 
 
+def merge_eval(metrics: dict[str, Any], held_out: dict[str, Any], eval_bytes: dict[str, Any]) -> None:
+    """A round's evaluation into its metrics: the held-out figures, and its bytes, added to the round's
+    ``bytes`` (every message of the round) and kept apart as ``eval_bytes``."""
+    metrics.update(held_out)
+    metrics["eval_bytes"] = eval_bytes
+    for hop, counts in eval_bytes.items():
+        for d, n in counts.items():
+            metrics["bytes"][hop][d] += n
+
+
 def hop_bytes(reports: dict[str, Report], ledger: ByteLedger | None, key: tuple[int, str]) -> dict[str, Any]:
     """Bytes per hop: user-edge as the edges measured it, edge-cloud from the cloud's own ledger."""
     out = {"user_edge": {"up": 0, "down": 0}, "edge_cloud": {"up": 0, "down": 0}}

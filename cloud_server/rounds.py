@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cloud_server.compute import CloudCompute
-from cloud_server.metrics import drop_reasons, eval_metrics, hop_bytes, train_metrics
+from cloud_server.metrics import drop_reasons, eval_metrics, hop_bytes, merge_eval, train_metrics
 from cloud_server.records import FINISHED, RoundCancelled, RoundError, RoundRecord
 from cloud_server.store import Store
 from shared.config.round import RoundConfig
@@ -272,11 +272,9 @@ class Coordinator:
         """Held-out metrics of the version just committed, merged into the round's metrics."""
         t0 = time.perf_counter()
         reports = self._phase(record, chosen, Mode.EVAL, {p.user_id: {} for p in chosen}, self.global_state, strategy)
-        record.metrics.update(eval_metrics(self.runtime.spec.task, reports))
+        merge_eval(record.metrics, eval_metrics(self.runtime.spec.task, reports),
+                   hop_bytes(reports, self.ledger, (record.round_id, Mode.EVAL)))
         evaluated = {u for r in reports.values() for u in r.metrics}
-        for hop, counts in hop_bytes(reports, self.ledger, (record.round_id, Mode.EVAL)).items():
-            for d, n in counts.items():
-                record.metrics["bytes"][hop][d] += n
         record.metrics["eval_seconds"] = time.perf_counter() - t0
         record.progress = {u: "evaluated" if u in evaluated else "dropped" for u in record.participants}
 
@@ -372,9 +370,8 @@ class Coordinator:
 
     def _aggregate(self, strategy: Strategy, chosen: list[Participant], reports: dict[str, Report],
                    record: RoundRecord, base: AdapterBundle) -> tuple[AdapterBundle, dict[str, Any], dict[str, Any]]:
-        """Every tier's new global adapters, whose updates were clipped to what bound per tier, and the cloud's
-        compute per user (seconds, blocks run). An edge weighs as its reporting users' weights (the cloud's, not
-        the report's); the request's policy clips and combines (``shared.fl.robust``)."""
+        """Every tier's new global adapters, whose updates were clipped to what bound, the cloud's compute per user. An edge
+        weighs as its users' weights (the cloud's, not the report's); the policy clips and combines (``shared.fl.robust``)."""
         req, weight = record.request, {p.user_id: p.num_samples for p in chosen}
         policy = AggregationPolicy(req.clip_norm, req.clip_factor, req.aggregator, req.trim)
         new_state: dict[Tier, AdapterState] = {}

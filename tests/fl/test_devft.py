@@ -11,7 +11,7 @@ from shared.config.deployment import ModelSpec
 from shared.config.round import RoundConfig
 from shared.errors import InvalidInput
 from shared.fl import Participant, StrategyContext, get_algorithm
-from shared.fl.devft import DevFTConfig, DevFTStrategy, block_ids, reshape, transfer
+from shared.fl.devft import DevFTConfig, block_ids, reshape, transfer
 from shared.model.adapters import initial_state
 from shared.model.partition import Split
 from shared.protocol.bundle import AdapterBundle
