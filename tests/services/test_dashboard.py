@@ -1,16 +1,18 @@
 """The cloud's dashboard (``/ui``) in a real headless Chromium against real tier processes (``make test-ui``):
-an unauthenticated start shows the 401 on the page and the tier token's the 403; with the admin token rounds
-start, their users' progress shows, and they commit; a long round is cancelled from the page. Skips where
-Chromium or playwright is missing. ``SPLITLLM_UI_SCREENSHOT=path`` keeps a screenshot of the page after the
-committed rounds (the README's)."""
+a start without a credential, with a user's credential pasted in, and with a revoked admin credential each shows
+its 401 and the reason on the page; with the admin credential rounds start, their users' progress shows, and they
+commit; a long round is cancelled from the page. Skips where Chromium or playwright is missing.
+``SPLITLLM_UI_SCREENSHOT=path`` keeps a screenshot of the page after the committed rounds (the README's)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 
+import httpx
 import pytest
 
+from shared.http.credentials import Credential, issue, load_private_key
 from shared.lab.cluster import Cluster
 
 pytestmark = pytest.mark.ui
@@ -52,18 +54,27 @@ def test_the_dashboard_starts_rounds_and_shows_them_commit(browser, cluster) -> 
     page.goto(f"{cluster.cloud.url}/ui")
     expect(page.locator("#health")).to_contain_text("2 users")
 
-    page.click("#start")  # no token: the cloud's 401, said on the page
-    expect(page.locator("#message")).to_contain_text("401")
-    expect(page.locator("#message")).to_contain_text("missing bearer token")
-    expect(page.locator("#message")).to_have_class("error")
+    def refused(credential: str, reason: str) -> None:
+        page.fill("#token", credential)
+        page.dispatch_event("#token", "change")
+        page.click("#start")
+        expect(page.locator("#message")).to_contain_text(f"401 Unauthorized: {reason}")
+        expect(page.locator("#message")).to_contain_text("enter an admin credential (admin.token)")
+        expect(page.locator("#message")).to_have_class("error")
+
+    keys = cluster.workdir / "credentials"
+    refused("", "missing request signature")  # nothing typed in
+    # what a stranger holding a device would try: its user's credential, as a bearer
+    refused(Credential.load(keys / "user-0.json").certificate, "a user credential may not be used here")
+    # a former admin's credential, revoked at the cloud
+    former = issue(load_private_key(keys / "deployment.key"), "splitllm", "admin", "former-admin", 3600.0).certificate
+    r = httpx.post(f"{cluster.cloud.url}/v1/credentials/revoke", json={"subject": "admin:former-admin"},
+                   headers=cluster.admin_headers, timeout=30)
+    assert r.status_code == 200, r.text
+    refused(former, "the credential of admin:former-admin has been revoked")
     assert cluster.get("/v1/rounds").json()["rounds"] == []
 
-    page.fill("#token", cluster.env["SPLITLLM_TOKEN"])  # the tier token reads, but may not start a round
-    page.dispatch_event("#token", "change")
-    page.click("#start")
-    expect(page.locator("#message")).to_contain_text("403")
-
-    page.fill("#token", cluster.env["SPLITLLM_ADMIN_TOKEN"])
+    page.fill("#token", cluster.admin_token)
     page.dispatch_event("#token", "change")
     page.fill("#local-steps", "8")
     for round_id in range(1, ROUNDS + 1):

@@ -4,7 +4,8 @@ A real cloud and a real edge run as processes on loopback. The bench sends the e
 once, each as large as the edge accepts: a valid ``StepRequest`` (raw fp32 ``hidden`` rows of the model's width,
 its uint8 mask, int64 labels) whose encoded body is just under ``max_message_bytes``. The edge reads and decodes
 each one in full, then answers 404 (no such session): what is measured is what a body costs the tier up to its
-handler, which an attacker holding a tier token can make it pay.
+handler, which anyone holding a user credential of the deployment can make it pay. The bench holds one: a user
+``memory-bench`` issued with the test cluster's deployment key, and signs every request afresh.
 
 Memory is taken over the edge's idle memory (after one small warm-up step), as a multiple of the burst's
 total body bytes. The peak is the larger of two readings: the kernel's high-water mark of its resident
@@ -22,18 +23,21 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import torch
 
+from shared.http.credentials import Credential, issue, load_private_key
 from shared.lab.cluster import Cluster
 from shared.protocol.enums import Mode
 from shared.protocol.messages import StepRequest
 from shared.protocol.wire import CONTENT_TYPE, encode
 
 MiB = 1 << 20
+USER = "memory-bench"  # the bench's user: signs its steps, has no session at the edge
 
 
 def step_body(width: int, max_bytes: int, max_elements: int, batch: int = 1024, seed: int = 0) -> bytes:
@@ -45,7 +49,7 @@ def step_body(width: int, max_bytes: int, max_elements: int, batch: int = 1024, 
     mask = torch.zeros(batch * seq, dtype=torch.uint8)
     mask[:tokens] = 1
     g = torch.Generator().manual_seed(seed)
-    request = StepRequest(round=10**6, user="memory-bench", step=0, mode=Mode.TRAIN,
+    request = StepRequest(round=10**6, user=USER, step=0, mode=Mode.TRAIN,
                           hidden=torch.randn(tokens, width, generator=g), attention_mask=mask.view(batch, seq),
                           labels=torch.zeros(batch, dtype=torch.int64))
     body = encode(request.to_message(), codec="raw")
@@ -70,26 +74,43 @@ def reset_peak(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
-def _post(client: httpx.Client, url: str, token: str, content: Any) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Signer:
+    """The bench's user, posting steps to one edge: each request signed afresh for that edge."""
+
+    credential: Credential
+    edge_url: str
+    edge_id: str
+    path: str = "/v1/step"
+
+    @property
+    def url(self) -> str:
+        return f"{self.edge_url}{self.path}"
+
+    def headers(self, body: bytes) -> dict[str, str]:
+        return {"content-type": CONTENT_TYPE, **self.credential.sign("POST", self.path, f"edge:{self.edge_id}", body)}
+
+
+def _post(client: httpx.Client, url: str, headers: dict[str, str], content: Any) -> dict[str, Any]:
     """POST ``content`` (bytes, or an iterator of chunks: sent chunked); the reply's status, Retry-After, detail."""
     try:
-        r = client.post(url, content=content,
-                        headers={"content-type": CONTENT_TYPE, "authorization": f"Bearer {token}"})
+        r = client.post(url, content=content, headers=headers)
     except httpx.HTTPError as exc:  # a server that answered early may close the connection under the upload
         return {"status": None, "error": f"{type(exc).__name__}: {exc}"}
     return {"status": r.status_code, "retry_after": r.headers.get("retry-after"),
             "detail": r.json().get("detail") if r.content else None}
 
 
-def _burst(url: str, token: str, body: bytes, n: int) -> list[dict[str, Any]]:
-    """POST ``body`` to ``url`` ``n`` times at once, from ``n`` threads; the replies."""
+def _burst(signer: Signer, body: bytes, n: int) -> list[dict[str, Any]]:
+    """POST ``body`` to the edge ``n`` times at once, from ``n`` threads, each request signed; the replies."""
     replies: list[dict[str, Any]] = [{} for _ in range(n)]
     start = threading.Barrier(n)
 
     def send(i: int) -> None:
+        headers = signer.headers(body)  # before the barrier: the bodies go at once
         with httpx.Client(timeout=600) as client:
             start.wait()
-            replies[i] = _post(client, url, token, body)
+            replies[i] = _post(client, signer.url, headers, body)
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(n)]
     for t in threads:
@@ -144,16 +165,19 @@ def bench_memory_bodies(model: str = "tiny-bert", split: str = "1,3", bodies: in
         try:
             cluster.start()
             edge = cluster.procs["edge-0"]
-            pid, url, token = edge.popen.pid, f"{edge.url}/v1/step", cluster.env["SPLITLLM_TOKEN"]
-            _burst(url, token, step_body(width, MiB, 64 * MiB), 1)  # warm up the route and its threads
+            key = load_private_key(cluster.workdir / "credentials" / "deployment.key")
+            signer = Signer(issue(key, "splitllm", "user", USER, 3600.0), edge.url, "edge-0")
+            pid = edge.popen.pid
+            _burst(signer, step_body(width, MiB, 64 * MiB), 1)  # warm up the route and its threads
             idle = proc_memory(pid)
-            runs = [_measured(pid, idle, total, settle, lambda: _burst(url, token, body, bodies))
-                    for _ in range(bursts)]
-            over = _measured(pid, idle, total, settle, lambda: _burst(url, token, body, bodies + 1))
+            runs = [_measured(pid, idle, total, settle, lambda: _burst(signer, body, bodies)) for _ in range(bursts)]
+            over = _measured(pid, idle, total, settle, lambda: _burst(signer, body, bodies + 1))
+            chunks = max_message_bytes * 5 // 4 // MiB
+            headers = signer.headers(bytes(chunks * MiB))  # signed as a whole, sent in 1 MiB chunks
 
             def chunked() -> list[dict[str, Any]]:
                 with httpx.Client(timeout=600) as client:
-                    return [_post(client, url, token, (chunk for _ in range(max_message_bytes * 5 // 4 // MiB)))]
+                    return [_post(client, signer.url, headers, (chunk for _ in range(chunks)))]
 
             over_limit = _measured(pid, idle, max_message_bytes, settle, chunked)
         finally:
