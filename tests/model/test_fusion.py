@@ -67,9 +67,13 @@ def _all_cuts(n: int, k: int):
         yield [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
 
 
+def _symmetric(values: list[float], n: int) -> torch.Tensor:
+    m = torch.tensor(values, dtype=torch.float64).reshape(n, n)
+    return (m + m.T) / 2
+
+
 similarities = st.integers(1, 7).flatmap(lambda n: st.lists(
-    st.floats(-1, 1, allow_nan=False), min_size=n * n, max_size=n * n).map(
-    lambda v: (lambda m: (m + m.T) / 2)(torch.tensor(v, dtype=torch.float64).reshape(n, n))))
+    st.floats(-1, 1, allow_nan=False), min_size=n * n, max_size=n * n).map(lambda v: _symmetric(v, n)))
 
 
 @settings(max_examples=150, deadline=None)

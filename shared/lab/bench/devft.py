@@ -110,7 +110,7 @@ class Clock:
     links: dict[str, LinkProfile | None]
 
     @classmethod
-    def calibrate(cls, setting: Setting, plain: list[dict[str, Any]], links: dict[str, LinkProfile | None]) -> "Clock":
+    def calibrate(cls, setting: Setting, plain: list[dict[str, Any]], links: dict[str, LinkProfile | None]) -> Clock:
         """Medians over the plain run's rounds: the edge's measured compute per block it ran (it runs blocks only),
         and the user's and cloud's compute beyond their blocks at that cost, per step."""
         blocks, rests = [], []
