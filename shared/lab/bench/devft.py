@@ -67,8 +67,8 @@ class Setting:
 
 
 SETTINGS = {
-    "smollm2": Setting("smollm2-135m", "shakespeare", (2, 15), [4, 8, 16, 30], [2, 2, 2, 2], rounds=8, devft_rounds=14,
-                       users=2, edges=1, local_steps=8, batch_size=4, max_len=64, max_examples=64, eval_examples=16),
+    "smollm2": Setting("smollm2-135m", "shakespeare", (2, 15), [4, 8, 16, 30], [1, 1, 1, 1], rounds=6, devft_rounds=10,
+                       users=2, edges=1, local_steps=4, batch_size=4, max_len=64, max_examples=64, eval_examples=16),
     "minilm": Setting("minilm-l6", "trec", (1, 3), [3, 4, 6], [2, 2, 2], rounds=12, devft_rounds=20),
 }
 QUICK = {
