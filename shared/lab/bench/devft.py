@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (at least 3 for a standard error)")
     p.add_argument("--user-link", default="wifi", help="link profile of each user's hop (link_profiles.json)")
     p.add_argument("--edge-link", default="fiber", help="link profile of each edge's hop to the cloud")
+    p.add_argument("--jobs", type=int, default=1, help="seeds run at a time, each in its own process")
     p.add_argument("--quick", action="store_true", help="a tiny-model smoke test instead of the settings")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--plot", default=None, help="write the curves here (PNG)")
@@ -210,19 +213,29 @@ def mean_se(values: list[float]) -> dict[str, Any]:
     return {"mean": mean, "se": se, "values": values}
 
 
+def run_seed(setting: Setting, seed: int, links: dict[str, LinkProfile | None], log: Any = print) -> dict[str, Any]:
+    """Both methods from one seed, on the seed's virtual clock, and where each reaches the plain run's final loss."""
+    plain = run_method(setting, seed, "fedavg", setting.rounds, log=log)
+    target = smooth([r["eval_loss"] for r in plain[1:]])[-1]
+    devft = run_method(setting, seed, "devft", setting.devft_rounds, stop=target, at_least=setting.rounds, log=log)
+    clock = Clock.calibrate(setting, plain, links)
+    for rows in (plain, devft):
+        clock.add_time(setting, rows)
+    return {"target": target, "clock": {"block_ms": clock.block_s * 1e3, "step_ms": clock.step_s * 1e3},
+            "plain": plain, "devft": devft, "reach": {"plain": reach(plain, target), "devft": reach(devft, target)}}
+
+
 def bench_setting(setting: Setting, seeds: list[int], links: dict[str, LinkProfile | None],
-                  log: Any = print) -> dict[str, Any]:
-    runs = {}
-    for seed in seeds:
-        plain = run_method(setting, seed, "fedavg", setting.rounds, log=log)
-        target = smooth([r["eval_loss"] for r in plain[1:]])[-1]
-        devft = run_method(setting, seed, "devft", setting.devft_rounds, stop=target, at_least=setting.rounds, log=log)
-        clock = Clock.calibrate(setting, plain, links)
-        for rows in (plain, devft):
-            clock.add_time(setting, rows)
-        runs[seed] = {"target": target, "clock": {"block_ms": clock.block_s * 1e3, "step_ms": clock.step_s * 1e3},
-                      "plain": plain, "devft": devft,
-                      "reach": {"plain": reach(plain, target), "devft": reach(devft, target)}}
+                  log: Any = print, jobs: int = 1) -> dict[str, Any]:
+    """Every seed of one setting; with ``jobs`` > 1, that many seeds at a time in worker processes. Each seed's
+    clock is read off its own plain run and used for both methods, so the workers' sharing of the CPU scales
+    both methods' compute alike (as other load on the machine does)."""
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {seed: pool.submit(run_seed, setting, seed, links, print) for seed in seeds}
+            runs = {seed: future.result() for seed, future in futures.items()}
+    else:
+        runs = {seed: run_seed(setting, seed, links, log) for seed in seeds}
     return {"setting": {**setting.__dict__, "split": list(setting.split)}, "runs": runs,
             "summary": summarise(setting, runs)}
 
@@ -258,7 +271,7 @@ def run_bench(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                               "targets": TARGETS, "settings": {}}
     links = {"user_edge": get_profile(args.user_link), "edge_cloud": get_profile(args.edge_link)}
     for name, setting in settings.items():
-        report["settings"][name] = bench_setting(setting, seeds, links, log)
+        report["settings"][name] = bench_setting(setting, seeds, links, log, args.jobs)
         report["wall_seconds"] = time.perf_counter() - started
         if args.json:  # after each setting: a long bench keeps what it has
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
