@@ -28,3 +28,21 @@ def test_the_quick_bench_compares_both_methods_from_the_same_seeds(tmp_path, her
         assert run["reach"]["plain"] is not None
     summary = result["summary"]
     assert summary["seeds"] == 1 and summary["plain_eval_loss_at_2"]["se"] >= 0
+    assert set(summary["per_round"]) == {"plain", "stage 1", "stage 2"}
+    assert summary["per_round"]["stage 1"]["compute_seconds"]["mean"] < summary["per_round"]["plain"]["compute_seconds"]["mean"]
+    assert summary["plain_total"]["bytes"]["mean"] == result["runs"]["0"]["plain"][-1]["bytes"]
+
+
+@pytest.mark.slow  # two more quick benches, one in a spawned process: a minute or two on the 2-core machine
+def test_seeds_in_worker_processes_give_the_same_runs_and_a_report_is_summarised_again(tmp_path, hermetic_cache,
+                                                                                          capsys) -> None:
+    serial, parallel = tmp_path / "serial.json", tmp_path / "parallel.json"
+    assert bench.main(["--quick", "--seeds", "1", "--json", str(serial)]) == 0
+    assert bench.main(["--quick", "--seeds", "1", "--jobs", "2", "--json", str(parallel)]) == 0  # in a worker
+    one, other = (json.loads(p.read_text())["settings"]["tiny-llama"] for p in (serial, parallel))
+    for method in ("plain", "devft"):
+        assert [r["eval_loss"] for r in other["runs"]["1"][method]] == [r["eval_loss"] for r in one["runs"]["1"][method]]
+    capsys.readouterr()
+    assert bench.main(["--report", str(parallel)]) == 0
+    printed = capsys.readouterr().out
+    assert "seeds [1]" in printed and "a stage 1 round" in printed and "whole runs" in printed

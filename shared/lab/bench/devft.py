@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--user-link", default="wifi", help="link profile of each user's hop (link_profiles.json)")
     p.add_argument("--edge-link", default="fiber", help="link profile of each edge's hop to the cloud")
     p.add_argument("--jobs", type=int, default=1, help="seeds run at a time, each in its own process")
+    p.add_argument("--report", default=None, help="print the table (and --plot) of a report written earlier, "
+                                                  "its summaries recomputed, instead of running")
     p.add_argument("--quick", action="store_true", help="a tiny-model smoke test instead of the settings")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--plot", default=None, help="write the curves here (PNG)")
@@ -255,12 +257,41 @@ def summarise(setting: Setting, runs: dict[int, dict[str, Any]]) -> dict[str, An
             values = [r[method][at][key] for r in runs.values() if len(r[method]) > at and key in r[method][at]]
             if values:
                 out[f"{method}_{key}_at_{at}"] = mean_se(values)
+    for method in ("plain", "devft"):  # the whole runs, reached or not
+        out[f"{method}_total"] = {m: mean_se([r[method][-1][m] for r in runs.values()])
+                                  for m in ("bytes", "seconds", "compute_seconds")}
+    out["per_round"] = per_round(runs)
     last = [r["devft"][-1] for r in runs.values()]
     out["devft_rounds_run"] = [row["round"] for row in last]
     for key in ("eval_loss", "eval_accuracy", "eval_perplexity"):
         if all(key in row for row in last):
             out[f"devft_{key}_last"] = mean_se([row[key] for row in last])
     return out
+
+
+def per_round(runs: dict[Any, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A training round's cost, plain's and each DevFT stage's: training bytes and virtual seconds (all and
+    compute alone), each seed's mean over its rounds of that kind, then the mean over the seeds."""
+    costs: dict[str, list[dict[str, float]]] = {}
+    for run in runs.values():
+        seed_rows: dict[str, list[dict[str, float]]] = {}
+        for method in ("plain", "devft"):
+            rows = run[method]
+            for before, row in zip(rows, rows[1:]):
+                kind = f"stage {row['stage']}" if method == "devft" else "plain"
+                seed_rows.setdefault(kind, []).append({m: row[m] - before[m] for m in ("bytes", "seconds",
+                                                                                    "compute_seconds")})
+        for kind, rows in seed_rows.items():
+            costs.setdefault(kind, []).append({m: statistics.fmean(r[m] for r in rows) for m in rows[0]})
+    return {kind: {m: mean_se([c[m] for c in seeds]) for m in seeds[0]} for kind, seeds in costs.items()}
+
+
+def resummarise(report: dict[str, Any]) -> dict[str, Any]:
+    """A report written earlier, its summaries recomputed from its runs (``--report``)."""
+    for result in report["settings"].values():
+        setting = Setting(**{**result["setting"], "split": tuple(result["setting"]["split"])})
+        result["summary"] = summarise(setting, result["runs"])
+    return report
 
 
 def run_bench(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
@@ -294,6 +325,12 @@ def print_table(report: dict[str, Any], log: Any = print) -> None:
         log(f"  time to target (s):   plain {_fmt(s['plain_seconds_to_target'])}  devft "
             f"{_fmt(s['devft_seconds_to_target'])}  ratio {_fmt(s['seconds_ratio'])}  "
             f"(compute alone: ratio {_fmt(s['compute_seconds_ratio'])})")
+        log(f"  whole runs: plain {at} rounds, {_fmt(s['plain_total']['bytes'], 1e-6)} MB, "
+            f"{_fmt(s['plain_total']['seconds'])} s;  devft {s['devft_rounds_run']} rounds, "
+            f"{_fmt(s['devft_total']['bytes'], 1e-6)} MB, {_fmt(s['devft_total']['seconds'])} s")
+        for kind, cost in s["per_round"].items():
+            log(f"  a {kind} round: training bytes (MB) {_fmt(cost['bytes'], 1e-6)}  virtual s "
+                f"{_fmt(cost['seconds'])}  (compute {_fmt(cost['compute_seconds'])})")
         for key in ("eval_loss", "eval_accuracy", "eval_perplexity"):
             if f"plain_{key}_at_{at}" in s:
                 log(f"  {key} after {at} rounds: plain {_fmt(s[f'plain_{key}_at_{at}'], digits=4)}  devft "
@@ -330,7 +367,7 @@ def _plot(report: dict[str, Any], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = run_bench(args)
+    report = resummarise(json.loads(Path(args.report).read_text())) if args.report else run_bench(args)
     print_table(report)
     if args.plot:
         _plot(report, args.plot)
