@@ -30,6 +30,7 @@ The settings are sized so that the whole bench completes on the 2-core machine (
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import statistics
@@ -277,7 +278,7 @@ def per_round(runs: dict[Any, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         seed_rows: dict[str, list[dict[str, float]]] = {}
         for method in ("plain", "devft"):
             rows = run[method]
-            for before, row in zip(rows, rows[1:]):
+            for before, row in itertools.pairwise(rows):
                 kind = f"stage {row['stage']}" if method == "devft" else "plain"
                 seed_rows.setdefault(kind, []).append({m: row[m] - before[m] for m in ("bytes", "seconds",
                                                                                     "compute_seconds")})
