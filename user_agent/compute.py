@@ -127,7 +127,7 @@ class UserAgent:
         metrics: dict[str, Any] = {
             "train_loss": sum(losses) / max(len(losses), 1), "losses": losses, "steps": len(losses),
             "step_seconds": step_seconds, "batch_shape": shape,
-            "seconds": time.perf_counter() - started, "user_compute_seconds": compute,
+            "seconds": time.perf_counter() - started, "user_compute_seconds": compute, "user_blocks_run": session.blocks_run,
         }
         update = Update(plan.round_id, self.user_id, Mode.TRAIN, self.num_samples, metrics, self.runtime.pack_update(session))
         return update.to_message(self.policy.uploads)
