@@ -1,4 +1,4 @@
-"""What every timed bench records beside its figures: how busy the machine was, CPU seconds of processes, medians.
+"""What every timed bench records beside its figures: how busy the machine was, CPU seconds of processes.
 
 A wall-clock figure from a machine that other jobs share is an indication only; each timed bench records
 the machine's load average before and after its timed part (``machine``), and, where it can, CPU seconds,
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Self
 
@@ -44,12 +42,6 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds process ``pid`` has used so far (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def median_after_first(values: Iterable[float]) -> float:
-    """The median without the first value (a warm-up)."""
-    values = list(values)
-    return statistics.median(values[1:] if len(values) > 1 else values)
 
 
 def write_json(report: dict[str, Any], path: str | None) -> None:
