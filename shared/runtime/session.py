@@ -151,3 +151,8 @@ class Session:
     @property
     def key(self) -> tuple[int, str]:
         return (self.plan.round_id, self.plan.user_id)
+
+    @property
+    def last_step(self) -> int:
+        """The last step whose every micro-batch is done (-1 before the first)."""
+        return self.tracker.last_step
