@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from shared.errors import InvalidInput
 
 MAX_DEADLINE = 7 * 24 * 3600.0
 
@@ -84,4 +86,7 @@ def merge(body: BaseModel | None, defaults: Any) -> RoundConfig:
     """A round's configuration: the body's fields where given, else ``defaults``' (the cloud's settings)."""
     given = body.model_dump(exclude_none=True) if body is not None else {}
     base = {name: getattr(defaults, name) for name in RoundDefaults.model_fields if getattr(defaults, name) is not None}
-    return RoundConfig(**{**base, **given})
+    try:
+        return RoundConfig(**{**base, **given})
+    except ValidationError as exc:  # fields valid one by one, not together (micro_batches over batch_size): 422
+        raise InvalidInput("; ".join(e["msg"] for e in exc.errors())) from None

@@ -10,7 +10,7 @@ import torch
 
 from plans import make_plan
 from shared.config.deployment import ModelSpec
-from shared.config.round import RoundConfig
+from shared.config.round import RoundBody, RoundConfig, merge
 from shared.errors import InvalidInput
 from shared.lab.sim import SimConfig, Simulation
 from shared.model.adapters import initial_state
@@ -79,6 +79,9 @@ def test_micro_batches_must_fit_the_batch() -> None:
         RoundConfig(batch_size=2, micro_batches=3)
     with pytest.raises(InvalidInput, match="must not exceed plan.batch_size"):
         RoundPlan.from_meta({**make_plan().to_meta(), "micro_batches": 3})
+    # a round body whose fields are each valid but not together (with the cloud's defaults): 422, not a 500
+    with pytest.raises(InvalidInput, match="must not exceed batch_size"):
+        merge(RoundBody(batch_size=1, micro_batches=2), RoundConfig())
     assert "micro_batches" not in make_plan().to_meta() and make_plan(micro_batches=2).to_meta()["micro_batches"] == 2
 
 
