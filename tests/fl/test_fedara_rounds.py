@@ -148,8 +148,11 @@ def test_rounds_shrink_the_budget_and_prune_modules_end_to_end(hermetic_cache) -
         assert sim.run_round()["eval_accuracy"] is not None
         moved.append(start_update_bytes(sim) - before)
     history = coordinator_algorithm(sim).history
-    assert [h["budget"] for h in history] == [12, 4, 4]  # 8 modules x 8 triplets -> 4 + 60 / 8 -> 4
-    assert [h["active"] for h in history] == [12, 4, 4] and len(history[-1]["pruned_modules"]) >= 4
+    # per tier: user 2 modules x 8 -> 1 + 15 / 8 -> 1, edge 4 x 8 -> 2 + 30 / 8 -> 2; the cloud's 2 x 8 are not budgeted
+    assert [h["budget"] for h in history] == [{"user": 3, "edge": 6}, {"user": 1, "edge": 2}, {"user": 1, "edge": 2}]
+    assert [h["active_by_tier"] for h in history] == [{"user": 3, "edge": 6, "cloud": 16}] + \
+        [{"user": 1, "edge": 2, "cloud": 16}] * 2
+    assert len(history[-1]["pruned_modules"]) >= 3  # at least one of the user's 2 modules, two of the edge's 4
     assert moved[0] > moved[1] > moved[2]  # adapter traffic follows the budget
 
 
@@ -167,7 +170,7 @@ def test_the_cli_runs_fedara(hermetic_cache, capsys) -> None:
         "sim", "--model", "tiny-bert", "--data", "trec", "--users", "2", "--edges", "1", "--rounds", "1",
         "--split", "1,3", "--local-steps", "1", "--batch-size", "2", "--max-len", "16", "--max-examples", "4",
         "--eval-examples", "2", "--adapter", "svd", "--algorithm", "fedara",
-        "--algorithm-config", '{"total_rounds": 2, "final_rounds": 1}'])
+        "--algorithm-config", '{"total_rounds": 2, "warmup_rounds": 1, "final_rounds": 1}'])
     assert args.func(args) == 0
     assert "acc" in capsys.readouterr().out
 
