@@ -69,7 +69,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
                     max_examples_per_client=args.max_examples or None, eval_examples_per_client=args.eval_examples,
                     lora=_lora(args), seed=args.seed, user_link=args.user_link, edge_link=args.edge_link, link_sleep=args.link_sleep,
                     user_edge_codecs=args.user_edge_codecs, edge_cloud_codecs=args.edge_cloud_codecs,
-                    adapter=args.adapter, slowdowns=[float(x) for x in args.slowdowns.split(",") if x])
+                    adapter=args.adapter, slowdowns=[float(x) for x in args.slowdowns.split(",") if x],
+                    block_ms=args.block_ms)
     sim = Simulation(cfg)
     print(f"model {args.model} ({sim.source.family}, {sim.source.num_layers} blocks), split {sim.spec.split[0]},"
           f"{sim.spec.split[1]}; data {args.data} ({sim.dataset.task}), {args.users} users, {args.edges} edges", flush=True)
@@ -187,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edge-cloud-codecs", default="fp32", help="codecs on edge-cloud hops (same form)")
     p.add_argument("--adapter", default="lora", choices=("lora", "svd"), help="adapter form (svd: what FedARA trains)")
     p.add_argument("--slowdowns", default="", help="per-user compute slowdown factors, cycled, e.g. 1,2,4")
+    p.add_argument("--block-ms", type=float, default=None,
+                   help="a virtual clock: charge this many ms per block and training step on a 1x device (times its "
+                        "slowdown), plus the emulated link time; default: the wall clock (slow devices sleep)")
     _lora_args(p)
     p.set_defaults(func=cmd_sim)
 

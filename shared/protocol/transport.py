@@ -52,11 +52,11 @@ class Link:
     upward: bool  # True when the peer is the caller's parent (user -> edge, edge -> cloud)
     emulator: Any = None  # a shared.protocol.links.LinkEmulator for this hop, or None
 
-    def emulate(self, sent: int, received: int) -> None:
-        """Charge the hop's link time for a request of ``sent`` bytes and its reply of ``received``."""
-        if self.emulator is not None:
-            self.emulator.transfer(sent, upward=self.upward)
-            self.emulator.transfer(received, upward=not self.upward)
+    def emulate(self, sent: int, received: int) -> float:
+        """Charge the hop's link time for a request of ``sent`` bytes and its reply of ``received``; its seconds."""
+        if self.emulator is None:
+            return 0.0
+        return self.emulator.transfer(sent, upward=self.upward) + self.emulator.transfer(received, upward=not self.upward)
 
     def request(self, endpoint: str, msg: Message) -> Message:  # pragma: no cover - interface
         raise NotImplementedError
@@ -66,10 +66,14 @@ class Link:
 
 
 class InProcessLink(Link):
-    """Direct calls, with every message really encoded and decoded so bytes and dtypes are real."""
+    """Direct calls, with every message really encoded and decoded so bytes and dtypes are real.
 
-    def __init__(self, handler: Any, upward: bool, wire: bool = True, emulator: Any = None) -> None:
-        self.handler, self.upward, self.wire, self.emulator = handler, upward, wire, emulator
+    With a ``clock`` (``shared.protocol.clock.VirtualClock``) the emulated seconds of each training
+    step's request and reply are charged to that step's (round, user).
+    """
+
+    def __init__(self, handler: Any, upward: bool, wire: bool = True, emulator: Any = None, clock: Any = None) -> None:
+        self.handler, self.upward, self.wire, self.emulator, self.clock = handler, upward, wire, emulator, clock
         self.stats = LinkStats()
 
     def request(self, endpoint: str, msg: Message) -> Message:
@@ -89,6 +93,8 @@ class InProcessLink(Link):
             self.stats.add(sent, received, endpoint)
         else:
             self.stats.add(received, sent, endpoint)
-        self.emulate(sent, received)
+        seconds = self.emulate(sent, received)
+        if self.clock is not None and endpoint == "step" and msg.meta.get("mode") == "train":
+            self.clock.charge(int(msg.meta["round"]), str(msg.meta["user"]), "link", seconds)
         return reply
 

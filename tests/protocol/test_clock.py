@@ -1,0 +1,28 @@
+"""The virtual clock's arithmetic: blocks x block cost x the device's slowdown, plus link seconds, per (round, user)."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.protocol.clock import VirtualClock
+
+
+def test_blocks_cost_the_block_time_times_the_devices_slowdown_on_the_user_tier_only() -> None:
+    clock = VirtualClock(0.01, {"slow": 4.0})
+    clock.charge_blocks("user", 1, "slow", 3)  # 3 blocks on a 4x device: 0.12 s
+    clock.charge_blocks("edge", 1, "slow", 2)  # the edge and the cloud run at 1x
+    clock.charge_blocks("cloud", 1, "slow", 1)
+    clock.charge(1, "slow", "link", 0.005)
+    assert clock.account(1, "slow") == pytest.approx({"user": 0.12, "edge": 0.02, "cloud": 0.01, "link": 0.005})
+    assert clock.elapsed(1, "slow") == pytest.approx(0.155)
+    clock.charge_blocks("user", 1, "fast", 3)  # a user without a factor is a 1x device
+    assert clock.elapsed(1, "fast") == pytest.approx(0.03)
+    assert clock.elapsed(2, "slow") == 0.0 and clock.account(2, "slow")["user"] == 0.0  # accounts per (round, user)
+    assert clock.block_cost("user", "slow", 5) == pytest.approx(0.2)
+
+
+def test_bad_clock_input_is_refused() -> None:
+    with pytest.raises(ValueError, match="block_seconds"):
+        VirtualClock(0.0)
+    with pytest.raises(ValueError, match="unknown part"):
+        VirtualClock(0.01).charge(1, "u", "disk", 1.0)
