@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter, defaultdict
 
@@ -330,3 +331,21 @@ def test_through_real_services_equals_the_simulator(tmp_path) -> None:
         assert set(served[tier]) == set(state)
         for key, value in state.items():
             assert torch.equal(served[tier][key], value), (tier, key)
+
+
+def test_the_benchmark_writes_its_report_and_plot(hermetic_cache, tmp_path) -> None:
+    from shared.lab.bench.droppeft import main
+
+    out, png = tmp_path / "droppeft.json", tmp_path / "droppeft.png"
+    assert main(["--quick", "--json", str(out), "--plot", str(png)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["settings"]) == {"whole", "split"}
+    whole = report["settings"]["whole"]
+    assert whole["split"] == [4, 4] and list(whole["methods"]) == ["plain", "droppeft"]
+    run = whole["methods"]["droppeft"]["runs"][0]
+    assert all(r["virtual_seconds"] > 0 and r["ratios"] for r in run["rounds"])
+    fixed, independent = (whole["memory"]["by_ratio"][k]["0.5"] for k in ("fixed", "independent"))
+    assert fixed["min_blocks_run"] == fixed["max_blocks_run"] == 3  # 4 blocks, the last personal: 1 skipped each step
+    assert whole["peak_reduction"]["fixed"]["0.5"] > 0.15 and whole["ceiling"]["compute_only"] > 1
+    assert {"speedup", "accuracy_delta_points", "per_seed"} <= set(whole)
+    assert png.stat().st_size > 0

@@ -179,14 +179,17 @@ def test_the_benchmark_writes_its_report_and_plot(hermetic_cache, tmp_path) -> N
     from shared.lab.bench.fedara import main
 
     out, png = tmp_path / "fedara.json", tmp_path / "fedara.png"
-    assert main(["--model", "tiny-bert", "--users", "2", "--edges", "1", "--rounds", "2", "--local-steps", "1",
-                 "--batch-size", "2", "--max-len", "16", "--max-examples", "4", "--eval-examples", "2",
-                 "--final-rounds", "1", "--json", str(out), "--plot", str(png)]) == 0
+    assert main(["--quick", "--json", str(out), "--plot", str(png)]) == 0
     report = json.loads(out.read_text())
-    assert [r["method"] for r in report["runs"]] == ["lora", "fedara"]
-    for run in report["runs"]:
-        assert {"final_accuracy", "adapter_bytes", "seconds", "rounds"} <= set(run)
-        assert [r["round"] for r in run["rounds"]] == [0, 1, 2] and run["adapter_bytes"] > 0
-        assert run["rounds"][-1]["cumulative_adapter_bytes"] == run["adapter_bytes"]
-    assert {"bytes_ratio", "accuracy_delta_points", "target_met"} <= set(report)
+    assert set(report["settings"]) == {"whole", "split"}
+    for setting, entry in report["settings"].items():
+        assert list(entry["methods"]) == ["lora", "fedara"]
+        for method in entry["methods"].values():
+            assert {"mean", "se", "values"} <= set(method["mean_last3_accuracy"])
+            run = method["runs"][0]
+            assert [r["round"] for r in run["rounds"]] == [1, 2, 3] and run["adapter_bytes"] > 0
+            assert run["rounds"][-1]["cumulative_adapter_bytes"] == run["adapter_bytes"]
+        assert {"bytes_ratio", "last3_accuracy_delta_points", "target_met"} <= set(entry)
+    whole = report["settings"]["whole"]["methods"]["fedara"]["runs"][0]
+    assert whole["split"] == [4, 4] and set(whole["rounds"][-1]["next"]["active_by_tier"]) == {"user"}
     assert png.stat().st_size > 0
