@@ -39,8 +39,8 @@ active one's comes back (with the values it kept in the global state).
 Step size: under Adam every tensor entry moves by about the learning rate per step. LoRA's
 output moves through every entry of B (d x r), the SVD form's mainly through r scalars e, so at
 one learning rate e learns far too slowly. A change of lr in B_i moves dW by about
-lr * sqrt(d / 3) (A's rows have norm sqrt(k / 3) / sqrt(k)); a change of lr in e_i moves it by
-lr * |P_i| |Q_i|, which is 1 for orthonormal factors and 0.02^2 * sqrt(d k) at the start. The
+lr * sqrt(d / 3) (A's rows, uniform in +-1/sqrt(k), have norm 1/sqrt(3)); a change of lr in e_i
+moves it by lr * |P_i| |Q_i|, which is 1 for orthonormal factors and 0.02^2 * sqrt(d k) (0.15) at the start. The
 session therefore steps e with ``e_lr_scale`` times the round's learning rate (default 16: about
 sqrt(384 / 3) = 11 for orthonormal factors of minilm's 384-wide modules, more while P and Q are
 still small; ``lr_scales``), and P, Q with the round's.

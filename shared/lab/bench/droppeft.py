@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--edges", type=int, default=2)
     p.add_argument("--slowdowns", default="1,2,4", help="per-user compute slowdowns, cycled")
     p.add_argument("--split", default="3,5", help="the cut of the split setting (the device holds blocks [0, a))")
-    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--local-steps", type=int, default=20, help="steps per round (the reward compares 5-step windows)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-len", type=int, default=32)
