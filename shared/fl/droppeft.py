@@ -9,12 +9,11 @@ STLD
     each tier skips a fixed number of its own blocks at every step (the sum of their ``p_l``,
     rounded at random between its floor and ceiling), drawn by weight ``p_l``, so that the device's
     peak activation memory falls, not just its mean; with "independent" each block is one draw
-    (the paper's). The mask of a step is drawn
-    from ``derive_seed(plan.seed, plan.round_id, plan.user_id, step, "stld")`` over ALL ``L``
-    blocks (every tier knows the split), so the user, edge and cloud tiers each derive the same mask
-    for the blocks they hold without any extra message. A skipped block is not run
-    (``Partition.run_blocks`` runs the listed blocks only): no forward, no backward, no saved
-    activations. Evaluation runs every block.
+    (the paper's). The mask of a step is drawn from ``derive_seed(plan.seed, plan.round_id,
+    plan.user_id, step, "stld")`` over ALL ``L`` blocks (every tier knows the split), so the user,
+    edge and cloud tiers each derive the same mask for the blocks they hold without any extra
+    message. A skipped block is not run (``Partition.run_blocks`` runs the listed blocks only): no
+    forward, no backward, no saved activations. Evaluation runs every block.
 
 Online ratios
     The coordinator's (persistent) instance keeps one UCB1 policy per user over ``ratios``
