@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.splitllm-setup
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow demo clean
+.PHONY: setup test test-slow test-compose test-ui wheelhouse compose-up compose-down demo clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,26 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# The compose topology under a real Docker engine (apt-get install -y docker.io docker-compose debootstrap; root):
+# builds the image offline, runs a round, checks its bytes against the simulator and the shaped rates.
+test-compose: setup
+	$(PY) -m pytest -q -m compose tests/lab/test_compose_run.py
+
+# The dashboard in headless Chromium (apt-get install -y chromium); playwright drives it.
+test-ui: setup
+	$(PY) -m pip install -q -e '.[ui]'
+	$(PY) -m pytest -q -m ui tests/services/test_dashboard.py
+
+# Deploying with Docker compose: `make compose-up` builds offline, starts 1 cloud, 2 edges, 4 users, runs a round.
+wheelhouse: setup
+	$(PY) -c 'from shared.lab.compose import fill_wheelhouse; fill_wheelhouse()'
+
+compose-up: setup
+	$(PY) -m shared.lab.cli compose up
+
+compose-down: setup
+	$(PY) -m shared.lab.cli compose down
 
 demo: setup
 	$(PY) -m shared.lab.demo

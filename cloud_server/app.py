@@ -1,32 +1,45 @@
-"""The cloud's HTTP surface: the round API, registration, the step and update endpoints, health and metrics."""
+"""The cloud's HTTP surface: the round API, registration, the step and update endpoints, credentials, health, metrics."""
 
 from __future__ import annotations
 
+from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Path, Request, Response
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 
-from cloud_server.service import CloudService, EdgeIn, UserIn
+from cloud_server.service import CloudService, EdgeIn, RevokeIn, UserIn
 from shared.config.round import RoundBody
 from shared.config.settings import CloudSettings
-from shared.errors import Conflict, NotFound
-from shared.http.auth import Auth
+from shared.errors import Conflict, Forbidden, NotFound
+from shared.http.auth import Auth, principal_of, rule
+from shared.http.credentials import Principal, Revocations
 from shared.http.server import msgpack_route, serve_message, service_app
+from shared.http.service import tier_security
+from shared.protocol.wire import Message
 
-Id = Annotated[int, Path(ge=0, le=2**63 - 1)]  # SQLite's integers
+# A round id or version: a plain decimal number that fits SQLite's integers (no sign, no leading zero, no "_").
+Id = Annotated[str, Path(pattern=r"^(0|[1-9][0-9]{0,17})$", description="a decimal number")]
+UI = FilePath(__file__).with_name("ui")  # the dashboard: static files, the round API called from the page
 
-
-def round_api_write(method: str, path: str) -> bool:
-    """The admin token's routes: starting and cancelling rounds."""
-    return method == "POST" and (path.rstrip("/") == "/v1/rounds" or path.endswith("/cancel"))
+# Who may call what: edges register, step and report; an admin runs rounds and manages credentials.
+RULES = (
+    rule("GET", "/v1/spec", "edge", "admin"),
+    rule("POST", "/v1/edges", "edge"),
+    rule("POST", "/v1/edges/[^/]+/users", "edge"),
+    rule("POST", "/v1/(step|backward|update)", "edge"),
+    rule("*", "/v1/(rounds|adapters|credentials)(/.*)?", "admin"),
+)
 
 
 def create_app(settings: CloudSettings) -> FastAPI:
     """The cloud's FastAPI app; the model loads at start-up (lifespan), so ``/healthz`` answers once ready."""
-    admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    revocations = Revocations()
+    security = tier_security(settings, "cloud", revocations)
+    auth = Auth(security.verifier, {"cloud"}, RULES, settings.insecure_dev, settings.token_value(), settings.admin_secret())
     app, svc = service_app("cloud", "Coordinator of a user / edge / cloud split LoRA fine-tuning deployment.",
-                           lambda: CloudService(settings),
-                           Auth(settings.token_value(), admin_token, settings.insecure_dev), is_admin=round_api_write)
+                           lambda: CloudService(settings, security, revocations), auth)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
@@ -43,25 +56,32 @@ def create_app(settings: CloudSettings) -> FastAPI:
         return svc().experiment.to_meta()
 
     @app.post("/v1/edges")
-    def register_edge(body: EdgeIn) -> dict[str, Any]:
-        s: CloudService = svc()
-        s.register_edge(body)
-        return s.experiment.to_meta()
+    def register_edge(body: EdgeIn, request: Request) -> dict[str, Any]:
+        return svc().register_edge(body, principal_of(request))
 
     @app.post("/v1/edges/{edge_id}/users")
-    def register_user(edge_id: str, body: UserIn) -> dict[str, Any]:
-        s: CloudService = svc()
-        s.coordinator.register_user(edge_id, body.user_id, body.num_samples)
-        s.save_topology()
+    def register_user(edge_id: str, body: UserIn, request: Request) -> dict[str, Any]:
+        svc().register_user(edge_id, body, principal_of(request))
         return {"ok": True}
+
+    def own_sessions(msg: Message, caller: Principal) -> None:
+        """An edge steps only the sessions of users registered behind it."""
+        if svc().coordinator.edge_of(str(msg.meta.get("user"))) != caller.id:
+            raise Forbidden(f"edge '{caller.id}' may not step user '{str(msg.meta.get('user'))[:64]}'")
+
+    def own_report(msg: Message, caller: Principal) -> None:
+        if msg.meta.get("edge") != caller.id:
+            raise Forbidden(f"edge '{caller.id}' may not report as edge '{str(msg.meta.get('edge'))[:64]}'")
 
     async def serve(request: Request, endpoint: str) -> Response:
         s: CloudService = svc()
-        resp = await serve_message(request, getattr(s.coordinator, f"on_{endpoint}"), s.settings, s.ledger)
-        s.counters["steps" if endpoint == "step" else "updates"] += 1
+        resp = await serve_message(request, getattr(s.coordinator, f"on_{endpoint}"), s.settings, s.ledger,
+                                   authorize=own_report if endpoint == "update" else own_sessions,
+                                   after=getattr(s.coordinator, f"after_{endpoint}", None))
+        s.counters["updates" if endpoint == "update" else "steps"] += 1
         return resp
 
-    for endpoint in ("step", "update"):
+    for endpoint in ("step", "backward", "update"):
         msgpack_route(app, endpoint, serve)
 
     @app.post("/v1/rounds", status_code=202)
@@ -78,7 +98,7 @@ def create_app(settings: CloudSettings) -> FastAPI:
 
     @app.get("/v1/rounds/{round_id}")
     def get_round(round_id: Id) -> dict[str, Any]:
-        view = svc().round_view(round_id)
+        view = svc().round_view(int(round_id))
         if view is None:
             raise HTTPException(404, f"no round {round_id}")
         return view
@@ -87,19 +107,32 @@ def create_app(settings: CloudSettings) -> FastAPI:
     def cancel_round(round_id: Id) -> dict[str, Any]:
         s: CloudService = svc()
         try:
-            return s.coordinator.cancel(round_id).to_dict()
+            return s.coordinator.cancel(int(round_id)).to_dict()
         except NotFound:
-            if s.store.round(round_id) is None:
+            if s.store.round(int(round_id)) is None:
                 raise HTTPException(404, f"no round {round_id}") from None
             raise Conflict(f"round {round_id} finished before this cloud process started") from None
 
     @app.get("/v1/adapters/{version}")
     def adapters(version: Id) -> Response:
         try:
-            data = svc().store.version_bytes(version)
+            data = svc().store.version_bytes(int(version))
         except KeyError:
             raise HTTPException(404, f"no adapter version {version}") from None
         return Response(data, media_type="application/octet-stream",
                         headers={"content-disposition": f'attachment; filename="adapters-v{version}.safetensors"'})
 
+    @app.post("/v1/credentials/revoke")
+    def revoke(body: RevokeIn) -> dict[str, Any]:
+        return svc().revoke(body)
+
+    @app.get("/v1/credentials/revoked")
+    def revoked() -> dict[str, Any]:
+        return svc().revocations.to_meta()
+
+    @app.get("/ui", include_in_schema=False)
+    def ui() -> RedirectResponse:
+        return RedirectResponse("/ui/")
+
+    app.mount("/ui/", StaticFiles(directory=UI, html=True), name="ui")  # open, like /healthz: it holds no data
     return app

@@ -3,36 +3,15 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from shared.data.batching import IGNORE_INDEX
 from shared.errors import InvalidInput
 from shared.protocol.enums import Hop
-from shared.protocol.messages import EvalReply, StepRequest
+from shared.protocol.messages import OutputReply, StepRequest
+from shared.runtime.loss import eval_counts, task_loss
 from shared.protocol.wire import Message
 from shared.runtime.session import Session
-from shared.runtime.steps import Downstream, serve_step
+from shared.runtime.steps import Downstream, pack_tokens, serve_backward, serve_step
 from shared.runtime.tier import TierRuntime
-
-
-def task_loss(task: str, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy (shifted, padding ignored) or classification cross-entropy."""
-    if task == "lm":
-        logits = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
-        labels = labels[:, 1:].reshape(-1)
-        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction=reduction)
-    return F.cross_entropy(logits.float(), labels, reduction=reduction)
-
-
-def eval_counts(task: str, logits: torch.Tensor, labels: torch.Tensor) -> EvalReply:
-    """Loss sum, the count it is over (tokens or examples), and correct predictions."""
-    loss_sum = float(task_loss(task, logits, labels, reduction="sum"))
-    if task == "lm":
-        target = labels[:, 1:]
-        valid = target != IGNORE_INDEX
-        pred = logits[:, :-1, :].argmax(-1)
-        return EvalReply(loss_sum=loss_sum, count=int(valid.sum()), correct=int(((pred == target) & valid).sum()))
-    return EvalReply(loss_sum=loss_sum, count=int(labels.numel()), correct=int((logits.argmax(-1) == labels).sum()))
 
 
 class CloudCompute:
@@ -44,8 +23,17 @@ class CloudCompute:
     def on_step(self, msg: Message) -> Message:
         return serve_step(self.runtime, msg, self.head_and_loss, Hop.EDGE_CLOUD)
 
+    def on_backward(self, msg: Message) -> Message:
+        """U-shaped chain: the gradient of the last block's output, from the user's loss."""
+        return serve_backward(self.runtime, msg, lambda session, request, pending: request.grad, Hop.EDGE_CLOUD)
+
     def head_and_loss(self, session: Session, request: StepRequest, out: torch.Tensor) -> Downstream:
-        """The cloud's next stage: the head; the held-out counts in evaluation, the loss in training."""
+        """The cloud's next stage: the head; the held-out counts in evaluation, the loss in training. In a
+        U-shaped chain the head is the user's: the last block's output rows go back."""
+        if self.runtime.spec.u_shaped:
+            codec = self.runtime.policy(Hop.EDGE_CLOUD).activations
+            reply = OutputReply(pack_tokens(out.detach(), request.attention_mask)).to_message(codec)
+            return Downstream(reply=reply, output=out if session.plan.training else None)
         task = self.runtime.spec.task
         labels = request.labels.to(self.runtime.device, torch.int64)
         logits = self.runtime.head(session, out, request.attention_mask)

@@ -3,16 +3,39 @@
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 from shared.http.metrics import ByteLedger
-from shared.protocol.messages import Report, as_number
+from shared.protocol.fields import as_number
+from shared.protocol.messages import Report
+
+
+LOSS_FLAG_FACTOR = 10.0  # with 3 or more users, a training loss over this many times their median is flagged
 
 
 def train_metrics(chosen: list[str], per_user: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The mean of the users' training losses, and every user's own metrics."""
-    losses = [as_number(per_user[u].get("train_loss"), f"{u}'s train_loss") for u in chosen if u in per_user]
-    return {"train_loss": sum(losses) / max(len(losses), 1), "users": dict(sorted(per_user.items()))}
+    """The mean of the users' training losses, and every user's own metrics.
+
+    Losses are self-reported: with 3 or more users, one over ``LOSS_FLAG_FACTOR`` times the median (or
+    not a finite non-negative number) is flagged and left out of the mean.
+    """
+    losses = {u: per_user[u].get("train_loss") for u in chosen if u in per_user}
+    flagged: dict[str, str] = {}
+    for u, loss in losses.items():
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss) or loss < 0:
+            flagged[u] = f"train_loss {str(loss)[:40]} is not a finite non-negative number"
+    usable = {u: float(v) for u, v in losses.items() if u not in flagged}
+    if len(usable) >= 3:
+        median = statistics.median(usable.values())
+        for u, loss in usable.items():
+            if loss > LOSS_FLAG_FACTOR * median:
+                flagged[u] = f"train_loss {loss:.4g} is over {LOSS_FLAG_FACTOR:g} times the median {median:.4g}"
+    kept = [v for u, v in usable.items() if u not in flagged]
+    out: dict[str, Any] = {"train_loss": sum(kept) / max(len(kept), 1), "users": dict(sorted(per_user.items()))}
+    if flagged:
+        out["flagged"] = flagged
+    return out
 
 
 def eval_metrics(task: str, reports: dict[str, Report]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import math
 import random
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from cloud_server.compute import CloudCompute
@@ -14,8 +15,9 @@ from cloud_server.metrics import eval_metrics, hop_bytes, train_metrics
 from cloud_server.records import FINISHED, RoundCancelled, RoundError, RoundRecord
 from cloud_server.store import Store
 from shared.config.round import RoundConfig
-from shared.errors import NotFound
-from shared.fl.aggregation import AdapterUpdate, clip_updates
+from shared.errors import InvalidInput, NotFound
+from shared.fl.aggregation import AdapterUpdate
+from shared.fl.robust import AggregationPolicy, combine
 from shared.fl.plugin import Participant, Strategy, StrategyContext, get_algorithm
 from shared.http.metrics import ByteLedger
 from shared.model.adapters import AdapterState, clone_state
@@ -57,7 +59,9 @@ class Coordinator:
         self.strategies: dict[str, Strategy] = {}
         self._cancelled: set[int] = set()
         self._reports: dict[tuple[int, Mode], dict[str, Report]] = {}
+        self._arrived: dict[tuple[int, Mode, str], Report] = {}  # accepted, waiting for ``after_update``
         self._running: tuple[int, Strategy, AdapterBundle] | None = None  # the round in progress, its base state
+        self.revoked: Callable[[], dict[str, Any]] | None = None  # the revoked credentials edges are told of
         self._cond = threading.Condition()
 
     # topology --------------------------------------------------------------------------------
@@ -67,10 +71,18 @@ class Coordinator:
             self.edge_users.setdefault(edge_id, {})
 
     def register_user(self, edge_id: str, user_id: str, num_samples: int) -> None:
+        """A user behind ``edge_id``; a user that registers again through another edge moves there."""
         with self._cond:
             if edge_id not in self.edges:
                 raise NotFound(f"unknown edge '{edge_id}'")
+            for users in self.edge_users.values():
+                users.pop(user_id, None)
             self.edge_users[edge_id][user_id] = num_samples
+
+    def edge_of(self, user_id: str) -> str | None:
+        """The edge a user is registered behind."""
+        with self._cond:
+            return next((e for e, users in self.edge_users.items() if user_id in users), None)
 
     def participants(self) -> list[Participant]:
         return [Participant(u, e, n) for e, users in sorted(self.edge_users.items()) for u, n in sorted(users.items())]
@@ -79,8 +91,14 @@ class Coordinator:
     def on_step(self, msg: Message) -> Message:
         return self.compute.on_step(msg)
 
+    def on_backward(self, msg: Message) -> Message:
+        return self.compute.on_backward(msg)
+
     def on_update(self, msg: Message) -> Message:
-        """An edge's report for one (round, phase): its users' pre-averaged adapters and metrics."""
+        """An edge's report for one (round, phase): its users' pre-averaged adapters and metrics.
+
+        It counts for the round once the transport has counted its bytes too (``after_update``).
+        """
         report = Report.from_message(msg)
         key = (report.round, report.mode)
         if report.edge not in self.edges:
@@ -97,9 +115,18 @@ class Coordinator:
         with self._cond:
             if key not in self._reports:
                 raise NotFound(f"no round {key[0]} ({key[1]}) is waiting for updates")
-            self._reports[key][report.edge] = report
-            self._cond.notify_all()
+            self._arrived[(*key, report.edge)] = report
         return ack(round=report.round)
+
+    def after_update(self, msg: Message) -> None:
+        """The transport has counted a report and its reply: the round may now read its bytes and go on."""
+        meta = msg.meta
+        with self._cond:
+            report = self._arrived.pop((meta.get("round"), meta.get("mode"), meta.get("edge")), None)
+            key = (meta.get("round"), meta.get("mode"))
+            if report is not None and key in self._reports:
+                self._reports[key][report.edge] = report
+                self._cond.notify_all()
 
     # rounds ---------------------------------------------------------------------------------------
     def strategy_for(self, request: RoundConfig) -> Strategy:
@@ -127,7 +154,13 @@ class Coordinator:
     def new_round(self, request: RoundConfig) -> RoundRecord:
         """Record a round to run; the algorithm and its config are checked first (``InvalidInput``: 422)."""
         request = request.resolved(self.runtime.spec.task)
-        get_algorithm(request.algorithm).parse_config(request.config)
+        algorithm = get_algorithm(request.algorithm)
+        algorithm.strategy_cls.check_request(algorithm.parse_config(request.config), request, self.runtime.spec)
+        if request.participants:
+            known = {p.user_id for p in self.participants()}
+            unknown = sorted(set(request.participants) - known)
+            if unknown:
+                raise InvalidInput(f"unknown participants {unknown[:10]}: registered users are {sorted(known)[:20]}")
         with self._cond:
             next_id = max([0, *self.rounds] + ([self.store.next_round_id() - 1] if self.store else [])) + 1
             record = RoundRecord(round_id=next_id, request=request, base_version=self.version)
@@ -182,17 +215,25 @@ class Coordinator:
             reports = self._phase(record, chosen, Mode.TRAIN, extras, base, strategy)
             self._check_cancelled(record)
             per_user = {u: m for r in reports.values() for u, m in r.metrics.items()}
+            reasons = drop_reasons(reports, [p.user_id for p in chosen])
             needed = min(record.request.min_participants, len(chosen))
-            if len(per_user) < needed:
+            record.progress = {u: "reported" if u in per_user else "dropped" for u in record.participants}
+            if len(per_user) < needed:  # the round fails: who reported, who was dropped and why stay on record
+                record.metrics = {"dropped": sorted(set(record.participants) - set(per_user)), "drop_reasons": reasons}
+                why = "; ".join(f"{u}: {r}" for u, r in list(reasons.items())[:5])
                 raise RoundError(f"only {len(per_user)} of {len(chosen)} users reported "
-                                 f"(min_participants={record.request.min_participants})")
+                                 f"(min_participants={record.request.min_participants})" + (f": {why}" if why else ""))
             chosen = [p for p in chosen if p.user_id in per_user]
             record.state = "aggregating"
-            record.progress = {u: "reported" if u in per_user else "dropped" for u in record.participants}
             self._save(record)
-            new_state = self._aggregate(strategy, chosen, reports, record, base)
+            new_state, clipped = self._aggregate(strategy, chosen, reports, record, base)
             record.metrics = train_metrics([p.user_id for p in chosen], per_user)
+            clipped.update({f"edge {e}": r.clipped for e, r in reports.items() if r.clipped})
+            if clipped:
+                record.metrics["clipped"] = clipped
             record.metrics["dropped"] = sorted(set(record.participants) - set(per_user))
+            if reasons:
+                record.metrics["drop_reasons"] = reasons
             record.metrics["bytes"] = hop_bytes(reports, self.ledger, (record.round_id, Mode.TRAIN))
             self._check_cancelled(record)
             record.metrics["seconds"] = time.perf_counter() - started
@@ -216,6 +257,7 @@ class Coordinator:
             record.state = "cancelled" if isinstance(exc, RoundCancelled) else "failed"
             record.version = None
             record.error = f"{type(exc).__name__}: {exc}"
+            record.progress = {u: s if s in ("reported", "dropped") else record.state for u, s in record.progress.items()}
             for key in [k for k in list(self.runtime.sessions) if k[0] == record.round_id]:
                 self.runtime.close_session(*key)
             self._save(record)
@@ -228,11 +270,12 @@ class Coordinator:
         t0 = time.perf_counter()
         reports = self._phase(record, chosen, Mode.EVAL, {p.user_id: {} for p in chosen}, self.global_state, strategy)
         record.metrics.update(eval_metrics(self.runtime.spec.task, reports))
+        evaluated = {u for r in reports.values() for u in r.metrics}
         for hop, counts in hop_bytes(reports, self.ledger, (record.round_id, Mode.EVAL)).items():
             for d, n in counts.items():
                 record.metrics["bytes"][hop][d] += n
         record.metrics["eval_seconds"] = time.perf_counter() - t0
-        record.progress = {u: "evaluated" for u in record.participants}
+        record.progress = {u: "evaluated" if u in evaluated else "dropped" for u in record.participants}
 
     def evaluate_current(self) -> RoundRecord:
         """Held-out metrics of the current version on every registered user, without training."""
@@ -270,6 +313,7 @@ class Coordinator:
         for plan in plans.values():
             self.runtime.open_session(plan, state[Tier.CLOUD])
         by_edge: dict[str, list[RoundPlan]] = {}
+        weights = {p.user_id: p.num_samples for p in chosen}
         for p in chosen:
             by_edge.setdefault(p.edge_id, []).append(plans[p.user_id])
         key = (record.round_id, mode)
@@ -280,14 +324,21 @@ class Coordinator:
         req = record.request
         codec = self.runtime.policy(Hop.EDGE_CLOUD).downloads
         started: list[str] = []
+        errors: dict[str, str] = {}
+        revoked = self.revoked() if self.revoked is not None else None
+        revoked = revoked if revoked and any(revoked.values()) else None  # none revoked: nothing to say
         try:
             for edge_id, edge_plans in sorted(by_edge.items()):
-                start = RoundStart(edge_plans, download, deadline=req.deadline, clip_norm=req.clip_norm)
+                start = RoundStart(edge_plans, download, deadline=req.deadline, clip_norm=req.clip_norm,
+                                   clip_factor=req.clip_factor, aggregator=req.aggregator, trim=req.trim,
+                                   weights={p.user_id: weights[p.user_id] for p in edge_plans},
+                                   revoked=revoked)
                 try:
                     self.edges[edge_id].request("start", start.to_message(codec))
                     started.append(edge_id)
                 except Exception as exc:  # an unreachable edge: its users are dropped from this round
                     log.warning("round %s (%s): could not start edge %s: %s", record.round_id, mode, edge_id, exc)
+                    errors[edge_id] = str(exc)[:300]
             timeout = min(req.deadline + self.grace, self.round_timeout) if req.deadline else self.round_timeout
             with self._cond:
                 self._cond.wait_for(
@@ -296,14 +347,17 @@ class Coordinator:
                 reports = self._reports.pop(key)
             self._check_cancelled(record)
             if not reports:
+                why = "; ".join(f"{e}: {r}" for e, r in errors.items()) or f"the deadline passed ({req.deadline} s)"
                 raise RoundError(f"round {record.round_id} ({mode}): no edge reported "
-                                 f"({len(started)} of {len(by_edge)} started)")
+                                 f"({len(started)} of {len(by_edge)} started): {why}")
         except BaseException:
             self._drop_sessions(plans.values())
             raise
         finally:
             with self._cond:
                 self._reports.pop(key, None)
+                for stale in [k for k in self._arrived if k[:2] == key]:
+                    del self._arrived[stale]
         reported = {u for r in reports.values() for u in r.metrics}
         self._drop_sessions([p for u, p in plans.items() if mode is Mode.EVAL or u not in reported])
         return reports
@@ -314,19 +368,36 @@ class Coordinator:
                 self.runtime.close_session(plan.round_id, plan.user_id)
 
     def _aggregate(self, strategy: Strategy, chosen: list[Participant], reports: dict[str, Report],
-                   record: RoundRecord, base: AdapterBundle) -> AdapterBundle:
+                   record: RoundRecord, base: AdapterBundle) -> tuple[AdapterBundle, dict[str, Any]]:
+        """Every tier's new global adapters, and whose updates were clipped to what bound, per tier. An edge weighs as its reporting users' weights (the cloud's, not the
+        report's); the request's policy clips and combines (``shared.fl.robust``)."""
+        req, weight = record.request, {p.user_id: p.num_samples for p in chosen}
+        policy = AggregationPolicy(req.clip_norm, req.clip_factor, req.aggregator, req.trim)
         new_state: dict[Tier, AdapterState] = {}
+        clipped: dict[str, Any] = {}
         reports = {e: r for e, r in reports.items() if r.metrics}  # edges all of whose users dropped add nothing
-        for tier in (Tier.USER, Tier.EDGE):
-            updates = [AdapterUpdate(edge_id, tier, r.adapters.get(tier, {}), r.num_samples)
-                       for edge_id, r in reports.items()]
-            new_state[tier] = strategy.aggregate(tier, updates, base[tier]) if base[tier] else {}
-        cloud_updates: list[AdapterUpdate] = []
+        updates_of: dict[Tier, list[AdapterUpdate]] = {
+            tier: [AdapterUpdate(edge_id, tier, r.adapters.get(tier, {}), sum(weight.get(u, 0) for u in r.metrics))
+                   for edge_id, r in reports.items()] for tier in (Tier.USER, Tier.EDGE)}
+        updates_of[Tier.CLOUD] = []
         for p in chosen:
             session = self.runtime.close_session(record.round_id, p.user_id)
-            cloud_updates.append(AdapterUpdate(p.user_id, Tier.CLOUD, self.runtime.pack_update(session), p.num_samples))
-        cloud_updates = clip_updates(cloud_updates, base[Tier.CLOUD], record.request.clip_norm)
-        new_state[Tier.CLOUD] = (strategy.aggregate(Tier.CLOUD, cloud_updates, base[Tier.CLOUD])
-                                 if base[Tier.CLOUD] else {})
-        return AdapterBundle(new_state)
+            updates_of[Tier.CLOUD].append(AdapterUpdate(p.user_id, Tier.CLOUD, self.runtime.pack_update(session),
+                                                        p.num_samples))
+        for tier, updates in updates_of.items():
+            if not base[tier]:
+                new_state[tier] = {}
+                continue
+            combined = combine(strategy, tier, updates, base[tier], policy)
+            new_state[tier] = combined.state
+            if combined.clipped:
+                clipped[tier.value] = {"bound": combined.bound, "sources": combined.clipped}
+        return AdapterBundle(new_state), clipped
 
+
+def drop_reasons(reports: dict[str, Report], chosen: list[str]) -> dict[str, str]:
+    """Why each chosen user that did not report was dropped: as its edge said, or its edge never reported."""
+    reasons = {u: r for report in reports.values() for u, r in report.reasons.items()}
+    reported = {u for report in reports.values() for u in (*report.metrics, *report.missing)}
+    reasons.update({u: "its edge did not report" for u in chosen if u not in reported})
+    return dict(sorted(reasons.items()))

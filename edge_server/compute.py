@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from shared.errors import Busy, NotFound
-from shared.fl.aggregation import AdapterUpdate, clip_updates
+from shared.errors import Busy, InvalidInput, NotFound
+from shared.fl.aggregation import AdapterUpdate
+from shared.fl.robust import AggregationPolicy, combine
 from shared.fl.plugin import Strategy, StrategyContext, get_algorithm
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.enums import Hop, Mode, Tier
-from shared.protocol.messages import EvalReply, Report, RoundPlan, RoundStart, StepRequest, TrainReply, Update, UserStart, ack
+from shared.protocol.fields import as_number
+from shared.protocol.messages import (BackwardRequest, EvalReply, OutputReply, Report, RoundPlan, RoundStart, StepRequest,
+                                      TrainReply, Update, UserStart, ack)
 from shared.protocol.transport import Link
 from shared.protocol.wire import Message
 from shared.runtime.session import Session
-from shared.runtime.steps import Downstream, check_grad, pack_tokens, serve_step, unpack_tokens
+from shared.runtime.steps import Downstream, Pending, check_grad, pack_tokens, serve_backward, serve_step, unpack_tokens
 from shared.runtime.tier import TierRuntime
 
 log = logging.getLogger("splitllm.edge")
@@ -31,11 +35,12 @@ class PendingRound:
     plans: dict[str, RoundPlan]
     previous: AdapterBundle  # what came down: the global user- and edge-side adapters (as the download packs them)
     strategy: Strategy  # this round's pre-aggregation and arrival checks
-    clip_norm: float | None = None
+    policy: AggregationPolicy = field(default_factory=AggregationPolicy)
+    weights: dict[str, int] = field(default_factory=dict)  # the cloud's weight of each user
     user_updates: list[AdapterUpdate] = field(default_factory=list)
     edge_updates: list[AdapterUpdate] = field(default_factory=list)
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
-    missing: set[str] = field(default_factory=set)
+    missing: dict[str, str] = field(default_factory=dict)  # user -> why it was dropped
     timer: threading.Timer | None = None
 
     @property
@@ -51,14 +56,17 @@ class EdgeServer:
     """
 
     def __init__(self, edge_id: str, runtime: TierRuntime, cloud: Link, ledger: Any = None,
-                 max_sessions: int | None = None) -> None:
+                 max_sessions: int | None = None, on_revoked: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.edge_id, self.runtime, self.cloud = edge_id, runtime, cloud
+        self.on_revoked = on_revoked  # the cloud's revoked credentials, with each start (the service's verifier)
         self.ledger = ledger  # bytes on the user-edge hop per (round, mode), where a transport measures them
         self.max_sessions = max_sessions
         self.users: dict[str, Link] = {}
         self.user_samples: dict[str, int] = {}
         self.pending: dict[tuple[int, Mode], PendingRound] = {}
         self.finished: set[tuple[int, Mode]] = set()  # (round, phase) already reported: a retried start is a no-op
+        self.outbox: dict[tuple[int, Mode, str], Report] = {}  # reports that a user's update settled, to send
+        self.starting: dict[tuple[int, Mode], threading.Event] = {}  # set once every user of a phase was started
         self.lock = threading.Lock()
 
     def register_user(self, user_id: str, link: Link, num_samples: int) -> None:
@@ -70,11 +78,10 @@ class EdgeServer:
     def on_start(self, msg: Message) -> Message:
         """Open edge sessions for the listed users, then start each user."""
         start = RoundStart.from_message(msg)
+        if start.revoked is not None and self.on_revoked is not None:
+            self.on_revoked(start.revoked)
         round_id, phase = start.plans[0].round_id, start.plans[0].mode
         key = (round_id, phase)
-        unknown = [p.user_id for p in start.plans if p.user_id not in self.users]
-        if unknown:
-            raise NotFound(f"edge {self.edge_id} has no registered user(s) {unknown}")
         with self.lock:
             if key in self.pending or key in self.finished:  # a retried start: under way or done
                 return ack(round=round_id, edge=self.edge_id, users=len(start.plans))
@@ -84,22 +91,33 @@ class EdgeServer:
                            f"{len(start.plans)} more would pass its limit of {self.max_sessions}")
             plan = start.plans[0]
             strategy = get_algorithm(plan.algorithm).strategy(plan.config, StrategyContext(Tier.EDGE, self.runtime.spec))
-            pending = PendingRound({p.user_id: p for p in start.plans}, start.adapters, strategy, start.clip_norm)
+            policy = AggregationPolicy(start.clip_norm, start.clip_factor, start.aggregator, start.trim)
+            pending = PendingRound({p.user_id: p for p in start.plans}, start.adapters, strategy, policy, start.weights)
             self.pending[key] = pending
-        for plan in start.plans:
+            starts_done = self.starting[key] = threading.Event()
+        known = [p for p in start.plans if p.user_id in self.users]
+        for plan in known:
             self.runtime.open_session(plan, pending.previous[Tier.EDGE])
         if start.deadline:
             pending.timer = threading.Timer(float(start.deadline), self._expire, (key,))
             pending.timer.daemon = True
             pending.timer.start()
         codec = self.runtime.policy(Hop.USER_EDGE).downloads
-        for plan in start.plans:
-            try:
-                self.users[plan.user_id].request("start", UserStart(plan, pending.previous[Tier.USER]).to_message(codec))
-            except Exception as exc:  # an unreachable user is dropped from this round, not the round
-                log.warning("round %s: could not start %s: %s", round_id, plan.user_id, exc)
-                self._drop_user(key, plan.user_id)
-        return ack(round=round_id, edge=self.edge_id, users=len(start.plans))
+        try:  # a report settled here is sent at once (``_send``): ``_report`` would wait for this very start
+            for plan in start.plans:
+                if plan.user_id not in self.users:  # e.g. this edge restarted: the user re-registers at its next heartbeat
+                    self._send(self._drop_user(key, plan.user_id, f"not registered at {self.edge_id} (did the edge restart?)"))
+            for plan in known:
+                try:
+                    self.users[plan.user_id].request("start", UserStart(plan, pending.previous[Tier.USER]).to_message(codec))
+                except Exception as exc:  # an unreachable user is dropped from this round, not the round
+                    log.warning("round %s: could not start %s: %s", round_id, plan.user_id, exc)
+                    self._send(self._drop_user(key, plan.user_id, f"could not be started: {exc}"))
+        finally:
+            with self.lock:
+                self.starting.pop(key, None)
+            starts_done.set()
+        return ack(round=round_id, edge=self.edge_id, users=len(known))
 
     def _drop_older(self, round_id: int) -> None:
         """Leftovers of earlier rounds (failed or timed out at the cloud) go when a newer round starts."""
@@ -109,19 +127,24 @@ class EdgeServer:
                 stale.timer.cancel()
         self.runtime.drop_sessions(keep=lambda k: k[0] >= round_id)
 
-    def _drop_user(self, key: tuple[int, Mode], user_id: str) -> None:
-        report = None
+    def _drop_user(self, key: tuple[int, Mode], user_id: str, reason: str) -> Report | None:
+        """Drop a user from a (round, phase), saying why; the report for the cloud once that settles it."""
         with self.lock:
             pending = self.pending.get(key)
             if pending is None or user_id in pending.metrics or user_id in pending.missing:
-                return
-            pending.missing.add(user_id)
+                return None
+            pending.missing[user_id] = reason[:300]
             if (key[0], user_id) in self.runtime.sessions:
                 self.runtime.close_session(key[0], user_id)
-            if pending.settled:
-                report = self._finish(key)
-        if report is not None:
-            self.cloud.request("update", report)
+            return self._finish(key) if pending.settled else None
+
+    def _send(self, report: Report | None) -> None:
+        """Report to the cloud, with the (round, phase)'s bytes on the user-edge hop as counted now."""
+        if report is None:
+            return
+        if self.ledger is not None:
+            report.bytes = self.ledger.get((report.round, report.mode))
+        self.cloud.request("update", report.to_message(self.runtime.policy(Hop.EDGE_CLOUD).uploads))
 
     def _expire(self, key: tuple[int, Mode]) -> None:
         """The deadline passed: drop the silent users and report the others."""
@@ -131,10 +154,10 @@ class EdgeServer:
                                                  if u not in pending.metrics and u not in pending.missing]
         for user_id in silent:
             log.warning("round %s (%s): user %s silent past the deadline; dropped", key[0], key[1], user_id)
-            self._drop_user(key, user_id)
+            self._report(self._drop_user(key, user_id, "silent past the round's deadline"))
 
     def on_update(self, msg: Message) -> Message:
-        """A user's report; once every user has reported or been dropped, one report goes up.
+        """A user's report; once every user has reported or been dropped, one report goes up (``after_update``).
 
         A user that could not do its part says so (``metrics.error``): it is dropped at once, as if
         its deadline had passed.
@@ -147,30 +170,55 @@ class EdgeServer:
                 raise NotFound(f"edge {self.edge_id}: no {update.mode} round {update.round} expects user '{update.user}'")
             if update.user in pending.metrics:  # a retried update: already counted
                 return ack(round=update.round, user=update.user)
-            if update.error is None:
-                report = self._accept(pending, key, update)
+            report = self._accept(pending, key, update) if update.error is None else None
         if update.error is not None:
             log.warning("round %s (%s): user %s failed: %s", key[0], key[1], update.user, update.error)
-            self._drop_user(key, update.user)
-        elif report is not None:
-            self.cloud.request("update", report)
+            report = self._drop_user(key, update.user, f"failed on the device: {update.error}")
+        if report is not None:
+            with self.lock:
+                self.outbox[(*key, update.user)] = report
         return ack(round=update.round, user=update.user)
 
-    def _accept(self, pending: PendingRound, key: tuple[int, Mode], update: Update) -> Message | None:
+    def after_update(self, msg: Message) -> None:
+        """Once the transport has counted an update and its reply: send the report that update settled, if any.
+
+        The report carries the round's bytes on the user-edge hop, so it goes only after the last
+        update's own bytes are in the ledger (and every start's, ``_report``).
+        """
+        meta = msg.meta
+        with self.lock:
+            report = self.outbox.pop((meta.get("round"), meta.get("mode"), meta.get("user")), None)
+        self._report(report)
+
+    def _report(self, report: Report | None) -> None:
+        """Send a report once this edge has started every user of its phase: a user may report before the
+        edge has read the reply to its start, and that start's bytes belong to the round too."""
+        if report is None:
+            return
+        with self.lock:
+            starting = self.starting.get((report.round, report.mode))
+        if starting is not None:
+            starting.wait()
+        self._send(report)
+
+    def _accept(self, pending: PendingRound, key: tuple[int, Mode], update: Update) -> Report | None:
         """Count a user's update (call with the lock held); the report for the cloud once the round is settled."""
         if update.mode is Mode.TRAIN:
+            loss = as_number(update.metrics.get("train_loss"), f"user {update.user}'s metrics.train_loss")
+            if loss < 0:
+                raise InvalidInput(f"user {update.user}'s train_loss must not be negative")
             pending.strategy.validate_update(Tier.USER, update.adapters, pending.previous[Tier.USER],
                                              f"user {update.user}")
             session = self.runtime.close_session(update.round, update.user)
-            pending.user_updates.append(AdapterUpdate(update.user, Tier.USER, update.adapters, update.num_samples))
-            pending.edge_updates.append(AdapterUpdate(update.user, Tier.EDGE, self.runtime.pack_update(session),
-                                                      update.num_samples))
+            weight = pending.weights.get(update.user, update.num_samples)  # the cloud's; self-reported only in-process
+            pending.user_updates.append(AdapterUpdate(update.user, Tier.USER, update.adapters, weight))
+            pending.edge_updates.append(AdapterUpdate(update.user, Tier.EDGE, self.runtime.pack_update(session), weight))
         else:
             self.runtime.close_session(update.round, update.user)
         pending.metrics[update.user] = update.metrics
         return self._finish(key) if pending.settled else None
 
-    def _finish(self, key: tuple[int, Mode]) -> Message:
+    def _finish(self, key: tuple[int, Mode]) -> Report:
         """Pre-aggregate what came in (call with the lock held) and build the report for the cloud."""
         pending = self.pending.pop(key)
         self.finished = {k for k in self.finished if k[0] >= key[0] - 1} | {key}
@@ -178,22 +226,30 @@ class EdgeServer:
             pending.timer.cancel()
         round_id, mode = key
         states: dict[Tier, dict[str, torch.Tensor]] = {}
+        clipped: dict[str, Any] = {}
         total = sum(self.user_samples.get(u, 0) for u in pending.metrics)
         if mode is Mode.TRAIN and pending.user_updates:
-            total = sum(u.num_samples for u in pending.user_updates)  # the weights the users reported
+            total = sum(u.num_samples for u in pending.user_updates)  # the weights the cloud gave
             for tier, updates in ((Tier.USER, pending.user_updates), (Tier.EDGE, pending.edge_updates)):
                 if updates[0].state:
-                    updates = clip_updates(updates, pending.previous[tier], pending.clip_norm)
-                    states[tier] = pending.strategy.aggregate(tier, updates, pending.previous[tier])
-        report = Report(round=round_id, edge=self.edge_id, mode=mode, num_samples=total, metrics=pending.metrics,
-                        missing=sorted(pending.missing), adapters=AdapterBundle(states),
-                        bytes=self.ledger.get(key) if self.ledger is not None else None)
-        return report.to_message(self.runtime.policy(Hop.EDGE_CLOUD).uploads)
+                    combined = combine(pending.strategy, tier, updates, pending.previous[tier], pending.policy)
+                    if combined.clipped:
+                        log.warning("round %s: %s-side updates of %s clipped to %.4g", round_id, tier,
+                                    combined.clipped, combined.bound)
+                        clipped[tier.value] = {"bound": combined.bound, "sources": combined.clipped}
+                    states[tier] = combined.state
+        return Report(round=round_id, edge=self.edge_id, mode=mode, num_samples=total, metrics=pending.metrics,
+                      missing=sorted(pending.missing), reasons=dict(sorted(pending.missing.items())), clipped=clipped,
+                      adapters=AdapterBundle(states))
 
     # the step chain ----------------------------------------------------------------------------
     def on_step(self, msg: Message) -> Message:
         """Forward through this edge's blocks, relay to the cloud, backward with its gradient."""
         return serve_step(self.runtime, msg, self.relay, Hop.USER_EDGE)
+
+    def on_backward(self, msg: Message) -> Message:
+        """U-shaped chain: the gradient of the cloud's output, from the user, on its way back through this edge."""
+        return serve_backward(self.runtime, msg, self.relay_back, Hop.USER_EDGE)
 
     def relay(self, session: Session, request: StepRequest, out: torch.Tensor) -> Downstream:
         """The edge's next stage: the cloud, with this edge's output rows."""
@@ -201,8 +257,23 @@ class EdgeServer:
         forward = StepRequest(request.round, request.user, request.step, request.mode,
                               pack_tokens(out.detach(), mask), mask, request.labels)
         reply = self.cloud.request("step", forward.to_message(self.runtime.policy(Hop.EDGE_CLOUD).activations))
+        if self.runtime.spec.u_shaped:  # the cloud's output rows go on to the user's head
+            rows = OutputReply.from_message(reply).hidden
+            check_grad(rows, request.hidden, "the cloud")  # an output, shaped like any activation of the step
+            codec = self.runtime.policy(Hop.USER_EDGE).activations
+            return Downstream(reply=OutputReply(rows).to_message(codec), output=out if session.plan.training else None)
         if not session.plan.training:
             return Downstream(reply=EvalReply.from_message(reply).to_message())
         answer = TrainReply.from_message(reply)
         check_grad(answer.grad, request.hidden, "the cloud")
         return Downstream(output=out, grad=unpack_tokens(answer.grad.to(out.device, out.dtype), mask), loss=answer.loss)
+
+    def relay_back(self, session: Session, request: BackwardRequest, pending: Pending) -> torch.Tensor:
+        """The gradient of the cloud's output goes on to the cloud; the gradient of its input is that of this
+        edge's output."""
+        back = BackwardRequest(request.round, request.user, request.step, request.loss, request.grad)
+        answer = TrainReply.from_message(self.cloud.request("backward", back.to_message(
+            self.runtime.policy(Hop.EDGE_CLOUD).gradients)))
+        rows = pack_tokens(pending.out, pending.mask)
+        check_grad(answer.grad, rows, "the cloud")
+        return answer.grad

@@ -35,6 +35,12 @@ class BadMessage(ClientError, ValueError):
     status = 400
 
 
+class Forbidden(ClientError):
+    """The caller's credential is valid but may not do this (403): it acts as someone else, or outside its role."""
+
+    status = 403
+
+
 class NotFound(ClientError, LookupError):
     """An unknown session, round, version, edge or user (404)."""
 
@@ -75,3 +81,16 @@ class UpstreamError(ServiceError):
     def __init__(self, reason: str, upstream_status: int | None = None) -> None:
         super().__init__(reason)
         self.upstream_status = upstream_status
+
+
+class ModelError(ValueError):
+    """A model cannot be resolved or loaded (an undescribed family, a broken config, a missing file).
+
+    The message is one line saying what is wrong and how to fix it; commands print it and exit 2.
+    """
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: the first line of its message``: a third-party exception told in a one-line error."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")

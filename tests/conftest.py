@@ -48,6 +48,24 @@ def tiny(hermetic_cache: Path) -> Callable[[str], ModelSource]:
     return functools.cache(resolve_model)
 
 
+@pytest.fixture
+def model_dir(tiny: Callable[[str], ModelSource], tmp_path: Path) -> Callable[..., Path]:
+    """``model_dir(base="tiny-llama", **config)``: a copy of a tiny checkpoint as a user's own directory
+    (config.json with ``config`` patched in, a key set to None removed; the weights; no tokenizer files)."""
+    import json
+    import shutil
+
+    def make(base: str = "tiny-llama", **config: object) -> Path:
+        out = tmp_path / f"model-{len(list(tmp_path.glob('model-*')))}"
+        shutil.copytree(tiny(base).path, out)
+        (out / "byte_tokenizer.json").unlink()
+        data = {**json.loads((out / "config.json").read_text()), **config}
+        (out / "config.json").write_text(json.dumps({k: v for k, v in data.items() if v is not None}))
+        return out
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def small_sim(hermetic_cache: Path) -> Callable[..., Simulation]:
     """``small_sim(**overrides)``: a few users on tiny-llama/shakespeare with very small settings."""

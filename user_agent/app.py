@@ -7,15 +7,40 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 
 from shared.config.settings import UserSettings
-from shared.http.auth import Auth
+from shared.errors import Forbidden
+from shared.http.auth import Auth, rule
+from shared.http.credentials import Principal
 from shared.http.metrics import prometheus, resident_memory_bytes
 from shared.http.server import msgpack_route, serve_message, service_app
+from shared.http.service import tier_security
+from shared.protocol.wire import Message
 from user_agent.service import UserService
 
 
+# Who may call what: the user's edge starts its rounds; the edge or an admin may read its status.
+RULES = (
+    rule("POST", "/v1/start", "edge"),
+    rule("GET", "/v1/status", "edge", "admin"),
+)
+
+
 def create_app(settings: UserSettings) -> FastAPI:
+    security = tier_security(settings, "user")
+    principal = security.principal
+    user_id = principal.id if principal else settings.ident()
+    client_index = principal.client if principal and principal.client is not None else settings.client_index
+    for name, value, given in (("user_id", user_id, settings.user_id), ("client_index", client_index, settings.client_index)):
+        if name in settings.model_fields_set and given != value:
+            raise ValueError(f"--{name.replace('_', '-')} {given} differs from what this user's credential names ({value})")
+    auth = Auth(security.verifier, {f"user:{user_id}"}, RULES, settings.insecure_dev, settings.token_value())
     app, svc = service_app("user agent", "A device: local data, embeddings and the first blocks, the local training loop.",
-                           lambda: UserService(settings), Auth(settings.token_value(), None, settings.insecure_dev))
+                           lambda: UserService(settings, security, user_id, client_index), auth)
+
+    def from_its_edge(msg: Message, caller: Principal) -> None:
+        """Only the edge this user registered with may start it."""
+        edge_id = svc().edge_id
+        if caller.id != edge_id:
+            raise Forbidden(f"edge '{caller.id}' is not this user's edge ('{edge_id}')")
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -46,7 +71,7 @@ def create_app(settings: UserSettings) -> FastAPI:
 
     async def start(request: Request, endpoint: str) -> Response:
         s: UserService = svc()
-        return await serve_message(request, s.ready().on_start, s.settings, status_code=202)
+        return await serve_message(request, s.ready().on_start, s.settings, status_code=202, authorize=from_its_edge)
 
     msgpack_route(app, "start", start, status_code=202)
     return app

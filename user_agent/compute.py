@@ -15,11 +15,13 @@ import torch
 
 from shared.data.batching import Batch, BatchSampler, eval_batches
 from shared.data.datasets import ClientData
-from shared.model.sources import Tokenizer
+from shared.model.tokenizers import Tokenizer
 from shared.protocol.enums import Hop, Mode
-from shared.protocol.messages import EvalReply, RoundPlan, StepRequest, TrainReply, Update, UserStart, ack
+from shared.protocol.messages import (BackwardRequest, EvalReply, OutputReply, RoundPlan, StepRequest, TrainReply, Update,
+                                      UserStart, ack)
 from shared.protocol.transport import Link
 from shared.protocol.wire import Message
+from shared.runtime.loss import eval_counts, task_loss
 from shared.runtime.session import Session
 from shared.runtime.steps import check_grad, pack_tokens, unpack_tokens
 from shared.runtime.tier import TierRuntime
@@ -27,10 +29,11 @@ from shared.runtime.tier import TierRuntime
 log = logging.getLogger("splitllm.user")
 
 
-def step_request(plan: RoundPlan, step: int, hidden: torch.Tensor, batch: Batch) -> StepRequest:
-    """The forward message of one step: the real tokens' activations plus what every tier rebuilds from."""
+def step_request(plan: RoundPlan, step: int, hidden: torch.Tensor, batch: Batch, labels: bool = True) -> StepRequest:
+    """The forward message of one step: the real tokens' activations plus what every tier rebuilds from (and the
+    labels, unless the chain is U-shaped: then they stay here)."""
     return StepRequest(plan.round_id, plan.user_id, step, plan.mode, pack_tokens(hidden.detach(), batch.attention_mask),
-                       batch.attention_mask.to(torch.uint8), batch.labels)
+                       batch.attention_mask.to(torch.uint8), batch.labels if labels else None)
 
 
 class UserAgent:
@@ -47,6 +50,7 @@ class UserAgent:
         self.sampler = BatchSampler(tokenizer, data.train, task, max_len, pad_to_max)
         self.eval_data = eval_batches(tokenizer, data.eval, task, max_len, eval_batch_size)
         self.policy = runtime.policy(Hop.USER_EDGE)
+        self.u_shaped = runtime.spec.u_shaped  # the head and the loss are on this device
         self.jobs: dict[str, str] = {}  # "<round>:<mode>" -> running | reported | failed
         self.last_error: str | None = None
         self.lock = threading.Lock()
@@ -117,8 +121,15 @@ class UserAgent:
             charged = clock.elapsed(plan.round_id, self.user_id) if clock else 0.0
             hidden = self.runtime.forward(session, None, batch.attention_mask, step, input_ids=batch.input_ids)
             compute += self._slow(time.perf_counter() - t0)
-            request = step_request(plan, step, hidden, batch)
-            answer = TrainReply.from_message(self.edge.request("step", request.to_message(self.policy.activations)))
+            request = step_request(plan, step, hidden, batch, labels=not self.u_shaped)
+            reply = self.edge.request("step", request.to_message(self.policy.activations))
+            if self.u_shaped:  # the head and the loss are here: the output's gradient goes back in a second request
+                t0 = time.perf_counter()
+                out_grad, loss = self._head_loss_backward(session, reply, request, batch)
+                compute += self._slow(time.perf_counter() - t0)
+                back = BackwardRequest(plan.round_id, self.user_id, step, loss, out_grad)
+                reply = self.edge.request("backward", back.to_message(self.policy.gradients))
+            answer = TrainReply.from_message(reply)
             check_grad(answer.grad, request.hidden, "the edge")
             t0 = time.perf_counter()
             grad = unpack_tokens(answer.grad.to(hidden.device, hidden.dtype), batch.attention_mask)
@@ -138,6 +149,23 @@ class UserAgent:
         update = Update(plan.round_id, self.user_id, Mode.TRAIN, self.num_samples, metrics, self.runtime.pack_update(session))
         return update.to_message(self.policy.uploads)
 
+    def _head(self, session: Session, reply: Message, request: StepRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """U-shaped chain: the cloud's output rows (a leaf, for their gradient) through this device's head."""
+        rows = OutputReply.from_message(reply).hidden
+        check_grad(rows, request.hidden, "the edge")  # output rows are shaped like the step's activations
+        out = unpack_tokens(rows.to(self.runtime.device, torch.float32), request.attention_mask)
+        out.requires_grad_(session.plan.training)
+        return out, self.runtime.head(session, out, request.attention_mask)
+
+    def _head_loss_backward(self, session: Session, reply: Message, request: StepRequest,
+                            batch: Batch) -> tuple[torch.Tensor, float]:
+        """The loss on this device, backpropagated into the head's tensors and the cloud's output rows."""
+        out, logits = self._head(session, reply, request)
+        loss = task_loss(self.runtime.spec.task, logits, batch.labels.to(self.runtime.device))
+        torch.autograd.backward(loss)
+        grad = out.grad if out.grad is not None else torch.zeros_like(out)
+        return pack_tokens(grad, request.attention_mask), float(loss.detach())
+
     def _slow(self, seconds: float) -> float:
         """Stretch a compute phase to ``slowdown`` times its length (not under a virtual clock, which charges it)."""
         if self.slowdown > 1.0 and self.runtime.clock is None:
@@ -150,8 +178,13 @@ class UserAgent:
         try:
             for step, batch in enumerate(self.eval_data):
                 hidden = self.runtime.forward(session, None, batch.attention_mask, step, input_ids=batch.input_ids)
-                request = step_request(plan, step, hidden, batch)
-                counts = EvalReply.from_message(self.edge.request("step", request.to_message(self.policy.activations)))
+                request = step_request(plan, step, hidden, batch, labels=not self.u_shaped)
+                reply = self.edge.request("step", request.to_message(self.policy.activations))
+                if self.u_shaped:
+                    _, logits = self._head(session, reply, request)
+                    counts = eval_counts(self.runtime.spec.task, logits.detach(), batch.labels.to(self.runtime.device))
+                else:
+                    counts = EvalReply.from_message(reply)
                 totals["loss_sum"] += counts.loss_sum
                 totals["count"] += counts.count
                 totals["correct"] += counts.correct

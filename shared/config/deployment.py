@@ -23,17 +23,25 @@ class ModelSpec:
     seed: int = 0
     adapter: str = "lora"  # "lora", or "svd" (P diag(e) Q, what FedARA trains)
     codecs: dict[str, dict[str, str]] = field(default_factory=dict, hash=False)  # hop -> CodecPolicy fields
+    u_shaped: bool = False  # labels never leave the device: the user holds the head and the loss
+    tokenizer: str = ""  # --tokenizer: a directory, a bundled model or "byte"; "" = the model's own, or byte-level
+
+    @property
+    def head_tier(self) -> str:
+        return "user" if self.u_shaped else "cloud"
 
     def to_meta(self) -> dict[str, Any]:
         return {"model": self.model, "split": list(self.split), "task": self.task, "num_labels": self.num_labels,
                 "lora": self.lora.to_dict(), "base_dropout": self.base_dropout, "seed": self.seed,
-                "adapter": self.adapter, "codecs": {h: dict(p) for h, p in self.codecs.items()}}
+                "adapter": self.adapter, "codecs": {h: dict(p) for h, p in self.codecs.items()},
+                "u_shaped": self.u_shaped, "tokenizer": self.tokenizer}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> "ModelSpec":
         return cls(model=meta["model"], split=tuple(meta["split"]), task=meta["task"], num_labels=meta["num_labels"],
                    lora=LoraSettings(**meta["lora"]), base_dropout=meta["base_dropout"], seed=meta["seed"],
-                   adapter=meta.get("adapter", "lora"), codecs=dict(meta.get("codecs", {})))
+                   adapter=meta.get("adapter", "lora"), codecs=dict(meta.get("codecs", {})),
+                   u_shaped=bool(meta.get("u_shaped", False)), tokenizer=meta.get("tokenizer", ""))
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -29,12 +29,14 @@ class RoundDefaults(BaseModel):
                                    description="seconds after a round starts when users that have not reported are dropped")
     min_participants: int = Field(1, ge=1, description="users that must report for the round to commit")
     clip_norm: float | None = Field(None, gt=0, description="clip each update's change to this L2 norm before aggregation")
+    clip_factor: float | None = Field(3.0, ge=0, le=1000, description="with 3 or more updates to combine, clip each "
+                                      "one's change to this many times their median change norm (0 or null: off)")
 
 
 class RoundConfig(RoundDefaults):
     """One round: who trains, how long, with which algorithm, and the fault and clipping rules."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     participants: list[str] | None = Field(None, description="user ids to train (default: every registered user)")
     fraction: float | None = Field(None, gt=0, le=1, description="or a random fraction of the registered users")
@@ -42,6 +44,10 @@ class RoundConfig(RoundDefaults):
     config: dict[str, Any] = Field(default_factory=dict, description="the algorithm's options (a JSON object)",
                                    json_schema_extra={"flag": "algorithm-config"})
     evaluate: bool = Field(True, description="evaluate the new version on every participant's held-out split")
+    aggregator: Literal["mean", "median", "trimmed_mean"] = Field(
+        "mean", description="how updates are combined: the algorithm's mean, or the coordinate-wise median or "
+                            "trimmed mean (robust to a minority of bad updates; unweighted)")
+    trim: float = Field(0.2, ge=0, lt=0.5, description="trimmed_mean: the share of each end of every coordinate dropped")
 
     def resolved(self, task: str) -> "RoundConfig":
         """This configuration with the task's learning rate filled in where none is set."""
@@ -60,7 +66,7 @@ def _optional(name: str) -> tuple[Any, Any]:
 
 
 RoundBody = create_model(
-    "RoundBody", __config__=ConfigDict(extra="ignore"),
+    "RoundBody", __config__=ConfigDict(extra="forbid"),
     __doc__="``POST /v1/rounds``: every field may be left out; the cloud's settings fill it in.",
     **{name: _optional(name) for name in RoundConfig.model_fields},
 )

@@ -5,47 +5,108 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.config.round import RoundDefaults
+
+
+MIN_SECRET_CHARS = 24  # shared development secrets: at least this long
+
+
+def check_shared_secrets(token: str | None, admin_token: str | None) -> None:
+    """Development secrets must be strong and different from each other (ValueError otherwise)."""
+    for name, value in (("token", token), ("admin_token", admin_token)):
+        if value is not None and len(value) < MIN_SECRET_CHARS:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {MIN_SECRET_CHARS} characters "
+                             f"(e.g. openssl rand -hex 24)")
+    if token is not None and admin_token is not None and token == admin_token:
+        raise ValueError("--token and --admin-token must differ: a tier must not hold the round API's secret")
+
+
+LINK_RATE_SHAPED = ("the network (tc) shapes this link's rates already: the emulator adds only the profile's "
+                    "delay, jitter and loss")
 
 
 class ServiceSettings(BaseSettings):
     """Settings every tier has."""
 
     model_config = SettingsConfigDict(env_prefix="SPLITLLM_", extra="forbid")
+    role: ClassVar[str] = ""  # the role a tier's credential must have
 
     host: str = Field("127.0.0.1", description="interface to listen on")
     port: int = Field(8000, description="port to listen on")
     public_url: str | None = Field(None, description="URL the parent tier calls back on (default http://host:port)")
     max_message_bytes: int = Field(256 * 1024 * 1024, description="largest accepted message body")
+    max_inflight_bytes: int | None = Field(None, description="bytes of message bodies held at once (reading, "
+                                                             "decoding, handling); more get 503 with Retry-After "
+                                                             "(default 4 x max_message_bytes)")
     request_timeout: float = Field(600.0, description="seconds a call to another tier may take")
     device: str = Field("cpu", description="torch device for this tier's compute (cpu, cuda)")
     threads: int = Field(0, ge=0, description="CPU threads for this tier's tensor compute (0: torch's default, "
                                               "one per core); set it when several tiers share a machine")
     log_level: str = Field("info", description="uvicorn log level")
-    token: SecretStr | None = Field(None, description="bearer token every tier-to-tier call carries (no default)")
-    insecure_dev: bool = Field(False, description="development only: accept calls without tokens (announced loudly)")
+    credential: SecretStr | None = Field(None, description="this tier's credential: the file `splitllm credentials issue` "
+                                                         "wrote, or its JSON text")
+    trust_key: str | None = Field(None, description="the deployment's public key (deployment.pub from `splitllm "
+                                                    "credentials init`, or its PEM text): every credential is checked "
+                                                    "against it")
+    deployment: str = Field("splitllm", min_length=1, max_length=128,
+                            description="the deployment's name; credentials name the deployment they are for")
+    insecure_dev: bool = Field(False, description="development only: no credentials; the shared --token (and the "
+                                                  "cloud's --admin-token) if set, else nothing is checked (announced "
+                                                  "loudly)")
+    token: SecretStr | None = Field(None, description="development only (with --insecure-dev): one bearer secret "
+                                                      "shared by the tiers")
     ssl_certfile: str | None = Field(None, description="TLS certificate (PEM) for uvicorn; serve HTTPS")
     ssl_keyfile: str | None = Field(None, description="TLS private key (PEM) for uvicorn")
     ca_file: str | None = Field(None, description="CA bundle to verify peers' TLS certificates (default: system)")
     max_tensor_elements: int = Field(64 * 1024 * 1024, description="largest tensor accepted from the network")
+    callback_hosts: list[str] = Field(default_factory=lambda: ["*"],
+                                      description="hosts a registering tier may give as its callback URL (shell "
+                                                  "patterns); link-local and cloud metadata addresses are always refused")
+
+    @model_validator(mode="after")
+    def _room_for_a_body(self) -> "ServiceSettings":
+        if self.max_inflight_bytes is not None and self.max_inflight_bytes < self.max_message_bytes:
+            raise ValueError(f"max_inflight_bytes ({self.max_inflight_bytes}) must be at least max_message_bytes "
+                             f"({self.max_message_bytes}), or the largest body could never be read")
+        return self
+
+    def inflight_limit(self) -> int:
+        """``max_inflight_bytes``, or 4 x ``max_message_bytes`` when it is not set."""
+        return self.max_inflight_bytes if self.max_inflight_bytes is not None else 4 * self.max_message_bytes
 
     def url(self) -> str:
         scheme = "https" if self.ssl_certfile else "http"
         return self.public_url or f"{scheme}://{self.host}:{self.port}"
 
     def check_security(self) -> None:
-        """No default token: a service without one refuses to start unless in insecure development mode."""
-        if not self.insecure_dev and (self.token is None or not self.token.get_secret_value().strip()):
-            raise ValueError("no token: set --token (or SPLITLLM_TOKEN) to a non-empty secret on every tier, "
-                             "or pass --insecure-dev for local development")
+        """Outside development mode a tier needs its credential and the deployment's trust key; shared tokens
+        are for development only, and even there strong and distinct."""
+        if self.insecure_dev:
+            check_shared_secrets(self.token_value(), self.admin_secret())
+            return
+        if self.token is not None:
+            raise ValueError("--token is a shared secret for development only (with --insecure-dev); in production "
+                             "every tier has a credential of its own: splitllm credentials issue")
+        missing = [name for name in ("credential", "trust_key") if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"no {' or '.join(missing)}: give every tier --credential (its file from `splitllm "
+                             f"credentials issue`) and --trust-key (deployment.pub), or pass --insecure-dev for local "
+                             f"development")
 
     def token_value(self) -> str | None:
         return self.token.get_secret_value() if self.token is not None else None
+
+    def admin_secret(self) -> str | None:
+        """The round API's development secret (the cloud's only)."""
+        return None
+
+    def credential_value(self) -> str | None:
+        return self.credential.get_secret_value() if self.credential is not None else None
 
 
 class CloudSettings(ServiceSettings, RoundDefaults):
@@ -55,9 +116,12 @@ class CloudSettings(ServiceSettings, RoundDefaults):
     ``clip_norm``) are declared once, in ``shared.config.round.RoundDefaults``.
     """
 
+    role: ClassVar[str] = "cloud"
     port: int = 8000
     data_dir: Path = Field(Path("runs/cloud"), description="SQLite store and adapter versions live here")
-    model: str = Field("minilm-l6", description="model directory, bundled name or tiny-* test model")
+    model: str = Field("minilm-l6", description="model directory, bundled name or tiny-<model type> test model")
+    tokenizer: str = Field("", description="tokenizer for a model directory without one: a directory with tokenizer "
+                                           "files, a bundled model, or 'byte' (default: the model's own, else byte-level)")
     split: str = Field("1,3", description="split points a,b")
     data: str = Field("trec", description="shakespeare, trec, sms_spam or sentiment")
     num_clients: int = Field(4, description="clients the data set is partitioned into (one per user)")
@@ -74,38 +138,52 @@ class CloudSettings(ServiceSettings, RoundDefaults):
     lora_dropout: float = 0.0
     target_modules: list[str] = Field(default_factory=list)
     adapter: str = Field("lora", description="adapter form: lora, or svd (P diag(e) Q, what FedARA trains)")
+    u_shaped: bool = Field(False, description="labels never leave the device: the user holds the head and the loss, "
+                                              "the cloud returns its output activations and gets their gradient back")
     user_edge_codecs: str = Field("fp32", description="codecs on user-edge hops: int8, or activations=..,gradients=..,"
                                                       "uploads=..,downloads=..")
     edge_cloud_codecs: str = Field("fp32", description="codecs on edge-cloud hops (same form)")
     seed: int = 0
     round_timeout: float = Field(3600.0, description="seconds a round may take before it fails")
-    admin_token: SecretStr | None = Field(None, description="bearer token of the round API (start, cancel)")
+    max_samples_per_user: int | None = Field(None, ge=1, description="the largest weight a user without an assigned "
+                                             "data client may claim (default: the largest client of this deployment)")
+    admin_token: SecretStr | None = Field(None, description="development only (with --insecure-dev): the round API's "
+                                                            "bearer secret")
+
+    def admin_secret(self) -> str | None:
+        return self.admin_token.get_secret_value() if self.admin_token is not None else None
 
     def check_security(self) -> None:
         super().check_security()
-        if not self.insecure_dev and (self.admin_token is None or not self.admin_token.get_secret_value().strip()):
-            raise ValueError("no admin token: set --admin-token (or SPLITLLM_ADMIN_TOKEN) on the cloud, "
-                             "or pass --insecure-dev for local development")
+        if not self.insecure_dev and self.admin_token is not None:
+            raise ValueError("--admin-token is for development only (with --insecure-dev); in production an admin "
+                             "holds a credential: splitllm credentials issue --role admin")
 
 
 class EdgeSettings(ServiceSettings):
+    role: ClassVar[str] = "edge"
     port: int = 8100
     max_sessions: int = Field(64, description="concurrent user sessions; more get 503 with Retry-After")
     link_profile: str = Field("none", description="emulated link to the cloud: wifi, 4g, 5g, fiber or none")
+    link_rate_shaped: bool = Field(False, description=LINK_RATE_SHAPED)
     cloud: str = Field("http://127.0.0.1:8000", description="URL of the cloud")
-    edge_id: str | None = Field(None, description="this edge's id (default edge-<port>)")
+    edge_id: str | None = Field(None, description="this edge's id (default: its credential's, else edge-<port>)")
 
     def ident(self) -> str:
         return self.edge_id or f"edge-{self.port}"
 
 
 class UserSettings(ServiceSettings):
+    role: ClassVar[str] = "user"
     port: int = 8200
     link_profile: str = Field("none", description="emulated link to the edge: wifi, 4g, 5g, fiber or none")
+    link_rate_shaped: bool = Field(False, description=LINK_RATE_SHAPED)
     edge: str = Field("http://127.0.0.1:8100", description="URL of this user's edge")
-    user_id: str | None = Field(None, description="this user's id (default user-<client index>)")
+    user_id: str | None = Field(None, description="this user's id (default: its credential's, else user-<client index>)")
     client_index: int = Field(0, description="which client of the partitioned data set this device holds")
     slowdown: float = Field(1.0, ge=1.0, description="simulated slower device: compute takes this many times longer")
+    heartbeat: float = Field(15.0, ge=0, description="seconds between checks that the edge still knows this user; "
+                                                     "it registers again if not (an edge that restarted); 0: never")
 
     @field_validator("client_index")
     @classmethod

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from shared.data.datasets import Example
-from shared.model.sources import Tokenizer
+from shared.model.tokenizers import Tokenizer
 from shared.seeds import derive_seed
 
 IGNORE_INDEX = -100

@@ -57,6 +57,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from shared.config.deployment import ModelSpec
+from shared.config.round import RoundConfig
 from shared.errors import InvalidInput
 from shared.fl.aggregation import AdapterUpdate, AggregationError
 from shared.fl.plugin import (AlgorithmConfig, Participant, SessionContext, SessionPlugin, Strategy, StrategyContext,
@@ -111,6 +113,12 @@ class FedARAConfig(AlgorithmConfig):
             raise InvalidInput(f"fedara: budget_tiers must list tiers among {tiers} (got {self.budget_tiers})")
 
 
+def require_svd(spec: ModelSpec) -> None:
+    if spec.adapter != "svd":
+        raise InvalidInput(f"fedara trains truncated-SVD adapters (P diag(e) Q): this deployment uses adapter "
+                           f"'{spec.adapter}'; start it with --adapter svd (SimConfig(adapter='svd'))")
+
+
 def initial_triplets(config: FedARAConfig, rank: int) -> list[int]:
     """The triplets a module trains before any allocation: ``init_rank`` of them (0: all ``rank``)."""
     return list(range(min(config.init_rank, rank) if config.init_rank else rank))
@@ -130,6 +138,12 @@ class FedARAStrategy(Strategy):
         self.round_scores: dict[str, torch.Tensor] = {}  # this round's (NaN: nobody held the triplet)
         self.completed = 0
         self.history: list[dict[str, Any]] = []
+
+    @classmethod
+    def check_request(cls, config: AlgorithmConfig, request: RoundConfig, spec: ModelSpec) -> None:
+        require_svd(spec)
+        if request.aggregator != "mean":
+            raise InvalidInput("fedara combines compact per-triplet updates: use aggregator 'mean'")
 
     def _learn(self, module: str, rank: int, tier: Tier | str) -> None:
         self.full_rank[module] = rank
@@ -326,9 +340,8 @@ class FedARASession(SessionPlugin):
 
     def build_adapters(self, state: AdapterState) -> dict[str, nn.Parameter]:
         tier = self.ctx.tier
-        if self.ctx.spec is not None and self.ctx.spec.adapter != "svd":
-            raise InvalidInput(f"fedara trains truncated-SVD adapters (P diag(e) Q): this deployment uses adapter "
-                               f"'{self.ctx.spec.adapter}'; start it with --adapter svd (SimConfig(adapter='svd'))")
+        if self.ctx.spec is not None:
+            require_svd(self.ctx.spec)
         shapes = self.ctx.shapes
         slot_modules, slot_others = split_state({k: torch.empty(0) for k in shapes})
         masks = self._session_masks()

@@ -5,7 +5,8 @@ A plug-in is registered under a name with three parts, each overriding only the 
 | part                 | hook              | runs at                                                        |
 |----------------------|-------------------|----------------------------------------------------------------|
 | ``AlgorithmConfig``  | ``__post_init__`` | wherever the config is parsed (the round API first)            |
-| ``Strategy``         | configure_round   | cloud: per-participant plan extras                             |
+| ``Strategy``         | check_request     | cloud, when a round is submitted: refuse what cannot run       |
+|                      | configure_round   | cloud: per-participant plan extras                             |
 |                      | before_round      | cloud: sees every tier's global adapters, may reshape them     |
 |                      | pack_download     | cloud: what a round's start carries of the global adapters     |
 |                      | validate_update   | edge and cloud: refuse an arriving update (422)                |
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from shared.config.deployment import ModelSpec
+from shared.config.round import RoundConfig
 from shared.errors import InvalidInput
 from shared.fl.aggregation import AdapterUpdate, check_update, weighted_mean
 from shared.model.adapters import AdapterState, clone_state, tensor_kind_of
@@ -90,6 +92,10 @@ class Strategy:
 
     def __init__(self, config: AlgorithmConfig, ctx: StrategyContext) -> None:
         self.config, self.ctx = config, ctx
+
+    @classmethod
+    def check_request(cls, config: AlgorithmConfig, request: RoundConfig, spec: ModelSpec) -> None:
+        """Refuse, when a round is submitted, one this algorithm cannot run on this deployment (``InvalidInput``)."""
 
     def configure_round(self, round_id: int, participants: list[Participant]) -> dict[str, Json]:
         """Per-participant plan extras (``RoundPlan.extra``), keyed by user id."""

@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import httpx
 
 from shared.errors import UpstreamError
-from shared.protocol.transport import ENDPOINTS, Link, LinkStats
+from shared.http.credentials import Credential
+from shared.protocol.transport import ENDPOINTS, Link, LinkStats, round_key
 from shared.protocol.wire import CONTENT_TYPE, Message, WireError, decode, encode
-from shared.http.metrics import ByteLedger, round_key
+from shared.http.metrics import ByteLedger
 
 
 class TransportError(UpstreamError):
-    """A peer answered with an error, or could not be reached within the deadline (502 to our own caller)."""
+    """A peer answered with an error, or could not be reached within the deadline (502 to our own caller).
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    The reason shown to our caller does not name the peer's URL (an internal address); ``url`` keeps it for logs.
+    """
+
+    def __init__(self, message: str, status: int | None = None, url: str = "") -> None:
         super().__init__(f"upstream: {message}", status)
-        self.status = status
+        self.status, self.url = status, url
 
 
 def _reason(resp: httpx.Response) -> str:
@@ -30,8 +35,44 @@ def _reason(resp: httpx.Response) -> str:
     return f"HTTP {resp.status_code}: {detail}"
 
 
-def auth_headers(token: str | None) -> dict[str, str]:
-    return {"authorization": f"Bearer {token}"} if token else {}
+class SignedAuth:
+    """Signs every request (each retry afresh) with this tier's credential, for ``audience``.
+
+    A plain callable (httpx's function auth), so that any httpx-compatible client takes it.
+    """
+
+    def __init__(self, credential: Credential, audience: str) -> None:
+        self.credential, self.audience = credential, audience
+
+    def __call__(self, request: httpx.Request) -> httpx.Request:
+        request.headers.update(self.credential.sign(request.method, request.url.raw_path.decode("latin-1"),
+                                                    self.audience, request.content))
+        return request
+
+
+class BearerAuth:
+    """A bearer secret: an admin credential, or the shared development token."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def __call__(self, request: httpx.Request) -> httpx.Request:
+        request.headers["authorization"] = f"Bearer {self.token}"
+        return request
+
+
+@dataclass(frozen=True)
+class Identity:
+    """How this tier authenticates its calls: its credential (signed requests), or a development token."""
+
+    credential: Credential | None = None
+    token: str | None = None
+    verify: str | bool = True  # a CA bundle for peers' TLS certificates, or True for the system's
+
+    def auth(self, audience: str) -> SignedAuth | BearerAuth | None:
+        if self.credential is not None:
+            return SignedAuth(self.credential, audience)
+        return BearerAuth(self.token) if self.token else None
 
 
 class HttpLink(Link):
@@ -39,10 +80,11 @@ class HttpLink(Link):
 
     def __init__(self, base_url: str, upward: bool, *, timeout: float = 600.0, max_message_bytes: int = 256 << 20,
                  ledger: ByteLedger | None = None, retry_deadline: float = 30.0, emulator: Any = None,
-                 token: str | None = None, verify: str | bool = True) -> None:
+                 identity: Identity = Identity(), audience: str = "") -> None:
         self.base_url, self.upward, self.emulator = base_url.rstrip("/"), upward, emulator
+        self.auth = identity.auth(audience)
         self.client = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=10.0),
-                                   headers=auth_headers(token), verify=verify)
+                                   auth=self.auth, verify=identity.verify)
         self.max_message_bytes = max_message_bytes
         self.ledger = ledger
         self.retry_deadline = retry_deadline
@@ -55,11 +97,11 @@ class HttpLink(Link):
         resp = with_retries(lambda: self.client.post(f"/v1/{endpoint}", content=body,
                                                      headers={"content-type": CONTENT_TYPE}), self.retry_deadline)
         if resp.status_code >= 400:
-            raise TransportError(f"{self.base_url}/v1/{endpoint}: {_reason(resp)}", resp.status_code)
+            raise TransportError(f"{endpoint} {_reason(resp)}", resp.status_code, f"{self.base_url}/v1/{endpoint}")
         try:
             reply = decode(resp.content, max_bytes=self.max_message_bytes)
         except WireError as exc:
-            raise TransportError(f"{self.base_url}/v1/{endpoint} sent a malformed reply: {exc}") from None
+            raise TransportError(f"{endpoint} sent a malformed reply: {exc}", url=f"{self.base_url}/v1/{endpoint}") from None
         up, down = (len(body), len(resp.content)) if self.upward else (len(resp.content), len(body))
         self.stats.add(up, down, endpoint)
         if self.ledger is not None:
@@ -90,20 +132,20 @@ def with_retries(call: Callable[[], httpx.Response], deadline: float, base_delay
         delay = min(delay * 2, 5.0)
 
 
-def post_json(url: str, payload: dict[str, Any], deadline: float, timeout: float = 30.0, token: str | None = None,
-              verify: str | bool = True) -> dict[str, Any]:
+def post_json(url: str, payload: dict[str, Any], deadline: float, identity: Identity = Identity(), audience: str = "",
+              timeout: float = 30.0) -> dict[str, Any]:
     """A JSON control call (registration), retried until the peer answers or the deadline passes."""
-    with httpx.Client(timeout=timeout, headers=auth_headers(token), verify=verify) as client:
+    with httpx.Client(timeout=timeout, auth=identity.auth(audience), verify=identity.verify) as client:
         resp = with_retries(lambda: client.post(url, json=payload), deadline)
     if resp.status_code >= 400:
-        raise TransportError(f"{url}: {_reason(resp)}", resp.status_code)
+        raise TransportError(f"{httpx.URL(url).path}: {_reason(resp)}", resp.status_code, url)
     return resp.json()
 
 
-def get_json(url: str, deadline: float, timeout: float = 30.0, token: str | None = None,
-             verify: str | bool = True) -> dict[str, Any]:
-    with httpx.Client(timeout=timeout, headers=auth_headers(token), verify=verify) as client:
+def get_json(url: str, deadline: float, identity: Identity = Identity(), audience: str = "",
+             timeout: float = 30.0) -> dict[str, Any]:
+    with httpx.Client(timeout=timeout, auth=identity.auth(audience), verify=identity.verify) as client:
         resp = with_retries(lambda: client.get(url), deadline)
     if resp.status_code >= 400:
-        raise TransportError(f"{url}: {_reason(resp)}", resp.status_code)
+        raise TransportError(f"{httpx.URL(url).path}: {_reason(resp)}", resp.status_code, url)
     return resp.json()

@@ -7,18 +7,6 @@ from collections import defaultdict
 
 
 from shared.protocol.transport import LinkStats
-from shared.protocol.wire import Message
-
-
-def round_key(msg: Message) -> tuple[int, str] | None:
-    """The (round, mode) a message belongs to, for per-round byte accounting."""
-    meta = msg.meta
-    if "round" in meta and "mode" in meta:
-        return int(meta["round"]), str(meta["mode"])
-    plan = meta.get("plan") or (meta.get("plans") or [None])[0]
-    if isinstance(plan, dict) and "round_id" in plan:
-        return int(plan["round_id"]), str(plan.get("mode", "train"))
-    return None
 
 
 class ByteLedger:

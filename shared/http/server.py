@@ -15,60 +15,54 @@ from fastapi.responses import JSONResponse
 
 from shared.errors import ServiceError, Starting
 from shared.http.auth import Auth, GuardMiddleware
-from shared.http.metrics import ByteLedger, round_key
-from shared.protocol.wire import CONTENT_TYPE, Message, WireError, decode, encode
+from shared.http.bodies import incoming_message
+from shared.http.credentials import Principal
+from shared.http.metrics import ByteLedger
+from shared.protocol.transport import round_key
+from shared.protocol.wire import CONTENT_TYPE, Message, encode
 
 log = logging.getLogger("splitllm.http")
 
 INTERNAL_ERROR = "internal error; the service logged the details"
 
 Handler = Callable[[Message], Message]
+Authorize = Callable[[Message, Principal], None]  # raises Forbidden when the caller may not send this message
 
 
-async def read_message(request: Request, max_bytes: int, max_tensor_elements: int | None = None) -> tuple[Message, int]:
-    """Check content type and size, then decode (never unpickling); a bad body is a 4xx with the reason."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != CONTENT_TYPE:
-        raise HTTPException(415, f"content type must be {CONTENT_TYPE} (got '{ctype or 'none'}')")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise HTTPException(413, f"body of {declared} bytes is over the limit of {max_bytes}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise HTTPException(413, f"body is over the limit of {max_bytes} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    try:
-        msg = await anyio.to_thread.run_sync(
-            lambda: decode(body, max_bytes=max_bytes, max_tensor_elements=max_tensor_elements))
-    except WireError as exc:
-        raise HTTPException(400, f"bad message: {exc}") from None
-    return msg, len(body)
-
-
-async def call_handler(fn: Handler, msg: Message, what: str = "", status_code: int = 200) -> tuple[Response, int]:
-    """Run compute off the event loop. The project's errors keep their status (``ServiceError``); any other
+async def off_loop(fn: Callable[[Any], Any], arg: Any, what: str) -> Any:
+    """``fn(arg)`` in a worker thread. The project's errors keep their status (``ServiceError``); any other
     exception is our bug: 500 with a generic body, the traceback in the log."""
     try:
-        reply = await anyio.to_thread.run_sync(fn, msg)
-        body = await anyio.to_thread.run_sync(encode, reply)
+        return await anyio.to_thread.run_sync(fn, arg)
     except ServiceError:
         raise
     except Exception:
-        log.exception("internal error serving %s", what or getattr(fn, "__name__", "a request"))
+        log.exception("internal error serving %s", what)
         raise HTTPException(500, INTERNAL_ERROR) from None
+
+
+async def call_handler(fn: Handler, msg: Message, what: str = "", status_code: int = 200) -> tuple[Response, int]:
+    """Run compute off the event loop and encode its reply (errors as ``off_loop`` maps them)."""
+    what = what or getattr(fn, "__name__", "a request")
+    body = await off_loop(encode, await off_loop(fn, msg, what), what)
     return Response(content=body, status_code=status_code, media_type=CONTENT_TYPE), len(body)
 
 
 async def serve_message(request: Request, handler: Handler, settings: Any, ledger: ByteLedger | None = None,
-                        status_code: int = 200) -> Response:
-    """A msgpack endpoint: read the message, run ``handler`` off the loop, count its bytes."""
-    msg, n_in = await read_message(request, settings.max_message_bytes, settings.max_tensor_elements)
-    resp, n_out = await call_handler(handler, msg, request.url.path, status_code)
-    if ledger is not None:
-        ledger.add(round_key(msg), n_in, n_out)
+                        status_code: int = 200, authorize: Authorize | None = None,
+                        after: Callable[[Message], None] | None = None) -> Response:
+    """A msgpack endpoint: read the message (``shared.http.bodies``), check the caller may send it, run ``handler``
+    off the loop, count its bytes; then, the body's memory released, run ``after(message)`` (a handler's
+    ``after_<endpoint>``, see ``shared.protocol.transport.Handler``)."""
+    async with incoming_message(request, settings) as (msg, n_in):
+        caller = getattr(request.state, "principal", None)
+        if authorize is not None and caller is not None:
+            authorize(msg, caller)
+        resp, n_out = await call_handler(handler, msg, request.url.path, status_code)
+        if ledger is not None:
+            ledger.add(round_key(msg), n_in, n_out)
+    if after is not None:
+        await off_loop(after, msg, f"{request.url.path} (after its reply)")
     return resp
 
 
@@ -100,16 +94,15 @@ async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": INTERNAL_ERROR}, 500)
 
 
-def guard(app: Any, auth: Auth, is_admin: Callable[[str, str], bool] = lambda method, path: False) -> None:
-    """What every tier's app gets: token checks before body parsing, a JSON body cap, safe 4xx and 500 bodies."""
-    app.add_middleware(GuardMiddleware, auth=auth, is_admin=is_admin)
+def guard(app: Any, auth: Auth) -> None:
+    """What every tier's app gets: credential checks before body parsing, a JSON body cap, safe 4xx and 500 bodies."""
+    app.add_middleware(GuardMiddleware, auth=auth)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(Exception, internal_error)
 
 
-def service_app(title: str, description: str, make: Callable[[], Any], auth: Auth,
-                is_admin: Callable[[str, str], bool] = lambda method, path: False) -> tuple[FastAPI, Callable[[], Any]]:
+def service_app(title: str, description: str, make: Callable[[], Any], auth: Auth) -> tuple[FastAPI, Callable[[], Any]]:
     """A tier's FastAPI app whose service object is made at start-up (lifespan) and closed at shutdown.
 
     Returns the app and ``current()``, which gives the service or answers 503 while it starts.
@@ -125,7 +118,7 @@ def service_app(title: str, description: str, make: Callable[[], Any], auth: Aut
             close()
 
     app = FastAPI(title=title, version="0.1.0", lifespan=lifespan, description=description)
-    guard(app, auth, is_admin)
+    guard(app, auth)
 
     def current() -> Any:
         if "svc" not in holder:

@@ -40,6 +40,12 @@ def _lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", default="", help="comma-separated target modules (default: per family)")
 
 
+def _tokenizer_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", default="", metavar="NAME_OR_DIR",
+                   help="tokenizer for a model directory without one: a directory with tokenizer files, a bundled model, "
+                        "or 'byte' (default: the model's own files, else a byte-level fallback)")
+
+
 def _lora(args: argparse.Namespace) -> Any:
     from shared.model.adapters import LoraSettings
 
@@ -70,10 +76,11 @@ def cmd_sim(args: argparse.Namespace) -> int:
                     lora=_lora(args), seed=args.seed, user_link=args.user_link, edge_link=args.edge_link, link_sleep=args.link_sleep,
                     user_edge_codecs=args.user_edge_codecs, edge_cloud_codecs=args.edge_cloud_codecs,
                     adapter=args.adapter, slowdowns=[float(x) for x in args.slowdowns.split(",") if x],
-                    block_ms=args.block_ms)
+                    u_shaped=args.u_shaped, tokenizer=args.tokenizer, block_ms=args.block_ms)
     sim = Simulation(cfg)
-    print(f"model {args.model} ({sim.source.family}, {sim.source.num_layers} blocks), split {sim.spec.split[0]},"
+    print(f"model {args.model} ({sim.source.family.name}, {sim.source.num_layers} blocks), split {sim.spec.split[0]},"
           f"{sim.spec.split[1]}; data {args.data} ({sim.dataset.task}), {args.users} users, {args.edges} edges", flush=True)
+    print(f"tokenizer: {sim.tokenizer.origin}", flush=True)
     if sim.dataset.task == "cls":
         print(f"majority-class accuracy on the eval splits: {sim.dataset.majority_class_accuracy():.4f}", flush=True)
     print(f"{'round':>5}  {'train_loss':>10}  {'eval_loss':>9}  {'quality':>13}  {'user_up_MB':>9}  {'user_dn_MB':>9}  "
@@ -89,11 +96,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from shared.lab.verify import verify_split
 
     split = _split_arg(args.split)
-    result = verify_split(args.model, split, args.steps, task=args.task, lr=args.lr, seed=args.seed)
+    result = verify_split(args.model, split, args.steps, task=args.task, lr=args.lr, seed=args.seed,
+                          u_shaped=args.u_shaped,
+                          tokenizer=args.tokenizer)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
-        print(f"{args.model} split {split[0]},{split[1]}, {args.steps} steps, {result.num_adapter_tensors} adapter tensors")
+        print(f"{args.model} ({result.family}) split {split[0]},{split[1]}, {args.steps} steps, "
+              f"{result.num_adapter_tensors} adapter tensors; tokenizer: {result.tokenizer}")
         for i, (a, b) in enumerate(zip(result.split_losses, result.whole_losses)):
             print(f"  step {i}: split loss {a:.8f}  whole loss {b:.8f}  diff {abs(a - b):.2e}")
         print(f"max loss difference   {result.max_loss_diff:.3e}")
@@ -160,6 +170,28 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_memory_bodies(args: argparse.Namespace) -> int:
+    from shared.lab.bench.bodies import MiB, bench_memory_bodies
+    from shared.lab.bench.overhead import write_json
+
+    r = bench_memory_bodies(args.model, args.split, args.bodies, args.max_message_bytes, args.bursts, args.settle)
+    write_json(r, args.json)
+    print(f"edge ({r['model']}), {r['bodies']} concurrent step bodies of {r['body_bytes'] / MiB:.1f} MiB "
+          f"({r['total_body_bytes'] / MiB:.0f} MiB in all); idle: RSS {r['idle']['rss'] / MiB:.0f} MiB, "
+          f"anonymous {r['idle']['anon'] / MiB:.0f} MiB")
+    for i, b in enumerate(r["bursts"]):
+        print(f"  burst {i}: peak {b['peak_over_idle']:.2f}x the bodies, after {b['after_over_idle']:+.3f}x; "
+              f"statuses {b['statuses']}")
+    o, c = r["over_budget"], r["chunked_over_limit"]
+    print(f"  {r['bodies'] + 1} at once: statuses {o['statuses']}, peak {o['peak_over_idle']:.2f}x the "
+          f"{r['bodies']} bodies, after {o['after_over_idle']:.3f}x")
+    print(f"  chunked body of 1.25x the limit: status {c['statuses']}, peak {c['peak_over_idle']:.2f}x the limit, "
+          f"after {c['after_over_idle']:.3f}x")
+    print(f"peak {r['peak_ratio']:.2f}x the bodies' total (target <= {r['target_peak_ratio']}), "
+          f"after {r['after_ratio']:.3f}x")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitllm", description="Three-tier split LoRA fine-tuning runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-ms", type=float, default=None,
                    help="a virtual clock: charge this many ms per block and training step on a 1x device (times its "
                         "slowdown), plus the emulated link time; default: the wall clock (slow devices sleep)")
+    p.add_argument("--u-shaped", action="store_true",
+                   help="labels never leave the device: the user holds the head and the loss (two requests a step)")
+    _tokenizer_arg(p)
     _lora_args(p)
     p.set_defaults(func=cmd_sim)
 
@@ -198,9 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--split", required=True, help="split points a,b")
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--task", choices=("lm", "cls"), default=None, help="default: cls for BERT, lm otherwise")
+    p.add_argument("--task", choices=("lm", "cls"), default=None, help="default: lm, or cls for encoders")
+    _tokenizer_arg(p)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--u-shaped", action="store_true", help="the U-shaped chain: the head and the loss on the user")
     p.add_argument("--json", action="store_true", help='print {"max_loss_diff": ..., "max_weight_diff": ...}')
     p.set_defaults(func=cmd_verify)
 
@@ -224,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("topology", help="the tiers in network namespaces joined by tc-shaped veth links (root)",
                    add_help=False)
+    sub.add_parser("credentials", help="a deployment's key, tiers' credentials, revocation (see --help)", add_help=False)
+    sub.add_parser("compose", help="the compose topology under Docker, built offline; runs a round (root)",
+                   add_help=False)
+    sub.add_parser("export", help="an adapter version as a PEFT adapter directory (see splitllm export --help)",
+                   add_help=False)
     p = bench.add_parser("codecs", help="bytes, throughput and training effect of each tensor codec")
     p.add_argument("--model", default="minilm-l6")
     p.add_argument("--split", default="1,3")
@@ -243,6 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_bench_codecs)
 
+    p = bench.add_parser("memory-bodies", help="a real edge's resident memory under concurrent maximum-size bodies")
+    p.add_argument("--model", default="tiny-bert")
+    p.add_argument("--split", default="1,3")
+    p.add_argument("--bodies", type=int, default=4, help="concurrent bodies per burst (default 4)")
+    p.add_argument("--max-message-bytes", type=int, default=256 << 20, help="the edge's limit; bodies just under it")
+    p.add_argument("--bursts", type=int, default=3)
+    p.add_argument("--settle", type=float, default=2.0, help="seconds after a burst before the after-release RSS")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_bench_memory_bodies)
+
     bench.add_parser("fedara", help="FedARA against fixed-rank LoRA (see splitllm bench fedara --help)", add_help=False)
     bench.add_parser("droppeft", help="DropPEFT against plain split LoRA (see splitllm bench droppeft --help)",
                      add_help=False)
@@ -258,7 +310,7 @@ SERVICES = {"cloud": "cloud_server", "edge": "edge_server", "user": "user_agent"
 def user_errors() -> tuple[type[BaseException], ...]:
     from shared.fl.aggregation import AggregationError
     from shared.data.datasets import DataError
-    from shared.model.sources import ModelError
+    from shared.errors import ModelError
     from shared.lab.sim import RoundFailed
 
     return (UsageError, ClientError, ModelError, DataError, AggregationError, RoundFailed, json.JSONDecodeError)
@@ -274,10 +326,18 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         return int(importlib.import_module(f"shared.lab.bench.{argv[1]}").main(argv[2:]) or 0)
+    if argv and argv[0] == "credentials":
+        from shared.lab.credentials import main as credentials_main
+
+        return int(credentials_main(argv[1:]) or 0)
     if argv and argv[0] == "topology":
         from shared.lab.topology import main as topology_main
 
         return int(topology_main(argv[1:]) or 0)
+    if argv and argv[0] in ("compose", "export"):  # these parse their own flags
+        import importlib
+
+        return int(importlib.import_module(f"shared.lab.{argv[0]}").main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

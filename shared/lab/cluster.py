@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -13,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from shared.lab.credentials import provision
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (or site-packages) root holding shared/
 
@@ -29,6 +30,7 @@ class Proc:
     args: list[str]
     port: int
     log: Path
+    env: dict[str, str] = field(default_factory=dict)  # this process's own (its credential)
     popen: subprocess.Popen | None = None
 
     @property
@@ -37,7 +39,8 @@ class Proc:
 
     def start(self, env: dict[str, str]) -> None:
         cmd = [sys.executable, "-m", "shared.lab.cli", *self.args, "--port", str(self.port), "--log-level", "warning"]
-        self.popen = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        self.popen = subprocess.Popen(cmd, cwd=ROOT, env={**env, **self.env}, stdout=self.log.open("ab"),
+                                      stderr=subprocess.STDOUT)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.popen and self.popen.poll() is None:
@@ -61,7 +64,11 @@ class Proc:
 
 @dataclass
 class Cluster:
-    """One cloud, E edges, C users (user i behind edge i % E, holding client i), as separate processes."""
+    """One cloud, E edges, C users (user i behind edge i % E, holding client i), as separate processes.
+
+    Each process gets a credential of its own from a fresh deployment key (``<workdir>/credentials``);
+    ``admin_headers`` carry the admin's. ``insecure=True`` runs them in development mode instead.
+    """
 
     workdir: Path
     cloud_args: list[str]
@@ -71,13 +78,14 @@ class Cluster:
     user_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     procs: dict[str, Proc] = field(default_factory=dict)
+    insecure: bool = False
+    admin_token: str = ""
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.env.setdefault("HF_HUB_OFFLINE", "1")
-        # A fresh pair of tokens per cluster: tiers authenticate to each other, the round API needs the admin one.
-        self.env.setdefault("SPLITLLM_TOKEN", secrets.token_urlsafe(24))
-        self.env.setdefault("SPLITLLM_ADMIN_TOKEN", secrets.token_urlsafe(24))
+        for name in ("SPLITLLM_TOKEN", "SPLITLLM_ADMIN_TOKEN", "SPLITLLM_CREDENTIAL", "SPLITLLM_TRUST_KEY"):
+            self.env.pop(name, None)
         self.env["PYTHONPATH"] = str(ROOT)
         cloud_port = free_port()
         self.procs["cloud"] = Proc("cloud", ["cloud", "--data-dir", str(self.workdir / "cloud"),
@@ -92,10 +100,19 @@ class Cluster:
             self.procs[f"user-{i}"] = Proc(f"user-{i}", ["user", "--edge", edge.url, "--client-index", str(i),
                                                          *self.user_args],
                                            free_port(), self.workdir / f"user-{i}.log")
+        if self.insecure:
+            for proc in self.procs.values():
+                proc.args.append("--insecure-dev")
+            return
+        creds = provision(self.workdir / "credentials", [f"edge-{e}" for e in range(self.edges)],
+                          {f"user-{i}": i for i in range(self.users)})
+        self.admin_token = creds.admin_token
+        for name, proc in self.procs.items():
+            proc.env.update(creds.env(name))
 
     @property
     def admin_headers(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.env['SPLITLLM_ADMIN_TOKEN']}"}
+        return {"authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
 
     def get(self, path: str) -> httpx.Response:
         return httpx.get(f"{self.cloud.url}{path}", headers=self.admin_headers, timeout=30)

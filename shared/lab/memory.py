@@ -35,17 +35,15 @@ def probe(model: str, split: tuple[int, int], tier: str, batch_size: int, seq_le
         from peft import get_peft_model
 
         from shared.model.adapters import peft_config
-        from shared.model.families import FAMILIES
         from shared.lab.verify import whole_model
 
-        family = FAMILIES[source.family]
-        task = "cls" if source.family == "bert" else "lm"
-        whole = get_peft_model(whole_model(source, task, 2), peft_config(LoraSettings(), family.name, family.lora_targets))
+        task = source.family.tasks[0]
+        whole = get_peft_model(whole_model(source, task, 2), peft_config(LoraSettings(), source.family))
         param_bytes = sum(p.numel() * p.element_size() for p in whole.get_base_model().parameters())
         labels = ids.clone() if task == "lm" else torch.zeros(batch_size, dtype=torch.int64)
         whole(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         return {"param_bytes": param_bytes, "peak_rss_bytes": _peak_rss_bytes()}
-    task = "cls" if source.family == "bert" else "lm"
+    task = source.family.tasks[0]
     spec = ModelSpec(model=model, split=split, task=task, num_labels=2 if task == "cls" else 0)
     runtime = TierRuntime(tier, source, spec)
     session = runtime.open_session(RoundPlan(round_id=1, user_id="probe", local_steps=1, batch_size=batch_size, lr=1e-3), runtime.global_state_template())

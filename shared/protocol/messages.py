@@ -9,7 +9,6 @@ versions these schemas together with the envelope: v1 is what this module reads 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -18,66 +17,31 @@ import torch
 from shared.errors import InvalidInput
 from shared.protocol.bundle import AdapterBundle, AdapterState
 from shared.protocol.enums import Mode, Tier
+from shared.protocol.fields import (Json, as_int, as_map, as_mode, as_number, as_str, check_fields, optional_number,
+                                    tensors_of)
 from shared.protocol.wire import Message
 
-Json = dict[str, Any]
 
 
 # -- field checks -------------------------------------------------------------------------------------------
 
 
-def _lacks(kind: str, missing: list[str]) -> InvalidInput:
-    return InvalidInput(f"{kind} message lacks {', '.join(missing)}")
 
 
-def _check_fields(kind: str, meta: Json, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
-    missing = [f"meta.{k}" for k in required if k not in meta]
-    if missing:
-        raise _lacks(kind, missing)
-    unknown = sorted(set(meta) - set(required) - set(optional))
-    if unknown:
-        raise InvalidInput(f"{kind} message has unknown field(s) {', '.join(f'meta.{k}' for k in unknown)[:200]}")
 
 
-def _tensors(kind: str, msg: Message, names: tuple[str, ...]) -> list[torch.Tensor]:
-    missing = [f"tensors.{n}" for n in names if n not in msg.tensors]
-    if missing:
-        raise _lacks(kind, missing)
-    unknown = sorted(set(msg.tensors) - set(names))
-    if unknown:
-        raise InvalidInput(f"{kind} message has unknown tensor(s) {', '.join(unknown)[:200]}")
-    return [msg.tensors[n] for n in names]
 
 
-def as_int(value: Any, where: str, lo: int | None = None) -> int:
-    if type(value) is not int or (lo is not None and value < lo):
-        raise InvalidInput(f"{where} must be an integer{f' >= {lo}' if lo is not None else ''} (got {str(value)[:40]!r})")
-    return value
 
 
-def as_str(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise InvalidInput(f"{where} must be a non-empty string")
-    return value
 
 
-def as_number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidInput(f"{where} must be a finite number (got {str(value)[:40]!r})")
-    return float(value)
 
 
-def as_mode(value: Any, where: str) -> Mode:
-    try:
-        return Mode(value)
-    except ValueError:
-        raise InvalidInput(f"{where} must be one of {', '.join(m.value for m in Mode)} (got {str(value)[:40]!r})") from None
 
 
-def as_map(value: Any, where: str) -> Json:
-    if not isinstance(value, dict):
-        raise InvalidInput(f"{where} must be a map")
-    return value
+
+
 
 
 # -- round plans ----------------------------------------------------------------------------------------------
@@ -118,7 +82,7 @@ class RoundPlan:
     def from_meta(cls, meta: Any) -> "RoundPlan":
         meta = as_map(meta, "a round plan")
         names = tuple(f.name for f in dataclasses.fields(cls))
-        _check_fields("round plan", meta, names[:5], names[5:])
+        check_fields("round plan", meta, names[:5], names[5:])
         return cls(
             round_id=as_int(meta["round_id"], "plan.round_id", 0), user_id=as_str(meta["user_id"], "plan.user_id"),
             local_steps=as_int(meta["local_steps"], "plan.local_steps", 1),
@@ -131,34 +95,57 @@ class RoundPlan:
 # -- start ----------------------------------------------------------------------------------------------------
 
 
+AGGREGATORS = ("mean", "median", "trimmed_mean")
+
+
 @dataclass
 class RoundStart:
-    """Cloud -> edge: the plans of the edge's chosen users, the global user- and edge-side adapters."""
+    """Cloud -> edge: the plans of the edge's chosen users, the global user- and edge-side adapters, how the edge
+    combines its users' updates, and the weight of each user (the cloud's, never self-reported)."""
 
     KIND: ClassVar[str] = "start"
     plans: list[RoundPlan]
     adapters: AdapterBundle
     deadline: float | None = None
     clip_norm: float | None = None
+    clip_factor: float | None = None
+    aggregator: str = "mean"
+    trim: float = 0.2
+    weights: dict[str, int] = field(default_factory=dict)  # user id -> its weight in the aggregate
+    revoked: Json | None = None  # the cloud's revoked credentials: {"jtis": [...], "subjects": {subject: before}}
 
     def to_message(self, codec: Any = None) -> Message:
         tensors = self.adapters.tensors((Tier.USER, Tier.EDGE))
-        meta = {"plans": [p.to_meta() for p in self.plans], "deadline": self.deadline, "clip_norm": self.clip_norm}
+        meta = {"plans": [p.to_meta() for p in self.plans], "deadline": self.deadline, "clip_norm": self.clip_norm,
+                "clip_factor": self.clip_factor, "aggregator": self.aggregator, "trim": self.trim,
+                "weights": dict(self.weights)}
+        if self.revoked is not None:
+            meta["revoked"] = self.revoked
         return Message(kind=self.KIND, meta=meta, tensors=tensors, codecs=dict.fromkeys(tensors, codec) if codec else {})
 
     @classmethod
     def from_message(cls, msg: Message) -> "RoundStart":
-        _check_fields("start", msg.meta, ("plans",), ("deadline", "clip_norm"))
+        check_fields("start", msg.meta, ("plans",),
+                      ("deadline", "clip_norm", "clip_factor", "aggregator", "trim", "weights", "revoked"))
         plans = msg.meta["plans"]
         if not isinstance(plans, list) or not plans:
             raise InvalidInput("a start message needs at least one plan")
         parsed = [RoundPlan.from_meta(p) for p in plans]
         if len({(p.round_id, p.mode) for p in parsed}) != 1:
             raise InvalidInput("the plans of one start message must share the round and mode")
-        deadline, clip = msg.meta.get("deadline"), msg.meta.get("clip_norm")
+        meta = msg.meta
+        aggregator = meta.get("aggregator", "mean")
+        if aggregator not in AGGREGATORS:
+            raise InvalidInput(f"start.aggregator must be one of {', '.join(AGGREGATORS)}")
+        trim = as_number(meta.get("trim", 0.2), "start.trim")
+        if not 0 <= trim < 0.5:
+            raise InvalidInput("start.trim must lie in [0, 0.5)")
+        weights = {as_str(u, "a weight's user id"): as_int(w, f"start.weights.{str(u)[:40]}", 0)
+                   for u, w in as_map(meta.get("weights", {}), "start.weights").items()}
         return cls(parsed, AdapterBundle.from_tensors(msg.tensors, (Tier.USER, Tier.EDGE)),
-                   deadline=None if deadline is None else as_number(deadline, "start.deadline"),
-                   clip_norm=None if clip is None else as_number(clip, "start.clip_norm"))
+                   deadline=optional_number(meta, "deadline"), clip_norm=optional_number(meta, "clip_norm"),
+                   clip_factor=optional_number(meta, "clip_factor"), aggregator=aggregator, trim=trim,
+                   weights=weights, revoked=None if meta.get("revoked") is None else as_map(meta["revoked"], "start.revoked"))
 
 
 @dataclass
@@ -176,7 +163,7 @@ class UserStart:
 
     @classmethod
     def from_message(cls, msg: Message) -> "UserStart":
-        _check_fields("start", msg.meta, ("plan",))
+        check_fields("start", msg.meta, ("plan",))
         return cls(RoundPlan.from_meta(msg.meta["plan"]), AdapterBundle.from_tensors(msg.tensors, (Tier.USER,))[Tier.USER])
 
 
@@ -185,7 +172,8 @@ class UserStart:
 
 @dataclass
 class StepRequest:
-    """One step's activations across a cut: real-token rows ``hidden`` (tokens x width), the mask, the labels."""
+    """One step's activations across a cut: real-token rows ``hidden`` (tokens x width), the mask, the labels
+    (none in a U-shaped chain: the labels stay on the device)."""
 
     KIND: ClassVar[str] = "step"
     round: int
@@ -194,22 +182,68 @@ class StepRequest:
     mode: Mode
     hidden: torch.Tensor
     attention_mask: torch.Tensor
-    labels: torch.Tensor
+    labels: torch.Tensor | None = None
 
     def to_message(self, hidden_codec: Any = None) -> Message:
+        tensors = {"hidden": self.hidden, "attention_mask": self.attention_mask}
+        if self.labels is not None:
+            tensors["labels"] = self.labels
         return Message(kind=self.KIND, meta={"round": self.round, "user": self.user, "step": self.step,
                                              "mode": Mode(self.mode).value},
-                       tensors={"hidden": self.hidden, "attention_mask": self.attention_mask, "labels": self.labels},
-                       codecs={"hidden": hidden_codec} if hidden_codec else {})
+                       tensors=tensors, codecs={"hidden": hidden_codec} if hidden_codec else {})
 
     @classmethod
     def from_message(cls, msg: Message) -> "StepRequest":
         meta = msg.meta
-        _check_fields("step", meta, ("round", "user", "step", "mode"))
-        hidden, mask, labels = _tensors("step", msg, ("hidden", "attention_mask", "labels"))
+        check_fields("step", meta, ("round", "user", "step", "mode"))
+        names = ("hidden", "attention_mask", "labels") if "labels" in msg.tensors else ("hidden", "attention_mask")
+        hidden, mask, *labels = tensors_of("step", msg, names)
         return cls(round=as_int(meta["round"], "meta.round", 0), user=as_str(meta["user"], "meta.user"),
                    step=as_int(meta["step"], "meta.step", 0), mode=as_mode(meta["mode"], "meta.mode"),
-                   hidden=hidden, attention_mask=mask, labels=labels)
+                   hidden=hidden, attention_mask=mask, labels=labels[0] if labels else None)
+
+
+@dataclass
+class OutputReply:
+    """U-shaped chain: the reply to a step is the last block's output rows (tokens x width), for the user's head."""
+
+    KIND: ClassVar[str] = "output"
+    hidden: torch.Tensor
+
+    def to_message(self, codec: Any = None) -> Message:
+        return Message(kind=self.KIND, tensors={"hidden": self.hidden}, codecs={"hidden": codec} if codec else {})
+
+    @classmethod
+    def from_message(cls, msg: Message) -> "OutputReply":
+        check_fields("output", msg.meta, ())
+        (hidden,) = tensors_of("output", msg, ("hidden",))
+        return cls(hidden)
+
+
+@dataclass
+class BackwardRequest:
+    """U-shaped chain: the gradient of a step's output (``grad``, like the output rows) going back, with the loss.
+    The reply is the gradient of that step's input (a ``TrainReply``)."""
+
+    KIND: ClassVar[str] = "backward"
+    round: int
+    user: str
+    step: int
+    loss: float
+    grad: torch.Tensor
+
+    def to_message(self, codec: Any = None) -> Message:
+        return Message(kind=self.KIND, meta={"round": self.round, "user": self.user, "step": self.step,
+                                             "loss": self.loss},
+                       tensors={"grad": self.grad}, codecs={"grad": codec} if codec else {})
+
+    @classmethod
+    def from_message(cls, msg: Message) -> "BackwardRequest":
+        meta = msg.meta
+        check_fields("backward", meta, ("round", "user", "step", "loss"))
+        (grad,) = tensors_of("backward", msg, ("grad",))
+        return cls(round=as_int(meta["round"], "meta.round", 0), user=as_str(meta["user"], "meta.user"),
+                   step=as_int(meta["step"], "meta.step", 0), loss=as_number(meta["loss"], "meta.loss"), grad=grad)
 
 
 @dataclass
@@ -225,8 +259,8 @@ class TrainReply:
 
     @classmethod
     def from_message(cls, msg: Message) -> "TrainReply":
-        _check_fields("step reply", msg.meta, ("loss",))
-        (grad,) = _tensors("step reply", msg, ("grad",))
+        check_fields("step reply", msg.meta, ("loss",))
+        (grad,) = tensors_of("step reply", msg, ("grad",))
         return cls(loss=as_number(msg.meta["loss"], "meta.loss"), grad=grad)
 
 
@@ -244,8 +278,8 @@ class EvalReply:
 
     @classmethod
     def from_message(cls, msg: Message) -> "EvalReply":
-        _check_fields("eval reply", msg.meta, ("loss_sum", "count", "correct"))
-        _tensors("eval reply", msg, ())
+        check_fields("eval reply", msg.meta, ("loss_sum", "count", "correct"))
+        tensors_of("eval reply", msg, ())
         return cls(loss_sum=as_number(msg.meta["loss_sum"], "meta.loss_sum"),
                    count=as_int(msg.meta["count"], "meta.count", 0), correct=as_int(msg.meta["correct"], "meta.correct", 0))
 
@@ -285,7 +319,7 @@ class Update:
     @classmethod
     def from_message(cls, msg: Message) -> "Update":
         meta = msg.meta
-        _check_fields("update", meta, ("round", "user", "mode", "num_samples", "metrics"))
+        check_fields("update", meta, ("round", "user", "mode", "num_samples", "metrics"))
         mode = as_mode(meta["mode"], "meta.mode")
         return cls(round=as_int(meta["round"], "meta.round", 0), user=as_str(meta["user"], "meta.user"), mode=mode,
                    num_samples=as_int(meta["num_samples"], "meta.num_samples", 0),
@@ -304,6 +338,8 @@ class Report:
     num_samples: int
     metrics: dict[str, Json]
     missing: list[str] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)  # why each missing user was dropped
+    clipped: Json = field(default_factory=dict)  # tier -> {"bound", "sources"}: the users whose updates the edge clipped
     adapters: AdapterBundle = field(default_factory=AdapterBundle)
     bytes: dict[str, int] | None = None  # the user-edge hop's bytes for this (round, mode), where measured
 
@@ -311,6 +347,10 @@ class Report:
         tensors = self.adapters.tensors()
         meta: Json = {"round": self.round, "edge": self.edge, "mode": Mode(self.mode).value,
                       "num_samples": self.num_samples, "metrics": self.metrics, "missing": list(self.missing)}
+        if self.reasons:
+            meta["reasons"] = dict(self.reasons)
+        if self.clipped:
+            meta["clipped"] = dict(self.clipped)
         if self.bytes is not None:
             meta["bytes"] = dict(self.bytes)
         return Message(kind=self.KIND, meta=meta, tensors=tensors, codecs=dict.fromkeys(tensors, codec) if codec else {})
@@ -318,7 +358,7 @@ class Report:
     @classmethod
     def from_message(cls, msg: Message) -> "Report":
         meta = msg.meta
-        _check_fields("report", meta, ("round", "edge", "mode", "num_samples", "metrics", "missing"), ("bytes",))
+        check_fields("report", meta, ("round", "edge", "mode", "num_samples", "metrics", "missing"), ("reasons", "clipped", "bytes"))
         metrics = as_map(meta["metrics"], "meta.metrics")
         for user, m in metrics.items():
             as_map(m, f"meta.metrics.{user[:40]}")
@@ -330,7 +370,9 @@ class Report:
             counted = {d: as_int(as_map(counted, "meta.bytes").get(d, 0), f"meta.bytes.{d}", 0) for d in ("up", "down")}
         return cls(round=as_int(meta["round"], "meta.round", 0), edge=as_str(meta["edge"], "meta.edge"),
                    mode=as_mode(meta["mode"], "meta.mode"), num_samples=as_int(meta["num_samples"], "meta.num_samples", 0),
-                   metrics=metrics, missing=missing,
+                   metrics=metrics, missing=missing, clipped=as_map(meta.get("clipped", {}), "meta.clipped"),
+                   reasons={as_str(u, "meta.reasons"): str(r)[:300] for u, r in as_map(meta.get("reasons", {}),
+                                                                                      "meta.reasons").items()},
                    adapters=AdapterBundle.from_tensors(msg.tensors, (Tier.USER, Tier.EDGE)), bytes=counted)
 
 

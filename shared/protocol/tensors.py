@@ -58,10 +58,11 @@ def bounded_repr(value: Any) -> str:
     return shorten(repr(value), 80)
 
 
-def bin_field(entry: dict[str, Any], key: str) -> bytes:
-    """The bin field ``key`` of a tensor entry; WireError if it is absent or not bin."""
+def bin_field(entry: dict[str, Any], key: str) -> bytes | memoryview:
+    """The bin field ``key`` of a tensor entry (a memoryview when decoded in place); WireError if it is absent
+    or not bin."""
     v = entry.get(key)
-    if not isinstance(v, bytes):
+    if not isinstance(v, (bytes, memoryview)):
         raise WireError(f"field {key!r} must be bin, got {type(v).__name__}")
     return v
 
@@ -105,14 +106,20 @@ def tensor_to_bytes(t: torch.Tensor) -> memoryview:
 
 
 def tensor_from_bytes(buf: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """Writable tensor from little-endian bytes; WireError unless len(buf) is exactly the declared size."""
+    """Writable tensor from little-endian bytes; WireError unless len(buf) is exactly the declared size.
+
+    It shares memory with ``buf`` where ``buf`` is writable and aligned for the dtype (a bin decoded in
+    place, a bytearray); otherwise it is a copy.
+    """
     need = tensor_nbytes(dtype, shape)
     if len(buf) != need:
         raise WireError(f"declared shape {list(shape)} {dtype} needs {need} bytes, got {len(buf)}")
     tdt, npdt = _DTYPES[dtype]
     if need == 0:
         return torch.empty(shape, dtype=tdt)
-    arr = np.frombuffer(buf, dtype=npdt).astype(npdt.newbyteorder("="))  # always a writable copy
+    arr = np.frombuffer(buf, dtype=npdt)
+    if not (arr.flags.writeable and arr.flags.aligned and npdt.isnative):
+        arr = arr.astype(npdt.newbyteorder("="))  # a writable, aligned, native copy
     t = torch.from_numpy(arr)
     if dtype == "bfloat16":
         t = t.view(torch.bfloat16)
@@ -210,7 +217,8 @@ def _lz4_decode(entry: dict[str, Any], dtype: str, shape: tuple[int, ...]) -> to
         raise WireError(f"declared shape {list(shape)} {dtype} needs {need} bytes, raw_size says {raw_size}")
     data = bin_field(entry, "data")
     try:
-        raw = lz4.block.decompress(data, uncompressed_size=need)  # output bounded by the declared size
+        # output bounded by the declared size; a bytearray, so the tensor can use it without a copy
+        raw = lz4.block.decompress(data, uncompressed_size=need, return_bytearray=True)
     except Exception as e:  # LZ4BlockError and friends
         raise WireError(f"corrupt lz4 block: {shorten(str(e))}") from None
     if len(raw) != need:

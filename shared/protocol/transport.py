@@ -8,11 +8,26 @@ from typing import Any, Protocol
 
 from shared.protocol.wire import Message, decode, encode
 
-ENDPOINTS = ("step", "start", "update")
+ENDPOINTS = ("step", "backward", "start", "update")
+
+
+def round_key(msg: Message) -> tuple[int, str] | None:
+    """The (round, mode) a message belongs to, for per-round byte accounting."""
+    meta = msg.meta
+    if "round" in meta:  # steps, updates and reports say their mode; a backward request is always training's
+        return int(meta["round"]), str(meta.get("mode", "train"))
+    plan = meta.get("plan") or (meta.get("plans") or [None])[0]
+    if isinstance(plan, dict) and "round_id" in plan:
+        return int(plan["round_id"]), str(plan.get("mode", "train"))
+    return None
 
 
 class Handler(Protocol):
-    """A tier's compute object as the transport sees it: ``on_<endpoint>(message) -> message``."""
+    """A tier's compute object as the transport sees it: ``on_<endpoint>(message) -> message``.
+
+    A handler may also have ``after_<endpoint>(request)``, which the transport calls once it has
+    counted the request's and the reply's bytes (an edge reports a round's bytes from there).
+    """
 
     def on_step(self, msg: Message) -> Message: ...
     def on_start(self, msg: Message) -> Message: ...
@@ -69,11 +84,13 @@ class InProcessLink(Link):
     """Direct calls, with every message really encoded and decoded so bytes and dtypes are real.
 
     With a ``clock`` (``shared.protocol.clock.VirtualClock``) the emulated seconds of each training
-    step's request and reply are charged to that step's (round, user).
+    step's requests and replies are charged to that step's (round, user).
     """
 
-    def __init__(self, handler: Any, upward: bool, wire: bool = True, emulator: Any = None, clock: Any = None) -> None:
+    def __init__(self, handler: Any, upward: bool, wire: bool = True, emulator: Any = None, ledger: Any = None,
+                 clock: Any = None) -> None:
         self.handler, self.upward, self.wire, self.emulator, self.clock = handler, upward, wire, emulator, clock
+        self.ledger = ledger  # the edge's or cloud's ByteLedger, counting this hop as that tier's server does
         self.stats = LinkStats()
 
     def request(self, endpoint: str, msg: Message) -> Message:
@@ -93,8 +110,13 @@ class InProcessLink(Link):
             self.stats.add(sent, received, endpoint)
         else:
             self.stats.add(received, sent, endpoint)
+        if self.ledger is not None:
+            self.ledger.add(round_key(msg), *((sent, received) if self.upward else (received, sent)))
         seconds = self.emulate(sent, received)
-        if self.clock is not None and endpoint == "step" and msg.meta.get("mode") == "train":
+        if self.clock is not None and endpoint in ("step", "backward") and msg.meta.get("mode", "train") == "train":
             self.clock.charge(int(msg.meta["round"]), str(msg.meta["user"]), "link", seconds)
+        after = getattr(self.handler, f"after_{endpoint}", None)
+        if after is not None:
+            after(msg)
         return reply
 

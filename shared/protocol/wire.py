@@ -13,6 +13,7 @@ import torch
 # Importing the codecs package registers the lossy codecs (fp16, bf16, int8, int4, topk), so every
 # receiver can decode them.
 from shared.protocol.codecs import FLOAT_DTYPES, KNOWN_CODECS, CodecSpec
+from shared.protocol.inplace import BULK_EXT, MessageBuffer, bulk_bins, skeleton
 from shared.protocol.tensors import (DTYPES, Codec, WireError, bounded_repr, check_shape, codec_registry, dtype_name,
                                      lz4_encode, raw_encode, shorten, tensor_nbytes, torch_dtype)
 
@@ -229,27 +230,17 @@ def _check_decoded_meta(meta: dict[str, Any]) -> None:
             raise WireError(f"meta holds a non-native value ({type(v).__name__})")  # e.g. msgpack Timestamp
 
 
-def decode(
-    data: bytes,
-    *,
-    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    max_tensor_elements: int | None = None,
-) -> Message:
-    """Parse and validate one message; raises WireError (and nothing else) on any bad input."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise WireError(f"expected bytes, got {type(data).__name__}")
-    if len(data) > max_bytes:
-        raise WireError(f"message too large: {len(data)} bytes > limit {max_bytes}")
-    limit = max(len(data), 1)
+def _unpack(data: Any, limit: int, ext_hook: Any = _refuse_ext) -> Any:
+    """One msgpack document, never unpickled: no ext types (``ext_hook``), str map keys, bounded lengths and
+    containers; WireError on anything malformed."""
     counter = _Counter()
-    # Never unpickle: plain msgpack only, no ext types, str map keys, bounded lengths.
     try:
-        doc = msgpack.unpackb(
+        return msgpack.unpackb(
             data,
             raw=False,
             strict_map_key=True,
             use_list=True,
-            ext_hook=_refuse_ext,
+            ext_hook=ext_hook,
             list_hook=counter,
             object_hook=counter,
             max_str_len=limit,
@@ -262,6 +253,54 @@ def decode(
         raise
     except Exception as e:  # ExtraData, FormatError, StackError, ValueError, UnicodeDecodeError, ...
         raise WireError(f"malformed msgpack: {_one_line(e)}") from None
+
+
+class _Bulk(int):
+    """Where a large bin was left in the buffer: its index (see ``shared.protocol.inplace``)."""
+
+
+def _bulk_hook(code: int, data: bytes) -> Any:
+    if code != BULK_EXT:  # cannot happen: bulk_bins gives up on any ext type, so the skeleton holds only ours
+        return _refuse_ext(code, data)
+    return _Bulk(int.from_bytes(data, "big"))
+
+
+def _unpack_in_place(buffer: MessageBuffer, limit: int) -> Any:
+    """The document in ``buffer``, its large tensor bins as views on the buffer (``shared.protocol.inplace``)."""
+    view = buffer.view()
+    spans = bulk_bins(view)
+    if not spans:  # nothing large, or a layout the ordinary decode should judge
+        return _unpack(view, limit)
+    try:
+        doc = _unpack(skeleton(view, spans), limit, _bulk_hook)
+    except WireError:
+        return _unpack(view, limit)  # the same bytes the ordinary way, for the ordinary error
+    views = buffer.adopt(spans)
+    tensors = doc.get("tensors")
+    for entry in tensors.values() if isinstance(tensors, dict) else ():
+        for key, value in entry.items() if isinstance(entry, dict) else ():
+            if type(value) is _Bulk:
+                entry[key] = views[value]
+    return doc
+
+
+def decode(
+    data: bytes | bytearray | memoryview | MessageBuffer,
+    *,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_tensor_elements: int | None = None,
+) -> Message:
+    """Parse and validate one message; raises WireError (and nothing else) on any bad input.
+
+    A ``MessageBuffer`` (a body as read from the network) is adopted: the message's large raw tensors
+    are views on it (no copy), and its bytes are rearranged; other inputs are only read.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview, MessageBuffer)):
+        raise WireError(f"expected bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise WireError(f"message too large: {len(data)} bytes > limit {max_bytes}")
+    limit = max(len(data), 1)
+    doc = _unpack_in_place(data, limit) if isinstance(data, MessageBuffer) else _unpack(data, limit)
 
     if not isinstance(doc, dict):
         raise WireError(f"top level must be a map, got {type(doc).__name__}")

@@ -50,6 +50,8 @@ class Session:
     step_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one step at a time
     last_step: int = -1
     last_reply: Any = None  # the reply to ``last_step``, returned again if that step is retried
+    pending: Any = None  # U-shaped chain: the forward graph of ``last_step``, until its backward request
+    last_backward: tuple[int, Any] | None = None  # U-shaped chain: the last backward's step and reply
 
     @property
     def round_id(self) -> int:
@@ -64,12 +66,16 @@ class Session:
         return (self.plan.round_id, self.plan.user_id)
 
     def replay(self, step: int) -> Any:
-        """The cached reply when ``step`` is a retry of the last one; refuses steps from the past (422)."""
+        """The cached reply when ``step`` is a retry of the last one; None when it is the next one; any other
+        step number is refused (422): a session's steps come one after another, from 0."""
         if step == self.last_step and self.last_reply is not None:
             return self.last_reply
         if step <= self.last_step:
             raise InvalidInput(f"step {step} of round {self.round_id}, user '{self.user_id}' is older than the last "
                                f"step served ({self.last_step})")
+        if step != self.last_step + 1:
+            raise InvalidInput(f"step {step} of round {self.round_id}, user '{self.user_id}' skips ahead: the next "
+                               f"step is {self.last_step + 1}")
         return None
 
     def remember(self, step: int, reply: Any) -> Any:

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
+from shared.data.batching import IGNORE_INDEX
 from shared.errors import InvalidInput, UpstreamError
 from shared.protocol.enums import Hop
-from shared.protocol.messages import StepRequest, TrainReply
+from shared.protocol.messages import BackwardRequest, StepRequest, TrainReply
 from shared.protocol.wire import Message
 from shared.runtime.session import Session
-from shared.runtime.tier import TierRuntime
+from shared.runtime.tier import StepLimits, TierRuntime
 
 
 def pack_tokens(t: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -37,12 +38,17 @@ def unpack_tokens(rows: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     return out
 
 
-def check_step(request: StepRequest, width: int, task: str) -> None:
+def check_step(request: StepRequest, limits: StepLimits) -> None:
     """Refuse step tensors that cannot belong to this model (``InvalidInput``: a 422 over HTTP).
 
-    ``hidden`` carries the real tokens only (``pack_tokens``): one row per 1 in the mask.
+    ``hidden`` carries the real tokens only (``pack_tokens``): one row per 1 in the mask, in the tier's
+    compute dtype. Labels are class ids below the head's size (language modelling: -100 where ignored).
     """
     hidden, attention_mask, labels = request.hidden, request.attention_mask, request.labels
+    width = limits.width
+    if (labels is not None) != limits.labels:
+        raise InvalidInput("a step of this deployment carries labels" if limits.labels else
+                           "this deployment is U-shaped: labels stay on the device, a step must not carry them")
     if attention_mask.dim() != 2 or attention_mask.is_floating_point() or attention_mask.numel() == 0:
         raise InvalidInput(f"attention_mask must be a non-empty integer tensor (batch, seq); got "
                            f"{attention_mask.dtype} {list(attention_mask.shape)}")
@@ -52,11 +58,26 @@ def check_step(request: StepRequest, width: int, task: str) -> None:
     if hidden.dim() != 2 or list(hidden.shape) != [tokens, width] or not hidden.is_floating_point():
         raise InvalidInput(f"hidden must be a float tensor of the mask's {tokens} tokens x {width}; "
                            f"got {hidden.dtype} {list(hidden.shape)}")
-    want = list(attention_mask.shape) if task == "lm" else [attention_mask.shape[0]]
-    if list(labels.shape) != want or labels.is_floating_point():
-        raise InvalidInput(f"labels must be integers of shape {want}; got {labels.dtype} {list(labels.shape)}")
+    if hidden.dtype != limits.dtype:
+        raise InvalidInput(f"hidden must be {str(limits.dtype).removeprefix('torch.')} (this tier computes in it); "
+                           f"got {str(hidden.dtype).removeprefix('torch.')}")
     if not torch.isfinite(hidden).all():
         raise InvalidInput("hidden contains NaN or Inf")
+    if labels is not None:
+        check_labels(labels, attention_mask, limits)
+
+
+def check_labels(labels: torch.Tensor, attention_mask: torch.Tensor, limits: StepLimits) -> None:
+    """Class ids below the head's size, one per example (classification) or per position (-100: ignored)."""
+    task = limits.task
+    want = list(attention_mask.shape) if task == "lm" else [attention_mask.shape[0]]
+    if list(labels.shape) != want or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise InvalidInput(f"labels must be integers of shape {want}; got {labels.dtype} {list(labels.shape)}")
+    valid = (labels >= 0) & (labels < limits.classes)
+    if task == "lm":
+        valid |= labels == IGNORE_INDEX
+    if not bool(valid.all()):
+        raise InvalidInput(f"labels must lie in [0, {limits.classes})" + (" or be -100" if task == "lm" else ""))
 
 
 def check_grad(grad: torch.Tensor, like: torch.Tensor, source: str) -> None:
@@ -72,7 +93,8 @@ class Downstream:
 
     In evaluation: ``reply`` (sent back as it is). In training: ``output`` to backpropagate from
     (this tier's output, or the loss), its incoming gradient ``grad`` (None for a loss), and the
-    step's ``loss`` for the reply.
+    step's ``loss`` for the reply. In a U-shaped chain's training: ``reply`` (the last block's output,
+    going back now) and ``output``, kept with the step until its backward request brings the gradient.
     """
 
     reply: Message | None = None
@@ -82,6 +104,17 @@ class Downstream:
 
 
 NextStage = Callable[[Session, StepRequest, torch.Tensor], Downstream]
+NextBack = Callable[[Session, BackwardRequest, "Pending"], torch.Tensor]  # the gradient of this tier's output rows
+
+
+@dataclass
+class Pending:
+    """A U-shaped step's forward graph on a serving tier, waiting for its backward request."""
+
+    step: int
+    hidden_in: torch.Tensor
+    out: torch.Tensor
+    mask: torch.Tensor
 
 
 def serve_step(runtime: TierRuntime, msg: Message, next_stage: NextStage, back_hop: Hop) -> Message:
@@ -94,7 +127,7 @@ def serve_step(runtime: TierRuntime, msg: Message, next_stage: NextStage, back_h
         cached = session.replay(request.step)
         if cached is not None:
             return cached
-        check_step(request, runtime.width, runtime.spec.task)
+        check_step(request, runtime.step_limits)
         train = session.plan.training
         mask = request.attention_mask
         hidden_in = unpack_tokens(request.hidden.to(runtime.device), mask).requires_grad_(train)
@@ -102,7 +135,37 @@ def serve_step(runtime: TierRuntime, msg: Message, next_stage: NextStage, back_h
         result = next_stage(session, request, out)
         if not train:
             return session.remember(request.step, result.reply)
+        if result.reply is not None:  # U-shaped: the gradient of ``out`` comes with the step's backward request
+            session.pending = Pending(request.step, hidden_in, result.output, mask)
+            return session.remember(request.step, result.reply)
         runtime.backward_and_step(session, [result.output], [result.grad])
         grad = hidden_in.grad if hidden_in.grad is not None else torch.zeros_like(hidden_in)
         grad, codecs = runtime.outgoing_grad(session, pack_tokens(grad, mask), back_hop)
         return session.remember(request.step, TrainReply(loss=result.loss, grad=grad).to_message(codecs))
+
+
+def serve_backward(runtime: TierRuntime, msg: Message, next_back: NextBack, back_hop: Hop) -> Message:
+    """U-shaped chain: the gradient of a step's output comes back; backpropagate it through this tier's blocks,
+    step the optimizer, and reply with the gradient of the step's input. A retry gets the same reply."""
+    request = BackwardRequest.from_message(msg)
+    session = runtime.session(request.round, request.user)
+    with session.step_lock:
+        if session.last_backward is not None and session.last_backward[0] == request.step:
+            return session.last_backward[1]
+        pending: Pending | None = session.pending
+        if pending is None or pending.step != request.step:
+            raise InvalidInput(f"no forward of step {request.step} awaits its backward in round {request.round}, "
+                               f"user '{request.user}'")
+        rows = pack_tokens(pending.out, pending.mask)
+        if list(request.grad.shape) != list(rows.shape) or request.grad.dtype != rows.dtype \
+                or not torch.isfinite(request.grad).all():
+            raise InvalidInput(f"grad must be a finite {str(rows.dtype).removeprefix('torch.')} tensor shaped like the "
+                               f"step's output rows {list(rows.shape)}; got {request.grad.dtype} {list(request.grad.shape)}")
+        grad_out = next_back(session, request, pending)
+        runtime.backward_and_step(session, [pending.out], [unpack_tokens(grad_out.to(pending.out.device), pending.mask)])
+        grad = pending.hidden_in.grad if pending.hidden_in.grad is not None else torch.zeros_like(pending.hidden_in)
+        grad, codecs = runtime.outgoing_grad(session, pack_tokens(grad, pending.mask), back_hop)
+        session.pending = None
+        reply = TrainReply(loss=request.loss, grad=grad).to_message(codecs)
+        session.last_backward = (request.step, reply)
+        return reply

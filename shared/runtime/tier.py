@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +24,17 @@ from shared.protocol.messages import RoundPlan
 from shared.runtime.session import OptimizerSettings, Session
 
 
+@dataclass(frozen=True)
+class StepLimits:
+    """What a step's tensors must be to belong to this model: the width, the compute dtype, the labels' range."""
+
+    width: int
+    task: str  # "lm" or "cls"
+    classes: int  # the head's outputs: the vocabulary (lm) or the labels (cls)
+    dtype: torch.dtype = torch.float32
+    labels: bool = True  # steps carry labels (not in a U-shaped chain: they stay on the device)
+
+
 class TierRuntime:
     """A tier's compute, free of any transport: forward under a session's adapters, backward, step.
 
@@ -36,7 +48,7 @@ class TierRuntime:
         self.tier, self.source, self.spec = Tier(tier), source, spec
         self.split = Split(spec.split[0], spec.split[1], source.num_layers)
         self.partition = load_partition(source, self.tier, self.split, spec.task, spec.num_labels,
-                                        base_dropout=spec.base_dropout, seed=spec.seed)
+                                        base_dropout=spec.base_dropout, seed=spec.seed, head_tier=spec.head_tier)
         inject_lora(self.partition, spec.lora, spec.adapter)
         self.device = torch.device(device)
         self.partition.to(self.device)
@@ -52,6 +64,13 @@ class TierRuntime:
     @property
     def width(self) -> int:
         return int(self.partition.config.hidden_size)
+
+    @property
+    def step_limits(self) -> StepLimits:
+        """What an arriving step's tensors must be (see ``shared.runtime.steps.check_step``)."""
+        classes = self.spec.num_labels if self.spec.task == "cls" else int(self.partition.config.vocab_size)
+        dtype = next((p.dtype for p in self.partition.parameters()), torch.float32)
+        return StepLimits(self.width, self.spec.task, classes, dtype, labels=not self.spec.u_shaped)
 
     # sessions -------------------------------------------------------------------------------
     def open_session(self, plan: RoundPlan, state: AdapterState) -> Session:
@@ -181,7 +200,8 @@ def adapter_shapes(source: ModelSource, spec: ModelSpec) -> dict[Tier, dict[str,
     split = Split(spec.split[0], spec.split[1], source.num_layers)
     shapes: dict[Tier, dict[str, tuple[int, ...]]] = {}
     for tier in TIERS:
-        part = build_partition(source, tier, split, spec.task, spec.num_labels, base_dropout=spec.base_dropout)
+        part = build_partition(source, tier, split, spec.task, spec.num_labels, base_dropout=spec.base_dropout,
+                               head_tier=spec.head_tier)
         inject_lora(part, spec.lora, spec.adapter, low_cpu_mem_usage=True)
         shapes[tier] = AdapterSlots(part).shapes()
     return shapes

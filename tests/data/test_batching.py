@@ -8,7 +8,7 @@ import torch
 from shared.data.batching import IGNORE_INDEX, BatchSampler, collate, eval_batches
 from shared.seeds import derive_seed
 from shared.data.datasets import Example
-from shared.model.sources import ByteTokenizer
+from shared.model.tokenizers import ByteTokenizer
 
 TOK = ByteTokenizer()
 TEXTS = ["a", "hello there", "", "abc", "the quick brown fox", "xy", "zzzz", "one more line", "q"]

@@ -157,10 +157,13 @@ def test_rounds_shrink_the_budget_and_prune_modules_end_to_end(hermetic_cache) -
 
 
 def test_a_lora_deployment_refuses_fedara_with_a_clear_error(hermetic_cache) -> None:
+    """Refused when the round is submitted (a 422 over the round API), before anything runs."""
+    from shared.errors import InvalidInput
+
     sim = make_sim(adapter="lora")
-    with pytest.raises(RuntimeError, match="failed: InvalidInput: fedara trains truncated-SVD adapters.*--adapter svd"):
+    with pytest.raises(InvalidInput, match="fedara trains truncated-SVD adapters.*--adapter svd"):
         sim.run_round()
-    assert sim.coordinator.version == 0
+    assert sim.coordinator.version == 0 and not sim.coordinator.rounds
 
 
 def test_the_cli_runs_fedara(hermetic_cache, capsys) -> None:

@@ -190,3 +190,30 @@ def test_threads_setting_is_parsed_and_checked() -> None:
     assert parse_settings("user", UserSettings, []).threads == 0  # torch's default
     with pytest.raises(ValidationError):
         parse_settings("user", UserSettings, ["--threads", "-1"])
+
+
+# --- a user's own model directory ---------------------------------------------------------------------
+
+
+def test_an_undescribed_family_or_a_broken_config_is_one_line_and_exit_2(model_dir, run_cli, tmp_path) -> None:
+    """From the command and from the cloud service alike: no traceback, the model type or what failed to build."""
+    dirs = {"undescribed": (str(model_dir(model_type="mamba")), "model type 'mamba' is not described; supported: "),
+            "broken": (str(model_dir(hidden_act="no_such_activation")), "fails to build its causal-LM class")}
+    runs = {(name, "verify-split"): ["verify-split", "--model", path, "--split", "1,3"] for name, (path, _) in dirs.items()}
+    runs |= {(name, "cloud"): ["cloud", "--insecure-dev", "--model", path, "--data", "shakespeare",
+                               "--data-dir", str(tmp_path / name)] for name, (path, _) in dirs.items()}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        procs = {key: pool.submit(run_cli, args, timeout=300) for key, args in runs.items()}
+        for (name, command), future in procs.items():
+            proc = future.result()
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and len(lines) == 1, (name, command, proc.stderr[-3000:])
+            assert lines[0].startswith(f"splitllm {command}: error: ") and dirs[name][1] in lines[0], lines[0]
+    assert not (tmp_path / "undescribed").exists()  # a refused cloud creates nothing
+
+
+def test_verify_split_names_the_byte_level_fallback(model_dir, capsys) -> None:
+    path = model_dir()
+    assert main(["verify-split", "--model", str(path), "--split", "1,3", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"tokenizer: byte-level fallback: {path} has no tokenizer files" in out

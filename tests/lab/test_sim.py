@@ -71,6 +71,15 @@ def test_bytes_are_counted_on_both_hops(ran) -> None:
     assert rows[1]["bytes_up"] > rows[0]["bytes_up"] and rows[1]["bytes_down"] > rows[0]["bytes_down"]
 
 
+def test_round_metrics_count_every_message_of_the_round(ran) -> None:
+    """What the coordinator records from the edges' reports and its own ledger, as the services do, is every
+    byte on each hop's links: the last update's bytes are counted before its edge reports."""
+    _, sim, rows, _ = ran
+    for row in rows[1:]:
+        recorded = sim.coordinator.rounds[row["round"]].metrics["bytes"]
+        assert recorded == {"user_edge": row["bytes"]["user"], "edge_cloud": row["bytes"]["edge"]}
+
+
 def test_training_moves_the_global_adapters(ran) -> None:
     _, sim, rows, initial = ran
     assert sim.coordinator.version == 2

@@ -88,6 +88,14 @@ def test_tier_commands_agree_with_cli(tmp_path: Path) -> None:
             assert parent == f"http://{topology.parent_addr(plan, name)}:{parent_port}"
         else:
             assert parsed.model == "tiny-bert" and parsed.num_clients == "4"
+    emulated = topology.tier_commands(plan, tmp_path, sys.executable, args, emulate=True)  # a kernel without netem
+    for name, cmd in emulated.items():
+        tier = cmd[cmd.index("shared.lab.cli") + 1]
+        if tier == "cloud":
+            assert cmd == cmds[name]
+            continue
+        parsed = settings_parser(tier, classes[tier]).parse_args(cmd[cmd.index("shared.lab.cli") + 2:])
+        assert parsed.link_profile == ("4g" if tier == "user" else "fiber") and parsed.link_rate_shaped
     for bad in (["--host", "1.2.3.4"], ["--no-such-flag", "1"]):
         with pytest.raises(SystemExit):
             topology.split_tier_args(bad)

@@ -9,14 +9,12 @@ import pytest
 import torch
 
 from shared.model.adapters import initial_state
-from shared.model.families import FAMILIES
 from shared.model.partition import (TIERS, Split)
 from shared.config.deployment import ModelSpec
 from shared.runtime.tier import TierRuntime, adapter_shapes
 
 L = 4  # blocks of every tiny model
 NUM_LABELS = {"lm": 0, "cls": 3}
-NEW_HEAD = {"lm": set(), "cls": {"head.classifier.weight", "head.classifier.bias", "head.score.weight"}}
 
 
 def tier_of(norm_name: str, split: Split) -> str:
@@ -30,7 +28,12 @@ def tier_of(norm_name: str, split: Split) -> str:
 # --- adapters --------------------------------------------------------------------------------------
 
 ADAPTER_CASES = [("tiny-llama", "lm", (1, 3)), ("tiny-gpt2", "lm", (0, 2)), ("tiny-bert", "cls", (1, 3)),
-                 ("tiny-llama", "cls", (2, 4)), ("tiny-bert", "cls", (4, 4))]
+                 ("tiny-llama", "cls", (2, 4)), ("tiny-bert", "cls", (4, 4)), ("tiny-qwen2", "lm", (1, 3)),
+                 ("tiny-gpt_neox", "cls", (0, 3)), ("tiny-roberta", "cls", (1, 3)), ("tiny-phi3", "lm", (2, 2))]
+# the classification heads transformers adds on a base model (BERT's linear, RoBERTa's dense + out_proj, score)
+NEW_HEADS = {"lm": set(), "cls": {"head.classifier.weight", "head.classifier.bias", "head.score.weight",
+                                  "head.classifier.dense.weight", "head.classifier.dense.bias",
+                                  "head.classifier.out_proj.weight", "head.classifier.out_proj.bias"}}
 
 
 def _spec(model: str, task: str, split: tuple[int, int]) -> ModelSpec:
@@ -40,7 +43,7 @@ def _spec(model: str, task: str, split: tuple[int, int]) -> ModelSpec:
 @pytest.mark.parametrize("model, task, split", ADAPTER_CASES)
 def test_adapter_keys_are_normalised_and_the_same_from_meta_and_loaded(tiny, model, task, split) -> None:
     source, s = tiny(model), Split(*split, L)
-    family = FAMILIES[source.family]
+    family = source.family
     spec = _spec(model, task, split)
     meta = adapter_shapes(source, spec)
     all_keys: list[str] = []
@@ -55,7 +58,7 @@ def test_adapter_keys_are_normalised_and_the_same_from_meta_and_loaded(tiny, mod
                 assert re.search(r"\.lora_[AB]\.weight$", key), key
                 assert any(f".{t}.lora_" in key for t in family.lora_targets), key
             else:
-                assert task == "cls" and key in NEW_HEAD["cls"], key
+                assert task == "cls" and key in NEW_HEADS["cls"], key
         all_keys += meta[tier]
     assert len(all_keys) == len(set(all_keys)) > 0  # unique across tiers: blocks carry global indices
     n_lora = sum(k.startswith("blocks.") for k in all_keys)

@@ -1,38 +1,63 @@
-"""Partitioning: split validation, what each tier holds and reads, tied heads, parameter bytes."""
+"""Partitioning: split validation, what each tier holds and reads, tied heads, parameter bytes, for every family."""
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
 import pytest
 import torch
 
-from shared.model.sources import ModelError, tiny_config
 from shared.model.families import FAMILIES
-from shared.model.partition import (TIERS, Split, checkpoint_index, build_partition, head_trainable_names, load_partition)
+from shared.model.sources import ModelError, tiny_config
+from shared.model.partition import (TIERS, Split, build_partition, checkpoint_index, head_trainable_names, layout,
+                                    load_partition, normalise)
 
 L = 4  # blocks of every tiny model
-TASK = {"tiny-llama": "lm", "tiny-gpt2": "lm", "tiny-bert": "cls"}
+MODELS = [f"tiny-{t}" for t in FAMILIES]  # a tiny random checkpoint of every described family
+FIRST = ["tiny-llama", "tiny-gpt2", "tiny-bert"]  # checked at more split points
 NUM_LABELS = {"lm": 0, "cls": 3}
-# checkpoint name and normalised name of the embedding matrix the LM head is tied to
-TIED = {"tiny-llama": ("model.embed_tokens.weight", "embed.embed_tokens.weight"),
-        "tiny-gpt2": ("transformer.wte.weight", "embed.wte.weight")}
-NEW_HEAD = {"lm": set(), "cls": {"head.classifier.weight", "head.classifier.bias", "head.score.weight"}}
 
+# Written independently of the library's name maps: which checkpoint tensors a tier needs.
 _BLOCK_KEY = re.compile(r"(?:^|\.)(?:layers|h|layer)\.(\d+)\.")
-_EMBED_KEY = re.compile(r"(?:^|\.)(?:embed_tokens|wte|wpe|embeddings)\.")
+_EMBED_KEY = re.compile(r"(?:^|\.)(?:embed_tokens|wte|wpe|embeddings|embeddings_project|embed_in)\.")
+_TOKEN_EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|wte|embed_in|word_embeddings)\.weight$")
+
+
+def task_of(model: str) -> str:
+    return FAMILIES[model[len("tiny-"):]].tasks[0]  # lm where the family has an LM head, else cls
+
+
+@functools.cache
+def uses_pooler(model: str) -> bool:
+    """Whether transformers' own classifier of this encoder reads the pooler (BERT) or not (RoBERTa's <s> head)."""
+    from shared.lab.verify import whole_model
+    from shared.model.sources import resolve_model
+
+    return any(".pooler." in n for n, _ in whole_model(resolve_model(model), "cls", 3).named_parameters())
 
 
 def owners(model: str, key: str, split: Split) -> set[str]:
-    """The tiers that need checkpoint tensor ``key`` (written independently of the library's name maps)."""
+    """The tiers that need checkpoint tensor ``key``."""
     if m := _BLOCK_KEY.search(key):
         return {split.tier_of_layer(int(m.group(1)))}
-    if TASK[model] == "lm" and key == TIED.get(model, ("",))[0]:
+    if task_of(model) == "lm" and tiny_config(model).tie_word_embeddings and _TOKEN_EMBEDDING.search(key):
         return {"user", "cloud"}  # the embedding, and the LM head tied to it
     if _EMBED_KEY.search(key):
         return {"user"}
-    return {"cloud"}  # final norm, pooler
+    if ".pooler." in f".{key}" and not uses_pooler(model):
+        return set()
+    return {"cloud"}  # final norm, an untied LM head, the pooler
+
+
+@functools.cache
+def loaded(model: str, tier: str, split: tuple[int, int]):
+    """A tier's partition of a tiny model, loaded once for the tests that only look at it."""
+    from shared.model.sources import resolve_model
+
+    task = task_of(model)
+    return load_partition(resolve_model(model), tier, Split(*split, L), task, NUM_LABELS[task])
 
 
 def tier_of(norm_name: str, split: Split) -> str:
@@ -130,14 +155,15 @@ def test_split_parse() -> None:
 
 # --- what a partition holds ------------------------------------------------------------------------
 
+HOLD_CASES = [(m, s) for m in FIRST for s in [(1, 3), (0, 4), (2, 2), (4, 4)]] + \
+    [(m, (1, 3)) for m in MODELS if m not in FIRST]
 
-@pytest.mark.parametrize("split", [(1, 3), (0, 4), (2, 2), (4, 4)])
-@pytest.mark.parametrize("model", TASK)
+
+@pytest.mark.parametrize("model, split", HOLD_CASES, ids=[f"{m}-{a},{b}" for m, (a, b) in HOLD_CASES])
 def test_partition_holds_exactly_its_blocks(tiny, model: str, split: tuple[int, int]) -> None:
     source, s = tiny(model), Split(*split, L)
-    task = TASK[model]
     for tier in TIERS:
-        part = load_partition(source, tier, s, task, NUM_LABELS[task])
+        part = loaded(model, tier, split)
         assert part.layer_ids == list(s.layers(tier))
         assert sorted(part.blocks.keys(), key=int) == [str(i) for i in s.layers(tier)]
         assert (part.embed is not None) == (tier == "user")
@@ -145,82 +171,88 @@ def test_partition_holds_exactly_its_blocks(tiny, model: str, split: tuple[int, 
         for name, p in part.named_parameters():
             assert tier_of(name, s) == tier, name
             assert p.device.type == "cpu" and not p.requires_grad, name
-        if source.family == "llama":  # no rotary tensors travel: every tier rebuilds them from the config
-            assert part.aux is not None
+        # no rotary tensors travel: a tier with blocks rebuilds the tables from the config
+        assert (part.rotary is not None) == bool(source.family.rotary and part.layer_ids)
 
 
-@pytest.mark.parametrize("model", TASK)
-def test_partitions_together_are_thewhole_model(tiny, model: str) -> None:
+@pytest.mark.parametrize("model", MODELS)
+def test_partitions_together_are_the_whole_model(tiny, model: str) -> None:
     """Every parameter of transformers' own whole model sits, with the same value, on the tier that owns it."""
     from shared.lab.verify import whole_model
 
-    source, split, task = tiny(model), Split(1, 3, L), TASK[model]
-    parts = {t: dict(load_partition(source, t, split, task, NUM_LABELS[task]).named_parameters()) for t in TIERS}
-    family = FAMILIES[source.family]
+    source, split, task = tiny(model), Split(1, 3, L), task_of(model)
+    parts = {t: dict(loaded(model, t, (1, 3)).named_parameters()) for t in TIERS}
+    new_head = set(head_trainable_names(loaded(model, "cloud", (1, 3))))
     whole = whole_model(source, task, NUM_LABELS[task])
+    modules = layout(source.family, whole, task)
     matched = set()
     for name, p in whole.named_parameters():
-        norm = family.normalise(name)
-        if norm in NEW_HEAD[task]:
+        norm = normalise(name, modules)
+        if norm in new_head:
             continue  # a fresh classification head: initialised, not loaded
         tier = tier_of(norm, split)
         assert norm in parts[tier], f"{name} -> {norm} is not on the {tier} tier"
         assert torch.equal(parts[tier][norm], p.detach()), norm
         matched.add((tier, norm))
     extra = {(t, n) for t, ps in parts.items() for n in ps} - matched
-    if task == "lm":  # the head's copy of the tied embedding
-        assert extra == {("cloud", "head.lm_head.weight")}
-    else:  # the fresh classification head
-        assert extra == {("cloud", "head.classifier.weight"), ("cloud", "head.classifier.bias")}
+    if task == "lm" and source.config.tie_word_embeddings:  # the head's copy of the tied embedding
+        assert extra == {("cloud", f"head.{source.family.lm_head}.weight")}
+    else:  # the fresh classification head, if any
+        assert extra == {("cloud", n) for n in new_head}
 
 
-@pytest.mark.parametrize("tier", TIERS)
-@pytest.mark.parametrize("split", [(1, 3), (2, 2)])
-@pytest.mark.parametrize("model", TASK)
+READ_CASES = [(m, s, t) for m in MODELS for s in [(1, 3)] for t in TIERS] + \
+    [(m, (2, 2), t) for m in FIRST for t in TIERS]
+
+
+@pytest.mark.parametrize("model, split, tier", READ_CASES, ids=[f"{m}-{a},{b}-{t}" for m, (a, b), t in READ_CASES])
 def test_partition_reads_only_its_own_tensors(tiny, monkeypatch, model: str, split: tuple[int, int], tier: str) -> None:
     source, s = tiny(model), Split(*split, L)
     checkpoint = list(checkpoint_index(source))
     reads = TensorReads(monkeypatch)
-    load_partition(source, tier, s, TASK[model], NUM_LABELS[TASK[model]])
+    load_partition(source, tier, s, task_of(model), NUM_LABELS[task_of(model)])
     expected = sorted(k for k in checkpoint if tier in owners(model, k, s))
     assert sorted(reads.keys) == expected  # each of its own tensors once, nothing of another tier
 
 
-@pytest.mark.parametrize("model", TIED)
+@pytest.mark.parametrize("model", [m for m in MODELS if task_of(m) == "lm" and tiny_config(m).tie_word_embeddings])
 def test_tied_lm_head_is_the_embedding_matrix(tiny, model: str) -> None:
     from safetensors import safe_open
 
-    source, split = tiny(model), Split(1, 3, L)
-    assert tiny_config(model).tie_word_embeddings is True
+    source = tiny(model)
     assert source.config.tie_word_embeddings is True
-    ckpt_name, norm_name = TIED[model]
     with safe_open(str(source.weight_files()[0]), framework="pt") as f:
+        (ckpt_name,) = [k for k in f.keys() if _TOKEN_EMBEDDING.search(k)]
         embedding = f.get_tensor(ckpt_name)
-    cloud = dict(load_partition(source, "cloud", split, "lm").named_parameters())
-    user = dict(load_partition(source, "user", split, "lm").named_parameters())
-    assert torch.equal(cloud["head.lm_head.weight"], embedding)
-    assert torch.equal(user[norm_name], embedding)
+    cloud = dict(loaded(model, "cloud", (1, 3)).named_parameters())
+    user = dict(loaded(model, "user", (1, 3)).named_parameters())
+    assert torch.equal(cloud[f"head.{source.family.lm_head}.weight"], embedding)
+    assert torch.equal(user[f"embed.{source.family.embed[0]}.weight"], embedding)
 
 
-@pytest.mark.parametrize("split", [(1, 3), (0, 4), (2, 2), (4, 4), (0, 0)])
-@pytest.mark.parametrize("model", TASK)
-def test_parameter_bytes_add_up_to_the_whole(tiny, model: str, split: tuple[int, int]) -> None:
-    source, s, task = tiny(model), Split(*split, L), TASK[model]
-    parts = {t: load_partition(source, t, s, task, NUM_LABELS[task]) for t in TIERS}
+BYTES_CASES = [(m, s) for m in FIRST for s in [(1, 3), (0, 4), (2, 2), (4, 4), (0, 0)]] + \
+    [(m, s) for m in MODELS if m not in FIRST for s in [(1, 3), (0, 0)]]
+
+
+@pytest.mark.parametrize("model, split", BYTES_CASES, ids=[f"{m}-{a},{b}" for m, (a, b) in BYTES_CASES])
+def test_parameter_bytes_are_the_bytes_of_the_assigned_tensors(tiny, model: str, split: tuple[int, int]) -> None:
+    """Memory is exact: a tier's parameter bytes are the bytes of the checkpoint tensors assigned to it (plus a
+    fresh classification head on the cloud), and the tiers together hold the whole checkpoint once (plus the
+    tied head's copy of the embedding)."""
+    source, s, task = tiny(model), Split(*split, L), task_of(model)
+    parts = {t: loaded(model, t, split) for t in TIERS}
     shapes = checkpoint_shapes(source)
-    whole = nbytes(shapes.values())
-    block = [nbytes(v for k, v in shapes.items() if (m := _BLOCK_KEY.search(k)) and int(m.group(1)) == i) for i in range(L)]
-    assert len(set(block)) == 1 and block[0] > 0
-    embed = nbytes(v for k, v in shapes.items() if "user" in owners(model, k, s) and not _BLOCK_KEY.search(k))
-    tied = nbytes([shapes[TIED[model][0]]]) if task == "lm" else 0
     new_head = sum(p.numel() * 4 for n, p in parts["cloud"].named_parameters() if n in head_trainable_names(parts["cloud"]))
     assert (new_head > 0) == (task == "cls")
-
-    user, edge, cloud = (parts[t].parameter_bytes() for t in TIERS)
-    assert user == embed + s.a * block[0]
-    assert edge == (s.b - s.a) * block[0]
-    assert user + edge + cloud == whole + tied + new_head
-    assert all(0 <= x <= whole + new_head for x in (user, edge, cloud))
+    for tier in TIERS:
+        assigned = nbytes(v for k, v in shapes.items() if tier in owners(model, k, s))
+        assert parts[tier].parameter_bytes() == assigned + (new_head if tier == "cloud" else 0), tier
+    block = [nbytes(v for k, v in shapes.items() if (m := _BLOCK_KEY.search(k)) and int(m.group(1)) == i) for i in range(L)]
+    assert len(set(block)) == 1 and block[0] > 0
+    assert parts["edge"].parameter_bytes() == (s.b - s.a) * block[0]
+    unused = nbytes(v for k, v in shapes.items() if not owners(model, k, s))
+    tied = nbytes(v for k, v in shapes.items() if len(owners(model, k, s)) == 2)
+    assert sum(p.parameter_bytes() for p in parts.values()) == nbytes(shapes.values()) - unused + tied + new_head
 
 
 def test_build_partition_is_meta_and_loads_nothing(tiny, monkeypatch) -> None:

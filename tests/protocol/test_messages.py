@@ -49,8 +49,10 @@ def test_step_request_refuses_bad_meta(meta: dict, reason: str) -> None:
 
 def test_step_request_refuses_missing_and_unknown_tensors() -> None:
     msg = step().to_message()
-    with pytest.raises(InvalidInput, match="lacks tensors.labels"):
-        StepRequest.from_message(Message("step", msg.meta, {k: v for k, v in msg.tensors.items() if k != "labels"}))
+    with pytest.raises(InvalidInput, match="lacks tensors.attention_mask"):
+        StepRequest.from_message(Message("step", msg.meta, {k: v for k, v in msg.tensors.items() if k != "attention_mask"}))
+    no_labels = StepRequest.from_message(Message("step", msg.meta, {k: v for k, v in msg.tensors.items() if k != "labels"}))
+    assert no_labels.labels is None  # a U-shaped deployment's step; whether it may lack them is the tier's check
     with pytest.raises(InvalidInput, match="unknown tensor"):
         StepRequest.from_message(Message("step", msg.meta, {**msg.tensors, "pickle": torch.zeros(1)}))
 

@@ -8,7 +8,7 @@ import torch
 from plans import make_plan
 from shared.data.batching import collate
 from shared.data.datasets import Example
-from shared.model.sources import ByteTokenizer
+from shared.model.tokenizers import ByteTokenizer
 from shared.protocol.transport import InProcessLink
 from user_agent.compute import step_request
 

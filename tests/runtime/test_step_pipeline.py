@@ -12,7 +12,7 @@ from shared.model.adapters import initial_state
 from shared.protocol.enums import Hop, Mode
 from shared.protocol.messages import StepRequest, TrainReply
 from shared.runtime.steps import Downstream, check_step, serve_step
-from shared.runtime.tier import TierRuntime
+from shared.runtime.tier import StepLimits, TierRuntime
 
 WIDTH = 32
 
@@ -53,18 +53,23 @@ def test_a_retry_gets_the_cached_reply_and_runs_nothing(edge) -> None:
     assert again is first and calls == [0] and edge.session(1, "u").steps == 1
 
 
-def test_older_steps_unknown_sessions_and_other_modes_are_refused(edge) -> None:
+def test_only_the_next_step_is_served_and_unknown_sessions_and_other_modes_are_refused(edge) -> None:
     calls: list[int] = []
-    serve_step(edge, request(3).to_message(), loss_downstream(calls), Hop.USER_EDGE)
+    with pytest.raises(InvalidInput, match="skips ahead: the next step is 0"):
+        serve_step(edge, request(3).to_message(), loss_downstream(calls), Hop.USER_EDGE)
+    for step in (0, 1):
+        serve_step(edge, request(step).to_message(), loss_downstream(calls), Hop.USER_EDGE)
     with pytest.raises(InvalidInput, match="older than the last step served"):
-        serve_step(edge, request(2).to_message(), loss_downstream(calls), Hop.USER_EDGE)
+        serve_step(edge, request(0).to_message(), loss_downstream(calls), Hop.USER_EDGE)
+    with pytest.raises(InvalidInput, match="skips ahead: the next step is 2"):
+        serve_step(edge, request(100000).to_message(), loss_downstream(calls), Hop.USER_EDGE)
     with pytest.raises(InvalidInput, match="does not match the session"):
-        serve_step(edge, request(4, Mode.EVAL).to_message(), loss_downstream(calls), Hop.USER_EDGE)
-    other = request(5)
+        serve_step(edge, request(2, Mode.EVAL).to_message(), loss_downstream(calls), Hop.USER_EDGE)
+    other = request(2)
     other.user = "someone-else"
     with pytest.raises(NotFound, match="no session"):
         serve_step(edge, other.to_message(), loss_downstream(calls), Hop.USER_EDGE)
-    assert calls == [3]
+    assert calls == [0, 1]
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -73,9 +78,31 @@ def test_older_steps_unknown_sessions_and_other_modes_are_refused(edge) -> None:
     (lambda r: setattr(r, "attention_mask", r.attention_mask * 2), "0s and 1s"),
     (lambda r: setattr(r, "labels", torch.zeros(2, 2)), "labels must be integers"),
     (lambda r: r.hidden.__setitem__((0, 0), float("nan")), "NaN or Inf"),
+    (lambda r: setattr(r, "hidden", r.hidden.double()), "hidden must be float32"),
+    (lambda r: r.labels.__setitem__((0, 0), 260), r"labels must lie in \[0, 260\) or be -100"),
+    (lambda r: r.labels.__setitem__((0, 0), -5), "labels must lie in"),
 ])
 def test_check_step_refuses_tensors_that_cannot_belong_here(change, reason: str) -> None:
     req = request(0)
     change(req)
     with pytest.raises(InvalidInput, match=reason):
-        check_step(req, WIDTH, "lm")
+        check_step(req, StepLimits(WIDTH, "lm", 260))
+
+
+def test_classification_labels_must_be_below_the_number_of_classes() -> None:
+    req = request(0)
+    req.labels = torch.tensor([0, 3])
+    with pytest.raises(InvalidInput, match=r"labels must lie in \[0, 3\)$"):
+        check_step(req, StepLimits(WIDTH, "cls", 3))
+    req.labels = torch.tensor([0, 2])
+    check_step(req, StepLimits(WIDTH, "cls", 3))
+
+
+def test_labels_are_required_in_the_ordinary_chain_and_refused_in_the_u_shaped_one() -> None:
+    with_labels, without = request(0), request(0)
+    without.labels = None
+    with pytest.raises(InvalidInput, match="carries labels"):
+        check_step(without, StepLimits(WIDTH, "lm", 260))
+    with pytest.raises(InvalidInput, match="U-shaped: labels stay on the device"):
+        check_step(with_labels, StepLimits(WIDTH, "lm", 260, labels=False))
+    check_step(without, StepLimits(WIDTH, "lm", 260, labels=False))

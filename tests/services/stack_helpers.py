@@ -6,7 +6,6 @@ registered with each other through their own HTTP routes.
 from __future__ import annotations
 
 import contextlib
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -32,6 +31,29 @@ def bearer(token: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
 
 
+# Who signs a request to each tier's endpoint by default: its legitimate caller.
+CALLERS = {("cloud", "step"): "edge-0", ("cloud", "update"): "edge-0", ("edge", "step"): "user-0",
+           ("edge", "update"): "user-0", ("edge", "start"): "cloud", ("user", "start"): "edge-0"}
+AUDIENCES = {"cloud": "cloud", "edge": "edge:edge-0", "user": "user:user-0"}
+HOLDERS = {"cloud": "cloud", "edge": "edge-0", "user": "user-0"}  # who holds the stack's credential of each tier role
+
+
+def route_roles(tier: str, method: str, path: str) -> frozenset[str]:
+    """The roles that may call ``method path`` on ``tier`` (its app's RULES); empty if none."""
+    import cloud_server.app
+    import edge_server.app
+    import user_agent.app
+
+    rules = {"cloud": cloud_server.app.RULES, "edge": edge_server.app.RULES, "user": user_agent.app.RULES}[tier]
+    return next((r.roles for r in rules if r.matches(method, path)), frozenset())
+
+
+def route_caller(tier: str, method: str, path: str) -> str | None:
+    """Who legitimately signs a request to this route (None: only an admin's bearer credential may call it)."""
+    tiers = sorted(route_roles(tier, method, path) - {"admin"})
+    return HOLDERS[tiers[0]] if tiers else None
+
+
 class AcceptingLink(Link):
     """A peer that accepts every call and does nothing (a user that never trains); counts the calls."""
 
@@ -45,11 +67,39 @@ class AcceptingLink(Link):
 
 @dataclass
 class Stack:
-    token: str
-    admin: str
+    creds: Any  # shared.lab.credentials.Provisioned: cloud, edge-0, user-0, user-1 (registered nowhere), admin
     apps: dict[str, Any] = field(default_factory=dict)
-    clients: dict[str, TestClient] = field(default_factory=dict)  # no default headers: tests pick the token
+    clients: dict[str, TestClient] = field(default_factory=dict)  # no default headers: tests pick the credential
     services: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def admin(self) -> str:
+        """The admin's bearer credential."""
+        return self.creds.admin_token
+
+    def credential(self, who: str) -> Any:
+        from shared.http.credentials import Credential
+
+        return Credential.load(self.creds.credentials[who])
+
+    def signed(self, who: str, method: str, path: str, body: bytes = b"", audience: str | None = None,
+               tier: str = "cloud") -> dict[str, str]:
+        """Headers of a request ``who`` signs for ``tier`` (or another ``audience``)."""
+        return self.credential(who).sign(method, path, audience or AUDIENCES[tier], body)
+
+    def caller_auth(self, tier: str, method: str, path: str) -> Any:
+        """An httpx auth that signs each request as the route's legitimate caller would (an admin: its bearer)."""
+        from shared.http.client import BearerAuth, SignedAuth
+
+        who = route_caller(tier, method, path)
+        return BearerAuth(self.admin) if who is None else SignedAuth(self.credential(who), AUDIENCES[tier])
+
+    def issue(self, role: str, ident: str, ttl: float = 3600.0, deployment: str | None = None) -> Any:
+        """A new credential from this deployment's key (no tier holds it): another edge, a fresh or expired one."""
+        from shared.http.credentials import issue, load_private_key
+
+        key = load_private_key(self.creds.directory / "deployment.key")
+        return issue(key, deployment or self.creds.deployment, role, ident, ttl)
 
     @property
     def cloud(self) -> Any:
@@ -63,16 +113,21 @@ class Stack:
     def user(self) -> Any:  # the user's UserAgent
         return self.services["user"].agent
 
-    def link_client(self, tier: str) -> TestClient:
-        """An httpx client onto ``tier``'s app carrying the tier token (for the tiers' HttpLinks)."""
-        return TestClient(self.apps[tier], headers=bearer(self.token), raise_server_exceptions=False)
+    def link_client(self, tier: str, auth: Any) -> TestClient:
+        """An httpx client onto ``tier``'s app that signs as the link it replaces did (for the tiers' HttpLinks)."""
+        client = TestClient(self.apps[tier], raise_server_exceptions=False)
+        client.auth = auth
+        return client
 
-    def post_msg(self, tier: str, endpoint: str, msg: Message | bytes, token: str | None = "tier",
+    def post_msg(self, tier: str, endpoint: str, msg: Message | bytes, as_: str | None = "caller",
                  content_type: str = CONTENT_TYPE) -> httpx.Response:
+        """POST a message to ``tier``, signed by its legitimate caller (``as_="caller"``), by another credential
+        (``as_="user-1"``), or unsigned (``as_=None``)."""
         body = msg if isinstance(msg, bytes) else encode(msg)
         headers = {"content-type": content_type}
-        if token is not None:
-            headers.update(bearer(self.token if token == "tier" else token))
+        if as_ is not None:
+            who = CALLERS[(tier, endpoint)] if as_ == "caller" else as_
+            headers.update(self.signed(who, "POST", f"/v1/{endpoint}", body, tier=tier))
         return self.clients[tier].post(f"/v1/{endpoint}", content=body, headers=headers)
 
     # sessions and messages --------------------------------------------------------------------------------
@@ -128,47 +183,52 @@ def inprocess_stack(workdir: Path, edge: dict[str, Any] | None = None, drain: bo
     import user_agent.app as user_app
     import user_agent.service as user_service
     from shared.config.settings import CloudSettings, EdgeSettings, UserSettings
-    from shared.http.client import TransportError, auth_headers
+    from shared.http.client import Identity, TransportError
+    from shared.lab.credentials import provision
 
-    stack = Stack(secrets.token_urlsafe(18), secrets.token_urlsafe(18))
+    stack = Stack(provision(workdir / "credentials", ["edge-0"], {"user-0": 0, "user-1": 1}))
     hosts = {"cloud.test": "cloud", "edge.test": "edge", "user.test": "user"}
 
-    def route(method: str, url: str, payload: Any, token: str | None) -> Any:
+    def route(method: str, url: str, payload: Any, identity: Identity, audience: str) -> Any:
         u = httpx.URL(url)
-        r = stack.clients[hosts[u.host]].request(method, u.raw_path.decode(), json=payload,
-                                                  headers=auth_headers(token))
+        client = stack.clients.get(hosts[u.host])
+        if client is None:  # a tier not started yet, or already stopped: unreachable, as over a real network
+            raise TransportError(f"{url}: connection refused")
+        r = client.request(method, u.raw_path.decode(), json=payload, auth=identity.auth(audience))
         if r.status_code >= 400:
             raise TransportError(f"{url}: HTTP {r.status_code}: {r.text[:200]}", r.status_code)
         return r.json()
 
-    def fake_post_json(url, payload, deadline, timeout=30.0, token=None, verify=True):  # noqa: ANN001
-        return route("POST", url, payload, token)
+    def fake_post_json(url, payload, deadline, identity=Identity(), audience="", timeout=30.0):  # noqa: ANN001
+        return route("POST", url, payload, identity, audience)
 
-    def fake_get_json(url, deadline, timeout=30.0, token=None, verify=True):  # noqa: ANN001
-        return route("GET", url, None, token)
+    def fake_get_json(url, deadline, identity=Identity(), audience="", timeout=30.0):  # noqa: ANN001
+        return route("GET", url, None, identity, audience)
 
     class RecordedEdge(edge_service.EdgeService):
-        def __init__(self, settings: Any) -> None:
+        def __init__(self, *args: Any) -> None:
             stack.services["edge"] = self
-            super().__init__(settings)
+            super().__init__(*args)
 
     class RecordedUser(user_service.UserService):
-        def __init__(self, settings: Any) -> None:
+        def __init__(self, *args: Any) -> None:
             stack.services["user"] = self
-            super().__init__(settings)
+            super().__init__(*args)
+
+    def secure(name: str) -> dict[str, Any]:
+        return {"credential": str(stack.creds.credentials[name]), "trust_key": str(stack.creds.trust_key)}
 
     cloud_settings = dict(model="tiny-bert", split="1,3", data="trec", num_clients=2, max_examples_per_client=16,
                           eval_examples_per_client=4, local_steps=2, batch_size=2, seed=3, max_message_bytes=LIMIT,
-                          data_dir=workdir / "cloud", token=stack.token, admin_token=stack.admin)
+                          data_dir=workdir / "cloud", **secure("cloud"))
     cloud_settings.update(cloud)
     edge_settings = dict(cloud="http://cloud.test", public_url="http://edge.test", edge_id="edge-0",
-                         token=stack.token, max_message_bytes=LIMIT)
+                         max_message_bytes=LIMIT, **secure("edge-0"))
     edge_settings.update(edge or {})
     stack.apps["cloud"] = cloud_app.create_app(CloudSettings(**cloud_settings))
     stack.apps["edge"] = edge_app.create_app(EdgeSettings(**edge_settings))
     stack.apps["user"] = user_app.create_app(UserSettings(edge="http://edge.test", public_url="http://user.test",
-                                                          client_index=0, token=stack.token,
-                                                          max_message_bytes=LIMIT))
+                                                          client_index=0, max_message_bytes=LIMIT, **secure("user-0")))
     with pytest.MonkeyPatch.context() as mp, contextlib.ExitStack() as exits:
         mp.setattr(edge_service, "post_json", fake_post_json)
         mp.setattr(edge_app, "EdgeService", RecordedEdge)
@@ -187,12 +247,12 @@ def inprocess_stack(workdir: Path, edge: dict[str, Any] | None = None, drain: bo
                     raise TimeoutError(f"in-process {tier} not ready")
                 time.sleep(0.02)
         stack.services["cloud"] = stack.apps["cloud"].state.service
-        stack.edge.cloud.client = stack.link_client("cloud")
+        stack.edge.cloud.client = stack.link_client("cloud", stack.edge.cloud.auth)
         for link in stack.edge.users.values():
-            link.client = stack.link_client("user")
-        stack.user.edge.client = stack.link_client("edge")
+            link.client = stack.link_client("user", link.auth)
+        stack.user.edge.client = stack.link_client("edge", stack.user.edge.auth)
         for link in stack.cloud.coordinator.edges.values():
-            link.client = stack.link_client("edge")
+            link.client = stack.link_client("edge", link.auth)
         try:
             yield stack
         finally:
@@ -222,7 +282,7 @@ def drain_rounds(service: Any, timeout: float = 30.0) -> None:
 def wait_round(stack: Stack, round_id: int, timeout: float = 60.0, durable: bool = True) -> dict[str, Any]:
     """The round's final view; for a committed round, once its version is also current at the cloud (a round
     shows "committed" a moment before its version is written and made current: see test_faults.py)."""
-    client, headers = stack.clients["cloud"], bearer(stack.token)
+    client, headers = stack.clients["cloud"], bearer(stack.admin)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         view = client.get(f"/v1/rounds/{round_id}", headers=headers).json()

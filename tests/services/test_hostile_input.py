@@ -17,7 +17,7 @@ from shared.errors import InvalidInput, NotFound
 from shared.http.server import INTERNAL_ERROR
 from shared.protocol.enums import Mode
 from shared.protocol.messages import Report, Update
-from shared.protocol.wire import Message
+from shared.protocol.wire import CONTENT_TYPE, Message, encode
 from stack_helpers import AcceptingLink, Stack, bearer, inprocess_stack, wait_round, waiting_round
 
 
@@ -101,9 +101,15 @@ def test_bad_edge_updates_get_422_at_the_cloud(stack):
         for name, bad in _mutations(tensors).items():
             r = stack.post_msg("cloud", "update", Message("update", meta, bad))
             assert r.status_code == 422, (name, r.text)
+        # an edge reports only as itself (403); an edge the cloud does not know is refused (404)
         r = stack.post_msg("cloud", "update", Message("update", _edge_report_meta(rid, "edge-nobody"), tensors))
+        assert r.status_code == 403 and "may not report as edge 'edge-nobody'" in r.json()["detail"], r.text
+        body = encode(Message("update", _edge_report_meta(rid, "edge-nobody"), tensors))
+        headers = {**stack.issue("edge", "edge-nobody").sign("POST", "/v1/update", "cloud", body),
+                   "content-type": CONTENT_TYPE}
+        r = stack.clients["cloud"].post("/v1/update", content=body, headers=headers)
         assert r.status_code == 404, r.text
-    view = stack.clients["cloud"].get(f"/v1/rounds/{rid}", headers=bearer(stack.token)).json()
+    view = stack.clients["cloud"].get(f"/v1/rounds/{rid}", headers=bearer(stack.admin)).json()
     assert view["state"] == "failed" and view["version"] is None, view  # no refused update got in
 
 
@@ -190,7 +196,7 @@ def test_an_internal_bug_in_a_step_answers_500_while_client_errors_keep_their_4x
 
 
 def test_an_internal_bug_in_a_json_route_answers_500(stack, monkeypatch, caplog):
-    client, headers = stack.clients["cloud"], bearer(stack.token)
+    client, headers = stack.clients["cloud"], bearer(stack.admin)
     monkeypatch.setattr(stack.cloud, "round_view", _raising(KeyError("boom")))
     with caplog.at_level(logging.ERROR, logger="splitllm.http"):
         r = client.get("/v1/rounds/1", headers=headers)

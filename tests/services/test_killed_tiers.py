@@ -99,12 +99,14 @@ def test_killed_user_fails_a_round_that_needs_every_user(cluster):
     rid = cluster.start_round(round_body(min_participants=4))
     wait_training(cluster, rid, "user-3")
     cluster.procs["user-3"].kill(signal.SIGKILL)
-    view = settle(cluster, rid)
-    assert view["state"] == "failed" and view["version"] is None, view
-    assert "min_participants=4" in view["error"] and "3 of 4" in view["error"], view["error"]
-    assert version(cluster) == base and cluster.get(f"/v1/adapters/{base + 1}").status_code == 404
-    assert committed(cluster) == history and adapter_files(cluster) == files
-    restart(cluster, "user-3")
+    try:
+        view = settle(cluster, rid)
+        assert view["state"] == "failed" and view["version"] is None, view
+        assert "min_participants=4" in view["error"] and "3 of 4" in view["error"], view["error"]
+        assert version(cluster) == base and cluster.get(f"/v1/adapters/{base + 1}").status_code == 404
+        assert committed(cluster) == history and adapter_files(cluster) == files
+    finally:  # the next tests need every device, whatever this one found
+        restart(cluster, "user-3")
 
 
 @pytest.mark.slow
@@ -113,17 +115,19 @@ def test_killed_user_is_dropped_and_the_round_commits_with_the_others(cluster):
     rid = cluster.start_round(round_body(min_participants=3))
     wait_training(cluster, rid, "user-3")
     cluster.procs["user-3"].kill(signal.SIGKILL)
-    view = settle(cluster, rid)
-    assert view["state"] == "committed", view
-    assert view["metrics"]["dropped"] == ["user-3"]
-    assert sorted(view["metrics"]["users"]) == ["user-0", "user-1", "user-2"]
-    assert view["progress"]["user-3"] == "dropped"
-    assert view["base_version"] == base and view["version"] == base + 1 == version(cluster)
-    after = committed(cluster)
-    assert {k: v for k, v in after.items() if k != rid} == history
-    new_files = adapter_files(cluster)
-    assert {v: b for v, b in new_files.items() if v <= base} == files and base + 1 in new_files
-    restart(cluster, "user-3")
+    try:
+        view = settle(cluster, rid)
+        assert view["state"] == "committed", view
+        assert view["metrics"]["dropped"] == ["user-3"]
+        assert sorted(view["metrics"]["users"]) == ["user-0", "user-1", "user-2"]
+        assert view["progress"]["user-3"] == "dropped"
+        assert view["base_version"] == base and view["version"] == base + 1 == version(cluster)
+        after = committed(cluster)
+        assert {k: v for k, v in after.items() if k != rid} == history
+        new_files = adapter_files(cluster)
+        assert {v: b for v, b in new_files.items() if v <= base} == files and base + 1 in new_files
+    finally:
+        restart(cluster, "user-3")
     # the device is back: the next round has everyone again
     rid = cluster.start_round({"local_steps": 3, "evaluate": False})
     view = settle(cluster, rid)

@@ -1,6 +1,10 @@
-"""Three tiers as real processes on loopback: the HTTP path is the simulator's math, and a killed cloud loses nothing."""
+"""Three tiers as real processes on loopback: the HTTP path is the simulator's math, a killed cloud loses nothing,
+bad input gets a 4xx, and one process's credential cannot take over another's identity."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import httpx
 import msgpack
@@ -9,6 +13,7 @@ import torch
 from safetensors.torch import load
 
 from shared.config.round import RoundConfig
+from shared.http.credentials import Credential
 from shared.lab.sim import SimConfig, Simulation
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.wire import CONTENT_TYPE, Message, encode
@@ -34,21 +39,35 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
+def credential(cluster: Cluster, name: str) -> Credential:
+    """A process's credential, as the cluster provisioned it (what an attacker who stole it would hold)."""
+    return Credential.load(Path(cluster.workdir) / "credentials" / f"{name}.json")
+
+
 def fetch_version(cluster: Cluster, version: int) -> AdapterBundle:
     r = cluster.get(f"/v1/adapters/{version}")
     assert r.status_code == 200
     return AdapterBundle.from_tensors(load(r.content))
 
 
+def hop_bytes(row: dict) -> dict:
+    """A simulator row's bytes per hop, named as a round's metrics name them."""
+    return {"user_edge": row["bytes"]["user"], "edge_cloud": row["bytes"]["edge"]}
+
+
 def test_http_rounds_equal_the_simulator(cluster):
+    views = []
     for expected in (1, 2):
         rid = cluster.start_round()
         view = cluster.wait_round(rid)
         assert view["state"] == "committed", view
         assert view["version"] == expected
+        views.append(view)
     served = fetch_version(cluster, 2)
     sim = Simulation(sim_config())
-    sim.run()
+    rows = sim.run()
+    # every message of a round, training and evaluation, counted on each hop: the same bytes as in-process
+    assert [v["metrics"]["bytes"] for v in views] == [hop_bytes(r) for r in rows]
     for tier, state in sim.coordinator.global_state.items():
         assert set(served[tier]) == set(state)
         for key, value in state.items():
@@ -84,8 +103,8 @@ def _raw_step(hidden: dict) -> bytes:
         "labels": _entry("int64", [1], bytes(8))}})
 
 
-def _unknown_session() -> bytes:
-    return encode(Message("step", {"round": 999, "user": "nobody", "step": 0, "mode": "train"}, {
+def _unknown_session() -> bytes:  # user-0's, so that both tiers let its edge and user-0 itself send it
+    return encode(Message("step", {"round": 999, "user": "user-0", "step": 0, "mode": "train"}, {
         "hidden": torch.zeros(1, 2, 32), "attention_mask": torch.ones(1, 2, dtype=torch.uint8),
         "labels": torch.zeros(1, dtype=torch.int64)}))
 
@@ -97,7 +116,7 @@ BAD_BODIES = {
     "unknown dtype": (_raw_step(_entry("float128", [1, 2, 32], bytes(1024))), CONTENT_TYPE, 400),
     "body over the limit": (bytes(LIMIT + 1), CONTENT_TYPE, 413),
     "step for an unknown session": (_unknown_session(), CONTENT_TYPE, 404),
-    "step without its tensors": (encode(Message("step", {"round": 1, "user": "u", "step": 0, "mode": "train"})),
+    "step without its tensors": (encode(Message("step", {"round": 1, "user": "user-0", "step": 0, "mode": "train"})),
                                  CONTENT_TYPE, 422),
 }
 
@@ -105,9 +124,39 @@ BAD_BODIES = {
 @pytest.mark.parametrize("case", sorted(BAD_BODIES))
 def test_bad_input_gets_4xx_with_a_json_reason_and_the_service_stays_up(cluster, case):
     body, ctype, status = BAD_BODIES[case]
-    for proc in (cluster.cloud, cluster.procs["edge-0"]):
-        headers = {"content-type": ctype, "authorization": f"Bearer {cluster.env['SPLITLLM_TOKEN']}"}
+    for proc, signer, audience in ((cluster.cloud, "edge-0", "cloud"),
+                                   (cluster.procs["edge-0"], "user-0", "edge:edge-0")):  # each signed by its caller
+        headers = {"content-type": ctype, **credential(cluster, signer).sign("POST", "/v1/step", audience, body)}
         r = httpx.post(f"{proc.url}/v1/step", content=body, headers=headers, timeout=30)
         assert r.status_code == status, (proc.name, r.text)
         assert isinstance(r.json()["detail"], str) and r.json()["detail"]
         assert httpx.get(f"{proc.url}/healthz", timeout=30).status_code == 200
+
+
+def test_identity_takeover_between_real_processes_fails_and_the_victims_keep_training(cluster):
+    """The issue's takeover, as processes: user-1's credential re-registers user-0 at user-0's edge, edge-1's
+    re-registers edge-0 at the cloud, or tells the cloud user-0 is now behind edge-1; user-0 points its own
+    registration at the metadata address. All refused; the next round has every user, none dropped."""
+    edge0 = cluster.procs["edge-0"].url
+
+    def post(url: str, path: str, payload: dict, signer: str, audience: str) -> httpx.Response:
+        body = json.dumps(payload).encode()
+        headers = {"content-type": "application/json", **credential(cluster, signer).sign("POST", path, audience, body)}
+        return httpx.post(f"{url}{path}", content=body, headers=headers, timeout=30)
+
+    takeover = {"user_id": "user-0", "url": "http://127.0.0.1:9", "num_samples": 10**6}
+    attempts = {
+        "user-1 as user-0 at its edge": (post(edge0, "/v1/users", takeover, "user-1", "edge:edge-0"), 403),
+        "edge-1 as edge-0 at the cloud": (post(cluster.cloud.url, "/v1/edges", {"edge_id": "edge-0",
+                                           "url": "http://127.0.0.1:9"}, "edge-1", "cloud"), 403),
+        "edge-1 claims user-0": (post(cluster.cloud.url, "/v1/edges/edge-1/users", {"user_id": "user-0",
+                                  "num_samples": 10**6}, "edge-1", "cloud"), 422),
+        "user-0 at the metadata address": (post(edge0, "/v1/users", {**takeover, "url": "http://169.254.169.254/"},
+                                                "user-0", "edge:edge-0"), 422),
+    }
+    got = {name: (r.status_code, r.json().get("detail")) for name, (r, _) in attempts.items()}
+    assert {name: code for name, (code, _) in got.items()} == {name: want for name, (_, want) in attempts.items()}, got
+    assert cluster.cloud.wait_healthy()["users"] == cluster.users
+    view = cluster.wait_round(cluster.start_round({"evaluate": False}))
+    assert view["state"] == "committed" and view["metrics"]["dropped"] == [], view
+    assert sorted(view["participants"]) == [f"user-{i}" for i in range(cluster.users)], view

@@ -66,7 +66,7 @@ def bench_codecs(model: str = "minilm-l6", split: str = "1,3", steps: int = 50, 
 
     a, b = (int(x) for x in split.split(","))
     source = resolve_model(model)
-    data = data or ("trec" if source.family == "bert" else "shakespeare")  # encoder: classification
+    data = data or ("shakespeare" if "lm" in source.family.tasks else "trec")  # encoder: classification
     runs: dict[str, list[dict[str, Any]]] = {}
     for spec in codecs:
         for seed in seeds:

@@ -10,14 +10,14 @@ edge e<->cloud, 10.77.(2 + i // 64).4(i % 64)/30 user i<->its edge). Each end's 
 with ``tc tbf``: the user's towards its edge at the profile's uplink rate, the edge's towards the user
 at its downlink rate, and likewise edge<->cloud with the edge profile. Where the kernel has ``netem``
 (probed once in a scratch namespace) the profile's delay, jitter and loss go in a netem qdisc above
-the tbf; where it does not, only the rates are real and delay/loss come from the transport's link
-emulator (``shared.protocol.links.LinkEmulator``) if the run configures one. The tiers then start inside their
+the tbf; where it does not, tbf paces the bytes and the edges' and users' link emulators
+(``shared.protocol.links.LinkEmulator``, ``--link-rate-shaped``) add the delay, jitter and loss. The tiers then start inside their
 namespaces (``ip netns exec <ns> python -m shared.lab.cli <tier> ...``), and ``up`` waits until every
 user has registered, writes ``<workdir>/state.json`` (namespaces, veths, pids, urls) and prints the
 cloud's URL, which the host reaches over the unshaped ``sl-host`` link. Flags ``up`` does not know are
 the tiers' settings: cloud-only ones go to the cloud, ones every tier has to every tier. Without
-``--insecure-dev`` or tokens in the environment, fresh tokens are made (the admin token is written to
-``<workdir>/admin-token``, mode 0600).
+``--insecure-dev``, each tier gets a credential of its own from a fresh deployment key in
+``<workdir>/credentials`` (the admin's bearer credential in ``admin.token`` there, mode 0600).
 
 ``splitllm topology down [--workdir ...]`` stops those processes and deletes the namespaces (their
 veths go with them). It is idempotent and also cleans up after an ``up`` that failed half-way: the

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -21,9 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="build the namespaces and links, start the tiers in them", allow_abbrev=False,
                        description="Other flags are the tiers' own: cloud settings (--model, --data, --split, ...) "
                        "go to the cloud, settings every tier has (--insecure-dev, --request-timeout, --device, "
-                       "TLS) to every tier. Tokens come from --token/--admin-token, "
-                       "SPLITLLM_TOKEN/SPLITLLM_ADMIN_TOKEN, or are "
-                       "generated (the admin token then lands in <workdir>/admin-token).")
+                       "TLS) to every tier. Each tier gets a credential of its own from a fresh deployment key "
+                       "(<workdir>/credentials; the admin's bearer credential is <workdir>/credentials/admin.token); "
+                       "with --insecure-dev, --token/--admin-token are the shared development secrets.")
     p.add_argument("--profile", default="4g", help="link profile of each user<->edge hop (default 4g; none: unshaped)")
     p.add_argument("--edge-profile", default="fiber", help="link profile of each edge<->cloud hop (default fiber)")
     p.add_argument("--users", type=int, default=4)
@@ -76,17 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     if d["netem"]:
         print("netem: delay, jitter and loss of each profile applied by the kernel")
     else:
-        print("netem: not in this kernel; tbf shapes the rates only, and delay/jitter/loss come from the "
-              "transport's link emulator (shared/protocol/links.py) where a run configures one")
+        print("netem: not in this kernel; tbf shapes the rates, and the edges' and users' link emulators "
+              "(--link-rate-shaped) add each profile's delay, jitter and loss")
     print(f"state: {state.path}")
     if args.no_tiers:
         print("tiers not started (--no-tiers)")
     else:
         print(f"logs: {workdir.resolve()}/*.log; stop with: splitllm topology down --workdir {args.workdir}")
-        token_file = workdir.resolve() / "admin-token"
-        given = "SPLITLLM_ADMIN_TOKEN" in os.environ or "SPLITLLM_ADMIN_TOKEN" in tier_args.env
-        if token_file.exists() and not given:
-            print(f"admin token (round API): {token_file}")
+        token_file = workdir.resolve() / "credentials" / "admin.token"
+        if token_file.exists():
+            print(f"admin credential (round API, Authorization: Bearer): {token_file}")
         print(f"cloud: {d['urls']['cloud']}")
     return 0
 

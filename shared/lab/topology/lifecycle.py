@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import os
 import sys
 from pathlib import Path
@@ -37,8 +39,8 @@ def up(plan: Plan, workdir: Path, tiers: bool = True, tier_args: TierArgs | None
         build_network(plan, state, netem)
         if tiers:
             tier_args = tier_args or TierArgs()
-            cmds = tier_commands(plan, workdir, python, tier_args, log_level)
-            popens = start_tiers(plan, state, cmds, tier_env(tier_args, workdir), tier_args.scheme)
+            cmds = tier_commands(plan, workdir, python, tier_args, log_level, emulate=not netem)
+            popens = start_tiers(plan, state, cmds, tier_env(tier_args, workdir, plan), tier_args.scheme)
             wait_ready(plan, state, popens, timeout, python)
     except BaseException:
         down(workdir, quiet=True)
@@ -73,7 +75,7 @@ def down(workdir: Path, quiet: bool = False, sweep_prefix: str | None = None, gr
         raise TopologyError(f"could not delete namespaces: {', '.join(left)}")
     if state is not None:
         state.path.unlink(missing_ok=True)
-        (workdir / "admin-token").unlink(missing_ok=True)
+        shutil.rmtree(workdir / "credentials", ignore_errors=True)
     if not quiet:
         print(f"stopped {len(pids)} processes, deleted {len(removed)} namespaces"
               + (f": {' '.join(removed)}" if removed else ""), flush=True)

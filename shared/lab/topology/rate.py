@@ -1,9 +1,10 @@
-"""``measure_rate``: times a plain TCP transfer between two namespaces (used by the tests)."""
+"""``measure_rate``: times a plain TCP transfer between two namespaces, or two containers (used by the tests)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 
 from shared.lab.topology.network import in_ns, run
 from shared.lab.topology.plan import TopologyError
@@ -41,17 +42,18 @@ print(s.makefile().readline().strip(), flush=True)
 
 
 def measure_rate(src_ns: str, dst_ns: str, dst_addr: str, nbytes: int, timeout: float = 60.0,
-                 python: str = sys.executable) -> float:
+                 python: str = sys.executable, wrap: Callable[..., list[str]] = in_ns) -> float:
     """Mbit/s of payload that a TCP connection moves from ``src_ns`` to ``dst_addr`` (in ``dst_ns``),
-    timed at the receiver from the first to the last byte (the first read's bytes not counted)."""
-    recv = subprocess.Popen(in_ns(dst_ns, python, "-c", _RECEIVER, dst_addr, str(timeout)),
+    timed at the receiver from the first to the last byte (the first read's bytes not counted).
+    ``wrap(place, *cmd)`` runs a command in a place: a namespace (default), or e.g. a container."""
+    recv = subprocess.Popen(wrap(dst_ns, python, "-c", _RECEIVER, dst_addr, str(timeout)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     try:
         line = recv.stdout.readline().strip()
         if not line.isdigit():
             recv.wait(timeout=5)
             raise TopologyError(f"receiver in {dst_ns} did not start: {recv.stderr.read().strip()}")
-        sent = run(in_ns(src_ns, python, "-c", _SENDER, dst_addr, line, str(nbytes), str(timeout)),
+        sent = run(wrap(src_ns, python, "-c", _SENDER, dst_addr, line, str(nbytes), str(timeout)),
                    timeout=timeout + 5)
         n, first, seconds = sent.stdout.split()
         recv.wait(timeout=10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def split_tier_args(extra: list[str]) -> TierArgs:
             continue
         if name in TOPOLOGY_OWNED:
             parser.error(f"--{name.replace('_', '-')} is set by the topology")
-        if name in ("token", "admin_token"):
+        if name in ("token", "admin_token"):  # development secrets (with --insecure-dev) travel in the environment
             out.env[f"SPLITLLM_{name.upper()}"] = str(value)
             continue
         flag = f"--{name.replace('_', '-')}"
@@ -72,9 +73,14 @@ def parsed_config(extra: list[str]) -> str:
 
 
 def tier_commands(plan: Plan, workdir: Path, python: str, tier_args: TierArgs,
-                  log_level: str = "warning") -> dict[str, list[str]]:
+                  log_level: str = "warning", emulate: bool = False) -> dict[str, list[str]]:
     """``ip netns exec <ns> python -m shared.lab.cli <tier> ...`` for every tier; the tiers listen inside
-    their own namespaces (cloud and edges on all their links, users on their one address)."""
+    their own namespaces (cloud and edges on all their links, users on their one address). With
+    ``emulate`` (no netem in the kernel) edges and users get their link profile with ``--link-rate-shaped``:
+    tbf paces the bytes, and their link emulators add the profile's delay, jitter and loss."""
+    def link(profile: str) -> list[str]:
+        return ["--link-profile", profile, "--link-rate-shaped"] if emulate and profile != "none" else []
+
     cmds: dict[str, list[str]] = {}
     common = ["--log-level", log_level, *tier_args.common]
     s = tier_args.scheme
@@ -85,35 +91,37 @@ def tier_commands(plan: Plan, workdir: Path, python: str, tier_args: TierArgs,
         name = f"edge-{e}"
         cmds[name] = in_ns(plan.namespaces[name], python, "-m", "shared.lab.cli", "edge", "--host", "0.0.0.0",
                            "--port", str(PORTS["edge"]), "--cloud", f"{s}://{parent_addr(plan, name)}:{PORTS['cloud']}",
-                           "--edge-id", name, "--public-url", f"{s}://{plan.addrs[name]}:{PORTS['edge']}", *common)
+                           "--edge-id", name, "--public-url", f"{s}://{plan.addrs[name]}:{PORTS['edge']}",
+                           *link(plan.edge_profile), *common)
     for i in range(plan.users):
         name = f"user-{i}"
         addr = plan.addrs[name]
         cmds[name] = in_ns(plan.namespaces[name], python, "-m", "shared.lab.cli", "user", "--host", addr,
                            "--port", str(PORTS["user"]), "--edge", f"{s}://{parent_addr(plan, name)}:{PORTS['edge']}",
-                           "--client-index", str(i), "--public-url", f"{s}://{addr}:{PORTS['user']}", *common)
+                           "--client-index", str(i), "--public-url", f"{s}://{addr}:{PORTS['user']}",
+                           *link(plan.profile), *common)
     return cmds
 
 
-def tier_env(tier_args: TierArgs, workdir: Path) -> dict[str, str]:
-    """The tiers' environment: ours, the tokens given as flags, and fresh tokens where none is set
-    (unless --insecure-dev); a generated admin token is written to ``<workdir>/admin-token`` (0600)."""
-    import secrets
+def tier_env(tier_args: TierArgs, workdir: Path, plan: Plan | None = None) -> dict[str, dict[str, str]]:
+    """Each tier's environment: ours, and (unless --insecure-dev) a credential of its own from a fresh deployment
+    key in ``<workdir>/credentials`` (the admin's bearer credential lands in ``<workdir>/credentials/admin.token``);
+    with --insecure-dev, the shared development tokens given as flags."""
+    from shared.lab.credentials import provision
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("HF_HUB_OFFLINE", "1")
+    for name in ("SPLITLLM_TOKEN", "SPLITLLM_ADMIN_TOKEN", "SPLITLLM_CREDENTIAL", "SPLITLLM_TRUST_KEY"):
+        env.pop(name, None)
     env.update(tier_args.env)
-    if not tier_args.insecure_dev:
-        env.setdefault("SPLITLLM_TOKEN", secrets.token_urlsafe(24))
-        if "SPLITLLM_ADMIN_TOKEN" not in env:
-            env["SPLITLLM_ADMIN_TOKEN"] = secrets.token_urlsafe(24)
-            path = workdir / "admin-token"
-            path.unlink(missing_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(env["SPLITLLM_ADMIN_TOKEN"] + "\n")
-    return env
+    names = ["cloud", *(f"edge-{e}" for e in range(plan.edges)), *(f"user-{u}" for u in range(plan.users))] if plan else []
+    if tier_args.insecure_dev or plan is None:
+        return {name: env for name in names}
+    shutil.rmtree(workdir / "credentials", ignore_errors=True)
+    creds = provision(workdir / "credentials", [n for n in names if n.startswith("edge")],
+                      {n: int(n.split("-")[1]) for n in names if n.startswith("user")})
+    return {name: {**env, **creds.env(name)} for name in names}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +136,7 @@ def start_time(pid: int) -> str | None:
         return None
 
 
-def start_tiers(plan: Plan, state: State, cmds: dict[str, list[str]], env: dict[str, str],
+def start_tiers(plan: Plan, state: State, cmds: dict[str, list[str]], envs: dict[str, dict[str, str]],
                 scheme: str = "http") -> dict[str, subprocess.Popen]:
     popens: dict[str, subprocess.Popen] = {}
     for name, cmd in cmds.items():
@@ -137,7 +145,7 @@ def start_tiers(plan: Plan, state: State, cmds: dict[str, list[str]], env: dict[
         state.data["urls"][name] = f"{scheme}://{plan.addrs[name]}:{port}"
         log = state.workdir / f"{name}.log"
         with log.open("ab") as out:
-            popen = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            popen = subprocess.Popen(cmd, cwd=ROOT, env=envs[name], stdout=out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         popens[name] = popen
         state.data["procs"].append({"name": name, "ns": plan.namespaces[name], "pid": popen.pid,

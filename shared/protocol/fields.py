@@ -1,0 +1,73 @@
+"""Checks of a decoded message's fields: present, known, of the right type (``InvalidInput``, a 422, otherwise)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from shared.errors import InvalidInput
+from shared.protocol.enums import Mode
+from shared.protocol.wire import Message
+
+
+Json = dict[str, Any]
+
+
+def lacks(kind: str, missing: list[str]) -> InvalidInput:
+    return InvalidInput(f"{kind} message lacks {', '.join(missing)}")
+
+
+def check_fields(kind: str, meta: Json, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    missing = [f"meta.{k}" for k in required if k not in meta]
+    if missing:
+        raise lacks(kind, missing)
+    unknown = sorted(set(meta) - set(required) - set(optional))
+    if unknown:
+        raise InvalidInput(f"{kind} message has unknown field(s) {', '.join(f'meta.{k}' for k in unknown)[:200]}")
+
+
+def tensors_of(kind: str, msg: Message, names: tuple[str, ...]) -> list[torch.Tensor]:
+    missing = [f"tensors.{n}" for n in names if n not in msg.tensors]
+    if missing:
+        raise lacks(kind, missing)
+    unknown = sorted(set(msg.tensors) - set(names))
+    if unknown:
+        raise InvalidInput(f"{kind} message has unknown tensor(s) {', '.join(unknown)[:200]}")
+    return [msg.tensors[n] for n in names]
+
+
+def as_int(value: Any, where: str, lo: int | None = None) -> int:
+    if type(value) is not int or (lo is not None and value < lo):
+        raise InvalidInput(f"{where} must be an integer{f' >= {lo}' if lo is not None else ''} (got {str(value)[:40]!r})")
+    return value
+
+
+def as_str(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(f"{where} must be a non-empty string")
+    return value
+
+
+def as_number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidInput(f"{where} must be a finite number (got {str(value)[:40]!r})")
+    return float(value)
+
+
+def optional_number(meta: Json, key: str) -> float | None:
+    return None if meta.get(key) is None else as_number(meta[key], f"meta.{key}")
+
+
+def as_mode(value: Any, where: str) -> Mode:
+    try:
+        return Mode(value)
+    except ValueError:
+        raise InvalidInput(f"{where} must be one of {', '.join(m.value for m in Mode)} (got {str(value)[:40]!r})") from None
+
+
+def as_map(value: Any, where: str) -> Json:
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{where} must be a map")
+    return value
