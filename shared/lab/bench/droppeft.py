@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from shared.lab.bench.protocol import LR_GRID, TUNING_SEED, choose_lr, first_reach, fmt, mean_last, smooth, summary
+from shared.lab.bench.protocol import LR_GRID, TUNING_SEED, first_reach, fmt, mean_last, pick_lr, smooth, summary
 
 SETTINGS = ("whole", "split")
 METHODS = ("plain", "droppeft")
@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--algorithm-config", default="{}", help="more droppeft options (JSON object)")
     p.add_argument("--target-fraction", type=float, default=0.8, help="target: plain's smoothed eval loss at this share of rounds")
     p.add_argument("--grid", default=",".join(str(x) for x in LR_GRID), help="learning rates each method is tuned over")
+    p.add_argument("--lrs", default="", help="skip the grid for these methods: METHOD=LR,... (e.g. plain=5e-3)")
     p.add_argument("--tuning-seed", type=int, default=TUNING_SEED)
     p.add_argument("--seeds", type=int, default=3, help="reported seeds: --seed .. --seed + N - 1")
     p.add_argument("--seed", type=int, default=0)
@@ -245,14 +246,12 @@ def run_setting(setting: str, args: argparse.Namespace, log: Any = print) -> dic
 
     num_layers = resolve_model(args.model).num_layers
     seeds = list(range(args.seed, args.seed + args.seeds))
-    grid = [float(x) for x in args.grid.split(",")]
     out: dict[str, Any] = {"split": list(cut_of(setting, args, num_layers)), "methods": {}}
     for method in METHODS:
         def run(lr: float, seed: int, method: str = method) -> dict[str, Any]:
             return run_once(method, setting, lr, seed, args, log)
 
-        lr, tried = choose_lr(run, lambda r: r["mean_last3_accuracy"], grid, args.tuning_seed) if len(grid) > 1 \
-            else (grid[0], [])
+        lr, tried = pick_lr(method, run, lambda r: r["mean_last3_accuracy"], args)
         runs = [run(lr, s) for s in seeds]
         out["methods"][method] = {
             "lr": lr, "grid": [{"lr": t["lr"], "mean_last3_accuracy": t["quality"]} for t in tried],

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.lab.bench.protocol import LR_GRID, TUNING_SEED, choose_lr, fmt, mean_last, summary
+from shared.lab.bench.protocol import LR_GRID, TUNING_SEED, fmt, mean_last, pick_lr, summary
 
 ENDPOINTS = ("start", "update")
 METHODS = ("lora", "fedara")
@@ -106,11 +106,7 @@ def run_setting(setting: str, args: argparse.Namespace, log: Any = print) -> dic
         def run(lr: float, seed: int, method: str = method) -> dict[str, Any]:
             return run_once(method, setting, lr, seed, args, log)
 
-        grid = [float(x) for x in args.grid.split(",")]
-        if len(grid) > 1:
-            lr, tried = choose_lr(run, lambda r: r["mean_last3_accuracy"], grid, args.tuning_seed)
-        else:
-            lr, tried = grid[0], []
+        lr, tried = pick_lr(method, run, lambda r: r["mean_last3_accuracy"], args)
         runs = [run(lr, s) for s in seeds]
         out["methods"][method] = {
             "lr": lr, "grid": [{"lr": t["lr"], "seed": t["seed"], "mean_last3_accuracy": t["quality"],
@@ -183,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ortho-weight", type=float, default=0.1)
     p.add_argument("--e-lr-scale", type=float, default=16.0)
     p.add_argument("--grid", default=",".join(str(x) for x in LR_GRID), help="learning rates each method is tuned over")
+    p.add_argument("--lrs", default="", help="skip the grid for these methods: METHOD=LR,... (e.g. lora=5e-3)")
     p.add_argument("--tuning-seed", type=int, default=TUNING_SEED)
     p.add_argument("--seeds", type=int, default=3, help="reported seeds: --seed .. --seed + N - 1")
     p.add_argument("--seed", type=int, default=0)
@@ -203,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown settings {sorted(set(settings) - set(SETTINGS))}: choose from {', '.join(SETTINGS)}")
     started = time.perf_counter()
     report: dict[str, Any] = {"config": vars(args), "fedara_config": fedara_config(args),
-                              "protocol": {"grid": args.grid, "tuning_seed": args.tuning_seed,
+                              "protocol": {"grid": args.grid, "lrs_given": args.lrs, "tuning_seed": args.tuning_seed,
                                            "seeds": list(range(args.seed, args.seed + args.seeds)),
                                            "quality": "mean held-out accuracy of the last 3 rounds",
                                            "bytes": "encoded start + update messages on every link, train and eval"},

@@ -68,6 +68,28 @@ def choose_lr(run: Callable[[float, int], dict[str, Any]], quality: Callable[[di
     return best["lr"], tried
 
 
+def parse_lrs(text: str) -> dict[str, float]:
+    """``METHOD=LR,...`` (``--lrs``): step sizes given instead of a grid search, e.g. a grid's outcome from an earlier run."""
+    out = {}
+    for part in (x for x in text.split(",") if x.strip()):
+        method, sep, value = part.partition("=")
+        if not sep:
+            raise SystemExit(f"--lrs takes METHOD=LR,... (got '{part}')")
+        out[method.strip()] = float(value)
+    return out
+
+
+def pick_lr(method: str, run: Callable[[float, int], dict[str, Any]], quality: Callable[[dict[str, Any]], float],
+            args: Any) -> tuple[float, list[dict[str, Any]]]:
+    """``method``'s step size: from ``args.lrs`` if given there, else the grid's best at the tuning seed (a one-value
+    grid: that value, no runs)."""
+    given = parse_lrs(args.lrs)
+    if method in given:
+        return given[method], []
+    grid = [float(x) for x in args.grid.split(",")]
+    return choose_lr(run, quality, grid, args.tuning_seed) if len(grid) > 1 else (grid[0], [])
+
+
 def fmt(s: dict[str, Any], digits: int = 3, scale: float = 1.0) -> str:
     """``mean ± se`` of a ``summary``."""
     return f"{s['mean'] * scale:.{digits}f} ± {s['se'] * scale:.{digits}f}"
