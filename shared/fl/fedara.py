@@ -65,7 +65,8 @@ from shared.fl.plugin import (AlgorithmConfig, Participant, SessionContext, Sess
                               register_algorithm)
 from shared.fl.svd import (E_SUFFIX, FACTORS, INDEX, P_SUFFIX, Q_SUFFIX, SAMPLES, SCORE, ImportanceTracker,
                            budget_schedule, check_indices, check_module_update, compact, float_ok, module_of,
-                           orthogonality_penalty, rank_triplets, smooth_scores, split_state, triplet_scores)
+                           orthogonality_penalty, rank_triplets, require_svd, smooth_scores, split_state,
+                           triplet_scores)
 from shared.model.adapters import AdapterState
 from shared.protocol.enums import Tier
 
@@ -111,12 +112,6 @@ class FedARAConfig(AlgorithmConfig):
         tiers = [t.value for t in Tier]
         if not isinstance(self.budget_tiers, list) or any(t not in tiers for t in self.budget_tiers):
             raise InvalidInput(f"fedara: budget_tiers must list tiers among {tiers} (got {self.budget_tiers})")
-
-
-def require_svd(spec: ModelSpec) -> None:
-    if spec.adapter != "svd":
-        raise InvalidInput(f"fedara trains truncated-SVD adapters (P diag(e) Q): this deployment uses adapter "
-                           f"'{spec.adapter}'; start it with --adapter svd (SimConfig(adapter='svd'))")
 
 
 def initial_triplets(config: FedARAConfig, rank: int) -> list[int]:

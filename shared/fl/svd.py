@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from shared.config.deployment import ModelSpec
 from shared.errors import InvalidInput
 from shared.model.adapters import AdapterState
 
@@ -20,6 +21,13 @@ INDEX, SCORE, SAMPLES = ".rank_index", ".rank_score", ".rank_samples"
 
 
 EXTRAS = (INDEX, SCORE, SAMPLES)
+
+
+def require_svd(spec: ModelSpec) -> None:
+    """FedARA's adapters are the SVD form: refuse a deployment of another form with a clear error."""
+    if spec.adapter != "svd":
+        raise InvalidInput(f"fedara trains truncated-SVD adapters (P diag(e) Q): this deployment uses adapter "
+                           f"'{spec.adapter}'; start it with --adapter svd (SimConfig(adapter='svd'))")
 
 
 def module_of(key: str) -> tuple[str, str] | None:
