@@ -6,8 +6,9 @@ slow device that sleeps multiplies it. The simulator can instead charge each tra
 * compute: a block's forward and backward cost ``block_seconds`` on a 1x machine, and
   ``block_seconds * slowdown`` on a device that is ``slowdown`` times slower. The user tier runs
   at its device's factor, the edge and the cloud at 1x. Embeddings and the head are not charged.
-* links: the emulated seconds of the step's messages (each request and its reply) on every hop
-  they cross (``shared.protocol.links.LinkEmulator``), where a hop has a profile.
+* links: the emulated seconds of the step's messages (each request and its reply, a U-shaped
+  step's backward request too) on every hop they cross (``shared.protocol.links.LinkEmulator``),
+  where a hop has a profile.
 
 Each (round, user) has its own account, so users that train at the same time never mix; a step's
 time is what its account grew by while it ran. Evaluation is not charged.

@@ -26,3 +26,24 @@ def test_bad_clock_input_is_refused() -> None:
         VirtualClock(0.0)
     with pytest.raises(ValueError, match="unknown part"):
         VirtualClock(0.01).charge(1, "u", "disk", 1.0)
+
+
+def test_a_link_charges_the_training_steps_messages_and_nothing_else() -> None:
+    from shared.protocol.transport import InProcessLink
+    from shared.protocol.wire import Message
+
+    class Handler:  # answers every endpoint with an empty message
+        def __getattr__(self, name: str):
+            return lambda msg: Message("ok")
+
+    class Emulator:  # every transfer, request or reply, takes 1 ms
+        def transfer(self, size: int, upward: bool) -> float:
+            return 0.001
+
+    clock = VirtualClock(0.01)
+    link = InProcessLink(Handler(), upward=True, emulator=Emulator(), clock=clock)
+    link.request("step", Message("step", {"round": 1, "user": "u", "step": 0, "mode": "train"}))
+    link.request("backward", Message("backward", {"round": 1, "user": "u", "step": 0, "loss": 1.0}))  # U-shaped
+    link.request("step", Message("step", {"round": 1, "user": "u", "step": 0, "mode": "eval"}))
+    link.request("update", Message("update", {"round": 1, "user": "u", "mode": "train"}))
+    assert clock.account(1, "u")["link"] == pytest.approx(0.004)  # two training messages, each a request and a reply
