@@ -65,3 +65,11 @@ def hop_bytes(reports: dict[str, Report], ledger: ByteLedger | None, key: tuple[
     if ledger is not None and reports:
         out["edge_cloud"] = ledger.get(key)
     return out
+
+
+def drop_reasons(reports: dict[str, Report], chosen: list[str]) -> dict[str, str]:
+    """Why each chosen user that did not report was dropped: as its edge said, or its edge never reported."""
+    reasons = {u: r for report in reports.values() for u, r in report.reasons.items()}
+    reported = {u for report in reports.values() for u in (*report.metrics, *report.missing)}
+    reasons.update({u: "its edge did not report" for u in chosen if u not in reported})
+    return dict(sorted(reasons.items()))

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cloud_server.compute import CloudCompute
-from cloud_server.metrics import eval_metrics, hop_bytes, train_metrics
+from cloud_server.metrics import drop_reasons, eval_metrics, hop_bytes, train_metrics
 from cloud_server.records import FINISHED, RoundCancelled, RoundError, RoundRecord
 from cloud_server.store import Store
 from shared.config.round import RoundConfig
@@ -394,10 +394,3 @@ class Coordinator:
                 clipped[tier.value] = {"bound": combined.bound, "sources": combined.clipped}
         return AdapterBundle(new_state), clipped
 
-
-def drop_reasons(reports: dict[str, Report], chosen: list[str]) -> dict[str, str]:
-    """Why each chosen user that did not report was dropped: as its edge said, or its edge never reported."""
-    reasons = {u: r for report in reports.values() for u, r in report.reasons.items()}
-    reported = {u for report in reports.values() for u in (*report.metrics, *report.missing)}
-    reasons.update({u: "its edge did not report" for u in chosen if u not in reported})
-    return dict(sorted(reasons.items()))

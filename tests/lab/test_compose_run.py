@@ -4,11 +4,14 @@ and each user's link is shaped to its profile, measured inside the containers. S
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
+
 import pytest
 
 from shared.config.round import RoundConfig
 from shared.lab.cluster import free_port
-from shared.lab.compose import ComposeError, Deployment, compose_command, engine_problem
+from shared.lab.compose import CREDENTIALS, ComposeError, Deployment, compose_command, engine_problem
 from shared.lab.sim import SimConfig, Simulation
 from shared.lab.topology import measure_rate
 from shared.protocol.links import get_profile
@@ -59,3 +62,30 @@ def test_a_users_link_is_shaped_to_its_profile(deployment) -> None:
     down = measure_rate(edge, user, "user-0", 6_000_000, python="python", wrap=in_container)
     assert 0.8 * profile.up_mbps < up < 1.1 * profile.up_mbps, up
     assert 0.8 * profile.down_mbps < down < 1.1 * profile.down_mbps, down
+
+
+SERVICES = ("cloud", "edge-0", "edge-1", "user-0", "user-1", "user-2", "user-3")
+
+
+def test_each_container_holds_only_its_own_credential(deployment) -> None:
+    """Inside each running container: its own credential and the trust key, mounted and in the tier's copies
+    (owned by uid 10001, 0400), and no other file of compose/credentials anywhere on its file system."""
+    def sh(container: str, script: str) -> str:
+        return subprocess.run(in_container(container, "sh", "-c", script), capture_output=True, text=True,
+                              timeout=60, check=True).stdout
+
+    host = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in CREDENTIALS.iterdir()}
+    for service in SERVICES:
+        container = deployment.container(service)
+        files = sorted(sh(container, "find /credentials /run/splitllm -type f").split())
+        assert files == ["/credentials/credential.json", "/credentials/deployment.pub",
+                         "/run/splitllm/credential.json", "/run/splitllm/deployment.pub"], (service, files)
+        for path, name in (("/credentials/credential.json", f"{service}.json"),
+                           ("/run/splitllm/credential.json", f"{service}.json"),
+                           ("/run/splitllm/deployment.pub", "deployment.pub")):
+            assert sh(container, f"sha256sum {path}").split()[0] == host[name], (service, path)
+        assert sh(container, "stat -c '%u %a' /run/splitllm/credential.json").split() == ["10001", "400"]
+        others = {n for n in host if n not in (f"{service}.json", "deployment.pub")}
+        found = sh(container, "find / -xdev -type f \\( " + " -o ".join(f"-name {n}" for n in sorted(others))
+                   + " \\) 2>/dev/null || true")
+        assert not found.strip(), (service, found)
