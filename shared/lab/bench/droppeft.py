@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from shared.lab.bench.protocol import LR_GRID, TUNING_SEED, first_reach, fmt, mean_last, pick_lr, smooth, summary
+from shared.lab.bench.protocol import LR_GRID, TUNING_SEED, first_reach, fmt, mean_last, smooth, summary, tune_and_run
 
 SETTINGS = ("whole", "split")
 METHODS = ("plain", "droppeft")
@@ -245,14 +245,9 @@ def run_setting(setting: str, args: argparse.Namespace, log: Any = print) -> dic
     from shared.model.sources import resolve_model
 
     num_layers = resolve_model(args.model).num_layers
-    seeds = list(range(args.seed, args.seed + args.seeds))
     out: dict[str, Any] = {"split": list(cut_of(setting, args, num_layers)), "methods": {}}
     for method in METHODS:
-        def run(lr: float, seed: int, method: str = method) -> dict[str, Any]:
-            return run_once(method, setting, lr, seed, args, log)
-
-        lr, tried = pick_lr(method, run, lambda r: r["mean_last3_accuracy"], args)
-        runs = [run(lr, s) for s in seeds]
+        lr, tried, runs = tune_and_run(method, lambda lr, seed, m=method: run_once(m, setting, lr, seed, args, log), args)
         out["methods"][method] = {
             "lr": lr, "grid": [{"lr": t["lr"], "mean_last3_accuracy": t["quality"]} for t in tried],
             "mean_last3_accuracy": summary([r["mean_last3_accuracy"] for r in runs]),

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.lab.bench.protocol import LR_GRID, TUNING_SEED, fmt, mean_last, pick_lr, summary
+from shared.lab.bench.protocol import LR_GRID, TUNING_SEED, fmt, mean_last, summary, tune_and_run
 
 ENDPOINTS = ("start", "update")
 METHODS = ("lora", "fedara")
@@ -101,13 +101,8 @@ def run_once(method: str, setting: str, lr: float, seed: int, args: argparse.Nam
 def run_setting(setting: str, args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     """Both methods in one setting: each one's grid at the tuning seed, then its runs at the reported seeds."""
     out: dict[str, Any] = {"methods": {}}
-    seeds = list(range(args.seed, args.seed + args.seeds))
     for method in METHODS:
-        def run(lr: float, seed: int, method: str = method) -> dict[str, Any]:
-            return run_once(method, setting, lr, seed, args, log)
-
-        lr, tried = pick_lr(method, run, lambda r: r["mean_last3_accuracy"], args)
-        runs = [run(lr, s) for s in seeds]
+        lr, tried, runs = tune_and_run(method, lambda lr, seed, m=method: run_once(m, setting, lr, seed, args, log), args)
         out["methods"][method] = {
             "lr": lr, "grid": [{"lr": t["lr"], "seed": t["seed"], "mean_last3_accuracy": t["quality"],
                                 "adapter_bytes": t["result"]["adapter_bytes"]} for t in tried],

@@ -90,6 +90,13 @@ def pick_lr(method: str, run: Callable[[float, int], dict[str, Any]], quality: C
     return choose_lr(run, quality, grid, args.tuning_seed) if len(grid) > 1 else (grid[0], [])
 
 
+def tune_and_run(method: str, run: Callable[[float, int], dict[str, Any]], args: Any
+                 ) -> tuple[float, list[dict[str, Any]], list[dict[str, Any]]]:
+    """``method``'s step size (``pick_lr``, on last-3 accuracy), the grid's runs, and its runs at the reported seeds."""
+    lr, tried = pick_lr(method, run, lambda r: r["mean_last3_accuracy"], args)
+    return lr, tried, [run(lr, seed) for seed in range(args.seed, args.seed + args.seeds)]
+
+
 def fmt(s: dict[str, Any], digits: int = 3, scale: float = 1.0) -> str:
     """``mean ± se`` of a ``summary``."""
     return f"{s['mean'] * scale:.{digits}f} ± {s['se'] * scale:.{digits}f}"
