@@ -4,6 +4,8 @@
   classification default 5e-3, half and double it) by one run per value at a tuning seed that is
   not among the reported seeds (so the choice does not flatter the reported figures), on the mean
   held-out accuracy of the last 3 rounds.
+  ``--lrs METHOD=LR,...`` gives a method's step size instead (say, a grid's outcome from an
+  earlier run at the same scale), and no grid runs for it.
 * Then each method runs at the reported seeds (at least 3) with its chosen learning rate. A figure
   is the mean over seeds with its standard error; a comparison is the mean of the per-seed
   differences (or ratios) with theirs: both methods share a seed's data partition and initial
