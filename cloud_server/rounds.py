@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cloud_server.compute import CloudCompute
-from cloud_server.metrics import drop_reasons, eval_metrics, hop_bytes, train_metrics
+from cloud_server.metrics import drop_reasons, eval_metrics, hop_bytes, merge_eval, train_metrics
 from cloud_server.records import FINISHED, RoundCancelled, RoundError, RoundRecord
 from cloud_server.store import Store
 from shared.config.round import RoundConfig
@@ -133,7 +133,7 @@ class Coordinator:
         """One strategy per (algorithm, config), kept across rounds for plug-ins with state (bandits, schedules)."""
         key = f"{request.algorithm}:{sorted(request.config.items())}"
         if key not in self.strategies:
-            ctx = StrategyContext(Tier.CLOUD, self.runtime.spec, self.seed)
+            ctx = StrategyContext(Tier.CLOUD, self.runtime.spec, self.seed, self.runtime.split.num_layers)
             self.strategies[key] = get_algorithm(request.algorithm).strategy(request.config, ctx)
         return self.strategies[key]
 
@@ -155,7 +155,8 @@ class Coordinator:
         """Record a round to run; the algorithm and its config are checked first (``InvalidInput``: 422)."""
         request = request.resolved(self.runtime.spec.task)
         algorithm = get_algorithm(request.algorithm)
-        algorithm.strategy_cls.check_request(algorithm.parse_config(request.config), request, self.runtime.spec)
+        algorithm.strategy_cls.check_request(algorithm.parse_config(request.config), request, self.runtime.spec,
+                                             self.runtime.split.num_layers)
         if request.participants:
             known = {p.user_id for p in self.participants()}
             unknown = sorted(set(request.participants) - known)
@@ -226,8 +227,10 @@ class Coordinator:
             chosen = [p for p in chosen if p.user_id in per_user]
             record.state = "aggregating"
             self._save(record)
-            new_state, clipped = self._aggregate(strategy, chosen, reports, record, base)
-            record.metrics = train_metrics([p.user_id for p in chosen], per_user)
+            new_state, clipped, cloud_compute = self._aggregate(strategy, chosen, reports, record, base)
+            record.metrics = train_metrics([p.user_id for p in chosen], per_user, cloud_compute)
+            if own := strategy.round_metrics(record.round_id, new_state):
+                record.metrics[record.request.algorithm] = own
             clipped.update({f"edge {e}": r.clipped for e, r in reports.items() if r.clipped})
             if clipped:
                 record.metrics["clipped"] = clipped
@@ -269,11 +272,9 @@ class Coordinator:
         """Held-out metrics of the version just committed, merged into the round's metrics."""
         t0 = time.perf_counter()
         reports = self._phase(record, chosen, Mode.EVAL, {p.user_id: {} for p in chosen}, self.global_state, strategy)
-        record.metrics.update(eval_metrics(self.runtime.spec.task, reports))
+        merge_eval(record.metrics, eval_metrics(self.runtime.spec.task, reports),
+                   hop_bytes(reports, self.ledger, (record.round_id, Mode.EVAL)))
         evaluated = {u for r in reports.values() for u in r.metrics}
-        for hop, counts in hop_bytes(reports, self.ledger, (record.round_id, Mode.EVAL)).items():
-            for d, n in counts.items():
-                record.metrics["bytes"][hop][d] += n
         record.metrics["eval_seconds"] = time.perf_counter() - t0
         record.progress = {u: "evaluated" if u in evaluated else "dropped" for u in record.participants}
 
@@ -368,9 +369,9 @@ class Coordinator:
                 self.runtime.close_session(plan.round_id, plan.user_id)
 
     def _aggregate(self, strategy: Strategy, chosen: list[Participant], reports: dict[str, Report],
-                   record: RoundRecord, base: AdapterBundle) -> tuple[AdapterBundle, dict[str, Any]]:
-        """Every tier's new global adapters, and whose updates were clipped to what bound, per tier. An edge weighs as its reporting users' weights (the cloud's, not the
-        report's); the request's policy clips and combines (``shared.fl.robust``)."""
+                   record: RoundRecord, base: AdapterBundle) -> tuple[AdapterBundle, dict[str, Any], dict[str, Any]]:
+        """Every tier's new global adapters, whose updates were clipped to what bound, the cloud's compute per user. An edge
+        weighs as its users' weights (the cloud's, not the report's); the policy clips and combines (``shared.fl.robust``)."""
         req, weight = record.request, {p.user_id: p.num_samples for p in chosen}
         policy = AggregationPolicy(req.clip_norm, req.clip_factor, req.aggregator, req.trim)
         new_state: dict[Tier, AdapterState] = {}
@@ -380,8 +381,10 @@ class Coordinator:
             tier: [AdapterUpdate(edge_id, tier, r.adapters.get(tier, {}), sum(weight.get(u, 0) for u in r.metrics))
                    for edge_id, r in reports.items()] for tier in (Tier.USER, Tier.EDGE)}
         updates_of[Tier.CLOUD] = []
+        compute: dict[str, Any] = {}
         for p in chosen:
             session = self.runtime.close_session(record.round_id, p.user_id)
+            compute[p.user_id] = {"seconds": session.compute_seconds, "blocks_run": session.blocks_run}
             updates_of[Tier.CLOUD].append(AdapterUpdate(p.user_id, Tier.CLOUD, self.runtime.pack_update(session),
                                                         p.num_samples))
         for tier, updates in updates_of.items():
@@ -392,5 +395,4 @@ class Coordinator:
             new_state[tier] = combined.state
             if combined.clipped:
                 clipped[tier.value] = {"bound": combined.bound, "sources": combined.clipped}
-        return AdapterBundle(new_state), clipped
-
+        return AdapterBundle(new_state), clipped, compute

@@ -90,7 +90,8 @@ class EdgeServer:
                 raise Busy(f"edge {self.edge_id} holds {len(self.runtime.sessions)} sessions; "
                            f"{len(start.plans)} more would pass its limit of {self.max_sessions}")
             plan = start.plans[0]
-            strategy = get_algorithm(plan.algorithm).strategy(plan.config, StrategyContext(Tier.EDGE, self.runtime.spec))
+            ctx = StrategyContext(Tier.EDGE, self.runtime.spec, num_layers=self.runtime.split.num_layers)
+            strategy = get_algorithm(plan.algorithm).strategy(plan.config, ctx)
             policy = AggregationPolicy(start.clip_norm, start.clip_factor, start.aggregator, start.trim)
             pending = PendingRound({p.user_id: p for p in start.plans}, start.adapters, strategy, policy, start.weights)
             self.pending[key] = pending
@@ -213,9 +214,11 @@ class EdgeServer:
             weight = pending.weights.get(update.user, update.num_samples)  # the cloud's; self-reported only in-process
             pending.user_updates.append(AdapterUpdate(update.user, Tier.USER, update.adapters, weight))
             pending.edge_updates.append(AdapterUpdate(update.user, Tier.EDGE, self.runtime.pack_update(session), weight))
+            pending.metrics[update.user] = {**update.metrics, "edge_compute_seconds": session.compute_seconds,
+                                            "edge_blocks_run": session.blocks_run}
         else:
             self.runtime.close_session(update.round, update.user)
-        pending.metrics[update.user] = update.metrics
+            pending.metrics[update.user] = update.metrics
         return self._finish(key) if pending.settled else None
 
     def _finish(self, key: tuple[int, Mode]) -> Report:

@@ -144,7 +144,7 @@ class UserAgent:
             "train_loss": sum(losses) / max(len(losses), 1), "losses": losses, "steps": len(losses),
             "step_seconds": step_seconds, "batch_shape": shape, "seconds": sum(step_seconds) if clock else wall,
             "user_compute_seconds": clock.account(plan.round_id, self.user_id)["user"] if clock else compute,
-            "wall_seconds": wall, "clock": "virtual" if clock else "wall",
+            "wall_seconds": wall, "clock": "virtual" if clock else "wall", "user_blocks_run": session.blocks_run,
         }
         update = Update(plan.round_id, self.user_id, Mode.TRAIN, self.num_samples, metrics, self.runtime.pack_update(session))
         return update.to_message(self.policy.uploads)

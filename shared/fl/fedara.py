@@ -135,7 +135,7 @@ class FedARAStrategy(Strategy):
         self.history: list[dict[str, Any]] = []
 
     @classmethod
-    def check_request(cls, config: AlgorithmConfig, request: RoundConfig, spec: ModelSpec) -> None:
+    def check_request(cls, config: AlgorithmConfig, request: RoundConfig, spec: ModelSpec, num_layers: int) -> None:
         require_svd(spec)
         if request.aggregator != "mean":
             raise InvalidInput("fedara combines compact per-triplet updates: use aggregator 'mean'")

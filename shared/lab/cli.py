@@ -298,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser("fedara", help="FedARA against fixed-rank LoRA (see splitllm bench fedara --help)", add_help=False)
     bench.add_parser("droppeft", help="DropPEFT against plain split LoRA (see splitllm bench droppeft --help)",
                      add_help=False)
+    bench.add_parser("devft", help="DevFT against plain split LoRA (see splitllm bench devft --help)", add_help=False)
 
     for name in SERVICES:
         sub.add_parser(name, help=f"run the {name} tier as a service (see splitllm {name} --help)", add_help=False)
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         return int(importlib.import_module(f"{SERVICES[argv[0]]}.__main__").main(argv[1:]) or 0)
-    if argv[:2] in (["bench", "fedara"], ["bench", "droppeft"]):  # these benches parse their own flags
+    if argv[:2] in (["bench", "fedara"], ["bench", "droppeft"], ["bench", "devft"]):  # these parse their own flags
         import importlib
 
         return int(importlib.import_module(f"shared.lab.bench.{argv[1]}").main(argv[2:]) or 0)

@@ -222,7 +222,8 @@ class Simulation:
             "seconds": seconds,
             "link_seconds": {h: {d: links[h][d] - links_before[h][d] for d in ("up", "down")} for h in links},
         }
-        for key in ("eval_accuracy", "eval_perplexity", "eval_token_accuracy"):
+        for key in ("eval_accuracy", "eval_perplexity", "eval_token_accuracy", "compute_seconds", "blocks_per_step",
+                    record.request.algorithm):  # the last: the algorithm's own figures (DevFT's stage), if any
             if key in m:
                 row[key] = m[key]
         return row

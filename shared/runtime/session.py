@@ -46,6 +46,8 @@ class Session:
     base: dict[str, torch.Tensor] = field(default_factory=dict)  # frozen base weights this session runs instead
     steps: int = 0
     samples: int = 0
+    compute_seconds: float = 0.0  # this tier's forward, head, backward and optimizer time for the session
+    blocks_run: int = 0  # blocks its training forwards ran, summed over steps
     feedback: Any = None  # error feedback of top-k compressed gradients this tier sends
     step_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one step at a time
     last_step: int = -1

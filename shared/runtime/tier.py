@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -84,7 +85,9 @@ class TierRuntime:
             p.requires_grad_(plan.training)
         optimizer = (self.optimizer_settings.make(params, plan.lr, plugin.lr_scales(), ctx.tensor_kind)
                      if plan.training else None)
-        base = self._check_base(plugin.base_overrides({i: self.partition.blocks[str(i)] for i in self.partition.layer_ids}))
+        with self.lock:  # the blocks as loaded: no other session's overrides bound while the plug-in reads them
+            base = self._check_base(plugin.base_overrides({i: self.partition.blocks[str(i)]
+                                                           for i in self.partition.layer_ids}))
         session = Session(plan, plugin, params, optimizer, base=base)
         with self.lock:
             self.sessions[session.key] = session
@@ -150,28 +153,31 @@ class TierRuntime:
         layers = session.plugin.layers_to_run(step)
         if self.clock is not None and session.plan.training:
             self.clock.charge_blocks(self.tier, session.round_id, session.user_id, len(layers))
-        with self._bound(session):
+        with self._bound(session), _timed(session):
             if input_ids is not None:
                 hidden = self.partition.embed_tokens(input_ids.to(self.device), attention_mask.to(self.device))
+            if session.plan.training:
+                session.blocks_run += len(layers)
             return self.partition.run_blocks(hidden, attention_mask.to(self.device), layers)
 
     def head(self, session: Session, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Cloud only: final norm and head. Call right after ``forward`` on the same thread."""
-        with self._bound(session):
+        with self._bound(session), _timed(session):
             return self.partition.run_head(hidden, attention_mask.to(self.device))
 
     def backward_and_step(self, session: Session, outputs: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
         """Backpropagate into this tier's adapters, run the plug-in hooks, step the optimizer."""
-        pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
-        extra = session.plugin.extra_loss(session.params)
-        if extra is not None:
-            pairs.append((extra, None))
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        session.plugin.after_backward(session.params)
-        if session.optimizer is not None:
-            session.optimizer.step()
-            session.optimizer.zero_grad(set_to_none=True)
+        with _timed(session):
+            pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+            extra = session.plugin.extra_loss(session.params)
+            if extra is not None:
+                pairs.append((extra, None))
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            session.plugin.after_backward(session.params)
+            if session.optimizer is not None:
+                session.optimizer.step()
+                session.optimizer.zero_grad(set_to_none=True)
         session.steps += 1
 
     def policy(self, hop: Hop | str) -> CodecPolicy:
@@ -193,6 +199,16 @@ class TierRuntime:
 
     def parameter_bytes(self) -> int:
         return self.partition.parameter_bytes()
+
+
+@contextmanager
+def _timed(session: Session) -> Iterator[None]:
+    """Add the block's seconds to the session's compute time."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        session.compute_seconds += time.perf_counter() - started
 
 
 def adapter_shapes(source: ModelSource, spec: ModelSpec) -> dict[Tier, dict[str, tuple[int, ...]]]:
