@@ -110,6 +110,7 @@ class UserAgent:
 
     def _train(self, session: Session, plan: RoundPlan) -> Message:
         batches = self.sampler.round_batches(plan.seed, plan.round_id, self.user_id, plan.local_steps, plan.batch_size)
+        clock = self.runtime.clock  # the simulator's virtual clock, or None: the wall clock
         losses: list[float] = []
         step_seconds: list[float] = []
         compute = 0.0
@@ -119,15 +120,19 @@ class UserAgent:
             for step, batch in enumerate(batches):
                 shape = shape or list(batch.input_ids.shape)
                 step_start = time.perf_counter()
+                charged = clock.elapsed(plan.round_id, self.user_id) if clock else 0.0
                 loss, seconds = self._train_step(session, plan, step, batch, pool)
                 compute += seconds
                 losses.append(loss)
                 session.samples += batch.size
-                step_seconds.append(time.perf_counter() - step_start)
+                step_seconds.append(clock.elapsed(plan.round_id, self.user_id) - charged if clock
+                                    else time.perf_counter() - step_start)
+        wall = time.perf_counter() - started
         metrics: dict[str, Any] = {
             "train_loss": sum(losses) / max(len(losses), 1), "losses": losses, "steps": len(losses),
-            "step_seconds": step_seconds, "batch_shape": shape,
-            "seconds": time.perf_counter() - started, "user_compute_seconds": compute, "user_blocks_run": session.blocks_run,
+            "step_seconds": step_seconds, "batch_shape": shape, "seconds": sum(step_seconds) if clock else wall,
+            "user_compute_seconds": clock.account(plan.round_id, self.user_id)["user"] if clock else compute,
+            "wall_seconds": wall, "clock": "virtual" if clock else "wall", "user_blocks_run": session.blocks_run,
         }
         update = Update(plan.round_id, self.user_id, Mode.TRAIN, self.num_samples, metrics, self.runtime.pack_update(session))
         return update.to_message(self.policy.uploads)
@@ -205,8 +210,8 @@ class UserAgent:
         return pack_tokens(grad, request.attention_mask), float(loss.detach())
 
     def _slow(self, seconds: float) -> float:
-        """Stretch a compute phase to ``slowdown`` times its length; returns the stretched length."""
-        if self.slowdown > 1.0:
+        """Stretch a compute phase to ``slowdown`` times its length (not under a virtual clock, which charges it)."""
+        if self.slowdown > 1.0 and self.runtime.clock is None:
             time.sleep(seconds * (self.slowdown - 1.0))
         return seconds * self.slowdown
 

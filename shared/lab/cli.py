@@ -76,8 +76,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
                     lora=_lora(args), seed=args.seed, user_link=args.user_link, edge_link=args.edge_link, link_sleep=args.link_sleep,
                     user_edge_codecs=args.user_edge_codecs, edge_cloud_codecs=args.edge_cloud_codecs,
                     adapter=args.adapter, slowdowns=[float(x) for x in args.slowdowns.split(",") if x],
-                    u_shaped=args.u_shaped,
-                    tokenizer=args.tokenizer)
+                    u_shaped=args.u_shaped, tokenizer=args.tokenizer, block_ms=args.block_ms)
     sim = Simulation(cfg)
     print(f"model {args.model} ({sim.source.family.name}, {sim.source.num_layers} blocks), split {sim.spec.split[0]},"
           f"{sim.spec.split[1]}; data {args.data} ({sim.dataset.task}), {args.users} users, {args.edges} edges", flush=True)
@@ -225,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edge-cloud-codecs", default="fp32", help="codecs on edge-cloud hops (same form)")
     p.add_argument("--adapter", default="lora", choices=("lora", "svd"), help="adapter form (svd: what FedARA trains)")
     p.add_argument("--slowdowns", default="", help="per-user compute slowdown factors, cycled, e.g. 1,2,4")
+    p.add_argument("--block-ms", type=float, default=None,
+                   help="a virtual clock: charge this many ms per block and training step on a 1x device (times its "
+                        "slowdown), plus the emulated link time; default: the wall clock (slow devices sleep)")
     p.add_argument("--u-shaped", action="store_true",
                    help="labels never leave the device: the user holds the head and the loss (two requests a step)")
     _tokenizer_arg(p)

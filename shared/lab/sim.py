@@ -23,6 +23,7 @@ from shared.model.adapters import LoraSettings, initial_state
 from shared.model.partition import Split
 from shared.model.sources import ModelSource, resolve_model
 from shared.protocol.bundle import AdapterBundle
+from shared.protocol.clock import VirtualClock
 from shared.protocol.enums import Tier
 from shared.protocol.links import LinkEmulator, link_emulator
 from shared.protocol.transport import InProcessLink
@@ -72,10 +73,20 @@ class SimConfig:
     u_shaped: bool = False  # labels never leave the device (the user holds the head and the loss)
     tokenizer: str = ""  # --tokenizer NAME_OR_DIR; "" = the model's own files, else the byte-level fallback
     slowdowns: list[float] = field(default_factory=list)  # per-user compute slowdown factors (heterogeneous devices)
+    block_ms: float | None = None  # a virtual clock (ms per block step at 1x, shared.protocol.clock); None: wall clock
 
     def __post_init__(self) -> None:
         if self.rounds < 0 or self.max_len < 2:
             raise ValueError(f"--rounds must be >= 0 and --max-len >= 2 (got {self.rounds}, {self.max_len})")
+        if self.block_ms is not None and not self.block_ms > 0:
+            raise ValueError(f"--block-ms must be > 0 (got {self.block_ms})")
+        if self.block_ms is not None and self.round.micro_batches > 1:  # overlapping micro-batches would add up
+            raise ValueError("the virtual clock (--block-ms) adds up a step's blocks and messages; it does not model "
+                             "pipelined micro-batches: use micro_batches 1 with it, or the wall clock")
+
+    def slowdown(self, user: int) -> float:
+        """The compute slowdown of user ``user`` (the list cycled; 1 without one)."""
+        return self.slowdowns[user % len(self.slowdowns)] if self.slowdowns else 1.0
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -110,9 +121,11 @@ class Simulation:
         shapes = adapter_shapes(self.source, self.spec)
         initial = AdapterBundle({tier: initial_state(shapes[tier], config.seed, kind=config.adapter) for tier in shapes})
         self.tokenizer = tokenizer = self.source.tokenizer(config.tokenizer)
-        cloud_rt = TierRuntime(Tier.CLOUD, self.source, self.spec)
-        edge_rt = TierRuntime(Tier.EDGE, self.source, self.spec)
-        user_rt = TierRuntime(Tier.USER, self.source, self.spec)
+        self.clock = None if config.block_ms is None else VirtualClock(
+            config.block_ms / 1000.0, {f"user-{i}": config.slowdown(i) for i in range(config.users)})
+        cloud_rt = TierRuntime(Tier.CLOUD, self.source, self.spec, clock=self.clock)
+        edge_rt = TierRuntime(Tier.EDGE, self.source, self.spec, clock=self.clock)
+        user_rt = TierRuntime(Tier.USER, self.source, self.spec, clock=self.clock)
         self.runtimes = {Tier.USER: user_rt, Tier.EDGE: edge_rt, Tier.CLOUD: cloud_rt}
         # each server-side tier counts its hop by round as the services do, so reports carry the same bytes
         self.coordinator = Coordinator(cloud_rt, initial, seed=config.seed, ledger=ByteLedger())
@@ -124,7 +137,8 @@ class Simulation:
             edge_id = f"edge-{e}"
             emulator = self._emulator("edge_cloud", config.edge_link, edge_id)
             cloud_ledger = self.coordinator.ledger
-            up = InProcessLink(self.coordinator, upward=True, wire=config.wire, emulator=emulator, ledger=cloud_ledger)
+            up = InProcessLink(self.coordinator, upward=True, wire=config.wire, emulator=emulator, ledger=cloud_ledger,
+                               clock=self.clock)
             edge = EdgeServer(edge_id, edge_rt, up, ledger=ByteLedger())
             down = InProcessLink(edge, upward=False, wire=config.wire, emulator=emulator, ledger=cloud_ledger)
             self.coordinator.register_edge(edge_id, down)
@@ -135,9 +149,8 @@ class Simulation:
             edge = self.edges[i % config.edges]
             user_id = f"user-{i}"
             emulator = self._emulator("user_edge", config.user_link, user_id)
-            up = InProcessLink(edge, upward=True, wire=config.wire, emulator=emulator, ledger=edge.ledger)
-            slowdown = config.slowdowns[i % len(config.slowdowns)] if config.slowdowns else 1.0
-            agent = UserAgent(user_id, user_rt, client, tokenizer, up, max_len=config.max_len, slowdown=slowdown,
+            up = InProcessLink(edge, upward=True, wire=config.wire, emulator=emulator, ledger=edge.ledger, clock=self.clock)
+            agent = UserAgent(user_id, user_rt, client, tokenizer, up, max_len=config.max_len, slowdown=config.slowdown(i),
                               pad_to_max=config.pad_to_max)
             down = InProcessLink(agent, upward=False, wire=config.wire, emulator=emulator, ledger=edge.ledger)
             edge.register_user(user_id, down, agent.num_samples)

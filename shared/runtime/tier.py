@@ -19,6 +19,7 @@ from shared.model.adapters import AdapterSlots, AdapterState, clone_state, injec
 from shared.model.partition import Split, build_partition, load_partition
 from shared.model.sources import ModelSource
 from shared.protocol.codecs import CodecPolicy, ErrorFeedback
+from shared.protocol.clock import VirtualClock
 from shared.protocol.enums import TIERS, Hop, Tier
 from shared.protocol.messages import RoundPlan
 from shared.runtime.session import OptimizerSettings, Session
@@ -39,11 +40,12 @@ class TierRuntime:
     """A tier's compute, free of any transport: forward under a session's adapters, backward, step.
 
     One lock guards binding + forward; autograd keeps the bound tensors, so backward and the
-    optimizer step of one session may run while another session does its forward.
+    optimizer step of one session may run while another session does its forward. With a
+    ``clock`` (the simulator's ``VirtualClock``) each training forward charges the blocks it runs.
     """
 
     def __init__(self, tier: Tier | str, source: ModelSource, spec: ModelSpec,
-                 optimizer: OptimizerSettings | None = None, device: str = "cpu") -> None:
+                 optimizer: OptimizerSettings | None = None, device: str = "cpu", clock: VirtualClock | None = None) -> None:
         self.tier, self.source, self.spec = Tier(tier), source, spec
         self.split = Split(spec.split[0], spec.split[1], source.num_layers)
         self.partition = load_partition(source, self.tier, self.split, spec.task, spec.num_labels,
@@ -55,6 +57,7 @@ class TierRuntime:
         self.slots = AdapterSlots(self.partition)
         self.policies = {hop: CodecPolicy.from_dict(spec.codecs.get(hop.value)) for hop in Hop}
         self.optimizer_settings = optimizer or OptimizerSettings()
+        self.clock = clock
         self.sessions: dict[tuple[int, str], Session] = {}
         self.plugin_store: dict[str, dict[str, Any]] = {}  # per algorithm, kept across rounds (personal layers, ...)
         self.lock = threading.RLock()
@@ -148,6 +151,8 @@ class TierRuntime:
                 input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings (user tier, from ``input_ids``) and this tier's blocks, under the session's adapters."""
         layers = session.plugin.layers_to_run(step)
+        if self.clock is not None and session.plan.training:
+            self.clock.charge_blocks(self.tier, session.round_id, session.user_id, len(layers))
         with self._bound(session), _timed(session):
             if input_ids is not None:
                 hidden = self.partition.embed_tokens(input_ids.to(self.device), attention_mask.to(self.device))
