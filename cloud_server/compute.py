@@ -7,7 +7,7 @@ import torch
 from shared.errors import InvalidInput
 from shared.protocol.enums import Hop
 from shared.protocol.messages import OutputReply, StepRequest
-from shared.runtime.loss import eval_counts, task_loss
+from shared.runtime.loss import eval_counts, step_loss
 from shared.protocol.wire import Message
 from shared.runtime.session import Session
 from shared.runtime.steps import Downstream, pack_tokens, serve_backward, serve_step
@@ -39,7 +39,7 @@ class CloudCompute:
         logits = self.runtime.head(session, out, request.attention_mask)
         if not session.plan.training:
             return Downstream(reply=eval_counts(task, logits.detach(), labels).to_message())
-        loss = task_loss(task, logits, labels)
+        loss = step_loss(task, logits, labels, request.label_count)
         if not torch.isfinite(loss):
             raise InvalidInput(f"the loss of round {request.round}, user '{request.user}', step {request.step} is not finite")
         return Downstream(output=loss, loss=float(loss.detach()))

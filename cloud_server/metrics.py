@@ -14,8 +14,10 @@ from shared.protocol.messages import Report
 LOSS_FLAG_FACTOR = 10.0  # with 3 or more users, a training loss over this many times their median is flagged
 
 
-def train_metrics(chosen: list[str], per_user: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The mean of the users' training losses, and every user's own metrics.
+def train_metrics(chosen: list[str], per_user: dict[str, dict[str, Any]],
+                  cloud: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The mean of the users' training losses, every user's own metrics, and each tier's compute (``compute_metrics``,
+    given the cloud's own per user).
 
     Losses are self-reported: with 3 or more users, one over ``LOSS_FLAG_FACTOR`` times the median (or
     not a finite non-negative number) is flagged and left out of the mean.
@@ -35,7 +37,34 @@ def train_metrics(chosen: list[str], per_user: dict[str, dict[str, Any]]) -> dic
     out: dict[str, Any] = {"train_loss": sum(kept) / max(len(kept), 1), "users": dict(sorted(per_user.items()))}
     if flagged:
         out["flagged"] = flagged
+    if cloud is not None:
+        out.update(compute_metrics(per_user, cloud))
     return out
+
+
+def compute_metrics(per_user: dict[str, dict[str, Any]], cloud: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each tier's training compute in the round: seconds summed over the users (the user tier's as the devices
+    report them, with their slowdown), and blocks run per step, averaged over the users.
+
+    The user tier's figures are self-reported (anything but a finite non-negative number counts as 0); the
+    edge's come from the edge, which overwrites any a user sends; the cloud's are its own.
+    """
+    seconds = {"user": 0.0, "edge": 0.0, "cloud": 0.0}
+    blocks: dict[str, list[float]] = {"user": [], "edge": [], "cloud": []}
+    for user, m in per_user.items():
+        steps = max(_count(m.get("steps")), 1.0)
+        for tier in ("user", "edge"):
+            seconds[tier] += _count(m.get(f"{tier}_compute_seconds"))
+            blocks[tier].append(_count(m.get(f"{tier}_blocks_run")) / steps)
+        if user in cloud:
+            seconds["cloud"] += cloud[user]["seconds"]
+            blocks["cloud"].append(cloud[user]["blocks_run"] / steps)
+    return {"compute_seconds": seconds, "blocks_per_step": {t: sum(v) / len(v) if v else 0.0 for t, v in blocks.items()}}
+
+
+def _count(value: Any) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return float(value) if ok else 0.0
 
 
 def eval_metrics(reports: dict[str, Report], task_of: dict[str, tuple[str, str]]) -> dict[str, Any]:
@@ -68,6 +97,16 @@ def _pooled(task: str, per_user: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["eval_perplexity"] = math.exp(min(eval_loss, 50.0))
         out["eval_token_accuracy"] = correct / max(count, 1)
     return out
+
+
+def merge_eval(metrics: dict[str, Any], held_out: dict[str, Any], eval_bytes: dict[str, Any]) -> None:
+    """A round's evaluation into its metrics: the held-out figures, and its bytes, added to the round's
+    ``bytes`` (every message of the round) and kept apart as ``eval_bytes``."""
+    metrics.update(held_out)
+    metrics["eval_bytes"] = eval_bytes
+    for hop, counts in eval_bytes.items():
+        for d, n in counts.items():
+            metrics["bytes"][hop][d] += n
 
 
 def hop_bytes(reports: dict[str, Report], ledger: ByteLedger | None, key: tuple[int, str]) -> dict[str, Any]:

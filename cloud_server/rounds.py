@@ -11,7 +11,7 @@ from typing import Any
 
 from cloud_server.compute import CloudCompute
 from cloud_server.aggregation import aggregate_round
-from cloud_server.metrics import drop_reasons, eval_metrics, hop_bytes, train_metrics
+from cloud_server.metrics import drop_reasons, eval_metrics, hop_bytes, merge_eval, train_metrics
 from cloud_server.records import FINISHED, RoundCancelled, RoundError, RoundRecord
 from cloud_server.store import Store
 from cloud_server.topology import Topology
@@ -128,7 +128,8 @@ class Coordinator(Topology):
         key = f"{request.algorithm}:{sorted(request.config.items())}"
         if key not in self.strategies:
             models = {name: ModelInfo(rt.spec, rt.source.num_layers, self.prefixes[name]) for name, rt in self.runtimes.items()}
-            ctx = StrategyContext(Tier.CLOUD, self.runtime.spec, self.seed, models)
+            ctx = StrategyContext(Tier.CLOUD, self.runtime.spec, self.seed, models=models,
+                                  num_layers=self.runtime.split.num_layers)
             self.strategies[key] = get_algorithm(request.algorithm).strategy(request.config, ctx)
         return self.strategies[key]
 
@@ -151,7 +152,8 @@ class Coordinator(Topology):
         request = request.resolved(self.runtime.spec.task)
         algorithm = get_algorithm(request.algorithm)
         for rt in self.runtimes.values():
-            algorithm.strategy_cls.check_request(algorithm.parse_config(request.config), request, rt.spec)
+            algorithm.strategy_cls.check_request(algorithm.parse_config(request.config), request, rt.spec,
+                                                 rt.split.num_layers)
         if request.participants:
             known = {p.user_id for p in self.participants()}
             unknown = sorted(set(request.participants) - known)
@@ -222,8 +224,10 @@ class Coordinator(Topology):
             chosen = [p for p in chosen if p.user_id in per_user]
             record.state = "aggregating"
             self._save(record)
-            new_state, clipped = self._aggregate(strategy, chosen, reports, record, base)
-            record.metrics = train_metrics([p.user_id for p in chosen], per_user)
+            new_state, clipped, cloud_compute = self._aggregate(strategy, chosen, reports, record, base)
+            record.metrics = train_metrics([p.user_id for p in chosen], per_user, cloud_compute)
+            if own := strategy.round_metrics(record.round_id, new_state):
+                record.metrics[record.request.algorithm] = own
             clipped.update({f"edge {e}": r.clipped for e, r in reports.items() if r.clipped})
             if clipped:
                 record.metrics["clipped"] = clipped
@@ -265,11 +269,9 @@ class Coordinator(Topology):
         """Held-out metrics of the version just committed, merged into the round's metrics."""
         t0 = time.perf_counter()
         reports = self._phase(record, chosen, Mode.EVAL, {p.user_id: {} for p in chosen}, self.global_state, strategy)
-        record.metrics.update(eval_metrics(reports, self._task_of(chosen)))
+        merge_eval(record.metrics, eval_metrics(reports, self._task_of(chosen)),
+                   hop_bytes(reports, self.ledger, (record.round_id, Mode.EVAL)))
         evaluated = {u for r in reports.values() for u in r.metrics}
-        for hop, counts in hop_bytes(reports, self.ledger, (record.round_id, Mode.EVAL)).items():
-            for d, n in counts.items():
-                record.metrics["bytes"][hop][d] += n
         record.metrics["eval_seconds"] = time.perf_counter() - t0
         record.progress = {u: "evaluated" if u in evaluated else "dropped" for u in record.participants}
 
@@ -305,7 +307,8 @@ class Coordinator(Topology):
         return {p.user_id: RoundPlan(
             round_id=record.round_id, user_id=p.user_id, local_steps=req.local_steps, batch_size=req.batch_size,
             lr=float(req.lr), seed=self.seed, algorithm=req.algorithm, config=dict(req.config),
-            extra=extras.get(p.user_id, {}), mode=mode, data=p.data, cut=p.cut, rank=p.rank) for p in chosen}
+            extra=extras.get(p.user_id, {}), mode=mode, data=p.data, cut=p.cut, rank=p.rank,
+            micro_batches=req.micro_batches) for p in chosen}
 
     def _phase(self, record: RoundRecord, chosen: list[Participant], mode: Mode, extras: dict[str, dict[str, Any]],
                state: AdapterBundle, strategy: Strategy) -> dict[str, Report]:
@@ -377,20 +380,21 @@ class Coordinator(Topology):
                     runtime.close_session(plan.round_id, plan.user_id)
 
     def _aggregate(self, strategy: Strategy, chosen: list[Participant], reports: dict[str, Report],
-                   record: RoundRecord, base: AdapterBundle) -> tuple[AdapterBundle, dict[str, Any]]:
-        """Every tier's new global adapters, and whose updates were clipped to what bound, per tier. An edge weighs as
-        its reporting users' weights (the cloud's, not the report's); the request's policy clips and combines
-        (``shared.fl.robust``)."""
+                   record: RoundRecord, base: AdapterBundle) -> tuple[AdapterBundle, dict[str, Any], dict[str, Any]]:
+        """Every tier's new global adapters, whose updates were clipped to what bound, the cloud's compute per user.
+        An edge weighs as its reporting users' weights (the cloud's); the policy clips and combines (``shared.fl.robust``)."""
         req, weight = record.request, {p.user_id: p.num_samples for p in chosen}
         reports = {e: r for e, r in reports.items() if r.metrics}  # edges all of whose users dropped add nothing
         updates_of: dict[Tier, list[AdapterUpdate]] = {
             tier: [AdapterUpdate(edge_id, tier, r.adapters.get(tier, {}), sum(weight.get(u, 0) for u in r.metrics))
                    for edge_id, r in reports.items()] for tier in (Tier.USER, Tier.EDGE)}
         updates_of[Tier.CLOUD] = []
+        compute: dict[str, Any] = {}
         for p in chosen:
             name = p.deployment or self.default_deployment
             session = self.runtimes[name].close_session(record.round_id, p.user_id)
+            compute[p.user_id] = {"seconds": session.compute_seconds, "blocks_run": session.blocks_run}
             update = with_prefix(self.runtimes[name].pack_update(session), self.prefixes[name])
             updates_of[Tier.CLOUD].append(AdapterUpdate(p.user_id, Tier.CLOUD, update, p.num_samples))
         policy = AggregationPolicy(req.clip_norm, req.clip_factor, req.aggregator, req.trim)
-        return aggregate_round(strategy, updates_of, base, policy)
+        return (*aggregate_round(strategy, updates_of, base, policy), compute)

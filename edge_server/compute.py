@@ -95,7 +95,8 @@ class EdgeServer:
                 raise Busy(f"edge {self.edge_id} holds {len(self.runtime.sessions)} sessions; "
                            f"{len(start.plans)} more would pass its limit of {self.max_sessions}")
             plan = start.plans[0]
-            strategy = get_algorithm(plan.algorithm).strategy(plan.config, StrategyContext(Tier.EDGE, self.runtime.spec))
+            ctx = StrategyContext(Tier.EDGE, self.runtime.spec, num_layers=self.runtime.split.num_layers)
+            strategy = get_algorithm(plan.algorithm).strategy(plan.config, ctx)
             policy = AggregationPolicy(start.clip_norm, start.clip_factor, start.aggregator, start.trim)
             pending = PendingRound({p.user_id: p for p in start.plans}, start.adapters, strategy, policy, start.weights)
             self.pending[key] = pending
@@ -222,9 +223,11 @@ class EdgeServer:
             stacked = restack(update.adapters, self.runtime.pack_update(session), self.runtime.spec.split[0])
             pending.user_updates.append(AdapterUpdate(update.user, Tier.USER, stacked[Tier.USER], weight))
             pending.edge_updates.append(AdapterUpdate(update.user, Tier.EDGE, stacked[Tier.EDGE], weight))
+            pending.metrics[update.user] = {**update.metrics, "edge_compute_seconds": session.compute_seconds,
+                                            "edge_blocks_run": session.blocks_run}
         else:
             self.runtime.close_session(update.round, update.user)
-        pending.metrics[update.user] = update.metrics
+            pending.metrics[update.user] = update.metrics
         return self._finish(key) if pending.settled else None
 
     def _finish(self, key: tuple[int, Mode]) -> Report:
@@ -264,7 +267,7 @@ class EdgeServer:
         """The edge's next stage: the cloud, with this edge's output rows."""
         mask = request.attention_mask
         forward = StepRequest(request.round, request.user, request.step, request.mode,
-                              pack_tokens(out.detach(), mask), mask, request.labels)
+                              pack_tokens(out.detach(), mask), mask, request.labels, request.micro, request.label_count)
         reply = self.cloud.request("step", forward.to_message(self.runtime.policy(Hop.EDGE_CLOUD).activations))
         if self.runtime.spec.u_shaped:  # the cloud's output rows go on to the user's head
             rows = OutputReply.from_message(reply).hidden
@@ -280,7 +283,7 @@ class EdgeServer:
     def relay_back(self, session: Session, request: BackwardRequest, pending: Pending) -> torch.Tensor:
         """The gradient of the cloud's output goes on to the cloud; the gradient of its input is that of this
         edge's output."""
-        back = BackwardRequest(request.round, request.user, request.step, request.loss, request.grad)
+        back = BackwardRequest(request.round, request.user, request.step, request.loss, request.grad, request.micro)
         answer = TrainReply.from_message(self.cloud.request("backward", back.to_message(
             self.runtime.policy(Hop.EDGE_CLOUD).gradients)))
         rows = pack_tokens(pending.out, pending.mask)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from shared.protocol.messages import (BackwardRequest, EvalReply, OutputReply, R
                                       UserStart, ack)
 from shared.protocol.transport import Link
 from shared.protocol.wire import Message
-from shared.runtime.loss import eval_counts, task_loss
+from shared.runtime.loss import eval_counts, label_count, step_loss
 from shared.runtime.session import Session
 from shared.runtime.steps import check_grad, pack_tokens, unpack_tokens
 from shared.runtime.tier import TierRuntime
@@ -109,40 +110,87 @@ class UserAgent:
 
     def _train(self, session: Session, plan: RoundPlan) -> Message:
         batches = self.sampler.round_batches(plan.seed, plan.round_id, self.user_id, plan.local_steps, plan.batch_size)
+        clock = self.runtime.clock  # the simulator's virtual clock, or None: the wall clock
         losses: list[float] = []
         step_seconds: list[float] = []
         compute = 0.0
         shape: list[int] = []
         started = time.perf_counter()
-        for step, batch in enumerate(batches):
-            shape = shape or list(batch.input_ids.shape)
-            t0 = step_start = time.perf_counter()
-            hidden = self.runtime.forward(session, None, batch.attention_mask, step, input_ids=batch.input_ids)
-            compute += self._slow(time.perf_counter() - t0)
-            request = step_request(plan, step, hidden, batch, labels=not self.u_shaped)
-            reply = self.edge.request("step", request.to_message(self.policy.activations))
-            if self.u_shaped:  # the head and the loss are here: the output's gradient goes back in a second request
-                t0 = time.perf_counter()
-                out_grad, loss = self._head_loss_backward(session, reply, request, batch)
-                compute += self._slow(time.perf_counter() - t0)
-                back = BackwardRequest(plan.round_id, self.user_id, step, loss, out_grad)
-                reply = self.edge.request("backward", back.to_message(self.policy.gradients))
-            answer = TrainReply.from_message(reply)
-            check_grad(answer.grad, request.hidden, "the edge")
-            t0 = time.perf_counter()
-            grad = unpack_tokens(answer.grad.to(hidden.device, hidden.dtype), batch.attention_mask)
-            self.runtime.backward_and_step(session, [hidden], [grad])
-            compute += self._slow(time.perf_counter() - t0)
-            losses.append(answer.loss)
-            session.samples += batch.size
-            step_seconds.append(time.perf_counter() - step_start)
+        with ThreadPoolExecutor(max_workers=plan.micro_batches, thread_name_prefix=f"{self.user_id}-micro") as pool:
+            for step, batch in enumerate(batches):
+                shape = shape or list(batch.input_ids.shape)
+                step_start = time.perf_counter()
+                charged = clock.elapsed(plan.round_id, self.user_id) if clock else 0.0
+                loss, seconds = self._train_step(session, plan, step, batch, pool)
+                compute += seconds
+                losses.append(loss)
+                session.samples += batch.size
+                step_seconds.append(clock.elapsed(plan.round_id, self.user_id) - charged if clock
+                                    else time.perf_counter() - step_start)
+        wall = time.perf_counter() - started
         metrics: dict[str, Any] = {
             "train_loss": sum(losses) / max(len(losses), 1), "losses": losses, "steps": len(losses),
-            "step_seconds": step_seconds, "batch_shape": shape,
-            "seconds": time.perf_counter() - started, "user_compute_seconds": compute,
+            "step_seconds": step_seconds, "batch_shape": shape, "seconds": sum(step_seconds) if clock else wall,
+            "user_compute_seconds": clock.account(plan.round_id, self.user_id)["user"] if clock else compute,
+            "wall_seconds": wall, "clock": "virtual" if clock else "wall", "user_blocks_run": session.blocks_run,
         }
         update = Update(plan.round_id, self.user_id, Mode.TRAIN, self.num_samples, metrics, self.runtime.pack_update(session))
         return update.to_message(self.policy.uploads)
+
+    def _train_step(self, session: Session, plan: RoundPlan, step: int, batch: Batch,
+                    pool: ThreadPoolExecutor) -> tuple[float, float]:
+        """One step, its batch split into the plan's micro-batches: (the step's loss, this device's compute seconds).
+
+        The micro-batches go through the chain as a pipeline (GPipe order here): each one's forward, then its
+        exchange with the edge in a thread of its own, while the next one's forward runs; then the backward
+        of each as its gradient comes back, and one optimizer step. The serving tiers run each micro-batch's
+        backward as soon as its gradient comes down to them. The losses of the micro-batches are their shares of
+        the batch's mean (``label_count``), so the gradients add up to the unsplit step's. One micro-batch is
+        the unsplit step, exchanged on this thread.
+        """
+        micros = batch.split(plan.micro_batches)
+        count = label_count(self.runtime.spec.task, batch.labels) if len(micros) > 1 else None
+        compute = 0.0
+        sent: list[tuple[torch.Tensor, StepRequest, Future]] = []
+        for m, micro in enumerate(micros):
+            t0 = time.perf_counter()
+            hidden = self.runtime.forward(session, None, micro.attention_mask, step, input_ids=micro.input_ids)
+            compute += self._slow(time.perf_counter() - t0)
+            request = step_request(plan, step, hidden, micro, labels=not self.u_shaped)
+            request.micro, request.label_count = (m, len(micros)), None if self.u_shaped else count
+            if len(micros) > 1:
+                sent.append((hidden, request, pool.submit(self._exchange, session, request, micro, count)))
+            else:
+                done: Future = Future()
+                done.set_result(self._exchange(session, request, micro, count))
+                sent.append((hidden, request, done))
+        loss = 0.0
+        for hidden, request, reply in sent:
+            answer, head_seconds = reply.result()
+            compute += head_seconds
+            check_grad(answer.grad, request.hidden, "the edge")
+            t0 = time.perf_counter()
+            grad = unpack_tokens(answer.grad.to(hidden.device, hidden.dtype), request.attention_mask)
+            self.runtime.backward(session, [hidden], [grad])
+            compute += self._slow(time.perf_counter() - t0)
+            loss += answer.loss
+        t0 = time.perf_counter()
+        self.runtime.step(session)
+        return loss, compute + self._slow(time.perf_counter() - t0)
+
+    def _exchange(self, session: Session, request: StepRequest, batch: Batch,
+                  count: int | None) -> tuple[TrainReply, float]:
+        """One (micro-)batch's step request to the edge, and in a U-shaped chain the loss here and the backward request;
+        the gradient of its activations, and the seconds this device computed meanwhile."""
+        reply = self.edge.request("step", request.to_message(self.policy.activations))
+        seconds = 0.0
+        if self.u_shaped:  # the head and the loss are here: the output's gradient goes back in a second request
+            t0 = time.perf_counter()
+            out_grad, loss = self._head_loss_backward(session, reply, request, batch, count)
+            seconds = self._slow(time.perf_counter() - t0)
+            back = BackwardRequest(request.round, self.user_id, request.step, loss, out_grad, request.micro)
+            reply = self.edge.request("backward", back.to_message(self.policy.gradients))
+        return TrainReply.from_message(reply), seconds
 
     def _head(self, session: Session, reply: Message, request: StepRequest) -> tuple[torch.Tensor, torch.Tensor]:
         """U-shaped chain: the cloud's output rows (a leaf, for their gradient) through this device's head."""
@@ -153,17 +201,17 @@ class UserAgent:
         return out, self.runtime.head(session, out, request.attention_mask)
 
     def _head_loss_backward(self, session: Session, reply: Message, request: StepRequest,
-                            batch: Batch) -> tuple[torch.Tensor, float]:
+                            batch: Batch, count: int | None) -> tuple[torch.Tensor, float]:
         """The loss on this device, backpropagated into the head's tensors and the cloud's output rows."""
         out, logits = self._head(session, reply, request)
-        loss = task_loss(self.runtime.spec.task, logits, batch.labels.to(self.runtime.device))
+        loss = step_loss(self.runtime.spec.task, logits, batch.labels.to(self.runtime.device), count)
         torch.autograd.backward(loss)
         grad = out.grad if out.grad is not None else torch.zeros_like(out)
         return pack_tokens(grad, request.attention_mask), float(loss.detach())
 
     def _slow(self, seconds: float) -> float:
-        """Stretch a compute phase to ``slowdown`` times its length; returns the stretched length."""
-        if self.slowdown > 1.0:
+        """Stretch a compute phase to ``slowdown`` times its length (not under a virtual clock, which charges it)."""
+        if self.slowdown > 1.0 and self.runtime.clock is None:
             time.sleep(seconds * (self.slowdown - 1.0))
         return seconds * self.slowdown
 

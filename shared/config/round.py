@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from shared.errors import InvalidInput
 
 MAX_DEADLINE = 7 * 24 * 3600.0
 
@@ -23,6 +25,8 @@ class RoundDefaults(BaseModel):
 
     local_steps: int = Field(20, ge=1, le=100_000, description="training steps each user runs in a round")
     batch_size: int = Field(8, ge=1, le=4096, description="examples per training step")
+    micro_batches: int = Field(1, ge=1, le=4096, description="micro-batches a step's batch is split into, sent through "
+                               "the tiers as a pipeline (1: the whole batch at once; at most batch_size)")
     lr: float | None = Field(None, gt=0, le=10, description=f"AdamW learning rate (default: {default_lr('cls'):g} for "
                                                              f"classification, {default_lr('lm'):g} for language modelling)")
     deadline: float | None = Field(600.0, gt=0, le=MAX_DEADLINE,
@@ -48,6 +52,12 @@ class RoundConfig(RoundDefaults):
         "mean", description="how updates are combined: the algorithm's mean, or the coordinate-wise median or "
                             "trimmed mean (robust to a minority of bad updates; unweighted)")
     trim: float = Field(0.2, ge=0, lt=0.5, description="trimmed_mean: the share of each end of every coordinate dropped")
+
+    @model_validator(mode="after")
+    def _micro_batches_fit(self) -> "RoundConfig":
+        if self.micro_batches > self.batch_size:
+            raise ValueError(f"micro_batches ({self.micro_batches}) must not exceed batch_size ({self.batch_size})")
+        return self
 
     def resolved(self, task: str) -> "RoundConfig":
         """This configuration with the task's learning rate filled in where none is set."""
@@ -76,4 +86,7 @@ def merge(body: BaseModel | None, defaults: Any) -> RoundConfig:
     """A round's configuration: the body's fields where given, else ``defaults``' (the cloud's settings)."""
     given = body.model_dump(exclude_none=True) if body is not None else {}
     base = {name: getattr(defaults, name) for name in RoundDefaults.model_fields if getattr(defaults, name) is not None}
-    return RoundConfig(**{**base, **given})
+    try:
+        return RoundConfig(**{**base, **given})
+    except ValidationError as exc:  # fields valid one by one, not together (micro_batches over batch_size): 422
+        raise InvalidInput("; ".join(e["msg"] for e in exc.errors())) from None

@@ -25,8 +25,13 @@ class Batch:
     def size(self) -> int:
         return int(self.input_ids.shape[0])
 
-
-
+    def split(self, count: int) -> list["Batch"]:
+        """``count`` micro-batches of consecutive rows (sizes differing by at most one; at most one per row)."""
+        parts = min(count, self.size)
+        if parts <= 1:
+            return [self]
+        ids, masks, labels = (t.tensor_split(parts) for t in (self.input_ids, self.attention_mask, self.labels))
+        return [Batch(*rows) for rows in zip(ids, masks, labels)]
 
 def collate(tokenizer: Tokenizer, examples: list[Example], task: str, max_len: int, pad_to_max: bool = False) -> Batch:
     """Tokenise, truncate to ``max_len`` and right-pad to the longest row (or to ``max_len``: fixed shapes)."""

@@ -1,29 +1,36 @@
 """DropPEFT (arXiv 2503.10217): stochastic transformer layer dropout, per-device ratios from a bandit, PTLS.
 
 STLD
-    At each training step every block ``l`` (global index, ``L`` blocks in the model) is skipped, the
-    residual stream passing through unchanged, with probability ``p_l = min(p * 2l / (L - 1),
-    max_layer_ratio)``: 0 for the first block, growing linearly with depth, averaging ``p`` (the
-    device's ratio) where the cap does not bite. The mask of a step is drawn from
-    ``derive_seed(plan.seed, plan.round_id, plan.user_id, step, "stld")`` over ALL ``L`` blocks, so
-    the user, edge and cloud tiers each derive the same mask for the blocks they hold without any
-    extra message. A skipped block is not run (``Partition.run_blocks`` runs the listed blocks only):
-    no forward, no backward, no saved activations. Evaluation runs every block (the runtime calls
-    ``layers_to_run`` in training only).
+    At each training step blocks are skipped, the residual stream passing through unchanged. Block
+    ``l`` (global index, ``L`` blocks in the model) has the skip probability ``p_l = min(p * 2l /
+    (L - 1), max_layer_ratio)``: 0 for the first block, growing linearly with depth, averaging ``p``
+    (the device's ratio) where the cap does not bite; personal blocks (PTLS) are never skipped
+    (``p_l = 0``: they are what each user keeps of its own). With ``skip`` "fixed" (the default)
+    each tier skips a fixed number of its own blocks at every step (the sum of their ``p_l``,
+    rounded at random between its floor and ceiling), drawn by weight ``p_l``, so that the device's
+    peak activation memory falls, not just its mean; with "independent" each block is one draw
+    (the paper's). The mask of a step is drawn from ``derive_seed(plan.seed, plan.round_id,
+    plan.user_id, step, "stld")`` over ALL ``L`` blocks (every tier knows the split), so the user,
+    edge and cloud tiers each derive the same mask for the blocks they hold without any extra
+    message. A skipped block is not run (``Partition.run_blocks`` runs the listed blocks only): no
+    forward, no backward, no saved activations. Evaluation runs every block.
 
 Online ratios
     The coordinator's (persistent) instance keeps one UCB1 policy per user over ``ratios``
     (default 0, 0.1, ..., 0.5), deterministic under ``seed`` (the order in which a user first tries
     the arms, and ties, come from a seeded permutation). ``configure_round`` puts each user's arm in
-    ``plan.extra["ratio"]``; ``after_round`` rewards it with the training progress per second of that
-    user's round: (mean of the first ``window`` share of its step losses - mean of the last share)
-    / sum of its step seconds (which include its device slowdown). Rewards are normalised twice:
-    per round, by the mean absolute reward of the round's other participants (the loss falls less
-    per round as training converges, for every arm alike; dividing by the round's scale keeps an arm
-    tried late from looking worse than one tried early; leaving the user itself out keeps its own
-    arm from damping its reward), and in the UCB index by the range of the user's arm means (UCB1
-    assumes rewards in [0, 1]). ``ratio`` set in the config
-    fixes the ratio for everyone (no bandit).
+    ``plan.extra["ratio"]``; ``after_round`` rewards it with the training progress per second:
+    the user's progress (mean of the first ``window`` share of its step losses - mean of the last
+    share), divided by the mean |progress| of the round's other participants (the loss falls less
+    per round as training converges, for every arm alike; dividing by the round's scale keeps an
+    arm tried late from looking worse than one tried early; leaving the user itself out keeps its
+    own arm from damping its reward), over the round's time: the slowest participant's step seconds
+    (``reward`` "round", the default: devices train in parallel, so a fast device gains nothing by
+    dropping blocks while a straggler sets the round's time), or the user's own ("own", the
+    paper's). Step seconds are what the device reports: the simulator's virtual clock
+    (``shared.protocol.clock``), or the wall clock. The UCB index scales its bonus by the range of
+    the user's arm means (UCB1 assumes rewards in [0, 1]). ``ratio`` set in the config fixes the
+    ratio for everyone (no bandit).
 
 PTLS
     ``personal_layers`` (global block indices) name blocks whose adapters stay with each user and
@@ -44,6 +51,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,18 +70,42 @@ from shared.seeds import derive_seed
 STORE_PERSONAL = "personal"  # ctx.store[STORE_PERSONAL][user_id][key] = that user's own adapter tensor
 
 
-def layer_ratios(ratio: float, num_layers: int, cap: float) -> list[float]:
-    """Per-block skip probabilities ``min(ratio * 2l / (L - 1), cap)``, averaging ``ratio`` below the cap."""
+def layer_ratios(ratio: float, num_layers: int, cap: float, personal: Collection[int] = ()) -> list[float]:
+    """Per-block skip probabilities ``min(ratio * 2l / (L - 1), cap)``, averaging ``ratio`` below the cap; 0 for personal blocks."""
     if num_layers <= 1:
         return [0.0] * num_layers
-    return [min(max(ratio * 2.0 * l / (num_layers - 1), 0.0), cap) for l in range(num_layers)]
+    return [0.0 if l in personal else min(max(ratio * 2.0 * l / (num_layers - 1), 0.0), cap) for l in range(num_layers)]
 
 
-def skip_mask(seed: int, round_id: int, user_id: str, step: int, ratio: float, num_layers: int,
-              cap: float) -> list[bool]:
-    """Which of the model's ``num_layers`` blocks step ``step`` skips; the same on every tier."""
+def tier_ranges(split: tuple[int, int] | None, num_layers: int) -> list[tuple[int, int]]:
+    """The blocks of each tier, ``[0, a)``, ``[a, b)``, ``[b, L)`` (empty ones left out); the whole model without a split."""
+    cuts = [0, *(split or ()), num_layers]
+    return [(lo, hi) for lo, hi in zip(cuts, cuts[1:]) if hi > lo]
+
+
+def skip_mask(seed: int, round_id: int, user_id: str, step: int, probs: list[float],
+              ranges: list[tuple[int, int]] | None = None) -> list[bool]:
+    """Which blocks step ``step`` skips (True), from per-block probabilities; the same on every tier.
+
+    With ``ranges`` (the tiers' blocks): each tier skips a fixed number of its blocks, the sum ``s``
+    of their probabilities rounded at random (``floor(s)``, plus one with probability ``s -
+    floor(s)``, so the mean is the paper's), drawn without replacement with weights ``probs``
+    (Efraimidis and Spirakis: the largest ``u ** (1 / p)``). No step of a tier skips fewer than
+    ``floor(s)`` blocks, so its peak activation memory falls with the mean. Without ``ranges``: one
+    independent draw per block (the paper's), whose mean falls but whose peak is a step that
+    happens to skip nothing.
+    """
     rng = random.Random(derive_seed(seed, round_id, user_id, step, "stld"))
-    return [rng.random() < p for p in layer_ratios(ratio, num_layers, cap)]  # one draw per block, always
+    if ranges is None:
+        return [rng.random() < p for p in probs]  # one draw per block, always
+    mask = [False] * len(probs)
+    for lo, hi in ranges:
+        keys = {l: rng.random() ** (1.0 / probs[l]) for l in range(lo, hi) if probs[l] > 0}
+        expected = round(sum(probs[lo:hi]), 9)  # 0.2 + 0.4 + ... is 2.0000000000000004
+        k = math.floor(expected) + (1 if rng.random() < expected - math.floor(expected) else 0)
+        for l in sorted(keys, key=lambda l: (-keys[l], l))[:min(k, len(keys))]:
+            mask[l] = True
+    return mask
 
 
 @dataclass
@@ -83,8 +115,10 @@ class DropPEFTConfig(AlgorithmConfig):
     max_layer_ratio: float = 0.9  # cap of a block's skip probability (the deepest block would reach 2p)
     exploration: float = 0.5  # UCB's c: index = mean + c * spread of arm means * sqrt(2 ln n / n_arm)
     window: float = 0.25  # share of a round's steps averaged at its start and at its end for the reward
-    normalize: str = "round"  # "round": divide rewards by the round's other users' mean |reward|; "none"
-    personal_layers: list[int] = field(default_factory=list)  # global block indices kept per user (PTLS)
+    normalize: str = "round"  # "round": divide a user's progress by the round's other users' mean |progress|; "none"
+    reward: str = "round"  # progress per second of the round (its slowest user's time), or "own": of the user's own
+    skip: str = "fixed"  # "fixed": each tier skips a fixed number of its blocks a step; "independent": a draw per block
+    personal_layers: list[int] = field(default_factory=list)  # global block indices kept per user (PTLS), never skipped
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,8 +132,11 @@ class DropPEFTConfig(AlgorithmConfig):
         if self.exploration < 0 or not 0.0 < self.window <= 0.5:
             raise InvalidInput(f"droppeft: exploration must be >= 0 and window in (0, 0.5] "
                              f"(got {self.exploration}, {self.window})")
-        if self.normalize not in ("round", "none"):
-            raise InvalidInput(f"droppeft: normalize must be 'round' or 'none' (got '{self.normalize}')")
+        for name, value, allowed in (("normalize", self.normalize, ("round", "none")),
+                                     ("reward", self.reward, ("round", "own")),
+                                     ("skip", self.skip, ("fixed", "independent"))):
+            if value not in allowed:
+                raise InvalidInput(f"droppeft: {name} must be one of {list(allowed)} (got '{value}')")
         if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.personal_layers):
             raise InvalidInput(f"droppeft: personal_layers must be global block indices >= 0 (got {self.personal_layers})")
         self.personal_layers = sorted(set(self.personal_layers))
@@ -158,15 +195,13 @@ class UCBPolicy:
         return {"counts": list(self.counts), "means": self.means()}
 
 
-def progress_per_second(losses: list[float], step_seconds: list[float], window: float) -> float | None:
-    """(mean of the first ``window`` share of the losses - mean of the last share) / total step seconds."""
-    n = min(len(losses), len(step_seconds))
-    seconds = float(sum(step_seconds[:n]))
-    if n < 2 or not seconds > 0:
+def progress(losses: list[float], window: float) -> float | None:
+    """Mean of the first ``window`` share of a round's step losses minus the mean of its last share."""
+    n = len(losses)
+    if n < 2:
         return None
     k = max(1, min(n // 2, int(round(window * n))))
-    first, last = sum(losses[:k]) / k, sum(losses[n - k:n]) / k
-    value = (first - last) / seconds
+    value = sum(losses[:k]) / k - sum(losses[n - k:]) / k
     return value if math.isfinite(value) else None
 
 
@@ -209,29 +244,32 @@ class DropPEFTStrategy(Strategy):
         return {u: {"ratio": self.config.ratios[a], "arm": a} for u, a in arms.items()}
 
     def after_round(self, round_id: int, metrics: dict[str, Any]) -> None:
+        """Each user's arm rewarded with its (normalised) progress per second of the round, or of its own time."""
         arms = self.assigned.pop(round_id, None)
         if not arms:
             return
-        raw: dict[str, float] = {}
-        for user_id, m in metrics.get("users", {}).items():
-            if user_id not in arms:
-                continue
-            value = progress_per_second(list(m.get("losses", [])), list(m.get("step_seconds", [])), self.config.window)
-            if value is not None:
-                raw[user_id] = value
-        for user_id, value in sorted(raw.items()):
-            reward = value / self._round_scale(user_id, raw)
+        users = {u: m for u, m in metrics.get("users", {}).items() if u in arms}
+        seconds = {u: float(sum(m.get("step_seconds", []))) for u, m in users.items()}
+        made = {u: progress(list(m.get("losses", [])), self.config.window) for u, m in users.items()}
+        made = {u: v for u, v in made.items() if v is not None and seconds[u] > 0}
+        round_seconds = max(seconds.values(), default=0.0)  # the devices train in parallel: the slowest sets it
+        for user_id, value in sorted(made.items()):
+            time_ = round_seconds if self.config.reward == "round" else seconds[user_id]
+            reward = value / self._round_scale(user_id, made) / time_
             self._policy(user_id).update(arms[user_id], reward)
             self.history.append({"round": round_id, "user": user_id, "ratio": self.config.ratios[arms[user_id]],
-                                 "raw_reward": value, "reward": reward})
+                                 "progress": value, "seconds": seconds[user_id], "round_seconds": round_seconds,
+                                 "reward": reward})
 
-    def _round_scale(self, user_id: str, raw: dict[str, float]) -> float:
-        """The round's progress scale for ``user_id``: the mean |reward| of the round's OTHER users.
+    def _round_scale(self, user_id: str, made: dict[str, float]) -> float:
+        """The round's progress scale for ``user_id``: the mean |progress| of the round's OTHER users.
 
-        Leaving the user out keeps its own arm from damping its reward; with no other user (or
-        ``normalize`` "none") the reward stays as it is.
+        The loss falls less per round as training converges, for every arm alike; dividing by the
+        round's scale keeps an arm tried late from looking worse than one tried early. Leaving the
+        user out keeps its own arm from damping its reward; with no other user (or ``normalize``
+        "none") the progress stays as it is.
         """
-        others = [abs(v) for u, v in raw.items() if u != user_id]
+        others = [abs(v) for u, v in made.items() if u != user_id]
         if self.config.normalize != "round" or not others:
             return 1.0
         scale = sum(others) / len(others)
@@ -259,8 +297,18 @@ class DropPEFTSession(SessionPlugin):
 
     def mask(self, step: int) -> list[bool]:
         """The step's skip mask over the whole model's blocks (True = skipped)."""
-        return skip_mask(self.plan.seed, self.plan.round_id, self.plan.user_id, step, ratio_of(self.config, self.plan),
-                         self.ctx.num_layers, self.config.max_layer_ratio)
+        return skip_mask(self.plan.seed, self.plan.round_id, self.plan.user_id, step, self.probs(), self.ranges())
+
+    def probs(self) -> list[float]:
+        """Each block's skip probability at this plan's ratio (0 for personal blocks)."""
+        return layer_ratios(ratio_of(self.config, self.plan), self.ctx.num_layers, self.config.max_layer_ratio,
+                            self.config.personal_layers)
+
+    def ranges(self) -> list[tuple[int, int]] | None:
+        """The tiers' block ranges the fixed-count mask is drawn over (None: independent draws)."""
+        if self.config.skip != "fixed":
+            return None
+        return tier_ranges(tuple(self.ctx.spec.split) if self.ctx.spec else None, self.ctx.num_layers)
 
     def layers_to_run(self, step: int) -> list[int]:
         if not self.plan.training or ratio_of(self.config, self.plan) <= 0.0:  # evaluation runs every block

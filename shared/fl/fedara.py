@@ -21,13 +21,29 @@ Hooks, tier by tier:
 
 Importance (AdaLoRA's): per parameter entry I = |w * dL/dw|, Ibar <- b1 Ibar + (1 - b1) I,
 U <- b2 U + (1 - b2) |I - Ibar|, s = Ibar * U; per triplet S_i = s(e_i) + mean_j s(Q_ij) + mean_j s(P_ji).
+The coordinator keeps a moving average of each triplet's aggregated score across rounds
+(``score_beta``); a masked triplet, which nobody scores, carries its average forward at the rate
+its tier's scored triplets moved (``svd.smooth_scores``).
 
-Budget (total active triplets over all adapted modules of all tiers), for the round about to train,
-t = 1, 2, ...: b0 while t <= warmup; bT once t > total - final; in between, with n = total - warmup
-- final decay rounds and k = t - warmup, b(t) = bT + (b0 - bT) * (1 - k / (n + 1))**3 (rounded).
-b0 = init_rank per module, bT = target_rank * number of modules. The triplets kept are the highest
-scored among those still active (a masked triplet is not trained, so it never gets a fresh score
-and never comes back).
+Budget: per tier, over the adapted modules of the tiers in ``budget_tiers`` (by default the user
+and edge tiers: the adapters that travel; the cloud's never leave it and keep their initial
+triplets). Scores of different tiers are not compared: the cloud's run 100-1000x larger than a
+user's, so one global ranking would spend the budget on the tier whose adapters cost no bytes.
+For the round about to train, t = 1, 2, ...: b0 while t <= warmup; bT once t > total - final; in
+between, with n = total - warmup - final decay rounds and k = t - warmup,
+b(t) = bT + (b0 - bT) * (1 - k / (n + 1))**3 (rounded); b0 = init_rank per module of the tier,
+bT = target_rank * its modules. The triplets kept are the tier's highest by moving-average score
+among ALL its initial triplets, masked ones included: a masked triplet whose average beats an
+active one's comes back (with the values it kept in the global state).
+
+Step size: under Adam every tensor entry moves by about the learning rate per step. LoRA's
+output moves through every entry of B (d x r), the SVD form's mainly through r scalars e, so at
+one learning rate e learns far too slowly. A change of lr in B_i moves dW by about
+lr * sqrt(d / 3) (A's rows, uniform in +-1/sqrt(k), have norm 1/sqrt(3)); a change of lr in e_i
+moves it by lr * |P_i| |Q_i|, which is 1 for orthonormal factors and 0.02^2 * sqrt(d k) (0.15) at the start. The
+session therefore steps e with ``e_lr_scale`` times the round's learning rate (default 16: about
+sqrt(384 / 3) = 11 for orthonormal factors of minilm's 384-wide modules, more while P and Q are
+still small; ``lr_scales``), and P, Q with the round's.
 
 Masked triplets keep their values in the global state; the model FedARA trains is the global state
 restricted to the active triplets (``FedARA.active`` at the coordinator, ``masked_state`` below).
@@ -35,7 +51,7 @@ restricted to the active triplets (``FedARA.active`` at the coordinator, ``maske
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,10 +64,14 @@ from shared.fl.aggregation import AdapterUpdate, AggregationError
 from shared.fl.plugin import (AlgorithmConfig, Participant, SessionContext, SessionPlugin, Strategy, StrategyContext,
                               register_algorithm)
 from shared.fl.svd import (E_SUFFIX, FACTORS, INDEX, P_SUFFIX, Q_SUFFIX, SAMPLES, SCORE, ImportanceTracker,
-                           budget_schedule, check_indices, compact, float_ok, module_of, orthogonality_penalty,
-                           split_state, triplet_scores)
+                           budget_schedule, check_indices, check_module_update, compact, float_ok, module_of,
+                           orthogonality_penalty, rank_triplets, require_svd, smooth_scores, split_state,
+                           triplet_scores)
 from shared.model.adapters import AdapterState
 from shared.protocol.enums import Tier
+
+
+BUDGET_TIERS = (Tier.USER.value, Tier.EDGE.value)  # the tiers whose adapters travel
 
 
 @dataclass
@@ -59,13 +79,17 @@ class FedARAConfig(AlgorithmConfig):
     """Options of FedARA; ``init_rank`` 0 means the deployment's rank, ``target_rank`` None a third of it."""
 
     init_rank: int = 0  # triplets per module at the start (capped by the adapters' rank)
-    target_rank: float | None = None  # average active triplets per module at the end
+    target_rank: float | None = None  # average active triplets per module of a budgeted tier at the end
     total_rounds: int = 10  # rounds the schedule spans
-    warmup_rounds: int = 1  # rounds at the initial budget
+    warmup_rounds: int = 2  # rounds at the initial budget (scores of a barely trained model are noise)
     final_rounds: int = 2  # last rounds at the target budget
-    beta1: float = 0.85  # EMA of the sensitivity
+    beta1: float = 0.85  # EMA of the sensitivity (per step, in a session)
     beta2: float = 0.85  # EMA of its uncertainty
-    ortho_weight: float = 0.1  # weight of the orthogonality penalty
+    score_beta: float = 0.5  # moving average of each triplet's score across rounds, at the coordinator
+    ortho_weight: float = 0.1  # weight of the orthogonality penalty (a sum of squared norms; peft's AdaLoRA: 0.5
+    #                            on a mean of unsquared norms)
+    e_lr_scale: float = 16.0  # e's learning rate over the round's (see the module doc)
+    budget_tiers: list[str] = field(default_factory=lambda: list(BUDGET_TIERS))  # tiers whose triplets are budgeted
 
     def __post_init__(self) -> None:
         if self.init_rank < 0:
@@ -78,16 +102,16 @@ class FedARAConfig(AlgorithmConfig):
                 self.warmup_rounds + self.final_rounds > self.total_rounds:
             raise InvalidInput(f"fedara: need 0 <= warmup_rounds + final_rounds <= total_rounds (got {self.warmup_rounds}"
                              f" + {self.final_rounds} > {self.total_rounds})")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise InvalidInput(f"fedara: beta1 and beta2 must lie in [0, 1) (got {self.beta1}, {self.beta2})")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and 0 <= self.score_beta < 1):
+            raise InvalidInput(f"fedara: beta1, beta2 and score_beta must lie in [0, 1) (got {self.beta1}, {self.beta2}, "
+                               f"{self.score_beta})")
         if not self.ortho_weight >= 0:
             raise InvalidInput(f"fedara: ortho_weight must be >= 0, got {self.ortho_weight}")
-
-
-def require_svd(spec: ModelSpec) -> None:
-    if spec.adapter != "svd":
-        raise InvalidInput(f"fedara trains truncated-SVD adapters (P diag(e) Q): this deployment uses adapter "
-                           f"'{spec.adapter}'; start it with --adapter svd (SimConfig(adapter='svd'))")
+        if not self.e_lr_scale > 0:
+            raise InvalidInput(f"fedara: e_lr_scale must be > 0, got {self.e_lr_scale}")
+        tiers = [t.value for t in Tier]
+        if not isinstance(self.budget_tiers, list) or any(t not in tiers for t in self.budget_tiers):
+            raise InvalidInput(f"fedara: budget_tiers must list tiers among {tiers} (got {self.budget_tiers})")
 
 
 def initial_triplets(config: FedARAConfig, rank: int) -> list[int]:
@@ -103,30 +127,40 @@ class FedARAStrategy(Strategy):
     def __init__(self, config: FedARAConfig, ctx: StrategyContext) -> None:
         super().__init__(config, ctx)
         self.full_rank: dict[str, int] = {}  # module -> r of its slot, learnt from the global states
+        self.tier_of: dict[str, str] = {}  # module -> the tier that holds it
         self.active: dict[str, list[int]] | None = None  # None: nothing allocated yet (initial triplets)
-        self.scores: dict[str, torch.Tensor] = {}  # module -> last aggregated score of each triplet
+        self.scores: dict[str, torch.Tensor] = {}  # module -> moving average of each triplet's aggregated score
         self.round_scores: dict[str, torch.Tensor] = {}  # this round's (NaN: nobody held the triplet)
         self.completed = 0
         self.history: list[dict[str, Any]] = []
 
     @classmethod
-    def check_request(cls, config: AlgorithmConfig, request: RoundConfig, spec: ModelSpec) -> None:
+    def check_request(cls, config: AlgorithmConfig, request: RoundConfig, spec: ModelSpec, num_layers: int) -> None:
         require_svd(spec)
         if request.aggregator != "mean":
             raise InvalidInput("fedara combines compact per-triplet updates: use aggregator 'mean'")
+
+    def _learn(self, module: str, rank: int, tier: Tier | str) -> None:
+        self.full_rank[module] = rank
+        self.tier_of[module] = str(tier)
 
     def _active_of(self, module: str, rank: int) -> list[int]:
         if self.active is not None and module in self.active:
             return list(self.active[module])
         return initial_triplets(self.config, rank)
 
-    def target_budget(self) -> tuple[int, int]:
-        """(initial, target) total triplets over the modules known so far."""
-        initial = sum(len(initial_triplets(self.config, r)) for r in self.full_rank.values())
+    def budgets(self) -> dict[str, tuple[int, int]]:
+        """(initial, target) active triplets per budgeted tier, over the modules known so far."""
         per_module = self.config.target_rank
         if per_module is None:
             per_module = (self.config.init_rank or max(self.full_rank.values(), default=0)) / 3.0
-        return initial, min(initial, max(0, int(round(per_module * len(self.full_rank)))))
+        out = {}
+        for tier in self.config.budget_tiers:
+            modules = [m for m, t in self.tier_of.items() if t == tier]
+            if modules:
+                initial = sum(len(initial_triplets(self.config, self.full_rank[m])) for m in modules)
+                out[tier] = (initial, min(initial, max(0, int(round(per_module * len(modules))))))
+        return out
 
     def configure_round(self, round_id: int, participants: list[Participant]) -> dict[str, dict[str, Any]]:
         self.round_scores = {}
@@ -140,7 +174,7 @@ class FedARAStrategy(Strategy):
         out = dict(out)
         for module, factors in sorted(modules.items()):
             rank = int(factors[Q_SUFFIX].shape[0])
-            self.full_rank[module] = rank
+            self._learn(module, rank, tier)
             idx = self._active_of(module, rank)
             if not idx:  # a pruned module: nothing of it travels
                 continue
@@ -168,28 +202,7 @@ class FedARAStrategy(Strategy):
             prev = prev_modules.get(module)
             if prev is None or Q_SUFFIX not in prev:
                 raise InvalidInput(f"update from {source}: module '{module}' was not sent (pruned or unknown)")
-            needed = set(FACTORS) | {INDEX, SCORE}
-            if not needed <= set(parts):
-                raise InvalidInput(f"update from {source}: module '{module}' lacks {sorted(needed - set(parts))}")
-            index = parts[INDEX]
-            if index.dtype not in (torch.int64, torch.int32, torch.int16) or index.dim() != 1 or index.numel() == 0:
-                raise InvalidInput(f"update from {source}: '{module}{INDEX}' must be a non-empty 1-d integer tensor")
-            idx = index.tolist()
-            allowed = set(self._allowed(module, prev))
-            if any(a >= b for a, b in zip(idx, idx[1:])) or not set(idx) <= allowed:
-                raise InvalidInput(f"update from {source}: '{module}{INDEX}' must list increasing indices of triplets "
-                                 f"that were sent for training")
-            k = len(idx)
-            want = {Q_SUFFIX: (k, prev[Q_SUFFIX].shape[1]), P_SUFFIX: (prev[P_SUFFIX].shape[0], k), E_SUFFIX: (k, 1),
-                    SCORE: (k,), SAMPLES: (k,)}
-            for suffix, value in parts.items():
-                if suffix == INDEX:
-                    continue
-                if tuple(value.shape) != tuple(want[suffix]) or not float_ok(value):
-                    raise InvalidInput(f"update from {source}: '{module}{suffix}' must be a finite float tensor of "
-                                     f"shape {list(want[suffix])}")
-                if suffix in (SCORE, SAMPLES) and bool((value < 0).any()):
-                    raise InvalidInput(f"update from {source}: '{module}{suffix}' must not be negative")
+            check_module_update(module, parts, prev, set(self._allowed(module, prev)), source)
 
     def aggregate(self, tier: Tier, updates: list[AdapterUpdate], previous: AdapterState) -> AdapterState:
         """Per triplet: the sample-weighted mean over the updates holding it; the others keep ``previous``.
@@ -222,7 +235,7 @@ class FedARAStrategy(Strategy):
             q0, p0, e0 = (prev[s] for s in FACTORS)
             prev_idx = prev[INDEX].tolist() if compact_prev else list(range(q0.shape[0]))
             if not compact_prev:
-                self.full_rank[module] = len(prev_idx)
+                self._learn(module, len(prev_idx), tier)
             pos = {g: i for i, g in enumerate(prev_idx)}
             n = len(prev_idx)
             acc = {Q_SUFFIX: torch.zeros(q0.shape, dtype=torch.float64), P_SUFFIX: torch.zeros(p0.shape, dtype=torch.float64),
@@ -267,30 +280,31 @@ class FedARAStrategy(Strategy):
         return out
 
     def after_round(self, round_id: int, metrics: dict[str, Any]) -> None:
-        """Aggregated scores in; the next round's triplets out (the budget of its place in the schedule)."""
+        """Aggregated scores in; the next round's triplets out (each budgeted tier's share of the schedule)."""
         self.completed += 1
-        for module, fresh in self.round_scores.items():
-            old = self.scores.get(module, torch.zeros_like(fresh))
-            self.scores[module] = torch.where(torch.isnan(fresh), old, fresh)
+        for tier in sorted({self.tier_of.get(m, "") for m in self.round_scores}):
+            fresh = {m: f for m, f in self.round_scores.items() if self.tier_of.get(m, "") == tier}
+            self.scores.update(smooth_scores(self.scores, fresh, self.config.score_beta))
         self.round_scores = {}
         if not self.full_rank:
             return
-        initial, target = self.target_budget()
-        budget = budget_schedule(self.completed + 1, self.config.total_rounds, self.config.warmup_rounds,
-                                 self.config.final_rounds, initial, target)
-        current = {m: self._active_of(m, r) for m, r in sorted(self.full_rank.items())}
-        candidates = [(m, i) for m, idx in current.items() for i in idx]
-        if budget < len(candidates):
-            def score_of(mi: tuple[str, int]) -> float:
-                s = self.scores.get(mi[0])
-                return float(s[mi[1]]) if s is not None and mi[1] < len(s) else 0.0
-
-            ranked = sorted(candidates, key=lambda mi: (-score_of(mi), mi[0], mi[1]))
-            kept = set(ranked[:budget])
-            current = {m: [i for i in idx if (m, i) in kept] for m, idx in current.items()}
+        before = {m: self._active_of(m, r) for m, r in sorted(self.full_rank.items())}
+        current = {m: initial_triplets(self.config, r) for m, r in sorted(self.full_rank.items())}
+        budgets: dict[str, int] = {}
+        for tier, (initial, target) in self.budgets().items():
+            budget = budget_schedule(self.completed + 1, self.config.total_rounds, self.config.warmup_rounds,
+                                     self.config.final_rounds, initial, target)
+            budgets[tier] = budget
+            candidates = [(m, i) for m, idx in current.items() if self.tier_of[m] == tier for i in idx]
+            if budget < len(candidates):
+                kept = set(rank_triplets(candidates, self.scores)[:budget])
+                current.update({m: [i for i in current[m] if (m, i) in kept] for m, _ in candidates})
         self.active = current
-        summary = {"next_round": self.completed + 1, "budget": budget, "active": sum(len(v) for v in current.values()),
-                   "initial": initial, "target": target, "modules": len(current),
+        revived = sum(len(set(current[m]) - set(before[m])) for m in current)
+        summary = {"next_round": self.completed + 1, "budget": budgets, "active": sum(len(v) for v in current.values()),
+                   "active_by_tier": {t: sum(len(v) for m, v in current.items() if self.tier_of[m] == t)
+                                      for t in sorted(set(self.tier_of.values()))},
+                   "revived": revived, "modules": len(current),
                    "pruned_modules": sorted(m for m, v in current.items() if not v),
                    "ranks": {m: len(v) for m, v in current.items()}}
         self.history.append(summary)
@@ -356,6 +370,9 @@ class FedARASession(SessionPlugin):
             for suffix, value in factors.items():
                 params[module + suffix] = nn.Parameter(value.detach().clone())
         return params
+
+    def lr_scales(self) -> dict[str, float]:
+        return {"svd_e": self.config.e_lr_scale}
 
     def extra_loss(self, params: dict[str, nn.Parameter]) -> torch.Tensor | None:
         if not self.config.ortho_weight or not self.indices:

@@ -149,7 +149,7 @@ class H2TuneStrategy(Strategy):
     owned_suffixes = (M,)
 
     @classmethod
-    def check_request(cls, config: AlgorithmConfig, request: RoundConfig, spec: ModelSpec) -> None:
+    def check_request(cls, config: AlgorithmConfig, request: RoundConfig, spec: ModelSpec, num_layers: int) -> None:
         if spec.adapter != "lora":
             raise InvalidInput(f"h2tune trains LoRA adapters (B M A): this deployment uses adapter '{spec.adapter}'")
 

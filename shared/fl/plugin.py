@@ -12,6 +12,7 @@ A plug-in is registered under a name with three parts, each overriding only the 
 |                      | validate_update   | edge and cloud: refuse an arriving update (422)                |
 |                      | aggregate         | edge (pre-aggregation of its users) and cloud                  |
 |                      | aggregate_round   | cloud: a whole round at once, across tiers and deployments     |
+|                      | round_metrics     | cloud, before the commit: the algorithm's figures of the round |
 |                      | after_round       | cloud, after the commit: bandits, schedules, stage changes     |
 | ``SessionPlugin``    | build_adapters    | every tier: the session's trainable replica                    |
 |                      | accepts           | every tier: downloaded keys beyond the adapter slots it takes  |
@@ -112,6 +113,7 @@ class StrategyContext:
     spec: ModelSpec | None = None
     seed: int = 0
     models: dict[str, ModelInfo] = field(default_factory=dict)
+    num_layers: int = 0  # blocks in the whole model (0: not known)
 
 
 class Strategy:
@@ -121,8 +123,9 @@ class Strategy:
         self.config, self.ctx = config, ctx
 
     @classmethod
-    def check_request(cls, config: AlgorithmConfig, request: RoundConfig, spec: ModelSpec) -> None:
-        """Refuse, when a round is submitted, one this algorithm cannot run on this deployment (``InvalidInput``)."""
+    def check_request(cls, config: AlgorithmConfig, request: RoundConfig, spec: ModelSpec, num_layers: int) -> None:
+        """Refuse, when a round is submitted, one this algorithm cannot run on this deployment and its model of
+        ``num_layers`` blocks (``InvalidInput``)."""
 
     def configure_round(self, round_id: int, participants: list[Participant]) -> dict[str, Json]:
         """Per-participant plan extras (``RoundPlan.extra``), keyed by user id."""
@@ -160,6 +163,11 @@ class Strategy:
         """The cloud's aggregate of a whole round at once, every tier and deployment together (H2Tune aligns layers
         across them); None (the default) combines each tier's updates with ``aggregate``, namespace by namespace."""
         return None
+
+    def round_metrics(self, round_id: int, state: AdapterBundle) -> Json:
+        """The algorithm's own figures of a round, given every tier's new global adapters: they go into the
+        round's metrics under the algorithm's name (none by default)."""
+        return {}
 
     def after_round(self, round_id: int, metrics: Json) -> None:
         """The committed round's metrics, at the cloud (bandit rewards, schedules, stages)."""
@@ -214,8 +222,9 @@ class SessionPlugin:
         """Frozen base weights this session runs in place of the tier's own: ``{parameter name: tensor}``.
 
         Names are the partition's (``blocks.3.self_attn.q_proj.base_layer.weight``); ``blocks`` are
-        the tier's loaded blocks by global index. The tier binds the tensors for this session's
-        forward passes only (DevFT's fused layers); nothing by default.
+        the tier's loaded blocks by global index, read with the tier's lock held (no other session's
+        overrides are bound meanwhile). Called after ``build_adapters``. The tier binds the tensors for
+        this session's forward passes only (DevFT's fused layers); nothing by default.
         """
         return {}
 

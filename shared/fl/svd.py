@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from shared.config.deployment import ModelSpec
 from shared.errors import InvalidInput
 from shared.model.adapters import AdapterState
 
@@ -20,6 +21,13 @@ INDEX, SCORE, SAMPLES = ".rank_index", ".rank_score", ".rank_samples"
 
 
 EXTRAS = (INDEX, SCORE, SAMPLES)
+
+
+def require_svd(spec: ModelSpec) -> None:
+    """FedARA's adapters are the SVD form: refuse a deployment of another form with a clear error."""
+    if spec.adapter != "svd":
+        raise InvalidInput(f"fedara trains truncated-SVD adapters (P diag(e) Q): this deployment uses adapter "
+                           f"'{spec.adapter}'; start it with --adapter svd (SimConfig(adapter='svd'))")
 
 
 def module_of(key: str) -> tuple[str, str] | None:
@@ -66,6 +74,33 @@ def budget_schedule(round_number: int, total_rounds: int, warmup_rounds: int, fi
 def triplet_scores(s_q: torch.Tensor, s_p: torch.Tensor, s_e: torch.Tensor) -> torch.Tensor:
     """Per-triplet importance from per-entry scores of Q (k x n), P (d x k) and e (k x 1)."""
     return s_e.reshape(-1) + s_q.mean(dim=1) + s_p.mean(dim=0)
+
+
+def smooth_scores(old: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor], beta: float) -> dict[str, torch.Tensor]:
+    """One round of the coordinator's moving average of the triplet scores of one tier's modules.
+
+    ``fresh`` holds this round's aggregated scores, NaN where no one held the triplet (masked). A
+    held triplet: ``beta * old + (1 - beta) * fresh``. A masked triplet cannot be scored (it is
+    neither trained nor sent), so its average is carried forward at the rate the tier's held
+    triplets moved (the sum of their fresh scores over the sum of their averages): it keeps its
+    place against the tier as a whole, and an active triplet that falls behind the tier can fall
+    below it (the masked one then comes back). Decaying it instead, as AdaLoRA's zero sensitivity
+    would, keeps every masked triplet below every kept one for ever. A module's first scores are
+    taken as they are.
+    """
+    fresh = {m: f.to(torch.float64) for m, f in fresh.items()}
+    known = {m: old[m].to(torch.float64) for m in fresh if m in old and old[m].shape == fresh[m].shape}
+    num = sum(float(torch.nan_to_num(f, nan=0.0).sum()) for m, f in fresh.items() if m in known)
+    den = sum(float(known[m][~torch.isnan(f)].sum()) for m, f in fresh.items() if m in known)
+    trend = num / den if den > 0 else 1.0
+    out = {}
+    for module, f in fresh.items():
+        if module not in known:
+            out[module] = torch.nan_to_num(f, nan=0.0)
+            continue
+        prev = known[module]
+        out[module] = torch.where(torch.isnan(f), prev * trend, beta * prev + (1.0 - beta) * f)
+    return out
 
 
 class ImportanceTracker:
@@ -118,6 +153,41 @@ def check_indices(idx: Any, rank: int, where: str) -> list[int]:
     if any(i < 0 or i >= rank for i in idx) or any(a >= b for a, b in zip(idx, idx[1:])):
         raise InvalidInput(f"{where}: active triplets must be strictly increasing indices in [0, {rank})")
     return idx
+
+
+def rank_triplets(candidates: list[tuple[str, int]], scores: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
+    """Triplets ``(module, index)`` best first by their moving-average score (unscored: 0; ties by name)."""
+    def score_of(mi: tuple[str, int]) -> float:
+        s = scores.get(mi[0])
+        return float(s[mi[1]]) if s is not None and mi[1] < len(s) else 0.0
+
+    return sorted(candidates, key=lambda mi: (-score_of(mi), mi[0], mi[1]))
+
+
+def check_module_update(module: str, parts: dict[str, torch.Tensor], prev: dict[str, torch.Tensor], allowed: set[int],
+                        source: str) -> None:
+    """One module of an arriving compact update: factors, indices among ``allowed``, scores, all well shaped."""
+    needed = set(FACTORS) | {INDEX, SCORE}
+    if not needed <= set(parts):
+        raise InvalidInput(f"update from {source}: module '{module}' lacks {sorted(needed - set(parts))}")
+    index = parts[INDEX]
+    if index.dtype not in (torch.int64, torch.int32, torch.int16) or index.dim() != 1 or index.numel() == 0:
+        raise InvalidInput(f"update from {source}: '{module}{INDEX}' must be a non-empty 1-d integer tensor")
+    idx = index.tolist()
+    if any(a >= b for a, b in zip(idx, idx[1:])) or not set(idx) <= allowed:
+        raise InvalidInput(f"update from {source}: '{module}{INDEX}' must list increasing indices of triplets "
+                           f"that were sent for training")
+    k = len(idx)
+    want = {Q_SUFFIX: (k, prev[Q_SUFFIX].shape[1]), P_SUFFIX: (prev[P_SUFFIX].shape[0], k), E_SUFFIX: (k, 1),
+            SCORE: (k,), SAMPLES: (k,)}
+    for suffix, value in parts.items():
+        if suffix == INDEX:
+            continue
+        if tuple(value.shape) != tuple(want[suffix]) or not float_ok(value):
+            raise InvalidInput(f"update from {source}: '{module}{suffix}' must be a finite float tensor of "
+                               f"shape {list(want[suffix])}")
+        if suffix in (SCORE, SAMPLES) and bool((value < 0).any()):
+            raise InvalidInput(f"update from {source}: '{module}{suffix}' must not be negative")
 
 
 def float_ok(value: torch.Tensor) -> bool:

@@ -97,6 +97,7 @@ class HttpLink(Link):
         if endpoint not in ENDPOINTS:
             raise ValueError(f"unknown endpoint '{endpoint}'")
         body = encode(msg)
+        self.carry_request(len(body))
         resp = with_retries(lambda: self.client.post(f"/v1/{endpoint}", content=body,
                                                      headers={"content-type": CONTENT_TYPE}), self.retry_deadline)
         if resp.status_code >= 400:
@@ -109,7 +110,7 @@ class HttpLink(Link):
         self.stats.add(up, down, endpoint)
         if self.ledger is not None:
             self.ledger.add(round_key(msg), up, down)
-        self.emulate(len(body), len(resp.content))
+        self.carry_reply(len(resp.content))
         return reply
 
     def close(self) -> None:

@@ -98,7 +98,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
                     u_shaped=args.u_shaped, tokenizer=args.tokenizer,
                     user_models=_list(args.user_models), user_data=_list(args.user_data),
                     cuts=[int(x) for x in _list(args.cuts)], ranks=[int(x) for x in _list(args.ranks)],
-                    memory_budgets=[int(x) for x in _list(args.memory_budgets)])
+                    memory_budgets=[int(x) for x in _list(args.memory_budgets)], block_ms=args.block_ms)
     sim = Simulation(cfg)
     print(f"model {args.model} ({sim.source.family.name}, {sim.source.num_layers} blocks), split {sim.spec.split[0]},"
           f"{sim.spec.split[1]}; data {args.data} ({sim.dataset.task}), {args.users} users, {args.edges} edges", flush=True)
@@ -143,7 +143,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(report, indent=2))
     whole = report["whole"]
     print(f"{'process':>7}  {'param_MB':>9}  {'share':>6}  {'peak_rss_MB':>11}")
-    for name in ("user", "edge", "cloud", "whole"):
+    for name in ("user", "edge", "cloud", "whole", "runtime"):
         r = report[name]
         print(f"{name:>7}  {r['param_bytes'] / 1e6:>9.1f}  {r['param_bytes'] / whole['param_bytes']:>6.1%}  "
               f"{r['peak_rss_bytes'] / 1e6:>11.1f}")
@@ -153,18 +153,21 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_http(args: argparse.Namespace) -> int:
-    from shared.lab.bench.overhead import bench_http, write_json
+    from shared.lab.bench.overhead import bench_http
+    from shared.lab.bench.timing import write_json
 
     report = bench_http(args.model, args.split, args.batch_size, args.seq_len, args.steps)
     write_json(report, args.json)
     print(f"{report['model']} batch {report['batch_shape']}: in-process {report['inprocess_step_seconds']:.3f} s/step, "
-          f"HTTP on loopback {report['http_step_seconds']:.3f} s/step, ratio {report['ratio']:.3f} (target <= 1.10)")
+          f"HTTP on loopback {report['http_step_seconds']:.3f} s/step, ratio {report['ratio']:.3f} (target <= 1.05); CPU seconds of the round: in-process "
+          f"{report['inprocess_round_cpu_seconds']:.1f}, HTTP {report['http_round_cpu_seconds']:.1f} (all three processes), "
+          f"ratio {report['cpu_ratio']:.3f}; load {report['machine']['http']['load_before']}")
     return 0
 
 
 def cmd_bench_codecs(args: argparse.Namespace) -> int:
     from shared.lab.bench.codecs import BENCH_CODECS, bench_codecs, bench_codecs_4g
-    from shared.lab.bench.overhead import write_json
+    from shared.lab.bench.timing import write_json
 
     report: dict[str, Any] = {"codecs": []}
     if not args.only_4g:
@@ -175,9 +178,10 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
                               eval_examples=args.eval_examples)
         print(f"{report['model']} on {report['data']}, {report['steps']} steps of {report['batch']}, "
               f"{len(report['seeds'])} seed(s); loss change against fp32 from the same seed, mean +- standard error")
-    print(f"{'codec':<44} {'bytes/step':>11} {'x fp32':>7} {'MB/s':>8} {'loss':>8} {'delta %':>15}")
+    print(f"{'codec':<44} {'bytes/step':>11} {'x fp32':>7} {'MB/s':>8} {'CPU MB/s':>8} {'loss':>8} {'delta %':>15}")
     for r in report["codecs"]:
         print(f"{r['codec']:<44} {r['bytes_per_step']:>11.0f} {r['ratio_vs_fp32']:>7.2f} {r['encode_decode_mb_s']:>8.0f} "
+              f"{r['encode_decode_cpu_mb_s']:>8.0f} "
               f"{r['loss_after_steps']:>8.4f} {r['loss_delta_pct']:>+8.2f} +- {r['loss_delta_pct_se']:.2f}")
     if args.only_4g:
         report = {"round_4g": bench_codecs_4g(args.model, args.split, threads=args.threads)}
@@ -195,7 +199,7 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
 
 def cmd_bench_memory_bodies(args: argparse.Namespace) -> int:
     from shared.lab.bench.bodies import MiB, bench_memory_bodies
-    from shared.lab.bench.overhead import write_json
+    from shared.lab.bench.timing import write_json
 
     r = bench_memory_bodies(args.model, args.split, args.bodies, args.max_message_bytes, args.bursts, args.settle)
     write_json(r, args.json)
@@ -243,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edge-cloud-codecs", default="fp32", help="codecs on edge-cloud hops (same form)")
     p.add_argument("--adapter", default="lora", choices=("lora", "svd"), help="adapter form (svd: what FedARA trains)")
     p.add_argument("--slowdowns", default="", help="per-user compute slowdown factors, cycled, e.g. 1,2,4")
+    p.add_argument("--block-ms", type=float, default=None,
+                   help="a virtual clock: charge this many ms per block and training step on a 1x device (times its "
+                        "slowdown), plus the emulated link time; default: the wall clock (slow devices sleep)")
     p.add_argument("--user-models", default="", help="a heterogeneous federation: each user's model, cycled "
                                                      "(a deployment per model), e.g. minilm-l6,smollm2-135m")
     p.add_argument("--user-data", default="", help="each user's task (data set), cycled, e.g. trec,sms_spam,sentiment")
@@ -323,8 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_memory_bodies)
 
     bench.add_parser("fedara", help="FedARA against fixed-rank LoRA (see splitllm bench fedara --help)", add_help=False)
+    bench.add_parser("pipeline", help="one user's step with and without micro-batch pipelining over an emulated link",
+                     add_help=False)
+    bench.add_parser("scaling", help="samples per second against the number of concurrent users through 2 edges",
+                     add_help=False)
     bench.add_parser("droppeft", help="DropPEFT against plain split LoRA (see splitllm bench droppeft --help)",
                      add_help=False)
+    bench.add_parser("devft", help="DevFT against plain split LoRA (see splitllm bench devft --help)", add_help=False)
     bench.add_parser("h2tune", help="H2Tune against local-only and naive heterogeneous LoRA (see splitllm bench "
                                     "h2tune --help)", add_help=False)
 
@@ -351,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         return int(importlib.import_module(f"{SERVICES[argv[0]]}.__main__").main(argv[1:]) or 0)
-    if argv[:2] in (["bench", "fedara"], ["bench", "droppeft"], ["bench", "h2tune"]):  # these benches parse their own flags
+    if argv[:2] in (["bench", "fedara"], ["bench", "droppeft"], ["bench", "devft"], ["bench", "pipeline"],
+                    ["bench", "scaling"], ["bench", "h2tune"]):  # these parse their own flags
         import importlib
 
         return int(importlib.import_module(f"shared.lab.bench.{argv[1]}").main(argv[2:]) or 0)

@@ -159,15 +159,19 @@ class Cluster:
             time.sleep(0.3)
         raise TimeoutError(f"round {round_id} did not finish in {timeout}s")
 
+    def run_round(self, body: dict, timeout: float = 3600.0) -> dict:
+        """Run one round with ``body`` to its end; its final view (a RuntimeError unless it committed)."""
+        view = self.wait_round(self.start_round(body), timeout=timeout)
+        if view["state"] != "committed":
+            raise RuntimeError(f"round {view['state']}: {view.get('error')}")
+        return view
+
 
 def one_round(workdir: Path, cloud_args: list[str], body: dict, **cluster_kw) -> dict:
     """Start a cluster, run one round with ``body``, stop it; the round's final view."""
     cluster = Cluster(workdir, cloud_args, **cluster_kw)
     try:
         cluster.start()
-        view = cluster.wait_round(cluster.start_round(body), timeout=3600)
+        return cluster.run_round(body)
     finally:
         cluster.stop()
-    if view["state"] != "committed":
-        raise RuntimeError(f"round {view['state']}: {view.get('error')}")
-    return view

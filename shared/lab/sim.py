@@ -25,6 +25,7 @@ from shared.http.metrics import ByteLedger
 from shared.model.adapters import LoraSettings
 from shared.model.partition import Split, default_split
 from shared.model.sources import ModelSource, resolve_model
+from shared.protocol.clock import VirtualClock
 from shared.protocol.enums import Tier
 from shared.protocol.links import LinkEmulator, link_emulator
 from shared.protocol.transport import InProcessLink
@@ -75,10 +76,20 @@ class SimConfig:
     memory_budgets: list[int] = field(default_factory=list)  # or the bytes it declares
     ranks: list[int] = field(default_factory=list)  # each user's LoRA rank
     splits: dict[str, tuple[int, int]] = field(default_factory=dict)  # model -> its split (default: default_split)
+    block_ms: float | None = None  # a virtual clock (ms per block step at 1x, shared.protocol.clock); None: wall clock
 
     def __post_init__(self) -> None:
         if self.rounds < 0 or self.max_len < 2:
             raise ValueError(f"--rounds must be >= 0 and --max-len >= 2 (got {self.rounds}, {self.max_len})")
+        if self.block_ms is not None and not self.block_ms > 0:
+            raise ValueError(f"--block-ms must be > 0 (got {self.block_ms})")
+        if self.block_ms is not None and self.round.micro_batches > 1:  # overlapping micro-batches would add up
+            raise ValueError("the virtual clock (--block-ms) adds up a step's blocks and messages; it does not model "
+                             "pipelined micro-batches: use micro_batches 1 with it, or the wall clock")
+
+    def slowdown(self, user: int) -> float:
+        """The compute slowdown of user ``user`` (the list cycled; 1 without one)."""
+        return self.slowdowns[user % len(self.slowdowns)] if self.slowdowns else 1.0
 
     def user(self, i: int) -> tuple[str, str, Declared]:
         """User ``i``'s model, task and declarations (each list cycled over the users)."""
@@ -126,11 +137,14 @@ class Simulation:
         self.source, self.spec = self.sources[primary.spec.model], primary.spec
         self.data_spec, self.dataset = primary.primary.data, self.datasets[primary.primary.data.name]
         self.tokenizer = self.source.tokenizer(config.tokenizer)
+        self.clock = None if config.block_ms is None else VirtualClock(
+            config.block_ms / 1000.0, {f"user-{i}": config.slowdown(i) for i in range(config.users)})
         clouds, edge_rts = {}, {}
         for name, dep in self.federation.deployments.items():
             src, specs = self.sources[dep.spec.model], {d: e.spec for d, e in dep.experiments.items()}
-            clouds[name] = TierRuntime(Tier.CLOUD, src, dep.spec, tasks=specs)
-            edge_rts[name] = TierRuntime(Tier.EDGE, src, dep.spec, tasks=specs, cut=dep.spec.split[1])
+            clouds[name] = TierRuntime(Tier.CLOUD, src, dep.spec, tasks=specs, clock=self.clock)
+            edge_rts[name] = TierRuntime(Tier.EDGE, src, dep.spec, tasks=specs, cut=dep.spec.split[1],
+                                         clock=self.clock)
         initial = federation_state(self.federation, {n: self.sources[d.spec.model] for n, d in
                                                      self.federation.deployments.items()}, config.seed)
         # each server-side tier counts its hop by round as the services do, so reports carry the same bytes
@@ -146,7 +160,8 @@ class Simulation:
                 edge_id = f"edge-{len(self.edges)}"
                 emulator = self._emulator("edge_cloud", config.edge_link, edge_id)
                 cloud_ledger = self.coordinator.ledger
-                up = InProcessLink(self.coordinator, upward=True, wire=config.wire, emulator=emulator, ledger=cloud_ledger)
+                up = InProcessLink(self.coordinator, upward=True, wire=config.wire, emulator=emulator, ledger=cloud_ledger,
+                                   clock=self.clock)
                 edge = EdgeServer(edge_id, edge_rts[name], up, ledger=ByteLedger())
                 down = InProcessLink(edge, upward=False, wire=config.wire, emulator=emulator, ledger=cloud_ledger)
                 self.coordinator.register_edge(edge_id, down, name if self.federation.namespaced else None)
@@ -165,17 +180,16 @@ class Simulation:
             placement = assign(declared, spec, sizes.get(name), data if len(dep.experiments) > 1 else None)
             cut = spec.split[0] if placement.cut is None else placement.cut
             if (name, data, cut) not in user_rts:
-                user_rts[(name, data, cut)] = TierRuntime(Tier.USER, src, spec, cut=cut)
+                user_rts[(name, data, cut)] = TierRuntime(Tier.USER, src, spec, cut=cut, clock=self.clock)
             ordinal = sum(1 for _, d, _ in users[:i] if d == data)
             mine = sum(1 for m, _, _ in users[:i] if m == model)
             edge = edges_of[name][mine % config.edges]
             user_id = f"user-{i}"
             emulator = self._emulator("user_edge", config.user_link, user_id)
-            up = InProcessLink(edge, upward=True, wire=config.wire, emulator=emulator, ledger=edge.ledger)
-            slowdown = config.slowdowns[i % len(config.slowdowns)] if config.slowdowns else 1.0
+            up = InProcessLink(edge, upward=True, wire=config.wire, emulator=emulator, ledger=edge.ledger, clock=self.clock)
             tokenizer = self.tokenizer if model == primary.spec.model else src.tokenizer(config.tokenizer)
             agent = UserAgent(user_id, user_rts[(name, data, cut)], self.datasets[data].clients[ordinal], tokenizer, up,
-                              max_len=config.max_len, slowdown=slowdown, pad_to_max=config.pad_to_max)
+                              max_len=config.max_len, slowdown=config.slowdown(i), pad_to_max=config.pad_to_max)
             down = InProcessLink(agent, upward=False, wire=config.wire, emulator=emulator, ledger=edge.ledger)
             edge.register_user(user_id, down, agent.num_samples, cut)
             self.coordinator.register_user(edge.edge_id, user_id, agent.num_samples, placement)
@@ -274,7 +288,8 @@ class Simulation:
             "seconds": seconds,
             "link_seconds": {h: {d: links[h][d] - links_before[h][d] for d in ("up", "down")} for h in links},
         }
-        for key in ("eval_accuracy", "eval_perplexity", "eval_token_accuracy", "tasks"):
+        for key in ("eval_accuracy", "eval_perplexity", "eval_token_accuracy", "tasks", "compute_seconds", "blocks_per_step",
+                    record.request.algorithm):  # the last: the algorithm's own figures (DevFT's stage), if any
             if key in m:
                 row[key] = m[key]
         return row

@@ -71,3 +71,15 @@ def as_map(value: Any, where: str) -> Json:
     if not isinstance(value, dict):
         raise InvalidInput(f"{where} must be a map")
     return value
+
+
+MAX_MICRO_BATCHES = 4096  # a step's micro-batches: at most the largest batch
+
+
+def as_micro(value: Any, where: str) -> tuple[int, int]:
+    """``[index, count]`` of a micro-batch within its step: 0 <= index < count <= ``MAX_MICRO_BATCHES``."""
+    if not (isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value)
+            and 0 <= value[0] < value[1] <= MAX_MICRO_BATCHES):
+        raise InvalidInput(f"{where} must be [index, count] with 0 <= index < count <= {MAX_MICRO_BATCHES} "
+                           f"(got {str(value)[:40]!r})")
+    return value[0], value[1]

@@ -86,8 +86,14 @@ class LinkEmulator:
     """time = size / rate + delay +- jitter, plus one retransmission (a round trip) per lost packet.
 
     ``transfer`` returns the seconds a message of ``nbytes`` spends on the link; with ``sleep=True``
-    it also waits that long (the services really delay the bytes), otherwise the caller keeps a
-    virtual clock (the simulator). Serialisation time is real either way: it is spent encoding.
+    it also waits until the message has arrived (the services really delay the bytes), otherwise the
+    caller keeps a virtual clock (the simulator). Serialisation time is real either way: it is spent encoding.
+
+    Waiting, a link carries one message's bytes at a time each way, as a real link does: a message sent
+    while others are on the link that way waits until their bytes have gone (size / rate each), then its own
+    bytes go, then its delay, jitter and retransmissions pass (these overlap with the next message's bytes).
+    So messages sent at the same time (a pipeline's micro-batches) share the link's rate, and only its
+    latency overlaps. The seconds returned and counted are the message's own, without the wait for the link.
     """
 
     def __init__(self, profile: LinkProfile, seed: int = 0, sleep: bool = True) -> None:
@@ -95,15 +101,20 @@ class LinkEmulator:
         self.rng = random.Random(seed)
         self.clock = LinkClock()
         self._lock = threading.Lock()
+        self._free_at = {True: 0.0, False: 0.0}  # monotonic time when the link is done with the bytes sent each way
+
+    def rate_seconds(self, nbytes: int, upward: bool) -> float:
+        """The time the link's rate takes for ``nbytes`` one way."""
+        p = self.profile
+        return nbytes / ((p.up_mbps if upward else p.down_mbps) * 1e6 / 8)
 
     def link_seconds(self, nbytes: int, upward: bool) -> tuple[float, int]:
         p = self.profile
-        rate = (p.up_mbps if upward else p.down_mbps) * 1e6 / 8
         with self._lock:
             jitter = self.rng.uniform(-p.jitter_ms, p.jitter_ms) if p.jitter_ms else 0.0
             packets = max(1, math.ceil(nbytes / PACKET_BYTES))
             lost = _binomial(self.rng, packets, p.loss_pct / 100.0)
-        seconds = nbytes / rate + max(0.0, p.delay_ms + jitter) / 1000.0 + lost * p.loss_cost_seconds
+        seconds = self.rate_seconds(nbytes, upward) + max(0.0, p.delay_ms + jitter) / 1000.0 + lost * p.loss_cost_seconds
         return seconds, lost
 
     def transfer(self, nbytes: int, upward: bool) -> float:
@@ -115,8 +126,16 @@ class LinkEmulator:
                 self.clock.seconds_down += seconds
             self.clock.lost_packets += lost
         if self.sleep and seconds > 0:
-            time.sleep(seconds)
+            time.sleep(self._queue(nbytes, upward) + seconds)
         return seconds
+
+    def _queue(self, nbytes: int, upward: bool) -> float:
+        """Seconds until the link is free for these bytes one way (0 when it is idle); books the link for them."""
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._free_at[upward])
+            self._free_at[upward] = start + self.rate_seconds(nbytes, upward)
+        return start - now
 
 
 def _binomial(rng: random.Random, n: int, p: float) -> int:

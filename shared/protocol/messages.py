@@ -17,31 +17,9 @@ import torch
 from shared.errors import InvalidInput
 from shared.protocol.bundle import AdapterBundle, AdapterState
 from shared.protocol.enums import Mode, Tier
-from shared.protocol.fields import (Json, as_int, as_map, as_mode, as_number, as_str, check_fields, optional_number,
-                                    tensors_of)
+from shared.protocol.fields import (Json, as_int, as_map, as_micro, as_mode, as_number, as_str, check_fields,
+                                    optional_number, tensors_of)
 from shared.protocol.wire import Message
-
-
-
-# -- field checks -------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # -- round plans ----------------------------------------------------------------------------------------------
@@ -52,8 +30,7 @@ class RoundPlan:
     """What one participant does in one round; travels as msgpack metadata, never as code.
 
     Made by the coordinator from the round's configuration (``shared.config.round.RoundConfig``),
-    which declares the defaults: a plan has none of its own for the round's settings.
-    """
+    which declares the defaults: a plan has none of its own for the round's settings."""
 
     round_id: int
     user_id: str
@@ -69,6 +46,7 @@ class RoundPlan:
     data: str | None = None  # the task (data set) it trains, where its model serves several
     cut: int | None = None  # its own cut a_u: the device runs blocks [0, a_u), the edge [a_u, b)
     rank: int | None = None  # its LoRA rank (<= the deployment's): tensors truncated on download, zero-padded on upload
+    micro_batches: int = 1  # a step's batch goes through the tiers as this many micro-batches (a pipeline)
 
     PLACEMENT: ClassVar[tuple[str, ...]] = ("data", "cut", "rank")
 
@@ -85,6 +63,8 @@ class RoundPlan:
         for name in self.PLACEMENT:  # sent only where set: a default placement costs no bytes
             if meta[name] is None:
                 del meta[name]
+        if self.micro_batches == 1:  # the default stays off the wire: a plan without pipelining is as before
+            del meta["micro_batches"]
         return meta
 
     @classmethod
@@ -98,13 +78,17 @@ class RoundPlan:
         for name in ("cut", "rank"):
             if placement[name] is not None:
                 as_int(placement[name], f"plan.{name}", 0 if name == "cut" else 1)
-        return cls(**placement,
+        plan = cls(**placement,
             round_id=as_int(meta["round_id"], "plan.round_id", 0), user_id=as_str(meta["user_id"], "plan.user_id"),
             local_steps=as_int(meta["local_steps"], "plan.local_steps", 1),
             batch_size=as_int(meta["batch_size"], "plan.batch_size", 1), lr=as_number(meta["lr"], "plan.lr"),
             seed=as_int(meta.get("seed", 0), "plan.seed"), algorithm=as_str(meta.get("algorithm", "fedavg"), "plan.algorithm"),
             config=as_map(meta.get("config", {}), "plan.config"), extra=as_map(meta.get("extra", {}), "plan.extra"),
-            mode=as_mode(meta.get("mode", "train"), "plan.mode"))
+            mode=as_mode(meta.get("mode", "train"), "plan.mode"),
+            micro_batches=as_int(meta.get("micro_batches", 1), "plan.micro_batches", 1))
+        if plan.micro_batches > plan.batch_size:
+            raise InvalidInput(f"plan.micro_batches ({plan.micro_batches}) must not exceed plan.batch_size ({plan.batch_size})")
+        return plan
 
 
 # -- start ----------------------------------------------------------------------------------------------------
@@ -185,10 +169,19 @@ class UserStart:
 # -- steps ------------------------------------------------------------------------------------------------------
 
 
+def micro_meta(micro: tuple[int, int]) -> Json:
+    """A micro-batch's place in its step, on the wire only when the step is split (one micro-batch: as before)."""
+    return {"micro": list(micro)} if micro[1] > 1 else {}
+
+
 @dataclass
 class StepRequest:
     """One step's activations across a cut: real-token rows ``hidden`` (tokens x width), the mask, the labels
-    (none in a U-shaped chain: the labels stay on the device)."""
+    (none in a U-shaped chain: the labels stay on the device).
+
+    A step split into micro-batches sends one request per micro-batch: ``micro`` is (index, count), and
+    ``label_count`` the labelled targets of the whole step, which the loss of each micro-batch is divided
+    by so that the micro-batches' gradients add up to the whole batch's."""
 
     KIND: ClassVar[str] = "step"
     round: int
@@ -198,24 +191,33 @@ class StepRequest:
     hidden: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor | None = None
+    micro: tuple[int, int] = (0, 1)
+    label_count: int | None = None
 
     def to_message(self, hidden_codec: Any = None) -> Message:
         tensors = {"hidden": self.hidden, "attention_mask": self.attention_mask}
         if self.labels is not None:
             tensors["labels"] = self.labels
-        return Message(kind=self.KIND, meta={"round": self.round, "user": self.user, "step": self.step,
-                                             "mode": Mode(self.mode).value},
-                       tensors=tensors, codecs={"hidden": hidden_codec} if hidden_codec else {})
+        meta = {"round": self.round, "user": self.user, "step": self.step, "mode": Mode(self.mode).value,
+                **micro_meta(self.micro)}
+        if self.label_count is not None:
+            meta["label_count"] = self.label_count
+        return Message(kind=self.KIND, meta=meta, tensors=tensors, codecs={"hidden": hidden_codec} if hidden_codec else {})
 
     @classmethod
     def from_message(cls, msg: Message) -> "StepRequest":
         meta = msg.meta
-        check_fields("step", meta, ("round", "user", "step", "mode"))
+        check_fields("step", meta, ("round", "user", "step", "mode"), ("micro", "label_count"))
         names = ("hidden", "attention_mask", "labels") if "labels" in msg.tensors else ("hidden", "attention_mask")
         hidden, mask, *labels = tensors_of("step", msg, names)
+        label_count = meta.get("label_count")
+        if label_count is not None and not labels:
+            raise InvalidInput("meta.label_count comes with labels only")
         return cls(round=as_int(meta["round"], "meta.round", 0), user=as_str(meta["user"], "meta.user"),
                    step=as_int(meta["step"], "meta.step", 0), mode=as_mode(meta["mode"], "meta.mode"),
-                   hidden=hidden, attention_mask=mask, labels=labels[0] if labels else None)
+                   hidden=hidden, attention_mask=mask, labels=labels[0] if labels else None,
+                   micro=as_micro(meta.get("micro", [0, 1]), "meta.micro"),
+                   label_count=None if label_count is None else as_int(label_count, "meta.label_count", 1))
 
 
 @dataclass
@@ -238,7 +240,7 @@ class OutputReply:
 @dataclass
 class BackwardRequest:
     """U-shaped chain: the gradient of a step's output (``grad``, like the output rows) going back, with the loss.
-    The reply is the gradient of that step's input (a ``TrainReply``)."""
+    The reply is the gradient of that step's input (a ``TrainReply``). ``micro`` as in ``StepRequest``."""
 
     KIND: ClassVar[str] = "backward"
     round: int
@@ -246,19 +248,21 @@ class BackwardRequest:
     step: int
     loss: float
     grad: torch.Tensor
+    micro: tuple[int, int] = (0, 1)
 
     def to_message(self, codec: Any = None) -> Message:
         return Message(kind=self.KIND, meta={"round": self.round, "user": self.user, "step": self.step,
-                                             "loss": self.loss},
+                                             "loss": self.loss, **micro_meta(self.micro)},
                        tensors={"grad": self.grad}, codecs={"grad": codec} if codec else {})
 
     @classmethod
     def from_message(cls, msg: Message) -> "BackwardRequest":
         meta = msg.meta
-        check_fields("backward", meta, ("round", "user", "step", "loss"))
+        check_fields("backward", meta, ("round", "user", "step", "loss"), ("micro",))
         (grad,) = tensors_of("backward", msg, ("grad",))
         return cls(round=as_int(meta["round"], "meta.round", 0), user=as_str(meta["user"], "meta.user"),
-                   step=as_int(meta["step"], "meta.step", 0), loss=as_number(meta["loss"], "meta.loss"), grad=grad)
+                   step=as_int(meta["step"], "meta.step", 0), loss=as_number(meta["loss"], "meta.loss"), grad=grad,
+                   micro=as_micro(meta.get("micro", [0, 1]), "meta.micro"))
 
 
 @dataclass

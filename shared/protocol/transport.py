@@ -67,11 +67,18 @@ class Link:
     upward: bool  # True when the peer is the caller's parent (user -> edge, edge -> cloud)
     emulator: Any = None  # a shared.protocol.links.LinkEmulator for this hop, or None
 
-    def emulate(self, sent: int, received: int) -> None:
-        """Charge the hop's link time for a request of ``sent`` bytes and its reply of ``received``."""
-        if self.emulator is not None:
-            self.emulator.transfer(sent, upward=self.upward)
-            self.emulator.transfer(received, upward=not self.upward)
+    def carry_request(self, nbytes: int) -> float:
+        """The hop's link time for a request of ``nbytes``, before the peer gets it (an emulated link waits here);
+        its emulated seconds."""
+        if self.emulator is None:
+            return 0.0
+        return self.emulator.transfer(nbytes, upward=self.upward)
+
+    def carry_reply(self, nbytes: int) -> float:
+        """The hop's link time for a reply of ``nbytes``, before the caller gets it; its emulated seconds."""
+        if self.emulator is None:
+            return 0.0
+        return self.emulator.transfer(nbytes, upward=not self.upward)
 
     def request(self, endpoint: str, msg: Message) -> Message:  # pragma: no cover - interface
         raise NotImplementedError
@@ -81,10 +88,15 @@ class Link:
 
 
 class InProcessLink(Link):
-    """Direct calls, with every message really encoded and decoded so bytes and dtypes are real."""
+    """Direct calls, with every message really encoded and decoded so bytes and dtypes are real.
 
-    def __init__(self, handler: Any, upward: bool, wire: bool = True, emulator: Any = None, ledger: Any = None) -> None:
-        self.handler, self.upward, self.wire, self.emulator = handler, upward, wire, emulator
+    With a ``clock`` (``shared.protocol.clock.VirtualClock``) the emulated seconds of each training
+    step's requests and replies are charged to that step's (round, user).
+    """
+
+    def __init__(self, handler: Any, upward: bool, wire: bool = True, emulator: Any = None, ledger: Any = None,
+                 clock: Any = None) -> None:
+        self.handler, self.upward, self.wire, self.emulator, self.clock = handler, upward, wire, emulator, clock
         self.ledger = ledger  # the edge's or cloud's ByteLedger, counting this hop as that tier's server does
         self.stats = LinkStats()
 
@@ -96,18 +108,21 @@ class InProcessLink(Link):
             data = encode(msg)
             sent = len(data)
             msg = decode(data)
+        seconds = self.carry_request(sent)
         reply = getattr(self.handler, f"on_{endpoint}")(msg)
         if self.wire:
             data = encode(reply)
             received = len(data)
             reply = decode(data)
+        seconds += self.carry_reply(received)
         if self.upward:
             self.stats.add(sent, received, endpoint)
         else:
             self.stats.add(received, sent, endpoint)
         if self.ledger is not None:
             self.ledger.add(round_key(msg), *((sent, received) if self.upward else (received, sent)))
-        self.emulate(sent, received)
+        if self.clock is not None and endpoint in ("step", "backward") and msg.meta.get("mode", "train") == "train":
+            self.clock.charge(int(msg.meta["round"]), str(msg.meta["user"]), "link", seconds)
         after = getattr(self.handler, f"after_{endpoint}", None)
         if after is not None:
             after(msg)

@@ -18,6 +18,22 @@ def task_loss(task: str, logits: torch.Tensor, labels: torch.Tensor, reduction: 
     return F.cross_entropy(logits.float(), labels, reduction=reduction)
 
 
+def label_count(task: str, labels: torch.Tensor) -> int:
+    """The targets a batch's mean loss is taken over: examples (classification), or labelled next tokens."""
+    if task == "lm":
+        return max(1, int((labels[:, 1:] != IGNORE_INDEX).sum()))
+    return int(labels.shape[0])
+
+
+def step_loss(task: str, logits: torch.Tensor, labels: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """A step's training loss: the mean over the batch; for one micro-batch of a step, its share of the step's
+    mean (its loss summed, over ``count``, the step's ``label_count``), so the micro-batches' gradients add up
+    to the whole batch's."""
+    if count is None:
+        return task_loss(task, logits, labels)
+    return task_loss(task, logits, labels, reduction="sum") / count
+
+
 def eval_counts(task: str, logits: torch.Tensor, labels: torch.Tensor) -> EvalReply:
     """Loss sum, the count it is over (tokens or examples), and correct predictions."""
     loss_sum = float(task_loss(task, logits, labels, reduction="sum"))

@@ -35,6 +35,91 @@ class OptimizerSettings:
                                  eps=self.eps, weight_decay=self.weight_decay)
 
 
+class StepTracker:
+    """The steps a serving tier has served for one session, one micro-batch request at a time.
+
+    Steps come one after another, from 0. A step's micro-batches (``count`` of them, 1 when the batch
+    is not split) may be served at the same time: that is the pipeline. Each request is ``admit``-ted,
+    then ``finish``-ed with its reply (or ``fail``-ed): the request that finishes the step's last
+    micro-batch runs the step's update (the optimizer, once the gradients of every micro-batch are in)
+    before its reply goes, and only then may the next step begin. Replies are kept for the last step, so
+    a retry gets the same reply and runs nothing; a retry that arrives while its first attempt runs
+    waits for that reply. ``phase`` tells a U-shaped chain's two requests per micro-batch apart
+    (``step``: the forward; ``backward``: the gradient coming back, which finishes the micro-batch).
+    """
+
+    def __init__(self, round_id: int, user_id: str) -> None:
+        self.where = f"round {round_id}, user '{user_id}'"
+        self.cond = threading.Condition()
+        self.last_step = -1  # the last step whose every micro-batch is done (and its update made)
+        self.open: int | None = None  # the step being served
+        self.count = 1  # its micro-batches
+        self.done = 0  # its micro-batches finished
+        self.running: set[tuple[str, int]] = set()  # (phase, micro) requests under way
+        self.replies: dict[tuple[str, int], Any] = {}  # the open step's, else the last step's
+
+    def admit(self, step: int, micro: int, count: int, phase: str = "step") -> Any:
+        """The cached reply when this request is a retry; None when it is new and the caller must serve it.
+        Any other step than the open one, or the next one when none is open, is refused (422)."""
+        key = (phase, micro)
+        with self.cond:
+            while True:
+                current = self.open if self.open is not None else self.last_step
+                if step == current and key in self.replies:
+                    return self.replies[key]
+                if step == current and key in self.running:
+                    self.cond.wait()
+                    continue
+                if step == self.open:
+                    if count != self.count:
+                        raise InvalidInput(f"step {step} of {self.where} has {self.count} micro-batches, not {count}")
+                    break
+                if phase != "step":
+                    raise InvalidInput(f"no forward of step {step} awaits its backward in {self.where}")
+                if step <= self.last_step:
+                    raise InvalidInput(f"step {step} of {self.where} is older than the last step served "
+                                       f"({self.last_step})")
+                if self.open is not None:
+                    raise InvalidInput(f"step {step} of {self.where} came while step {self.open} is still served")
+                if step != self.last_step + 1:
+                    raise InvalidInput(f"step {step} of {self.where} skips ahead: the next step is {self.last_step + 1}")
+                self.open, self.count, self.done = step, count, 0
+                self.replies.clear()
+                break
+            self.running.add(key)
+            return None
+
+    def finish(self, micro: int, reply: Any, phase: str = "step", completes: bool = True,
+               update: Callable[[], None] | None = None) -> Any:
+        """Keep a served request's reply; ``completes``: its micro-batch is done. The last one of the step runs
+        ``update`` first, then closes the step."""
+        key = (phase, micro)
+        with self.cond:
+            self.done += completes
+            last = completes and self.done == self.count
+            if not last:
+                self.replies[key] = reply
+                self.running.discard(key)
+                self.cond.notify_all()
+                return reply
+        try:
+            if update is not None:
+                update()
+        finally:
+            with self.cond:
+                self.replies[key] = reply
+                self.running.discard(key)
+                self.last_step, self.open = self.open if self.open is not None else self.last_step, None
+                self.cond.notify_all()
+        return reply
+
+    def fail(self, micro: int, phase: str = "step") -> None:
+        """A request failed: a retry may serve it again."""
+        with self.cond:
+            self.running.discard((phase, micro))
+            self.cond.notify_all()
+
+
 @dataclass
 class Session:
     """One (round, user) replica on one tier: its adapters, optimizer state, plug-in and counters."""
@@ -46,12 +131,14 @@ class Session:
     base: dict[str, torch.Tensor] = field(default_factory=dict)  # frozen base weights this session runs instead
     steps: int = 0
     samples: int = 0
+    compute_seconds: float = 0.0  # this tier's forward, head, backward and optimizer time for the session
+    blocks_run: int = 0  # blocks its training forwards ran, summed over steps
     feedback: Any = None  # error feedback of top-k compressed gradients this tier sends
-    step_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one step at a time
-    last_step: int = -1
-    last_reply: Any = None  # the reply to ``last_step``, returned again if that step is retried
-    pending: Any = None  # U-shaped chain: the forward graph of ``last_step``, until its backward request
-    last_backward: tuple[int, Any] | None = None  # U-shaped chain: the last backward's step and reply
+    tracker: StepTracker = field(init=False, repr=False)  # the steps served, their replies for retries
+    pending: dict[int, Any] = field(default_factory=dict)  # U-shaped chain: forward graphs awaiting their backward
+
+    def __post_init__(self) -> None:
+        self.tracker = StepTracker(self.plan.round_id, self.plan.user_id)
 
     @property
     def round_id(self) -> int:
@@ -65,19 +152,7 @@ class Session:
     def key(self) -> tuple[int, str]:
         return (self.plan.round_id, self.plan.user_id)
 
-    def replay(self, step: int) -> Any:
-        """The cached reply when ``step`` is a retry of the last one; None when it is the next one; any other
-        step number is refused (422): a session's steps come one after another, from 0."""
-        if step == self.last_step and self.last_reply is not None:
-            return self.last_reply
-        if step <= self.last_step:
-            raise InvalidInput(f"step {step} of round {self.round_id}, user '{self.user_id}' is older than the last "
-                               f"step served ({self.last_step})")
-        if step != self.last_step + 1:
-            raise InvalidInput(f"step {step} of round {self.round_id}, user '{self.user_id}' skips ahead: the next "
-                               f"step is {self.last_step + 1}")
-        return None
-
-    def remember(self, step: int, reply: Any) -> Any:
-        self.last_step, self.last_reply = step, reply
-        return reply
+    @property
+    def last_step(self) -> int:
+        """The last step whose every micro-batch is done (-1 before the first)."""
+        return self.tracker.last_step

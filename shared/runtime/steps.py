@@ -18,6 +18,7 @@ from shared.errors import InvalidInput, UpstreamError
 from shared.protocol.enums import Hop
 from shared.protocol.messages import BackwardRequest, StepRequest, TrainReply
 from shared.protocol.wire import Message
+from shared.runtime.loss import label_count
 from shared.runtime.session import Session
 from shared.runtime.tier import StepLimits, TierRuntime
 
@@ -65,6 +66,9 @@ def check_step(request: StepRequest, limits: StepLimits) -> None:
         raise InvalidInput("hidden contains NaN or Inf")
     if labels is not None:
         check_labels(labels, attention_mask, limits)
+        if request.label_count is not None and request.label_count < label_count(limits.task, labels):
+            raise InvalidInput(f"meta.label_count ({request.label_count}) is below this micro-batch's own "
+                               f"{label_count(limits.task, labels)} labelled targets")
 
 
 def check_labels(labels: torch.Tensor, attention_mask: torch.Tensor, limits: StepLimits) -> None:
@@ -109,24 +113,29 @@ NextBack = Callable[[Session, BackwardRequest, "Pending"], torch.Tensor]  # the 
 
 @dataclass
 class Pending:
-    """A U-shaped step's forward graph on a serving tier, waiting for its backward request."""
+    """A U-shaped step's forward graph (one micro-batch's) on a serving tier, waiting for its backward request."""
 
-    step: int
     hidden_in: torch.Tensor
     out: torch.Tensor
     mask: torch.Tensor
 
 
 def serve_step(runtime: TierRuntime, msg: Message, next_stage: NextStage, back_hop: Hop) -> Message:
-    """One step at a serving tier: the request's activations through this tier and back (see the module doc)."""
+    """One step (or one micro-batch of it) at a serving tier: the request's activations through this tier and back
+    (see the module doc). Micro-batches of one step may be served at the same time; the gradients of each add up
+    in the adapters' ``grad``, and the optimizer steps once the step's last micro-batch is done."""
     request = StepRequest.from_message(msg)
     session = runtime.session(request.round, request.user)
     if request.mode != session.plan.mode:
         raise InvalidInput(f"step mode '{request.mode}' does not match the session's '{session.plan.mode}'")
-    with session.step_lock:  # a retry arriving while the first attempt runs waits, then gets its reply
-        cached = session.replay(request.step)
-        if cached is not None:
-            return cached
+    micro, count = request.micro
+    if count > session.plan.batch_size:
+        raise InvalidInput(f"a step of {session.plan.batch_size} examples has at most as many micro-batches, not {count}")
+    tracker = session.tracker
+    cached = tracker.admit(request.step, micro, count)
+    if cached is not None:
+        return cached
+    try:
         check_step(request, runtime.step_limits(session))
         train = session.plan.training
         mask = request.attention_mask
@@ -134,26 +143,32 @@ def serve_step(runtime: TierRuntime, msg: Message, next_stage: NextStage, back_h
         out = runtime.forward(session, hidden_in, mask, request.step)
         result = next_stage(session, request, out)
         if not train:
-            return session.remember(request.step, result.reply)
+            return tracker.finish(micro, result.reply)
         if result.reply is not None:  # U-shaped: the gradient of ``out`` comes with the step's backward request
-            session.pending = Pending(request.step, hidden_in, result.output, mask)
-            return session.remember(request.step, result.reply)
-        runtime.backward_and_step(session, [result.output], [result.grad])
-        grad = hidden_in.grad if hidden_in.grad is not None else torch.zeros_like(hidden_in)
-        grad, codecs = runtime.outgoing_grad(session, pack_tokens(grad, mask), back_hop)
-        return session.remember(request.step, TrainReply(loss=result.loss, grad=grad).to_message(codecs))
+            session.pending[micro] = Pending(hidden_in, result.output, mask)
+            return tracker.finish(micro, result.reply, completes=False)
+        runtime.backward(session, [result.output], [result.grad])
+        reply = TrainReply(loss=result.loss, grad=_input_grad(runtime, session, hidden_in, mask, back_hop, micro))
+    except BaseException:
+        tracker.fail(micro)
+        raise
+    return tracker.finish(micro, reply.to_message(_grad_codecs(runtime, back_hop)), update=lambda: runtime.step(session))
 
 
 def serve_backward(runtime: TierRuntime, msg: Message, next_back: NextBack, back_hop: Hop) -> Message:
-    """U-shaped chain: the gradient of a step's output comes back; backpropagate it through this tier's blocks,
-    step the optimizer, and reply with the gradient of the step's input. A retry gets the same reply."""
+    """U-shaped chain: the gradient of a step's output comes back; backpropagate it through this tier's blocks and
+    reply with the gradient of the step's input (the optimizer steps once every micro-batch of the step is back).
+    A retry gets the same reply."""
     request = BackwardRequest.from_message(msg)
     session = runtime.session(request.round, request.user)
-    with session.step_lock:
-        if session.last_backward is not None and session.last_backward[0] == request.step:
-            return session.last_backward[1]
-        pending: Pending | None = session.pending
-        if pending is None or pending.step != request.step:
+    micro, count = request.micro
+    tracker = session.tracker
+    cached = tracker.admit(request.step, micro, count, "backward")
+    if cached is not None:
+        return cached
+    try:
+        pending: Pending | None = session.pending.get(micro)
+        if pending is None:
             raise InvalidInput(f"no forward of step {request.step} awaits its backward in round {request.round}, "
                                f"user '{request.user}'")
         rows = pack_tokens(pending.out, pending.mask)
@@ -162,10 +177,24 @@ def serve_backward(runtime: TierRuntime, msg: Message, next_back: NextBack, back
             raise InvalidInput(f"grad must be a finite {str(rows.dtype).removeprefix('torch.')} tensor shaped like the "
                                f"step's output rows {list(rows.shape)}; got {request.grad.dtype} {list(request.grad.shape)}")
         grad_out = next_back(session, request, pending)
-        runtime.backward_and_step(session, [pending.out], [unpack_tokens(grad_out.to(pending.out.device), pending.mask)])
-        grad = pending.hidden_in.grad if pending.hidden_in.grad is not None else torch.zeros_like(pending.hidden_in)
-        grad, codecs = runtime.outgoing_grad(session, pack_tokens(grad, pending.mask), back_hop)
-        session.pending = None
-        reply = TrainReply(loss=request.loss, grad=grad).to_message(codecs)
-        session.last_backward = (request.step, reply)
-        return reply
+        runtime.backward(session, [pending.out], [unpack_tokens(grad_out.to(pending.out.device), pending.mask)])
+        reply = TrainReply(loss=request.loss, grad=_input_grad(runtime, session, pending.hidden_in, pending.mask,
+                                                               back_hop, micro))
+        del session.pending[micro]
+    except BaseException:
+        tracker.fail(micro, "backward")
+        raise
+    return tracker.finish(micro, reply.to_message(_grad_codecs(runtime, back_hop)), "backward",
+                          update=lambda: runtime.step(session))
+
+
+def _input_grad(runtime: TierRuntime, session: Session, hidden_in: torch.Tensor, mask: torch.Tensor, back_hop: Hop,
+                micro: int) -> torch.Tensor:
+    """The gradient of a request's input rows, ready to go back over ``back_hop`` (top-k with error feedback
+    kept per micro-batch where configured)."""
+    grad = hidden_in.grad if hidden_in.grad is not None else torch.zeros_like(hidden_in)
+    return runtime.outgoing_grad(session, pack_tokens(grad, mask), back_hop, micro)
+
+
+def _grad_codecs(runtime: TierRuntime, back_hop: Hop) -> dict[str, str]:
+    return {"grad": str(runtime.policy(back_hop).spec("gradients"))}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from shared.model.partition import Partition, Split, build_partition, load_parti
 from shared.model.sources import ModelSource
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.codecs import CodecPolicy, ErrorFeedback
+from shared.protocol.clock import VirtualClock
 from shared.protocol.enums import TIERS, Hop, Tier
 from shared.protocol.messages import RoundPlan
 from shared.runtime.session import OptimizerSettings, Session
@@ -70,7 +72,8 @@ class TierRuntime:
     """A tier's compute, free of any transport: forward under a session's adapters, backward, step.
 
     One lock guards binding + forward; autograd keeps the bound tensors, so backward and the
-    optimizer step of one session may run while another session does its forward.
+    optimizer step of one session may run while another session does its forward. With a
+    ``clock`` (the simulator's ``VirtualClock``) each training forward charges the blocks it runs.
 
     ``cut`` is where the blocks this process holds begin or end, where participants have cuts of their
     own: a device holds [0, cut), an edge [cut, b) (``hold_from`` extends it when a user with a lower cut
@@ -84,7 +87,7 @@ class TierRuntime:
 
     def __init__(self, tier: Tier | str, source: ModelSource, spec: ModelSpec,
                  optimizer: OptimizerSettings | None = None, device: str = "cpu", cut: int | None = None,
-                 tasks: Mapping[str, ModelSpec] | None = None) -> None:
+                 tasks: Mapping[str, ModelSpec] | None = None, clock: VirtualClock | None = None) -> None:
         self.tier, self.source, self.spec = Tier(tier), source, spec
         self.task_names = list(tasks or {})  # the deployment's tasks (data sets), where known
         self.tasks = dict(tasks) if tasks and len(tasks) > 1 else {}
@@ -93,6 +96,7 @@ class TierRuntime:
         self._load(spec.split[0] if cut is None else cut)
         self.policies = {hop: CodecPolicy.from_dict(spec.codecs.get(hop.value)) for hop in Hop}
         self.optimizer_settings = optimizer or OptimizerSettings()
+        self.clock = clock
         self.sessions: dict[tuple[int, str], Session] = {}
         self.plugin_store: dict[str, dict[str, Any]] = {}  # per algorithm, kept across rounds (personal layers, ...)
 
@@ -180,7 +184,8 @@ class TierRuntime:
             p.requires_grad_(plan.training)
         optimizer = (self.optimizer_settings.make(params, plan.lr, plugin.lr_scales(), ctx.tensor_kind)
                      if plan.training else None)
-        base = self._check_base(plugin.base_overrides({i: self.partition.blocks[str(i)] for i in layers}))
+        with self.lock:  # the blocks as loaded: no other session's overrides bound while the plug-in reads them
+            base = self._check_base(plugin.base_overrides({i: self.partition.blocks[str(i)] for i in layers}))
         session = Session(plan, plugin, params, optimizer, base=base)
         with self.lock:
             self.sessions[session.key] = session
@@ -245,52 +250,79 @@ class TierRuntime:
     def forward(self, session: Session, hidden: torch.Tensor | None, attention_mask: torch.Tensor, step: int,
                 input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings (user tier, from ``input_ids``) and this tier's blocks, under the session's adapters."""
-        with self._bound(session):
+        layers = session.plugin.layers_to_run(step)
+        if self.clock is not None and session.plan.training:
+            self.clock.charge_blocks(self.tier, session.round_id, session.user_id, len(layers))
+        with self._bound(session), _timed(session):
             if input_ids is not None:
                 hidden = self.partition.embed_tokens(input_ids.to(self.device), attention_mask.to(self.device))
-            return self.partition.run_blocks(hidden, attention_mask.to(self.device), session.plugin.layers_to_run(step))
+            if session.plan.training:
+                session.blocks_run += len(layers)
+            return self.partition.run_blocks(hidden, attention_mask.to(self.device), layers)
 
     def head(self, session: Session, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The head tier only: final norm and the session's task's head. Call right after ``forward`` on the same thread."""
         head = self.variant(session.plan).head
         if head is None:
             raise ValueError(f"the {self.tier} tier runs no head")
-        with self._bound(session):
+        with self._bound(session), _timed(session):
             return head.run_head(hidden, attention_mask.to(self.device))
 
-    def backward_and_step(self, session: Session, outputs: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
-        """Backpropagate into this tier's adapters, run the plug-in hooks, step the optimizer."""
-        pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
-        extra = session.plugin.extra_loss(session.params)
-        if extra is not None:
-            pairs.append((extra, None))
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        session.plugin.after_backward(session.params)
-        if session.optimizer is not None:
-            session.optimizer.step()
-            session.optimizer.zero_grad(set_to_none=True)
+    def backward(self, session: Session, outputs: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+        """Backpropagate into this tier's adapters; the gradients of several calls (micro-batches) add up."""
+        with _timed(session):
+            pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+
+    def step(self, session: Session) -> None:
+        """The step's update, once its gradients are in: the plug-in's ``extra_loss`` and ``after_backward``, AdamW."""
+        with _timed(session):
+            extra = session.plugin.extra_loss(session.params)
+            if extra is not None:
+                torch.autograd.backward([extra])
+            session.plugin.after_backward(session.params)
+            if session.optimizer is not None:
+                session.optimizer.step()
+                session.optimizer.zero_grad(set_to_none=True)
         session.steps += 1
+
+    def backward_and_step(self, session: Session, outputs: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+        """A whole step's backward and update."""
+        self.backward(session, outputs, grads)
+        self.step(session)
 
     def policy(self, hop: Hop | str) -> CodecPolicy:
         """The codecs of one hop; fp32 (lossless) where none is set."""
         return self.policies[Hop(hop)]
 
-    def outgoing_grad(self, session: Session, grad: torch.Tensor, hop: Hop) -> tuple[torch.Tensor, dict[str, str]]:
-        """A gradient ready to send back over ``hop``: top-k with error feedback kept here, or as it is."""
+    def outgoing_grad(self, session: Session, grad: torch.Tensor, hop: Hop, micro: int = 0) -> torch.Tensor:
+        """A gradient ready to send back over ``hop``: top-k with error feedback kept here (per micro-batch of a
+        step), or as it is."""
         spec = self.policy(hop).spec("gradients")
         if spec.name == "topk":
-            if session.feedback is None:
-                session.feedback = ErrorFeedback()
-            grad = session.feedback.compress("grad", grad, k=spec.params.get("k"), ratio=spec.params.get("ratio"),
-                                             values=spec.params.get("values", "fp32"))
-        return grad, {"grad": str(spec)}
+            with self.lock:
+                if session.feedback is None:
+                    session.feedback = ErrorFeedback()
+            grad = session.feedback.compress(("grad", micro), grad, k=spec.params.get("k"),
+                                             ratio=spec.params.get("ratio"), values=spec.params.get("values", "fp32"))
+        return grad
 
     def global_state_template(self) -> AdapterState:
         return clone_state(self.slots.current())
 
     def parameter_bytes(self) -> int:
         return self.partition.parameter_bytes()
+
+
+@contextmanager
+def _timed(session: Session) -> Iterator[None]:
+    """Add the block's seconds to the session's compute time."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        session.compute_seconds += time.perf_counter() - started
 
 
 def adapter_shapes(source: ModelSource, spec: ModelSpec,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter, defaultdict
 
@@ -13,7 +14,7 @@ from shared.config.deployment import ModelSpec
 from shared.config.round import RoundConfig
 from shared.fl import Participant, SessionContext, StrategyContext, get_algorithm, register_algorithm
 from shared.fl.droppeft import (DropPEFTConfig, DropPEFTSession, DropPEFTStrategy, UCBPolicy, layer_ratios,
-                                progress_per_second)
+                                progress, skip_mask, tier_ranges)
 from shared.protocol.enums import Tier
 from shared.model.adapters import block_of
 from shared.protocol.messages import RoundPlan
@@ -59,12 +60,30 @@ def test_every_tier_derives_the_same_mask_from_the_shared_seed() -> None:
     others = [tier_session("user", make_plan(r, u, seed=s, extra={"ratio": 0.5})).mask(st)
               for r, u, s, st in ((1, "user-0", 7, 4), (2, "user-0", 7, 3), (1, "user-1", 7, 3), (1, "user-0", 8, 3))]
     assert any(m != tier_session("user", plan).mask(3) for m in others)
-    # skipping grows with depth: p_l = 0.5 * 2l / 5, the deepest capped at 0.9; block 0 always runs
+    # skipping grows with depth (p_l = 0.5 * 2l / 5, the deepest capped at 0.9); block 0 always runs
     rates = [skipped[i] / draws for i in range(6)]
-    expected = layer_ratios(0.5, 6, 0.9)
-    assert expected == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 0.9])
-    assert rates[0] == 0.0
-    assert all(abs(r - e) < 0.08 for r, e in zip(rates, expected)), rates
+    assert layer_ratios(0.5, 6, 0.9) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 0.9])
+    assert rates[0] == 0.0 and rates[1] < rates[2] < rates[3] < rates[4] + rates[5]
+    # each tier skips the sum of its blocks' p_l on average: user 0.2, edge exactly 1, cloud 1.7
+    assert rates[0] + rates[1] == pytest.approx(0.2, abs=0.05) and rates[2] + rates[3] == 1.0
+    assert rates[4] + rates[5] == pytest.approx(1.7, abs=0.1)
+
+
+def test_a_fixed_count_caps_the_peak_and_independent_draws_do_not() -> None:
+    probs = layer_ratios(0.5, 6, 0.9, personal=[5])  # the whole model on the device, its last block personal
+    assert probs == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 0.0])
+    whole = tier_ranges(None, 6)
+    assert whole == [(0, 6)] and tier_ranges((6, 6), 6) == [(0, 6)] and tier_ranges((2, 4), 6) == [(0, 2), (2, 4), (4, 6)]
+    fixed = [skip_mask(3, 1, "u", step, probs, whole) for step in range(300)]
+    assert {sum(m) for m in fixed} == {2}  # sum p_l = 2: every step runs 4 of 6 blocks
+    assert not any(m[0] or m[5] for m in fixed)  # block 0 (p = 0) and the personal block always run
+    counts = [sum(m[i] for m in fixed) for i in range(6)]
+    assert counts[1] < counts[2] < counts[3] < counts[4]  # depth-weighted
+    independent = [skip_mask(3, 1, "u", step, probs) for step in range(300)]
+    assert min(sum(m) for m in independent) == 0  # some step runs every block: the peak is the plain one
+    assert sum(map(sum, independent)) / 300 == pytest.approx(2.0, abs=0.15)  # the same mean
+    frac = [sum(skip_mask(3, 1, "u", step, layer_ratios(0.3, 6, 0.9), whole)) for step in range(400)]
+    assert set(frac) == {1, 2} and sum(frac) / 400 == pytest.approx(1.8, abs=0.06)  # sum p_l = 1.8: 1 or 2, 1.8 on average
     # ratio 0: nothing is skipped
     assert tier_session("edge", make_plan(1, "u", extra={"ratio": 0.0})).layers_to_run(0) == [2, 3]
     # evaluation (where the hook is asked too) runs every block of the tier, whatever the ratio
@@ -158,7 +177,7 @@ def _synthetic_metrics(round_id: int, ratio_of: dict[str, float], rng: random.Ra
 
 def test_coordinator_assigns_each_user_a_ratio_and_learns_the_best_one() -> None:
     def run(seed: int) -> tuple[list[dict], DropPEFTStrategy]:
-        algorithm = coordinator({"seed": seed})
+        algorithm = coordinator({"seed": seed, "reward": "own"})  # progress per second of the user's own time
         participants = [Participant(f"user-{i}", "edge-0", 10) for i in range(3)]
         rng, plans = random.Random(seed), []
         for round_id in range(1, 61):
@@ -182,14 +201,45 @@ def test_coordinator_assigns_each_user_a_ratio_and_learns_the_best_one() -> None
     assert fixed == {"u": {"ratio": 0.2}}
 
 
-def test_reward_is_loss_decrease_per_second() -> None:
-    assert progress_per_second([4.0, 3.0, 2.0, 1.0], [0.5, 0.5, 0.5, 0.5], 0.25) == pytest.approx((4 - 1) / 2.0)
-    assert progress_per_second([4.0, 3.0, 2.0, 1.0], [0.5] * 4, 0.5) == pytest.approx((3.5 - 1.5) / 2.0)
-    assert progress_per_second([1.0], [1.0], 0.25) is None
+def test_progress_is_the_drop_between_the_first_and_the_last_window_of_losses() -> None:
+    assert progress([4.0, 3.0, 2.0, 1.0], 0.25) == pytest.approx(4 - 1)
+    assert progress([4.0, 3.0, 2.0, 1.0], 0.5) == pytest.approx(3.5 - 1.5)
+    assert progress([1.0], 0.25) is None
     with pytest.raises(ValueError, match="ratios"):
         coordinator({"ratios": [0.1, 1.0]})
     with pytest.raises(ValueError, match="personal_layers"):
         coordinator({"personal_layers": [-1]})
+    with pytest.raises(ValueError, match="reward"):
+        coordinator({"reward": "wall"})
+
+
+def _straggler_metrics(ratio_of: dict[str, float], slowdown: dict[str, float], rng: random.Random) -> dict:
+    """Dropping blocks costs progress (1 - 0.5 r) and saves time (1 - 0.8 r); user-2 is 4x slower."""
+    users = {}
+    for user, ratio in ratio_of.items():
+        step = 0.1 * slowdown[user] * (1.0 - 0.8 * ratio)
+        losses = [2.0 - 0.05 * (1.0 - 0.5 * ratio) * s + rng.gauss(0, 0.002) for s in range(8)]
+        users[user] = {"losses": losses, "step_seconds": [step] * 8}
+    return {"users": users}
+
+
+@pytest.mark.parametrize("reward", ["round", "own"])
+def test_the_round_time_reward_drops_blocks_on_the_straggler_only(reward: str) -> None:
+    algorithm = coordinator({"seed": 1, "reward": reward})
+    slowdown = {"user-0": 1.0, "user-1": 1.0, "user-2": 4.0}
+    participants = [Participant(u, "edge-0", 10) for u in slowdown]
+    rng, plans = random.Random(0), []
+    for round_id in range(1, 81):
+        extras = algorithm.configure_round(round_id, participants)
+        plans.append(extras)
+        algorithm.after_round(round_id, _straggler_metrics({u: e["ratio"] for u, e in extras.items()}, slowdown, rng))
+    late = {u: Counter(p[u]["ratio"] for p in plans[-30:]).most_common(1)[0][0] for u in slowdown}
+    if reward == "round":  # a fast device waits for the straggler anyway: it keeps every block
+        assert late == {"user-0": 0.0, "user-1": 0.0, "user-2": 0.5}
+    else:  # per second of its own, every device prefers the cheapest steps
+        assert late == {"user-0": 0.5, "user-1": 0.5, "user-2": 0.5}
+    entry = algorithm.history[-1]
+    assert entry["round_seconds"] == max(h["seconds"] for h in algorithm.history if h["round"] == entry["round"])
 
 
 # --- PTLS: personal layers -----------------------------------------------------------------------------
@@ -282,3 +332,21 @@ def test_through_real_services_equals_the_simulator(tmp_path) -> None:
         assert set(served[tier]) == set(state)
         for key, value in state.items():
             assert torch.equal(served[tier][key], value), (tier, key)
+
+
+def test_the_benchmark_writes_its_report_and_plot(hermetic_cache, tmp_path) -> None:
+    from shared.lab.bench.droppeft import main
+
+    out, png = tmp_path / "droppeft.json", tmp_path / "droppeft.png"
+    assert main(["--quick", "--json", str(out), "--plot", str(png)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["settings"]) == {"whole", "split"}
+    whole = report["settings"]["whole"]
+    assert whole["split"] == [4, 4] and list(whole["methods"]) == ["plain", "droppeft"]
+    run = whole["methods"]["droppeft"]["runs"][0]
+    assert all(r["virtual_seconds"] > 0 and r["ratios"] for r in run["rounds"])
+    fixed, independent = (whole["memory"]["by_ratio"][k]["0.5"] for k in ("fixed", "independent"))
+    assert fixed["min_blocks_run"] == fixed["max_blocks_run"] == 3  # 4 blocks, the last personal: 1 skipped each step
+    assert whole["peak_reduction"]["fixed"]["0.5"] > 0.15 and whole["ceiling"]["compute_only"] > 1
+    assert {"speedup", "accuracy_delta_points", "per_seed"} <= set(whole)
+    assert png.stat().st_size > 0

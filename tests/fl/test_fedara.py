@@ -197,17 +197,80 @@ def test_config_is_validated(bad: dict[str, Any]) -> None:
 
 
 def test_after_round_keeps_the_best_scored_triplets_within_the_budget() -> None:
-    algorithm = strategy({"total_rounds": 3, "warmup_rounds": 1, "final_rounds": 1, "target_rank": 1})
-    algorithm.full_rank = {"a": 4, "b": 4}
+    algorithm = strategy({"total_rounds": 3, "warmup_rounds": 1, "final_rounds": 1, "target_rank": 1,
+                          "score_beta": 0.0})  # no smoothing: the ranking is this round's scores
+    algorithm.full_rank, algorithm.tier_of = {"a": 4, "b": 4}, {"a": "user", "b": "user"}
     algorithm.round_scores = {"a": torch.tensor([4.0, 3.0, float("nan"), 0.5]), "b": torch.tensor([0.0, 9.0, 1.0, 0.1])}
     algorithm.after_round(1, {})  # round 2 of 3: bT + (b0 - bT) * (1 - 1/2)^3 = 2 + 6/8 -> 3
     assert algorithm.active == {"a": [0, 1], "b": [1]}
-    algorithm.round_scores = {"a": torch.tensor([0.1, 7.0, 5.0, 5.0]), "b": torch.tensor([1.0, 2.0, 1.0, 1.0])}
+    algorithm.round_scores = {"a": torch.tensor([0.1, 7.0, float("nan"), float("nan")]),
+                              "b": torch.tensor([float("nan"), 2.0, float("nan"), float("nan")])}
     metrics: dict[str, Any] = {}
-    algorithm.after_round(2, metrics)  # target 2; masked triplets never come back, whatever their score
+    algorithm.after_round(2, metrics)  # target 2: masked triplets carried at (0.1 + 7 + 2) / (4 + 3 + 9) stay below
     assert algorithm.active == {"a": [1], "b": [1]} and metrics["fedara"]["active"] == 2
     extras = algorithm.configure_round(3, [type("P", (), {"user_id": "u"})()])
     assert json.loads(json.dumps(extras))["u"]["active"] == {"a": [1], "b": [1]}  # msgpack/JSON-native
+
+
+def test_a_masked_triplet_revives_when_an_active_one_falls_behind_its_tier() -> None:
+    algorithm = strategy({"total_rounds": 8, "warmup_rounds": 1, "final_rounds": 7, "target_rank": 1,
+                          "score_beta": 0.5})
+    algorithm.full_rank, algorithm.tier_of = {"a": 3, "b": 2}, {"a": "user", "b": "user"}
+    nan = float("nan")
+    algorithm.round_scores = {"a": torch.tensor([1.0, 8.0, 4.0]), "b": torch.tensor([6.0, 2.0])}
+    algorithm.after_round(1, {})
+    assert algorithm.active == {"a": [1], "b": [0]}  # the tier's 2 best of 5
+    algorithm.round_scores = {"a": torch.tensor([nan, 0.5, nan]), "b": torch.tensor([6.0, nan])}
+    algorithm.after_round(2, {})
+    # masked averages move with the tier: (0.5 + 6) / (8 + 6) of what they were
+    trend = 6.5 / 14
+    assert algorithm.scores["a"].tolist() == pytest.approx([trend, 4.25, 4 * trend])
+    assert algorithm.scores["b"].tolist() == pytest.approx([6.0, 2 * trend])
+    assert algorithm.active == {"a": [1], "b": [0]}  # the fallen triplet's average still leads
+    revived = []
+    for round_id in range(3, 8):
+        metrics: dict[str, Any] = {}
+        algorithm.round_scores = {m: torch.where(torch.tensor([i in algorithm.active[m] for i in range(r)]),
+                                                 torch.tensor({"a": [nan, 0.5, 1.5], "b": [6.0, nan]}[m]),
+                                                 torch.tensor(nan)) for m, r in algorithm.full_rank.items()}
+        algorithm.after_round(round_id, metrics)
+        revived.append(metrics["fedara"]["revived"])
+    assert algorithm.active == {"a": [2], "b": [0]} and sum(revived) == 1  # triplet 2 of a came back, once
+
+
+def test_each_budgeted_tier_ranks_its_own_triplets_and_the_cloud_keeps_its_rank() -> None:
+    algorithm = strategy({"total_rounds": 2, "warmup_rounds": 0, "final_rounds": 2, "target_rank": 1})
+    algorithm.full_rank = {"u": 2, "e1": 2, "e2": 2, "c": 2}
+    algorithm.tier_of = {"u": "user", "e1": "edge", "e2": "edge", "c": "cloud"}
+    algorithm.round_scores = {"u": torch.tensor([1e-6, 2e-6]), "e1": torch.tensor([3e-3, 1e-3]),
+                              "e2": torch.tensor([2e-3, 4e-3]), "c": torch.tensor([9.0, 0.0])}
+    assert algorithm.budgets() == {"user": (2, 1), "edge": (4, 2)}
+    metrics: dict[str, Any] = {}
+    algorithm.after_round(1, metrics)
+    # a global ranking would keep the cloud's and the edge's triplets and prune the user tier entirely
+    assert algorithm.active == {"u": [1], "e1": [0], "e2": [1], "c": [0, 1]}
+    assert metrics["fedara"]["budget"] == {"user": 1, "edge": 2}
+    assert metrics["fedara"]["active_by_tier"] == {"cloud": 2, "edge": 2, "user": 1}
+    every = strategy({"total_rounds": 2, "warmup_rounds": 0, "final_rounds": 2, "target_rank": 1,
+                      "budget_tiers": ["user", "edge", "cloud"]})
+    every.full_rank, every.tier_of = dict(algorithm.full_rank), dict(algorithm.tier_of)
+    every.round_scores = {"c": torch.tensor([9.0, 0.0])}
+    every.after_round(1, {})
+    assert every.active["c"] == [0]
+
+
+def test_the_session_steps_e_with_its_own_learning_rate() -> None:
+    state = {**_factors(2, 0.5), "head.w": torch.zeros(2)}
+    plugin = session({"e_lr_scale": 16.0}, state=state)
+    assert plugin.lr_scales() == {"svd_e": 16.0}
+    from shared.model.adapters import tensor_kind_of
+    from shared.runtime.session import OptimizerSettings
+
+    params = plugin.build_adapters(state)
+    optimizer = OptimizerSettings().make(params, 1e-3, plugin.lr_scales(), tensor_kind_of)
+    lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lrs[id(params["m.lora_E"])] == pytest.approx(16e-3)
+    assert lrs[id(params["m.lora_A"])] == lrs[id(params["m.lora_B"])] == lrs[id(params["head.w"])] == 1e-3
 
 
 # --- aggregation ------------------------------------------------------------------------------------------------

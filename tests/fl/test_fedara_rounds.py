@@ -148,8 +148,11 @@ def test_rounds_shrink_the_budget_and_prune_modules_end_to_end(hermetic_cache) -
         assert sim.run_round()["eval_accuracy"] is not None
         moved.append(start_update_bytes(sim) - before)
     history = coordinator_algorithm(sim).history
-    assert [h["budget"] for h in history] == [12, 4, 4]  # 8 modules x 8 triplets -> 4 + 60 / 8 -> 4
-    assert [h["active"] for h in history] == [12, 4, 4] and len(history[-1]["pruned_modules"]) >= 4
+    # per tier: user 2 modules x 8 -> 1 + 15 / 8 -> 1, edge 4 x 8 -> 2 + 30 / 8 -> 2; the cloud's 2 x 8 are not budgeted
+    assert [h["budget"] for h in history] == [{"user": 3, "edge": 6}, {"user": 1, "edge": 2}, {"user": 1, "edge": 2}]
+    assert [h["active_by_tier"] for h in history] == [{"user": 3, "edge": 6, "cloud": 16}] + \
+        [{"user": 1, "edge": 2, "cloud": 16}] * 2
+    assert len(history[-1]["pruned_modules"]) >= 3  # at least one of the user's 2 modules, two of the edge's 4
     assert moved[0] > moved[1] > moved[2]  # adapter traffic follows the budget
 
 
@@ -170,7 +173,7 @@ def test_the_cli_runs_fedara(hermetic_cache, capsys) -> None:
         "sim", "--model", "tiny-bert", "--data", "trec", "--users", "2", "--edges", "1", "--rounds", "1",
         "--split", "1,3", "--local-steps", "1", "--batch-size", "2", "--max-len", "16", "--max-examples", "4",
         "--eval-examples", "2", "--adapter", "svd", "--algorithm", "fedara",
-        "--algorithm-config", '{"total_rounds": 2, "final_rounds": 1}'])
+        "--algorithm-config", '{"total_rounds": 2, "warmup_rounds": 1, "final_rounds": 1}'])
     assert args.func(args) == 0
     assert "acc" in capsys.readouterr().out
 
@@ -179,14 +182,17 @@ def test_the_benchmark_writes_its_report_and_plot(hermetic_cache, tmp_path) -> N
     from shared.lab.bench.fedara import main
 
     out, png = tmp_path / "fedara.json", tmp_path / "fedara.png"
-    assert main(["--model", "tiny-bert", "--users", "2", "--edges", "1", "--rounds", "2", "--local-steps", "1",
-                 "--batch-size", "2", "--max-len", "16", "--max-examples", "4", "--eval-examples", "2",
-                 "--final-rounds", "1", "--json", str(out), "--plot", str(png)]) == 0
+    assert main(["--quick", "--json", str(out), "--plot", str(png)]) == 0
     report = json.loads(out.read_text())
-    assert [r["method"] for r in report["runs"]] == ["lora", "fedara"]
-    for run in report["runs"]:
-        assert {"final_accuracy", "adapter_bytes", "seconds", "rounds"} <= set(run)
-        assert [r["round"] for r in run["rounds"]] == [0, 1, 2] and run["adapter_bytes"] > 0
-        assert run["rounds"][-1]["cumulative_adapter_bytes"] == run["adapter_bytes"]
-    assert {"bytes_ratio", "accuracy_delta_points", "target_met"} <= set(report)
+    assert set(report["settings"]) == {"whole", "split"}
+    for setting, entry in report["settings"].items():
+        assert list(entry["methods"]) == ["lora", "fedara"]
+        for method in entry["methods"].values():
+            assert {"mean", "se", "values"} <= set(method["mean_last3_accuracy"])
+            run = method["runs"][0]
+            assert [r["round"] for r in run["rounds"]] == [1, 2, 3] and run["adapter_bytes"] > 0
+            assert run["rounds"][-1]["cumulative_adapter_bytes"] == run["adapter_bytes"]
+        assert {"bytes_ratio", "last3_accuracy_delta_points", "target_met"} <= set(entry)
+    whole = report["settings"]["whole"]["methods"]["fedara"]["runs"][0]
+    assert whole["split"] == [4, 4] and set(whole["rounds"][-1]["next"]["active_by_tier"]) == {"user"}
     assert png.stat().st_size > 0

@@ -204,3 +204,39 @@ def test_a_failed_round_closes_its_sessions_on_every_tier(small_sim) -> None:
     assert record.state == "failed"
     assert {tier: list(rt.sessions) for tier, rt in sim.runtimes.items()} == {"user": [], "edge": [], "cloud": []}
     assert all(not edge.pending for edge in sim.edges)
+
+
+# --- the virtual clock ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("links", [False, True])
+def test_the_virtual_clock_charges_the_blocks_each_step_runs_and_the_links(small_sim, links: bool) -> None:
+    from shared.fl.droppeft import layer_ratios, skip_mask, tier_ranges
+
+    extra = {"user_link": "wifi", "edge_link": "fiber"} if links else {}
+    sim = small_sim(block_ms=10.0, slowdowns=[1.0, 4.0], local_steps=4, algorithm="droppeft",
+                    config={"ratio": 0.5}, **extra)  # tiny-llama: user block 0, edge 1-2, cloud 3
+    sim.run_round()
+    users = sim.coordinator.rounds[1].metrics["users"]
+    probs = layer_ratios(0.5, 4, 0.9)
+    for user, slowdown in (("user-0", 1.0), ("user-1", 4.0)):
+        m = users[user]
+        assert m["clock"] == "virtual" and len(m["step_seconds"]) == 4
+        compute = []
+        for step in range(4):
+            skipped = skip_mask(sim.config.seed, 1, user, step, probs, tier_ranges((1, 3), 4))
+            compute.append(sum(0.01 * (slowdown if block < 1 else 1.0) for block in range(4) if not skipped[block]))
+        account = sim.clock.account(1, user)
+        assert account["user"] + account["edge"] + account["cloud"] == pytest.approx(sum(compute))
+        assert m["user_compute_seconds"] == pytest.approx(account["user"]) == pytest.approx(4 * 0.01 * slowdown)  # block 0 always runs
+        assert m["seconds"] == pytest.approx(sum(m["step_seconds"])) == pytest.approx(sum(account.values()))
+        if links:  # the emulated seconds of each step's request and reply on both hops
+            assert account["link"] > 0
+            assert all(s > c for s, c in zip(m["step_seconds"], compute))
+        else:
+            assert account["link"] == 0 and m["step_seconds"] == pytest.approx(compute)
+
+
+def test_the_virtual_clock_refuses_pipelined_micro_batches() -> None:
+    with pytest.raises(ValueError, match="does not model pipelined micro-batches"):
+        SimConfig(model="tiny-bert", data="trec", block_ms=10.0, round=RoundConfig(micro_batches=2, batch_size=4))

@@ -63,6 +63,10 @@ def test_a_start_with_a_bad_body_is_422_with_a_reason(stack: Stack, meta: dict) 
     ({"algorithm": "fedara"}, "fedara trains truncated-SVD adapters"),
     ({"algorithm": "nope"}, "unknown algorithm 'nope'"),
     ({"aggregator": "max"}, "aggregator"),
+    ({"algorithm": "devft", "config": {"layers": [3]}}, "must end at the model's full depth, 4 layers"),
+    ({"algorithm": "devft", "config": {"layers": [3, 5]}}, "stage 2 has 5 layers, more than the model's 4"),
+    ({"algorithm": "devft", "config": {"layers": [4, 3]}}, "stages must grow"),
+    ({"algorithm": "devft", "config": {"layers": [2, 4]}}, "each needs at least one representative"),
 ])
 def test_the_round_api_refuses_at_submit(stack: Stack, body: dict, reason: str) -> None:
     before = stack.clients["cloud"].get("/v1/rounds", headers=bearer(stack.admin)).json()["rounds"]

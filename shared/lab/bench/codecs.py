@@ -1,4 +1,4 @@
-"""Benchmarks that write JSON: the HTTP path's per-step time against the in-process path."""
+"""Benchmarks that write JSON: codecs' bytes, speed and effect on the loss; a round over emulated 4g links."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shared.lab.bench.protocol import mean_se
 from shared.lab.cluster import one_round
 from shared.lab.sim import SimConfig, Simulation
 from shared.config.round import RoundConfig
@@ -44,12 +45,6 @@ def _codec_run(spec: str, model: str, split: tuple[int, int], steps: int, batch_
     held_out = sim.evaluate_only()
     return {"bytes_per_step": (up + down) / count, "final_train_loss": sum(losses[-5:]) / 5,
             "eval_loss": held_out["eval_loss"], "eval_accuracy": held_out.get("eval_accuracy")}
-
-
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    """Mean and its standard error (0 for a single value)."""
-    mean = statistics.mean(values)
-    return mean, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0)
 
 
 def bench_codecs(model: str = "minilm-l6", split: str = "1,3", steps: int = 50, batch_size: int = 16,
@@ -89,13 +84,14 @@ def bench_codecs(model: str = "minilm-l6", split: str = "1,3", steps: int = 50, 
         policy = parse_hop_codecs(spec) or {"activations": "fp32"}
         throughput = measure(policy["activations"], act)
         deltas = [100.0 * (r["eval_loss"] - b0["eval_loss"]) / b0["eval_loss"] for r, b0 in zip(runs[spec], base)]
-        delta, delta_se = _mean_se(deltas)
+        delta, delta_se = mean_se(deltas)
         per_step = statistics.mean(r["bytes_per_step"] for r in runs[spec])
         accuracies = [r["eval_accuracy"] for r in runs[spec] if r["eval_accuracy"] is not None]
         results.append({
             "codec": spec, "bytes_per_step": per_step,
             "ratio_vs_fp32": statistics.mean(r["bytes_per_step"] for r in base) / per_step,
             "encode_decode_mb_s": throughput["encode_decode_mb_s"],
+            "encode_decode_cpu_mb_s": throughput["encode_decode_cpu_mb_s"],
             "loss_after_steps": statistics.mean(r["eval_loss"] for r in runs[spec]),
             "loss_delta_pct": delta, "loss_delta_pct_se": delta_se, "loss_delta_pct_per_seed": deltas,
             "eval_loss_per_seed": [r["eval_loss"] for r in runs[spec]],

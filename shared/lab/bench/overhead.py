@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from shared.lab.cluster import one_round
-from shared.lab.sim import SimConfig, Simulation
 from shared.config.round import RoundConfig
+from shared.lab.bench.timing import Machine, cpu_seconds
+from shared.lab.cluster import Cluster
+from shared.lab.sim import SimConfig, Simulation
 
 
 def _step_times(record_metrics: dict[str, Any]) -> list[float]:
@@ -23,13 +24,19 @@ def bench_http(model: str = "smollm2-135m", split: str = "2,15", batch_size: int
 
     Same model, data, batches and seed on both paths; the first step of each is a warm-up and is
     left out of the median. Rows are full length (consecutive speeches joined, then truncated).
+    Beside the wall time, each path's CPU seconds over its round (this process's for the in-process
+    path; the cloud's, the edge's and the user's together over HTTP): the work HTTP adds, which depends
+    far less than wall time on what else runs on the machine.
     """
     a, b = (int(x) for x in split.split(","))
-    common = dict(model=model, data="shakespeare", seed=seed, max_len=seq_len, min_chars=8 * seq_len,
-                  max_examples_per_client=4 * batch_size * steps)
+    common = {"model": model, "data": "shakespeare", "seed": seed, "max_len": seq_len, "min_chars": 8 * seq_len,
+              "max_examples_per_client": 4 * batch_size * steps}
     sim = Simulation(SimConfig(users=1, edges=1, rounds=1, split=(a, b), baseline_eval=False, **common,
                                round=RoundConfig(local_steps=steps, batch_size=batch_size, deadline=None, evaluate=False)))
-    record = sim.run_record()
+    with Machine() as machine_in:
+        cpu0 = time.process_time()
+        record = sim.run_record()
+        cpu_in = time.process_time() - cpu0
     inproc = _step_times(record.metrics)
     shape = next(iter(record.metrics["users"].values()))["batch_shape"]
     del sim
@@ -37,16 +44,20 @@ def bench_http(model: str = "smollm2-135m", split: str = "2,15", batch_size: int
         cloud_args = ["--model", model, "--split", split, "--data", "shakespeare", "--seed", str(seed),
                       "--max-len", str(seq_len), "--min-chars", str(8 * seq_len),
                       "--max-examples-per-client", str(4 * batch_size * steps)]
-        view = one_round(Path(tmp), cloud_args, {"local_steps": steps, "batch_size": batch_size, "evaluate": False},
-                         users=1, edges=1)
+        cluster = Cluster(Path(tmp), cloud_args, users=1, edges=1)
+        try:
+            cluster.start()
+            pids = [p.popen.pid for p in cluster.procs.values()]
+            cpu0 = sum(cpu_seconds(pid) for pid in pids)
+            with Machine() as machine_http:
+                view = cluster.run_round({"local_steps": steps, "batch_size": batch_size, "evaluate": False})
+            cpu_http = sum(cpu_seconds(pid) for pid in pids) - cpu0
+        finally:
+            cluster.stop()
     http = _step_times(view["metrics"])
     med_in, med_http = statistics.median(inproc[1:]), statistics.median(http[1:])
     return {"model": model, "split": split, "batch_shape": shape, "steps": steps,
             "inprocess_step_seconds": med_in, "http_step_seconds": med_http, "ratio": med_http / med_in,
-            "target_ratio": 1.10, "inprocess_steps": inproc, "http_steps": http}
-
-
-def write_json(report: dict[str, Any], path: str | None) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(report, indent=2))
+            "target_ratio": 1.05, "inprocess_steps": inproc, "http_steps": http,
+            "inprocess_round_cpu_seconds": cpu_in, "http_round_cpu_seconds": cpu_http, "cpu_ratio": cpu_http / cpu_in,
+            "machine": {"inprocess": machine_in.record, "http": machine_http.record}}

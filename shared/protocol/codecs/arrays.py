@@ -1,20 +1,81 @@
-"""numpy helpers shared by the lossy codecs: float conversions (bfloat16 included) and byte shuffling.
+"""Array helpers shared by the lossy codecs: float conversions (bfloat16 included), chunked torch ops, byte shuffling.
 
-The per-element work is numpy: single-threaded and predictable. torch's intra-op threads on a small,
-busy machine make each op 10-100x slower (OpenMP threads spinning against other processes).
+The per-element work runs on the calling thread. torch's intra-op threads on a small, busy machine make
+each op 10-100x slower (OpenMP threads waiting for cores that other processes hold), and a codec runs
+beside the tier's own compute. So the hot paths (float32 to and from fp16, bf16, int8 and int4) call
+torch's vectorised kernels on chunks below torch's parallel grain (``GRAIN`` elements: an op that small
+runs on the calling thread), and the rest is numpy, which is single-threaded.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
 
+GRAIN = 32768  # at::internal::GRAIN_SIZE: torch runs an elementwise op on fewer elements on the calling thread
+
+
 def numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
+
+
+def chunk_size(unit: int = 1) -> int:
+    """Elements per chunk: the largest multiple of ``unit`` below ``GRAIN`` (at least one ``unit``)."""
+    return max(unit, (GRAIN - 1) // unit * unit)
+
+
+def spans(n: int, size: int) -> Iterator[slice]:
+    """[0, n) in slices of ``size`` elements (the last one may be shorter)."""
+    return (slice(i, min(i + size, n)) for i in range(0, n, size))
+
+
+def converted(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Flat contiguous ``src`` cast to ``dtype`` (torch's rounding: to nearest even), chunk by chunk."""
+    out = torch.empty(src.numel(), dtype=dtype)
+    for s in spans(src.numel(), chunk_size()):
+        out[s].copy_(src[s])
+    return out
+
+
+def extremes(src: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of a flat floating tensor; NaN in either when it holds a NaN."""
+    if src.numel() == 0:
+        return 0.0, 0.0
+    parts = [torch.aminmax(src[s]) for s in spans(src.numel(), chunk_size())]
+    return float(torch.stack([p.min for p in parts]).min()), float(torch.stack([p.max for p in parts]).max())
+
+
+def flat_f32(t: torch.Tensor) -> torch.Tensor:
+    """A floating CPU tensor as a flat contiguous float32 tensor (a view where it is one already)."""
+    t = t.detach().cpu().reshape(-1).resolve_neg()
+    if t.dtype == torch.float32:
+        return t.contiguous()
+    if t.dtype == torch.float64:
+        return t.float()  # exact enough: a float64 tensor is rare on the wire, and float32 rounding is what int codecs use
+    return converted(t, torch.float32)
+
+
+def view_of(buf: Any, dtype: torch.dtype) -> torch.Tensor:
+    """A flat tensor over the bytes of ``buf`` (read from, never written: a read-only body is fine)."""
+    if len(buf) == 0:
+        return torch.empty(0, dtype=dtype)
+    with warnings.catch_warnings():  # torch warns that it cannot protect a read-only buffer; it is only read here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(buf, dtype=dtype)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a flat CPU tensor (little-endian hosts: as they lie) as a flat memoryview."""
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    a = t.numpy()
+    return as_bytes(a.astype(a.dtype.newbyteorder("<"), copy=False))
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -42,12 +103,6 @@ def np_flat(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return bf16_bits_to_f32(t.view(torch.int16).numpy().view(np.uint16))
     return t.numpy()
-
-
-def np_f32(t: torch.Tensor) -> np.ndarray:
-    """``np_flat`` as float32."""
-    a = np_flat(t)
-    return a if a.dtype == np.float32 else a.astype(np.float32)
 
 
 def to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:

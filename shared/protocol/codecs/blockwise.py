@@ -30,12 +30,13 @@ The encoder falls back to the lossless path when the tensor holds NaN/Inf.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
-from shared.protocol.codecs.arrays import as_bytes, np_f32, numel, to_torch
+from shared.protocol.codecs.arrays import as_bytes, chunk_size, flat_f32, numel, spans, tensor_bytes, to_torch, view_of
 from shared.protocol.codecs.entries import FLOAT_DTYPES, finish_entry, int_param, need_float, post_of, read_field, str_param
 from shared.protocol.tensors import MAX_DIM, DecodeFn, EncodeFn, WireError
 
@@ -45,59 +46,99 @@ MIN_CHANNEL_ROWS = 64  # fewer rows: channel scales would cost over 6 % of the i
 DEFAULT_CHANNELS = "rms"  # spec default for int8/int4; "channels=none" is plain blockwise absmax
 MAX_BLOCK = MAX_DIM
 _F32_MAX = float(torch.finfo(torch.float32).max)
+_ROUND = 1.5 * 2**23  # |y| <= 127 plus this lies in [2**23, 2**24), where float32's step is 1: the sum is y rounded
 
 
-def _quantise(x: np.ndarray, block: int, qmax: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Flat float32 ``x`` -> (int8 q in [-qmax, qmax] (n,), float32 scales (n_blocks,)); None if non-finite."""
-    n = x.size
-    full = n // block * block
-    nb = -(-n // block)
-    q = np.empty(n, dtype=np.int8)
-    scales = np.empty(nb, dtype=np.float32)
-    parts = []
+def _block_rows(v: torch.Tensor, block: int) -> Iterator[torch.Tensor]:
+    """A flat chunk that starts on a block boundary as rows of one block each; a partial last block is a row of its own."""
+    full = v.numel() // block * block
     if full:
-        parts.append((x[:full].reshape(-1, block), q[:full].reshape(-1, block), scales[: full // block]))
-    if full < n:
-        parts.append((x[full:].reshape(1, -1), q[full:].reshape(1, -1), scales[full // block :]))
-    for rows, qrows, srows in parts:
-        amax = np.abs(rows).max(axis=1)
-        if not np.isfinite(amax).all():
-            return None
-        np.divide(amax, np.float32(qmax), out=srows)
-        with np.errstate(divide="ignore", over="ignore"):
-            inv = np.where(amax > 0, np.float32(qmax) / amax, np.float32(0))
-        np.minimum(inv, np.float32(_F32_MAX), out=inv)  # subnormal blocks: finite, never inf * 0
-        y = rows * inv[:, None]
-        np.rint(y, out=y)
-        np.clip(y, -qmax, qmax, out=y)
-        qrows[...] = y  # exact: y already holds integers in [-qmax, qmax]
+        yield v[:full].view(-1, block)
+    if full < v.numel():
+        yield v[full:].view(1, -1)
+
+
+def _quantise(x: torch.Tensor, block: int, qmax: int,
+              channel_scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Flat float32 ``x`` (divided by ``channel_scales`` along its last dim first, where given) -> (int8 q in
+    [-qmax, qmax] (n,), float32 scales (n_blocks,)); None if non-finite.
+
+    scale = absmax / qmax of each block, q = x * (qmax / absmax) rounded to the nearest integer (ties to even).
+    Two passes over chunks below torch's grain, each starting on a block (and row) boundary, through one
+    scratch buffer: the blocks' absmax, then the rounding; ``x`` itself is never written.
+    """
+    n = x.numel()
+    width = 1 if channel_scales is None else channel_scales.numel()
+    step = chunk_size(math.lcm(block, width))
+    scratch = torch.empty(min(step, n), dtype=torch.float32)
+
+    def chunks() -> Iterator[tuple[int, torch.Tensor]]:  # (first block, scratch holding the chunk's values)
+        for s in spans(n, step):
+            part = scratch[: s.stop - s.start]
+            if channel_scales is None:
+                part.copy_(x[s])
+            else:
+                torch.div(x[s].view(-1, width), channel_scales, out=part.view(-1, width))
+            yield s.start // block, part
+
+    amax = torch.empty(-(-n // block), dtype=torch.float32)
+    for b, part in chunks():
+        for rows in _block_rows(part.abs_(), block):
+            torch.amax(rows, dim=1, out=amax[b: b + rows.shape[0]])
+            b += rows.shape[0]
+    if not np.isfinite(amax.numpy()).all():
+        return None
+    scales = amax / qmax
+    inv = torch.where(amax > 0, qmax / amax, 0.0).clamp_(max=_F32_MAX)  # subnormal blocks: finite, never inf * 0
+    q = torch.empty(n, dtype=torch.int8)
+    for b, part in chunks():
+        start = b * block
+        for rows in _block_rows(part, block):
+            rows.mul_(inv[b: b + rows.shape[0], None]).add_(_ROUND)  # |y| <= qmax: y + _ROUND is y rounded, in bits
+            b += rows.shape[0]
+        # (y + _ROUND)'s bits are _ROUND's plus round(y), whose low byte is 0: as an int32 cast to int8 (which keeps
+        # the low byte), they are round(y)
+        q[start: start + part.numel()].copy_(part.view(torch.int32))
     return q, scales
 
 
-def _channel_rms(x: np.ndarray, width: int) -> np.ndarray | None:
+def _channel_rms(x: torch.Tensor, width: int) -> torch.Tensor | None:
     """float32 root-mean-square of each of the ``width`` channels (last dim) of flat ``x``; 1 where it is 0.
 
     Summed in float64 (squares of large float32 values overflow float32); None if ``x`` is not finite.
     The result is <= the channel's absmax, so it is finite, and x / rms stays within sqrt(rows).
     """
-    rows = x.reshape(-1, width)
-    rms = np.sqrt(np.einsum("ij,ij->j", rows, rows, dtype=np.float64) / rows.shape[0])
-    if not np.isfinite(rms).all():
+    rows = x.view(-1, width)
+    squares = torch.zeros(width, dtype=torch.float64)
+    for s in _row_chunks(rows.shape[0], width):
+        squares += rows[s].double().square_().sum(0)
+    rms = (squares / rows.shape[0]).sqrt_()
+    if not torch.isfinite(rms).all():
         return None
-    out = rms.astype(np.float32)
+    out = rms.float()
     out[out == 0] = 1.0  # all-zero (or underflowing) channel
     return out
 
 
-def _dequantise(q: np.ndarray, scales: np.ndarray, block: int, n: int) -> np.ndarray:
-    """float32 values q * scale of each element's block (scales are validated: no overflow)."""
-    out = np.empty(n, dtype=np.float32)
-    full = n // block * block
-    nf = full // block
-    if full:
-        np.multiply(q[:full].reshape(nf, block), scales[:nf, None], out=out[:full].reshape(nf, block))
-    if full < n:
-        np.multiply(q[full:], scales[nf], out=out[full:])
+def _row_chunks(rows: int, width: int) -> Iterator[slice]:
+    """Slices of whole rows, each chunk below torch's grain where a row is."""
+    return spans(rows, max(1, chunk_size(width) // width))
+
+
+def _dequantise(q: torch.Tensor, scales: torch.Tensor, block: int, n: int,
+                channel_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 values q * scale of each element's block (times its channel's scale, where given; scales are
+    validated: no overflow)."""
+    out = torch.empty(n, dtype=torch.float32)
+    width = 1 if channel_scales is None else channel_scales.numel()
+    for s in spans(n, chunk_size(math.lcm(block, width))):
+        b, start = s.start // block, s.start
+        for rows in _block_rows(q[s], block):
+            k = rows.shape[0]
+            torch.mul(rows, scales[b: b + k, None], out=out[start: start + rows.numel()].view_as(rows))
+            b, start = b + k, start + rows.numel()
+        if channel_scales is not None:
+            out[s].view(-1, width).mul_(channel_scales)
     return out
 
 
@@ -123,31 +164,30 @@ def int_codec(name: str, bits: int) -> tuple[EncodeFn, DecodeFn]:
             raise ValueError(f"{name}: channels must be one of {', '.join(CHANNEL_MODES)}, got {channels!r}")
         if dtype not in FLOAT_DTYPES:
             return None
-        x = np_f32(t)
+        x = flat_f32(t)
         width = t.shape[-1] if t.dim() >= 2 else 0
         cscales = None
-        if channels == "rms" and width >= 2 and x.size >= MIN_CHANNEL_ROWS * width:
+        if channels == "rms" and width >= 2 and x.numel() >= MIN_CHANNEL_ROWS * width:
             cscales = _channel_rms(x, width)
             if cscales is None:
                 return None  # NaN/Inf: send losslessly
-            x = (x.reshape(-1, width) / cscales).reshape(-1)
-        res = _quantise(x, block, qmax)
+        res = _quantise(x, block, qmax, cscales)
         if res is None:
             return None  # NaN/Inf: send losslessly
         q, scales = res
         if bits == 8:
-            data = q
+            data = tensor_bytes(q)
         else:
-            q += 7  # nibbles 0..14
-            nib = q.view(np.uint8)
+            nib = (q.numpy() + 7).view(np.uint8)  # nibbles 0..14
             if nib.size % 2:
                 nib = np.concatenate([nib, np.zeros(1, dtype=np.uint8)])
-            data = nib[1::2] << 4
-            data |= nib[0::2]
-        fields_ = {"scales": (as_bytes(scales.astype("<f4", copy=False)), 4), "data": (as_bytes(data), 1)}
+            packed = nib[1::2] << 4
+            packed |= nib[0::2]
+            data = as_bytes(packed)
+        fields_ = {"scales": (tensor_bytes(scales), 4), "data": (data, 1)}
         params: dict[str, Any] = {"block": block}
         if cscales is not None:
-            fields_["channel_scales"] = (as_bytes(cscales.astype("<f4", copy=False)), 4)
+            fields_["channel_scales"] = (tensor_bytes(cscales), 4)
             params["channels"] = channels
         return finish_entry(fields_, post, params)
 
@@ -180,8 +220,8 @@ def int_codec(name: str, bits: int) -> tuple[EncodeFn, DecodeFn]:
                 raise WireError(f"{name} channel_scales must be finite and > 0, and scale x channel scale "
                                 f"x {qmax} must stay <= float32 max")
         if bits == 8:
-            q = np.frombuffer(draw, dtype=np.int8)
-            bad = n and int(q.min()) < -qmax  # only -128 is out of range
+            q = view_of(draw, torch.int8)
+            bad = n and int(np.frombuffer(draw, dtype=np.int8).min()) < -qmax  # only -128 is out of range
         else:
             packed = np.frombuffer(draw, dtype=np.uint8)
             if n % 2 and packed[-1] >> 4:
@@ -191,13 +231,12 @@ def int_codec(name: str, bits: int) -> tuple[EncodeFn, DecodeFn]:
             np.right_shift(packed, 4, out=nib[1::2])
             q = nib.view(np.int8)
             q -= 7  # nibble 15 (invalid) -> 8
-            q = q[:n]
-            bad = n and int(q.max()) > qmax  # values are -7..8 here
+            bad = n and int(q[:n].max()) > qmax  # values are -7..8 here
+            q = torch.from_numpy(q[:n])
         if bad:
             raise WireError(f"{name} payload holds a value outside [-{qmax}, {qmax}]")
-        out = _dequantise(q, scales, block, n)
-        if cscales is not None and n:
-            out.reshape(-1, shape[-1])[...] *= cscales
-        return to_torch(out, dtype).reshape(shape)
+        out = _dequantise(q, torch.from_numpy(scales.astype(np.float32)), block, n,
+                          None if cscales is None else torch.from_numpy(cscales.astype(np.float32)))
+        return (out if dtype == "float32" else to_torch(out.numpy(), dtype)).reshape(shape)
 
     return enc, dec

@@ -14,9 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.protocol.codecs.arrays import as_bytes, bf16_bits_to_f32, f32_to_bf16_bits, np_flat, numel, to_torch
+from shared.protocol.codecs.arrays import (as_bytes, bf16_bits_to_f32, converted, extremes, f32_to_bf16_bits, np_flat,
+                                           numel, tensor_bytes, to_torch, view_of)
 from shared.protocol.codecs.entries import FLOAT_DTYPES, finish_entry, need_float, post_of, read_field
-from shared.protocol.tensors import DecodeFn, EncodeFn, tensor_from_bytes, tensor_to_bytes
+from shared.protocol.tensors import DecodeFn, EncodeFn, tensor_from_bytes, tensor_to_bytes, torch_dtype
+
+# float32 values of smaller magnitude than these round to a finite half / bfloat16 value (to nearest even)
+_ROUNDS_FINITE = {"float16": 65520.0, "bfloat16": float(np.array(0x7F7F8000, dtype=np.uint32).view(np.float32))}
 
 
 def half_codec(name: str, wire_dtype: str) -> tuple[EncodeFn, DecodeFn]:
@@ -27,7 +31,12 @@ def half_codec(name: str, wire_dtype: str) -> tuple[EncodeFn, DecodeFn]:
             return None
         if dtype == wire_dtype:
             return finish_entry({"data": (tensor_to_bytes(t), 2)}, post, {})
-        a = np_flat(t)
+        if t.dtype == torch.float32:  # the common case, on torch's kernels (see ``arrays``)
+            flat = t.detach().cpu().reshape(-1).resolve_neg().contiguous()
+            lo, hi = extremes(flat)
+            if -_ROUNDS_FINITE[wire_dtype] < lo and hi < _ROUNDS_FINITE[wire_dtype]:  # no NaN, nothing overflows
+                return finish_entry({"data": (tensor_bytes(converted(flat, torch_dtype(wire_dtype))), 2)}, post, {})
+        a = np_flat(t)  # NaN, Inf, values that may overflow, other dtypes: numpy, checked value by value
         if wire_dtype == "float16":
             with np.errstate(over="ignore"):
                 h = a.astype("<f2")
@@ -47,6 +56,8 @@ def half_codec(name: str, wire_dtype: str) -> tuple[EncodeFn, DecodeFn]:
         raw = read_field(entry, "data", 2 * n, 2, post, f"{name} payload", f"shape {list(shape)}")
         if dtype == wire_dtype:
             return tensor_from_bytes(raw, wire_dtype, shape)
+        if dtype == "float32":
+            return converted(view_of(raw, torch_dtype(wire_dtype)), torch.float32).reshape(shape)
         if wire_dtype == "float16":
             a = np.frombuffer(raw, dtype="<f2")
             if dtype == "float64":

@@ -1,0 +1,50 @@
+"""What every timed bench records beside its figures: how busy the machine was, CPU seconds of processes.
+
+A wall-clock figure from a machine that other jobs share is an indication only; each timed bench records
+the machine's load average before and after its timed part (``machine``), and, where it can, CPU seconds,
+which depend far less on what else runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Self
+
+TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def load() -> list[float]:
+    """The 1, 5 and 15 minute load averages."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+class Machine:
+    """The machine's cores and load around a timed part: ``with Machine() as m: ...``; ``m.record`` for the JSON."""
+
+    def __enter__(self) -> Self:
+        self.before = load()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.after = load()
+
+    @property
+    def record(self) -> dict[str, Any]:
+        cpus = os.cpu_count() or 1
+        after = getattr(self, "after", load())
+        return {"cpus": cpus, "load_before": self.before, "load_after": after,
+                "busy": max(self.before[0], after[0]) > 0.5 * cpus}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` has used so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def write_json(report: dict[str, Any], path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2))

@@ -1,0 +1,46 @@
+"""``splitllm bench pipeline`` and ``splitllm bench scaling``: what they compute, and (slow) one small run of each
+through real processes on a tiny model. Their timings are figures for the README, never asserted here."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from shared.lab.bench.pipeline import bench_pipeline, link_floor
+from shared.lab.bench.scaling import bench_scaling, link_seconds
+
+
+def test_the_link_floor_is_the_bytes_up_the_last_gradient_down_and_one_round_trip() -> None:
+    # 4g: 10 Mbit/s up, 30 down, 30 ms one way
+    assert link_floor("4g", up_bytes=1.25e6, down_bytes=3.75e6, micro_batches=4) == pytest.approx(1 + 0.25 + 0.06)
+    assert link_seconds("wifi", up=6.25e6, down=12.5e6) == pytest.approx(1 + 1)  # 50 up, 100 down
+    assert link_seconds("none", up=1e9, down=1e9) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_bench_pipeline_runs_both_settings_with_the_same_rows(tiny) -> None:
+    tiny("tiny-bert")
+    r = bench_pipeline("tiny-bert", "1,1", batch_size=8, seq_len=32, micro_batches=4, steps=2, repeats=1,
+                       codecs=("fp32",))
+    row = r["codecs"]["fp32"]
+    assert set(row["step_seconds"]) == {"1", "4"} and all(row["step_seconds"].values())
+    one, four = row["bytes_per_step"][1], row["bytes_per_step"][4]
+    # the same rows go up either way; 4 requests instead of 1 add only their headers
+    assert one["up"] <= four["up"] < one["up"] * 1.2
+    assert row["request_overhead"]["median_s"] > 0 and row["cpu_seconds_per_step"]["4"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_bench_scaling_counts_every_users_samples(tiny) -> None:
+    tiny("tiny-bert")
+    r = bench_scaling("tiny-bert", "1,1", users=(1, 2), edges=2, profiles=("wifi",), micro_batches=2,
+                      batch_size=4, seq_len=32, steps=2)
+    rows = r["runs"]["wifi"]
+    for n in ("1", "2"):
+        for m in ("1", "2"):
+            assert len(rows[n][m]["median_step_s"]) == int(n)
+            assert rows[n][m]["samples_per_s"] > 0 and rows[n][m]["cpu_busy"] > 0
+    assert rows["1"]["1"]["speedup_vs_1_user"] == pytest.approx(1)
