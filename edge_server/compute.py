@@ -67,7 +67,9 @@ class EdgeServer:
         self.user_samples: dict[str, int] = {}
         self.pending: dict[tuple[int, Mode], PendingRound] = {}
         self.finished: set[tuple[int, Mode]] = set()  # (round, phase) already reported: a retried start is a no-op
-        self.outbox: dict[tuple[int, Mode, str], Report] = {}  # reports that a user's update settled, to send
+        self.outbox: dict[tuple[int, Mode], Report] = {}  # a (round, phase)'s settled report, to send
+        # users whose update this edge took in but whose bytes the transport has not counted yet (``after_update``)
+        self.uncounted: dict[tuple[int, Mode], set[str]] = {}
         self.starting: dict[tuple[int, Mode], threading.Event] = {}  # set once every user of a phase was started
         self.lock = threading.Lock()
 
@@ -134,6 +136,9 @@ class EdgeServer:
             stale = self.pending.pop(key)
             if stale.timer:
                 stale.timer.cancel()
+        for table in (self.outbox, self.uncounted):
+            for key in [k for k in table if k[0] < round_id]:
+                del table[key]
         self.runtime.drop_sessions(keep=lambda k: k[0] >= round_id)
 
     def _drop_user(self, key: tuple[int, Mode], user_id: str, reason: str) -> Report | None:
@@ -179,24 +184,35 @@ class EdgeServer:
                 raise NotFound(f"edge {self.edge_id}: no {update.mode} round {update.round} expects user '{update.user}'")
             if update.user in pending.metrics:  # a retried update: already counted
                 return ack(round=update.round, user=update.user)
-            report = self._accept(pending, key, update) if update.error is None else None
+            self.uncounted.setdefault(key, set()).add(update.user)
+            try:
+                report = self._accept(pending, key, update) if update.error is None else None
+            except BaseException:  # refused: the transport calls no after_update for it
+                self.uncounted[key].discard(update.user)
+                raise
         if update.error is not None:
             log.warning("round %s (%s): user %s failed: %s", key[0], key[1], update.user, update.error)
             report = self._drop_user(key, update.user, f"failed on the device: {update.error}")
         if report is not None:
             with self.lock:
-                self.outbox[(*key, update.user)] = report
+                self.outbox[key] = report
         return ack(round=update.round, user=update.user)
 
     def after_update(self, msg: Message) -> None:
-        """Once the transport has counted an update and its reply: send the report that update settled, if any.
+        """Once the transport has counted an update and its reply: send the report of its (round, phase) if that is
+        settled and every update taken in for it has been counted.
 
-        The report carries the round's bytes on the user-edge hop, so it goes only after the last
-        update's own bytes are in the ledger (and every start's, ``_report``).
+        The report carries the round's bytes on the user-edge hop, so it goes only after every update's own
+        bytes are in the ledger, whichever update settled it (two users' updates may be counted in either
+        order), and after every start's (``_report``).
         """
-        meta = msg.meta
+        key, user = (msg.meta.get("round"), msg.meta.get("mode")), msg.meta.get("user")
         with self.lock:
-            report = self.outbox.pop((meta.get("round"), meta.get("mode"), meta.get("user")), None)
+            waiting = self.uncounted.get(key, set())
+            waiting.discard(user)
+            report = None if waiting else self.outbox.pop(key, None)
+            if report is not None:
+                self.uncounted.pop(key, None)
         self._report(report)
 
     def _report(self, report: Report | None) -> None:

@@ -377,3 +377,33 @@ def test_the_client_retries_503_and_unreachable_peers_until_its_deadline():
     not_retried = []
     assert with_retries(lambda: not_retried.append(1) or httpx.Response(404), deadline=10).status_code == 404
     assert not_retried == [1]
+
+
+def test_the_report_waits_until_every_update_taken_in_was_counted(sim):
+    """Two users' updates handled in one order and counted by the transport in the other (two HTTP requests whose
+    threads resume in either order): the report goes with the last count, so its bytes hold both updates."""
+    edge = sim.edges[0]
+    rid = 71
+    plans = [RoundPlan(round_id=rid, user_id=u, local_steps=1, batch_size=2, lr=5e-3) for u in ("user-0", "user-1")]
+    state = sim.coordinator.global_state
+    download = AdapterBundle({t: state[t] for t in (Tier.USER, Tier.EDGE)})
+    real_users, real_cloud = dict(edge.users), edge.cloud
+    edge.users.update({u: AcceptingLink() for u in ("user-0", "user-1")})
+    edge.cloud = recorder = Recorder()
+    try:
+        edge.on_start(RoundStart(plans, download).to_message())
+        updates = {u: decode(encode(Update(rid, u, Mode.TRAIN, 10, {"train_loss": 1.0}, dict(state["user"]))
+                                    .to_message())) for u in ("user-0", "user-1")}
+        edge.on_update(updates["user-0"])
+        edge.on_update(updates["user-1"])  # settles the round
+        edge.ledger.add((rid, "train"), 100, 10)  # the transport counts user-1's update first ...
+        edge.after_update(updates["user-1"])
+        assert recorder.calls == []  # ... user-0's is not counted yet
+        edge.ledger.add((rid, "train"), 100, 10)
+        edge.after_update(updates["user-0"])
+    finally:
+        edge.users.clear()
+        edge.users.update(real_users)
+        edge.cloud = real_cloud
+    assert len(recorder.calls) == 1
+    assert recorder.calls[0][1].meta["bytes"] == {"up": 200, "down": 20}
