@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import httpx
@@ -136,17 +137,29 @@ class Recorder(Link):
         return Message("ok")
 
 
-def test_retried_user_updates_are_counted_once(sim):
-    edge, coordinator = sim.edges[0], sim.coordinator
-    rid = 70
+@contextmanager
+def recorded_round(sim, rid: int) -> Iterator[tuple[Any, Recorder, Any]]:
+    """Edge 0 of ``sim`` started on training round ``rid`` for user-0 and user-1 (stand-in users that accept their
+    starts), its reports to the cloud recorded: (the edge, the recorder, the global state the round started from)."""
+    edge = sim.edges[0]
     plans = [RoundPlan(round_id=rid, user_id=u, local_steps=1, batch_size=2, lr=5e-3) for u in ("user-0", "user-1")]
-    state = coordinator.global_state
+    state = sim.coordinator.global_state
     download = AdapterBundle({t: state[t] for t in (Tier.USER, Tier.EDGE)})
     real_users, real_cloud = dict(edge.users), edge.cloud
     edge.users.update({u: AcceptingLink() for u in ("user-0", "user-1")})
     edge.cloud = recorder = Recorder()
     try:
         edge.on_start(RoundStart(plans, download).to_message())
+        yield edge, recorder, state
+    finally:
+        edge.users.clear()
+        edge.users.update(real_users)
+        edge.cloud = real_cloud
+
+
+def test_retried_user_updates_are_counted_once(sim):
+    rid = 70
+    with recorded_round(sim, rid) as (edge, recorder, state):
 
         def update(user: str, delta: float, n: int) -> Message:
             return Update(rid, user, Mode.TRAIN, n, {"train_loss": 1.0},
@@ -168,16 +181,13 @@ def test_retried_user_updates_are_counted_once(sim):
             deliver(update("user-1", -0.1, 30))
         except NotFound:
             pass  # (today: 404 "no train round 70 expects user-1")
-    finally:
-        edge.users.clear()
-        edge.users.update(real_users)
-        edge.cloud = real_cloud
     assert len(recorder.calls) == 1
     endpoint, report = recorder.calls[0]
     assert endpoint == "update" and report.meta["num_samples"] == 40
     assert sorted(report.meta["metrics"]) == ["user-0", "user-1"]
     for k, v in state["user"].items():  # sample-weighted: (10 * (v + .1) + 30 * (v - .1)) / 40 = v - .05
         assert torch.allclose(report.tensors[f"user/{k}"], v - 0.05, atol=1e-6), k
+
 
 
 def test_a_start_retried_after_the_edge_reported_is_a_no_op(sim):
@@ -382,16 +392,8 @@ def test_the_client_retries_503_and_unreachable_peers_until_its_deadline():
 def test_the_report_waits_until_every_update_taken_in_was_counted(sim):
     """Two users' updates handled in one order and counted by the transport in the other (two HTTP requests whose
     threads resume in either order): the report goes with the last count, so its bytes hold both updates."""
-    edge = sim.edges[0]
     rid = 71
-    plans = [RoundPlan(round_id=rid, user_id=u, local_steps=1, batch_size=2, lr=5e-3) for u in ("user-0", "user-1")]
-    state = sim.coordinator.global_state
-    download = AdapterBundle({t: state[t] for t in (Tier.USER, Tier.EDGE)})
-    real_users, real_cloud = dict(edge.users), edge.cloud
-    edge.users.update({u: AcceptingLink() for u in ("user-0", "user-1")})
-    edge.cloud = recorder = Recorder()
-    try:
-        edge.on_start(RoundStart(plans, download).to_message())
+    with recorded_round(sim, rid) as (edge, recorder, state):
         updates = {u: decode(encode(Update(rid, u, Mode.TRAIN, 10, {"train_loss": 1.0}, dict(state["user"]))
                                     .to_message())) for u in ("user-0", "user-1")}
         edge.on_update(updates["user-0"])
@@ -401,9 +403,5 @@ def test_the_report_waits_until_every_update_taken_in_was_counted(sim):
         assert recorder.calls == []  # ... user-0's is not counted yet
         edge.ledger.add((rid, "train"), 100, 10)
         edge.after_update(updates["user-0"])
-    finally:
-        edge.users.clear()
-        edge.users.update(real_users)
-        edge.cloud = real_cloud
     assert len(recorder.calls) == 1
     assert recorder.calls[0][1].meta["bytes"] == {"up": 200, "down": 20}

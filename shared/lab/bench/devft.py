@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config.round import RoundConfig
+from shared.lab.bench.timing import write_json
 from shared.lab.sim import SimConfig, Simulation
 from shared.protocol.links import LinkProfile, get_profile
 
@@ -305,9 +306,7 @@ def run_bench(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     for name, setting in settings.items():
         report["settings"][name] = bench_setting(setting, seeds, links, log, args.jobs)
         report["wall_seconds"] = time.perf_counter() - started
-        if args.json:  # after each setting: a long bench keeps what it has
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(report, indent=2))
+        write_json(report, args.json)  # after each setting: a long bench keeps what it has
     return report
 
 

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from shared.lab.bench.protocol import LR_GRID, TUNING_SEED, first_reach, fmt, mean_last, smooth, summary, tune_and_run
+from shared.lab.bench.timing import write_json
 
 SETTINGS = ("whole", "split")
 METHODS = ("plain", "droppeft")
@@ -347,9 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     report["bench_seconds"] = time.perf_counter() - started
     print_table(report)
     print(f"bench: {report['bench_seconds'] / 60:.1f} min")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    write_json(report, args.json)
     if args.plot:
         _plot(report, args.plot)
     return 0

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.lab.bench.fedara import link_bytes
+from shared.lab.bench.timing import write_json
 
 METHODS = ("local", "naive", "h2tune")
 
@@ -177,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{s['accuracy'][t]['mean']:.4f} +- {s['accuracy'][t]['se']:.4f}" for t in tasks]
         print(f"{s['method']:>8}  " + "  ".join(f"{c:>24}" for c in cells)
               + f"  {s['average']['mean']:.4f} +- {s['average']['se']:.4f}  {s['bytes_per_round'] / 1e6:>8.3f}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    write_json(report, args.json)
     if args.plot:
         plot(report, args.plot)
     return 0

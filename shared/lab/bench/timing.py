@@ -45,6 +45,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def write_json(report: dict[str, Any], path: str | None) -> None:
+    """A bench's report as JSON at ``path`` (its folder made), when a path is given."""
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(report, indent=2))
+        Path(path).write_text(json.dumps(report, indent=2, default=str))
