@@ -2,9 +2,11 @@
 
 The per-element work runs on the calling thread. torch's intra-op threads on a small, busy machine make
 each op 10-100x slower (OpenMP threads waiting for cores that other processes hold), and a codec runs
-beside the tier's own compute. So the hot paths (float32 to and from fp16, bf16, int8 and int4) call
-torch's vectorised kernels on chunks below torch's parallel grain (``GRAIN`` elements: an op that small
-runs on the calling thread), and the rest is numpy, which is single-threaded.
+beside the tier's own compute. So the float casts (float32 to and from fp16 and bf16) and the int codecs'
+block maxima call torch's vectorised kernels on chunks below torch's parallel grain (``GRAIN`` elements:
+an op that small runs on the calling thread), and the rest is numpy, which is single-threaded and works on
+the whole array in one call (a torch call per chunk costs a few microseconds of dispatch, about as much
+as the chunk's arithmetic).
 """
 
 from __future__ import annotations
