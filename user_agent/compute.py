@@ -52,6 +52,9 @@ class UserAgent:
         self.eval_data = eval_batches(tokenizer, data.eval, task, max_len, eval_batch_size)
         self.policy = runtime.policy(Hop.USER_EDGE)
         self.u_shaped = runtime.spec.u_shaped  # the head and the loss are on this device
+        # a = b = L, U-shaped: the whole model is here (federated learning's device), so a step sends nothing: the
+        # serving tiers would run no block and no head; only the round's start and update cross the link
+        self.whole = self.u_shaped and runtime.split.a == runtime.split.num_layers
         self.jobs: dict[str, str] = {}  # "<round>:<mode>" -> running | reported | failed
         self.last_error: str | None = None
         self.lock = threading.Lock()
@@ -150,6 +153,8 @@ class UserAgent:
         """
         micros = batch.split(plan.micro_batches)
         count = label_count(self.runtime.spec.task, batch.labels) if len(micros) > 1 else None
+        if self.whole:
+            return self._local_step(session, step, micros, count)
         compute = 0.0
         sent: list[tuple[torch.Tensor, StepRequest, Future]] = []
         for m, micro in enumerate(micros):
@@ -177,6 +182,20 @@ class UserAgent:
         t0 = time.perf_counter()
         self.runtime.step(session)
         return loss, compute + self._slow(time.perf_counter() - t0)
+
+    def _local_step(self, session: Session, step: int, micros: list[Batch], count: int | None) -> tuple[float, float]:
+        """A step with the whole chain on this device: each micro-batch's forward, head, loss and backward, then the
+        update; (the step's loss, its compute seconds)."""
+        t0 = time.perf_counter()
+        loss = 0.0
+        for micro in micros:
+            hidden = self.runtime.forward(session, None, micro.attention_mask, step, input_ids=micro.input_ids)
+            logits = self.runtime.head(session, hidden, micro.attention_mask)
+            part = step_loss(self.runtime.spec.task, logits, micro.labels.to(self.runtime.device), count)
+            self.runtime.backward(session, [part], [None])
+            loss += float(part.detach())
+        self.runtime.step(session)
+        return loss, self._slow(time.perf_counter() - t0)
 
     def _exchange(self, session: Session, request: StepRequest, batch: Batch,
                   count: int | None) -> tuple[TrainReply, float]:
@@ -221,6 +240,11 @@ class UserAgent:
         try:
             for step, batch in enumerate(self.eval_data):
                 hidden = self.runtime.forward(session, None, batch.attention_mask, step, input_ids=batch.input_ids)
+                if self.whole:
+                    logits = self.runtime.head(session, hidden, batch.attention_mask)
+                    counts = eval_counts(self.runtime.spec.task, logits.detach(), batch.labels.to(self.runtime.device))
+                    self._add(totals, counts, batch.size)
+                    continue
                 request = step_request(plan, step, hidden, batch, labels=not self.u_shaped)
                 reply = self.edge.request("step", request.to_message(self.policy.activations))
                 if self.u_shaped:
@@ -228,10 +252,14 @@ class UserAgent:
                     counts = eval_counts(self.runtime.spec.task, logits.detach(), batch.labels.to(self.runtime.device))
                 else:
                     counts = EvalReply.from_message(reply)
-                totals["loss_sum"] += counts.loss_sum
-                totals["count"] += counts.count
-                totals["correct"] += counts.correct
-                totals["examples"] += batch.size
+                self._add(totals, counts, batch.size)
         finally:
             self.runtime.close_session(plan.round_id, self.user_id)
         return Update(plan.round_id, self.user_id, Mode.EVAL, len(self.data.eval), totals).to_message()
+
+    @staticmethod
+    def _add(totals: dict[str, Any], counts: EvalReply, examples: int) -> None:
+        totals["loss_sum"] += counts.loss_sum
+        totals["count"] += counts.count
+        totals["correct"] += counts.correct
+        totals["examples"] += examples
