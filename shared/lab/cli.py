@@ -339,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser("devft", help="DevFT against plain split LoRA (see splitllm bench devft --help)", add_help=False)
     bench.add_parser("h2tune", help="H2Tune against local-only and naive heterogeneous LoRA (see splitllm bench "
                                     "h2tune --help)", add_help=False)
+    bench.add_parser("compare", help="centralised LoRA, federated LoRA and the three-tier split side by side (see "
+                                     "splitllm bench compare --help)", add_help=False)
 
     for name in SERVICES:
         sub.add_parser(name, help=f"run the {name} tier as a service (see splitllm {name} --help)", add_help=False)
@@ -364,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(importlib.import_module(f"{SERVICES[argv[0]]}.__main__").main(argv[1:]) or 0)
     if argv[:2] in (["bench", "fedara"], ["bench", "droppeft"], ["bench", "devft"], ["bench", "pipeline"],
-                    ["bench", "scaling"], ["bench", "h2tune"]):  # these parse their own flags
+                    ["bench", "scaling"], ["bench", "h2tune"], ["bench", "compare"]):  # these parse their own flags
         import importlib
 
         return int(importlib.import_module(f"shared.lab.bench.{argv[1]}").main(argv[2:]) or 0)

@@ -60,6 +60,16 @@ def probe(model: str, split: tuple[int, int], tier: str, batch_size: int, seq_le
     return {"param_bytes": runtime.parameter_bytes(), "peak_rss_bytes": _peak_rss_bytes()}
 
 
+def probe_process(model: str, split: tuple[int, int], tier: str, batch_size: int, seq_len: int) -> dict[str, Any]:
+    """``probe`` in a fresh process of its own, so that its peak RSS is that tier's alone."""
+    out = subprocess.run(
+        [sys.executable, "-m", "shared.lab.memory", model, f"{split[0]},{split[1]}", tier, str(batch_size), str(seq_len)],
+        capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe for {tier} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def memory_report(model: str, split: tuple[int, int], batch_size: int = 4, seq_len: int = 64) -> dict[str, Any]:
     """Each tier and the whole model in a fresh process of its own, so peak RSS is that tier's alone."""
     from shared.model.sources import resolve_model
@@ -67,12 +77,7 @@ def memory_report(model: str, split: tuple[int, int], batch_size: int = 4, seq_l
     resolve_model(model)  # convert / validate once, before the probes race to do it
     report: dict[str, Any] = {"model": model, "split": list(split), "batch_size": batch_size, "seq_len": seq_len}
     for tier in ("user", "edge", "cloud", "whole", "runtime"):
-        out = subprocess.run(
-            [sys.executable, "-m", "shared.lab.memory", model, f"{split[0]},{split[1]}", tier, str(batch_size), str(seq_len)],
-            capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            raise RuntimeError(f"memory probe for {tier} failed: {out.stderr.strip().splitlines()[-1:]}")
-        report[tier] = json.loads(out.stdout.strip().splitlines()[-1])
+        report[tier] = probe_process(model, split, tier, batch_size, seq_len)
     whole, user = report["whole"], report["user"]
     share = user["param_bytes"] / whole["param_bytes"]
     not_held = whole["param_bytes"] - user["param_bytes"]
