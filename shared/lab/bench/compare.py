@@ -138,6 +138,10 @@ def bench_compare(args: argparse.Namespace) -> dict[str, Any]:
 
     source = resolve_model(args.model)
     setting = Setting(args, source.num_layers)
+    if args.threads > 0:  # the in-process part too: torch's intra-op threads on a busy machine wait for cores
+        import torch
+
+        torch.set_num_threads(args.threads)
     report: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("func", "json", "plot")}
     report.update(num_layers=source.num_layers, cpus=os.cpu_count(), load_before=load(), methods={})
     federated = DataSpec(name=args.data, num_clients=args.users, seed=args.seed, max_len=args.seq_len,
@@ -244,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-examples", type=int, default=64, help="held-out examples per client")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profiles", default="wifi,4g", help="the devices' links in the timed rounds (comma-separated)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of every process in the timed rounds")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process part and of every process "
+                                                          "in the timed rounds (0: one per core)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
     return p
 
