@@ -339,8 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser("devft", help="DevFT against plain split LoRA (see splitllm bench devft --help)", add_help=False)
     bench.add_parser("h2tune", help="H2Tune against local-only and naive heterogeneous LoRA (see splitllm bench "
                                     "h2tune --help)", add_help=False)
-    bench.add_parser("compare", help="centralised LoRA, federated LoRA and the three-tier split side by side (see "
-                                     "splitllm bench compare --help)", add_help=False)
+    bench.add_parser("compare", help="centralised, federated and split LoRA side by side (see --help)", add_help=False)
 
     for name in SERVICES:
         sub.add_parser(name, help=f"run the {name} tier as a service (see splitllm {name} --help)", add_help=False)
