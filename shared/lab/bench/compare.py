@@ -63,8 +63,7 @@ class Setting:
         self.split = tuple(int(x) for x in args.split.split(","))
 
     def of(self, method: str) -> dict[str, Any]:
-        whole = method != "split-fp32" and method != "split-int8"
-        central = method == "centralised"
+        whole, central = not method.startswith("split"), method == "centralised"
         return {"split": (self.num_layers, self.num_layers) if whole else self.split, "u_shaped": whole,
                 "codecs": INT8 if method.endswith("int8") else "fp32", "users": 1 if central else self.args.users,
                 "edges": 1 if central else self.args.edges,
