@@ -23,7 +23,9 @@ Per method:
 * bytes per device per round: the device's link, both ways, in a training round (encoded messages);
 * round wall time under each link profile: real processes on loopback (``shared.lab.cluster``), each
   device's link to its edge running the profile, one training round; the CPU seconds of every process
-  and the load average beside it. The centralised trainer has no device link: it is not timed there.
+  and the load average beside it. One cluster per method holds ``users`` devices per profile (the data
+  partitioned into that many clients: the timing's own), and each profile's devices train one round.
+  The centralised trainer has no device link: it is not timed there.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class Setting:
                 "edges": 1 if central else self.args.edges,
                 "local_steps": self.args.local_steps * (self.args.users if central else 1)}
 
-    def sim(self, method: str, dataset: FederatedDataset | None) -> Simulation:
+    def sim(self, method: str, dataset: FederatedDataset) -> Simulation:
         a, m = self.args, self.of(method)
         return Simulation(SimConfig(
             model=a.model, data=a.data, users=m["users"], edges=m["edges"], rounds=a.rounds, split=m["split"],
