@@ -75,6 +75,24 @@ def test_channel_equalisation_keeps_channels_next_to_a_massive_one() -> None:
     assert roundtrip(torch.randn(2, 32, 576), "int8")[1]["channels"] == "rms"  # rows = all leading dims
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e25, 3e37])
+def test_channel_scales_of_tiny_and_huge_channels(scale: float) -> None:
+    """The channels' squares are summed in float32 and again in float64 where that overflows (huge channels) or may
+    have underflowed (tiny ones): the scales stay each channel's rms, and the bounds hold."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(128, 16, generator=g)
+    x[:, 3] *= scale
+    x[:, 5] = 0.0
+    cs = CodecSpec.parse("int8")
+    out, e, _ = roundtrip(x, cs)
+    check_bounds(cs, x, out, e)
+    scales = np.frombuffer(e["channel_scales"], "<f4")
+    rms = x.double().square().mean(0).sqrt()
+    assert scales[5] == 1.0  # an all-zero channel
+    np.testing.assert_allclose(scales[3], float(rms[3]), rtol=1e-5)
+    np.testing.assert_allclose(scales[0], float(rms[0]), rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------- refusals
 
 
