@@ -216,7 +216,7 @@ def plot(report: dict[str, Any], path: str) -> None:
     panels += [(f"round wall seconds, {p}", [r["rounds_timed"].get(p, {}).get("round_seconds", 0.0) for r in rows])
                for p in report["profiles"]]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
-    for ax, (title, values) in zip(axes, panels):
+    for ax, (title, values) in zip(axes, panels, strict=True):
         ax.bar(range(len(methods)), values, color=[f"C{i}" for i in range(len(methods))])
         ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right")
         ax.set_title(title)
