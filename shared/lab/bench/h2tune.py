@@ -6,7 +6,9 @@ smollm2-135m/sentiment/32 with smollm2-135m as a sequence classifier) each hold 
 client per data set). Every method runs the same rounds, local steps, batch, learning rate, max length
 and seed, in the in-process simulator (one edge per model, each model at its default split):
 
-* ``local``: each client alone, a federation of one (FedAvg over one user is local training);
+* ``local``: each client alone, a federation of one (FedAvg over one user is local training), under the user id
+  it has in the federations (a user's id seeds its batch order), so each client sees the same batches in every
+  method and a client alone in its model trains exactly as in ``naive``;
 * ``naive``: one federation, FedAvg within each model over its users' zero-padded ranks (a model's
   adapters have the largest rank its users declare), task heads per task, nothing across models;
 * ``h2tune``: one federation, ``"algorithm": "h2tune"`` (only sparsified middle matrices shared, across
@@ -43,7 +45,8 @@ def parse_clients(text: str) -> list[tuple[str, str, int]]:
     return out
 
 
-def _config(args: argparse.Namespace, clients: list[tuple[str, str, int]], seed: int, algorithm: str) -> Any:
+def _config(args: argparse.Namespace, clients: list[tuple[str, str, int]], seed: int, algorithm: str,
+            user_ids: list[str] | None = None) -> Any:
     from shared.config.round import RoundConfig
     from shared.lab.sim import SimConfig
     from shared.model.adapters import LoraSettings
@@ -53,7 +56,7 @@ def _config(args: argparse.Namespace, clients: list[tuple[str, str, int]], seed:
                      user_models=models, user_data=[d for _, d, _ in clients], ranks=[r for _, _, r in clients],
                      lora=LoraSettings(rank=min(r for _, _, r in clients)), max_len=args.max_len,
                      max_examples_per_client=args.max_examples, eval_examples_per_client=args.eval_examples,
-                     seed=seed, baseline_eval=False,
+                     seed=seed, baseline_eval=False, user_ids=user_ids or [],
                      round=RoundConfig(local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
                                        deadline=None, algorithm=algorithm,
                                        config=dict(args.h2tune_config) if algorithm == "h2tune" else {}))
@@ -84,8 +87,8 @@ def run_seed(method: str, args: argparse.Namespace, clients: list[tuple[str, str
     per_task: dict[str, list[float]] = {}
     if method == "local":
         moved = [0] * args.rounds
-        for client in clients:
-            rows, client_moved = _simulate(_config(args, [client], seed, "fedavg"))
+        for i, client in enumerate(clients):  # under its id in the federation: the same batches as there
+            rows, client_moved = _simulate(_config(args, [client], seed, "fedavg", [f"user-{i}"]))
             per_task[_task_name(client[0], client[1])] = [r["eval_accuracy"] for r in rows]
             moved = [a + b for a, b in zip(moved, client_moved)]
     else:
