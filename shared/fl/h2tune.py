@@ -3,14 +3,18 @@
 Every adapted weight trains dW = B (M_shared + M_task) A (peft's LoRA layer holds A and B; the session
 binds (M_shared + M_task) A in A's place, so autograd reaches all four). A (r x k), B (d x r) and M_task
 (r x r) are private: they stay on the tier that trains them, per user, across rounds (``ctx.store``).
-Only M_shared (r x r, r the user's own rank) is shared, sparsified before upload (the ``keep`` fraction of
-its entries that changed most this round, indices on the wire: ``shared.fl.alignment``).
+Only M_shared (r x r, r the user's own rank) is shared, sparsified before upload (the share s_i of its
+entries that changed most this round, indices on the wire: ``shared.fl.alignment``). s_i comes from the
+client's declared resources: its rank r_i (what its device declared it can train, capped by the deployment's
+R) scales the ``keep`` of a full-rank client, s_i = keep * r_i / R (``sparsity: "rank"``), or ``keep`` for all
+(``"uniform"``).
 
 Rounds alternate phases (``phase_rounds`` rounds each, the first ``task``): in a ``task`` phase M_task
 trains and M_shared is frozen (nothing of it leaves the tier); in a ``shared`` phase M_shared trains with
 M_task frozen, and is uploaded. A and B train in both.
 
-The cloud aligns the layers of every model to shared slots (relative depth) and averages each slot's
+The cloud aligns the layers of every model to shared slots (relative depth, or representation similarity on
+a probe batch: ``shared.fl.probe``) and averages each slot's
 middle matrices over every client, deployment and tier that sent them, entry by entry (sample-weighted,
 zero-padded to the largest rank: an entry counts only the clients that sent it); each module's new
 M_shared is its slot's mean cut to its deployment's rank (entries nobody sent keep their value). Task

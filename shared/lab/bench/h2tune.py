@@ -160,28 +160,31 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     clients, seeds = parse_clients(args.clients), [int(s) for s in args.seeds.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
+    if not seeds or not methods:
+        raise SystemExit("--seeds and --methods each need at least one item")
     if set(methods) - set(METHODS):
         raise SystemExit(f"unknown methods {sorted(set(methods) - set(METHODS))}: choose from {', '.join(METHODS)}")
-    summaries = []
-    for method in methods:
-        runs = []
-        for seed in seeds:
-            runs.append(run_seed(method, args, clients, seed))
-            print(f"  {method:>6} seed {seed}: " + "  ".join(f"{t} {a:.4f}" for t, a in sorted(runs[-1]["accuracy"].items()))
-                  + f"  average {runs[-1]['average']:.4f}", flush=True)
-        summaries.append(summarise(method, runs))
-    report = {"clients": [{"model": m, "data": d, "rank": r} for m, d, r in clients], "seeds": seeds,
-              "rounds": args.rounds, "local_steps": args.local_steps, "batch_size": args.batch_size, "lr": args.lr,
-              "max_len": args.max_len, "max_examples": args.max_examples, "eval_examples": args.eval_examples,
-              "h2tune_config": args.h2tune_config, "methods": summaries,
-              "bytes": "encoded start + update messages on every link, train and eval phases, per round"}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    for seed in seeds:  # seed by seed, every method, the report rewritten after each: a cut-off run keeps its seeds
+        for method in methods:
+            runs[method].append(run_seed(method, args, clients, seed))
+            last = runs[method][-1]
+            print(f"  {method:>6} seed {seed}: " + "  ".join(f"{t} {a:.4f}" for t, a in sorted(last["accuracy"].items()))
+                  + f"  average {last['average']:.4f}", flush=True)
+        report = {"clients": [{"model": m, "data": d, "rank": r} for m, d, r in clients],
+                  "seeds": seeds[:seeds.index(seed) + 1],
+                  "rounds": args.rounds, "local_steps": args.local_steps, "batch_size": args.batch_size, "lr": args.lr,
+                  "max_len": args.max_len, "max_examples": args.max_examples, "eval_examples": args.eval_examples,
+                  "h2tune_config": args.h2tune_config, "methods": [summarise(m, runs[m]) for m in methods],
+                  "bytes": "encoded start + update messages on every link, train and eval phases, per round"}
+        write_json(report, args.json)
+    summaries = report["methods"]
     tasks = sorted(summaries[0]["accuracy"])
     print(f"{'method':>8}  " + "  ".join(f"{t:>24}" for t in tasks) + f"  {'average':>15}  {'MB/round':>8}")
     for s in summaries:
         cells = [f"{s['accuracy'][t]['mean']:.4f} +- {s['accuracy'][t]['se']:.4f}" for t in tasks]
         print(f"{s['method']:>8}  " + "  ".join(f"{c:>24}" for c in cells)
               + f"  {s['average']['mean']:.4f} +- {s['average']['se']:.4f}  {s['bytes_per_round'] / 1e6:>8.3f}")
-    write_json(report, args.json)
     if args.plot:
         plot(report, args.plot)
     return 0
