@@ -30,14 +30,14 @@ def test_a_client_alone_in_its_model_trains_the_same_adapters_as_local_only(herm
     nothing of the other deployment (keys, heads, clipping, learning rate, steps) reaches it."""
     import argparse
 
-    from shared.lab.bench.h2tune import _config, parse_clients
+    from shared.lab.bench.h2tune import parse_clients, sim_config
     from shared.lab.sim import Simulation
 
     args = argparse.Namespace(rounds=2, local_steps=2, batch_size=2, lr=None, max_len=24, max_examples=8,
                               eval_examples=8, h2tune_config={})
     clients = parse_clients("tiny-bert/trec/4,tiny-bert/sms_spam/8,tiny-llama/sentiment/8")
     runs = []
-    for config in (_config(args, clients, 0, "fedavg"), _config(args, clients[2:], 0, "fedavg", ["user-2"])):
+    for config in (sim_config(args, clients, 0, "fedavg"), sim_config(args, clients[2:], 0, "fedavg", ["user-2"])):
         sim = Simulation(config)
         runs.append((sim, [sim.run_round() for _ in range(args.rounds)]))
     (mixed, mixed_rows), (alone, alone_rows) = runs

@@ -45,7 +45,7 @@ def parse_clients(text: str) -> list[tuple[str, str, int]]:
     return out
 
 
-def _config(args: argparse.Namespace, clients: list[tuple[str, str, int]], seed: int, algorithm: str,
+def sim_config(args: argparse.Namespace, clients: list[tuple[str, str, int]], seed: int, algorithm: str,
             user_ids: list[str] | None = None) -> Any:
     from shared.config.round import RoundConfig
     from shared.lab.sim import SimConfig
@@ -88,11 +88,11 @@ def run_seed(method: str, args: argparse.Namespace, clients: list[tuple[str, str
     if method == "local":
         moved = [0] * args.rounds
         for i, client in enumerate(clients):  # under its id in the federation: the same batches as there
-            rows, client_moved = _simulate(_config(args, [client], seed, "fedavg", [f"user-{i}"]))
+            rows, client_moved = _simulate(sim_config(args, [client], seed, "fedavg", [f"user-{i}"]))
             per_task[_task_name(client[0], client[1])] = [r["eval_accuracy"] for r in rows]
             moved = [a + b for a, b in zip(moved, client_moved)]
     else:
-        rows, moved = _simulate(_config(args, clients, seed, "h2tune" if method == "h2tune" else "fedavg"))
+        rows, moved = _simulate(sim_config(args, clients, seed, "h2tune" if method == "h2tune" else "fedavg"))
         for name in rows[-1]["tasks"]:
             per_task[name] = [r["tasks"][name]["eval_accuracy"] for r in rows]
     final = {name: accs[-1] for name, accs in per_task.items()}
