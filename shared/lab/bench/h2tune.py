@@ -46,7 +46,7 @@ def parse_clients(text: str) -> list[tuple[str, str, int]]:
 
 
 def sim_config(args: argparse.Namespace, clients: list[tuple[str, str, int]], seed: int, algorithm: str,
-            user_ids: list[str] | None = None) -> Any:
+               user_ids: list[str] | None = None) -> Any:
     from shared.config.round import RoundConfig
     from shared.lab.sim import SimConfig
     from shared.model.adapters import LoraSettings
