@@ -4,10 +4,11 @@ A model's blocks are compared with another model's by the representations they p
 probe batch (``PROBE``: fixed public sentences, no client data), tokenised by each model's own tokenizer:
 
 * each block's output hidden states are mean-pooled over the tokens of each sentence (n x d, d the model's
-  width) and summarised as their centred Gram matrix (n x n: independent of the width, so models of any
-  hidden size compare);
-* two blocks' similarity is linear CKA (centred kernel alignment) of their Gram matrices: 1 for
-  representations equal up to a rotation and a scale, near 0 for unrelated ones;
+  width) and summarised as their Gram matrix (n x n: independent of the width, so models of any hidden
+  size compare);
+* two blocks' similarity is debiased linear CKA (centred kernel alignment with the unbiased HSIC estimator)
+  of their Gram matrices: 1 for representations equal up to a rotation, a scale and an offset, near 0 for
+  unrelated ones;
 * every block of a model maps to a block of the reference model (the shallowest; ties by name) by the
   monotone assignment (non-decreasing in depth) of largest total CKA, exact by dynamic programming, and then
   to that reference block's slot.
@@ -45,20 +46,47 @@ PROBE = (
     "An honest, warm and funny story that stays with you for days.",
     "Our team lost the final match in the last minute of extra time.",
     "The telescope captured images of a galaxy millions of light years away.",
+    "Where can I find a pharmacy that is open late on Sundays?",
+    "Your account has been suspended; click the link below to verify your details.",
+    "The soup was cold and the waiter never came back to our table.",
+    "Researchers found that the new vaccine reduced infections by half.",
+    "She planted tomatoes, beans and sunflowers along the garden fence.",
+    "Which planet in our solar system has the most moons?",
+    "I'll be ten minutes late, save me a seat near the window.",
+    "A clumsy sequel that forgets everything that made the original charming.",
+    "The bridge will be closed for repairs until the end of the month.",
+    "When did the first person walk on the moon?",
+    "Free entry into our weekly draw, text WIN to this number now.",
+    "The orchestra played the symphony with remarkable precision and warmth.",
+    "Heavy snow delayed flights across the north of the country.",
+    "Thanks for the lovely evening, let's do it again soon.",
+    "The old library holds manuscripts from the twelfth century.",
+    "Honestly one of the most boring books I have ever tried to finish.",
 )
 
 
-def centred_gram(x: torch.Tensor) -> torch.Tensor:
-    """The (n, n) float64 Gram matrix of n row vectors after centring each feature over the rows."""
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """The (n, n) float64 linear Gram matrix of n row vectors (any width)."""
     x = x.to(torch.float64)
-    x = x - x.mean(dim=0, keepdim=True)
     return x @ x.T
 
 
+def _hsic(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """The unbiased HSIC estimator of two Gram matrices (Song et al., 2012); needs n >= 4."""
+    n = k.shape[0]
+    k, l = k - torch.diag(torch.diag(k)), l - torch.diag(torch.diag(l))
+    ones = torch.ones(n, dtype=k.dtype)
+    return ((k * l).sum() + (ones @ k @ ones) * (ones @ l @ ones) / ((n - 1) * (n - 2))
+            - 2 * (ones @ k @ l @ ones) / (n - 2)) / (n * (n - 3))
+
+
 def cka(k: torch.Tensor, l: torch.Tensor) -> float:
-    """Linear CKA of two centred Gram matrices: <K, L> / (|K| |L|) (Frobenius); 0 where either is zero."""
-    norm = float(torch.linalg.norm(k) * torch.linalg.norm(l))
-    return float((k * l).sum()) / norm if norm > 0 else 0.0
+    """Debiased linear CKA of two Gram matrices: HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)), with the unbiased HSIC.
+    Plain CKA is inflated towards 1 when the width exceeds the number of probes (here 384 or 576 against 32);
+    the unbiased estimator is not. Invariant to rotations, scale and offsets of either side; 0 where either
+    side does not vary."""
+    norm = float(_hsic(k, k) * _hsic(l, l))
+    return float(_hsic(k, l)) / norm**0.5 if norm > 0 else 0.0
 
 
 def monotone_match(similarity: torch.Tensor) -> list[int]:
@@ -79,7 +107,7 @@ def monotone_match(similarity: torch.Tensor) -> list[int]:
 
 def similarity_map(grams: Mapping[str, Sequence[torch.Tensor]]) -> dict[str, list[int]]:
     """Each model's blocks mapped to blocks of the reference model (the one with fewest blocks; ties by name),
-    from every model's per-block centred Gram matrices on the probe."""
+    from every model's per-block Gram matrices on the probe."""
     reference = min(grams, key=lambda name: (len(grams[name]), name))
     ref = grams[reference]
     out = {}
@@ -92,11 +120,11 @@ def similarity_map(grams: Mapping[str, Sequence[torch.Tensor]]) -> dict[str, lis
     return out
 
 
-_GRAMS: dict[tuple[str, str], list[torch.Tensor]] = {}  # (model directory, tokenizer) -> its blocks' Gram matrices
+_GRAMS: dict[tuple[str, str], list[torch.Tensor]] = {}  # (model directory, tokenizer) -> its blocks' Grams
 
 
 def probe_grams(source: ModelSource, tokenizer: str = "", max_len: int = 64) -> list[torch.Tensor]:
-    """The centred Gram matrix of each block's mean-pooled output on ``PROBE``, from the frozen base model (its
+    """The Gram matrix of each block's mean-pooled output on ``PROBE``, from the frozen base model (its
     embeddings and every block, loaded for this and released; once per model and process)."""
     key = (str(source.path), tokenizer)
     if key not in _GRAMS:
@@ -116,5 +144,5 @@ def _compute_grams(source: ModelSource, tokenizer: str, max_len: int) -> list[to
         hidden = part.embed_tokens(batch.input_ids, mask)
         for block in range(layers):
             hidden = part.run_blocks(hidden, mask, [block])
-            out.append(centred_gram((hidden * weights).sum(dim=1)))
+            out.append(gram((hidden * weights).sum(dim=1)))
     return out
