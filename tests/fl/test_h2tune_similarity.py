@@ -13,7 +13,14 @@ from shared.config.round import RoundConfig
 from shared.errors import InvalidInput
 from shared.fl import SessionContext, get_algorithm
 from shared.fl.alignment import module_orders, slot_of, top_entries
-from shared.fl.probe import PROBE, gram, cka, monotone_match, probe_grams, similarity_map
+from shared.fl.probe import (
+    PROBE,
+    cka,
+    gram,
+    monotone_match,
+    probe_grams,
+    similarity_map,
+)
 from shared.lab.sim import SimConfig, Simulation
 from shared.model.adapters import LoraSettings
 from shared.protocol.enums import Tier
