@@ -88,8 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--user-link", default="wifi", help="link profile of each user's hop (link_profiles.json)")
     p.add_argument("--edge-link", default="fiber", help="link profile of each edge's hop to the cloud")
     p.add_argument("--jobs", type=int, default=1, help="seeds run at a time, each in its own process")
-    p.add_argument("--report", default=None, help="print the table (and --plot) of a report written earlier, "
-                                                  "its summaries recomputed, instead of running")
+    p.add_argument("--report", default=None, help="print the table (and --plot) of reports written earlier, their "
+                                                  "summaries recomputed, instead of running; several comma-separated "
+                                                  "paths (e.g. one seed each) are merged into one report (--json)")
     p.add_argument("--quick", action="store_true", help="a tiny-model smoke test instead of the settings")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--plot", default=None, help="write the curves here (PNG)")
@@ -296,6 +297,26 @@ def resummarise(report: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
+def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Reports of the same settings and links from different seeds (a run per seed, say) as one report."""
+    merged = reports[0]
+    for other in reports[1:]:
+        if (other["user_link"], other["edge_link"]) != (merged["user_link"], merged["edge_link"]):
+            raise ValueError("the reports were run on different links; they cannot be merged")
+        for name, result in other["settings"].items():
+            mine = merged["settings"].setdefault(name, result)
+            if mine is result:
+                continue
+            if mine["setting"] != result["setting"]:
+                raise ValueError(f"the reports' '{name}' settings differ; they cannot be merged")
+            if twice := set(mine["runs"]) & set(result["runs"]):
+                raise ValueError(f"seeds {sorted(twice)} of '{name}' are in more than one report")
+            mine["runs"] = dict(sorted({**mine["runs"], **result["runs"]}.items(), key=lambda kv: int(kv[0])))
+        merged["seeds"] = sorted({*merged["seeds"], *other["seeds"]})
+        merged["wall_seconds"] = merged.get("wall_seconds", 0.0) + other.get("wall_seconds", 0.0)
+    return merged
+
+
 def run_bench(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     settings = QUICK if args.quick else {n: SETTINGS[n] for n in args.settings.split(",") if n}
     seeds = [int(s) for s in args.seeds.split(",") if s != ""]
@@ -367,7 +388,11 @@ def _plot(report: dict[str, Any], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = resummarise(json.loads(Path(args.report).read_text())) if args.report else run_bench(args)
+    if args.report:
+        report = resummarise(merge_reports([json.loads(Path(path).read_text()) for path in args.report.split(",")]))
+        write_json(report, args.json)
+    else:
+        report = run_bench(args)
     print_table(report)
     if args.plot:
         _plot(report, args.plot)
