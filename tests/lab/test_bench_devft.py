@@ -31,6 +31,9 @@ def test_the_quick_bench_compares_both_methods_from_the_same_seeds(tmp_path, her
     assert set(summary["per_round"]) == {"plain", "stage 1", "stage 2"}
     assert summary["per_round"]["stage 1"]["compute_seconds"]["mean"] < summary["per_round"]["plain"]["compute_seconds"]["mean"]
     assert summary["plain_total"]["bytes"]["mean"] == result["runs"]["0"]["plain"][-1]["bytes"]
+    ceiling = summary["bytes_ceiling"]  # the same batches: plain's round 1 minus DevFT's is stage 1's adapter saving
+    assert ceiling["largest_round_saving"]["mean"] >= plain[1]["bytes"] - devft[1]["bytes"] > 0
+    assert ceiling["ratio"]["mean"] > 1
 
     other = tmp_path / "seed7.json"  # a run of another seed (here the same run under another number): merged
     report["seeds"], report["settings"]["tiny-llama"]["runs"] = [7], {"7": result["runs"]["0"]}

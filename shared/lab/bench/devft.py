@@ -264,6 +264,7 @@ def summarise(setting: Setting, runs: dict[int, dict[str, Any]]) -> dict[str, An
         out[f"{method}_total"] = {m: mean_se([r[method][-1][m] for r in runs.values()])
                                   for m in ("bytes", "seconds", "compute_seconds")}
     out["per_round"] = per_round(runs)
+    out["bytes_ceiling"] = bytes_ceiling(runs)
     last = [r["devft"][-1] for r in runs.values()]
     out["devft_rounds_run"] = [row["round"] for row in last]
     for key in ("eval_loss", "eval_accuracy", "eval_perplexity"):
@@ -287,6 +288,23 @@ def per_round(runs: dict[Any, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for kind, rows in seed_rows.items():
             costs.setdefault(kind, []).append({m: statistics.fmean(r[m] for r in rows) for m in rows[0]})
     return {kind: {m: mean_se([c[m] for c in seeds]) for m in seeds[0]} for kind, seeds in costs.items()}
+
+
+def bytes_ceiling(runs: dict[Any, dict[str, Any]]) -> dict[str, Any]:
+    """The most DevFT's smaller submodels can save on bytes. A round's training bytes are its activations' (the
+    same whatever the depth) plus its adapters'; plain and DevFT draw the same batches in the same round, so
+    plain's round minus DevFT's same round is what DevFT's fewer adapters saved (0 at full depth). Per seed: the
+    largest such saving, its share of plain's mean round, and the bytes ratio DevFT would reach were every round
+    to save that much and it reached the target in plain's rounds: plain's round / (plain's round - saving)."""
+    saved, share, ceiling = [], [], []
+    for run in runs.values():
+        plain_round = run["plain"][-1]["bytes"] / (len(run["plain"]) - 1)
+        best = max((p1["bytes"] - p0["bytes"]) - (d1["bytes"] - d0["bytes"])
+                   for (p0, p1), (d0, d1) in zip(itertools.pairwise(run["plain"]), itertools.pairwise(run["devft"])))
+        saved.append(best)
+        share.append(best / plain_round)
+        ceiling.append(plain_round / (plain_round - best))
+    return {"largest_round_saving": mean_se(saved), "saving_share": mean_se(share), "ratio": mean_se(ceiling)}
 
 
 def resummarise(report: dict[str, Any]) -> dict[str, Any]:
@@ -349,6 +367,10 @@ def print_table(report: dict[str, Any], log: Any = print) -> None:
         log(f"  whole runs: plain {at} rounds, {_fmt(s['plain_total']['bytes'], 1e-6)} MB, "
             f"{_fmt(s['plain_total']['seconds'])} s;  devft {s['devft_rounds_run']} rounds, "
             f"{_fmt(s['devft_total']['bytes'], 1e-6)} MB, {_fmt(s['devft_total']['seconds'])} s")
+        ceiling = s["bytes_ceiling"]
+        log(f"  bytes ceiling: a DevFT round saved at most {_fmt(ceiling['largest_round_saving'], 1e-6)} MB of "
+            f"adapters ({_fmt(ceiling['saving_share'], 100, 1)} % of plain's round); saving that in every round, "
+            f"in plain's rounds: plain / DevFT {_fmt(ceiling['ratio'], digits=3)}")
         for kind, cost in s["per_round"].items():
             log(f"  a {kind} round: training bytes (MB) {_fmt(cost['bytes'], 1e-6)}  virtual s "
                 f"{_fmt(cost['seconds'])}  (compute {_fmt(cost['compute_seconds'])})")
