@@ -12,16 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from shared.config.deployment import ModelSpec
-from shared.model.fusion import (
-    block_similarity,
-    contiguous_groups,
-    differential_fusion,
-    fused_overrides,
-    fusion_weights,
-    groups_of,
-    representative_shares,
-    tier_groups,
-)
+from shared.model.fusion import (block_similarity, contiguous_groups, differential_fusion, fused_overrides,
+                                 fusion_weights, groups_of, representative_shares, tier_groups)
 from shared.model.partition import Split
 from shared.protocol.enums import Tier
 from shared.runtime.tier import TierRuntime

@@ -40,13 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config.round import RoundConfig
-from shared.lab.bench.devft_report import (
-    merge_reports,
-    plot,
-    print_table,
-    resummarise,
-    summarise,
-)
+from shared.lab.bench.devft_report import merge_reports, plot, print_table, resummarise, summarise
 from shared.lab.bench.timing import write_json
 from shared.lab.sim import SimConfig, Simulation
 from shared.protocol.links import LinkProfile, get_profile
