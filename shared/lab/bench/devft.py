@@ -22,7 +22,10 @@ round's algorithm: a DevFT stage's version is that stage's fused submodel).
 * **Quality**: held-out loss, and accuracy (TREC) or perplexity (Shakespeare), after ``rounds``
   rounds for both methods, and DevFT's after its last round.
 
-Figures are means over the seeds with their standard errors; ratios (plain / DevFT) are per seed.
+* **Bytes ceiling**: the most DevFT's fewer adapters can save (``devft_report.bytes_ceiling``).
+
+Figures are means over the seeds with their standard errors; ratios (plain / DevFT) are per seed (the
+summaries, merged reports, table and plot: ``shared.lab.bench.devft_report``).
 The settings are sized so that the whole bench completes on the 2-core machine (``SETTINGS``);
 ``--quick`` runs a tiny-model smoke test.
 """
