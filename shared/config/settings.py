@@ -43,6 +43,10 @@ class ServiceSettings(BaseSettings):
     max_inflight_bytes: int | None = Field(None, description="bytes of message bodies held at once (reading, "
                                                              "decoding, handling); more get 503 with Retry-After "
                                                              "(default 4 x max_message_bytes)")
+    min_body_rate: int = Field(16384, ge=1, description="bytes per second a request body must keep arriving at "
+                                                        "once --body-grace seconds have passed; slower gets 408 "
+                                                        "and its share of the in-flight budget back")
+    body_grace: float = Field(30.0, gt=0, description="seconds a request body may take before --min-body-rate applies")
     request_timeout: float = Field(600.0, description="seconds a call to another tier may take")
     device: str = Field("cpu", description="torch device for this tier's compute (cpu, cuda)")
     threads: int = Field(0, ge=0, description="CPU threads for this tier's tensor compute (0: torch's default, "
@@ -78,6 +82,10 @@ class ServiceSettings(BaseSettings):
     def inflight_limit(self) -> int:
         """``max_inflight_bytes``, or 4 x ``max_message_bytes`` when it is not set."""
         return self.max_inflight_bytes if self.max_inflight_bytes is not None else 4 * self.max_message_bytes
+
+    def caller_inflight_limit(self) -> int:
+        """What one caller (one credential) may hold of the in-flight budget: half of it, and at least one body."""
+        return max(self.max_message_bytes, self.inflight_limit() // 2)
 
     def url(self) -> str:
         scheme = "https" if self.ssl_certfile else "http"

@@ -5,12 +5,17 @@ or, without one, the size limit; pages cost memory only once written) and decode
 its large tensors are views on the buffer and the body is never copied whole. The size limit holds
 while reading, chunked or not; a declared length over it is refused before reading. Every body
 counts against the tier's ``BodyBudget`` from before it is read until its reply is ready: a body
-that would pass the budget is answered 503 with ``Retry-After`` before a byte of it is read.
+that would pass the budget is answered 503 with ``Retry-After`` before a byte of it is read. One caller
+(one credential; the peer's address without credentials) holds at most its share of the budget, so a
+caller that trickles its bodies cannot take the whole of it from the others; and a body must keep
+arriving at ``min_body_rate`` once ``body_grace`` seconds have passed, or it gets 408 and its share back.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -25,49 +30,71 @@ from shared.protocol.wire import CONTENT_TYPE, Message, WireError, decode
 
 
 class BodyBudget:
-    """The bytes of request bodies a tier holds at once; ``hold`` refuses with 503 (``Busy``) beyond ``limit``."""
+    """The bytes of request bodies a tier holds at once; ``hold`` refuses with 503 (``Busy``) beyond ``limit``,
+    or beyond ``caller_limit`` for one caller."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, caller_limit: int | None = None) -> None:
         self.limit, self.used = limit, 0
+        self.caller_limit = limit if caller_limit is None else caller_limit
+        self.by_caller: dict[str, int] = {}
         self._lock = threading.Lock()
 
     @contextmanager
-    def hold(self, nbytes: int) -> Iterator[Held]:
-        """Count ``nbytes`` against the budget until the block ends (``Held.resize`` changes the count)."""
+    def hold(self, nbytes: int, caller: str = "") -> Iterator[Held]:
+        """Count ``nbytes`` against the budget, and ``caller``'s share of it, until the block ends
+        (``Held.resize`` changes the count)."""
         with self._lock:
+            mine = self.by_caller.get(caller, 0)
+            if mine + nbytes > self.caller_limit:
+                raise Busy(f"this caller has {mine} bytes of request bodies in flight; {nbytes} more would pass "
+                           f"its share of {self.caller_limit} (half of max_inflight_bytes): retry later")
             if self.used + nbytes > self.limit:
                 raise Busy(f"this tier holds {self.used} bytes of request bodies; {nbytes} more would pass its "
                            f"limit of {self.limit} (max_inflight_bytes): retry later")
             self.used += nbytes
-        held = Held(self, nbytes)
+            self.by_caller[caller] = mine + nbytes
+        held = Held(self, nbytes, caller)
         try:
             yield held
         finally:
             held.resize(0)
 
-    def _adjust(self, delta: int) -> None:
+    def _adjust(self, caller: str, delta: int) -> None:
         with self._lock:
             self.used += delta
+            left = self.by_caller.get(caller, 0) + delta
+            if left:
+                self.by_caller[caller] = left
+            else:
+                self.by_caller.pop(caller, None)
 
 
 class Held:
     """One body's share of a ``BodyBudget``."""
 
-    def __init__(self, budget: BodyBudget, nbytes: int) -> None:
-        self.budget, self.nbytes = budget, nbytes
+    def __init__(self, budget: BodyBudget, nbytes: int, caller: str = "") -> None:
+        self.budget, self.nbytes, self.caller = budget, nbytes, caller
 
     def resize(self, nbytes: int) -> None:
         """Count ``nbytes`` instead (smaller: a chunked body turned out shorter than the limit it held)."""
-        self.budget._adjust(nbytes - self.nbytes)
+        self.budget._adjust(self.caller, nbytes - self.nbytes)
         self.nbytes = nbytes
 
 
-def budget_of(app: Any, limit: int) -> BodyBudget:
-    """The app's body budget (made on first use, with ``limit`` bytes)."""
+def budget_of(app: Any, settings: Any) -> BodyBudget:
+    """The app's body budget (made on first use, from the tier's settings)."""
     budget = getattr(app.state, "body_budget", None)
     if budget is None:
-        budget = app.state.body_budget = BodyBudget(limit)
+        budget = app.state.body_budget = BodyBudget(settings.inflight_limit(), settings.caller_inflight_limit())
     return budget
+
+
+def caller_of(request: Request) -> str:
+    """Whose share of the budget a body counts against: the credential's role and id, else the peer's address."""
+    principal = getattr(request.state, "principal", None)
+    if principal is not None:
+        return f"{principal.role}:{principal.id}"
+    return f"peer:{request.client.host if request.client else ''}"
 
 
 def declared_length(request: Request, max_bytes: int) -> int | None:
@@ -83,11 +110,24 @@ def declared_length(request: Request, max_bytes: int) -> int | None:
     return int(declared)
 
 
-async def read_body(request: Request, max_bytes: int, declared: int | None) -> MessageBuffer:
-    """The body in one buffer: 413 as soon as it passes ``max_bytes``, 400 if it disagrees with ``declared``."""
+async def read_body(request: Request, max_bytes: int, declared: int | None, min_rate: float = 0.0,
+                    grace: float = math.inf) -> MessageBuffer:
+    """The body in one buffer: 413 as soon as it passes ``max_bytes``, 400 if it disagrees with ``declared``,
+    408 once ``grace`` seconds have passed and fewer than ``min_rate`` bytes per second have arrived."""
     buffer = MessageBuffer(max_bytes if declared is None else declared)
+    start, chunks = time.monotonic(), request.stream().__aiter__()
     try:
-        async for chunk in request.stream():
+        while True:
+            # the next chunk is due when the bytes read so far stop covering min_rate past the grace
+            due = start + grace + (len(buffer) / min_rate if min_rate > 0 else math.inf)
+            with anyio.move_on_after(max(0.0, due - time.monotonic())) as waited:
+                chunk = await anext(chunks, None)
+            if waited.cancelled_caught:
+                raise HTTPException(408, f"body arrived too slowly: {len(buffer)} bytes in "
+                                         f"{time.monotonic() - start:.0f} s, under min_body_rate of {min_rate:.0f} "
+                                         f"bytes/s after body_grace of {grace:g} s")
+            if chunk is None:
+                break
             size = len(buffer) + len(chunk)
             if size > max_bytes:
                 raise HTTPException(413, f"body is over the limit of {max_bytes} bytes")
@@ -103,14 +143,16 @@ async def read_body(request: Request, max_bytes: int, declared: int | None) -> M
 
 @asynccontextmanager
 async def incoming_message(request: Request, settings: Any) -> AsyncIterator[tuple[Message, int]]:
-    """The request's message and its size in bytes, counted against the tier's budget until the block ends.
+    """The request's message and its size in bytes, counted against the tier's budget (and the caller's share of
+    it) until the block ends.
 
-    415, 413 and 503 come before the body is read; a bad body is a 4xx with the reason.
+    415, 413 and 503 come before the body is read; a bad or too slow body is a 4xx with the reason.
     """
     max_bytes = settings.max_message_bytes
     declared = declared_length(request, max_bytes)
-    with budget_of(request.app, settings.inflight_limit()).hold(max_bytes if declared is None else declared) as held:
-        buffer = await read_body(request, max_bytes, declared)
+    budget = budget_of(request.app, settings)
+    with budget.hold(max_bytes if declared is None else declared, caller_of(request)) as held:
+        buffer = await read_body(request, max_bytes, declared, settings.min_body_rate, settings.body_grace)
         size = len(buffer)
         held.resize(size)
         try:

@@ -38,11 +38,11 @@ class Tier:
 
     @property
     def used(self) -> int:
-        return budget_of(self.app, self.settings.inflight_limit()).used
+        return budget_of(self.app, self.settings).used
 
 
-def tier(inflight: int | None = None) -> Tier:
-    settings = ServiceSettings(max_message_bytes=LIMIT, max_inflight_bytes=inflight, insecure_dev=True)
+def tier(inflight: int | None = None, **more: Any) -> Tier:
+    settings = ServiceSettings(max_message_bytes=LIMIT, max_inflight_bytes=inflight, insecure_dev=True, **more)
     app = FastAPI()
     guard(app, Auth(None, (), [rule("*", "/v1/.*")], insecure=True))
     t = Tier(app, settings)
@@ -71,15 +71,17 @@ class Reply:
 
 
 async def post(t: Tier, chunks: list[bytes], length: int | None = -1, content_type: str = CONTENT_TYPE,
-               hold: anyio.Event | None = None, disconnect_after: int | None = None) -> Reply:
+               hold: anyio.Event | None = None, disconnect_after: int | None = None, peer: str = "127.0.0.1",
+               pause: float = 0.0) -> Reply:
     """POST the chunks through ASGI; ``length``: the content-length header (-1: the true one, None: chunked);
-    ``hold``: wait for it before sending the last chunk."""
+    ``hold``: wait for it before sending the last chunk; ``peer``: the caller's address (the budget's caller
+    without credentials); ``pause``: seconds before each chunk after the first."""
     headers = [(b"content-type", content_type.encode())]
     if length is not None:
         headers.append((b"content-length", str(sum(map(len, chunks)) if length == -1 else length).encode()))
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
              "path": "/v1/step", "raw_path": b"/v1/step", "query_string": b"", "root_path": "", "headers": headers,
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+             "client": (peer, 1), "server": ("127.0.0.1", 80)}
     read, out = 0, {"headers": {}, "body": b""}
 
     async def receive() -> dict[str, Any]:
@@ -88,6 +90,8 @@ async def post(t: Tier, chunks: list[bytes], length: int | None = -1, content_ty
             return {"type": "http.disconnect"}
         if hold is not None and read == len(chunks) - 1:
             await hold.wait()
+        if pause and read:
+            await anyio.sleep(pause)
         read += 1
         return {"type": "http.request", "body": chunks[read - 1], "more_body": read < len(chunks)}
 
@@ -217,3 +221,42 @@ def test_the_budget_defaults_to_four_bodies_and_holds_at_least_one() -> None:
     assert ServiceSettings(max_message_bytes=LIMIT, max_inflight_bytes=LIMIT).inflight_limit() == LIMIT
     with pytest.raises(ValidationError, match="at least max_message_bytes"):
         ServiceSettings(max_message_bytes=LIMIT, max_inflight_bytes=LIMIT - 1)
+
+
+def test_one_caller_holds_at_most_half_the_budget_and_others_still_get_in() -> None:
+    t = tier(inflight=4 * LIMIT)
+    assert t.settings.caller_inflight_limit() == 2 * LIMIT
+    body = encode(message(200), codec="raw")
+    assert 2 * len(body) <= 2 * LIMIT < 3 * len(body)
+
+    async def scenario() -> dict[str, Reply]:
+        hold, replies = anyio.Event(), {}
+        async with anyio.create_task_group() as tg:
+            for i in range(2):  # the trickler: two bodies that stop before their last chunk
+                async def slow(i: int = i) -> None:
+                    replies[f"slow{i}"] = await post(t, pieces(body, 100), hold=hold, peer="10.0.0.66")
+                tg.start_soon(slow)
+            while t.used < 2 * len(body):
+                await anyio.sleep(0.001)
+            replies["third"] = await post(t, [body], peer="10.0.0.66")  # past its share: refused
+            replies["other"] = await post(t, [body], peer="10.0.0.7")  # another caller finds room
+            hold.set()
+        return replies
+
+    replies = anyio.run(scenario)
+    third = replies["third"]
+    assert third.status == 503 and third.chunks_read == 0 and "its share" in third.body.decode(), third
+    assert float(third.headers["retry-after"]) > 0
+    assert replies["other"].status == 200 and replies["slow0"].status == replies["slow1"].status == 200
+    assert t.used == 0 and budget_of(t.app, t.settings).by_caller == {}
+
+
+def test_a_body_slower_than_the_minimum_rate_gets_408_and_its_share_back() -> None:
+    t = tier(min_body_rate=1000, body_grace=0.05)
+    data = encode(message(), codec="raw")
+    slow = run(post, t, pieces(data, 10), pause=0.03)  # ~330 bytes/s: under the rate once the grace has passed
+    assert slow.status == 408 and "too slowly" in slow.body.decode() and "min_body_rate" in slow.body.decode(), slow
+    assert slow.chunks_read < len(pieces(data, 10))
+    assert t.used == 0 and t.seen == []
+    fast = run(post, t, pieces(data, 10), pause=0.001)  # ~10 kB/s: well over the rate
+    assert fast.status == 200, fast
