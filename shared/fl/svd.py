@@ -85,11 +85,11 @@ def smooth_scores(old: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor], 
     held triplets' scores moved (the sum of their fresh scores over the sum of their averages), and
     smoothed like theirs: its average moves as far as the held triplets' averages moved together.
     It keeps its place against the tier as a whole, and an active triplet that falls behind the tier
-    can fall below it (the masked one then comes back). (Carrying it at the fresh rate without the
+    can fall below it (the masked one then comes back). Carrying it at the fresh rate without the
     smoothing would let every masked triplet overtake the held ones whenever scores rise, as they
-    do while e grows from zero: the allocation would churn on the rise, not on the ranking.) Decaying it instead, as AdaLoRA's zero sensitivity
-    would, keeps every masked triplet below every kept one for ever. A module's first scores are
-    taken as they are.
+    do while e grows from zero: the allocation would churn on the rise, not on the ranking.
+    Decaying it instead, as AdaLoRA's zero sensitivity would, keeps every masked triplet below
+    every kept one for ever. A module's first scores are taken as they are.
     """
     fresh = {m: f.to(torch.float64) for m, f in fresh.items()}
     known = {m: old[m].to(torch.float64) for m in fresh if m in old and old[m].shape == fresh[m].shape}
