@@ -127,7 +127,7 @@ class Coordinator(Topology):
         """One strategy per (algorithm, config), kept across rounds for plug-ins with state (bandits, schedules)."""
         key = f"{request.algorithm}:{sorted(request.config.items())}"
         if key not in self.strategies:
-            models = {name: ModelInfo(rt.spec, rt.source.num_layers, self.prefixes[name]) for name, rt in self.runtimes.items()}
+            models = {name: ModelInfo(rt.spec, rt.source.num_layers, self.prefixes[name], rt.source) for name, rt in self.runtimes.items()}
             ctx = StrategyContext(Tier.CLOUD, self.runtime.spec, self.seed, models=models,
                                   num_layers=self.runtime.split.num_layers)
             self.strategies[key] = get_algorithm(request.algorithm).strategy(request.config, ctx)

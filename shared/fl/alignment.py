@@ -17,7 +17,7 @@ adapted modules (sorted by name: query before value, q_proj before v_proj), so a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -106,13 +106,19 @@ def check_upload(state: AdapterState, previous: AdapterState, max_rank: int, sou
             raise InvalidInput(f"{source}: {key} holds a non-finite value")
 
 
-def slot_of(module: str, prefix: str, num_layers: int, slots: int, order: Mapping[str, int]) -> tuple[int, int]:
-    """The alignment slot of a module of a model with ``num_layers`` blocks (relative depth, order in its block)."""
+def slot_of(module: str, prefix: str, num_layers: int, slots: int, order: Mapping[str, int],
+            to_reference: tuple[Sequence[int], int] | None = None) -> tuple[int, int]:
+    """The alignment slot of a module of a model with ``num_layers`` blocks (relative depth, order in its block).
+    ``to_reference`` (similarity alignment): each block's matched block in a reference model, and that model's
+    depth; the module then takes its matched block's slot."""
     local = module[len(prefix):]
     block = block_of(local)
     if block is None:
         raise ValueError(f"{module} is not in a block")
     path = local.split(".", 2)[2]
+    if to_reference is not None:
+        matched, num_layers = to_reference
+        block = matched[block]
     return min(slots - 1, int((block + 0.5) * slots / num_layers)), order[path]
 
 

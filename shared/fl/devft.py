@@ -69,7 +69,7 @@ def _count(value: Any) -> bool:
 class DevFTConfig(AlgorithmConfig):
     layers: list[int] = field(default_factory=list)  # representative layers of each stage, growing to the full depth
     rounds: int | list[int] = 1  # committed rounds of each stage (one number: every stage); the last goes on
-    beta: float = 0.1  # differential fusion: anchor + beta * sum of the other blocks' differences from it
+    beta: float = 0.1  # differential fusion: anchor + min(beta, 1 / group size) * sum of the others' differences
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, list) or not self.layers or not all(_count(n) for n in self.layers):

@@ -3,14 +3,18 @@
 Every adapted weight trains dW = B (M_shared + M_task) A (peft's LoRA layer holds A and B; the session
 binds (M_shared + M_task) A in A's place, so autograd reaches all four). A (r x k), B (d x r) and M_task
 (r x r) are private: they stay on the tier that trains them, per user, across rounds (``ctx.store``).
-Only M_shared (r x r, r the user's own rank) is shared, sparsified before upload (the ``keep`` fraction of
-its entries that changed most this round, indices on the wire: ``shared.fl.alignment``).
+Only M_shared (r x r, r the user's own rank) is shared, sparsified before upload (the share s_i of its
+entries that changed most this round, indices on the wire: ``shared.fl.alignment``). s_i comes from the
+client's declared resources: its rank r_i (what its device declared it can train, capped by the deployment's
+R) scales the ``keep`` of a full-rank client, s_i = keep * r_i / R (``sparsity: "rank"``), or ``keep`` for all
+(``"uniform"``).
 
 Rounds alternate phases (``phase_rounds`` rounds each, the first ``task``): in a ``task`` phase M_task
 trains and M_shared is frozen (nothing of it leaves the tier); in a ``shared`` phase M_shared trains with
 M_task frozen, and is uploaded. A and B train in both.
 
-The cloud aligns the layers of every model to shared slots (relative depth) and averages each slot's
+The cloud aligns the layers of every model to shared slots (relative depth, or representation similarity on
+a probe batch: ``shared.fl.probe``) and averages each slot's
 middle matrices over every client, deployment and tier that sent them, entry by entry (sample-weighted,
 zero-padded to the largest rank: an entry counts only the clients that sent it); each module's new
 M_shared is its slot's mean cut to its deployment's rank (entries nobody sent keep their value). Task
@@ -49,21 +53,24 @@ from shared.fl.plugin import (
     Strategy,
     register_algorithm,
 )
+from shared.fl.probe import probe_grams, similarity_map
 from shared.model.adapters import AdapterState, block_of, initial_state
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.enums import TIERS, Tier
 
 PRIVATE = "private"  # ctx.store[PRIVATE][user_id][key]: a user's A, B and M_task on this tier
 TASK, SHARED = ".h2_task", ".h2_shared"  # the session's parameters of the two parts of M
+ALIGNMENTS, SPARSITIES = ("depth", "similarity"), ("rank", "uniform")
 
 
 @dataclass
 class H2TuneConfig(AlgorithmConfig):
     """Options of H2Tune."""
 
-    keep: float = 0.5  # s: the fraction of M_shared's entries a client uploads
+    keep: float = 0.5  # the fraction of M_shared's entries a client of the deployment's full rank uploads
+    sparsity: str = "rank"  # s_i: "rank" (keep * r_i / R: a client's share scales with its declared rank), "uniform"
     slots: int = 0  # alignment slots (0: the shallowest model's depth)
-    alignment: str = "depth"  # relative depth (representation similarity is not implemented)
+    alignment: str = "depth"  # "depth" (relative depth) or "similarity" (CKA on a probe batch: shared.fl.probe)
     phase_rounds: int = 1  # rounds per phase; phases alternate task, shared, task, ...
 
     def __post_init__(self) -> None:
@@ -71,8 +78,14 @@ class H2TuneConfig(AlgorithmConfig):
             raise InvalidInput(f"h2tune: keep must lie in (0, 1], got {self.keep}")
         if self.slots < 0 or self.phase_rounds < 1:
             raise InvalidInput("h2tune: slots must be >= 0 and phase_rounds >= 1")
-        if self.alignment != "depth":
-            raise InvalidInput(f"h2tune: alignment '{self.alignment}' is not supported; use 'depth'")
+        if self.alignment not in ALIGNMENTS:
+            raise InvalidInput(f"h2tune: alignment '{self.alignment}' is not supported; use one of {', '.join(ALIGNMENTS)}")
+        if self.sparsity not in SPARSITIES:
+            raise InvalidInput(f"h2tune: sparsity '{self.sparsity}' is not supported; use one of {', '.join(SPARSITIES)}")
+
+    def keep_of(self, rank: int, full: int) -> float:
+        """s_i, the share of its r_i x r_i M_shared a client of rank ``rank`` uploads (``full``: the deployment's R)."""
+        return self.keep * min(rank, full) / full if self.sparsity == "rank" and full > 0 else self.keep
 
 
 def phase(config: H2TuneConfig, round_id: int) -> str:
@@ -138,7 +151,8 @@ class H2TuneSession(SessionPlugin):
             elif key.endswith(SHARED):
                 if phase(self.config, self.plan.round_id) == "shared":
                     module = key[: -len(SHARED)]
-                    out.update(sparse(p.detach(), self.start[module], self.config.keep, module))
+                    keep = self.config.keep_of(p.shape[0], self.ctx.shapes[module + A_SUFFIX][0])
+                    out.update(sparse(p.detach(), self.start[module], keep, module))
             else:
                 out[key] = p.detach().clone()
         return out
@@ -210,12 +224,26 @@ class H2TuneStrategy(Strategy):
     def _slots(self, where: Mapping[str, tuple[Tier, int]]) -> dict[str, tuple[int, int]]:
         models = sorted(self.ctx.models.values(), key=lambda i: -len(i.prefix))
         slots = self.config.slots or min((i.num_layers for i in models), default=1)
+        mapped = self._to_reference() if self.config.alignment == "similarity" else {}
         out: dict[str, tuple[int, int]] = {}
         for info in models:
             mine = [m for m in where if m.startswith(info.prefix) and m not in out]
             order = module_orders(mine, info.prefix)
-            out.update({m: slot_of(m, info.prefix, info.num_layers, slots, order) for m in mine})
+            out.update({m: slot_of(m, info.prefix, info.num_layers, slots, order, mapped.get(info.prefix))
+                        for m in mine})
         return out
+
+    def _to_reference(self) -> dict[str, tuple[list[int], int]]:
+        """Similarity alignment: each deployment's (block -> block of the reference model, the reference's depth),
+        by its prefix (the probe's Gram matrices are computed once per model and process)."""
+        infos = list(self.ctx.models.values())
+        if len(infos) < 2:
+            return {}
+        if any(info.source is None for info in infos):
+            raise InvalidInput("h2tune: alignment 'similarity' needs each deployment's model files at the cloud")
+        grams = {info.prefix: probe_grams(info.source, info.spec.tokenizer) for info in infos}
+        depth = min(len(g) for g in grams.values())
+        return {prefix: (blocks, depth) for prefix, blocks in similarity_map(grams).items()}
 
 
 def _heads(updates: list[AdapterUpdate]) -> AdapterState:

@@ -49,6 +49,7 @@ from shared.model.adapters import (
     tensor_kind_of,
     truncate_rank,
 )
+from shared.model.sources import ModelSource
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.enums import Tier
 from shared.protocol.messages import RoundPlan
@@ -100,6 +101,7 @@ class ModelInfo:
     spec: ModelSpec
     num_layers: int
     prefix: str = ""
+    source: ModelSource | None = None  # its base model's files (H2Tune's similarity alignment probes them)
 
 
 @dataclass

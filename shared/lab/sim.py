@@ -77,12 +77,17 @@ class SimConfig:
     ranks: list[int] = field(default_factory=list)  # each user's LoRA rank
     splits: dict[str, tuple[int, int]] = field(default_factory=dict)  # model -> its split (default: default_split)
     block_ms: float | None = None  # a virtual clock (ms per block step at 1x, shared.protocol.clock); None: wall clock
+    # the users' ids (default user-0, user-1, ...); a user's id seeds its batch order, so a client run alone under
+    # the id it has in a federation trains on the same batches as there
+    user_ids: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.rounds < 0 or self.max_len < 2:
             raise ValueError(f"--rounds must be >= 0 and --max-len >= 2 (got {self.rounds}, {self.max_len})")
         if self.block_ms is not None and not self.block_ms > 0:
             raise ValueError(f"--block-ms must be > 0 (got {self.block_ms})")
+        if self.user_ids and len(self.user_ids) != self.users:
+            raise ValueError(f"user_ids names {len(self.user_ids)} users, not {self.users}")
         if self.block_ms is not None and self.round.micro_batches > 1:  # overlapping micro-batches would add up
             raise ValueError("the virtual clock (--block-ms) adds up a step's blocks and messages; it does not model "
                              "pipelined micro-batches: use micro_batches 1 with it, or the wall clock")
@@ -90,6 +95,9 @@ class SimConfig:
     def slowdown(self, user: int) -> float:
         """The compute slowdown of user ``user`` (the list cycled; 1 without one)."""
         return self.slowdowns[user % len(self.slowdowns)] if self.slowdowns else 1.0
+
+    def user_id(self, i: int) -> str:
+        return self.user_ids[i] if self.user_ids else f"user-{i}"
 
     def user(self, i: int) -> tuple[str, str, Declared]:
         """User ``i``'s model, task and declarations (each list cycled over the users)."""
@@ -138,7 +146,7 @@ class Simulation:
         self.data_spec, self.dataset = primary.primary.data, self.datasets[primary.primary.data.name]
         self.tokenizer = self.source.tokenizer(config.tokenizer)
         self.clock = None if config.block_ms is None else VirtualClock(
-            config.block_ms / 1000.0, {f"user-{i}": config.slowdown(i) for i in range(config.users)})
+            config.block_ms / 1000.0, {config.user_id(i): config.slowdown(i) for i in range(config.users)})
         clouds, edge_rts = {}, {}
         for name, dep in self.federation.deployments.items():
             src, specs = self.sources[dep.spec.model], {d: e.spec for d, e in dep.experiments.items()}
@@ -184,7 +192,7 @@ class Simulation:
             ordinal = sum(1 for _, d, _ in users[:i] if d == data)
             mine = sum(1 for m, _, _ in users[:i] if m == model)
             edge = edges_of[name][mine % config.edges]
-            user_id = f"user-{i}"
+            user_id = config.user_id(i)
             emulator = self._emulator("user_edge", config.user_link, user_id)
             up = InProcessLink(edge, upward=True, wire=config.wire, emulator=emulator, ledger=edge.ledger, clock=self.clock)
             tokenizer = self.tokenizer if model == primary.spec.model else src.tokenizer(config.tokenizer)

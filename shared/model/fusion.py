@@ -8,18 +8,26 @@ tier's weights and no group crosses a tier cut:
   ``k * n_t / L`` representatives: at least one if it holds blocks, at most ``n_t``, in proportion by
   Sainte-Lague's divisor method, handed out one at a time so that no tier's share shrinks as stages
   grow. So a stage needs at least as many layers as there are tiers holding blocks.
-* **Groups** (``contiguous_groups``): a tier's blocks are cut into as many contiguous groups as it has
-  representatives. The similarity of two blocks is the mean, over the block's weight matrices, of the
-  cosine of the two blocks' matrices (``block_similarity``). A group's first block is its anchor, and
-  the cut minimises the conflict within groups: the sum over every block of ``1 - similarity`` to its
-  group's anchor (dynamic programming, exact). Layers that disagree with an anchor go elsewhere.
+* **Groups** (``contiguous_groups``): a tier's ``n`` blocks are cut into as many contiguous groups as it
+  has representatives, ``s``, none longer than ``ceil(n / s)`` (as even as the share allows: the paper
+  cuts 32 layers into 4 groups of 8). The similarity of two blocks is the mean, over the block's weight
+  matrices, of the cosine of the two blocks' matrices (``block_similarity``). A group's first block is
+  its anchor, and among those cuts the one chosen minimises the conflict within groups: the sum over
+  every block of ``1 - similarity`` to its group's anchor (dynamic programming, exact). Without the
+  bound, near-equal similarities (a pretrained LLM's blocks' matrices are nearly orthogonal: cosines
+  within +-0.005 on smollm2-135m) let noise pick a 14-block group beside a one-block one.
 * **Fusion** (``differential_fusion``): each frozen tensor of a group's representative is the anchor's
-  plus ``beta`` times the sum of the other blocks' differences from it; a one-block group is the block
-  itself, so a stage of all ``L`` layers is exactly the model.
+  plus ``b`` times the sum of the other blocks' differences from it, ``b = min(beta, 1 / size)``
+  (``fusion_weights``). Up to ``1 / beta`` blocks (10 at the paper's ``beta`` of 0.1) that is the paper's
+  rule; beyond, the anchor's weight ``1 - beta (size - 1)`` would fall below the others' (and below 0
+  past ``1 / beta + 1`` blocks, the fused layer lying outside the group), so the weight stops at the
+  group's mean. The weights are never negative and sum to 1. A one-block group is the block itself,
+  so a stage of all ``L`` layers is exactly the model.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 
@@ -80,15 +88,18 @@ def block_similarity(blocks: Sequence[nn.Module]) -> torch.Tensor:
     return total / len(names)
 
 
-def contiguous_groups(similarity: torch.Tensor, groups: int) -> list[list[int]]:
-    """Cut ``0..n-1`` into ``groups`` contiguous groups minimising the sum of ``1 - similarity`` to each anchor.
+def contiguous_groups(similarity: torch.Tensor, groups: int, max_size: int | None = None) -> list[list[int]]:
+    """Cut ``0..n-1`` into ``groups`` contiguous groups of at most ``max_size`` (default: any) minimising the sum
+    of ``1 - similarity`` to each anchor.
 
     A group's anchor is its first index. Exact dynamic programming over the cut points; ties go to the
     earliest cut, so the result is a function of the similarities alone.
     """
     n = int(similarity.shape[0])
-    if not 1 <= groups <= n:
-        raise ValueError(f"cannot cut {n} blocks into {groups} groups")
+    longest = n if max_size is None else max_size
+    if not 1 <= groups <= n or groups * longest < n:
+        raise ValueError(f"cannot cut {n} blocks into {groups} groups" +
+                         ("" if max_size is None else f" of at most {max_size}"))
     conflict = (1.0 - similarity.to(torch.float64)).tolist()
     cost = [[0.0] * (n + 1) for _ in range(n)]  # cost[s][e]: the group [s, e) anchored at s
     for s in range(n):
@@ -100,7 +111,7 @@ def contiguous_groups(similarity: torch.Tensor, groups: int) -> list[list[int]]:
     best[0][0] = 0.0
     for g in range(1, groups + 1):
         for e in range(g, n - (groups - g) + 1):
-            for s in range(g - 1, e):
+            for s in range(max(g - 1, e - longest), e):
                 value = best[g - 1][s] + cost[s][e]
                 if value < best[g][e] - 1e-12:
                     best[g][e], cut[g][e] = value, s
@@ -112,11 +123,13 @@ def contiguous_groups(similarity: torch.Tensor, groups: int) -> list[list[int]]:
 
 
 def tier_groups(blocks: Mapping[int, nn.Module], representatives: int) -> list[list[int]]:
-    """A tier's blocks (by global index) in ``representatives`` contiguous, similarity-guided groups."""
+    """A tier's blocks (by global index) in ``representatives`` contiguous, similarity-guided groups of at most
+    ``ceil(blocks / representatives)``."""
     ids = sorted(blocks)
     if representatives == len(ids):
         return [[i] for i in ids]
-    local = contiguous_groups(block_similarity([blocks[i] for i in ids]), representatives)
+    local = contiguous_groups(block_similarity([blocks[i] for i in ids]), representatives,
+                              max_size=math.ceil(len(ids) / representatives))
     return [[ids[j] for j in group] for group in local]
 
 
@@ -135,13 +148,22 @@ def groups_of(anchors: Sequence[int], layer_ids: Sequence[int]) -> list[list[int
     return out
 
 
+def fusion_weights(size: int, beta: float) -> tuple[float, float]:
+    """(the anchor's weight, each other block's) in the fusion of a group of ``size`` blocks: with
+    ``b = min(beta, 1 / size)``, ``anchor + b * sum(other - anchor)`` is ``(1 - b (size - 1)) anchor + b * others``."""
+    b = min(beta, 1.0 / size)
+    return 1.0 - b * (size - 1), b
+
+
 def differential_fusion(anchor: torch.Tensor, others: Sequence[torch.Tensor], beta: float) -> torch.Tensor:
-    """``anchor + beta * sum(other - anchor)`` (accumulated in float64, returned in the anchor's dtype)."""
+    """``anchor + b * sum(other - anchor)`` with ``b = min(beta, 1 / group size)`` (``fusion_weights``;
+    accumulated in float64, returned in the anchor's dtype)."""
     a = anchor.to(torch.float64)
+    b = fusion_weights(len(others) + 1, beta)[1]
     total = torch.zeros_like(a)
     for other in others:
         total += other.to(torch.float64) - a
-    return (a + beta * total).to(anchor.dtype)
+    return (a + b * total).to(anchor.dtype)
 
 
 def fused_overrides(blocks: Mapping[int, nn.Module], groups: Sequence[Sequence[int]],

@@ -31,6 +31,20 @@ def test_the_quick_bench_compares_both_methods_from_the_same_seeds(tmp_path, her
     assert set(summary["per_round"]) == {"plain", "stage 1", "stage 2"}
     assert summary["per_round"]["stage 1"]["compute_seconds"]["mean"] < summary["per_round"]["plain"]["compute_seconds"]["mean"]
     assert summary["plain_total"]["bytes"]["mean"] == result["runs"]["0"]["plain"][-1]["bytes"]
+    ceiling = summary["bytes_ceiling"]  # the same batches: plain's round 1 minus DevFT's is stage 1's adapter saving
+    assert ceiling["largest_round_saving"]["mean"] >= plain[1]["bytes"] - devft[1]["bytes"] > 0
+    assert ceiling["ratio"]["mean"] > 1
+
+    other = tmp_path / "seed7.json"  # a run of another seed (here the same run under another number): merged
+    report["seeds"], report["settings"]["tiny-llama"]["runs"] = [7], {"7": result["runs"]["0"]}
+    other.write_text(json.dumps(report))
+    merged = tmp_path / "merged.json"
+    assert bench.main(["--report", f"{out},{other}", "--json", str(merged)]) == 0
+    both = json.loads(merged.read_text())
+    assert both["seeds"] == [0, 7] and list(both["settings"]["tiny-llama"]["runs"]) == ["0", "7"]
+    assert both["settings"]["tiny-llama"]["summary"]["seeds"] == 2
+    with pytest.raises(ValueError, match=r"seeds \['7'\] of 'tiny-llama' are in more than one report"):
+        bench.main(["--report", f"{other},{other}"])
 
 
 @pytest.mark.slow  # two more quick benches, one in a spawned process: a minute or two on the 2-core machine

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -11,8 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from shared.config.deployment import ModelSpec
-from shared.model.fusion import (block_similarity, contiguous_groups, differential_fusion, fused_overrides, groups_of,
-                                 representative_shares, tier_groups)
+from shared.model.fusion import (block_similarity, contiguous_groups, differential_fusion, fused_overrides,
+                                 fusion_weights, groups_of, representative_shares, tier_groups)
 from shared.model.partition import Split
 from shared.protocol.enums import Tier
 from shared.runtime.tier import TierRuntime
@@ -29,6 +30,29 @@ def test_differential_fusion_is_the_anchor_plus_beta_times_the_sum_of_difference
     assert torch.allclose(differential_fusion(anchor, others, 0.1), torch.tensor([1.1, 2.2]), atol=1e-7)
     assert torch.equal(differential_fusion(anchor, others, 0.0), anchor)
     assert torch.equal(differential_fusion(anchor, [], 0.1), anchor)
+
+
+@settings(max_examples=200, deadline=None)
+@given(size=st.integers(1, 64), beta=st.floats(0, 1))
+def test_fusion_weights_are_a_proper_combination_for_every_group_size(size: int, beta: float) -> None:
+    anchor, other = fusion_weights(size, beta)
+    assert anchor >= 0 and other >= 0
+    assert anchor + (size - 1) * other == pytest.approx(1.0, abs=1e-12)
+    assert anchor >= other - 1e-12  # the anchor never weighs less than another block
+    if size * beta <= 1:  # up to 1 / beta blocks: the paper's anchor + beta * sum of differences
+        assert (anchor, other) == pytest.approx((1 - beta * (size - 1), beta))
+
+
+def test_a_group_larger_than_one_over_beta_fuses_into_its_mean_within_its_range() -> None:
+    torch.manual_seed(0)
+    group = [torch.randn(5) for _ in range(13)]  # the edge's one group at smollm2-135m's first stage
+    fused = differential_fusion(group[0], group[1:], 0.1)  # the paper's weights would give the anchor 1 - 1.2 < 0
+    assert torch.allclose(fused, torch.stack(group).mean(0), atol=1e-6)
+    stacked = torch.stack(group)
+    assert bool((fused >= stacked.min(0).values - 1e-6).all() and (fused <= stacked.max(0).values + 1e-6).all())
+    eight = group[:8]  # the paper's groups of 8 (32 layers into 4): its rule as it is
+    assert torch.allclose(differential_fusion(eight[0], eight[1:], 0.1),
+                          0.3 * eight[0] + 0.1 * torch.stack(eight[1:]).sum(0), atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +85,12 @@ def _conflict(sim: torch.Tensor, groups: list[list[int]]) -> float:
     return sum(float(1 - sim[g[0], j]) for g in groups for j in g[1:])
 
 
-def _all_cuts(n: int, k: int):
+def _all_cuts(n: int, k: int, max_size: int | None = None):
     for cuts in itertools.combinations(range(1, n), k - 1):
         bounds = (0, *cuts, n)
-        yield [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
+        groups = [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
+        if max_size is None or max(map(len, groups)) <= max_size:
+            yield groups
 
 
 def _symmetric(values: list[float], n: int) -> torch.Tensor:
@@ -86,6 +112,11 @@ def test_groups_are_contiguous_cover_every_block_once_and_minimise_the_conflict(
     assert [i for g in groups for i in g] == list(range(n))  # contiguous, in order, each block once
     best = min(_conflict(sim, g) for g in _all_cuts(n, k))
     assert _conflict(sim, groups) == pytest.approx(best, abs=1e-9)  # the exact optimum
+    longest = data.draw(st.integers(math.ceil(n / k), n))
+    bounded = contiguous_groups(sim, k, max_size=longest)
+    assert [i for g in bounded for i in g] == list(range(n)) and len(bounded) == k
+    assert max(map(len, bounded)) <= longest
+    assert _conflict(sim, bounded) == pytest.approx(min(_conflict(sim, g) for g in _all_cuts(n, k, longest)), abs=1e-9)
 
 
 def test_groups_follow_the_similarity_structure() -> None:
@@ -94,6 +125,17 @@ def test_groups_follow_the_similarity_structure() -> None:
     assert contiguous_groups(sim, 3) == [[0, 1, 2], [3, 4], [5, 6, 7]]
     with pytest.raises(ValueError, match="cannot cut 8 blocks into 9"):
         contiguous_groups(sim, 9)
+    with pytest.raises(ValueError, match="into 3 groups of at most 2"):
+        contiguous_groups(sim, 3, max_size=2)
+
+
+def test_near_equal_similarities_cannot_make_one_group_swallow_the_tier() -> None:
+    # a pretrained model's blocks: cosines of about 0, so noise decides; unbounded, one group takes all but one
+    sim = torch.eye(15, dtype=torch.float64)
+    sim[1, 2:] = sim[2:, 1] = 0.003
+    assert [len(g) for g in contiguous_groups(sim, 2)] == [1, 14]
+    model = {15 + i: nn.Linear(2, 2) for i in range(15)}
+    assert max(len(g) for g in tier_groups(model, 2)) == 8  # ceil(15 / 2)
 
 
 def test_block_similarity_is_a_mean_cosine_over_the_weight_matrices() -> None:
@@ -163,6 +205,7 @@ def test_a_models_groups_cover_every_layer_and_never_cross_a_tier_cut(split: Spl
         mine = {i: model[i] for i in split.layers(tier)}
         tier_part = tier_groups(mine, count) if mine else []
         assert len(tier_part) == count
+        assert all(len(g) <= math.ceil(len(mine) / count) for g in tier_part)  # as even as the share allows
         assert all(split.tier_of_layer(i) == tier for g in tier_part for i in g)  # inside the tier's cut
         groups += tier_part
     assert len(groups) == layers

@@ -61,7 +61,8 @@ def test_each_user_holds_the_blocks_of_the_cut_the_cloud_assigned_it(cluster: Cl
 
 
 def test_h2tune_runs_in_the_services_and_shares_middle_matrices_only(cluster: Cluster) -> None:
-    round_id = cluster.start_round({"algorithm": "h2tune", "config": {"keep": 0.5}})
+    # aligned by representation similarity: the cloud probes both base models (shared.fl.probe)
+    round_id = cluster.start_round({"algorithm": "h2tune", "config": {"keep": 0.5, "alignment": "similarity"}})
     assert round_id % 2 == 0  # an even round: H2Tune's shared phase (odd rounds train the task part)
     view = cluster.wait_round(round_id, timeout=900)
     assert view["state"] == "committed", view.get("error")

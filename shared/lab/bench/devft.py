@@ -22,7 +22,10 @@ round's algorithm: a DevFT stage's version is that stage's fused submodel).
 * **Quality**: held-out loss, and accuracy (TREC) or perplexity (Shakespeare), after ``rounds``
   rounds for both methods, and DevFT's after its last round.
 
-Figures are means over the seeds with their standard errors; ratios (plain / DevFT) are per seed.
+* **Bytes ceiling**: the most DevFT's fewer adapters can save (``devft_report.bytes_ceiling``).
+
+Figures are means over the seeds with their standard errors; ratios (plain / DevFT) are per seed (the
+summaries, merged reports, table and plot: ``shared.lab.bench.devft_report``).
 The settings are sized so that the whole bench completes on the 2-core machine (``SETTINGS``);
 ``--quick`` runs a tiny-model smoke test.
 """
@@ -30,7 +33,6 @@ The settings are sized so that the whole bench completes on the 2-core machine (
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import multiprocessing
 import statistics
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config.round import RoundConfig
+from shared.lab.bench.devft_report import merge_reports, plot, print_table, resummarise, summarise
 from shared.lab.bench.timing import write_json
 from shared.lab.sim import SimConfig, Simulation
 from shared.protocol.links import LinkProfile, get_profile
@@ -88,8 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--user-link", default="wifi", help="link profile of each user's hop (link_profiles.json)")
     p.add_argument("--edge-link", default="fiber", help="link profile of each edge's hop to the cloud")
     p.add_argument("--jobs", type=int, default=1, help="seeds run at a time, each in its own process")
-    p.add_argument("--report", default=None, help="print the table (and --plot) of a report written earlier, "
-                                                  "its summaries recomputed, instead of running")
+    p.add_argument("--report", default=None, help="print the table (and --plot) of reports written earlier, their "
+                                                  "summaries recomputed, instead of running; several comma-separated "
+                                                  "paths (e.g. one seed each) are merged into one report (--json)")
     p.add_argument("--quick", action="store_true", help="a tiny-model smoke test instead of the settings")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--plot", default=None, help="write the curves here (PNG)")
@@ -211,12 +215,6 @@ def reach(rows: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
 # --- the bench ------------------------------------------------------------------------------------------------
 
 
-def mean_se(values: list[float]) -> dict[str, Any]:
-    mean = statistics.fmean(values)
-    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-    return {"mean": mean, "se": se, "values": values}
-
-
 def run_seed(setting: Setting, seed: int, links: dict[str, LinkProfile | None], log: Any = print) -> dict[str, Any]:
     """Both methods from one seed, on the seed's virtual clock, and where each reaches the plain run's final loss."""
     plain = run_method(setting, seed, "fedavg", setting.rounds, log=log)
@@ -241,59 +239,7 @@ def bench_setting(setting: Setting, seeds: list[int], links: dict[str, LinkProfi
     else:
         runs = {seed: run_seed(setting, seed, links, log) for seed in seeds}
     return {"setting": {**setting.__dict__, "split": list(setting.split)}, "runs": runs,
-            "summary": summarise(setting, runs)}
-
-
-def summarise(setting: Setting, runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    reached = [r for r in runs.values() if r["reach"]["devft"] is not None]
-    out: dict[str, Any] = {"seeds": len(runs), "devft_reached": len(reached)}
-    for measure in ("bytes", "seconds", "compute_seconds"):
-        for method in ("plain", "devft"):
-            values = [r["reach"][method][measure] for r in reached]
-            out[f"{method}_{measure}_to_target"] = mean_se(values) if values else None
-        out[f"{measure}_ratio"] = mean_se([r["reach"]["plain"][measure] / r["reach"]["devft"][measure]
-                                           for r in reached]) if reached else None
-    at = setting.rounds
-    for method in ("plain", "devft"):
-        for key in ("eval_loss", "eval_accuracy", "eval_perplexity"):
-            values = [r[method][at][key] for r in runs.values() if len(r[method]) > at and key in r[method][at]]
-            if values:
-                out[f"{method}_{key}_at_{at}"] = mean_se(values)
-    for method in ("plain", "devft"):  # the whole runs, reached or not
-        out[f"{method}_total"] = {m: mean_se([r[method][-1][m] for r in runs.values()])
-                                  for m in ("bytes", "seconds", "compute_seconds")}
-    out["per_round"] = per_round(runs)
-    last = [r["devft"][-1] for r in runs.values()]
-    out["devft_rounds_run"] = [row["round"] for row in last]
-    for key in ("eval_loss", "eval_accuracy", "eval_perplexity"):
-        if all(key in row for row in last):
-            out[f"devft_{key}_last"] = mean_se([row[key] for row in last])
-    return out
-
-
-def per_round(runs: dict[Any, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """A training round's cost, plain's and each DevFT stage's: training bytes and virtual seconds (all and
-    compute alone), each seed's mean over its rounds of that kind, then the mean over the seeds."""
-    costs: dict[str, list[dict[str, float]]] = {}
-    for run in runs.values():
-        seed_rows: dict[str, list[dict[str, float]]] = {}
-        for method in ("plain", "devft"):
-            rows = run[method]
-            for before, row in itertools.pairwise(rows):
-                kind = f"stage {row['stage']}" if method == "devft" else "plain"
-                seed_rows.setdefault(kind, []).append({m: row[m] - before[m] for m in ("bytes", "seconds",
-                                                                                    "compute_seconds")})
-        for kind, rows in seed_rows.items():
-            costs.setdefault(kind, []).append({m: statistics.fmean(r[m] for r in rows) for m in rows[0]})
-    return {kind: {m: mean_se([c[m] for c in seeds]) for m in seeds[0]} for kind, seeds in costs.items()}
-
-
-def resummarise(report: dict[str, Any]) -> dict[str, Any]:
-    """A report written earlier, its summaries recomputed from its runs (``--report``)."""
-    for result in report["settings"].values():
-        setting = Setting(**{**result["setting"], "split": tuple(result["setting"]["split"])})
-        result["summary"] = summarise(setting, result["runs"])
-    return report
+            "summary": summarise(setting.rounds, runs)}
 
 
 def run_bench(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
@@ -310,65 +256,14 @@ def run_bench(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     return report
 
 
-def _fmt(s: dict[str, Any] | None, scale: float = 1.0, digits: int = 2) -> str:
-    return "-" if s is None else f"{s['mean'] * scale:.{digits}f} ± {s['se'] * scale:.{digits}f}"
-
-
-def print_table(report: dict[str, Any], log: Any = print) -> None:
-    for name, result in report["settings"].items():
-        s, setting = result["summary"], result["setting"]
-        at = setting["rounds"]
-        log(f"{name} ({setting['model']} / {setting['data']}), seeds {report['seeds']}: DevFT reached the plain "
-            f"run's final held-out loss in {s['devft_reached']} of {s['seeds']} seeds")
-        log(f"  bytes to target (MB): plain {_fmt(s['plain_bytes_to_target'], 1e-6)}  devft "
-            f"{_fmt(s['devft_bytes_to_target'], 1e-6)}  ratio {_fmt(s['bytes_ratio'])}")
-        log(f"  time to target (s):   plain {_fmt(s['plain_seconds_to_target'])}  devft "
-            f"{_fmt(s['devft_seconds_to_target'])}  ratio {_fmt(s['seconds_ratio'])}  "
-            f"(compute alone: ratio {_fmt(s['compute_seconds_ratio'])})")
-        log(f"  whole runs: plain {at} rounds, {_fmt(s['plain_total']['bytes'], 1e-6)} MB, "
-            f"{_fmt(s['plain_total']['seconds'])} s;  devft {s['devft_rounds_run']} rounds, "
-            f"{_fmt(s['devft_total']['bytes'], 1e-6)} MB, {_fmt(s['devft_total']['seconds'])} s")
-        for kind, cost in s["per_round"].items():
-            log(f"  a {kind} round: training bytes (MB) {_fmt(cost['bytes'], 1e-6)}  virtual s "
-                f"{_fmt(cost['seconds'])}  (compute {_fmt(cost['compute_seconds'])})")
-        for key in ("eval_loss", "eval_accuracy", "eval_perplexity"):
-            if f"plain_{key}_at_{at}" in s:
-                log(f"  {key} after {at} rounds: plain {_fmt(s[f'plain_{key}_at_{at}'], digits=4)}  devft "
-                    f"{_fmt(s.get(f'devft_{key}_at_{at}'), digits=4)}  (devft after {s['devft_rounds_run']} rounds: "
-                    f"{_fmt(s.get(f'devft_{key}_last'), digits=4)})")
-
-
-def _plot(report: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(report["settings"])
-    fig, axes = plt.subplots(len(names), 2, figsize=(12, 4 * len(names)), squeeze=False)
-    for row, name in enumerate(names):
-        result = report["settings"][name]
-        for col, (measure, scale, label) in enumerate((("seconds", 1.0, "virtual time (s)"),
-                                                       ("bytes", 1e-6, "training bytes (MB)"))):
-            ax = axes[row][col]
-            for seed, run in result["runs"].items():
-                for method, style in (("plain", "C0"), ("devft", "C1")):
-                    rows = run[method]
-                    ax.plot([r[measure] * scale for r in rows], [r["eval_loss"] for r in rows], color=style,
-                            marker="o", ms=2, alpha=0.8, label=method if seed == next(iter(result["runs"])) else None)
-                ax.axhline(run["target"], color="grey", lw=0.5, ls="--")
-            ax.set_xlabel(label)
-            ax.set_ylabel("held-out loss")
-            ax.set_title(f"{result['setting']['model']} / {result['setting']['data']}")
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = resummarise(json.loads(Path(args.report).read_text())) if args.report else run_bench(args)
+    if args.report:
+        report = resummarise(merge_reports([json.loads(Path(path).read_text()) for path in args.report.split(",")]))
+        write_json(report, args.json)
+    else:
+        report = run_bench(args)
     print_table(report)
     if args.plot:
-        _plot(report, args.plot)
+        plot(report, args.plot)
     return 0

@@ -6,7 +6,9 @@ smollm2-135m/sentiment/32 with smollm2-135m as a sequence classifier) each hold 
 client per data set). Every method runs the same rounds, local steps, batch, learning rate, max length
 and seed, in the in-process simulator (one edge per model, each model at its default split):
 
-* ``local``: each client alone, a federation of one (FedAvg over one user is local training);
+* ``local``: each client alone, a federation of one (FedAvg over one user is local training), under the user id
+  it has in the federations (a user's id seeds its batch order), so each client sees the same batches in every
+  method and a client alone in its model trains exactly as in ``naive``;
 * ``naive``: one federation, FedAvg within each model over its users' zero-padded ranks (a model's
   adapters have the largest rank its users declare), task heads per task, nothing across models;
 * ``h2tune``: one federation, ``"algorithm": "h2tune"`` (only sparsified middle matrices shared, across
@@ -43,7 +45,8 @@ def parse_clients(text: str) -> list[tuple[str, str, int]]:
     return out
 
 
-def _config(args: argparse.Namespace, clients: list[tuple[str, str, int]], seed: int, algorithm: str) -> Any:
+def sim_config(args: argparse.Namespace, clients: list[tuple[str, str, int]], seed: int, algorithm: str,
+               user_ids: list[str] | None = None) -> Any:
     from shared.config.round import RoundConfig
     from shared.lab.sim import SimConfig
     from shared.model.adapters import LoraSettings
@@ -53,7 +56,7 @@ def _config(args: argparse.Namespace, clients: list[tuple[str, str, int]], seed:
                      user_models=models, user_data=[d for _, d, _ in clients], ranks=[r for _, _, r in clients],
                      lora=LoraSettings(rank=min(r for _, _, r in clients)), max_len=args.max_len,
                      max_examples_per_client=args.max_examples, eval_examples_per_client=args.eval_examples,
-                     seed=seed, baseline_eval=False,
+                     seed=seed, baseline_eval=False, user_ids=user_ids or [],
                      round=RoundConfig(local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
                                        deadline=None, algorithm=algorithm,
                                        config=dict(args.h2tune_config) if algorithm == "h2tune" else {}))
@@ -84,12 +87,12 @@ def run_seed(method: str, args: argparse.Namespace, clients: list[tuple[str, str
     per_task: dict[str, list[float]] = {}
     if method == "local":
         moved = [0] * args.rounds
-        for client in clients:
-            rows, client_moved = _simulate(_config(args, [client], seed, "fedavg"))
+        for i, client in enumerate(clients):  # under its id in the federation: the same batches as there
+            rows, client_moved = _simulate(sim_config(args, [client], seed, "fedavg", [f"user-{i}"]))
             per_task[_task_name(client[0], client[1])] = [r["eval_accuracy"] for r in rows]
             moved = [a + b for a, b in zip(moved, client_moved)]
     else:
-        rows, moved = _simulate(_config(args, clients, seed, "h2tune" if method == "h2tune" else "fedavg"))
+        rows, moved = _simulate(sim_config(args, clients, seed, "h2tune" if method == "h2tune" else "fedavg"))
         for name in rows[-1]["tasks"]:
             per_task[name] = [r["tasks"][name]["eval_accuracy"] for r in rows]
     final = {name: accs[-1] for name, accs in per_task.items()}
@@ -157,28 +160,31 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     clients, seeds = parse_clients(args.clients), [int(s) for s in args.seeds.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
+    if not seeds or not methods:
+        raise SystemExit("--seeds and --methods each need at least one item")
     if set(methods) - set(METHODS):
         raise SystemExit(f"unknown methods {sorted(set(methods) - set(METHODS))}: choose from {', '.join(METHODS)}")
-    summaries = []
-    for method in methods:
-        runs = []
-        for seed in seeds:
-            runs.append(run_seed(method, args, clients, seed))
-            print(f"  {method:>6} seed {seed}: " + "  ".join(f"{t} {a:.4f}" for t, a in sorted(runs[-1]["accuracy"].items()))
-                  + f"  average {runs[-1]['average']:.4f}", flush=True)
-        summaries.append(summarise(method, runs))
-    report = {"clients": [{"model": m, "data": d, "rank": r} for m, d, r in clients], "seeds": seeds,
-              "rounds": args.rounds, "local_steps": args.local_steps, "batch_size": args.batch_size, "lr": args.lr,
-              "max_len": args.max_len, "max_examples": args.max_examples, "eval_examples": args.eval_examples,
-              "h2tune_config": args.h2tune_config, "methods": summaries,
-              "bytes": "encoded start + update messages on every link, train and eval phases, per round"}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    for seed in seeds:  # seed by seed, every method, the report rewritten after each: a cut-off run keeps its seeds
+        for method in methods:
+            runs[method].append(run_seed(method, args, clients, seed))
+            last = runs[method][-1]
+            print(f"  {method:>6} seed {seed}: " + "  ".join(f"{t} {a:.4f}" for t, a in sorted(last["accuracy"].items()))
+                  + f"  average {last['average']:.4f}", flush=True)
+        report = {"clients": [{"model": m, "data": d, "rank": r} for m, d, r in clients],
+                  "seeds": seeds[:seeds.index(seed) + 1],
+                  "rounds": args.rounds, "local_steps": args.local_steps, "batch_size": args.batch_size, "lr": args.lr,
+                  "max_len": args.max_len, "max_examples": args.max_examples, "eval_examples": args.eval_examples,
+                  "h2tune_config": args.h2tune_config, "methods": [summarise(m, runs[m]) for m in methods],
+                  "bytes": "encoded start + update messages on every link, train and eval phases, per round"}
+        write_json(report, args.json)
+    summaries = report["methods"]
     tasks = sorted(summaries[0]["accuracy"])
     print(f"{'method':>8}  " + "  ".join(f"{t:>24}" for t in tasks) + f"  {'average':>15}  {'MB/round':>8}")
     for s in summaries:
         cells = [f"{s['accuracy'][t]['mean']:.4f} +- {s['accuracy'][t]['se']:.4f}" for t in tasks]
         print(f"{s['method']:>8}  " + "  ".join(f"{c:>24}" for c in cells)
               + f"  {s['average']['mean']:.4f} +- {s['average']['se']:.4f}  {s['bytes_per_round'] / 1e6:>8.3f}")
-    write_json(report, args.json)
     if args.plot:
         plot(report, args.plot)
     return 0
