@@ -22,8 +22,8 @@ Hooks, tier by tier:
 Importance (AdaLoRA's): per parameter entry I = |w * dL/dw|, Ibar <- b1 Ibar + (1 - b1) I,
 U <- b2 U + (1 - b2) |I - Ibar|, s = Ibar * U; per triplet S_i = s(e_i) + mean_j s(Q_ij) + mean_j s(P_ji).
 The coordinator keeps a moving average of each triplet's aggregated score across rounds
-(``score_beta``); a masked triplet, which nobody scores, carries its average forward at the rate
-its tier's scored triplets moved (``svd.smooth_scores``).
+(``score_beta``); a masked triplet, which nobody scores, moves its average as far as
+its tier's scored triplets' averages moved (``svd.smooth_scores``).
 
 Budget: per tier, over the adapted modules of the tiers in ``budget_tiers`` (by default the user
 and edge tiers: the adapters that travel; the cloud's never leave it and keep their initial

@@ -81,18 +81,21 @@ def smooth_scores(old: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor], 
 
     ``fresh`` holds this round's aggregated scores, NaN where no one held the triplet (masked). A
     held triplet: ``beta * old + (1 - beta) * fresh``. A masked triplet cannot be scored (it is
-    neither trained nor sent), so its average is carried forward at the rate the tier's held
-    triplets moved (the sum of their fresh scores over the sum of their averages): it keeps its
-    place against the tier as a whole, and an active triplet that falls behind the tier can fall
-    below it (the masked one then comes back). Decaying it instead, as AdaLoRA's zero sensitivity
-    would, keeps every masked triplet below every kept one for ever. A module's first scores are
-    taken as they are.
+    neither trained nor sent), so its fresh score is taken as its average times the rate the tier's
+    held triplets' scores moved (the sum of their fresh scores over the sum of their averages), and
+    smoothed like theirs: its average moves as far as the held triplets' averages moved together.
+    It keeps its place against the tier as a whole, and an active triplet that falls behind the tier
+    can fall below it (the masked one then comes back). Carrying it at the fresh rate without the
+    smoothing would let every masked triplet overtake the held ones whenever scores rise, as they
+    do while e grows from zero: the allocation would churn on the rise, not on the ranking.
+    Decaying it instead, as AdaLoRA's zero sensitivity would, keeps every masked triplet below
+    every kept one for ever. A module's first scores are taken as they are.
     """
     fresh = {m: f.to(torch.float64) for m, f in fresh.items()}
     known = {m: old[m].to(torch.float64) for m in fresh if m in old and old[m].shape == fresh[m].shape}
     num = sum(float(torch.nan_to_num(f, nan=0.0).sum()) for m, f in fresh.items() if m in known)
     den = sum(float(known[m][~torch.isnan(f)].sum()) for m, f in fresh.items() if m in known)
-    trend = num / den if den > 0 else 1.0
+    trend = beta + (1.0 - beta) * num / den if den > 0 else 1.0  # how far the held triplets' averages moved
     out = {}
     for module, f in fresh.items():
         if module not in known:

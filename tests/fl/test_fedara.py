@@ -220,22 +220,38 @@ def test_a_masked_triplet_revives_when_an_active_one_falls_behind_its_tier() -> 
     algorithm.round_scores = {"a": torch.tensor([1.0, 8.0, 4.0]), "b": torch.tensor([6.0, 2.0])}
     algorithm.after_round(1, {})
     assert algorithm.active == {"a": [1], "b": [0]}  # the tier's 2 best of 5
-    algorithm.round_scores = {"a": torch.tensor([nan, 0.5, nan]), "b": torch.tensor([6.0, nan])}
+    algorithm.round_scores = {"a": torch.tensor([nan, 0.2, nan]), "b": torch.tensor([6.0, nan])}
     algorithm.after_round(2, {})
-    # masked averages move with the tier: (0.5 + 6) / (8 + 6) of what they were
-    trend = 6.5 / 14
-    assert algorithm.scores["a"].tolist() == pytest.approx([trend, 4.25, 4 * trend])
+    # masked averages move as far as the held ones' averages did: (4.1 + 6) / (8 + 6) of what they were
+    trend = 0.5 + 0.5 * (0.2 + 6) / (8 + 6)
+    assert trend == pytest.approx((4.1 + 6) / 14)
+    assert algorithm.scores["a"].tolist() == pytest.approx([trend, 4.1, 4 * trend])
     assert algorithm.scores["b"].tolist() == pytest.approx([6.0, 2 * trend])
     assert algorithm.active == {"a": [1], "b": [0]}  # the fallen triplet's average still leads
     revived = []
     for round_id in range(3, 8):
         metrics: dict[str, Any] = {}
         algorithm.round_scores = {m: torch.where(torch.tensor([i in algorithm.active[m] for i in range(r)]),
-                                                 torch.tensor({"a": [nan, 0.5, 1.5], "b": [6.0, nan]}[m]),
+                                                 torch.tensor({"a": [nan, 0.2, 3.0], "b": [6.0, nan]}[m]),
                                                  torch.tensor(nan)) for m, r in algorithm.full_rank.items()}
         algorithm.after_round(round_id, metrics)
         revived.append(metrics["fedara"]["revived"])
     assert algorithm.active == {"a": [2], "b": [0]} and sum(revived) == 1  # triplet 2 of a came back, once
+
+
+def test_a_uniform_rise_of_the_scores_revives_nothing() -> None:
+    # while e grows from 0 every score rises round on round: a masked triplet tied with a kept one stays tied
+    algorithm = strategy({"total_rounds": 4, "warmup_rounds": 1, "final_rounds": 3, "target_rank": 1,
+                          "score_beta": 0.5})
+    algorithm.full_rank, algorithm.tier_of = {"a": 2}, {"a": "user"}
+    algorithm.round_scores = {"a": torch.tensor([2.0, 1.5])}
+    algorithm.after_round(1, {})
+    assert algorithm.active == {"a": [0]}
+    metrics: dict[str, Any] = {}
+    algorithm.round_scores = {"a": torch.tensor([20.0, float("nan")])}  # the kept triplet's score rose 10-fold
+    algorithm.after_round(2, metrics)
+    assert algorithm.scores["a"].tolist() == pytest.approx([11.0, 8.25])  # both averages moved 5.5-fold
+    assert algorithm.active == {"a": [0]} and metrics["fedara"]["revived"] == 0
 
 
 def test_each_budgeted_tier_ranks_its_own_triplets_and_the_cloud_keeps_its_rank() -> None:

@@ -20,7 +20,8 @@ depend on the machine's load).
   first round where its own smoothed curve reaches it. The speedup is plain's over DropPEFT's, per seed.
 * Memory: the bytes of the distinct tensors autograd saves in the device tier's forward, per
   training step, over the same batches, at each ratio, with the fixed-count mask and with
-  independent draws; the per-step peak is the largest step.
+  independent draws; the per-step peak is the largest step. Every batch is padded to
+  ``--max-len`` (the largest batch a device must hold), so a step's bytes depend on its mask only.
 * The structural ceiling: the largest per-round speedup the straggler can get at the largest
   ratio, from the expected blocks run per tier (compute only, and with the run's link time).
 """
@@ -190,7 +191,10 @@ def device_activation_bytes(args: argparse.Namespace, split: tuple[int, int], ra
     spec = ModelSpec(model=args.model, split=split, task=dataset.task, num_labels=dataset.num_labels, seed=args.seed)
     runtime = TierRuntime(Tier.USER, source, spec)
     state = initial_state(runtime.slots.shapes(), args.seed)
-    sampler = BatchSampler(source.tokenizer(), dataset.clients[0].train, dataset.task, args.max_len)
+    # every batch padded to --max-len: a step's bytes then depend on its mask alone (with rows padded to the
+    # longest in the batch, the peak is whichever step drew the longest batch, and a mask that skips nothing
+    # on a short batch hides under it)
+    sampler = BatchSampler(source.tokenizer(), dataset.clients[0].train, dataset.task, args.max_len, pad_to_max=True)
     batches = list(sampler.round_batches(args.seed, 1, "user-0", args.memory_steps, args.batch_size))
     # the base weights (adapter slots hold whichever session was bound last: their addresses get reused)
     frozen = {p.untyped_storage().data_ptr() for p in runtime.partition.parameters() if not p.requires_grad}
