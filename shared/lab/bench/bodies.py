@@ -4,8 +4,10 @@ A real cloud and a real edge run as processes on loopback. The bench sends the e
 once, each as large as the edge accepts: a valid ``StepRequest`` (raw fp32 ``hidden`` rows of the model's width,
 its uint8 mask, int64 labels) whose encoded body is just under ``max_message_bytes``. The edge reads and decodes
 each one in full, then answers 404 (no such session): what is measured is what a body costs the tier up to its
-handler, which anyone holding a user credential of the deployment can make it pay. The bench holds one: a user
-``memory-bench`` issued with the test cluster's deployment key, and signs every request afresh.
+handler, which users holding credentials of the deployment can make it pay. One caller may hold only half of
+the tier's budget of bodies in flight, so the bench holds a credential per concurrent body: users
+``memory-bench-0``, ``memory-bench-1``, ... issued with the test cluster's deployment key, each signing its
+request afresh.
 
 Memory is taken over the edge's idle memory (after one small warm-up step), as a multiple of the burst's
 total body bytes. The peak is the larger of two readings: the kernel's high-water mark of its resident
@@ -37,11 +39,12 @@ from shared.protocol.messages import StepRequest
 from shared.protocol.wire import CONTENT_TYPE, encode
 
 MiB = 1 << 20
-USER = "memory-bench"  # the bench's user: signs its steps, has no session at the edge
+USER = "memory-bench"  # the bench's users are memory-bench-<i>: they sign their steps, have no session at the edge
 
 
-def step_body(width: int, max_bytes: int, max_elements: int, batch: int = 1024, seed: int = 0) -> bytes:
-    """The largest valid step body under ``max_bytes``: ``hidden`` raw fp32 (random, so incompressible)."""
+def step_body(width: int, max_bytes: int, max_elements: int, batch: int = 1024, seed: int = 0,
+              user: str = USER) -> bytes:
+    """The largest valid step body of ``user`` under ``max_bytes``: ``hidden`` raw fp32 (random, so incompressible)."""
     overhead, labels = 4096, 8 * batch  # envelope, meta, entry fields; int64 labels
     # tokens rows of 4 * width bytes, and a batch x ceil(tokens / batch) uint8 mask (at most tokens + batch bytes)
     tokens = min((max_bytes - overhead - labels - batch) // (4 * width + 1), max_elements // width)
@@ -49,7 +52,7 @@ def step_body(width: int, max_bytes: int, max_elements: int, batch: int = 1024, 
     mask = torch.zeros(batch * seq, dtype=torch.uint8)
     mask[:tokens] = 1
     g = torch.Generator().manual_seed(seed)
-    request = StepRequest(round=10**6, user=USER, step=0, mode=Mode.TRAIN,
+    request = StepRequest(round=10**6, user=user, step=0, mode=Mode.TRAIN,
                           hidden=torch.randn(tokens, width, generator=g), attention_mask=mask.view(batch, seq),
                           labels=torch.zeros(batch, dtype=torch.int64))
     body = encode(request.to_message(), codec="raw")
@@ -101,18 +104,20 @@ def _post(client: httpx.Client, url: str, headers: dict[str, str], content: Any)
             "detail": r.json().get("detail") if r.content else None}
 
 
-def _burst(signer: Signer, body: bytes, n: int) -> list[dict[str, Any]]:
-    """POST ``body`` to the edge ``n`` times at once, from ``n`` threads, each request signed; the replies."""
-    replies: list[dict[str, Any]] = [{} for _ in range(n)]
-    start = threading.Barrier(n)
+def _burst(posts: list[tuple[Signer, bytes]]) -> list[dict[str, Any]]:
+    """POST each body, signed by its user (one caller per body), to the edge at once from a thread each;
+    the replies."""
+    replies: list[dict[str, Any]] = [{} for _ in posts]
+    start = threading.Barrier(len(posts))
 
     def send(i: int) -> None:
+        signer, body = posts[i]
         headers = signer.headers(body)  # before the barrier: the bodies go at once
         with httpx.Client(timeout=600) as client:
             start.wait()
             replies[i] = _post(client, signer.url, headers, body)
 
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(n)]
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(posts))]
     for t in threads:
         t.start()
     for t in threads:
@@ -156,7 +161,9 @@ def bench_memory_bodies(model: str = "tiny-bert", split: str = "1,3", bodies: in
     from shared.model.sources import resolve_model
 
     width = int(resolve_model(model).config.hidden_size)
-    body = step_body(width, max_message_bytes, max_elements=64 * MiB)
+    users = [f"{USER}-{i}" for i in range(bodies + 1)]
+    posted = [step_body(width, max_message_bytes, max_elements=64 * MiB, user=u) for u in users]
+    body = posted[0]
     total = bodies * len(body)
     chunk = b"\0" * MiB
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,12 +173,14 @@ def bench_memory_bodies(model: str = "tiny-bert", split: str = "1,3", bodies: in
             cluster.start()
             edge = cluster.procs["edge-0"]
             key = load_private_key(cluster.workdir / "credentials" / "deployment.key")
-            signer = Signer(issue(key, "splitllm", "user", USER, 3600.0), edge.url, "edge-0")
+            signers = [Signer(issue(key, "splitllm", "user", u, 3600.0), edge.url, "edge-0") for u in users]
+            signer = signers[0]
             pid = edge.popen.pid
-            _burst(signer, step_body(width, MiB, 64 * MiB), 1)  # warm up the route and its threads
+            _burst([(signer, step_body(width, MiB, 64 * MiB, user=users[0]))])  # warm up the route and its threads
             idle = proc_memory(pid)
-            runs = [_measured(pid, idle, total, settle, lambda: _burst(signer, body, bodies)) for _ in range(bursts)]
-            over = _measured(pid, idle, total, settle, lambda: _burst(signer, body, bodies + 1))
+            posts = list(zip(signers, posted, strict=True))
+            runs = [_measured(pid, idle, total, settle, lambda: _burst(posts[:bodies])) for _ in range(bursts)]
+            over = _measured(pid, idle, total, settle, lambda: _burst(posts))
             chunks = max_message_bytes * 5 // 4 // MiB
             headers = signer.headers(bytes(chunks * MiB))  # signed as a whole, sent in 1 MiB chunks
 
