@@ -260,7 +260,7 @@ QUICK = {"users": 2, "edges": 1, "rounds": 2, "local_steps": 2, "batch_size": 8,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shared.lab.bench.timing import write_json
+    from shared.lab.bench.timing import save
 
     args = build_parser().parse_args(argv)
     if args.quick:
@@ -272,9 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     report = bench_compare(args)
     report["command"] = "splitllm bench compare " + " ".join(argv if argv is not None else [])
     print("\n".join(table(report)))
-    write_json(report, args.json)
-    if args.plot:
-        plot(report, args.plot)
+    save(report, args.json, args.plot, plot)
     return 0
 
 

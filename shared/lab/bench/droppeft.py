@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from shared.lab.bench.protocol import LR_GRID, TUNING_SEED, first_reach, fmt, mean_last, smooth, summary, tune_and_run
-from shared.lab.bench.timing import write_json
+from shared.lab.bench.timing import save
 
 SETTINGS = ("whole", "split")
 METHODS = ("plain", "droppeft")
@@ -352,9 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     report["bench_seconds"] = time.perf_counter() - started
     print_table(report)
     print(f"bench: {report['bench_seconds'] / 60:.1f} min")
-    write_json(report, args.json)
-    if args.plot:
-        _plot(report, args.plot)
+    save(report, args.json, args.plot, _plot)
     return 0
 
 

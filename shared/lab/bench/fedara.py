@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.lab.bench.protocol import LR_GRID, TUNING_SEED, fmt, mean_last, summary, tune_and_run
-from shared.lab.bench.timing import write_json
+from shared.lab.bench.timing import save
 
 ENDPOINTS = ("start", "update")
 METHODS = ("lora", "fedara")
@@ -213,9 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{setting:>7}  LoRA / FedARA bytes {fmt(entry['bytes_ratio'], 2)}x; accuracy FedARA - LoRA "
               f"{fmt(entry['last3_accuracy_delta_points'], 2)} points; target met: {entry['target_met']}")
     print(f"bench: {report['bench_seconds'] / 60:.1f} min")
-    write_json(report, args.json)
-    if args.plot:
-        plot(report, args.plot)
+    save(report, args.json, args.plot, plot)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Self
 
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -49,3 +50,11 @@ def write_json(report: dict[str, Any], path: str | None) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(report, indent=2, default=str))
+
+
+def save(report: dict[str, Any], json_path: str | None, plot_path: str | None,
+         plot: Callable[[dict[str, Any], str], None]) -> None:
+    """A bench's outputs: its report as JSON (``write_json``) and, when a path is given, its plot."""
+    write_json(report, json_path)
+    if plot_path:
+        plot(report, plot_path)
