@@ -25,6 +25,7 @@ from fastapi import HTTPException, Request
 from starlette.requests import ClientDisconnect
 
 from shared.errors import Busy
+from shared.http.auth import principal_of
 from shared.protocol.inplace import MessageBuffer
 from shared.protocol.wire import CONTENT_TYPE, Message, WireError, decode
 
@@ -47,7 +48,7 @@ class BodyBudget:
             mine = self.by_caller.get(caller, 0)
             if mine + nbytes > self.caller_limit:
                 raise Busy(f"this caller has {mine} bytes of request bodies in flight; {nbytes} more would pass "
-                           f"its share of {self.caller_limit} (half of max_inflight_bytes): retry later")
+                           f"its share of {self.caller_limit} of the tier's max_inflight_bytes: retry later")
             if self.used + nbytes > self.limit:
                 raise Busy(f"this tier holds {self.used} bytes of request bodies; {nbytes} more would pass its "
                            f"limit of {self.limit} (max_inflight_bytes): retry later")
@@ -91,7 +92,7 @@ def budget_of(app: Any, settings: Any) -> BodyBudget:
 
 def caller_of(request: Request) -> str:
     """Whose share of the budget a body counts against: the credential's role and id, else the peer's address."""
-    principal = getattr(request.state, "principal", None)
+    principal = principal_of(request)
     if principal is not None:
         return f"{principal.role}:{principal.id}"
     return f"peer:{request.client.host if request.client else ''}"

@@ -44,12 +44,12 @@ from typing import Any
 
 from shared.config.round import RoundConfig
 from shared.lab.bench.devft_report import merge_reports, plot, print_table, resummarise, summarise
+from shared.lab.bench.protocol import first_reach, smooth
 from shared.lab.bench.timing import write_json
 from shared.lab.sim import SimConfig, Simulation
 from shared.protocol.links import LinkProfile, get_profile
 
 TARGETS = {"bytes": 2.0, "time": 1.5}  # the issue's: DevFT's ratios on at least one of the models
-SMOOTH = 3
 
 
 @dataclass(frozen=True)
@@ -196,20 +196,14 @@ def _quality(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in ("eval_accuracy", "eval_perplexity") if k in row}
 
 
-def smooth(values: list[float], window: int = SMOOTH) -> list[float]:
-    """Trailing mean over ``window`` values (fewer at the start)."""
-    return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
-
-
 def reach(rows: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
     """Where a run's smoothed held-out loss first gets to ``target``: its round, cumulative bytes and time."""
-    curve = smooth([r["eval_loss"] for r in rows[1:]])
-    for i, value in enumerate(curve):
-        if value <= target:
-            row = rows[i + 1]
-            return {"round": row["round"], "bytes": row["bytes"], "seconds": row["seconds"],
-                    "compute_seconds": row["compute_seconds"]}
-    return None
+    i = first_reach(smooth([r["eval_loss"] for r in rows[1:]]), target)
+    if i is None:
+        return None
+    row = rows[i + 1]
+    return {"round": row["round"], "bytes": row["bytes"], "seconds": row["seconds"],
+            "compute_seconds": row["compute_seconds"]}
 
 
 # --- the bench ------------------------------------------------------------------------------------------------

@@ -7,11 +7,7 @@ import itertools
 import statistics
 from typing import Any
 
-
-def mean_se(values: list[float]) -> dict[str, Any]:
-    mean = statistics.fmean(values)
-    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-    return {"mean": mean, "se": se, "values": values}
+from shared.lab.bench.protocol import summary as mean_se
 
 
 def summarise(rounds: int, runs: dict[Any, dict[str, Any]]) -> dict[str, Any]:
