@@ -192,6 +192,11 @@ class DevFTStrategy(Strategy):
         return global_state
 
     def configure_round(self, round_id: int, participants: list[Participant]) -> dict[str, Json]:
+        split = self._split()
+        own_cut = sorted(p.user_id for p in participants if split is not None and p.cut not in (None, split.a))
+        if own_cut:  # the stages' shares and groups follow the deployment's split, which these users don't run
+            raise InvalidInput(f"devft: users {own_cut[:5]} hold their own cut, and DevFT's stages follow the "
+                               f"deployment's split {split.a},{split.b}: leave them out of the round (participants)")
         for stale in [r for r in self.planned if r < round_id]:  # rounds that failed never committed
             del self.planned[stale]
         index = self.planned[round_id] = self.stage()
@@ -258,10 +263,10 @@ class DevFTSession(SessionPlugin):
             if share is None or share == len(self.came_down):
                 self.groups = groups_of(self.came_down, self.ctx.layer_ids)
             else:
-                cached = store.setdefault("groups", {})
-                if share not in cached:
-                    cached[share] = tier_groups(blocks, share)
-                self.groups = cached[share]
+                cached, key = store.setdefault("groups", {}), (share, tuple(self.ctx.layer_ids))
+                if key not in cached:
+                    cached[key] = tier_groups(blocks, share)
+                self.groups = cached[key]
             key = (tuple(tuple(g) for g in self.groups), self.config.beta)
             if store.get("fused_key") != key:  # one stage's fused weights at a time
                 store["fused"], store["fused_key"] = fused_overrides(blocks, self.groups, self.config.beta), key

@@ -88,6 +88,15 @@ def test_a_restarted_cloud_resumes_from_the_stage_the_global_adapters_have() -> 
     assert again.configure_round(1, [Participant("u", "e")])["u"]["stage"] == 1
 
 
+def test_a_round_with_a_user_at_its_own_cut_is_refused_with_the_users_named() -> None:
+    spec = ModelSpec("x", (1, 3), "lm")
+    strategy = get_algorithm("devft").strategy({"layers": [3, 6]}, StrategyContext(Tier.CLOUD, spec, num_layers=6))
+    at_default = [Participant("u0", "e"), Participant("u1", "e", cut=1)]
+    assert set(strategy.configure_round(1, at_default)) == {"u0", "u1"}
+    with pytest.raises(InvalidInput, match=r"\['u2'\] hold their own cut.*split 1,3"):
+        strategy.configure_round(2, [*at_default, Participant("u2", "e", cut=2)])
+
+
 # --- knowledge transfer ---------------------------------------------------------------------------------------
 
 
