@@ -51,7 +51,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Collection
+import statistics
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,6 +218,26 @@ def ratio_of(config: DropPEFTConfig, plan: RoundPlan) -> float:
     return float(config.ratio) if config.ratio is not None else 0.0
 
 
+OUTLIER_FACTOR = 10.0  # with 3 or more users, a device's seconds count at most this many times their median
+
+
+def reported(values: Any) -> list[float]:
+    """A device's self-reported per-step figures; empty (no reward) unless a list of finite non-negative numbers."""
+    ok = isinstance(values, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                          and math.isfinite(x) and x >= 0 for x in values)
+    return [float(x) for x in values] if ok else []
+
+
+def slowest(seconds: Iterable[float]) -> float:
+    """The round's time, its slowest device's; with 3 or more devices, one reporting over ``OUTLIER_FACTOR`` times
+    the median counts as that much, so one device's claim cannot scale every other device's reward."""
+    values = list(seconds)
+    if len(values) >= 3:
+        cap = OUTLIER_FACTOR * statistics.median(values)
+        values = [min(v, cap) for v in values]
+    return max(values, default=0.0)
+
+
 class DropPEFTStrategy(Strategy):
     """The coordinator's bandits (one per user, kept across rounds) and PTLS-aware aggregation."""
 
@@ -248,11 +269,12 @@ class DropPEFTStrategy(Strategy):
         arms = self.assigned.pop(round_id, None)
         if not arms:
             return
-        users = {u: m for u, m in metrics.get("users", {}).items() if u in arms}
-        seconds = {u: float(sum(m.get("step_seconds", []))) for u, m in users.items()}
-        made = {u: progress(list(m.get("losses", [])), self.config.window) for u, m in users.items()}
+        flagged = metrics.get("flagged", {})  # users whose self-reported loss the cloud did not believe
+        users = {u: m for u, m in metrics.get("users", {}).items() if u in arms and u not in flagged}
+        seconds = {u: sum(reported(m.get("step_seconds"))) for u, m in users.items()}
+        made = {u: progress(reported(m.get("losses")), self.config.window) for u, m in users.items()}
         made = {u: v for u, v in made.items() if v is not None and seconds[u] > 0}
-        round_seconds = max(seconds.values(), default=0.0)  # the devices train in parallel: the slowest sets it
+        round_seconds = slowest(seconds[u] for u in made)  # the devices train in parallel: the slowest sets it
         for user_id, value in sorted(made.items()):
             time_ = round_seconds if self.config.reward == "round" else seconds[user_id]
             reward = value / self._round_scale(user_id, made) / time_

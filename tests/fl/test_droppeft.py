@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter, defaultdict
+from typing import Any
 
 import pytest
 import torch
@@ -350,3 +352,21 @@ def test_the_benchmark_writes_its_report_and_plot(hermetic_cache, tmp_path) -> N
     assert whole["peak_reduction"]["fixed"]["0.5"] > 0.15 and whole["ceiling"]["compute_only"] > 1
     assert {"speedup", "accuracy_delta_points", "per_seed"} <= set(whole)
     assert png.stat().st_size > 0
+
+
+def test_one_devices_reported_seconds_cannot_scale_the_others_rewards() -> None:
+    def rewards(hostile: dict[str, Any]) -> dict[str, float]:
+        algorithm = coordinator({"seed": 0, "reward": "round"})
+        participants = [Participant(f"user-{i}", "edge-0", 10) for i in range(4)]
+        extras = algorithm.configure_round(1, participants)
+        metrics = _synthetic_metrics(1, {u: e["ratio"] for u, e in extras.items()}, random.Random(0))
+        metrics["users"]["user-3"].update(hostile)
+        algorithm.after_round(1, metrics)
+        return {h["user"]: h["reward"] for h in algorithm.history}
+
+    honest = rewards({})
+    for claim in ({"step_seconds": [1e300] * 8}, {"step_seconds": [math.inf] * 8}, {"step_seconds": "slow"},
+                  {"losses": "not a list"}, {"losses": [math.nan] * 8}):
+        got = rewards(claim)
+        for user in ("user-0", "user-1", "user-2"):  # at most the cap's factor of 10 below their honest reward
+            assert math.isfinite(got[user]) and abs(got[user]) >= abs(honest[user]) / 10.5, (claim, got)
