@@ -12,6 +12,7 @@ from torch import nn
 
 from shared.errors import InvalidInput
 from shared.fl.plugin import SessionPlugin
+from shared.protocol.codecs import ErrorFeedback
 from shared.protocol.messages import RoundPlan
 
 
@@ -133,7 +134,7 @@ class Session:
     samples: int = 0
     compute_seconds: float = 0.0  # this tier's forward, head, backward and optimizer time for the session
     blocks_run: int = 0  # blocks its training forwards ran, summed over steps
-    feedback: Any = None  # error feedback of top-k compressed gradients this tier sends
+    feedback: ErrorFeedback = field(default_factory=ErrorFeedback)  # of top-k compressed gradients this tier sends
     tracker: StepTracker = field(init=False, repr=False)  # the steps served, their replies for retries
     pending: dict[int, Any] = field(default_factory=dict)  # U-shaped chain: forward graphs awaiting their backward
 

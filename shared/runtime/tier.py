@@ -29,7 +29,7 @@ from shared.model.adapters import (
 from shared.model.partition import Partition, Split, build_partition, load_partition
 from shared.model.sources import ModelSource
 from shared.protocol.bundle import AdapterBundle
-from shared.protocol.codecs import CodecPolicy, ErrorFeedback
+from shared.protocol.codecs import CodecPolicy
 from shared.protocol.clock import VirtualClock
 from shared.protocol.enums import TIERS, Hop, Tier
 from shared.protocol.messages import RoundPlan
@@ -301,9 +301,6 @@ class TierRuntime:
         step), or as it is."""
         spec = self.policy(hop).spec("gradients")
         if spec.name == "topk":
-            with self.lock:
-                if session.feedback is None:
-                    session.feedback = ErrorFeedback()
             grad = session.feedback.compress(("grad", micro), grad, k=spec.params.get("k"),
                                              ratio=spec.params.get("ratio"), values=spec.params.get("values", "fp32"))
         return grad
