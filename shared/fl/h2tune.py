@@ -51,6 +51,7 @@ from shared.fl.plugin import (
     AlgorithmConfig,
     SessionPlugin,
     Strategy,
+    StrategyContext,
     register_algorithm,
 )
 from shared.fl.probe import probe_grams, similarity_map
@@ -221,10 +222,21 @@ class H2TuneStrategy(Strategy):
             new[tier][key] = value
         return AdapterBundle(new)
 
+    def __init__(self, config: AlgorithmConfig, ctx: StrategyContext) -> None:
+        super().__init__(config, ctx)
+        self._mapped: dict[str, tuple[list[int], int]] | None = None  # similarity alignment, once worked out
+
+    def before_round(self, round_id: int, global_state: AdapterBundle) -> AdapterBundle:
+        """Similarity alignment is worked out before anyone trains: a model that cannot be probed fails the round
+        then, not after its training."""
+        if self.config.alignment == "similarity":
+            self._reference_map()
+        return super().before_round(round_id, global_state)
+
     def _slots(self, where: Mapping[str, tuple[Tier, int]]) -> dict[str, tuple[int, int]]:
         models = sorted(self.ctx.models.values(), key=lambda i: -len(i.prefix))
         slots = self.config.slots or min((i.num_layers for i in models), default=1)
-        mapped = self._to_reference() if self.config.alignment == "similarity" else {}
+        mapped = self._reference_map() if self.config.alignment == "similarity" else {}
         out: dict[str, tuple[int, int]] = {}
         for info in models:
             mine = [m for m in where if m.startswith(info.prefix) and m not in out]
@@ -232,6 +244,12 @@ class H2TuneStrategy(Strategy):
             out.update({m: slot_of(m, info.prefix, info.num_layers, slots, order, mapped.get(info.prefix))
                         for m in mine})
         return out
+
+    def _reference_map(self) -> dict[str, tuple[list[int], int]]:
+        """``_to_reference``, worked out once per strategy (per round)."""
+        if self._mapped is None:
+            self._mapped = self._to_reference()
+        return self._mapped
 
     def _to_reference(self) -> dict[str, tuple[list[int], int]]:
         """Similarity alignment: each deployment's (block -> block of the reference model, the reference's depth),
