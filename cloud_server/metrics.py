@@ -47,19 +47,21 @@ def compute_metrics(per_user: dict[str, dict[str, Any]], cloud: dict[str, dict[s
     report them, with their slowdown), and blocks run per step, averaged over the users.
 
     The user tier's figures are self-reported (anything but a finite non-negative number counts as 0); the
-    edge's come from the edge, which overwrites any a user sends; the cloud's are its own.
+    edge's come from the edge, which overwrites any a user sends; the cloud's are its own. Each tier's blocks are
+    per its own steps where it counted them, so a user's step count moves only the user tier's figure.
     """
     seconds = {"user": 0.0, "edge": 0.0, "cloud": 0.0}
     blocks: dict[str, list[float]] = {"user": [], "edge": [], "cloud": []}
     for user, m in per_user.items():
-        steps = max(_count(m.get("steps")), 1.0)
+        steps = {"user": m.get("steps"), "edge": m.get("edge_steps", m.get("steps"))}
         for tier in ("user", "edge"):
             seconds[tier] += _count(m.get(f"{tier}_compute_seconds"))
-            blocks[tier].append(_count(m.get(f"{tier}_blocks_run")) / steps)
+            blocks[tier].append(_count(m.get(f"{tier}_blocks_run")) / max(_count(steps[tier]), 1.0))
         if user in cloud:
             seconds["cloud"] += cloud[user]["seconds"]
-            blocks["cloud"].append(cloud[user]["blocks_run"] / steps)
-    return {"compute_seconds": seconds, "blocks_per_step": {t: sum(v) / len(v) if v else 0.0 for t, v in blocks.items()}}
+            blocks["cloud"].append(cloud[user]["blocks_run"] / max(cloud[user].get("steps", 1), 1))
+    per_step = {t: sum(v) / len(v) if v else 0.0 for t, v in blocks.items()}
+    return {"compute_seconds": seconds, "blocks_per_step": per_step}
 
 
 def _count(value: Any) -> float:

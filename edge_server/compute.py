@@ -240,7 +240,7 @@ class EdgeServer:
             pending.user_updates.append(AdapterUpdate(update.user, Tier.USER, stacked[Tier.USER], weight))
             pending.edge_updates.append(AdapterUpdate(update.user, Tier.EDGE, stacked[Tier.EDGE], weight))
             pending.metrics[update.user] = {**update.metrics, "edge_compute_seconds": session.compute_seconds,
-                                            "edge_blocks_run": session.blocks_run}
+                                            "edge_blocks_run": session.blocks_run, "edge_steps": session.steps}
         else:
             self.runtime.close_session(update.round, update.user)
             pending.metrics[update.user] = update.metrics

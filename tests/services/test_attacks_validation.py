@@ -95,3 +95,13 @@ def test_an_out_of_range_label_in_a_relayed_step_never_reaches_the_cloud(stack: 
         stack.edge.cloud.request = real
     assert r.status_code == 422 and calls == []
     assert encode(Message("x")) is not None
+
+
+def test_a_users_claimed_step_count_moves_only_the_user_tiers_blocks_per_step() -> None:
+    from cloud_server.metrics import compute_metrics
+
+    honest = {"steps": 4, "user_blocks_run": 8, "edge_blocks_run": 8, "edge_steps": 4}
+    cloud = {"u0": {"seconds": 1.0, "blocks_run": 12, "steps": 4}, "u1": {"seconds": 1.0, "blocks_run": 12, "steps": 4}}
+    forged = compute_metrics({"u0": honest, "u1": {**honest, "steps": 10**9}}, cloud)["blocks_per_step"]
+    assert forged["edge"] == 2.0 and forged["cloud"] == 3.0  # the edge's and the cloud's own counts
+    assert forged["user"] < 2.0  # the user tier's figure is the users' own
