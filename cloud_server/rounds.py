@@ -393,8 +393,7 @@ class Coordinator(Topology):
         for p in chosen:
             name = p.deployment or self.default_deployment
             session = self.runtimes[name].close_session(record.round_id, p.user_id)
-            compute[p.user_id] = {"seconds": session.compute_seconds, "blocks_run": session.blocks_run,
-                                 "steps": session.steps}
+            compute[p.user_id] = dict(seconds=session.compute_seconds, blocks_run=session.blocks_run, steps=session.steps)
             update = with_prefix(self.runtimes[name].pack_update(session), self.prefixes[name])
             updates_of[Tier.CLOUD].append(AdapterUpdate(p.user_id, Tier.CLOUD, update, p.num_samples))
         policy = AggregationPolicy(req.clip_norm, req.clip_factor, req.aggregator, req.trim)

@@ -261,7 +261,8 @@ class TierRuntime:
             return self.partition.run_blocks(hidden, attention_mask.to(self.device), layers)
 
     def head(self, session: Session, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The head tier only: final norm and the session's task's head. Call right after ``forward`` on the same thread."""
+        """The head tier only: final norm and the session's task's head, on ``forward``'s output (micro-batches may
+        call it from other threads: ``_bound`` holds the tier's lock)."""
         head = self.variant(session.plan).head
         if head is None:
             raise ValueError(f"the {self.tier} tier runs no head")

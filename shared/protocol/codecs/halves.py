@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.protocol.codecs.arrays import (as_bytes, bf16_bits_to_f32, converted, extremes, f32_to_bf16_bits, np_flat,
-                                           numel, tensor_bytes, to_torch, view_of)
+from shared.protocol.codecs.arrays import (as_bytes, bf16_bits_to_f32, converted, extremes, f32_to_bf16_bits, flat_f32,
+                                           np_flat, numel, tensor_bytes, to_torch, view_of)
 from shared.protocol.codecs.entries import FLOAT_DTYPES, finish_entry, need_float, post_of, read_field
 from shared.protocol.tensors import DecodeFn, EncodeFn, tensor_from_bytes, tensor_to_bytes, torch_dtype
 
@@ -32,7 +32,7 @@ def half_codec(name: str, wire_dtype: str) -> tuple[EncodeFn, DecodeFn]:
         if dtype == wire_dtype:
             return finish_entry({"data": (tensor_to_bytes(t), 2)}, post, {})
         if t.dtype == torch.float32:  # the common case, on torch's kernels (see ``arrays``)
-            flat = t.detach().cpu().reshape(-1).resolve_neg().contiguous()
+            flat = flat_f32(t)
             lo, hi = extremes(flat)
             if -_ROUNDS_FINITE[wire_dtype] < lo and hi < _ROUNDS_FINITE[wire_dtype]:  # no NaN, nothing overflows
                 return finish_entry({"data": (tensor_bytes(converted(flat, torch_dtype(wire_dtype))), 2)}, post, {})
