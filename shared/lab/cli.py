@@ -137,16 +137,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_memory(args: argparse.Namespace) -> int:
     from shared.lab.memory import memory_report
 
-    report = memory_report(args.model, _split_arg(args.split), batch_size=args.batch_size, seq_len=args.seq_len)
+    report = memory_report(args.model, _split_arg(args.split), batch_size=args.batch_size, seq_len=args.seq_len,
+                           services=args.services)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
     whole = report["whole"]
-    print(f"{'process':>7}  {'param_MB':>9}  {'share':>6}  {'peak_rss_MB':>11}")
-    for name in ("user", "edge", "cloud", "whole", "runtime"):
-        r = report[name]
-        print(f"{name:>7}  {r['param_bytes'] / 1e6:>9.1f}  {r['param_bytes'] / whole['param_bytes']:>6.1%}  "
-              f"{r['peak_rss_bytes'] / 1e6:>11.1f}")
+    print(f"{'process':>13}  {'param_MB':>9}  {'share':>6}  {'peak_rss_MB':>11}  {'anon_MB':>7}  {'file_MB':>7}  (after)")
+    rows = [(name, report[name]) for name in ("user", "edge", "cloud", "whole", "runtime")]
+    rows += [(f"service {name}", r) for name, r in report.get("services", {}).items() if isinstance(r, dict)]
+    for name, r in rows:
+        params = r.get("param_bytes")
+        mb, share = ("", "") if params is None else (f"{params / 1e6:.1f}", f"{params / whole['param_bytes']:.1%}")
+        print(f"{name:>13}  {mb:>9}  {share:>6}  {r['peak_rss_bytes'] / 1e6:>11.1f}  "
+              f"{r.get('rss_anon_bytes', 0) / 1e6:>7.1f}  {r.get('rss_file_bytes', 0) / 1e6:>7.1f}")
+    print("resident after importing: " + ", ".join(f"{step['module']} {step['peak_rss_bytes'] / 1e6:.0f} MB"
+                                                   for step in report["imports"]["steps"]))
     for line in report["checks"]:
         print(line)
     return 0
@@ -280,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="2,15")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--services", action="store_true",
+                   help="also run a cloud, an edge and a user as service processes through one round; their peaks")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_memory)
 

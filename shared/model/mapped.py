@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 # safetensors dtype names (https://huggingface.co/docs/safetensors, "Format") -> torch dtypes, floats only
 STORED = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -31,7 +31,7 @@ class StoredRowsEmbedding(nn.Embedding):
 
     compute_dtype: torch.dtype = torch.float32
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Embedding's own name)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(input, self.weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq,
                            self.sparse)
         return rows.to(self.compute_dtype)
