@@ -135,26 +135,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
-    from shared.lab.memory import memory_report
+    from shared.lab.memory import memory_report, print_report
 
     report = memory_report(args.model, _split_arg(args.split), batch_size=args.batch_size, seq_len=args.seq_len,
                            services=args.services)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
-    whole = report["whole"]
-    print(f"{'process':>13}  {'param_MB':>9}  {'share':>6}  {'peak_rss_MB':>11}  {'anon_MB':>7}  {'file_MB':>7}  (after)")
-    rows = [(name, report[name]) for name in ("user", "edge", "cloud", "whole", "runtime")]
-    rows += [(f"service {name}", r) for name, r in report.get("services", {}).items() if isinstance(r, dict)]
-    for name, r in rows:
-        params = r.get("param_bytes")
-        mb, share = ("", "") if params is None else (f"{params / 1e6:.1f}", f"{params / whole['param_bytes']:.1%}")
-        print(f"{name:>13}  {mb:>9}  {share:>6}  {r['peak_rss_bytes'] / 1e6:>11.1f}  "
-              f"{r.get('rss_anon_bytes', 0) / 1e6:>7.1f}  {r.get('rss_file_bytes', 0) / 1e6:>7.1f}")
-    print("resident after importing: " + ", ".join(f"{step['module']} {step['peak_rss_bytes'] / 1e6:.0f} MB"
-                                                   for step in report["imports"]["steps"]))
-    for line in report["checks"]:
-        print(line)
+    print_report(report)
     return 0
 
 

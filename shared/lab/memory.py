@@ -153,6 +153,23 @@ def memory_report(model: str, split: tuple[int, int], batch_size: int = 4, seq_l
     return report
 
 
+def print_report(report: dict[str, Any]) -> None:
+    """``memory_report``'s figures as the ``splitllm memory`` table, the imports and the checks."""
+    whole = report["whole"]
+    print(f"{'process':>13}  {'param_MB':>9}  {'share':>6}  {'peak_rss_MB':>11}  {'anon_MB':>7}  {'file_MB':>7}  (after)")
+    rows = [(name, report[name]) for name in ("user", "edge", "cloud", "whole", "runtime")]
+    rows += [(f"service {name}", r) for name, r in report.get("services", {}).items() if isinstance(r, dict)]
+    for name, r in rows:
+        params = r.get("param_bytes")
+        mb, share = ("", "") if params is None else (f"{params / 1e6:.1f}", f"{params / whole['param_bytes']:.1%}")
+        print(f"{name:>13}  {mb:>9}  {share:>6}  {r['peak_rss_bytes'] / 1e6:>11.1f}  "
+              f"{r.get('rss_anon_bytes', 0) / 1e6:>7.1f}  {r.get('rss_file_bytes', 0) / 1e6:>7.1f}")
+    print("resident after importing: " + ", ".join(f"{step['module']} {step['peak_rss_bytes'] / 1e6:.0f} MB"
+                                                   for step in report["imports"]["steps"]))
+    for line in report["checks"]:
+        print(line)
+
+
 if __name__ == "__main__":
     _model, _split, _tier, _bs, _seq = sys.argv[1:6]
     _a, _b = (int(x) for x in _split.split(","))
