@@ -23,7 +23,7 @@ def _status(pid: int | str = "self") -> dict[str, int]:
     return out
 
 
-# What a user service imports, heaviest first: resident memory after each (``imports`` probe)
+# What a user service imports, in the order it loads them: resident memory after each (``imports`` probe)
 IMPORTS = ("torch", "transformers", "transformers.modeling_utils", "peft", "shared.runtime.tier", "user_agent.app")
 
 

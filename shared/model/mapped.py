@@ -5,7 +5,9 @@ the user tier's 142 MB) and never trains. Mapped copy-on-write (``numpy.memmap``
 holds in memory only the pages of the rows it has looked up; those pages are file-backed (the kernel may
 drop and re-read them), and a write, if anything ever wrote, would stay private to the process. Stored in
 another float dtype than the compute dtype (bf16, fp16), the rows are looked up in the stored dtype and only
-they are cast (an exact cast, so the result is bit-identical to casting the whole matrix first).
+they are cast (an exact cast, so the result is bit-identical to casting the whole matrix first). Recent
+safetensors (0.8 here) already hands out tensors on a private map of the file, but older ones copy (the pin
+is >= 0.4), and the cast of a bf16 matrix to fp32 copies it whole either way.
 
 Anything else (a tensor not contiguous in its file, an embedding module of another class with another
 dtype, a ``max_norm`` that renormalises rows in place) is left to the ordinary copy (``None``).
