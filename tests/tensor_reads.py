@@ -1,4 +1,5 @@
-"""Records the checkpoint tensors a test's code reads (``safetensors.safe_open`` wrapped)."""
+"""Records the checkpoint tensors a test's code reads (``safetensors.safe_open`` wrapped, and the token embedding's
+memory map, ``shared.model.mapped.mapped_tensor``)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,19 @@ class TensorReads:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         import safetensors
 
+        from shared.model import mapped
+
         self.real, self.keys = safetensors.safe_open, []
         monkeypatch.setattr(safetensors, "safe_open", self.open)
+        real_map = mapped.mapped_tensor
+
+        def mapped_tensor(file, key):
+            tensor = real_map(file, key)
+            if tensor is not None:
+                self.keys.append(key)
+            return tensor
+
+        monkeypatch.setattr(mapped, "mapped_tensor", mapped_tensor)
 
     def open(self, *args, **kwargs):
         return _RecordingHandle(self.real(*args, **kwargs), self.keys)

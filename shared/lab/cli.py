@@ -135,20 +135,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
-    from shared.lab.memory import memory_report
+    from shared.lab.memory import memory_report, print_report
 
-    report = memory_report(args.model, _split_arg(args.split), batch_size=args.batch_size, seq_len=args.seq_len)
+    report = memory_report(args.model, _split_arg(args.split), batch_size=args.batch_size, seq_len=args.seq_len,
+                           services=args.services)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
-    whole = report["whole"]
-    print(f"{'process':>7}  {'param_MB':>9}  {'share':>6}  {'peak_rss_MB':>11}")
-    for name in ("user", "edge", "cloud", "whole", "runtime"):
-        r = report[name]
-        print(f"{name:>7}  {r['param_bytes'] / 1e6:>9.1f}  {r['param_bytes'] / whole['param_bytes']:>6.1%}  "
-              f"{r['peak_rss_bytes'] / 1e6:>11.1f}")
-    for line in report["checks"]:
-        print(line)
+    print_report(report)
     return 0
 
 
@@ -280,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="2,15")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--services", action="store_true",
+                   help="also run a cloud, an edge and a user as service processes through one round; their peaks")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_memory)
 

@@ -8,20 +8,43 @@ import subprocess
 import sys
 from typing import Any
 
-import torch
 
-
-def _peak_rss_bytes() -> int:
-    """This process's own peak (VmHWM): unlike ru_maxrss, it does not inherit the parent's peak across exec."""
-    with open("/proc/self/status") as f:
+def _status(pid: int | str = "self") -> dict[str, int]:
+    """A process's peak (VmHWM: unlike ru_maxrss, it does not inherit the parent's peak across exec) and its resident
+    memory now, anonymous (heap, tensors) and file-backed (libraries' code, memory-mapped weights)."""
+    fields = {"VmHWM:": "peak_rss_bytes", "RssAnon:": "rss_anon_bytes", "RssFile:": "rss_file_bytes"}
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+            name = line.split(":", 1)[0] + ":"
+            if name in fields:
+                out[fields[name]] = int(line.split()[1]) * 1024
+    out.setdefault("peak_rss_bytes", int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024)
+    return out
+
+
+# What a user service imports, in the order it loads them: resident memory after each (``imports`` probe)
+IMPORTS = ("torch", "transformers", "transformers.modeling_utils", "peft", "shared.runtime.tier", "user_agent.app")
+
+
+def probe_imports() -> dict[str, Any]:
+    """Resident memory after importing each of ``IMPORTS`` in turn (each includes what the ones before it loaded)."""
+    import importlib
+
+    steps = [{"module": "python", **_status()}]
+    for name in IMPORTS:
+        importlib.import_module(name)
+        steps.append({"module": name, **_status()})
+    return {"param_bytes": 0, "steps": steps, **_status()}
 
 
 def probe(model: str, split: tuple[int, int], tier: str, batch_size: int, seq_len: int) -> dict[str, Any]:
-    """Load one tier (or the whole model) in this process and run one LoRA training step through it."""
+    """Load one tier (or the whole model) in this process and run one LoRA training step through it; ``imports``:
+    the import steps alone (``probe_imports``)."""
+    if tier == "imports":
+        return probe_imports()
+    import torch
+
     from shared.config.deployment import ModelSpec
     from shared.model.adapters import LoraSettings
     from shared.model.sources import resolve_model
@@ -30,7 +53,7 @@ def probe(model: str, split: tuple[int, int], tier: str, batch_size: int, seq_le
 
     source = resolve_model(model)
     if tier == "runtime":  # the floor: python, torch, transformers and the tier's code, no weights
-        return {"param_bytes": 0, "peak_rss_bytes": _peak_rss_bytes()}
+        return {"param_bytes": 0, **_status()}
     ids = torch.randint(0, int(source.config.vocab_size), (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     if tier == "whole":
@@ -44,7 +67,7 @@ def probe(model: str, split: tuple[int, int], tier: str, batch_size: int, seq_le
         param_bytes = sum(p.numel() * p.element_size() for p in whole.get_base_model().parameters())
         labels = ids.clone() if task == "lm" else torch.zeros(batch_size, dtype=torch.int64)
         whole(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        return {"param_bytes": param_bytes, "peak_rss_bytes": _peak_rss_bytes()}
+        return {"param_bytes": param_bytes, **_status()}
     task = source.family.tasks[0]
     spec = ModelSpec(model=model, split=split, task=task, num_labels=2 if task == "cls" else 0)
     runtime = TierRuntime(tier, source, spec)
@@ -57,7 +80,7 @@ def probe(model: str, split: tuple[int, int], tier: str, batch_size: int, seq_le
         out = runtime.head(session, out, mask)
     if out.requires_grad:
         runtime.backward_and_step(session, [out], [torch.ones_like(out)])
-    return {"param_bytes": runtime.parameter_bytes(), "peak_rss_bytes": _peak_rss_bytes()}
+    return {"param_bytes": runtime.parameter_bytes(), **_status()}
 
 
 def probe_process(model: str, split: tuple[int, int], tier: str, batch_size: int, seq_len: int) -> dict[str, Any]:
@@ -70,14 +93,40 @@ def probe_process(model: str, split: tuple[int, int], tier: str, batch_size: int
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def memory_report(model: str, split: tuple[int, int], batch_size: int = 4, seq_len: int = 64) -> dict[str, Any]:
-    """Each tier and the whole model in a fresh process of its own, so peak RSS is that tier's alone."""
+def service_peaks(model: str, split: tuple[int, int], batch_size: int, seq_len: int, steps: int = 2) -> dict[str, Any]:
+    """The real services: a cloud, an edge and a user as processes (``splitllm cloud|edge|user``), one training round of
+    ``steps`` steps on Shakespeare rows of ``seq_len`` tokens; each process's peak and resident memory after it."""
+    import tempfile
+    from pathlib import Path
+
+    from shared.lab.cluster import Cluster
+
+    cloud_args = ["--model", model, "--split", f"{split[0]},{split[1]}", "--data", "shakespeare", "--max-len",
+                  str(seq_len), "--min-chars", str(8 * seq_len), "--max-examples-per-client", str(4 * batch_size * steps)]
+    with tempfile.TemporaryDirectory() as tmp:
+        cluster = Cluster(Path(tmp), cloud_args, users=1, edges=1)
+        try:
+            cluster.start()
+            view = cluster.run_round({"local_steps": steps, "batch_size": batch_size, "evaluate": False})
+            peaks = {name: _status(proc.popen.pid) for name, proc in cluster.procs.items() if proc.popen is not None}
+        finally:
+            cluster.stop()
+    shape = next(iter(view["metrics"]["users"].values())).get("batch_shape")
+    return {"steps": steps, "batch_shape": shape, **peaks}
+
+
+def memory_report(model: str, split: tuple[int, int], batch_size: int = 4, seq_len: int = 64,
+                  services: bool = False) -> dict[str, Any]:
+    """Each tier and the whole model in a fresh process of its own, so peak RSS is that tier's alone; with
+    ``services``, the real service processes too (``service_peaks``)."""
     from shared.model.sources import resolve_model
 
     resolve_model(model)  # convert / validate once, before the probes race to do it
     report: dict[str, Any] = {"model": model, "split": list(split), "batch_size": batch_size, "seq_len": seq_len}
-    for tier in ("user", "edge", "cloud", "whole", "runtime"):
+    for tier in ("user", "edge", "cloud", "whole", "runtime", "imports"):
         report[tier] = probe_process(model, split, tier, batch_size, seq_len)
+    if services:
+        report["services"] = service_peaks(model, split, batch_size, seq_len)
     whole, user = report["whole"], report["user"]
     share = user["param_bytes"] / whole["param_bytes"]
     not_held = whole["param_bytes"] - user["param_bytes"]
@@ -94,7 +143,31 @@ def memory_report(model: str, split: tuple[int, int], batch_size: int = 4, seq_l
         (f"user peak RSS is {saved / 1e6:.1f} MB below the whole model's; it does not hold {not_held / 1e6:.1f} MB "
         f"of parameters: {'ok' if saved >= not_held else 'FAIL'}"),
     ]
+    if services:
+        service = report["services"]["user-0"]["peak_rss_bytes"]
+        report["user_service_rss_share"] = service / whole["peak_rss_bytes"]
+        report["checks"].append(
+            f"the user service process (HTTP stack, data, tokenizer; real rows) peaks at {service / 1e6:.0f} MB, "
+            f"{report['user_service_rss_share']:.1%} of the whole-model probe's; the user probe: "
+            f"{user['peak_rss_bytes'] / 1e6:.0f} MB")
     return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """``memory_report``'s figures as the ``splitllm memory`` table, the imports and the checks."""
+    whole = report["whole"]
+    print(f"{'process':>13}  {'param_MB':>9}  {'share':>6}  {'peak_rss_MB':>11}  {'anon_MB':>7}  {'file_MB':>7}  (after)")
+    rows = [(name, report[name]) for name in ("user", "edge", "cloud", "whole", "runtime")]
+    rows += [(f"service {name}", r) for name, r in report.get("services", {}).items() if isinstance(r, dict)]
+    for name, r in rows:
+        params = r.get("param_bytes")
+        mb, share = ("", "") if params is None else (f"{params / 1e6:.1f}", f"{params / whole['param_bytes']:.1%}")
+        print(f"{name:>13}  {mb:>9}  {share:>6}  {r['peak_rss_bytes'] / 1e6:>11.1f}  "
+              f"{r.get('rss_anon_bytes', 0) / 1e6:>7.1f}  {r.get('rss_file_bytes', 0) / 1e6:>7.1f}")
+    print("resident after importing: " + ", ".join(f"{step['module']} {step['peak_rss_bytes'] / 1e6:.0f} MB"
+                                                   for step in report["imports"]["steps"]))
+    for line in report["checks"]:
+        print(line)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from torch import nn
 
 from shared.errors import ModelError
 from shared.model.families import ADD_A_FAMILY, Family, task_model, tier_config
+from shared.model.mapped import StoredRowsEmbedding, map_token_embedding
 from shared.model.sources import ModelSource
 
 TIERS = ("user", "edge", "cloud")
@@ -209,6 +210,11 @@ class Partition(nn.Module):
         tensors = {id(t): t for t in self.state_dict(keep_vars=True).values()}  # a shared tensor once
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype this tier computes in: its parameters', a token embedding kept in its stored dtype aside."""
+        return next((p.dtype for m in self.modules() if not isinstance(m, StoredRowsEmbedding)
+                     for p in m.parameters(recurse=False)), torch.float32)
+
     def checkpoint_name(self, name: str) -> str:
         """The task model's name of a normalised parameter name (``blocks.3.attn.c_attn.weight``)."""
         module, rest = ".".join(name.split(".")[:2]), ".".join(name.split(".")[2:])
@@ -279,7 +285,8 @@ def load_partition(source: ModelSource, tier: str, split: Split, task: str, num_
     Its own tensors are its parameters and the persistent buffers a checkpoint may hold (an activation's
     constants); a buffer the checkpoint lacks keeps the value its module computed from the config.
     Parameters the checkpoint lacks (a new classification head) are initialised from ``seed``, the way
-    transformers initialises them (normal(0, initializer_range), zero bias).
+    transformers initialises them (normal(0, initializer_range), zero bias). The frozen token embedding
+    (the user's) is read through a copy-on-write memory map of its file where it can be (``shared.model.mapped``).
     """
     from safetensors import safe_open
 
@@ -304,6 +311,10 @@ def load_partition(source: ModelSource, tier: str, split: Split, task: str, num_
     for file, names in by_file.items():
         with safe_open(str(file), framework="pt") as f:
             for name, key in names:
+                mapped = map_token_embedding(model, part, name, file, key) if name.startswith("embed.") else None
+                if mapped is not None:  # the frozen token embedding: mapped, not copied (shared.model.mapped)
+                    state[name] = mapped
+                    continue
                 tensor = f.get_tensor(key)
                 state[name] = tensor.to(torch.float32) if tensor.is_floating_point() else tensor
     gen = torch.Generator().manual_seed(seed)

@@ -164,7 +164,7 @@ class TierRuntime:
         """What an arriving step of ``session`` must be (see ``shared.runtime.steps.check_step``)."""
         spec = self.variant(session.plan).spec
         classes = spec.num_labels if spec.task == "cls" else int(self.partition.config.vocab_size)
-        dtype = next((p.dtype for p in self.partition.parameters()), torch.float32)
+        dtype = self.partition.compute_dtype()
         return StepLimits(self.width, spec.task, classes, dtype, labels=not spec.u_shaped)
 
     # sessions -------------------------------------------------------------------------------

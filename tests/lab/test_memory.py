@@ -44,3 +44,28 @@ def test_memory_probe_peak_rss_is_its_own(tiny, run_cli) -> None:
     probe = json.loads(proc.stdout.strip().splitlines()[-1])
     assert probe["param_bytes"] > 0
     assert probe["peak_rss_bytes"] < 2**30  # a tiny-model probe really peaks at a few hundred MB
+
+
+def test_memory_imports_probe_records_each_import(run_cli) -> None:
+    from shared.lab.memory import IMPORTS
+
+    proc = run_cli(["tiny-llama", "1,3", "imports", "2", "8"], module="shared.lab.memory")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    steps = probe["steps"]
+    assert [s["module"] for s in steps] == ["python", *IMPORTS]
+    assert all(s["rss_anon_bytes"] > 0 and s["rss_file_bytes"] > 0 for s in steps)
+    peaks = [s["peak_rss_bytes"] for s in steps]
+    assert peaks == sorted(peaks) and peaks[-1] > 2 * peaks[0]  # torch alone is far above a bare interpreter
+
+
+@pytest.mark.slow
+def test_service_peaks_are_each_process_own(tiny) -> None:
+    from shared.lab.memory import service_peaks
+
+    tiny("tiny-llama")
+    peaks = service_peaks("tiny-llama", (1, 3), batch_size=2, seq_len=16)
+    assert peaks["steps"] == 2 and peaks["batch_shape"][0] == 2
+    for name in ("cloud", "edge-0", "user-0"):
+        assert 10**8 < peaks[name]["peak_rss_bytes"] < 2**31
+        assert peaks[name]["rss_anon_bytes"] + peaks[name]["rss_file_bytes"] <= peaks[name]["peak_rss_bytes"] * 1.01

@@ -1,0 +1,106 @@
+"""The frozen token embedding read through a memory map of its file: the same outputs and updates as a copy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.config.deployment import ModelSpec
+from shared.model import partition as partition_module
+from shared.model.mapped import StoredRowsEmbedding
+from shared.model.sources import resolve_model
+from shared.protocol.messages import RoundPlan
+from shared.runtime.tier import TierRuntime
+
+
+def stored_as(src: Path, dest: Path, dtype: torch.dtype) -> Path:
+    """A copy of a tiny checkpoint with its float tensors stored in ``dtype`` (a bf16 checkpoint from the hub, say)."""
+    from safetensors.torch import load_file, save_file
+
+    dest.mkdir()
+    for file in src.iterdir():
+        if file.suffix == ".safetensors":
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(file)).items()}
+            save_file(state, str(dest / file.name), metadata={"format": "pt"})
+        else:
+            (dest / file.name).write_bytes(file.read_bytes())
+    return dest
+
+
+def mapped_files(tensor: torch.Tensor) -> list[str]:
+    """The files mapped where ``tensor``'s data lies (from /proc/self/maps)."""
+    ptr = tensor.data_ptr()
+    found = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            low, high = (int(x, 16) for x in parts[0].split("-"))
+            if low <= ptr < high and len(parts) >= 6:
+                found.append(parts[5])
+    return found
+
+
+def user_step(source, task: str, split: tuple[int, int]) -> tuple[TierRuntime, torch.Tensor, dict[str, torch.Tensor]]:
+    """A user tier's forward output and its adapters after one training step on fixed tokens."""
+    spec = ModelSpec(model=str(source.path), split=split, task=task, num_labels=2 if task == "cls" else 0)
+    torch.manual_seed(0)  # peft's initial adapters, LoRA dropout
+    runtime = TierRuntime("user", source, spec)
+    session = runtime.open_session(RoundPlan(round_id=1, user_id="u", local_steps=1, batch_size=2, lr=1e-2),
+                                   runtime.global_state_template())
+    ids = torch.randint(0, int(source.config.vocab_size), (2, 8), generator=torch.Generator().manual_seed(1))
+    out = runtime.forward(session, None, torch.ones_like(ids), 0, input_ids=ids)
+    runtime.backward_and_step(session, [out], [torch.linspace(-1, 1, out.numel()).view_as(out)])
+    return runtime, out.detach(), {k: v.detach().clone() for k, v in session.params.items()}
+
+
+def token_embedding(runtime: TierRuntime) -> torch.nn.Embedding:
+    vocab = int(runtime.source.config.vocab_size)
+    return next(m for m in runtime.partition.embed.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings == vocab)
+
+
+def copied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Load as before: every tensor copied out of its file."""
+    monkeypatch.setattr(partition_module, "map_token_embedding", lambda *args, **kwargs: None)
+
+
+CASES = [  # model, stored dtype (None: as the tiny checkpoint has it, fp32), task, split, class kept in the stored dtype
+    ("tiny-llama", None, "lm", (1, 3), False),
+    ("tiny-llama", torch.bfloat16, "lm", (1, 3), True),
+    ("tiny-gpt2", torch.float16, "lm", (2, 3), True),
+    ("tiny-bert", torch.bfloat16, "cls", (1, 3), True),  # nested: embeddings.word_embeddings
+    ("tiny-gemma3_text", torch.bfloat16, "lm", (1, 3), False),  # a scaled-embedding subclass: copied and cast
+    ("tiny-gemma3_text", None, "lm", (1, 3), False),  # fp32: mapped as it is
+]
+
+
+@pytest.mark.parametrize(("model", "dtype", "task", "split", "rows_cast"), CASES)
+def test_mapped_embedding_gives_the_copied_outputs_and_updates(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               model: str, dtype, task: str, split, rows_cast: bool) -> None:
+    path = tiny(model).path if dtype is None else stored_as(tiny(model).path, tmp_path / "stored", dtype)
+    source = resolve_model(str(path))
+    runtime, out, params = user_step(source, task, split)
+    embedding = token_embedding(runtime)
+    assert isinstance(embedding, StoredRowsEmbedding) is rows_cast
+    assert embedding.weight.dtype == (dtype if rows_cast else torch.float32)
+    if dtype is None or rows_cast:
+        assert any(f.endswith(".safetensors") for f in mapped_files(embedding.weight)), "not read through a map"
+    assert runtime.step_limits(next(iter(runtime.sessions.values()))).dtype == torch.float32
+    copied(monkeypatch)
+    runtime_c, out_c, params_c = user_step(source, task, split)
+    assert not isinstance(token_embedding(runtime_c), StoredRowsEmbedding)
+    assert out.dtype == out_c.dtype == torch.float32
+    assert torch.equal(out, out_c)
+    assert params.keys() == params_c.keys() and all(torch.equal(params[k], params_c[k]) for k in params)
+
+
+def test_a_write_to_the_mapped_embedding_stays_in_the_process(tiny, tmp_path: Path) -> None:
+    path = stored_as(tiny("tiny-llama").path, tmp_path / "copy", torch.float32)
+    before = (path / "model.safetensors").read_bytes()
+    source = resolve_model(str(path))
+    runtime, _, _ = user_step(source, "lm", (1, 3))
+    weight = runtime.partition.embed["embed_tokens"].weight
+    with torch.no_grad():
+        weight.add_(1.0)  # copy-on-write: this process's pages only
+    assert (path / "model.safetensors").read_bytes() == before
