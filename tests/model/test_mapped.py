@@ -104,3 +104,32 @@ def test_a_write_to_the_mapped_embedding_stays_in_the_process(tiny, tmp_path: Pa
     with torch.no_grad():
         weight.add_(1.0)  # copy-on-write: this process's pages only
     assert (path / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_a_device_holding_the_tied_head_too_gets_the_copied_outputs(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   dtype) -> None:
+    """U-shaped, the whole model on the device (a = b = L): the embedding is mapped, the head it is tied to still
+    computes in fp32 and gives the copied load's logits and updates."""
+    path = tiny("tiny-llama").path if dtype is None else stored_as(tiny("tiny-llama").path, tmp_path / "stored", dtype)
+    source = resolve_model(str(path))
+    assert source.config.tie_word_embeddings
+    n = int(source.config.num_hidden_layers)
+
+    def whole_step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        spec = ModelSpec(model=str(source.path), split=(n, n), task="lm", u_shaped=True)
+        torch.manual_seed(0)
+        runtime = TierRuntime("user", source, spec)
+        session = runtime.open_session(RoundPlan(round_id=1, user_id="u", local_steps=1, batch_size=2, lr=1e-2),
+                                       runtime.global_state_template())
+        ids = torch.randint(0, int(source.config.vocab_size), (2, 8), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones_like(ids)
+        logits = runtime.head(session, runtime.forward(session, None, mask, 0, input_ids=ids), mask)
+        runtime.backward_and_step(session, [logits], [torch.linspace(-1, 1, logits.numel()).view_as(logits)])
+        return logits.detach(), {k: v.detach().clone() for k, v in session.params.items()}
+
+    logits, params = whole_step()
+    copied(monkeypatch)
+    logits_c, params_c = whole_step()
+    assert logits.dtype == torch.float32 and torch.equal(logits, logits_c)
+    assert params.keys() == params_c.keys() and all(torch.equal(params[k], params_c[k]) for k in params)
