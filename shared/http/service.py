@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from shared.config.flags import add_model_flags, first_error, model_flag_values
 from shared.config.settings import ServiceSettings, load_settings
+from shared.config.threads import sleep_idle_threads
 from shared.http.client import Identity
 from shared.http.credentials import (Credential, CredentialError, Principal, Revocations, Verifier,
                                      load_public_key)
@@ -60,9 +61,7 @@ def serve(prog: str, cls: type[ServiceSettings], create_app: Callable[[Any], Any
     ValueError it raises (a ModelError, say) is bad settings too.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # Idle OpenMP threads sleep instead of spinning: a tier mostly waits for its peers, and several
-    # tiers may share cores (read before torch loads, so set here).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    sleep_idle_threads()  # before torch loads
     from pydantic import ValidationError
 
     try:

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from shared.config.flags import add_model_flags, first_error, model_flag_values
 from shared.config.round import RoundConfig
 from shared.errors import ClientError
+from shared.config.threads import sleep_idle_threads
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -147,15 +148,12 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_http(args: argparse.Namespace) -> int:
-    from shared.lab.bench.overhead import bench_http
+    from shared.lab.bench.overhead import bench_http, summary
     from shared.lab.bench.timing import write_json
 
     report = bench_http(args.model, args.split, args.batch_size, args.seq_len, args.steps)
     write_json(report, args.json)
-    print(f"{report['model']} batch {report['batch_shape']}: in-process {report['inprocess_step_seconds']:.3f} s/step, "
-          f"HTTP on loopback {report['http_step_seconds']:.3f} s/step, ratio {report['ratio']:.3f} (target <= 1.05); CPU seconds of the round: in-process "
-          f"{report['inprocess_round_cpu_seconds']:.1f}, HTTP {report['http_round_cpu_seconds']:.1f} (all three processes), "
-          f"ratio {report['cpu_ratio']:.3f}; load {report['machine']['http']['load_before']}")
+    print(summary(report))
     return 0
 
 
@@ -310,8 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a codec spec to compare (repeatable; fp32 is always run first); default: the standard set")
     p.add_argument("--no-4g", action="store_true", help="skip the round over emulated 4g links (real processes)")
     p.add_argument("--only-4g", action="store_true", help="only the round over emulated 4g links")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads of every tier in the 4g round (0: one per core in each process)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of every tier in the 4g round (default 1: its 6 processes share this "
+                        "machine's cores, as in bench scaling; 0: one per core in each process)")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_bench_codecs)
 
@@ -356,6 +355,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    sleep_idle_threads()  # every splitllm process, in-process paths and services alike (before torch loads)
     if argv and argv[0] in SERVICES:  # the services parse their own flags (generated from their settings)
         import importlib
 

@@ -44,3 +44,18 @@ def test_bench_scaling_counts_every_users_samples(tiny) -> None:
             assert len(rows[n][m]["median_step_s"]) == int(n)
             assert rows[n][m]["samples_per_s"] > 0 and rows[n][m]["cpu_busy"] > 0
     assert rows["1"]["1"]["speedup_vs_1_user"] == pytest.approx(1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_bench_http_splits_each_path_into_the_tiers_compute_and_the_rest(tiny) -> None:
+    from shared.lab.bench.overhead import bench_http, summary
+
+    tiny("tiny-llama")
+    r = bench_http("tiny-llama", "1,3", batch_size=2, seq_len=16, steps=3)
+    assert len(r["inprocess_steps"]) == len(r["http_steps"]) == 3
+    for path in ("inprocess", "http"):
+        assert set(r["compute_per_step"][path]) == {"user", "edge", "cloud"}
+        assert all(seconds > 0 for seconds in r["compute_per_step"][path].values())
+    assert set(r["outside_compute_per_step"]) == {"inprocess", "http"}
+    assert "omp_wait_policy" in r and "outside the tiers' compute" in summary(r)

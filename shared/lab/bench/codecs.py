@@ -110,14 +110,15 @@ def bench_codecs(model: str = "minilm-l6", split: str = "1,3", steps: int = 50, 
 
 
 def bench_codecs_4g(model: str = "minilm-l6", split: str = "1,3", users: int = 4, steps: int = 5,
-                    batch_size: int = 16, seq_len: int = 128, seed: int = 0, threads: int = 0) -> dict[str, Any]:
+                    batch_size: int = 16, seq_len: int = 128, seed: int = 0, threads: int = 1) -> dict[str, Any]:
     """Round wall time of ``users`` users through one edge over emulated 4g links: fp32 against int8.
 
     Real processes on loopback; each user's link to the edge really waits its 4g transfer time. Rows
     are full length (questions of one class joined, then truncated to ``seq_len``): padding does not
     travel (only real tokens cross a cut), so short rows would hide what the codec saves.
-    ``threads`` > 0 sets every tier's torch threads (all ``users`` + 2 processes share this machine's
-    cores); 0 leaves torch's default, one per core in each process.
+    ``threads`` > 0 sets every tier's torch threads; the default 1 keeps the ``users`` + 2 processes, which
+    stand for as many machines, from oversubscribing this machine's cores; 0 leaves torch's default, one
+    per core in each process.
     """
     import os
 
