@@ -34,9 +34,10 @@ def bench_http(model: str = "smollm2-135m", split: str = "2,15", batch_size: int
     path; the cloud's, the edge's and the user's together over HTTP): the work HTTP adds, which depends
     far less than wall time on what else runs on the machine. And where a step's time goes on each path: each
     tier's compute seconds per step (the round's over its steps), and the rest of the mean step outside them:
-    links, codecs, hand-offs between threads and processes (the first step included in both). Both paths run under this process's OpenMP
-    wait policy (``splitllm`` sets PASSIVE, as the services do: ``shared.config.threads``), recorded as
-    ``omp_wait_policy``; under different policies the comparison would measure them, not HTTP.
+    links, codecs, hand-offs between threads and processes (the first step included in both). Both paths run
+    under this process's OpenMP wait policy (``splitllm`` sets PASSIVE, as the services do:
+    ``shared.config.threads``), recorded as ``omp_wait_policy``; under different policies the comparison
+    would measure them, not HTTP.
     """
     a, b = (int(x) for x in split.split(","))
     common = {"model": model, "data": "shakespeare", "seed": seed, "max_len": seq_len, "min_chars": 8 * seq_len,
