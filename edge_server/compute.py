@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,8 @@ from shared.runtime.steps import Downstream, Pending, check_grad, pack_tokens, s
 from shared.runtime.tier import TierRuntime
 
 log = logging.getLogger("splitllm.edge")
+
+REGISTRATION_WAIT = 60.0  # the longest a start waits for a listed user's registration under way here (seconds)
 
 
 @dataclass
@@ -71,7 +74,23 @@ class EdgeServer:
         # users whose update this edge took in but whose bytes the transport has not counted yet (``after_update``)
         self.uncounted: dict[tuple[int, Mode], set[str]] = {}
         self.starting: dict[tuple[int, Mode], threading.Event] = {}  # set once every user of a phase was started
+        self.arriving: dict[str, threading.Event] = {}  # users whose registration is under way, set once it ends
         self.lock = threading.Lock()
+
+    @contextmanager
+    def arriving_user(self, user_id: str) -> Iterator[None]:
+        """A registration under way (the cloud asked, then the blocks from the user's cut loaded, then
+        ``register_user``): the cloud knows the user before this edge does, so a start listing it waits for this."""
+        event = threading.Event()
+        with self.lock:
+            self.arriving[user_id] = event
+        try:
+            yield
+        finally:
+            with self.lock:
+                if self.arriving.get(user_id) is event:
+                    del self.arriving[user_id]
+            event.set()
 
     def register_user(self, user_id: str, link: Link, num_samples: int, cut: int | None = None) -> None:
         """A user behind this edge; with a cut of its own (a_u), this edge serves it blocks [a_u, b)."""
@@ -83,8 +102,14 @@ class EdgeServer:
 
     # control -------------------------------------------------------------------------------
     def on_start(self, msg: Message) -> Message:
-        """Open edge sessions for the listed users, then start each user."""
+        """Open edge sessions for the listed users, then start each user; a listed user this edge does not know
+        is dropped from the round, once any registration of it under way here has ended."""
         start = RoundStart.from_message(msg)
+        for plan in start.plans:
+            with self.lock:
+                arriving = self.arriving.get(plan.user_id)
+            if arriving is not None and not arriving.wait(REGISTRATION_WAIT):
+                log.warning("round %s: %s still registering after %.0f s", plan.round_id, plan.user_id, REGISTRATION_WAIT)
         if start.revoked is not None and self.on_revoked is not None:
             self.on_revoked(start.revoked)
         round_id, phase = start.plans[0].round_id, start.plans[0].mode
@@ -103,7 +128,8 @@ class EdgeServer:
             pending = PendingRound({p.user_id: p for p in start.plans}, start.adapters, strategy, policy, start.weights)
             self.pending[key] = pending
             starts_done = self.starting[key] = threading.Event()
-        known = [p for p in start.plans if p.user_id in self.users]
+            links = {p.user_id: self.users[p.user_id] for p in start.plans if p.user_id in self.users}
+        known = [p for p in start.plans if p.user_id in links]  # one snapshot: each user is started or dropped
         for plan in known:  # each user's own cut divides the round's adapters between its device and this edge
             device, edge = at_cut(pending.previous, self.runtime.spec.split[0] if plan.cut is None else plan.cut)
             pending.downloads[plan.user_id] = device
@@ -115,12 +141,12 @@ class EdgeServer:
         codec = self.runtime.policy(Hop.USER_EDGE).downloads
         try:  # a report settled here is sent at once (``_send``): ``_report`` would wait for this very start
             for plan in start.plans:
-                if plan.user_id not in self.users:  # e.g. this edge restarted: the user re-registers at its next heartbeat
+                if plan.user_id not in links:  # e.g. this edge restarted: the user re-registers at its next heartbeat
                     self._send(self._drop_user(key, plan.user_id, f"not registered at {self.edge_id} (did the edge restart?)"))
             for plan in known:
                 try:
                     start_msg = UserStart(plan, pending.downloads[plan.user_id]).to_message(codec)
-                    self.users[plan.user_id].request("start", start_msg)
+                    links[plan.user_id].request("start", start_msg)
                 except Exception as exc:  # an unreachable user is dropped from this round, not the round
                     log.warning("round %s: could not start %s: %s", round_id, plan.user_id, exc)
                     self._send(self._drop_user(key, plan.user_id, f"could not be started: {exc}"))

@@ -105,13 +105,14 @@ class EdgeService(BackgroundStart):
                         ledger=self.ledger, emulator=emulator, identity=self.security.identity,
                         audience=f"user:{body.user_id}")
         declared = body.model_dump(include={"model", "data", "max_blocks", "memory_budget", "rank"})
-        try:  # the cloud learns of the user only once the edge can call it back
-            reply = post_json(f"{s.cloud.rstrip('/')}/v1/edges/{self.edge_id}/users",
-                              {"user_id": body.user_id, "num_samples": body.num_samples, "registration": proof,
-                               **declared}, deadline=60, identity=self.security.identity, audience="cloud")
-            placement = reply["placement"]
-            old = server.users.get(body.user_id)
-            server.register_user(body.user_id, link, body.num_samples, int(placement["cut"]))
+        try:  # the cloud learns of the user only once the edge can call it back (a start waits for the rest)
+            with server.arriving_user(body.user_id):
+                reply = post_json(f"{s.cloud.rstrip('/')}/v1/edges/{self.edge_id}/users",
+                                  {"user_id": body.user_id, "num_samples": body.num_samples, "registration": proof,
+                                   **declared}, deadline=60, identity=self.security.identity, audience="cloud")
+                placement = reply["placement"]
+                old = server.users.get(body.user_id)
+                server.register_user(body.user_id, link, body.num_samples, int(placement["cut"]))
         except TransportError as exc:
             link.close()
             if exc.status in (404, 422):  # the cloud refused the registration: the user's to fix

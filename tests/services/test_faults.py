@@ -405,3 +405,57 @@ def test_the_report_waits_until_every_update_taken_in_was_counted(sim):
         edge.after_update(updates["user-0"])
     assert len(recorder.calls) == 1
     assert recorder.calls[0][1].meta["bytes"] == {"up": 200, "down": 20}
+
+
+def test_a_start_waits_for_a_listed_users_registration_under_way(sim):
+    """The cloud knows a user once it has answered the edge's registration, before the edge has loaded the user's
+    blocks and added it: a start arriving in between used to skip the user (neither started nor dropped), and the
+    round waited for it forever. Now the start waits for the registration and starts the user."""
+    edge = sim.edges[0]
+    plans = [RoundPlan(round_id=7, user_id=u, local_steps=1, batch_size=2, lr=5e-3) for u in ("user-0", "user-1")]
+    state = sim.coordinator.global_state
+    download = AdapterBundle({t: state[t] for t in (Tier.USER, Tier.EDGE)})
+    real_users, real_cloud = dict(edge.users), edge.cloud
+    edge.users.clear()
+    edge.users["user-0"] = first = AcceptingLink()
+    edge.cloud = Recorder()
+    late = AcceptingLink()
+    registered = threading.Event()
+
+    def register_late() -> None:
+        with edge.arriving_user("user-1"):
+            registered.wait(5)
+            time.sleep(0.2)  # the start is waiting by now
+            edge.register_user("user-1", late, 8)
+
+    thread = threading.Thread(target=register_late)
+    try:
+        thread.start()
+        while "user-1" not in edge.arriving:
+            time.sleep(0.01)
+        registered.set()
+        edge.on_start(RoundStart(plans, download).to_message())
+        thread.join(5)
+        assert [e for e, _ in first.calls] == ["start"] and [e for e, _ in late.calls] == ["start"]
+        assert not edge.pending[(7, Mode.TRAIN)].missing
+    finally:
+        edge.pending.pop((7, Mode.TRAIN), None)
+        edge.runtime.drop_sessions(keep=lambda k: k[0] != 7)
+        edge.users.clear()
+        edge.users.update(real_users)
+        edge.cloud = real_cloud
+
+
+def test_a_start_drops_a_listed_user_the_edge_does_not_know(sim):
+    """Started or dropped, never neither: the round is reported without the user, with the reason."""
+    edge = sim.edges[0]
+    plans = [RoundPlan(round_id=8, user_id="user-9", local_steps=1, batch_size=2, lr=5e-3)]
+    state = sim.coordinator.global_state
+    real_cloud = edge.cloud
+    edge.cloud = recorder = Recorder()
+    try:
+        edge.on_start(RoundStart(plans, AdapterBundle({t: state[t] for t in (Tier.USER, Tier.EDGE)})).to_message())
+        (endpoint, report), = recorder.calls
+        assert endpoint == "update" and "not registered" in str(report.meta)
+    finally:
+        edge.cloud = real_cloud
