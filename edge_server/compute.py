@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from shared.runtime.tier import TierRuntime
 
 log = logging.getLogger("splitllm.edge")
 
-REGISTRATION_WAIT = 60.0  # the longest a start waits for a listed user's registration under way here (seconds)
+REGISTRATION_WAIT = 60.0  # the longest a start waits, in all, for listed users' registrations under way here (s)
 
 
 @dataclass
@@ -105,11 +106,12 @@ class EdgeServer:
         """Open edge sessions for the listed users, then start each user; a listed user this edge does not know
         is dropped from the round, once any registration of it under way here has ended."""
         start = RoundStart.from_message(msg)
+        until = time.monotonic() + REGISTRATION_WAIT  # in all: users re-registering cannot hold a start longer
         for plan in start.plans:
             with self.lock:
                 arriving = self.arriving.get(plan.user_id)
-            if arriving is not None and not arriving.wait(REGISTRATION_WAIT):
-                log.warning("round %s: %s still registering after %.0f s", plan.round_id, plan.user_id, REGISTRATION_WAIT)
+            if arriving is not None and not arriving.wait(max(0.0, until - time.monotonic())):
+                log.warning("round %s: %s still registering; not waited for", plan.round_id, plan.user_id)
         if start.revoked is not None and self.on_revoked is not None:
             self.on_revoked(start.revoked)
         round_id, phase = start.plans[0].round_id, start.plans[0].mode
