@@ -19,7 +19,8 @@ def _status(pid: int | str = "self") -> dict[str, int]:
             name = line.split(":", 1)[0] + ":"
             if name in fields:
                 out[fields[name]] = int(line.split()[1]) * 1024
-    out.setdefault("peak_rss_bytes", int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024)
+    if pid == "self":  # no VmHWM line: this process's ru_maxrss is the next best (it says nothing of another's)
+        out.setdefault("peak_rss_bytes", int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024)
     return out
 
 
