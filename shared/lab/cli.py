@@ -184,7 +184,8 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
         print(f"4g round, {r4['users']} users through one edge, {r4['steps']} steps of {r4['batch']}: "
               f"fp32 {r4['runs']['fp32']['round_seconds']:.1f} s, int8 {r4['runs']['int8']['round_seconds']:.1f} s "
               f"({r4['speedup_int8']:.2f}x), int8+shuffle-lz4 {r4['runs']['int8+shuffle-lz4']['round_seconds']:.1f} s "
-              f"({r4['speedup_int8_shuffle_lz4']:.2f}x)")
+              f"({r4['speedup_int8_shuffle_lz4']:.2f}x); CPU seconds of all processes: "
+              + ", ".join(f"{spec} {run['cpu_seconds_total']:.1f}" for spec, run in r4["runs"].items()))
     write_json(report, args.json)
     return 0
 

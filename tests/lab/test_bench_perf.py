@@ -59,3 +59,17 @@ def test_bench_http_splits_each_path_into_the_tiers_compute_and_the_rest(tiny) -
         assert all(seconds > 0 for seconds in r["compute_per_step"][path].values())
     assert set(r["outside_compute_per_step"]) == {"inprocess", "http"}
     assert "omp_wait_policy" in r and "outside the tiers' compute" in summary(r)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_bench_codecs_4g_records_each_processes_cpu_seconds(tiny) -> None:
+    from shared.lab.bench.codecs import bench_codecs_4g
+
+    tiny("tiny-bert")
+    r = bench_codecs_4g("tiny-bert", "1,1", users=2, steps=2, batch_size=4, seq_len=32)
+    for run in r["runs"].values():
+        assert set(run["cpu_seconds"]) == {"cloud", "edge-0", "user-0", "user-1"}
+        assert run["cpu_seconds_total"] == pytest.approx(sum(run["cpu_seconds"].values()))
+        assert run["cpu_seconds"]["cloud"] > 0 and run["round_seconds"] > 0 and "load_before" in run["machine"]
+    assert r["speedup_int8"] > 0

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.lab.bench.protocol import mean_se
-from shared.lab.cluster import one_round
+from shared.lab.bench.timing import timed_round
+from shared.lab.cluster import Cluster
 from shared.lab.sim import SimConfig, Simulation
 from shared.config.round import RoundConfig
 
@@ -118,7 +119,9 @@ def bench_codecs_4g(model: str = "minilm-l6", split: str = "1,3", users: int = 4
     travel (only real tokens cross a cut), so short rows would hide what the codec saves.
     ``threads`` > 0 sets every tier's torch threads; the default 1 keeps the ``users`` + 2 processes, which
     stand for as many machines, from oversubscribing this machine's cores; 0 leaves torch's default, one
-    per core in each process.
+    per core in each process. Each codec's run records the CPU seconds every process used in its round
+    (``cpu_seconds``): with idle OpenMP threads spinning (``OMP_WAIT_POLICY=ACTIVE``) and two threads a
+    process, the waiting users spend many times their work spinning (README "Performance").
     """
     import os
 
@@ -129,9 +132,15 @@ def bench_codecs_4g(model: str = "minilm-l6", split: str = "1,3", users: int = 4
             cloud_args = ["--model", model, "--split", split, "--data", "trec", "--seed", str(seed),
                           "--max-len", str(seq_len), "--min-chars", str(8 * seq_len), "--user-edge-codecs", spec,
                           "--max-examples-per-client", str(16 * steps * batch_size)]
-            view = one_round(Path(tmp), cloud_args, {"local_steps": steps, "batch_size": batch_size, "evaluate": False},
-                             users=users, edges=1, user_args=["--link-profile", "4g"], env=env)
-        out[spec] = {"round_seconds": view["metrics"]["seconds"], "bytes": view["metrics"]["bytes"]}
+            cluster = Cluster(Path(tmp), cloud_args, users=users, edges=1, user_args=["--link-profile", "4g"], env=env)
+            try:
+                cluster.start()
+                timed = timed_round(cluster, {"local_steps": steps, "batch_size": batch_size, "evaluate": False})
+            finally:
+                cluster.stop()
+        view, cpu = timed["view"], timed["cpu_seconds"]
+        out[spec] = {"round_seconds": view["metrics"]["seconds"], "bytes": view["metrics"]["bytes"],
+                     "cpu_seconds": cpu, "cpu_seconds_total": sum(cpu.values()), "machine": timed["machine"]}
     return {"profile": "4g", "users": users, "steps": steps, "batch": [batch_size, seq_len], "threads": threads,
             "runs": out,
             "speedup_int8": out["fp32"]["round_seconds"] / out["int8"]["round_seconds"],

@@ -18,13 +18,12 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from shared.config.round import RoundConfig
 from shared.lab.bench.pipeline import bench_parser, data_args, user_steps
-from shared.lab.bench.timing import Machine, cpu_seconds
+from shared.lab.bench.timing import timed_round
 from shared.lab.cluster import Cluster
 from shared.protocol.links import get_profile
 
@@ -39,13 +38,8 @@ def link_seconds(profile: str, up: float, down: float) -> float:
 
 def one_round(cluster: Cluster, users: int, body: dict[str, Any], profile: str) -> dict[str, Any]:
     """One round's throughput and what bounded it."""
-    pids = {name: p.popen.pid for name, p in cluster.procs.items()}
-    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    t0 = time.perf_counter()
-    with Machine() as machine:
-        view = cluster.run_round(body)
-    wall = time.perf_counter() - t0
-    cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    timed = timed_round(cluster, body)
+    view, wall, cpu = timed["view"], timed["wall"], timed["cpu_seconds"]
     steps = user_steps(view)
     batch, n = body["batch_size"], body["local_steps"]
     medians = {u: statistics.median(t[1:] if len(t) > 1 else t) for u, t in steps.items()}
@@ -56,7 +50,7 @@ def one_round(cluster: Cluster, users: int, body: dict[str, Any], profile: str) 
         "round_samples_per_s": users * batch * n / view["metrics"]["seconds"],
         "round_seconds": view["metrics"]["seconds"], "median_step_s": medians,
         "link_s_per_step": link_seconds(profile, up, down), "bytes_per_user_step": {"up": up, "down": down},
-        "cpu_seconds": cpu, "cpu_busy": sum(cpu.values()) / wall, "machine": machine.record,
+        "cpu_seconds": cpu, "cpu_busy": sum(cpu.values()) / wall, "machine": timed["machine"],
     }
 
 

@@ -45,6 +45,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def timed_round(cluster: Any, body: dict[str, Any]) -> dict[str, Any]:
+    """One round of a running ``shared.lab.cluster.Cluster``: its final view (``view``), its wall seconds as this
+    process timed them (``wall``), the CPU seconds each of the cluster's processes used meanwhile
+    (``cpu_seconds``, by process name), and the machine's load around it (``machine``)."""
+    import time
+
+    pids = {name: p.popen.pid for name, p in cluster.procs.items() if p.popen is not None}
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    t0 = time.perf_counter()
+    with Machine() as machine:
+        view = cluster.run_round(body)
+    wall = time.perf_counter() - t0
+    cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    return {"view": view, "wall": wall, "cpu_seconds": cpu, "machine": machine.record}
+
+
 def write_json(report: dict[str, Any], path: str | None) -> None:
     """A bench's report as JSON at ``path`` (its folder made), when a path is given."""
     if path:
