@@ -53,7 +53,8 @@ def create_app(settings: UserSettings) -> FastAPI:
         agent = s.agent
         return {"user_id": s.user_id, "ready": agent is not None, "jobs": dict(agent.jobs) if agent else {},
                 "last_error": agent.last_error if agent else None, "placement": s.placement,
-                "blocks": list(agent.runtime.partition.layer_ids) if agent else []}
+                "blocks": list(agent.runtime.partition.layer_ids) if agent else [],
+                "edge": s.edge_contact.snapshot()}
 
     @app.get("/metrics")
     def metrics() -> Response:

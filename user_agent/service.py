@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 from shared.config.federation import Deployment
 from shared.config.settings import UserSettings
-from shared.http.client import HttpLink, TransportError, get_json, post_json
+from shared.http.client import HttpLink, TransportError, control_client, get_json, post_json
 from shared.http.server import BackgroundStart
 from shared.http.service import TierSecurity
 from shared.model.sources import resolve_model
@@ -22,6 +23,37 @@ from user_agent.compute import UserAgent
 log = logging.getLogger("splitllm.user")
 
 
+class EdgeContact:
+    """What this device last heard from its edge, for ``GET /v1/status`` (``edge``) and its log: ``ok``,
+    ``unreachable`` (no answer, or the edge's own trouble) or ``refused`` (401 or 403: its credential is no longer
+    accepted, revoked or expired, and only a new one helps), with the status, the edge's reason and since when."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.state: dict[str, Any] = {"state": "ok", "status": None, "reason": None, "since": _now()}
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return dict(self.state)
+
+    def heard(self, error: TransportError | None = None) -> bool:
+        """Record an answer (``error`` None) or a failed call; True when the state changed (worth a log line)."""
+        if error is None:
+            state, status, reason = "ok", None, None
+        else:
+            state = "refused" if error.status in (401, 403) else "unreachable"
+            status, reason = error.status, error.detail or str(error)
+        with self.lock:
+            changed = (state, reason) != (self.state["state"], self.state["reason"])
+            if changed:
+                self.state = {"state": state, "status": status, "reason": reason, "since": _now()}
+        return changed
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 class UserService(BackgroundStart):
     """Fetches the deployment's spec from its edge, loads its data and blocks, then registers."""
 
@@ -32,6 +64,7 @@ class UserService(BackgroundStart):
         self.edge_id: str | None = None  # learnt from the edge's spec; only it may start this user
         self.agent: UserAgent | None = None
         self.placement: dict[str, Any] = {}  # what the cloud assigned at registration: data, cut, rank
+        self.edge_contact = EdgeContact()  # what the heartbeat last heard from the edge
         super().__init__()
 
     @property
@@ -64,37 +97,72 @@ class UserService(BackgroundStart):
                  self.client_index, experiment.data.name, len(client.train), len(client.eval),
                  runtime.partition.layer_ids, self.placement["rank"])
 
-    def register(self, num_samples: int, deadline: float) -> dict[str, Any]:
+    def register(self, num_samples: int, deadline: float, client: Any = None) -> dict[str, Any]:
         """Register at the edge with what this device declares; the placement the cloud assigned it."""
         s = self.settings
         declared = s.model_dump(include={"model", "data", "max_blocks", "memory_budget", "rank"})
         reply = post_json(f"{s.edge.rstrip('/')}/v1/users",
                           {"user_id": self.user_id, "url": s.url(), "num_samples": num_samples,
                            "link_profile": s.link_profile, "link_rate_shaped": s.link_rate_shaped, **declared},
-                          deadline=deadline, identity=self.security.identity, audience=f"edge:{self.edge_id}")
+                          deadline=deadline, identity=self.security.identity, audience=f"edge:{self.edge_id}",
+                          client=client)
         return reply["placement"]
 
     def _heartbeat(self) -> None:
-        """Register again whenever the edge no longer knows this user (it restarted, and lost its registrations)."""
+        """Register again whenever the edge no longer knows this user (it restarted, and lost its registrations);
+        say when the edge stops accepting this device's credential (revoked, expired), and when it answers again.
+        One client for every call, so that its connection (and TLS session) is kept between beats."""
         s, agent = self.settings, self.agent
-        while agent is not None:
-            time.sleep(s.heartbeat)
-            try:
-                get_json(f"{s.edge.rstrip('/')}/v1/users/{self.user_id}", deadline=s.heartbeat,
-                         identity=self.security.identity, audience=f"edge:{self.edge_id}")
-            except TransportError as exc:
-                if exc.status != 404:
-                    log.debug("heartbeat: edge unreachable (%s)", exc)
-                    continue
-                log.warning("the edge no longer knows user %s (it restarted?): registering again", self.user_id)
+        with control_client(self.security.identity, f"edge:{self.edge_id}") as client:
+            while agent is not None:
+                time.sleep(s.heartbeat)
                 try:
-                    placement = self.register(agent.num_samples, deadline=s.heartbeat)
-                except Exception as again:  # the next heartbeat tries again
-                    log.warning("registering again failed: %s", again)
-                    continue
-                if placement != self.placement:
-                    log.warning("the cloud now places user %s at %s (was %s): restart it to follow", self.user_id,
-                                placement, self.placement)
+                    self._beat(agent, client)
+                except Exception:  # the heartbeat outlives anything one beat meets
+                    log.exception("heartbeat of user %s", self.user_id)
+
+    def _beat(self, agent: UserAgent, client: Any) -> None:
+        s = self.settings
+        try:
+            get_json(f"{s.edge.rstrip('/')}/v1/users/{self.user_id}", deadline=s.heartbeat,
+                     identity=self.security.identity, audience=f"edge:{self.edge_id}", client=client)
+        except TransportError as exc:
+            if exc.status == 404:  # an answer: the edge is there but has forgotten this user
+                self._heard(None)
+                self._register_again(agent, client)
+            else:
+                self._heard(exc)
+            return
+        except Exception as exc:  # a read timeout, a TLS failure: no answer
+            self._heard(TransportError(f"{type(exc).__name__}: {exc}"))
+            return
+        self._heard(None)
+
+    def _heard(self, error: TransportError | None) -> None:
+        if not self.edge_contact.heard(error):
+            return
+        now = self.edge_contact.snapshot()
+        if now["state"] == "refused":
+            log.error("the edge refuses the credential of user %s (HTTP %s: %s): it takes no part in rounds until "
+                      "it runs with a new credential", self.user_id, now["status"], now["reason"])
+        elif now["state"] == "unreachable":
+            log.warning("heartbeat: the edge does not answer user %s (%s)", self.user_id, now["reason"])
+        else:
+            log.info("heartbeat: the edge answers user %s again", self.user_id)
+
+    def _register_again(self, agent: UserAgent, client: Any) -> None:
+        log.warning("the edge no longer knows user %s (it restarted?): registering again", self.user_id)
+        try:
+            placement = self.register(agent.num_samples, deadline=self.settings.heartbeat, client=client)
+        except Exception as again:  # the next heartbeat tries again
+            if isinstance(again, TransportError) and again.status in (401, 403):
+                self._heard(again)  # refused: said once, by the contact's state
+            else:
+                log.warning("registering again failed: %s", again)
+            return
+        if placement != self.placement:
+            log.warning("the cloud now places user %s at %s (was %s): restart it to follow", self.user_id,
+                        placement, self.placement)
 
     def ready(self) -> UserAgent:
         if self.agent is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -136,20 +137,26 @@ def with_retries(call: Callable[[], httpx.Response], deadline: float, base_delay
         delay = min(delay * 2, 5.0)
 
 
+def control_client(identity: Identity = Identity(), audience: str = "", timeout: float = 30.0) -> httpx.Client:
+    """A client for JSON control calls to one peer, signed for ``audience``; keep it to call again (a heartbeat)."""
+    return httpx.Client(timeout=timeout, auth=identity.auth(audience), verify=identity.verify)
+
+
 def post_json(url: str, payload: dict[str, Any], deadline: float, identity: Identity = Identity(), audience: str = "",
-              timeout: float = 30.0) -> dict[str, Any]:
-    """A JSON control call (registration), retried until the peer answers or the deadline passes."""
-    with httpx.Client(timeout=timeout, auth=identity.auth(audience), verify=identity.verify) as client:
-        resp = with_retries(lambda: client.post(url, json=payload), deadline)
+              timeout: float = 30.0, client: httpx.Client | None = None) -> dict[str, Any]:
+    """A JSON control call (registration), retried until the peer answers or the deadline passes; through
+    ``client`` when given (``control_client(identity, audience)``, kept by the caller), else a client of its own."""
+    with control_client(identity, audience, timeout) if client is None else nullcontext(client) as c:
+        resp = with_retries(lambda: c.post(url, json=payload), deadline)
     if resp.status_code >= 400:
         raise TransportError(f"{httpx.URL(url).path}: {_reason(resp)}", resp.status_code, url, _detail(resp))
     return resp.json()
 
 
 def get_json(url: str, deadline: float, identity: Identity = Identity(), audience: str = "",
-             timeout: float = 30.0) -> dict[str, Any]:
-    with httpx.Client(timeout=timeout, auth=identity.auth(audience), verify=identity.verify) as client:
-        resp = with_retries(lambda: client.get(url), deadline)
+             timeout: float = 30.0, client: httpx.Client | None = None) -> dict[str, Any]:
+    with control_client(identity, audience, timeout) if client is None else nullcontext(client) as c:
+        resp = with_retries(lambda: c.get(url), deadline)
     if resp.status_code >= 400:
-        raise TransportError(f"{httpx.URL(url).path}: {_reason(resp)}", resp.status_code, url)
+        raise TransportError(f"{httpx.URL(url).path}: {_reason(resp)}", resp.status_code, url, _detail(resp))
     return resp.json()

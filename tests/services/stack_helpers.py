@@ -200,10 +200,12 @@ def inprocess_stack(workdir: Path, edge: dict[str, Any] | None = None, drain: bo
             raise TransportError(f"{url}: HTTP {r.status_code}: {r.text[:200]}", r.status_code, url, str(detail))
         return r.json()
 
-    def fake_post_json(url, payload, deadline, identity=Identity(), audience="", timeout=30.0):  # noqa: ANN001
+    # a kept client (``client=``, a heartbeat's) is replaced by the app's: the call signs as its identity would
+    def fake_post_json(url, payload, deadline, identity=Identity(), audience="", timeout=30.0,  # noqa: ANN001
+                       client=None):  # noqa: ANN001
         return route("POST", url, payload, identity, audience)
 
-    def fake_get_json(url, deadline, identity=Identity(), audience="", timeout=30.0):  # noqa: ANN001
+    def fake_get_json(url, deadline, identity=Identity(), audience="", timeout=30.0, client=None):  # noqa: ANN001
         return route("GET", url, None, identity, audience)
 
     class RecordedEdge(edge_service.EdgeService):
