@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import os
 
+# libgomp counts about 100 000 spins a millisecond: 5000 is some 50 microseconds
+SPIN_COUNT = "5000"
+
 
 def sleep_idle_threads() -> None:
-    """Idle OpenMP threads sleep at once instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, unless the
-    environment already sets it; libgomp reads it once, when torch loads it, so call this first).
+    """Idle OpenMP threads spin for a moment, then sleep (``OMP_WAIT_POLICY=PASSIVE`` with ``GOMP_SPINCOUNT=5000``),
+    unless the environment already sets the policy; libgomp reads both once, when torch loads it, so call this first.
 
-    A tier mostly waits for its peers, and tiers, benches and other jobs may share cores: a thread that
-    spins while another process needs the core slows that process down (an in-process round of
-    smollm2-135m went from 3.6 s to 11-34 s a step while another job ran). Sleeping costs a wake-up per
-    parallel region instead: 2-4 % of an idle in-process step (README "Performance"). Every ``splitllm``
-    process sets it, the services and the in-process paths alike, so that the benches compare like with like.
+    A tier mostly waits for its peers, and tiers, benches and other jobs may share cores: a thread that keeps
+    spinning while another process needs the core slows that process down (an in-process round of smollm2-135m
+    went from 3.6 s to 11-34 s a step while another job ran, with libgomp's default of about 3 ms of spinning).
+    Threads that sleep at once instead pay a wake-up for every parallel region, every small op of a forward:
+    4 to 8 % of an idle step. A spin of some 50 microseconds covers the gaps between one op and the next, and
+    gives the core back as soon as a tier waits (README "Performance"). OpenMP runtimes other than libgomp read
+    only the policy. Every ``splitllm`` process sets it, the services and the in-process paths alike, so that
+    the benches compare like with like.
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)

@@ -35,9 +35,9 @@ def bench_http(model: str = "smollm2-135m", split: str = "2,15", batch_size: int
     far less than wall time on what else runs on the machine. And where a step's time goes on each path: each
     tier's compute seconds per step (the round's over its steps), and the rest of the mean step outside them:
     links, codecs, hand-offs between threads and processes (the first step included in both). Both paths run
-    under this process's OpenMP wait policy (``splitllm`` sets PASSIVE, as the services do:
-    ``shared.config.threads``), recorded as ``omp_wait_policy``; under different policies the comparison
-    would measure them, not HTTP.
+    under this process's OpenMP wait policy (``splitllm`` sets PASSIVE with a short spin, as the services do:
+    ``shared.config.threads``), recorded as ``omp_wait_policy`` and ``gomp_spincount``; under different
+    policies the comparison would measure them, not HTTP.
     """
     a, b = (int(x) for x in split.split(","))
     common = {"model": model, "data": "shakespeare", "seed": seed, "max_len": seq_len, "min_chars": 8 * seq_len,
@@ -75,7 +75,7 @@ def bench_http(model: str = "smollm2-135m", split: str = "2,15", batch_size: int
             "outside_compute_per_step": {"inprocess": mean_in - sum(compute_in.values()),
                                          "http": mean_http - sum(compute_http.values())},
             "inprocess_round_cpu_seconds": cpu_in, "http_round_cpu_seconds": cpu_http, "cpu_ratio": cpu_http / cpu_in,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
             "machine": {"inprocess": machine_in.record, "http": machine_http.record}}
 
 
