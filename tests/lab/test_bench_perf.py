@@ -59,6 +59,9 @@ def test_bench_http_splits_each_path_into_the_tiers_compute_and_the_rest(tiny) -
         assert all(seconds > 0 for seconds in r["compute_per_step"][path].values())
     assert set(r["outside_compute_per_step"]) == {"inprocess", "http"}
     assert "omp_wait_policy" in r and "outside the tiers' compute" in summary(r)
+    for path in ("inprocess", "http"):
+        counters = r["round_counters"][path]
+        assert counters["user_s"] > 0 and counters["minor_faults"] > 0 and counters["system_s"] >= 0
 
 
 @pytest.mark.slow
@@ -73,3 +76,14 @@ def test_bench_codecs_4g_records_each_processes_cpu_seconds(tiny) -> None:
         assert run["cpu_seconds_total"] == pytest.approx(sum(run["cpu_seconds"].values()))
         assert run["cpu_seconds"]["cloud"] > 0 and run["round_seconds"] > 0 and "load_before" in run["machine"]
     assert r["speedup_int8"] > 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_process_counters_add_up_what_processes_used_since() -> None:
+    from shared.lab.bench.timing import counters_since, process_counters
+
+    before = {"self": process_counters()}
+    block = bytearray(8 << 20)  # 8 MiB, written: its pages faulted in
+    block[::4096] = b"x" * len(block[::4096])
+    used = counters_since(before)
+    assert used["minor_faults"] >= (8 << 20) // 4096 * 0.9 and used["user_s"] >= 0 and used["system_s"] >= 0

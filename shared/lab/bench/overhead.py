@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config.round import RoundConfig
-from shared.lab.bench.timing import Machine, cpu_seconds
+from shared.lab.bench.timing import Machine, counters_since, cpu_seconds, process_counters
 from shared.lab.cluster import Cluster
 from shared.lab.sim import SimConfig, Simulation
 
@@ -45,9 +45,9 @@ def bench_http(model: str = "smollm2-135m", split: str = "2,15", batch_size: int
     sim = Simulation(SimConfig(users=1, edges=1, rounds=1, split=(a, b), baseline_eval=False, **common,
                                round=RoundConfig(local_steps=steps, batch_size=batch_size, deadline=None, evaluate=False)))
     with Machine() as machine_in:
-        cpu0 = time.process_time()
+        cpu0, counters0 = time.process_time(), {"self": process_counters()}
         record = sim.run_record()
-        cpu_in = time.process_time() - cpu0
+        cpu_in, counters_in = time.process_time() - cpu0, counters_since(counters0)
     inproc, compute_in = _step_times(record.metrics), _compute_per_step(record.metrics, steps)
     shape = next(iter(record.metrics["users"].values()))["batch_shape"]
     del sim
@@ -59,10 +59,10 @@ def bench_http(model: str = "smollm2-135m", split: str = "2,15", batch_size: int
         try:
             cluster.start()
             pids = [p.popen.pid for p in cluster.procs.values()]
-            cpu0 = sum(cpu_seconds(pid) for pid in pids)
+            cpu0, counters0 = sum(cpu_seconds(pid) for pid in pids), {pid: process_counters(pid) for pid in pids}
             with Machine() as machine_http:
                 view = cluster.run_round({"local_steps": steps, "batch_size": batch_size, "evaluate": False})
-            cpu_http = sum(cpu_seconds(pid) for pid in pids) - cpu0
+            cpu_http, counters_http = sum(cpu_seconds(pid) for pid in pids) - cpu0, counters_since(counters0)
         finally:
             cluster.stop()
     http, compute_http = _step_times(view["metrics"]), _compute_per_step(view["metrics"], steps)
@@ -75,6 +75,7 @@ def bench_http(model: str = "smollm2-135m", split: str = "2,15", batch_size: int
             "outside_compute_per_step": {"inprocess": mean_in - sum(compute_in.values()),
                                          "http": mean_http - sum(compute_http.values())},
             "inprocess_round_cpu_seconds": cpu_in, "http_round_cpu_seconds": cpu_http, "cpu_ratio": cpu_http / cpu_in,
+            "round_counters": {"inprocess": counters_in, "http": counters_http},
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
             "machine": {"inprocess": machine_in.record, "http": machine_http.record}}
 

@@ -39,10 +39,27 @@ class Machine:
                 "busy": max(self.before[0], after[0]) > 0.5 * cpus}
 
 
+def process_counters(pid: int | str = "self") -> dict[str, float]:
+    """What process ``pid`` has used so far (Linux): user and system CPU seconds, and its minor page faults (pages
+    the kernel mapped in for it, zeroed when new: a heap that keeps giving memory back and taking it again)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return {"user_s": int(fields[11]) / TICKS, "system_s": int(fields[12]) / TICKS, "minor_faults": int(fields[7])}
+
+
+def counters_since(before: dict[int | str, dict[str, float]]) -> dict[str, float]:
+    """What the processes in ``before`` (pid -> its ``process_counters`` then) have used since, added up."""
+    out = {"user_s": 0.0, "system_s": 0.0, "minor_faults": 0}
+    for pid, then in before.items():
+        now = process_counters(pid)
+        for key in out:
+            out[key] += now[key] - then[key]
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds process ``pid`` has used so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    c = process_counters(pid)
+    return c["user_s"] + c["system_s"]
 
 
 def timed_round(cluster: Any, body: dict[str, Any]) -> dict[str, Any]:
