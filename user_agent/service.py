@@ -24,13 +24,14 @@ log = logging.getLogger("splitllm.user")
 
 
 class EdgeContact:
-    """What this device last heard from its edge, for ``GET /v1/status`` (``edge``) and its log: ``ok``,
-    ``unreachable`` (no answer, or the edge's own trouble) or ``refused`` (401 or 403: its credential is no longer
-    accepted, revoked or expired, and only a new one helps), with the status, the edge's reason and since when."""
+    """What this device last heard from its edge, for ``GET /v1/status`` (``edge``) and its log: ``unknown``
+    (before its registration), ``ok``, ``unreachable`` (no answer, or the edge's own trouble) or ``refused`` (401 or
+    403: its credential is no longer accepted, revoked or expired, and only a new one helps), with the status, the
+    edge's reason and since when."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.state: dict[str, Any] = {"state": "ok", "status": None, "reason": None, "since": _now()}
+        self.state: dict[str, Any] = {"state": "unknown", "status": None, "reason": None, "since": _now()}
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
@@ -81,6 +82,7 @@ class UserService(BackgroundStart):
         audience = f"edge:{self.edge_id}"
         client = experiment.data.client(self.client_index)
         self.placement = self.register(len(client.train), deadline=3600)
+        self.edge_contact.heard(None)  # registered: the edge answers
         source = resolve_model(experiment.spec.model)
         runtime = TierRuntime(Tier.USER, source, experiment.spec, device=s.device, cut=int(self.placement["cut"]))
         emulator = link_emulator(s.link_profile, derive_seed(self.user_id, "link"), rate_shaped=s.link_rate_shaped)

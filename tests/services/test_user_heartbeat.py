@@ -30,6 +30,7 @@ def beat(stack: Stack) -> None:
 
 def test_the_status_tells_an_answering_a_silent_and_a_refusing_edge_apart(stack: Stack, caplog) -> None:
     caplog.set_level(logging.INFO, logger="splitllm.user")
+    assert edge_contact(stack)["state"] == "ok"  # it registered at start
     beat(stack)
     assert edge_contact(stack)["state"] == "ok"
 
