@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config.round import RoundConfig
-from shared.lab.bench.timing import Machine, counters_since, cpu_seconds, process_counters
+from shared.lab.bench.timing import Machine, counters_since, process_counters, timed_round
 from shared.lab.cluster import Cluster
 from shared.lab.sim import SimConfig, Simulation
 
@@ -58,13 +58,10 @@ def bench_http(model: str = "smollm2-135m", split: str = "2,15", batch_size: int
         cluster = Cluster(Path(tmp), cloud_args, users=1, edges=1)
         try:
             cluster.start()
-            pids = [p.popen.pid for p in cluster.procs.values()]
-            cpu0, counters0 = sum(cpu_seconds(pid) for pid in pids), {pid: process_counters(pid) for pid in pids}
-            with Machine() as machine_http:
-                view = cluster.run_round({"local_steps": steps, "batch_size": batch_size, "evaluate": False})
-            cpu_http, counters_http = sum(cpu_seconds(pid) for pid in pids) - cpu0, counters_since(counters0)
+            timed = timed_round(cluster, {"local_steps": steps, "batch_size": batch_size, "evaluate": False})
         finally:
             cluster.stop()
+    view, cpu_http, counters_http = timed["view"], sum(timed["cpu_seconds"].values()), timed["counters"]
     http, compute_http = _step_times(view["metrics"]), _compute_per_step(view["metrics"], steps)
     med_in, med_http = statistics.median(inproc[1:]), statistics.median(http[1:])
     mean_in, mean_http = statistics.mean(inproc), statistics.mean(http)
@@ -77,7 +74,7 @@ def bench_http(model: str = "smollm2-135m", split: str = "2,15", batch_size: int
             "inprocess_round_cpu_seconds": cpu_in, "http_round_cpu_seconds": cpu_http, "cpu_ratio": cpu_http / cpu_in,
             "round_counters": {"inprocess": counters_in, "http": counters_http},
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
-            "machine": {"inprocess": machine_in.record, "http": machine_http.record}}
+            "machine": {"inprocess": machine_in.record, "http": timed["machine"]}}
 
 
 def summary(report: dict[str, Any]) -> str:

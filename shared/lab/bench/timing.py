@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Self
@@ -65,17 +66,17 @@ def cpu_seconds(pid: int) -> float:
 def timed_round(cluster: Any, body: dict[str, Any]) -> dict[str, Any]:
     """One round of a running ``shared.lab.cluster.Cluster``: its final view (``view``), its wall seconds as this
     process timed them (``wall``), the CPU seconds each of the cluster's processes used meanwhile
-    (``cpu_seconds``, by process name), and the machine's load around it (``machine``)."""
-    import time
-
+    (``cpu_seconds``, by process name), all of them together (``counters``: ``counters_since``), and the machine's
+    load around it (``machine``)."""
     pids = {name: p.popen.pid for name, p in cluster.procs.items() if p.popen is not None}
-    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    before = {pid: process_counters(pid) for pid in pids.values()}
     t0 = time.perf_counter()
     with Machine() as machine:
         view = cluster.run_round(body)
     wall = time.perf_counter() - t0
-    cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
-    return {"view": view, "wall": wall, "cpu_seconds": cpu, "machine": machine.record}
+    cpu = {name: cpu_seconds(pid) - before[pid]["user_s"] - before[pid]["system_s"] for name, pid in pids.items()}
+    return {"view": view, "wall": wall, "cpu_seconds": cpu, "counters": counters_since(before),
+            "machine": machine.record}
 
 
 def write_json(report: dict[str, Any], path: str | None) -> None:
