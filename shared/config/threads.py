@@ -13,8 +13,8 @@ def sleep_idle_threads() -> None:
     unless the environment already sets the policy; libgomp reads both once, when torch loads it, so call this first.
 
     A tier mostly waits for its peers, and tiers, benches and other jobs may share cores: a thread that keeps
-    spinning while another process needs the core slows that process down (an in-process round of smollm2-135m
-    went from 3.6 s to 11-34 s a step while another job ran, with libgomp's default of about 3 ms of spinning).
+    spinning while another process needs the core slows that process down (``bench http`` with
+    ``OMP_WAIT_POLICY=ACTIVE``: 15 to 19 s a step over HTTP against 3.7 in one process).
     Threads that sleep at once instead pay a wake-up for every parallel region, every small op of a forward:
     4 to 8 % of an idle step. A spin of some 50 microseconds covers the gaps between one op and the next, and
     gives the core back as soon as a tier waits (README "Performance"). OpenMP runtimes other than libgomp read
