@@ -6,6 +6,7 @@ import math
 import statistics
 from typing import Any
 
+from shared.fl.plugin import Participant
 from shared.http.metrics import ByteLedger
 from shared.protocol.fields import as_number
 from shared.protocol.messages import Report
@@ -82,6 +83,16 @@ def eval_metrics(reports: dict[str, Report], task_of: dict[str, tuple[str, str]]
     if len(names) > 1:
         out["tasks"] = {name: _pooled(next(k for n, k in task_of.values() if n == name),
                                       {u: m for u, m in per_user.items() if task_of[u][0] == name}) for name in names}
+    return out
+
+
+def task_of(runtimes: dict[str, Any], prefixes: dict[str, str], default: str,
+            chosen: list[Participant]) -> dict[str, tuple[str, str]]:
+    """Each user's task in round metrics (``<deployment>/<data>`` in a federation of several) and its kind."""
+    out = {}
+    for p in chosen:
+        rt = runtimes[p.deployment or default]
+        out[p.user_id] = (prefixes[p.deployment or default] + rt.task_name(p.data), rt.task_variant(p.data).spec.task)
     return out
 
 

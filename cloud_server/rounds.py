@@ -11,7 +11,7 @@ from typing import Any
 
 from cloud_server.compute import CloudCompute
 from cloud_server.aggregation import aggregate_round
-from cloud_server.metrics import drop_reasons, eval_metrics, hop_bytes, merge_eval, train_metrics
+from cloud_server.metrics import drop_reasons, eval_metrics, hop_bytes, merge_eval, task_of, train_metrics
 from cloud_server.records import FINISHED, RoundCancelled, RoundError, RoundRecord
 from cloud_server.store import Store
 from cloud_server.topology import Topology
@@ -68,6 +68,7 @@ class Coordinator(Topology):
         self.strategies: dict[str, Strategy] = {}
         self._cancelled: set[int] = set()
         self._reports: dict[tuple[int, Mode], dict[str, Report]] = {}
+        self._started: dict[tuple[int, Mode], dict[str, set[str]]] = {}  # the users each edge was started with
         self._arrived: dict[tuple[int, Mode, str], Report] = {}  # accepted, waiting for ``after_update``
         self._running: tuple[int, Strategy, AdapterBundle] | None = None  # the round in progress, its base state
         self.revoked: Callable[[], dict[str, Any]] | None = None  # the revoked credentials edges are told of
@@ -98,7 +99,10 @@ class Coordinator(Topology):
         with self._cond:
             if key not in self._reports:
                 raise NotFound(f"no round {key[0]} ({key[1]}) is waiting for updates")
-            running = self._running
+            running, started = self._running, self._started[key].get(report.edge, set())
+        foreign = sorted({*report.metrics, *report.missing, *report.reasons} - started)
+        if foreign:  # another edge's users, or users not in the round: an edge speaks only for its own
+            raise InvalidInput(f"edge {report.edge} reports users this round did not start there: {foreign[:10]}")
         prefix = self.prefixes.get(self.edge_deployment.get(report.edge, ""), "")
         if report.mode is Mode.TRAIN and report.metrics and running is not None and running[0] == report.round:
             _, strategy, base = running
@@ -269,8 +273,8 @@ class Coordinator(Topology):
         """Held-out metrics of the version just committed, merged into the round's metrics."""
         t0 = time.perf_counter()
         reports = self._phase(record, chosen, Mode.EVAL, {p.user_id: {} for p in chosen}, self.global_state, strategy)
-        merge_eval(record.metrics, eval_metrics(reports, self._task_of(chosen)),
-                   hop_bytes(reports, self.ledger, (record.round_id, Mode.EVAL)))
+        tasks = task_of(self.runtimes, self.prefixes, self.default_deployment, chosen)
+        merge_eval(record.metrics, eval_metrics(reports, tasks), hop_bytes(reports, self.ledger, (record.round_id, Mode.EVAL)))
         evaluated = {u for r in reports.values() for u in r.metrics}
         record.metrics["eval_seconds"] = time.perf_counter() - t0
         record.progress = {u: "evaluated" if u in evaluated else "dropped" for u in record.participants}
@@ -285,21 +289,13 @@ class Coordinator(Topology):
             record.participants = [p.user_id for p in chosen]
             reports = self._phase(record, chosen, Mode.EVAL, {p.user_id: {} for p in chosen}, self.global_state,
                                   self.strategy_for(request))
-            record.metrics = eval_metrics(reports, self._task_of(chosen))
+            record.metrics = eval_metrics(reports, task_of(self.runtimes, self.prefixes, self.default_deployment,
+                                                           chosen))
             record.metrics["seconds"] = time.perf_counter() - started
             record.state = "committed"
         except Exception as exc:
             record.state, record.error = "failed", f"{type(exc).__name__}: {exc}"
         return record
-
-    def _task_of(self, chosen: list[Participant]) -> dict[str, tuple[str, str]]:
-        """Each user's task in round metrics (``<deployment>/<data>`` in a federation of several) and its kind."""
-        out = {}
-        for p in chosen:
-            rt = self.runtimes[p.deployment or self.default_deployment]
-            name = self.prefixes[p.deployment or self.default_deployment] + rt.task_name(p.data)
-            out[p.user_id] = (name, rt.task_variant(p.data).spec.task)
-        return out
 
     def _plans(self, record: RoundRecord, chosen: list[Participant], mode: Mode,
                extras: dict[str, dict[str, Any]]) -> dict[str, RoundPlan]:
@@ -327,7 +323,7 @@ class Coordinator(Topology):
             by_edge.setdefault(p.edge_id, []).append(plans[p.user_id])
         key = (record.round_id, mode)
         with self._cond:
-            self._reports[key] = {}
+            self._reports[key], self._started[key] = {}, {e: {p.user_id for p in ps} for e, ps in by_edge.items()}
         download = AdapterBundle({tier: strategy.pack_download(tier, state[tier], record.round_id)
                                   for tier in (Tier.USER, Tier.EDGE)})
         req = record.request
@@ -367,6 +363,7 @@ class Coordinator(Topology):
         finally:
             with self._cond:
                 self._reports.pop(key, None)
+                self._started.pop(key, None)
                 for stale in [k for k in self._arrived if k[:2] == key]:
                     del self._arrived[stale]
         reported = {u for r in reports.values() for u in r.metrics}

@@ -113,6 +113,30 @@ def test_bad_edge_updates_get_422_at_the_cloud(stack):
     assert view["state"] == "failed" and view["version"] is None, view  # no refused update got in
 
 
+def test_an_edge_reports_only_the_users_the_round_started_behind_it(stack):
+    """An edge's report used to be taken with metrics for any user: edge-0 could name another edge's user (and then
+    weigh as that user too), or users outside the round, and so make a round commit with users that never trained."""
+    tensors = {k: v + 0.01 for k, v in stack.adapter_tensors("user", "edge").items()}
+    coordinator = stack.cloud.coordinator
+    with waiting_round(stack) as rid:
+        coordinator.register_edge("edge-1", AcceptingLink())  # another edge, with user-1 behind it
+        coordinator.register_user("edge-1", "user-1", 64)
+        try:
+            for field_, value in (("metrics", {"user-1": {"train_loss": 1.0}}), ("metrics", {"ghost": {"train_loss": 1.0}}),
+                                  ("missing", ["user-1"]), ("reasons", {"user-1": "dropped"})):
+                meta = _edge_report_meta(rid)
+                meta[field_] = {**meta.get(field_, {}), **value} if isinstance(value, dict) else value
+                r = stack.post_msg("cloud", "update", Message("update", meta, tensors))
+                assert r.status_code == 422, (field_, value, r.text)
+                assert "reports users this round did not start there" in r.json()["detail"], r.text
+        finally:
+            for table in (coordinator.edges, coordinator.edge_users, coordinator.edge_deployment):
+                table.pop("edge-1", None)
+            coordinator.placements.pop("user-1", None)
+    view = stack.clients["cloud"].get(f"/v1/rounds/{rid}", headers=bearer(stack.admin)).json()
+    assert view["state"] == "failed" and "user-1" not in str(view["metrics"]), view
+
+
 def test_a_train_update_without_adapters_is_refused(tmp_path):
     with inprocess_stack(tmp_path) as s:
         with waiting_round(s, deadline=10) as rid:  # generous: the forged update must arrive before it
