@@ -25,6 +25,7 @@ from shared.http.metrics import ByteLedger
 from shared.model.adapters import clone_state
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.enums import TIERS, Hop, Mode, Tier
+from shared.protocol.fields import check_metrics_size
 from shared.protocol.messages import Report, RoundPlan, RoundStart, ack
 from shared.protocol.wire import Message
 from shared.runtime.tier import TierRuntime
@@ -88,10 +89,8 @@ class Coordinator(Topology):
         return self.computes[self._deployment(str(msg.meta.get("user")))].on_backward(msg)
 
     def on_update(self, msg: Message) -> Message:
-        """An edge's report for one (round, phase): its users' pre-averaged adapters and metrics.
-
-        It counts for the round once the transport has counted its bytes too (``after_update``).
-        """
+        """An edge's report for one (round, phase): its users' pre-averaged adapters and metrics (of the users the round
+        started there, each within ``check_metrics_size``); it counts once its bytes are counted too (``after_update``)."""
         report = Report.from_message(msg)
         key = (report.round, report.mode)
         if report.edge not in self.edges:
@@ -103,6 +102,9 @@ class Coordinator(Topology):
         foreign = sorted({*report.metrics, *report.missing, *report.reasons} - started)
         if foreign:  # another edge's users, or users not in the round: an edge speaks only for its own
             raise InvalidInput(f"edge {report.edge} reports users this round did not start there: {foreign[:10]}")
+        steps = record.request.local_steps if (record := self.rounds.get(report.round)) else 0
+        for user, metrics in report.metrics.items():
+            check_metrics_size(metrics, steps, f"edge {report.edge}'s metrics of user {user}", relayed=True)
         prefix = self.prefixes.get(self.edge_deployment.get(report.edge, ""), "")
         if report.mode is Mode.TRAIN and report.metrics and running is not None and running[0] == report.round:
             _, strategy, base = running

@@ -88,6 +88,23 @@ def test_bad_user_updates_get_422_at_the_edge(stack):
         users["user-0"] = real
 
 
+def test_a_users_metrics_may_not_fill_the_round_history(stack):
+    """A user's metrics went into the round's record as sent: a user could have the cloud store and serve, with every
+    read of the round history, megabytes of its own per round (max_message_bytes of them: 256 MB by default)."""
+    with waiting_round(stack, deadline=10) as rid:  # the cloud's plan: 2 local steps
+        stuffed = _user_update(stack, rid)
+        stuffed.meta["metrics"] = {**stuffed.meta["metrics"], "junk": "x" * 6000}
+        r = stack.post_msg("edge", "update", stuffed)
+        assert r.status_code == 422 and "a round of 2 local steps allows 4160" in r.json()["detail"], r.text
+        assert stack.edge.pending[(rid, "train")].metrics == {}
+        honest = _user_update(stack, rid)  # per-step figures of the plan's steps fit
+        honest.meta["metrics"].update(losses=[1.0, 1.0], step_seconds=[0.5, 0.5], batch_shape=[2, 8], clock="wall")
+        r = stack.post_msg("edge", "update", honest)
+        assert r.status_code == 200, r.text
+    view = wait_round(stack, rid)
+    assert view["state"] == "committed" and "junk" not in str(view["metrics"]), view
+
+
 def _edge_report_meta(round_id: int, edge: str = "edge-0") -> dict[str, Any]:
     """The meta of an edge's training report for ``round_id`` (user-0 reported)."""
     return Report(round=round_id, edge=edge, mode=Mode.TRAIN, num_samples=8,
@@ -104,6 +121,10 @@ def test_bad_edge_updates_get_422_at_the_cloud(stack):
         # an edge reports only as itself (403); an edge the cloud does not know is refused (404)
         r = stack.post_msg("cloud", "update", Message("update", _edge_report_meta(rid, "edge-nobody"), tensors))
         assert r.status_code == 403 and "may not report as edge 'edge-nobody'" in r.json()["detail"], r.text
+        stuffed = _edge_report_meta(rid)
+        stuffed["metrics"]["user-0"]["junk"] = "x" * 6000
+        r = stack.post_msg("cloud", "update", Message("update", stuffed, tensors))
+        assert r.status_code == 422 and "edge edge-0's metrics of user user-0 take" in r.json()["detail"], r.text
         body = encode(Message("update", _edge_report_meta(rid, "edge-nobody"), tensors))
         headers = {**stack.issue("edge", "edge-nobody").sign("POST", "/v1/update", "cloud", body),
                    "content-type": CONTENT_TYPE}
