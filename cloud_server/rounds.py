@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-import math
-import random
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from cloud_server.compute import CloudCompute
 from cloud_server.aggregation import aggregate_round
-from cloud_server.metrics import drop_reasons, eval_metrics, hop_bytes, merge_eval, train_metrics
+from cloud_server.metrics import drop_reasons, eval_metrics, hop_bytes, merge_eval, own_held_out, train_metrics
 from cloud_server.records import FINISHED, RoundCancelled, RoundError, RoundRecord
 from cloud_server.store import Store
 from cloud_server.topology import Topology
@@ -28,7 +26,6 @@ from shared.protocol.enums import TIERS, Hop, Mode, Tier
 from shared.protocol.messages import Report, RoundPlan, RoundStart, ack
 from shared.protocol.wire import Message
 from shared.runtime.tier import TierRuntime
-from shared.seeds import derive_seed
 
 log = logging.getLogger("splitllm.rounds")
 
@@ -68,6 +65,7 @@ class Coordinator(Topology):
         self.strategies: dict[str, Strategy] = {}
         self._cancelled: set[int] = set()
         self._reports: dict[tuple[int, Mode], dict[str, Report]] = {}
+        self._started: dict[tuple[int, Mode], dict[str, set[str]]] = {}  # the users each edge was started with
         self._arrived: dict[tuple[int, Mode, str], Report] = {}  # accepted, waiting for ``after_update``
         self._running: tuple[int, Strategy, AdapterBundle] | None = None  # the round in progress, its base state
         self.revoked: Callable[[], dict[str, Any]] | None = None  # the revoked credentials edges are told of
@@ -98,7 +96,10 @@ class Coordinator(Topology):
         with self._cond:
             if key not in self._reports:
                 raise NotFound(f"no round {key[0]} ({key[1]}) is waiting for updates")
-            running = self._running
+            running, strangers = self._running, {*report.metrics, *report.missing} - self._started[key].get(report.edge, set())
+        if strangers:  # another edge's users: their weights and metrics are not this edge's to give
+            raise InvalidInput(f"edge {report.edge} reports users it was not started with in round {key[0]} ({key[1]}): "
+                               f"{', '.join(sorted(strangers)[:5])}")
         prefix = self.prefixes.get(self.edge_deployment.get(report.edge, ""), "")
         if report.mode is Mode.TRAIN and report.metrics and running is not None and running[0] == report.round:
             _, strategy, base = running
@@ -132,20 +133,6 @@ class Coordinator(Topology):
                                   num_layers=self.runtime.split.num_layers)
             self.strategies[key] = get_algorithm(request.algorithm).strategy(request.config, ctx)
         return self.strategies[key]
-
-    def _select(self, request: RoundConfig, round_id: int) -> list[Participant]:
-        everyone = self.participants()
-        if request.participants:
-            known = {p.user_id: p for p in everyone}
-            unknown = [u for u in request.participants if u not in known]
-            if unknown:
-                raise RoundError(f"unknown participants {unknown}")
-            return [known[u] for u in sorted(set(request.participants))]
-        if request.fraction is not None:
-            k = max(1, math.ceil(request.fraction * len(everyone)))
-            rng = random.Random(derive_seed(self.seed, round_id, "select"))
-            return sorted(rng.sample(everyone, k), key=lambda p: (p.edge_id, p.user_id))
-        return everyone
 
     def new_round(self, request: RoundConfig) -> RoundRecord:
         """Record a round to run; the algorithm and its config are checked first (``InvalidInput``: 422)."""
@@ -199,7 +186,7 @@ class Coordinator(Topology):
         committed = False
         try:
             self._check_cancelled(record)
-            chosen = self._select(record.request, record.round_id)
+            chosen = self.select(record.request, self.seed, record.round_id)
             if not chosen:
                 raise RoundError("no registered users to train")
             record.participants = [p.user_id for p in chosen]
@@ -328,6 +315,7 @@ class Coordinator(Topology):
         key = (record.round_id, mode)
         with self._cond:
             self._reports[key] = {}
+            self._started[key] = {e: {p.user_id for p in ps} for e, ps in by_edge.items()}
         download = AdapterBundle({tier: strategy.pack_download(tier, state[tier], record.round_id)
                                   for tier in (Tier.USER, Tier.EDGE)})
         req = record.request
@@ -367,8 +355,11 @@ class Coordinator(Topology):
         finally:
             with self._cond:
                 self._reports.pop(key, None)
+                self._started.pop(key, None)
                 for stale in [k for k in self._arrived if k[:2] == key]:
                     del self._arrived[stale]
+        if mode is Mode.EVAL:
+            own_held_out(reports, record.round_id, self.runtime_of)
         reported = {u for r in reports.values() for u in r.metrics}
         self._drop_sessions([p for u, p in plans.items() if mode is Mode.EVAL or u not in reported])
         return reports
