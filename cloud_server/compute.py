@@ -38,7 +38,8 @@ class CloudCompute:
         labels = request.labels.to(self.runtime.device, torch.int64)
         logits = self.runtime.head(session, out, request.attention_mask)
         if not session.plan.training:
-            return Downstream(reply=eval_counts(task, logits.detach(), labels).to_message())
+            counts = eval_counts(task, logits.detach(), labels)
+            return Downstream(reply=counts.to_message(), counts=counts)
         loss = step_loss(task, logits, labels, request.label_count)
         if not torch.isfinite(loss):
             raise InvalidInput(f"the loss of round {request.round}, user '{request.user}', step {request.step} is not finite")

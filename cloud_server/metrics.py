@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
+from collections.abc import Callable
 from typing import Any
 
-from shared.fl.plugin import Participant
+from shared.errors import InvalidInput
 from shared.http.metrics import ByteLedger
 from shared.protocol.fields import as_number
 from shared.protocol.messages import Report
+from shared.runtime.tier import TierRuntime
+
+log = logging.getLogger("splitllm.rounds")
 
 
 LOSS_FLAG_FACTOR = 10.0  # with 3 or more users, a training loss over this many times their median is flagged
@@ -70,11 +75,30 @@ def _count(value: Any) -> float:
     return float(value) if ok else 0.0
 
 
+def own_held_out(reports: dict[str, Report], round_id: int, runtime_of: Callable[[str], TierRuntime]) -> None:
+    """An evaluation's reports, each user's held-out sums made the cloud's own: those its head computed for the user's
+    eval steps, whatever the edge relayed; in a U-shaped chain, where the user scores itself, its own if they can be
+    (``shared.runtime.session.HeldOut.sums``). A user whose sums cannot be is left out, the reason among its edge's."""
+    for report in reports.values():
+        for user, claimed in list(report.metrics.items()):
+            runtime = runtime_of(user)
+            session = runtime.sessions.get((round_id, user))
+            try:
+                if session is None:
+                    raise InvalidInput(f"user {user} has no evaluation session at the cloud")
+                claimed.update(session.held_out.sums(claimed, f"user {user}", runtime.serves(session.plan)))
+            except InvalidInput as exc:
+                log.warning("round %s: the evaluation of %s is left out: %s", round_id, user, exc)
+                del report.metrics[user]
+                report.reasons[user] = str(exc)
+
+
 def eval_metrics(reports: dict[str, Report], task_of: dict[str, tuple[str, str]]) -> dict[str, Any]:
     """Held-out loss over every token or example the users evaluated; accuracy, or perplexity for a language model.
 
     ``task_of`` maps each user to its (task name, ``cls`` or ``lm``). With several tasks, ``tasks`` holds each
-    one's own metrics, and the overall figures pool the tasks of the first one's kind.
+    one's own metrics, and the overall figures pool the tasks of the first one's kind. ``eval_drop_reasons``: why
+    each user left out of the evaluation was, as its edge or the cloud said.
     """
     per_user = {u: m for report in reports.values() for u, m in report.metrics.items()}
     names = sorted({task_of[u][0] for u in per_user}) or [""]
@@ -83,16 +107,8 @@ def eval_metrics(reports: dict[str, Report], task_of: dict[str, tuple[str, str]]
     if len(names) > 1:
         out["tasks"] = {name: _pooled(next(k for n, k in task_of.values() if n == name),
                                       {u: m for u, m in per_user.items() if task_of[u][0] == name}) for name in names}
-    return out
-
-
-def task_of(runtimes: dict[str, Any], prefixes: dict[str, str], default: str,
-            chosen: list[Participant]) -> dict[str, tuple[str, str]]:
-    """Each user's task in round metrics (``<deployment>/<data>`` in a federation of several) and its kind."""
-    out = {}
-    for p in chosen:
-        rt = runtimes[p.deployment or default]
-        out[p.user_id] = (prefixes[p.deployment or default] + rt.task_name(p.data), rt.task_variant(p.data).spec.task)
+    if reasons := {u: r for report in reports.values() for u, r in report.reasons.items()}:
+        out["eval_drop_reasons"] = dict(sorted(reasons.items()))
     return out
 
 

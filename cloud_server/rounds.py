@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-import math
-import random
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from cloud_server.compute import CloudCompute
 from cloud_server.aggregation import aggregate_round
-from cloud_server.metrics import drop_reasons, eval_metrics, hop_bytes, merge_eval, task_of, train_metrics
+from cloud_server.metrics import drop_reasons, eval_metrics, hop_bytes, merge_eval, own_held_out, train_metrics
 from cloud_server.records import FINISHED, RoundCancelled, RoundError, RoundRecord
 from cloud_server.store import Store
 from cloud_server.topology import Topology
@@ -29,7 +27,6 @@ from shared.protocol.fields import check_metrics_size
 from shared.protocol.messages import Report, RoundPlan, RoundStart, ack
 from shared.protocol.wire import Message
 from shared.runtime.tier import TierRuntime
-from shared.seeds import derive_seed
 
 log = logging.getLogger("splitllm.rounds")
 
@@ -89,8 +86,10 @@ class Coordinator(Topology):
         return self.computes[self._deployment(str(msg.meta.get("user")))].on_backward(msg)
 
     def on_update(self, msg: Message) -> Message:
-        """An edge's report for one (round, phase): its users' pre-averaged adapters and metrics (of the users the round
-        started there, each within ``check_metrics_size``); it counts once its bytes are counted too (``after_update``)."""
+        """An edge's report for one (round, phase): its users' pre-averaged adapters and metrics.
+
+        It counts for the round once the transport has counted its bytes too (``after_update``).
+        """
         report = Report.from_message(msg)
         key = (report.round, report.mode)
         if report.edge not in self.edges:
@@ -98,10 +97,11 @@ class Coordinator(Topology):
         with self._cond:
             if key not in self._reports:
                 raise NotFound(f"no round {key[0]} ({key[1]}) is waiting for updates")
-            running, started = self._running, self._started[key].get(report.edge, set())
-        foreign = sorted({*report.metrics, *report.missing, *report.reasons} - started)
-        if foreign:  # another edge's users, or users not in the round: an edge speaks only for its own
-            raise InvalidInput(f"edge {report.edge} reports users this round did not start there: {foreign[:10]}")
+            started = self._started[key].get(report.edge, set())
+            running, strangers = self._running, {*report.metrics, *report.missing, *report.reasons} - started
+        if strangers:  # another edge's users: their weights and metrics are not this edge's to give
+            raise InvalidInput(f"edge {report.edge} reports users it was not started with in round {key[0]} ({key[1]}): "
+                               f"{', '.join(sorted(strangers)[:5])}")
         steps = record.request.local_steps if (record := self.rounds.get(report.round)) else 0
         for user, metrics in report.metrics.items():
             check_metrics_size(metrics, steps, f"edge {report.edge}'s metrics of user {user}", relayed=True)
@@ -138,20 +138,6 @@ class Coordinator(Topology):
                                   num_layers=self.runtime.split.num_layers)
             self.strategies[key] = get_algorithm(request.algorithm).strategy(request.config, ctx)
         return self.strategies[key]
-
-    def _select(self, request: RoundConfig, round_id: int) -> list[Participant]:
-        everyone = self.participants()
-        if request.participants:
-            known = {p.user_id: p for p in everyone}
-            unknown = [u for u in request.participants if u not in known]
-            if unknown:
-                raise RoundError(f"unknown participants {unknown}")
-            return [known[u] for u in sorted(set(request.participants))]
-        if request.fraction is not None:
-            k = max(1, math.ceil(request.fraction * len(everyone)))
-            rng = random.Random(derive_seed(self.seed, round_id, "select"))
-            return sorted(rng.sample(everyone, k), key=lambda p: (p.edge_id, p.user_id))
-        return everyone
 
     def new_round(self, request: RoundConfig) -> RoundRecord:
         """Record a round to run; the algorithm and its config are checked first (``InvalidInput``: 422)."""
@@ -205,7 +191,7 @@ class Coordinator(Topology):
         committed = False
         try:
             self._check_cancelled(record)
-            chosen = self._select(record.request, record.round_id)
+            chosen = self.select(record.request, self.seed, record.round_id)
             if not chosen:
                 raise RoundError("no registered users to train")
             record.participants = [p.user_id for p in chosen]
@@ -275,8 +261,8 @@ class Coordinator(Topology):
         """Held-out metrics of the version just committed, merged into the round's metrics."""
         t0 = time.perf_counter()
         reports = self._phase(record, chosen, Mode.EVAL, {p.user_id: {} for p in chosen}, self.global_state, strategy)
-        tasks = task_of(self.runtimes, self.prefixes, self.default_deployment, chosen)
-        merge_eval(record.metrics, eval_metrics(reports, tasks), hop_bytes(reports, self.ledger, (record.round_id, Mode.EVAL)))
+        merge_eval(record.metrics, eval_metrics(reports, self._task_of(chosen)),
+                   hop_bytes(reports, self.ledger, (record.round_id, Mode.EVAL)))
         evaluated = {u for r in reports.values() for u in r.metrics}
         record.metrics["eval_seconds"] = time.perf_counter() - t0
         record.progress = {u: "evaluated" if u in evaluated else "dropped" for u in record.participants}
@@ -291,13 +277,21 @@ class Coordinator(Topology):
             record.participants = [p.user_id for p in chosen]
             reports = self._phase(record, chosen, Mode.EVAL, {p.user_id: {} for p in chosen}, self.global_state,
                                   self.strategy_for(request))
-            record.metrics = eval_metrics(reports, task_of(self.runtimes, self.prefixes, self.default_deployment,
-                                                           chosen))
+            record.metrics = eval_metrics(reports, self._task_of(chosen))
             record.metrics["seconds"] = time.perf_counter() - started
             record.state = "committed"
         except Exception as exc:
             record.state, record.error = "failed", f"{type(exc).__name__}: {exc}"
         return record
+
+    def _task_of(self, chosen: list[Participant]) -> dict[str, tuple[str, str]]:
+        """Each user's task in round metrics (``<deployment>/<data>`` in a federation of several) and its kind."""
+        out = {}
+        for p in chosen:
+            rt = self.runtimes[p.deployment or self.default_deployment]
+            name = self.prefixes[p.deployment or self.default_deployment] + rt.task_name(p.data)
+            out[p.user_id] = (name, rt.task_variant(p.data).spec.task)
+        return out
 
     def _plans(self, record: RoundRecord, chosen: list[Participant], mode: Mode,
                extras: dict[str, dict[str, Any]]) -> dict[str, RoundPlan]:
@@ -325,7 +319,8 @@ class Coordinator(Topology):
             by_edge.setdefault(p.edge_id, []).append(plans[p.user_id])
         key = (record.round_id, mode)
         with self._cond:
-            self._reports[key], self._started[key] = {}, {e: {p.user_id for p in ps} for e, ps in by_edge.items()}
+            self._reports[key] = {}
+            self._started[key] = {e: {p.user_id for p in ps} for e, ps in by_edge.items()}
         download = AdapterBundle({tier: strategy.pack_download(tier, state[tier], record.round_id)
                                   for tier in (Tier.USER, Tier.EDGE)})
         req = record.request
@@ -368,6 +363,8 @@ class Coordinator(Topology):
                 self._started.pop(key, None)
                 for stale in [k for k in self._arrived if k[:2] == key]:
                     del self._arrived[stale]
+        if mode is Mode.EVAL:
+            own_held_out(reports, record.round_id, self.runtime_of)
         reported = {u for r in reports.values() for u in r.metrics}
         self._drop_sessions([p for u, p in plans.items() if mode is Mode.EVAL or u not in reported])
         return reports

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import random
 import threading
 
+from cloud_server.records import RoundError
 from shared.config.placement import Placement
+from shared.config.round import RoundConfig
 from shared.errors import NotFound
 from shared.fl.plugin import Participant
 from shared.protocol.transport import Link
+from shared.seeds import derive_seed
 
 
 class Topology:
@@ -57,3 +62,18 @@ class Topology:
                     p = self.placements.get(u, Placement())
                     out.append(Participant(u, e, n, p.data, p.cut, p.rank, self.edge_deployment.get(e, "")))
         return out
+
+    def select(self, request: RoundConfig, seed: int, round_id: int) -> list[Participant]:
+        """A round's participants: the users it names, a fraction of everyone drawn from the round's seed, or everyone."""
+        everyone = self.participants()
+        if request.participants:
+            known = {p.user_id: p for p in everyone}
+            unknown = [u for u in request.participants if u not in known]
+            if unknown:
+                raise RoundError(f"unknown participants {unknown}")
+            return [known[u] for u in sorted(set(request.participants))]
+        if request.fraction is not None:
+            k = max(1, math.ceil(request.fraction * len(everyone)))
+            rng = random.Random(derive_seed(seed, round_id, "select"))
+            return sorted(rng.sample(everyone, k), key=lambda p: (p.edge_id, p.user_id))
+        return everyone

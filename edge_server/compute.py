@@ -270,9 +270,11 @@ class EdgeServer:
             pending.edge_updates.append(AdapterUpdate(update.user, Tier.EDGE, stacked[Tier.EDGE], weight))
             pending.metrics[update.user] = {**update.metrics, "edge_compute_seconds": session.compute_seconds,
                                             "edge_blocks_run": session.blocks_run, "edge_steps": session.steps}
-        else:
+        else:  # the held-out sums of the eval replies this edge relayed, not the user's word for them
+            session = self.runtime.session(update.round, update.user)
+            sums = session.held_out.sums(update.metrics, f"user {update.user}", self.runtime.serves(session.plan))
             self.runtime.close_session(update.round, update.user)
-            pending.metrics[update.user] = update.metrics
+            pending.metrics[update.user] = {**update.metrics, **sums}
         return self._finish(key) if pending.settled else None
 
     def _finish(self, key: tuple[int, Mode]) -> Report:
@@ -320,7 +322,8 @@ class EdgeServer:
             codec = self.runtime.policy(Hop.USER_EDGE).activations
             return Downstream(reply=OutputReply(rows).to_message(codec), output=out if session.plan.training else None)
         if not session.plan.training:
-            return Downstream(reply=EvalReply.from_message(reply).to_message())
+            counts = EvalReply.from_message(reply)
+            return Downstream(reply=counts.to_message(), counts=counts)
         answer = TrainReply.from_message(reply)
         check_grad(answer.grad, request.hidden, "the cloud")
         return Downstream(output=out, grad=unpack_tokens(answer.grad.to(out.device, out.dtype), mask), loss=answer.loss)

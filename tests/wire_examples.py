@@ -20,6 +20,29 @@ def examples() -> dict[str, dict]:
     return {name: json.loads(body) for name, body in found}
 
 
+def codec_examples() -> dict[str, dict]:
+    text = README.read_text()
+    found = re.findall(r"<!-- codec-example: ([a-z0-9-]+) -->\s*```json\n(.*?)```", text, re.DOTALL)
+    return {name: json.loads(body) for name, body in found}
+
+
+BIN_FIELDS = ("data", "scales", "channel_scales", "indices")
+
+
+def entry_of(example: dict) -> dict:
+    """A codec example's tensor entry as it goes on the wire: its hex byte strings as bytes."""
+    return {k: bytes.fromhex(v) if k in BIN_FIELDS else v for k, v in example["entry"].items()}
+
+
+def values_of(example: dict, key: str = "values") -> list[float]:
+    """``values`` (or ``decoded``) of a codec example: a list, or ``"N x V"`` for N elements of V."""
+    values = example[key]
+    if isinstance(values, str):
+        count, _, value = values.partition(" x ")
+        return [float(value)] * int(count)
+    return values
+
+
 def client_bytes(example: dict) -> bytes:
     """What a client writes: the tensors' values packed little-endian into ``data``, the rest as it is."""
     doc = {k: v for k, v in example.items() if k != "tensors"}

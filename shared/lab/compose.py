@@ -201,12 +201,13 @@ class Deployment:
     def wait_round(self, round_id: int, timeout: float = 1800.0) -> dict[str, Any]:
         """The round's view once it is finished (and evaluated, where it evaluates)."""
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            view = httpx.get(f"{self.url}/v1/rounds/{round_id}", headers=self.admin_headers, timeout=30).json()
-            evaluated = "eval_loss" in view["metrics"] or not view["request"]["evaluate"]
-            if view["state"] in ("failed", "cancelled") or (view["state"] == "committed" and evaluated):
-                return view
-            time.sleep(1.0)
+        with httpx.Client(base_url=self.url, headers=self.admin_headers, timeout=30) as client:  # one, not one a poll
+            while time.monotonic() < end:
+                view = client.get(f"/v1/rounds/{round_id}").json()
+                evaluated = "eval_loss" in view["metrics"] or not view["request"]["evaluate"]
+                if view["state"] in ("failed", "cancelled") or (view["state"] == "committed" and evaluated):
+                    return view
+                time.sleep(1.0)
         raise ComposeError(f"round {round_id} did not finish in {timeout:.0f}s")
 
     def save_logs(self) -> None:

@@ -13,7 +13,8 @@ from torch import nn
 from shared.errors import InvalidInput
 from shared.fl.plugin import SessionPlugin
 from shared.protocol.codecs import ErrorFeedback
-from shared.protocol.messages import RoundPlan
+from shared.protocol.fields import as_int, as_number
+from shared.protocol.messages import EvalReply, RoundPlan
 
 
 @dataclass
@@ -122,6 +123,43 @@ class StepTracker:
 
 
 @dataclass
+class HeldOut:
+    """What a serving tier saw of one user's evaluation: the tokens it served, and the sums of the ``eval`` replies it
+    computed or relayed (a U-shaped chain's user scores itself: then no reply carries sums)."""
+
+    tokens: int = 0
+    replies: int = 0
+    loss_sum: float = 0.0
+    count: int = 0
+    correct: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # micro-batches may come at once
+
+    def add(self, tokens: int, counts: EvalReply | None) -> None:
+        with self._lock:
+            self.tokens += tokens
+            if counts is not None:
+                self.replies += 1
+                self.loss_sum, self.count = self.loss_sum + counts.loss_sum, self.count + counts.count
+                self.correct += counts.correct
+
+    def sums(self, claimed: dict[str, Any], where: str, served: bool) -> dict[str, Any]:
+        """The held-out sums to count for a user whose evaluation update ``claimed`` these: this tier's own where eval
+        replies passed through it, whatever the update says; else the claimed ones, if they can be (``InvalidInput``
+        otherwise): ``loss_sum`` >= 0 and integers ``0 <= correct <= count``, and where the user's steps come through
+        this tier (``served``), ``count`` no more than the tokens it served."""
+        with self._lock:
+            if self.replies:
+                return {"loss_sum": self.loss_sum, "count": self.count, "correct": self.correct}
+            tokens = self.tokens
+        loss_sum = as_number(claimed.get("loss_sum"), f"{where}'s loss_sum")
+        count, correct = (as_int(claimed.get(k), f"{where}'s {k}", 0) for k in ("count", "correct"))
+        if loss_sum < 0 or correct > count or (served and count > tokens):
+            raise InvalidInput(f"{where}'s held-out sums cannot be: loss_sum {loss_sum:.4g} must be >= 0 and correct "
+                               f"({correct}) <= count ({count})" + (f" <= the {tokens} tokens evaluated here" if served else ""))
+        return {"loss_sum": loss_sum, "count": count, "correct": correct}
+
+
+@dataclass
 class Session:
     """One (round, user) replica on one tier: its adapters, optimizer state, plug-in and counters."""
 
@@ -134,6 +172,7 @@ class Session:
     samples: int = 0
     compute_seconds: float = 0.0  # this tier's forward, head, backward and optimizer time for the session
     blocks_run: int = 0  # blocks its training forwards ran, summed over steps
+    held_out: HeldOut = field(default_factory=HeldOut)  # an evaluation session's tokens and sums (``mode`` eval)
     feedback: ErrorFeedback = field(default_factory=ErrorFeedback)  # of top-k compressed gradients this tier sends
     tracker: StepTracker = field(init=False, repr=False)  # the steps served, their replies for retries
     pending: dict[int, Any] = field(default_factory=dict)  # U-shaped chain: forward graphs awaiting their backward

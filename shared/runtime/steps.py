@@ -16,7 +16,7 @@ import torch
 from shared.data.batching import IGNORE_INDEX
 from shared.errors import InvalidInput, UpstreamError
 from shared.protocol.enums import Hop
-from shared.protocol.messages import BackwardRequest, StepRequest, TrainReply
+from shared.protocol.messages import BackwardRequest, EvalReply, StepRequest, TrainReply
 from shared.protocol.wire import Message
 from shared.runtime.loss import label_count
 from shared.runtime.session import Session
@@ -110,6 +110,7 @@ class Downstream:
     output: torch.Tensor | None = None
     grad: torch.Tensor | None = None
     loss: float = 0.0
+    counts: EvalReply | None = None  # in evaluation, the held-out sums the reply carries (none in a U-shaped chain)
 
 
 NextStage = Callable[[Session, StepRequest, torch.Tensor], Downstream]
@@ -148,6 +149,7 @@ def serve_step(runtime: TierRuntime, msg: Message, next_stage: NextStage, back_h
         out = runtime.forward(session, hidden_in, mask, request.step)
         result = next_stage(session, request, out)
         if not train:
+            session.held_out.add(int(mask.sum()), result.counts)
             return tracker.finish(micro, result.reply)
         if result.reply is not None:  # U-shaped: the gradient of ``out`` comes with the step's backward request
             session.pending[micro] = Pending(hidden_in, result.output, mask)

@@ -144,6 +144,10 @@ class TierRuntime:
                                f"needs {layers}")
         return layers
 
+    def serves(self, plan: RoundPlan) -> bool:
+        """Whether a participant's steps come through the serving tiers: its device does not hold every block."""
+        return (self.spec.split[0] if plan.cut is None else plan.cut) < self.source.num_layers
+
     @property
     def width(self) -> int:
         return int(self.partition.config.hidden_size)

@@ -149,7 +149,7 @@ def test_an_edge_reports_only_the_users_the_round_started_behind_it(stack):
                 meta[field_] = {**meta.get(field_, {}), **value} if isinstance(value, dict) else value
                 r = stack.post_msg("cloud", "update", Message("update", meta, tensors))
                 assert r.status_code == 422, (field_, value, r.text)
-                assert "reports users this round did not start there" in r.json()["detail"], r.text
+                assert "reports users it was not started with" in r.json()["detail"], r.text
         finally:
             for table in (coordinator.edges, coordinator.edge_users, coordinator.edge_deployment):
                 table.pop("edge-1", None)

@@ -226,6 +226,16 @@ def test_the_round_api_and_its_reads_need_the_admin_credential(stack):
     assert client.get("/v1/rounds", headers={"authorization": f"bearer {stack.admin}"}).status_code == 200
 
 
+def test_an_edge_tells_a_user_or_an_admin_whether_the_user_is_registered_there(stack):
+    client, path = stack.clients["edge"], "/v1/users/user-0"
+    assert client.get(path, headers=bearer(stack.admin)).json() == {"user_id": "user-0", "registered": True}
+    assert client.get(path, headers=stack.signed("user-0", "GET", path, tier="edge")).status_code == 200
+    r = client.get(path, headers=stack.signed("user-1", "GET", path, tier="edge"))  # another user: not its to ask
+    assert r.status_code == 403, r.text
+    other = "/v1/users/user-1"
+    assert client.get(other, headers=bearer(stack.admin)).status_code == 404
+
+
 @pytest.mark.parametrize("tier", TIERS)
 def test_health_metrics_and_docs_are_open(stack, tier):
     for path in OPEN_PATHS:
