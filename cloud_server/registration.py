@@ -9,7 +9,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field
 
-from shared.config.placement import Declared
+from shared.config.placement import MAX_NUM_SAMPLES, Declared
 from shared.errors import InvalidInput
 from shared.http.credentials import CredentialError, Principal, Verifier
 
@@ -33,7 +33,7 @@ class UserIn(BaseModel):
     """
 
     user_id: Ident
-    num_samples: int = Field(ge=0)
+    num_samples: int = Field(ge=0, le=MAX_NUM_SAMPLES)
     registration: SignedRequest | None = None
     model: str | None = Field(None, max_length=2048, description="the model it declares it trains (its edge's)")
     data: str | None = Field(None, max_length=64, description="the task it trains (default: the deployment's first)")

@@ -23,6 +23,7 @@ from shared.http.metrics import ByteLedger
 from shared.model.adapters import clone_state
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.enums import TIERS, Hop, Mode, Tier
+from shared.protocol.fields import check_metrics_size
 from shared.protocol.messages import Report, RoundPlan, RoundStart, ack
 from shared.protocol.wire import Message
 from shared.runtime.tier import TierRuntime
@@ -96,10 +97,14 @@ class Coordinator(Topology):
         with self._cond:
             if key not in self._reports:
                 raise NotFound(f"no round {key[0]} ({key[1]}) is waiting for updates")
-            running, strangers = self._running, {*report.metrics, *report.missing} - self._started[key].get(report.edge, set())
+            started = self._started[key].get(report.edge, set())
+            running, strangers = self._running, {*report.metrics, *report.missing, *report.reasons} - started
         if strangers:  # another edge's users: their weights and metrics are not this edge's to give
             raise InvalidInput(f"edge {report.edge} reports users it was not started with in round {key[0]} ({key[1]}): "
                                f"{', '.join(sorted(strangers)[:5])}")
+        steps = record.request.local_steps if (record := self.rounds.get(report.round)) else 0
+        for user, metrics in report.metrics.items():
+            check_metrics_size(metrics, steps, f"edge {report.edge}'s metrics of user {user}", relayed=True)
         prefix = self.prefixes.get(self.edge_deployment.get(report.edge, ""), "")
         if report.mode is Mode.TRAIN and report.metrics and running is not None and running[0] == report.round:
             _, strategy, base = running

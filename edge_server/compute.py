@@ -19,7 +19,7 @@ from shared.fl.robust import AggregationPolicy, combine
 from shared.fl.plugin import Strategy, StrategyContext, get_algorithm
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.enums import Hop, Mode, Tier
-from shared.protocol.fields import as_number
+from shared.protocol.fields import as_number, check_metrics_size
 from shared.protocol.messages import (BackwardRequest, EvalReply, OutputReply, Report, RoundPlan, RoundStart, StepRequest,
                                       TrainReply, Update, UserStart, ack)
 from shared.protocol.transport import Link
@@ -210,6 +210,7 @@ class EdgeServer:
             pending = self.pending.get(key)
             if pending is None or update.user not in pending.plans or update.user in pending.missing:
                 raise NotFound(f"edge {self.edge_id}: no {update.mode} round {update.round} expects user '{update.user}'")
+            check_metrics_size(update.metrics, pending.plans[update.user].local_steps, f"user {update.user}'s metrics")
             if update.user in pending.metrics:  # a retried update: already counted
                 return ack(round=update.round, user=update.user)
             self.uncounted.setdefault(key, set()).add(update.user)

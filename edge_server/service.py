@@ -10,6 +10,7 @@ from pydantic import AfterValidator, BaseModel, Field
 from edge_server.compute import EdgeServer
 from shared.config.deployment import Experiment
 from shared.config.federation import Deployment
+from shared.config.placement import MAX_NUM_SAMPLES
 from shared.config.settings import EdgeSettings
 from shared.errors import InvalidInput
 from shared.http.auth import callback_allowed, check_url, require_identity
@@ -32,7 +33,7 @@ class UserIn(BaseModel):
 
     user_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
     url: Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(check_url)]
-    num_samples: int = Field(ge=0)
+    num_samples: int = Field(ge=0, le=MAX_NUM_SAMPLES)
     link_profile: str = Field("none", description="the user's link profile; starts sent to it are delayed by it")
     link_rate_shaped: bool = Field(False, description="the network shapes the user's link rates: emulate delay and loss only")
     model: str | None = Field(None, max_length=2048, description="the model it trains (this edge's)")

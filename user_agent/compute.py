@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from shared.data.batching import Batch, BatchSampler, eval_batches
+from shared.data.batching import EVAL_BATCH_SIZE, Batch, BatchSampler, eval_batches
 from shared.data.datasets import ClientData
 from shared.model.tokenizers import Tokenizer
 from shared.protocol.enums import Hop, Mode
@@ -41,7 +41,7 @@ class UserAgent:
     """A device: its data, the user partition, and a link to its edge."""
 
     def __init__(self, user_id: str, runtime: TierRuntime, data: ClientData, tokenizer: Tokenizer,
-                 edge: Link, max_len: int = 128, eval_batch_size: int = 32, slowdown: float = 1.0,
+                 edge: Link, max_len: int = 128, eval_batch_size: int = EVAL_BATCH_SIZE, slowdown: float = 1.0,
                  pad_to_max: bool = False) -> None:
         if slowdown < 1.0:
             raise ValueError(f"a device's slowdown factor must be >= 1 (got {slowdown})")

@@ -21,6 +21,9 @@ from shared.model.partition import Split, build_partition
 from shared.model.sources import ModelSource
 
 
+MAX_NUM_SAMPLES = 2**40  # a registration's sample count: an edge's sums of them stay within msgpack's 64-bit ints
+
+
 @dataclass(frozen=True)
 class Declared:
     """What a user declares at registration; every field may be left out (the deployment's defaults)."""

@@ -13,6 +13,7 @@ from shared.model.tokenizers import Tokenizer
 from shared.seeds import derive_seed
 
 IGNORE_INDEX = -100
+EVAL_BATCH_SIZE = 32  # examples per evaluation step (a serving tier takes no more rows in one, nor above batch_size in training)
 
 
 @dataclass

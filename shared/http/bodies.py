@@ -4,7 +4,8 @@ A body is streamed into a ``MessageBuffer`` (one anonymous memory map, sized fro
 or, without one, the size limit; pages cost memory only once written) and decoded where it lies, so
 its large tensors are views on the buffer and the body is never copied whole. The size limit holds
 while reading, chunked or not; a declared length over it is refused before reading. Every body
-counts against the tier's ``BodyBudget`` from before it is read until its reply is ready: a body
+counts against the tier's ``BodyBudget`` from before it is read until its reply is ready (once its tensors'
+declared sizes are known, as the larger of its size and theirs: compressed tensors take their decoded size): a body
 that would pass the budget is answered 503 with ``Retry-After`` before a byte of it is read. One caller
 (one credential; the peer's address without credentials) holds at most its share of the budget, so a
 caller that trickles its bodies cannot take the whole of it from the others; and a body must keep
@@ -45,20 +46,24 @@ class BodyBudget:
         """Count ``nbytes`` against the budget, and ``caller``'s share of it, until the block ends
         (``Held.resize`` changes the count)."""
         with self._lock:
-            mine = self.by_caller.get(caller, 0)
-            if mine + nbytes > self.caller_limit:
-                raise Busy(f"this caller has {mine} bytes of request bodies in flight; {nbytes} more would pass "
-                           f"its share of {self.caller_limit} of the tier's max_inflight_bytes: retry later")
-            if self.used + nbytes > self.limit:
-                raise Busy(f"this tier holds {self.used} bytes of request bodies; {nbytes} more would pass its "
-                           f"limit of {self.limit} (max_inflight_bytes): retry later")
-            self.used += nbytes
-            self.by_caller[caller] = mine + nbytes
+            self._take(caller, nbytes)
         held = Held(self, nbytes, caller)
         try:
             yield held
         finally:
             held.resize(0)
+
+    def _take(self, caller: str, nbytes: int) -> None:
+        """Count ``nbytes`` more (call with the lock held), or ``Busy`` beyond the budget or the caller's share."""
+        mine = self.by_caller.get(caller, 0)
+        if mine + nbytes > self.caller_limit:
+            raise Busy(f"this caller has {mine} bytes of request bodies in flight; {nbytes} more would pass "
+                       f"its share of {self.caller_limit} of the tier's max_inflight_bytes: retry later")
+        if self.used + nbytes > self.limit:
+            raise Busy(f"this tier holds {self.used} bytes of request bodies; {nbytes} more would pass its "
+                       f"limit of {self.limit} (max_inflight_bytes): retry later")
+        self.used += nbytes
+        self.by_caller[caller] = mine + nbytes
 
     def _adjust(self, caller: str, delta: int) -> None:
         with self._lock:
@@ -80,6 +85,14 @@ class Held:
         """Count ``nbytes`` instead (smaller: a chunked body turned out shorter than the limit it held)."""
         self.budget._adjust(self.caller, nbytes - self.nbytes)
         self.nbytes = nbytes
+
+    def grow_to(self, nbytes: int) -> None:
+        """Count at least ``nbytes`` (a body about to be decoded into more than it holds), or ``Busy`` where that
+        would pass the budget or the caller's share."""
+        if nbytes > self.nbytes:
+            with self.budget._lock:
+                self.budget._take(self.caller, nbytes - self.nbytes)
+            self.nbytes = nbytes
 
 
 def budget_of(app: Any, settings: Any) -> BodyBudget:
@@ -157,8 +170,11 @@ async def incoming_message(request: Request, settings: Any) -> AsyncIterator[tup
         size = len(buffer)
         held.resize(size)
         try:
+            # a compressed or lossy tensor takes its decoded size: the body counts as the larger of the two, 503 before
+            # any tensor is decoded where that passes the budget (a small lz4 body may decode to max_bytes)
             msg = await anyio.to_thread.run_sync(
-                lambda body=buffer: decode(body, max_bytes=max_bytes, max_tensor_elements=settings.max_tensor_elements))
+                lambda body=buffer: decode(body, max_bytes=max_bytes, max_tensor_elements=settings.max_tensor_elements,
+                                           reserve=lambda decoded: held.grow_to(max(size, decoded))))
         except WireError as exc:
             raise HTTPException(400, f"bad message: {exc}") from None
         finally:

@@ -19,11 +19,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
 import secrets
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,7 +235,8 @@ class Verifier:
                  max_skew: float = MAX_SKEW) -> None:
         self.trust_key, self.deployment, self.max_skew = trust_key, deployment, max_skew
         self.revocations = revocations or Revocations()
-        self._seen: dict[tuple[str, str], float] = {}  # (jti, nonce) -> expiry of the memory of it
+        # (jti, nonce) -> expiry of the memory of it, oldest first (expiries grow with the clock): pruned from the front
+        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._lock = threading.Lock()
 
     def certificate(self, token: str, roles: Iterable[str] = ROLES) -> tuple[Principal, dict[str, Any]]:
@@ -276,10 +279,13 @@ class Verifier:
         if aud not in set(audiences):
             raise CredentialError(f"the request was signed for '{aud[:64]}', not for this tier")
         now = time.time()
+        if not math.isfinite(ts):  # NaN would pass the skew check below: a request fresh for ever
+            raise CredentialError(f"the request's time '{fields['ts'][:32]}' is not a number of seconds")
         if abs(now - ts) > self.max_skew:
             raise CredentialError(f"the request was signed {now - ts:.0f} s from now (more than {self.max_skew:.0f} s)")
         with self._lock:
-            self._seen = {k: v for k, v in self._seen.items() if v > now} if len(self._seen) > 4096 else self._seen
+            while self._seen and next(iter(self._seen.values())) <= now:  # each request prunes what expired, no more
+                self._seen.popitem(last=False)
             if (principal.jti, nonce) in self._seen:
                 raise CredentialError("a replayed request (its nonce was used before)")
             self._seen[(principal.jti, nonce)] = now + 2 * self.max_skew

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import msgpack
 import torch
 
 from shared.errors import InvalidInput
@@ -54,6 +55,19 @@ def as_number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidInput(f"{where} must be a finite number (got {str(value)[:40]!r})")
     return float(value)
+
+
+METRICS_BYTES, METRICS_BYTES_PER_STEP = 4096, 32  # a participant's metrics in a round: its per-step figures fit
+
+
+def check_metrics_size(metrics: Json, local_steps: int, where: str, relayed: bool = False) -> None:
+    """A participant's metrics take at most ``METRICS_BYTES`` plus ``METRICS_BYTES_PER_STEP`` per local step as
+    msgpack (its per-step losses and times fit; ``relayed``: with its edge's own figures, up to 256 bytes more): the
+    cloud keeps them in the round's record and serves them with every read of the round history."""
+    limit = METRICS_BYTES + METRICS_BYTES_PER_STEP * local_steps + (256 if relayed else 0)
+    size = len(msgpack.packb(metrics, use_bin_type=True))
+    if size > limit:
+        raise InvalidInput(f"{where} take {size} bytes; a round of {local_steps} local steps allows {limit}")
 
 
 def optional_number(meta: Json, key: str) -> float | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -289,8 +289,12 @@ def decode(
     *,
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_tensor_elements: int | None = None,
+    reserve: Callable[[int], None] | None = None,
 ) -> Message:
     """Parse and validate one message; raises WireError (and nothing else) on any bad input.
+
+    ``reserve(nbytes)`` is told the tensors' total declared (decoded) size once every entry has been checked and
+    before any is decoded; it may refuse by raising (a tier's body budget does).
 
     A ``MessageBuffer`` (a body as read from the network) is adopted: the message's large raw tensors
     are views on it (no copy), and its bytes are rearranged; other inputs are only read.
@@ -345,6 +349,8 @@ def decode(
         if codec is None:
             raise WireError(f"tensor {bounded_repr(name)}: unknown codec {bounded_repr(codec_name)}")
         plan.append((name, entry, dtype, shape, codec))
+    if reserve is not None:
+        reserve(total)
 
     tensors: dict[str, torch.Tensor] = {}
     for name, entry, dtype, shape, codec in plan:

@@ -53,6 +53,11 @@ def check_step(request: StepRequest, limits: StepLimits) -> None:
     if attention_mask.dim() != 2 or attention_mask.is_floating_point() or attention_mask.numel() == 0:
         raise InvalidInput(f"attention_mask must be a non-empty integer tensor (batch, seq); got "
                            f"{attention_mask.dtype} {list(attention_mask.shape)}")
+    batch, seq = attention_mask.shape
+    if limits.rows is not None and batch > limits.rows:
+        raise InvalidInput(f"a step of this session holds at most {limits.rows} examples; got {batch}")
+    if limits.positions is not None and seq > limits.positions:
+        raise InvalidInput(f"a sequence is at most {limits.positions} tokens (the model's positions); got {seq}")
     if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
         raise InvalidInput("attention_mask must hold 0s and 1s")
     tokens = int(attention_mask.sum())

@@ -14,6 +14,7 @@ from torch import nn
 
 from shared.config.deployment import ModelSpec
 from shared.config.federation import Federation
+from shared.data.batching import EVAL_BATCH_SIZE
 from shared.errors import InvalidInput, NotFound
 from shared.fl.namespaces import with_prefix
 from shared.fl.plugin import SessionContext, get_algorithm
@@ -45,6 +46,8 @@ class StepLimits:
     classes: int  # the head's outputs: the vocabulary (lm) or the labels (cls)
     dtype: torch.dtype = torch.float32
     labels: bool = True  # steps carry labels (not in a U-shaped chain: they stay on the device)
+    rows: int | None = None  # the most examples in one step: the plan's batch (an evaluation's: EVAL_BATCH_SIZE)
+    positions: int | None = None  # the longest sequence: the model's positions (max_position_embeddings)
 
 
 @dataclass
@@ -169,7 +172,11 @@ class TierRuntime:
         spec = self.variant(session.plan).spec
         classes = spec.num_labels if spec.task == "cls" else int(self.partition.config.vocab_size)
         dtype = self.partition.compute_dtype()
-        return StepLimits(self.width, spec.task, classes, dtype, labels=not spec.u_shaped)
+        plan = session.plan
+        rows = plan.batch_size if plan.training else max(plan.batch_size, EVAL_BATCH_SIZE)
+        positions = getattr(self.partition.config, "max_position_embeddings", None)
+        return StepLimits(self.width, spec.task, classes, dtype, labels=not spec.u_shaped, rows=rows,
+                          positions=positions if isinstance(positions, int) else None)
 
     # sessions -------------------------------------------------------------------------------
     def open_session(self, plan: RoundPlan, state: AdapterState) -> Session:

@@ -260,3 +260,34 @@ def test_a_body_slower_than_the_minimum_rate_gets_408_and_its_share_back() -> No
     assert t.used == 0 and t.seen == []
     fast = run(post, t, pieces(data, 10), pause=0.001)  # ~10 kB/s: well over the rate
     assert fast.status == 200, fast
+
+
+def test_a_compressed_body_counts_as_its_decoded_size_before_any_tensor_is_decoded() -> None:
+    """A small lz4 body may decode to max_message_bytes. It used to count as its compressed bytes only, so one
+    caller's many small bodies were decoded at once far past its share (60 lz4 bodies of 130 KB, 8 MB of budget,
+    took an edge with 32 MB bodies from 0.4 to 2.3 GB resident)."""
+    t = tier(inflight=2 * LIMIT)  # the caller's share: LIMIT
+    body = encode(Message("step", tensors={"x": torch.zeros(150)}), codec="lz4")  # 600 bytes decoded
+    assert len(body) < 100 and 600 + len(body) <= LIMIT < 2 * 600
+    t.gate.clear()
+
+    async def scenario() -> tuple[Reply, Reply, int]:
+        replies: dict[str, Reply] = {}
+        async with anyio.create_task_group() as tg:
+            async def first() -> None:
+                replies["first"] = await post(t, [body])
+
+            tg.start_soon(first)
+            with anyio.move_on_after(5):
+                while not t.used or t.used == len(body):  # handled: it holds its decoded size, not its compressed one
+                    await anyio.sleep(0.001)
+            held = t.used
+            replies["second"] = await post(t, [body])  # its body fits the share; its decoded size does not
+            t.gate.set()
+        return replies["first"], replies["second"], held
+
+    first, second, held = anyio.run(scenario)
+    assert held == 600 and first.status == 200
+    assert second.status == 503 and float(second.headers["retry-after"]) > 0 and "its share" in second.body.decode()
+    assert len(t.seen) == 1 and t.used == 0
+    assert run(post, t, [body]).status == 200 and t.used == 0  # alone, it is served

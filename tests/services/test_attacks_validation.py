@@ -105,3 +105,31 @@ def test_a_users_claimed_step_count_moves_only_the_user_tiers_blocks_per_step() 
     forged = compute_metrics({"u0": honest, "u1": {**honest, "steps": 10**9}}, cloud)["blocks_per_step"]
     assert forged["edge"] == 2.0 and forged["cloud"] == 3.0  # the edge's and the cloud's own counts
     assert forged["user"] < 2.0  # the user tier's figure is the users' own
+
+
+@pytest.mark.parametrize("tier", ["edge", "cloud"])
+@pytest.mark.parametrize("batch, seq, reason", [
+    (16, 8, "a step of this session holds at most 2 examples; got 16"),  # the plan's batch_size is 2
+    (1, 600, "a sequence is at most 512 tokens (the model's positions); got 600"),
+])
+def test_a_step_larger_than_its_plan_or_the_models_positions_is_422(stack: Stack, tier: str, batch: int, seq: int,
+                                                                    reason: str) -> None:
+    """Attention costs the square of a sequence: one user's step of a 100k-token sequence (within the body cap)
+    used to hold the edge's and the cloud's CPUs for minutes. A step is refused before any block runs."""
+    rid = 110 + (tier == "cloud") * 2 + (seq > 8)
+    sessions = stack.open_sessions(rid)
+    msg = stack.step_message(rid, 0, batch=batch, seq=seq)
+    r = stack.post_msg(tier, "step", msg)
+    assert r.status_code == 422 and r.json()["detail"] == reason, r.text
+    assert all(s.steps == 0 and s.last_step == -1 for s in sessions.values())
+    assert stack.post_msg(tier, "step", stack.step_message(rid, 0)).status_code == 200  # nothing left behind
+
+
+def test_an_evaluation_step_may_hold_the_users_evaluation_batch(stack: Stack) -> None:
+    from shared.data.batching import EVAL_BATCH_SIZE
+
+    stack.open_sessions(116, mode="eval")
+    r = stack.post_msg("edge", "step", stack.step_message(116, 0, mode="eval", batch=EVAL_BATCH_SIZE))
+    assert r.status_code == 200, r.text
+    r = stack.post_msg("edge", "step", stack.step_message(116, 1, mode="eval", batch=EVAL_BATCH_SIZE + 1))
+    assert r.status_code == 422 and f"at most {EVAL_BATCH_SIZE} examples" in r.json()["detail"], r.text

@@ -88,6 +88,23 @@ def test_bad_user_updates_get_422_at_the_edge(stack):
         users["user-0"] = real
 
 
+def test_a_users_metrics_may_not_fill_the_round_history(stack):
+    """A user's metrics went into the round's record as sent: a user could have the cloud store and serve, with every
+    read of the round history, megabytes of its own per round (max_message_bytes of them: 256 MB by default)."""
+    with waiting_round(stack, deadline=10) as rid:  # the cloud's plan: 2 local steps
+        stuffed = _user_update(stack, rid)
+        stuffed.meta["metrics"] = {**stuffed.meta["metrics"], "junk": "x" * 6000}
+        r = stack.post_msg("edge", "update", stuffed)
+        assert r.status_code == 422 and "a round of 2 local steps allows 4160" in r.json()["detail"], r.text
+        assert stack.edge.pending[(rid, "train")].metrics == {}
+        honest = _user_update(stack, rid)  # per-step figures of the plan's steps fit
+        honest.meta["metrics"].update(losses=[1.0, 1.0], step_seconds=[0.5, 0.5], batch_shape=[2, 8], clock="wall")
+        r = stack.post_msg("edge", "update", honest)
+        assert r.status_code == 200, r.text
+    view = wait_round(stack, rid)
+    assert view["state"] == "committed" and "junk" not in str(view["metrics"]), view
+
+
 def _edge_report_meta(round_id: int, edge: str = "edge-0") -> dict[str, Any]:
     """The meta of an edge's training report for ``round_id`` (user-0 reported)."""
     return Report(round=round_id, edge=edge, mode=Mode.TRAIN, num_samples=8,
@@ -104,6 +121,10 @@ def test_bad_edge_updates_get_422_at_the_cloud(stack):
         # an edge reports only as itself (403); an edge the cloud does not know is refused (404)
         r = stack.post_msg("cloud", "update", Message("update", _edge_report_meta(rid, "edge-nobody"), tensors))
         assert r.status_code == 403 and "may not report as edge 'edge-nobody'" in r.json()["detail"], r.text
+        stuffed = _edge_report_meta(rid)
+        stuffed["metrics"]["user-0"]["junk"] = "x" * 6000
+        r = stack.post_msg("cloud", "update", Message("update", stuffed, tensors))
+        assert r.status_code == 422 and "edge edge-0's metrics of user user-0 take" in r.json()["detail"], r.text
         body = encode(Message("update", _edge_report_meta(rid, "edge-nobody"), tensors))
         headers = {**stack.issue("edge", "edge-nobody").sign("POST", "/v1/update", "cloud", body),
                    "content-type": CONTENT_TYPE}
@@ -111,6 +132,30 @@ def test_bad_edge_updates_get_422_at_the_cloud(stack):
         assert r.status_code == 404, r.text
     view = stack.clients["cloud"].get(f"/v1/rounds/{rid}", headers=bearer(stack.admin)).json()
     assert view["state"] == "failed" and view["version"] is None, view  # no refused update got in
+
+
+def test_an_edge_reports_only_the_users_the_round_started_behind_it(stack):
+    """An edge's report used to be taken with metrics for any user: edge-0 could name another edge's user (and then
+    weigh as that user too), or users outside the round, and so make a round commit with users that never trained."""
+    tensors = {k: v + 0.01 for k, v in stack.adapter_tensors("user", "edge").items()}
+    coordinator = stack.cloud.coordinator
+    with waiting_round(stack) as rid:
+        coordinator.register_edge("edge-1", AcceptingLink())  # another edge, with user-1 behind it
+        coordinator.register_user("edge-1", "user-1", 64)
+        try:
+            for field_, value in (("metrics", {"user-1": {"train_loss": 1.0}}), ("metrics", {"ghost": {"train_loss": 1.0}}),
+                                  ("missing", ["user-1"]), ("reasons", {"user-1": "dropped"})):
+                meta = _edge_report_meta(rid)
+                meta[field_] = {**meta.get(field_, {}), **value} if isinstance(value, dict) else value
+                r = stack.post_msg("cloud", "update", Message("update", meta, tensors))
+                assert r.status_code == 422, (field_, value, r.text)
+                assert "reports users it was not started with" in r.json()["detail"], r.text
+        finally:
+            for table in (coordinator.edges, coordinator.edge_users, coordinator.edge_deployment):
+                table.pop("edge-1", None)
+            coordinator.placements.pop("user-1", None)
+    view = stack.clients["cloud"].get(f"/v1/rounds/{rid}", headers=bearer(stack.admin)).json()
+    assert view["state"] == "failed" and "user-1" not in str(view["metrics"]), view
 
 
 def test_a_train_update_without_adapters_is_refused(tmp_path):

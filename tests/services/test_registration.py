@@ -62,3 +62,16 @@ def test_a_declared_block_count_is_the_users_cut_and_the_edge_then_holds_its_blo
     assert (placement.cut, placement.rank) == (0, 2)
     r = register(stack, max_blocks=9)  # bounded by b = 3
     assert r.status_code == 200 and r.json()["placement"]["cut"] == 3, r.text
+
+
+def test_a_sample_count_past_what_an_edges_reports_can_carry_is_refused(stack: Stack) -> None:
+    """num_samples had no upper bound: a user registered with 10**30 samples, and its edge's evaluation report (its
+    users' sample counts summed) could then not be encoded, so the cloud heard nothing from that edge for any of its
+    users until the deadline passed ("no edge reported")."""
+    from shared.config.placement import MAX_NUM_SAMPLES
+
+    r = register(stack, num_samples=10**30)
+    assert r.status_code == 422 and "num_samples" in r.text, r.text
+    assert stack.edge.user_samples.get("user-1", 0) < MAX_NUM_SAMPLES
+    assert register(stack, num_samples=MAX_NUM_SAMPLES).status_code == 200
+    assert register(stack).status_code == 200  # as the other tests have it

@@ -66,9 +66,10 @@ def as_caller(stack: Stack, tier: str, method: str, path: str, body: bytes) -> d
     return bearer(stack.admin) if who is None else stack.signed(who, method, path, body, tier=tier)
 
 
-def sign_at(credential: Credential, method: str, path: str, audience: str, body: bytes, ts: float) -> dict[str, str]:
-    """A request signed as ``Credential.sign`` does, but at another time ``ts``."""
-    params = f"ts={int(ts)};nonce={b64url(secrets.token_bytes(16))};aud={audience};" \
+def sign_at(credential: Credential, method: str, path: str, audience: str, body: bytes,
+            ts: float | str) -> dict[str, str]:
+    """A request signed as ``Credential.sign`` does, but at another time ``ts`` (a str: signed as it is)."""
+    params = f"ts={ts if isinstance(ts, str) else int(ts)};nonce={b64url(secrets.token_bytes(16))};aud={audience};" \
              f"digest={hashlib.sha256(body).hexdigest()}"
     assert credential.key is not None
     return {CERT_HEADER: credential.certificate, SIGNED_HEADER: params,
@@ -119,7 +120,7 @@ def wrong_credentials(stack: Stack, foreign: dict[str, dict[str, Credential]], t
     def send(headers: dict[str, Any], body: bytes) -> httpx.Response:
         return client.request(method, path, content=body, headers={**ctype, **headers})
 
-    def signed_by(cred: Credential, aud: str = audience, at: float | None = None,
+    def signed_by(cred: Credential, aud: str = audience, at: float | str | None = None,
                   signed_path: str = path) -> Callable[[bytes], httpx.Response]:
         return lambda body: send(sign_at(cred, method, signed_path, aud, body, time.time() if at is None else at), body)
 
@@ -152,6 +153,7 @@ def wrong_credentials(stack: Stack, foreign: dict[str, dict[str, Credential]], t
         "signature by another key": (other_key_signature, 401, "does not verify"),
         "stale timestamp": (signed_by(own, at=time.time() - 2 * MAX_SKEW), 401, "more than"),
         "timestamp from the future": (signed_by(own, at=time.time() + 2 * MAX_SKEW), 401, "more than"),
+        "timestamp NaN (fresh for ever)": (signed_by(own, at="nan"), 401, "not a number of seconds"),
         "replayed nonce": (replayed, 401, "replayed"),
         "role the route refuses": (signed_by(stack.credential(WRONG_ROLE[tier])), 403, "may not call"),
     }
