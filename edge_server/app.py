@@ -41,7 +41,8 @@ def create_app(settings: EdgeSettings) -> FastAPI:
     if settings.edge_id and settings.edge_id != edge_id:
         raise ValueError(f"--edge-id {settings.edge_id} differs from the id its credential names ({edge_id})")
     # "edge" alone is what a user signs for before it knows this edge's id (only GET /v1/spec needs it)
-    auth = Auth(security.verifier, {f"edge:{edge_id}", "edge"}, RULES, settings.insecure_dev, settings.token_value())
+    auth = Auth(security.verifier, {f"edge:{edge_id}"}, RULES, settings.insecure_dev, settings.token_value(),
+                route_audiences=[("edge", rule("GET", "/v1/spec", "user", "admin"))])  # before a user knows the id
     app, svc = service_app("edge", "Relay for many users: the middle blocks, per-session replicas, hierarchical FedAvg.",
                            lambda: EdgeService(settings, security, edge_id, revocations), auth)
 

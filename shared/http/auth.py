@@ -23,7 +23,8 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
 from shared.errors import Forbidden
-from shared.http.credentials import EMPTY_DIGEST, CredentialError, Principal, Verifier
+from shared.http.credentials import (CERT_HEADER, EMPTY_DIGEST, SIGNATURE_HEADER, SIGNED_HEADER, CredentialError,
+                                     Principal, Verifier)
 from shared.protocol.wire import CONTENT_TYPE
 
 
@@ -47,13 +48,17 @@ class Auth:
     """One tier's authentication (who calls) and route-level authorization (may that role call this route).
 
     ``audiences`` are the names a signed request must have been meant for (``cloud``, ``edge:<id>``,
-    ``user:<id>``). Identity checks finer than the role (a user may step only its own sessions) are
-    the routes' own, with the principal this puts in ``request.state.principal``.
+    ``user:<id>``); ``route_audiences`` are names taken on the routes of their rule only (an edge's bare
+    ``edge``, which a user signs for its first ``GET /v1/spec``, before it knows the edge's id). Identity
+    checks finer than the role (a user may step only its own sessions) are the routes' own, with the
+    principal this puts in ``request.state.principal``.
     """
 
     def __init__(self, verifier: Verifier | None, audiences: Iterable[str], rules: Iterable[Rule],
-                 insecure: bool = False, token: str | None = None, admin_token: str | None = None) -> None:
+                 insecure: bool = False, token: str | None = None, admin_token: str | None = None,
+                 route_audiences: Iterable[tuple[str, Rule]] = ()) -> None:
         self.verifier, self.audiences, self.rules = verifier, frozenset(audiences), tuple(rules)
+        self.route_audiences = tuple(route_audiences)
         self.insecure, self.token, self.admin_token = insecure, token, admin_token
         if not insecure and verifier is None:
             raise ValueError("a tier outside development mode needs a trust key to verify credentials")
@@ -76,8 +81,12 @@ class Auth:
         try:
             if bearer is not None:
                 principal, digest = verifier.bearer(bearer), None
+            elif "admin" in roles and not any(headers.get(h) for h in (CERT_HEADER, SIGNED_HEADER, SIGNATURE_HEADER)):
+                raise CredentialError("missing credential: an admin sends its token as 'Authorization: Bearer <token>'"
+                                      + ("" if roles == {"admin"} else "; a tier signs its request with its credential"))
             else:
-                principal, digest = verifier.request(headers, method, signed_path, self.audiences)
+                audiences = self.audiences | {a for a, r in self.route_audiences if r.matches(method, path)}
+                principal, digest = verifier.request(headers, method, signed_path, audiences)
         except CredentialError as exc:
             raise HTTPException(401, exc.reason, headers={"WWW-Authenticate": "SplitLLM"}) from None
         if principal.role not in roles:

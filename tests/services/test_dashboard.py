@@ -63,7 +63,7 @@ def test_the_dashboard_starts_rounds_and_shows_them_commit(browser, cluster) -> 
         expect(page.locator("#message")).to_have_class("error")
 
     keys = cluster.workdir / "credentials"
-    refused("", "missing request signature")  # nothing typed in
+    refused("", "missing credential: an admin sends its token")  # nothing typed in
     # what a stranger holding a device would try: its user's credential, as a bearer
     refused(Credential.load(keys / "user-0.json").certificate, "a user credential may not be used here")
     # a former admin's credential, revoked at the cloud

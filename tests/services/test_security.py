@@ -137,9 +137,11 @@ def wrong_credentials(stack: Stack, foreign: dict[str, dict[str, Credential]], t
         headers[SIGNATURE_HEADER] = stack.credential("user-1").sign(method, path, audience, body)[SIGNATURE_HEADER]
         return send(headers, body)
 
+    roles = route_roles(tier, method, path)
+    missing = "Authorization: Bearer" if "admin" in roles else "missing request signature"  # whom the route takes
     cases = {
-        "no credential": (lambda body: send({}, body), 401, "missing request signature"),
-        "empty bearer": (lambda body: send({"authorization": "Bearer "}, body), 401, "missing request signature"),
+        "no credential": (lambda body: send({}, body), 401, missing),
+        "empty bearer": (lambda body: send({"authorization": "Bearer "}, body), 401, missing),
         "basic scheme": (lambda body: send({"authorization": f"Basic {stack.admin}"}, body), 401, "missing"),
         "random bearer": (lambda body: send(bearer(secrets.token_urlsafe(32)), body), 401, "invalid credential"),
         "non-ascii bearer": (lambda body: send({"authorization": b"Bearer \xff\xfe"}, body), 401, "invalid credential"),
@@ -161,6 +163,8 @@ def wrong_credentials(stack: Stack, foreign: dict[str, dict[str, Credential]], t
         cases["tampered body"] = (tampered, 401, "signature covers" if method == "POST" else "digest does not match")
     if tier != "user":  # edges learn revocations from the cloud (with each start); the model tells users of none
         cases["revoked credential"] = (signed_by(foreign["revoked"][who]), 401, "revoked")
+    if tier == "edge" and path != "/v1/spec":  # a user signs the bare name for its first spec only, not the edge's id
+        cases["signed for the bare 'edge'"] = (signed_by(own, aud="edge"), 401, "signed for")
     if "admin" not in route_roles(tier, method, path):
         cases["admin bearer on a tier route"] = (lambda body: send(bearer(stack.admin), body), 403, "may not call")
     return cases
@@ -228,6 +232,7 @@ def test_the_round_api_and_its_reads_need_the_admin_credential(stack):
 
 def test_an_edge_tells_a_user_or_an_admin_whether_the_user_is_registered_there(stack):
     client, path = stack.clients["edge"], "/v1/users/user-0"
+    assert client.get("/v1/spec", headers=stack.signed("user-1", "GET", "/v1/spec", audience="edge")).status_code == 200
     assert client.get(path, headers=bearer(stack.admin)).json() == {"user_id": "user-0", "registered": True}
     assert client.get(path, headers=stack.signed("user-0", "GET", path, tier="edge")).status_code == 200
     r = client.get(path, headers=stack.signed("user-1", "GET", path, tier="edge"))  # another user: not its to ask
