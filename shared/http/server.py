@@ -12,6 +12,7 @@ import anyio
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.background import BackgroundTask
 
 from shared.errors import ServiceError, Starting
 from shared.http.auth import Auth, GuardMiddleware
@@ -52,8 +53,8 @@ async def serve_message(request: Request, handler: Handler, settings: Any, ledge
                         status_code: int = 200, authorize: Authorize | None = None,
                         after: Callable[[Message], None] | None = None) -> Response:
     """A msgpack endpoint: read the message (``shared.http.bodies``), check the caller may send it, run ``handler``
-    off the loop, count its bytes; then, the body's memory released, run ``after(message)`` (a handler's
-    ``after_<endpoint>``, see ``shared.protocol.transport.Handler``)."""
+    off the loop, count its bytes; then, the body's memory released and the reply sent, run ``after(message)`` (a
+    handler's ``after_<endpoint>``, see ``shared.protocol.transport.Handler``)."""
     async with incoming_message(request, settings) as (msg, n_in):
         caller = getattr(request.state, "principal", None)
         if authorize is not None and caller is not None:
@@ -62,8 +63,17 @@ async def serve_message(request: Request, handler: Handler, settings: Any, ledge
         if ledger is not None:
             ledger.add(round_key(msg), n_in, n_out)
     if after is not None:
-        await off_loop(after, msg, f"{request.url.path} (after its reply)")
+        resp.background = BackgroundTask(after_reply, after, msg, request.url.path)
     return resp
+
+
+async def after_reply(after: Callable[[Message], None], msg: Message, path: str) -> None:
+    """A handler's ``after_<endpoint>`` once the reply has gone: the caller has its answer, so a failure here (an
+    edge's report that the cloud refused, or could not be reached for) is logged, not answered."""
+    try:
+        await off_loop(after, msg, f"{path} (after its reply)")
+    except (ServiceError, HTTPException) as exc:
+        log.error("%s, after its reply: %s", path, getattr(exc, "detail", exc))
 
 
 def msgpack_route(app: FastAPI, endpoint: str, run: Callable[[Request, str], Awaitable[Response]],

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from shared.errors import ServiceError
 from shared.protocol.wire import Message, decode, encode
+
+log = logging.getLogger("splitllm.transport")
 
 ENDPOINTS = ("step", "backward", "start", "update")
 
@@ -124,7 +128,10 @@ class InProcessLink(Link):
         if self.clock is not None and endpoint in ("step", "backward") and msg.meta.get("mode", "train") == "train":
             self.clock.charge(int(msg.meta["round"]), str(msg.meta["user"]), "link", seconds)
         after = getattr(self.handler, f"after_{endpoint}", None)
-        if after is not None:
-            after(msg)
+        if after is not None:  # as over HTTP: the reply is the caller's whatever happens next, which is logged
+            try:
+                after(msg)
+            except ServiceError as exc:
+                log.error("%s, after its reply: %s", endpoint, exc)
         return reply
 
