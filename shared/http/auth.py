@@ -11,6 +11,7 @@ import fnmatch
 import hashlib
 import hmac
 import ipaddress
+import math
 import re
 import socket
 from collections.abc import Callable, Iterable
@@ -24,7 +25,7 @@ from starlette.datastructures import Headers
 
 from shared.errors import Forbidden
 from shared.http.credentials import (CERT_HEADER, EMPTY_DIGEST, SIGNATURE_HEADER, SIGNED_HEADER, CredentialError,
-                                     Principal, Verifier)
+                                     Principal, TooManyRequests, Verifier)
 from shared.protocol.wire import CONTENT_TYPE
 
 
@@ -87,6 +88,8 @@ class Auth:
             else:
                 audiences = self.audiences | {a for a, r in self.route_audiences if r.matches(method, path)}
                 principal, digest = verifier.request(headers, method, signed_path, audiences)
+        except TooManyRequests as exc:
+            raise HTTPException(429, exc.reason, headers={"Retry-After": str(math.ceil(exc.retry_after))}) from None
         except CredentialError as exc:
             raise HTTPException(401, exc.reason, headers={"WWW-Authenticate": "SplitLLM"}) from None
         if principal.role not in roles:

@@ -119,13 +119,14 @@ class HttpLink(Link):
 
 
 def with_retries(call: Callable[[], httpx.Response], deadline: float, base_delay: float = 0.2) -> httpx.Response:
-    """Retry connection errors and 503s with exponential backoff and jitter, until ``deadline`` seconds."""
+    """Retry connection errors, 503s and 429s (after their ``Retry-After`` where given) with exponential backoff and
+    jitter, until ``deadline`` seconds."""
     end = time.monotonic() + deadline
     delay = base_delay
     while True:
         try:
             resp = call()
-            if resp.status_code != 503 or time.monotonic() >= end:
+            if resp.status_code not in (429, 503) or time.monotonic() >= end:
                 return resp
             retry_after = resp.headers.get("retry-after")
             wait = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else delay

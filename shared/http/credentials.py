@@ -40,6 +40,11 @@ ISSUER = "splitllm"
 SIGNATURE_VERSION = "splitllm/1"
 CERT_HEADER, SIGNATURE_HEADER, SIGNED_HEADER = "x-splitllm-certificate", "x-splitllm-signature", "x-splitllm-signed"
 MAX_SKEW = 300.0  # seconds a signed request's time may differ from the receiver's clock
+MAX_NONCE = 64  # characters of a request's nonce (16 random bytes are 22 in base64url)
+# signed requests one credential may make to one receiver in a nonce window (2 x MAX_SKEW): the receiver remembers
+# each one's nonce that long, so these bound its memory for any one credential. 100 a second for a device; an edge
+# relays its users' steps to the cloud, and a cloud starts every edge.
+NONCES_PER_WINDOW = {"user": 60_000, "edge": 600_000, "cloud": 600_000}
 EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 
 
@@ -49,6 +54,14 @@ class CredentialError(ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class TooManyRequests(CredentialError):
+    """A valid credential over its allowance of signed requests in a nonce window (HTTP 429, ``retry_after``)."""
+
+    def __init__(self, reason: str, retry_after: float) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -237,6 +250,7 @@ class Verifier:
         self.revocations = revocations or Revocations()
         # (jti, nonce) -> expiry of the memory of it, oldest first (expiries grow with the clock): pruned from the front
         self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._held: dict[str, int] = {}  # jti -> how many of its nonces are remembered
         self._lock = threading.Lock()
 
     def certificate(self, token: str, roles: Iterable[str] = ROLES) -> tuple[Principal, dict[str, Any]]:
@@ -278,6 +292,8 @@ class Verifier:
             raise CredentialError("the request signature does not verify") from None
         if aud not in set(audiences):
             raise CredentialError(f"the request was signed for '{aud[:64]}', not for this tier")
+        if not 0 < len(nonce) <= MAX_NONCE:
+            raise CredentialError(f"the request's nonce must be 1 to {MAX_NONCE} characters (16 random bytes, base64url)")
         now = time.time()
         if not math.isfinite(ts):  # NaN would pass the skew check below: a request fresh for ever
             raise CredentialError(f"the request's time '{fields['ts'][:32]}' is not a number of seconds")
@@ -285,10 +301,19 @@ class Verifier:
             raise CredentialError(f"the request was signed {now - ts:.0f} s from now (more than {self.max_skew:.0f} s)")
         with self._lock:
             while self._seen and next(iter(self._seen.values())) <= now:  # each request prunes what expired, no more
-                self._seen.popitem(last=False)
+                (jti, _), _ = self._seen.popitem(last=False)
+                self._held[jti] -= 1
+                if not self._held[jti]:
+                    del self._held[jti]
             if (principal.jti, nonce) in self._seen:
                 raise CredentialError("a replayed request (its nonce was used before)")
+            allowed = NONCES_PER_WINDOW.get(principal.role, 0)
+            if self._held.get(principal.jti, 0) >= allowed:
+                raise TooManyRequests(f"this credential made {allowed} signed requests here in the last "
+                                      f"{2 * self.max_skew:.0f} s, its allowance: retry later",
+                                      max(1.0, next(iter(self._seen.values())) - now))
             self._seen[(principal.jti, nonce)] = now + 2 * self.max_skew
+            self._held[principal.jti] = self._held.get(principal.jti, 0) + 1
         return principal, digest
 
     def bearer(self, token: str) -> Principal:
