@@ -53,12 +53,17 @@ def check_registration(verifier: Verifier, edge_id: str, body: UserIn) -> Princi
     try:
         raw = base64.b64decode(proof.body, validate=True)
         user, digest = verifier.request(proof.headers, "POST", "/v1/users", {f"edge:{edge_id}"})
-        signed = json.loads(raw)
     except (CredentialError, ValueError) as exc:
         raise InvalidInput(f"the user's registration does not verify: {exc}") from None
     if hashlib.sha256(raw).hexdigest() != digest or user.role != "user":
         raise InvalidInput("the user's registration does not verify: not the body the user signed")
-    if not isinstance(signed, dict) or signed.get("user_id") != body.user_id or user.id != body.user_id \
+    try:
+        signed = json.loads(raw)
+    except (ValueError, RecursionError):  # too deep a nesting is a RecursionError
+        signed = None
+    if not isinstance(signed, dict):
+        raise InvalidInput("the registration the user signed is not a JSON object")
+    if signed.get("user_id") != body.user_id or user.id != body.user_id \
             or signed.get("num_samples") != body.num_samples:
         raise InvalidInput("the registration the user signed is for another user id or sample count")
     changed = [k for k in DECLARED if signed.get(k) != getattr(body, k)]

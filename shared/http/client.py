@@ -39,6 +39,26 @@ def _reason(resp: httpx.Response) -> str:
     return f"HTTP {resp.status_code}: {_detail(resp)}"
 
 
+def send_capped(client: httpx.Client, request: httpx.Request, max_bytes: int, url: str) -> httpx.Response:
+    """``request``'s reply, its body read as it streams in and refused (``TransportError``) as soon as its declared or
+    received (decompressed) size passes ``max_bytes``: a peer cannot make this tier hold more than its message limit.
+    The reply returned holds the body and the ``Retry-After`` header, all ``with_retries`` and the caller read."""
+    resp = client.send(request, stream=True)
+    try:
+        declared = resp.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise TransportError(f"reply of {declared} bytes is over the limit of {max_bytes}", url=url)
+        body = bytearray()
+        for chunk in resp.iter_bytes():
+            body += chunk
+            if len(body) > max_bytes:
+                raise TransportError(f"reply is over the limit of {max_bytes} bytes", url=url)
+    finally:
+        resp.close()
+    kept = {k: v for k, v in resp.headers.items() if k == "retry-after"}
+    return httpx.Response(resp.status_code, headers=kept, content=bytes(body), request=request)
+
+
 class SignedAuth:
     """Signs every request (each retry afresh) with this tier's credential, for ``audience``.
 
@@ -97,16 +117,17 @@ class HttpLink(Link):
     def request(self, endpoint: str, msg: Message) -> Message:
         if endpoint not in ENDPOINTS:
             raise ValueError(f"unknown endpoint '{endpoint}'")
-        body = encode(msg)
+        body, url = encode(msg), f"{self.base_url}/v1/{endpoint}"
         self.carry_request(len(body))
-        resp = with_retries(lambda: self.client.post(f"/v1/{endpoint}", content=body,
-                                                     headers={"content-type": CONTENT_TYPE}), self.retry_deadline)
+        request = self.client.build_request("POST", f"/v1/{endpoint}", content=body,
+                                            headers={"content-type": CONTENT_TYPE})
+        resp = with_retries(lambda: send_capped(self.client, request, self.max_message_bytes, url), self.retry_deadline)
         if resp.status_code >= 400:
-            raise TransportError(f"{endpoint} {_reason(resp)}", resp.status_code, f"{self.base_url}/v1/{endpoint}")
+            raise TransportError(f"{endpoint} {_reason(resp)}", resp.status_code, url)
         try:
             reply = decode(resp.content, max_bytes=self.max_message_bytes)
         except WireError as exc:
-            raise TransportError(f"{endpoint} sent a malformed reply: {exc}", url=f"{self.base_url}/v1/{endpoint}") from None
+            raise TransportError(f"{endpoint} sent a malformed reply: {exc}", url=url) from None
         up, down = (len(body), len(resp.content)) if self.upward else (len(resp.content), len(body))
         self.stats.add(up, down, endpoint)
         if self.ledger is not None:

@@ -12,6 +12,7 @@ import anyio
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.background import BackgroundTask
 
 from shared.errors import ServiceError, Starting
@@ -104,6 +105,32 @@ async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": INTERNAL_ERROR}, 500)
 
 
+def is_json(content_type: str) -> bool:
+    """``application/json`` or ``application/<anything>+json``, with or without parameters."""
+    ctype = content_type.split(";")[0].strip().lower()
+    return ctype == "application/json" or ctype.startswith("application/") and ctype.endswith("+json")
+
+
+class JsonRoute(APIRoute):
+    """A route whose JSON body is refused with 415, before it is read, when the request declares another type.
+
+    The guard caps every body at ``max_json_bytes`` unless it is sent as msgpack, which the msgpack routes read
+    within their own limits; FastAPI would read a msgpack body sent to a JSON route whole, into memory."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+        if self.body_field is None:
+            return handler
+
+        async def json_only(request: Request) -> Response:
+            declared = request.headers.get("content-type")
+            if declared is not None and not is_json(declared):
+                raise HTTPException(415, f"content type must be application/json (got '{declared[:64]}')")
+            return await handler(request)
+
+        return json_only
+
+
 def guard(app: Any, auth: Auth) -> None:
     """What every tier's app gets: credential checks before body parsing, a JSON body cap, safe 4xx and 500 bodies."""
     app.add_middleware(GuardMiddleware, auth=auth)
@@ -128,6 +155,7 @@ def service_app(title: str, description: str, make: Callable[[], Any], auth: Aut
             close()
 
     app = FastAPI(title=title, version="0.1.0", lifespan=lifespan, description=description)
+    app.router.route_class = JsonRoute
     guard(app, auth)
 
     def current() -> Any:

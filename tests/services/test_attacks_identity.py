@@ -120,6 +120,7 @@ def test_identity_takeover_the_cloud_wants_the_users_own_signed_registration(sta
         assert reregister_user(stack).status_code == 200
     finally:
         stack.cloud.register_user = real_forward
+    deep = base64.b64encode(b"[" * 5000).decode()  # json.loads raises RecursionError, not ValueError
     forged = {
         "without the user's request": ({"user_id": "user-1", "num_samples": 5}, "needs its signed request"),
         "the user's request to another edge": (
@@ -135,6 +136,14 @@ def test_identity_takeover_the_cloud_wants_the_users_own_signed_registration(sta
             "another user id or sample count"),
         "a registration the cloud already took": (
             {"user_id": "user-0", "num_samples": samples(stack), "registration": captured[0]}, "replayed"),
+        "the user's request with another body (a compromised edge's)": (
+            {"user_id": "user-1", "num_samples": 5,
+             "registration": {**registration(stack, "user-1", own, "edge:edge-0"), "body": deep}},
+            "not the body the user signed"),
+        "a signed body nested too deep to parse": (
+            {"user_id": "user-1", "num_samples": 5, "registration": {
+                "headers": stack.signed("user-1", "POST", "/v1/users", b"[" * 5000, tier="edge"), "body": deep}},
+            "not a JSON object"),
         "an expired user credential": (
             {"user_id": "user-1", "num_samples": 5,
              "registration": registration(stack, stack.issue("user", "user-1", ttl=-60), own, "edge:edge-0")},

@@ -314,6 +314,25 @@ def test_json_routes_answer_non_utf8_bodies_with_4xx(stack, tier):
     assert not bad, bad
 
 
+def test_json_routes_refuse_other_content_types_before_reading_the_body(stack):
+    """The 1 MiB JSON cap is the guard's for any body not sent as msgpack; a JSON route sent a msgpack body would
+    otherwise read it whole (FastAPI reads a non-JSON body into memory, then fails validation): 415 instead."""
+    big = b" " * (2 << 20)
+    bad = []
+    for tier in ("cloud", "edge"):
+        for method, path, kind in v1_routes(stack.apps[tier]):
+            if method == "POST" and kind == "json":
+                for ctype in (CONTENT_TYPE, "Application/X-Msgpack; charset=utf-8"):
+                    r = stack.clients[tier].post(path, content=big, headers={
+                        **as_caller(stack, tier, method, path, big), "content-type": ctype})
+                    if r.status_code != 415 or "application/json" not in r.json()["detail"]:
+                        bad.append((tier, path, ctype, r.status_code, r.text[:200]))
+    assert not bad, bad
+    r = stack.clients["cloud"].post("/v1/rounds", content=b'{"nope": 1}',  # a JSON type with parameters is JSON
+                                    headers={**bearer(stack.admin), "content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 422, r.text
+
+
 def test_insecure_dev_really_skips_the_credential_check():
     from shared.config.settings import EdgeSettings
 
