@@ -48,15 +48,16 @@ def send_capped(client: httpx.Client, request: httpx.Request, max_bytes: int, ur
         declared = resp.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_bytes:
             raise TransportError(f"reply of {declared} bytes is over the limit of {max_bytes}", url=url)
-        body = bytearray()
+        chunks, size = [], 0
         for chunk in resp.iter_bytes():
-            body += chunk
-            if len(body) > max_bytes:
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:
                 raise TransportError(f"reply is over the limit of {max_bytes} bytes", url=url)
     finally:
         resp.close()
     kept = {k: v for k, v in resp.headers.items() if k == "retry-after"}
-    return httpx.Response(resp.status_code, headers=kept, content=bytes(body), request=request)
+    return httpx.Response(resp.status_code, headers=kept, content=b"".join(chunks), request=request)  # one copy
 
 
 class SignedAuth:
