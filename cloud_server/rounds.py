@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cloud_server.compute import CloudCompute
@@ -325,24 +326,27 @@ class Coordinator(Topology):
                                   for tier in (Tier.USER, Tier.EDGE)})
         req = record.request
         codec = self.runtime.policy(Hop.EDGE_CLOUD).downloads
-        started: list[str] = []
-        errors: dict[str, str] = {}
         revoked = self.revoked() if self.revoked is not None else None
         revoked = revoked if revoked and any(revoked.values()) else None  # none revoked: nothing to say
-        try:
-            for edge_id, edge_plans in sorted(by_edge.items()):  # each edge gets its own deployment's adapters
-                prefix = self.prefixes.get(self.edge_deployment.get(edge_id, ""), "")
-                own = AdapterBundle({tier: within(part, prefix) for tier, part in download.items()})
-                start = RoundStart(edge_plans, own, deadline=req.deadline, clip_norm=req.clip_norm,
-                                   clip_factor=req.clip_factor, aggregator=req.aggregator, trim=req.trim,
-                                   weights={p.user_id: weights[p.user_id] for p in edge_plans},
-                                   revoked=revoked)
-                try:
-                    self.edges[edge_id].request("start", start.to_message(codec))
-                    started.append(edge_id)
-                except Exception as exc:  # an unreachable edge: its users are dropped from this round
-                    log.warning("round %s (%s): could not start edge %s: %s", record.round_id, mode, edge_id, exc)
-                    errors[edge_id] = str(exc)[:300]
+
+        def start_edge(edge_id: str) -> str | None:
+            """Start one edge with its own deployment's adapters; why not, if it could not be started."""
+            edge_plans, prefix = by_edge[edge_id], self.prefixes.get(self.edge_deployment.get(edge_id, ""), "")
+            own = AdapterBundle({tier: within(part, prefix) for tier, part in download.items()})
+            start = RoundStart(edge_plans, own, deadline=req.deadline, clip_norm=req.clip_norm, trim=req.trim,
+                               clip_factor=req.clip_factor, aggregator=req.aggregator, revoked=revoked,
+                               weights={p.user_id: weights[p.user_id] for p in edge_plans})
+            try:
+                self.edges[edge_id].request("start", start.to_message(codec))
+                return None
+            except Exception as exc:  # an unreachable edge: its users are dropped from this round
+                log.warning("round %s (%s): could not start edge %s: %s", record.round_id, mode, edge_id, exc)
+                return str(exc)[:300]
+        try:  # all at once: an edge slow to start its users holds up no other edge
+            with ThreadPoolExecutor(max_workers=max(1, min(len(by_edge), 16)), thread_name_prefix="start") as pool:
+                outcome = dict(zip(sorted(by_edge), pool.map(start_edge, sorted(by_edge))))
+            started = [e for e, why in outcome.items() if why is None]
+            errors = {e: why for e, why in outcome.items() if why is not None}
             timeout = min(req.deadline + self.grace, self.round_timeout) if req.deadline else self.round_timeout
             with self._cond:
                 self._cond.wait_for(

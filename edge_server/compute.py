@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,13 +146,16 @@ class EdgeServer:
             for plan in start.plans:
                 if plan.user_id not in links:  # e.g. this edge restarted: the user re-registers at its next heartbeat
                     self._send(self._drop_user(key, plan.user_id, f"not registered at {self.edge_id} (did the edge restart?)"))
-            for plan in known:
+            def start_user(plan: RoundPlan) -> None:
                 try:
-                    start_msg = UserStart(plan, pending.downloads[plan.user_id]).to_message(codec)
-                    links[plan.user_id].request("start", start_msg)
+                    links[plan.user_id].request("start", UserStart(plan, pending.downloads[plan.user_id]).to_message(codec))
                 except Exception as exc:  # an unreachable user is dropped from this round, not the round
                     log.warning("round %s: could not start %s: %s", round_id, plan.user_id, exc)
                     self._send(self._drop_user(key, plan.user_id, f"could not be started: {exc}"))
+
+            # all at once: a user slow to accept its start (at most its link's timeout) holds up no other user
+            with ThreadPoolExecutor(max_workers=max(1, min(len(known), 16)), thread_name_prefix="start") as pool:
+                list(pool.map(start_user, known))
         finally:
             with self.lock:
                 self.starting.pop(key, None)

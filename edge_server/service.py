@@ -102,7 +102,8 @@ class EdgeService(BackgroundStart):
                                      rate_shaped=body.link_rate_shaped)
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
-        link = HttpLink(body.url, upward=False, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes,
+        link = HttpLink(body.url, upward=False, timeout=min(s.request_timeout, s.start_timeout),  # it carries starts
+                        max_message_bytes=s.max_message_bytes,
                         ledger=self.ledger, emulator=emulator, identity=self.security.identity,
                         audience=f"user:{body.user_id}")
         declared = body.model_dump(include={"model", "data", "max_blocks", "memory_budget", "rank"})

@@ -191,6 +191,8 @@ class EdgeSettings(ServiceSettings):
     role: ClassVar[str] = "edge"
     port: int = 8100
     max_sessions: int = Field(64, description="concurrent user sessions; more get 503 with Retry-After")
+    start_timeout: float = Field(30.0, gt=0, description="seconds a user may take to accept its round's start (it "
+                                                         "answers at once, 202): a slower one is dropped from the round")
     link_profile: str = Field("none", description="emulated link to the cloud: wifi, 4g, 5g, fiber or none")
     link_rate_shaped: bool = Field(False, description=LINK_RATE_SHAPED)
     cloud: str = Field("http://127.0.0.1:8000", description="URL of the cloud")
