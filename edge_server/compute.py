@@ -146,6 +146,7 @@ class EdgeServer:
             for plan in start.plans:
                 if plan.user_id not in links:  # e.g. this edge restarted: the user re-registers at its next heartbeat
                     self._send(self._drop_user(key, plan.user_id, f"not registered at {self.edge_id} (did the edge restart?)"))
+
             def start_user(plan: RoundPlan) -> None:
                 try:
                     links[plan.user_id].request("start", UserStart(plan, pending.downloads[plan.user_id]).to_message(codec))

@@ -74,7 +74,7 @@ async def after_reply(after: Callable[[Message], None], msg: Message, path: str)
     try:
         await off_loop(after, msg, f"{path} (after its reply)")
     except (ServiceError, HTTPException) as exc:
-        log.error("%s, after its reply: %s", path, getattr(exc, "detail", exc))
+        log.error("%s, after its reply: %r", path, str(getattr(exc, "detail", exc)))  # a client's words, newlines escaped
 
 
 def msgpack_route(app: FastAPI, endpoint: str, run: Callable[[Request, str], Awaitable[Response]],

@@ -139,7 +139,8 @@ class HeldOut:
             self.tokens += tokens
             if counts is not None:
                 self.replies += 1
-                self.loss_sum, self.count = self.loss_sum + counts.loss_sum, self.count + counts.count
+                self.loss_sum += counts.loss_sum
+                self.count += counts.count
                 self.correct += counts.correct
 
     def sums(self, claimed: dict[str, Any], where: str, served: bool) -> dict[str, Any]:
