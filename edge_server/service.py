@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from edge_server.compute import EdgeServer
 from shared.config.deployment import Experiment
@@ -29,7 +29,10 @@ log = logging.getLogger("splitllm.edge")
 
 
 class UserIn(BaseModel):
-    """``POST /v1/users``: a user registering with this edge."""
+    """``POST /v1/users``: a user registering with this edge. A field it does not know is refused (422), so that a
+    misspelt declaration (``max_block``) is not silently left out."""
+
+    model_config = ConfigDict(extra="forbid")
 
     user_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
     url: Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(check_url)]

@@ -71,7 +71,7 @@ class Auth:
         """The caller and the body digest its signature covers (None in development mode); HTTPException if refused."""
         roles = self.roles(method, path)
         if roles is None:
-            raise HTTPException(404, f"no route {method} {path}")
+            raise HTTPException(404, f"no route {method[:16]} {path[:200]}")
         bearer = bearer_of(headers)
         if self.insecure:
             self._check_shared(bearer, "admin" in roles and "edge" not in roles and "user" not in roles)

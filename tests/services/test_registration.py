@@ -75,3 +75,10 @@ def test_a_sample_count_past_what_an_edges_reports_can_carry_is_refused(stack: S
     assert stack.edge.user_samples.get("user-1", 0) < MAX_NUM_SAMPLES
     assert register(stack, num_samples=MAX_NUM_SAMPLES).status_code == 200
     assert register(stack).status_code == 200  # as the other tests have it
+
+
+def test_a_field_the_edge_does_not_know_is_refused_naming_it(stack: Stack) -> None:
+    before = dict(stack.cloud.coordinator.edge_users["edge-0"])
+    r = register(stack, max_block=2)  # misspelt max_blocks: not silently left out
+    assert r.status_code == 422 and "max_block" in r.text, r.text
+    assert stack.cloud.coordinator.edge_users["edge-0"] == before
