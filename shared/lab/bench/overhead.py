@@ -37,7 +37,9 @@ def bench_http(model: str = "smollm2-135m", split: str = "2,15", batch_size: int
     links, codecs, hand-offs between threads and processes (the first step included in both). Both paths run
     under this process's OpenMP wait policy (``splitllm`` sets PASSIVE with a short spin, as the services do:
     ``shared.config.threads``), recorded as ``omp_wait_policy`` and ``gomp_spincount``; under different
-    policies the comparison would measure them, not HTTP.
+    policies the comparison would measure them, not HTTP. ``harness_cpu_seconds``: what this process itself took
+    over the HTTP round (starting it and polling its state), on the cores the three processes compute on; the
+    in-process path has no such cost.
     """
     a, b = (int(x) for x in split.split(","))
     common = {"model": model, "data": "shakespeare", "seed": seed, "max_len": seq_len, "min_chars": 8 * seq_len,
@@ -73,6 +75,7 @@ def bench_http(model: str = "smollm2-135m", split: str = "2,15", batch_size: int
                                          "http": mean_http - sum(compute_http.values())},
             "inprocess_round_cpu_seconds": cpu_in, "http_round_cpu_seconds": cpu_http, "cpu_ratio": cpu_http / cpu_in,
             "round_counters": {"inprocess": counters_in, "http": counters_http},
+            "harness_cpu_seconds": timed["harness_cpu_seconds"],  # this process's, over the HTTP round
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
             "machine": {"inprocess": machine_in.record, "http": timed["machine"]}}
 
@@ -85,4 +88,5 @@ def summary(report: dict[str, Any]) -> str:
             f"CPU seconds of the round: in-process {report['inprocess_round_cpu_seconds']:.1f}, HTTP "
             f"{report['http_round_cpu_seconds']:.1f} (all three processes), ratio {report['cpu_ratio']:.3f}; outside the "
             f"tiers' compute per step: in-process {outside['inprocess']:.3f} s, HTTP {outside['http']:.3f} s; "
+            f"this process's CPU over the HTTP round {report['harness_cpu_seconds']:.2f} s; "
             f"load {report['machine']['http']['load_before']}")

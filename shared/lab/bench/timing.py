@@ -66,17 +66,18 @@ def cpu_seconds(pid: int) -> float:
 def timed_round(cluster: Any, body: dict[str, Any]) -> dict[str, Any]:
     """One round of a running ``shared.lab.cluster.Cluster``: its final view (``view``), its wall seconds as this
     process timed them (``wall``), the CPU seconds each of the cluster's processes used meanwhile
-    (``cpu_seconds``, by process name), all of them together (``counters``: ``counters_since``), and the machine's
-    load around it (``machine``)."""
+    (``cpu_seconds``, by process name), all of them together (``counters``: ``counters_since``), the machine's
+    load around it (``machine``), and the CPU seconds this process took meanwhile (``harness_cpu_seconds``:
+    starting the round and polling it, on the cores the cluster computes on)."""
     pids = {name: p.popen.pid for name, p in cluster.procs.items() if p.popen is not None}
     before = {pid: process_counters(pid) for pid in pids.values()}
-    t0 = time.perf_counter()
+    t0, own0 = time.perf_counter(), time.process_time()
     with Machine() as machine:
         view = cluster.run_round(body)
-    wall = time.perf_counter() - t0
+    wall, own = time.perf_counter() - t0, time.process_time() - own0
     cpu = {name: cpu_seconds(pid) - before[pid]["user_s"] - before[pid]["system_s"] for name, pid in pids.items()}
     return {"view": view, "wall": wall, "cpu_seconds": cpu, "counters": counters_since(before),
-            "machine": machine.record}
+            "machine": machine.record, "harness_cpu_seconds": own}
 
 
 def write_json(report: dict[str, Any], path: str | None) -> None:
