@@ -53,6 +53,11 @@ class BodyBudget:
         finally:
             held.resize(0)
 
+    def take_more(self, caller: str, nbytes: int) -> None:
+        """Count ``nbytes`` more for a body already held (``Held.grow_to``), or ``Busy`` as ``hold`` would."""
+        with self._lock:
+            self._take(caller, nbytes)
+
     def _take(self, caller: str, nbytes: int) -> None:
         """Count ``nbytes`` more (call with the lock held), or ``Busy`` beyond the budget or the caller's share."""
         mine = self.by_caller.get(caller, 0)
@@ -90,8 +95,7 @@ class Held:
         """Count at least ``nbytes`` (a body about to be decoded into more than it holds), or ``Busy`` where that
         would pass the budget or the caller's share."""
         if nbytes > self.nbytes:
-            with self.budget._lock:
-                self.budget._take(self.caller, nbytes - self.nbytes)
+            self.budget.take_more(self.caller, nbytes - self.nbytes)
             self.nbytes = nbytes
 
 

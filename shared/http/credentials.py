@@ -311,7 +311,7 @@ class Verifier:
             if self._held.get(principal.jti, 0) >= allowed:
                 raise TooManyRequests(f"this credential made {allowed} signed requests here in the last "
                                       f"{2 * self.max_skew:.0f} s, its allowance: retry later",
-                                      max(1.0, next(iter(self._seen.values())) - now))
+                                      max(1.0, next(iter(self._seen.values()), now) - now))
             self._seen[(principal.jti, nonce)] = now + 2 * self.max_skew
             self._held[principal.jti] = self._held.get(principal.jti, 0) + 1
         return principal, digest

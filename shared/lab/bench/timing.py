@@ -47,13 +47,15 @@ def process_counters(pid: int | str = "self") -> dict[str, float]:
     return {"user_s": int(fields[11]) / TICKS, "system_s": int(fields[12]) / TICKS, "minor_faults": int(fields[7])}
 
 
-def counters_since(before: dict[int | str, dict[str, float]]) -> dict[str, float]:
-    """What the processes in ``before`` (pid -> its ``process_counters`` then) have used since, added up."""
+def counters_since(before: dict[int | str, dict[str, float]],
+                   now: dict[int | str, dict[str, float]] | None = None) -> dict[str, float]:
+    """What the processes in ``before`` (pid -> its ``process_counters`` then) have used since, added up: up to
+    ``now`` (the same, read later), or to this moment."""
+    now = now if now is not None else {pid: process_counters(pid) for pid in before}
     out = {"user_s": 0.0, "system_s": 0.0, "minor_faults": 0}
     for pid, then in before.items():
-        now = process_counters(pid)
         for key in out:
-            out[key] += now[key] - then[key]
+            out[key] += now[pid][key] - then[key]
     return out
 
 
@@ -75,8 +77,9 @@ def timed_round(cluster: Any, body: dict[str, Any]) -> dict[str, Any]:
     with Machine() as machine:
         view = cluster.run_round(body)
     wall, own = time.perf_counter() - t0, time.process_time() - own0
-    cpu = {name: cpu_seconds(pid) - before[pid]["user_s"] - before[pid]["system_s"] for name, pid in pids.items()}
-    return {"view": view, "wall": wall, "cpu_seconds": cpu, "counters": counters_since(before),
+    after = {pid: process_counters(pid) for pid in before}  # each process read once, both figures from it
+    cpu = {name: sum(after[pid][k] - before[pid][k] for k in ("user_s", "system_s")) for name, pid in pids.items()}
+    return {"view": view, "wall": wall, "cpu_seconds": cpu, "counters": counters_since(before, after),
             "machine": machine.record, "harness_cpu_seconds": own}
 
 
