@@ -47,6 +47,12 @@ class ServiceSettings(BaseSettings):
                                                         "once --body-grace seconds have passed; slower gets 408 "
                                                         "and its share of the in-flight budget back")
     body_grace: float = Field(30.0, gt=0, description="seconds a request body may take before --min-body-rate applies")
+    header_timeout: float = Field(20.0, gt=0, description="seconds a connection may take to send a request's whole "
+                                                          "head, from opening or from the reply before; then it is "
+                                                          "closed (with 408 if part of a head came)")
+    max_connections_per_peer: int = Field(256, ge=0, description="connections one peer address (IPv6: its /64) may "
+                                                                 "hold open at once; one more gets 503 and is closed "
+                                                                 "(0: no cap)")
     request_timeout: float = Field(600.0, description="seconds a call to another tier may take")
     device: str = Field("cpu", description="torch device for this tier's compute (cpu, cuda)")
     threads: int = Field(0, ge=0, description="CPU threads for this tier's tensor compute (0: torch's default, "

@@ -76,6 +76,8 @@ def serve(prog: str, cls: type[ServiceSettings], create_app: Callable[[Any], Any
         return 2
     import uvicorn
 
+    from shared.http.connections import guarded_protocol, raise_open_files_limit
+
     if settings.threads:
         import torch
 
@@ -84,6 +86,8 @@ def serve(prog: str, cls: type[ServiceSettings], create_app: Callable[[Any], Any
     if settings.insecure_dev:
         print(f"\n{'!' * 78}\n{prog}: INSECURE DEVELOPMENT MODE: calls are accepted WITHOUT credentials.\n"
               f"Never expose this service beyond a development machine.\n{'!' * 78}\n", file=sys.stderr, flush=True)
+    raise_open_files_limit()  # a connection holds a descriptor; the per-peer cap keeps one host from taking them all
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                http=guarded_protocol(settings.header_timeout, settings.max_connections_per_peer),
                 timeout_graceful_shutdown=5, ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile)
     return 0

@@ -1,0 +1,184 @@
+"""Limits below the app, on connections: how long a request's head may take, and how many connections one peer holds.
+
+uvicorn (0.54, h11) arms no timer while a request's head is arriving. Its keep-alive timer runs only after a
+reply, and any byte cancels it. So a connection that opens and sends nothing, or sends its head a byte at a time,
+is held for as long as its peer likes, one file descriptor each, before any credential is checked: enough of them
+and the service accepts no honest connection. Here each connection must bring a request's whole head within
+``header_timeout`` seconds of opening, or of the reply before; otherwise it is closed (with a 408 if part of a
+head had come). A body's own pace is the app's to judge (``--min-body-rate``, ``shared.http.bodies``), and nothing
+here times a request once its head is in. And one peer address (an IPv6 address: its /64, which one host
+usually holds whole) may hold at most ``max_per_peer`` connections at once; one more gets a 503 and is closed, so
+a single host cannot take every descriptor however fast it reconnects. The tiers' own clients retry both.
+
+This is a subclass of uvicorn's own h11 protocol that adds timers and a count; parsing and everything else is
+uvicorn's. It is passed to ``uvicorn.run(http=...)``, so every tier uses it whatever parsers are installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import resource
+import threading
+import time
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger("splitllm.http")
+
+
+def peer_key(client: tuple[str, int] | None) -> str:
+    """Whom a connection counts against: its IPv4 address, or its IPv6 address's /64 (a host holds a whole /64)."""
+    if client is None:
+        return "?"
+    host = client[0]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # a unix socket's peer, say
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+def raw_reply(status: int, reason: str, detail: str, retry_after: int | None = None) -> bytes:
+    """A whole HTTP/1.1 reply that closes its connection, written before (or instead of) reading a request."""
+    body = json.dumps({"detail": detail}).encode()
+    head = [f"HTTP/1.1 {status} {reason}", "content-type: application/json", f"content-length: {len(body)}",
+            "connection: close"] + ([f"retry-after: {retry_after}"] if retry_after is not None else [])
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+class PeerCounts:
+    """Open connections per peer key (the event loop's thread only, but cheap to lock)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # 0: no cap
+        self.open: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, key: str) -> bool:
+        with self._lock:
+            n = self.open.get(key, 0)
+            if self.limit and n >= self.limit:
+                return False
+            self.open[key] = n + 1
+            return True
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            n = self.open.get(key, 0) - 1
+            if n > 0:
+                self.open[key] = n
+            else:
+                self.open.pop(key, None)
+
+
+class Throttled:
+    """A warning logged at most once every ``every`` seconds, with how many were held back: an attack's thousands of
+    refused connections make a few lines, not thousands."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every, self.last, self.held = every, -float("inf"), 0
+
+    def warn(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            self.held += 1
+            return
+        held, self.last, self.held = self.held, now, 0
+        log.warning(message + (f" ({held} more like it since the last such line)" if held else ""), *args)
+
+
+def guarded_protocol(header_timeout: float, max_per_peer: int) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a deadline for each request's head and a cap on one peer's connections
+    (``max_per_peer`` 0: no cap). One class per server: the counts are the server's."""
+    if header_timeout <= 0:
+        raise ValueError(f"header_timeout must be above 0 seconds (got {header_timeout})")
+    counts = PeerCounts(max_per_peer)
+    busy = raw_reply(503, "Service Unavailable", f"this address already holds {max_per_peer} open connections "
+                     "(--max-connections-per-peer); close some and retry", retry_after=1)
+    late = raw_reply(408, "Request Timeout", f"a request's head must arrive within {header_timeout:g} s "
+                     "(--header-timeout)")
+    refused, closed = Throttled(), Throttled()
+
+    class GuardedH11Protocol(H11Protocol):
+        counts_ = counts  # for tests and the curious: the server's open connections per peer
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            self._peer: str | None = None
+            self._head_timer: asyncio.TimerHandle | None = None
+            self._head_bytes = 0  # bytes of the awaited head received so far
+            super().connection_made(transport)
+            key = peer_key(self.client)
+            if not counts.admit(key):
+                refused.warn("refused a connection from %s: it holds %d already", key, max_per_peer)
+                transport.write(busy)
+                transport.close()
+                return
+            self._peer = key
+            self._await_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._head_done()
+            if self._peer is not None:
+                counts.release(self._peer)
+                self._peer = None
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._peer is None:  # refused: whatever it sends is dropped with the connection
+                return
+            self._head_bytes += len(data)
+            cycle = self.cycle
+            super().data_received(data)
+            if self.cycle is not cycle:  # a request's head is in (uvicorn began its cycle): the app times the rest
+                self._head_done()
+
+        def on_response_complete(self) -> None:
+            cycle = self.cycle
+            super().on_response_complete()
+            # the next request's head is awaited, unless a pipelined one began already (or the connection is closing)
+            if not self.transport.is_closing() and self.cycle is cycle:
+                self._await_head()
+
+        def _await_head(self) -> None:
+            self._head_done()
+            self._head_bytes = 0
+            self._head_timer = self.loop.call_later(header_timeout, self._head_late)
+
+        def _head_done(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_late(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing() or self.conn.their_state not in (h11.IDLE, h11.DONE):
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                return  # a request is being answered: not this timer's business
+            if self._head_bytes:  # part of a head came, and no more in time: tell it why
+                closed.warn("closed a connection from %s: no whole request head in %g s", self._peer, header_timeout)
+                self.transport.write(late)
+            self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit (each connection holds one); the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # a container may forbid it: the soft limit stays
+            pass
+    return soft
