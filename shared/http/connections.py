@@ -5,7 +5,9 @@ reply, and any byte cancels it. So a connection that opens and sends nothing, or
 is held for as long as its peer likes, one file descriptor each, before any credential is checked: enough of them
 and the service accepts no honest connection. Here each connection must bring a request's whole head within
 ``header_timeout`` seconds of opening, or of the reply before; otherwise it is closed (with a 408 if part of a
-head had come). A body's own pace is the app's to judge (``--min-body-rate``, ``shared.http.bodies``), and nothing
+head had come). The same deadline closes a connection whose request was answered before its body was read (a
+413, 415 or 503 sent at once) and whose body has not all come since: uvicorn waits for the rest, only to discard
+it, for as long as the peer likes (httpx reads the reply it was sent when its upload is cut). A body's own pace is the app's to judge (``--min-body-rate``, ``shared.http.bodies``), and nothing
 here times a request once its head is in. And one peer address (an IPv6 address: its /64, which one host
 usually holds whole) may hold at most ``max_per_peer`` connections at once; one more gets a 503 and is closed, so
 a single host cannot take every descriptor however fast it reconnects. The tiers' own clients retry both.
@@ -159,11 +161,13 @@ def guarded_protocol(header_timeout: float, max_per_peer: int) -> type[H11Protoc
 
         def _head_late(self) -> None:
             self._head_timer = None
-            if self.transport.is_closing() or self.conn.their_state not in (h11.IDLE, h11.DONE):
+            if self.transport.is_closing():
                 return
             if self.cycle is not None and not self.cycle.response_complete:
                 return  # a request is being answered: not this timer's business
-            if self._head_bytes:  # part of a head came, and no more in time: tell it why
+            # No whole head in time; or the last request was answered before its body was read (a 413, a 503) and
+            # the rest of that body, which uvicorn only discards, has not all come either: its peer reads the reply
+            if self.conn.their_state is h11.IDLE and self._head_bytes:  # part of a head came, no more in time
                 closed.warn("closed a connection from %s: no whole request head in %g s", self._peer, header_timeout)
                 self.transport.write(late)
             self.transport.close()

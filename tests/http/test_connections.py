@@ -16,6 +16,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from shared.http.connections import PeerCounts, guarded_protocol, peer_key, raw_reply
 from shared.lab.cluster import Proc, free_port
@@ -30,6 +31,10 @@ def app() -> FastAPI:
     def slow(seconds: float = 0.0) -> dict[str, float]:
         time.sleep(seconds)
         return {"slept": seconds}
+
+    @api.post("/early")
+    async def early() -> JSONResponse:  # answers without reading the body, as a tier's 413, 415 or 503 does
+        return JSONResponse({"detail": "too large"}, status_code=413)
 
     @api.post("/echo")
     async def echo(body: dict) -> dict:
@@ -117,6 +122,17 @@ def test_the_deadline_is_for_the_head_alone(server: tuple[int, type]) -> None:
     with httpx.Client(timeout=10) as c:  # a body is the app's to time, not the head's deadline
         r = c.post(f"http://127.0.0.1:{port}/echo", json={"x": 1})
         assert r.status_code == 200 and r.json() == {"x": 1}
+
+
+def test_a_request_answered_before_its_body_was_read_cannot_hold_the_connection(server: tuple[int, type]) -> None:
+    """A head with a large content-length gets its early reply (413 here); the rest of its body never comes. uvicorn
+    would wait for it (discarding) for ever; the deadline closes the connection."""
+    port, _ = server
+    s = connect(port, send=b"POST /early HTTP/1.1\r\nHost: x\r\ncontent-type: text/plain\r\n"
+                          b"content-length: 1000000000\r\n\r\n" + b"a" * 200_000)
+    t0 = time.monotonic()
+    assert read_reply(s).startswith(b"HTTP/1.1 413")
+    assert read_all(s) == b"" and time.monotonic() - t0 < 3.0
 
 
 def test_one_peer_holds_at_most_its_cap_and_others_are_not_touched(server: tuple[int, type]) -> None:
