@@ -88,6 +88,6 @@ def serve(prog: str, cls: type[ServiceSettings], create_app: Callable[[Any], Any
               f"Never expose this service beyond a development machine.\n{'!' * 78}\n", file=sys.stderr, flush=True)
     raise_open_files_limit()  # a connection holds a descriptor; the per-peer cap keeps one host from taking them all
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                http=guarded_protocol(settings.header_timeout, settings.max_connections_per_peer),
+                http=guarded_protocol(settings.header_timeout, settings.max_connections_per_peer), ws="none",
                 timeout_graceful_shutdown=5, ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile)
     return 0
