@@ -188,3 +188,39 @@ def test_a_real_cloud_keeps_serving_others_while_one_host_opens_slow_heads(tmp_p
         assert get(port, "/healthz").status_code == 200
     finally:
         cloud.kill()
+
+
+def test_every_way_a_connection_ends_gives_its_place_back(server: tuple[int, type]) -> None:
+    """Whole requests, pipelined ones, partial heads, resets, closes mid-body and refusals, 300 in all from two
+    addresses, at most 4 open at once from each: once they are gone, no peer holds a place."""
+    import random
+    import struct
+
+    port, protocol = server
+    rng = random.Random(0)
+    ways = ("whole", "pipelined", "partial", "reset", "mid_body", "silent")
+    for batch in range(50):
+        socks = []
+        for source in ("127.0.0.1", "127.0.0.2"):
+            for _ in range(3):
+                s, way = connect(port, source=source), rng.choice(ways)
+                if way == "whole":
+                    s.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+                elif way == "pipelined":
+                    s.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+                elif way == "partial":
+                    s.sendall(HEAD)
+                elif way == "mid_body":
+                    s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                              b"content-length: 100\r\n\r\n{\"x\":")
+                elif way == "reset":
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                socks.append(s)
+        time.sleep(0.01)
+        for s in socks:
+            s.close()
+    end = time.monotonic() + 5
+    while protocol.counts_.open and time.monotonic() < end:
+        time.sleep(0.05)
+    assert protocol.counts_.open == {}
+    assert get(port).status_code == 200
