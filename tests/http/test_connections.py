@@ -224,3 +224,48 @@ def test_every_way_a_connection_ends_gives_its_place_back(server: tuple[int, typ
         time.sleep(0.05)
     assert protocol.counts_.open == {}
     assert get(port).status_code == 200
+
+
+@pytest.mark.slow
+def test_with_its_defaults_a_cloud_limited_to_1024_files_outlasts_1100_slow_heads_from_one_host(tmp_path) -> None:
+    """The attack as first measured, against the defaults (20 s, 256 a peer): a cloud run under ``prlimit
+    --nofile=1024:1024``, 1,100 connections from 127.0.0.1 that each send a partial head. On the code before, all 1,100
+    were still open 25 s later and no other caller got an answer. Now 256 are held (then closed with 408 at 20 s), the
+    rest refused with 503, and another address is answered throughout."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from shared.lab.cluster import ROOT
+
+    if shutil.which("prlimit") is None:
+        pytest.skip("needs util-linux's prlimit")
+    port = free_port()
+    cloud = Proc("cloud", ["cloud", "--insecure-dev", "--data-dir", str(tmp_path / "cloud"), "--model", "tiny-bert",
+                           "--data", "trec"], port, tmp_path / "cloud.log")
+    cmd = ["prlimit", "--nofile=1024:1024", sys.executable, "-m", "shared.lab.cli", *cloud.args, "--port", str(port),
+           "--log-level", "warning"]  # what Proc.start runs, under the files limit
+    cloud.popen = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                                   stdout=cloud.log.open("ab"), stderr=subprocess.STDOUT)
+    socks: list[socket.socket] = []
+    try:
+        cloud.wait_healthy(120)
+        for _ in range(1100):
+            socks.append(connect(port, send=HEAD))
+        time.sleep(1.0)
+        assert get(port, "/healthz", source="127.0.0.2").status_code == 200  # on the code before: a read timeout
+        replies: dict[bytes, int] = {}
+        for s in socks:
+            try:
+                first = read_all(s, timeout=30).split(b"\r\n", 1)[0]
+            except ConnectionResetError:  # refused after its head was in: the reset can overtake the 503
+                first = b"reset"
+            replies[first] = replies.get(first, 0) + 1
+        assert replies.pop(b"HTTP/1.1 408 Request Timeout") == 256, replies
+        assert set(replies) <= {b"HTTP/1.1 503 Service Unavailable", b"reset"} and sum(replies.values()) == 844
+        assert get(port, "/healthz").status_code == 200
+    finally:
+        for s in socks:
+            s.close()
+        cloud.kill()
