@@ -7,10 +7,13 @@ and the service accepts no honest connection. Here each connection must bring a 
 ``header_timeout`` seconds of opening, or of the reply before; otherwise it is closed (with a 408 if part of a
 head had come). The same deadline closes a connection whose request was answered before its body was read (a
 413, 415 or 503 sent at once) and whose body has not all come since: uvicorn waits for the rest, only to discard
-it, for as long as the peer likes (httpx reads the reply it was sent when its upload is cut). A body's own pace is the app's to judge (``--min-body-rate``, ``shared.http.bodies``), and nothing
-here times a request once its head is in. And one peer address (an IPv6 address: its /64, which one host
-usually holds whole) may hold at most ``max_per_peer`` connections at once; one more gets a 503 and is closed, so
-a single host cannot take every descriptor however fast it reconnects. The tiers' own clients retry both.
+it, for as long as the peer likes (httpx reads the reply it was sent when its upload is cut). A body's own pace
+is the app's to judge (``--min-body-rate``, ``shared.http.bodies``), and nothing here times a request once its
+head is in. And one peer address (an IPv6 address: its /64, which one host usually holds whole) may hold at most
+``max_per_peer`` connections at once; one more gets a 503 and is closed, so a single host cannot take every
+descriptor however fast it reconnects. The 503 is written as the connection opens, before anything is read: if
+the peer's request is in already, the reset that closing an unread connection sends can overtake it. The tiers'
+own clients retry a 503, a reset and a closed connection alike.
 
 This is a subclass of uvicorn's own h11 protocol that adds timers and a count; parsing and everything else is
 uvicorn's. It is passed to ``uvicorn.run(http=...)``, so every tier uses it whatever parsers are installed.
