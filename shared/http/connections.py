@@ -118,7 +118,6 @@ def guarded_protocol(header_timeout: float, max_per_peer: int) -> type[H11Protoc
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             self._peer: str | None = None
             self._head_timer: asyncio.TimerHandle | None = None
-            self._head_bytes = 0  # bytes of the awaited head received so far
             super().connection_made(transport)
             key = peer_key(self.client)
             if not counts.admit(key):
@@ -139,7 +138,6 @@ def guarded_protocol(header_timeout: float, max_per_peer: int) -> type[H11Protoc
         def data_received(self, data: bytes) -> None:
             if self._peer is None:  # refused: whatever it sends is dropped with the connection
                 return
-            self._head_bytes += len(data)
             cycle = self.cycle
             super().data_received(data)
             if self.cycle is not cycle:  # a request's head is in (uvicorn began its cycle): the app times the rest
@@ -154,7 +152,6 @@ def guarded_protocol(header_timeout: float, max_per_peer: int) -> type[H11Protoc
 
         def _await_head(self) -> None:
             self._head_done()
-            self._head_bytes = 0
             self._head_timer = self.loop.call_later(header_timeout, self._head_late)
 
         def _head_done(self) -> None:
@@ -170,7 +167,7 @@ def guarded_protocol(header_timeout: float, max_per_peer: int) -> type[H11Protoc
                 return  # a request is being answered: not this timer's business
             # No whole head in time; or the last request was answered before its body was read (a 413, a 503) and
             # the rest of that body, which uvicorn only discards, has not all come either: its peer reads the reply
-            if self.conn.their_state is h11.IDLE and self._head_bytes:  # part of a head came, no more in time
+            if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:  # part of a head waits, no more came
                 closed.warn("closed a connection from %s: no whole request head in %g s", self._peer, header_timeout)
                 self.transport.write(late)
             self.transport.close()

@@ -136,6 +136,20 @@ def test_a_request_answered_before_its_body_was_read_cannot_hold_the_connection(
     assert read_all(s) == b"" and time.monotonic() - t0 < 3.0
 
 
+def test_the_408_goes_to_a_connection_with_part_of_a_head_waiting_and_only_there(server: tuple[int, type]) -> None:
+    """A request answered early whose body then all came, and nothing after: closed silently (it was sent a 408 for
+    its body's bytes, which a client sending its next request at that moment would have read as that request's
+    reply). A whole request pipelined with part of the next: that part gets the 408 (it was closed silently)."""
+    port, _ = server
+    s = connect(port, send=b"POST /early HTTP/1.1\r\nHost: x\r\ncontent-type: text/plain\r\ncontent-length: 5000\r\n\r\n")
+    assert read_reply(s).startswith(b"HTTP/1.1 413")
+    s.sendall(b"a" * 5000)  # the rest of the body: the connection is idle and whole again
+    assert read_all(s) == b""
+    s = connect(port, send=b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n" + HEAD)
+    assert read_reply(s).startswith(b"HTTP/1.1 200")
+    assert read_all(s).startswith(b"HTTP/1.1 408 Request Timeout")
+
+
 def test_one_peer_holds_at_most_its_cap_and_others_are_not_touched(server: tuple[int, type]) -> None:
     port, protocol = server
     held = [connect(port, send=HEAD) for _ in range(4)]
