@@ -49,7 +49,9 @@ class ServiceSettings(BaseSettings):
     body_grace: float = Field(30.0, gt=0, description="seconds a request body may take before --min-body-rate applies")
     header_timeout: float = Field(20.0, gt=0, description="seconds a connection may take to send a request's whole "
                                                           "head, from opening or from the reply before; then it is "
-                                                          "closed (with 408 if part of a head came)")
+                                                          "closed (with 408 if part of a head came); a connection "
+                                                          "whose peer reads none of its replies for that long is "
+                                                          "dropped")
     max_connections_per_peer: int = Field(256, ge=0, description="connections one peer address (IPv6: its /64) may "
                                                                  "hold open at once; one more gets 503 and is closed "
                                                                  "(0: no cap)")

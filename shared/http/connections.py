@@ -8,12 +8,15 @@ and the service accepts no honest connection. Here each connection must bring a 
 head had come). The same deadline closes a connection whose request was answered before its body was read (a
 413, 415 or 503 sent at once) and whose body has not all come since: uvicorn waits for the rest, only to discard
 it, for as long as the peer likes (httpx reads the reply it was sent when its upload is cut). A body's own pace
-is the app's to judge (``--min-body-rate``, ``shared.http.bodies``), and nothing here times a request once its
-head is in. And one peer address (an IPv6 address: its /64, which one host usually holds whole) may hold at most
-``max_per_peer`` connections at once; one more gets a 503 and is closed, so a single host cannot take every
-descriptor however fast it reconnects. The 503 is written as the connection opens, before anything is read: if
-the peer's request is in already, the reset that closing an unread connection sends can overtake it. The tiers'
-own clients retry a 503, a reset and a closed connection alike.
+is the app's to judge (``--min-body-rate``, ``shared.http.bodies``), and nothing here times a request once its head
+is in. But a reply its peer does not read is held as long as it likes (the app waits to write the next, and a
+closing connection waits for its bytes to be sent): a connection whose replies wait on its peer, and whose peer took
+none of their bytes (Linux's count of bytes acknowledged; elsewhere, the write buffer's size) since a look
+``header_timeout`` seconds before, is dropped. And one peer address (an IPv6 address: its /64, which one host
+usually holds whole) may hold at most ``max_per_peer`` connections at once; one more gets a 503 and is closed, so a
+single host cannot take every descriptor however fast it reconnects. The 503 is written as the connection opens,
+before anything is read: if the peer's request is in already, the reset that closing an unread connection sends can
+overtake it. The tiers' own clients retry a 503, a reset and a closed connection alike.
 
 This is a subclass of uvicorn's own h11 protocol that adds timers and a count; parsing and everything else is
 uvicorn's. It is passed to ``uvicorn.run(http=...)``, so every tier uses it whatever parsers are installed.
@@ -26,6 +29,8 @@ import ipaddress
 import json
 import logging
 import resource
+import socket
+import sys
 import threading
 import time
 
@@ -110,7 +115,7 @@ def guarded_protocol(header_timeout: float, max_per_peer: int) -> type[H11Protoc
                      "(--max-connections-per-peer); close some and retry", retry_after=1)
     late = raw_reply(408, "Request Timeout", f"a request's head must arrive within {header_timeout:g} s "
                      "(--header-timeout)")
-    refused, closed = Throttled(), Throttled()
+    refused, closed, dropped = Throttled(), Throttled(), Throttled()
 
     class GuardedH11Protocol(H11Protocol):
         counts_ = counts  # for tests and the curious: the server's open connections per peer
@@ -118,6 +123,8 @@ def guarded_protocol(header_timeout: float, max_per_peer: int) -> type[H11Protoc
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             self._peer: str | None = None
             self._head_timer: asyncio.TimerHandle | None = None
+            self._write_timer: asyncio.TimerHandle | None = None
+            self._unread: tuple[int, int] | None = None  # if stuck at the last look: (bytes buffered, bytes acked)
             super().connection_made(transport)
             key = peer_key(self.client)
             if not counts.admit(key):
@@ -127,9 +134,12 @@ def guarded_protocol(header_timeout: float, max_per_peer: int) -> type[H11Protoc
                 return
             self._peer = key
             self._await_head()
+            self._watch_writes()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._head_done()
+            if self._write_timer is not None:
+                self._write_timer.cancel()
             if self._peer is not None:
                 counts.release(self._peer)
                 self._peer = None
@@ -172,7 +182,37 @@ def guarded_protocol(header_timeout: float, max_per_peer: int) -> type[H11Protoc
                 self.transport.write(late)
             self.transport.close()
 
+        def resume_writing(self) -> None:
+            self._unread = None  # the peer read
+            super().resume_writing()
+
+        def _watch_writes(self) -> None:
+            """Every ``header_timeout`` s: drop a connection whose replies wait on its peer (writing paused, or the
+            connection closing with bytes still to send: asyncio waits for both for ever) if, since the last look,
+            its peer acknowledged none of the bytes sent to it and none left the write buffer."""
+            size = self.transport.get_write_buffer_size()
+            stuck = size > 0 and (self.flow.write_paused or self.transport.is_closing())
+            seen = (size, bytes_acked(self.transport))
+            if stuck and self._unread is not None and seen[0] >= self._unread[0] and seen[1] == self._unread[1]:
+                dropped.warn("dropped a connection from %s: it read none of its replies in %g s", self._peer,
+                             header_timeout)
+                self.transport.abort()
+                return
+            self._unread = seen if stuck else None
+            self._write_timer = self.loop.call_later(header_timeout, self._watch_writes)
+
     return GuardedH11Protocol
+
+
+def bytes_acked(transport: asyncio.BaseTransport) -> int:
+    """How many bytes the peer has acknowledged on this connection (Linux's ``tcpi_bytes_acked``), TLS or not; 0 where
+    the system does not say."""
+    sock = transport.get_extra_info("socket")
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 128)
+    except (AttributeError, OSError):  # not Linux, or not TCP
+        return 0
+    return int.from_bytes(info[120:128], sys.byteorder) if len(info) >= 128 else 0
 
 
 def raise_open_files_limit() -> int:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from shared.http.connections import PeerCounts, guarded_protocol, peer_key, raw_reply
 from shared.lab.cluster import Proc, free_port
@@ -31,6 +31,10 @@ def app() -> FastAPI:
     def slow(seconds: float = 0.0) -> dict[str, float]:
         time.sleep(seconds)
         return {"slept": seconds}
+
+    @api.get("/big")
+    def big(n: int) -> Response:
+        return Response(b"x" * n)
 
     @api.post("/early")
     async def early() -> JSONResponse:  # answers without reading the body, as a tier's 413, 415 or 503 does
@@ -148,6 +152,47 @@ def test_the_408_goes_to_a_connection_with_part_of_a_head_waiting_and_only_there
     s = connect(port, send=b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n" + HEAD)
     assert read_reply(s).startswith(b"HTTP/1.1 200")
     assert read_all(s).startswith(b"HTTP/1.1 408 Request Timeout")
+
+
+def small_window(port: int, send: bytes) -> socket.socket:
+    """A connection that reads nothing: its receive buffer small, so that the server's replies back up."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.sendall(send)
+    return s
+
+
+def test_a_peer_that_reads_none_of_its_replies_is_dropped(server: tuple[int, type]) -> None:
+    """A reply its peer never reads: asyncio holds a closing connection until its bytes are sent, and a paused reply
+    until the peer reads, both for ever (on the code before: the place was still held 6 s later). Here the connection
+    is dropped once a look finds its peer took nothing for a whole ``header_timeout``: one whose reply was done and
+    then closed (after the deadline for its next head), and one whose second pipelined reply waits on the first."""
+    port, protocol = server
+    big = b"GET /big?n=16000000 HTTP/1.1\r\nHost: x\r\n\r\n"
+    held = [small_window(port, big), small_window(port, big * 2)]
+    end = time.monotonic() + 6
+    while protocol.counts_.open and time.monotonic() < end:
+        time.sleep(0.1)
+    assert protocol.counts_.open == {}
+    assert get(port).status_code == 200
+    for s in held:
+        s.close()
+
+
+def test_a_slow_reader_of_a_long_reply_is_not_cut(server: tuple[int, type]) -> None:
+    """A peer that reads its reply slower than the server writes it, so that the reply waits on it well past the
+    deadline: it gets the whole reply (its acknowledgements are progress, though the server's write buffer shrinks only
+    in steps of a third of the kernel's send buffer, a megabyte or more on loopback, less often than every 0.5 s)."""
+    port, _ = server
+    n = 6_000_000
+    s = connect(port, send=f"GET /big?n={n} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    s.settimeout(5)
+    got = 0
+    while chunk := s.recv(65536):
+        got += len(chunk)
+        time.sleep(0.04)
+    assert got > n
 
 
 def test_one_peer_holds_at_most_its_cap_and_others_are_not_touched(server: tuple[int, type]) -> None:
