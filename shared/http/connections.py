@@ -192,13 +192,13 @@ def guarded_protocol(header_timeout: float, max_per_peer: int) -> type[H11Protoc
             its peer acknowledged none of the bytes sent to it and none left the write buffer."""
             size = self.transport.get_write_buffer_size()
             stuck = size > 0 and (self.flow.write_paused or self.transport.is_closing())
-            seen = (size, bytes_acked(self.transport))
-            if stuck and self._unread is not None and seen[0] >= self._unread[0] and seen[1] == self._unread[1]:
+            seen = (size, bytes_acked(self.transport)) if stuck else None
+            if seen and self._unread and seen[0] >= self._unread[0] and seen[1] == self._unread[1]:
                 dropped.warn("dropped a connection from %s: it read none of its replies in %g s", self._peer,
                              header_timeout)
                 self.transport.abort()
                 return
-            self._unread = seen if stuck else None
+            self._unread = seen
             self._write_timer = self.loop.call_later(header_timeout, self._watch_writes)
 
     return GuardedH11Protocol
