@@ -145,7 +145,8 @@ def test_the_408_goes_to_a_connection_with_part_of_a_head_waiting_and_only_there
     its body's bytes, which a client sending its next request at that moment would have read as that request's
     reply). A whole request pipelined with part of the next: that part gets the 408 (it was closed silently)."""
     port, _ = server
-    s = connect(port, send=b"POST /early HTTP/1.1\r\nHost: x\r\ncontent-type: text/plain\r\ncontent-length: 5000\r\n\r\n")
+    s = connect(port, send=b"POST /early HTTP/1.1\r\nHost: x\r\ncontent-type: text/plain\r\n"
+                          b"content-length: 5000\r\n\r\n")
     assert read_reply(s).startswith(b"HTTP/1.1 413")
     s.sendall(b"a" * 5000)  # the rest of the body: the connection is idle and whole again
     assert read_all(s) == b""
