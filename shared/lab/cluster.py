@@ -31,6 +31,7 @@ class Proc:
     port: int
     log: Path
     env: dict[str, str] = field(default_factory=dict)  # this process's own (its credential)
+    prefix: list[str] = field(default_factory=list)  # a command it runs under (``prlimit --nofile=1024:1024``)
     popen: subprocess.Popen | None = None
 
     @property
@@ -38,7 +39,7 @@ class Proc:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, env: dict[str, str]) -> None:
-        cmd = [sys.executable, "-m", "shared.lab.cli", *self.args, "--port", str(self.port), "--log-level", "warning"]
+        cmd = [*self.prefix, sys.executable, "-m", "shared.lab.cli", *self.args, "--port", str(self.port), "--log-level", "warning"]
         self.popen = subprocess.Popen(cmd, cwd=ROOT, env={**env, **self.env}, stdout=self.log.open("ab"),
                                       stderr=subprocess.STDOUT)
 

@@ -7,7 +7,11 @@ credential needed). Here: a real uvicorn server on a loopback port, and a real c
 
 from __future__ import annotations
 
+import os
+import random
+import shutil
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -235,8 +239,6 @@ def test_a_real_cloud_keeps_serving_others_while_one_host_opens_slow_heads(tmp_p
     cloud = Proc("cloud", ["cloud", "--insecure-dev", "--data-dir", str(tmp_path / "cloud"), "--model", "tiny-bert",
                            "--data", "trec", "--header-timeout", "1", "--max-connections-per-peer", "8"],
                  port, tmp_path / "cloud.log")
-    import os
-
     cloud.start({**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         cloud.wait_healthy(120)
@@ -254,9 +256,6 @@ def test_a_real_cloud_keeps_serving_others_while_one_host_opens_slow_heads(tmp_p
 def test_every_way_a_connection_ends_gives_its_place_back(server: tuple[int, type]) -> None:
     """Whole requests, pipelined ones, partial heads, resets, closes mid-body and refusals, 300 in all from two
     addresses, at most 4 open at once from each: once they are gone, no peer holds a place."""
-    import random
-    import struct
-
     port, protocol = server
     rng = random.Random(0)
     ways = ("whole", "pipelined", "partial", "reset", "mid_body", "silent")
@@ -293,22 +292,12 @@ def test_with_its_defaults_a_cloud_limited_to_1024_files_outlasts_1100_slow_head
     --nofile=1024:1024``, 1,100 connections from 127.0.0.1 that each send a partial head. On the code before, all 1,100
     were still open 25 s later and no other caller got an answer. Now 256 are held (then closed with 408 at 20 s), the
     rest refused with 503, and another address is answered throughout."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    from shared.lab.cluster import ROOT
-
     if shutil.which("prlimit") is None:
         pytest.skip("needs util-linux's prlimit")
     port = free_port()
     cloud = Proc("cloud", ["cloud", "--insecure-dev", "--data-dir", str(tmp_path / "cloud"), "--model", "tiny-bert",
-                           "--data", "trec"], port, tmp_path / "cloud.log")
-    cmd = ["prlimit", "--nofile=1024:1024", sys.executable, "-m", "shared.lab.cli", *cloud.args, "--port", str(port),
-           "--log-level", "warning"]  # what Proc.start runs, under the files limit
-    cloud.popen = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                                   stdout=cloud.log.open("ab"), stderr=subprocess.STDOUT)
+                           "--data", "trec"], port, tmp_path / "cloud.log", prefix=["prlimit", "--nofile=1024:1024"])
+    cloud.start({**os.environ, "HF_HUB_OFFLINE": "1"})
     socks: list[socket.socket] = []
     try:
         cloud.wait_healthy(120)
