@@ -25,7 +25,8 @@ from shared.model.adapters import clone_state
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.enums import TIERS, Hop, Mode, Tier
 from shared.protocol.fields import check_metrics_size
-from shared.protocol.messages import Report, RoundPlan, RoundStart, ack
+from shared.protocol.messages import Report, RoundPlan, ack
+from shared.protocol.starts import RoundStart
 from shared.protocol.wire import Message
 from shared.runtime.tier import TierRuntime
 
@@ -70,7 +71,7 @@ class Coordinator(Topology):
         self._started: dict[tuple[int, Mode], dict[str, set[str]]] = {}  # the users each edge was started with
         self._arrived: dict[tuple[int, Mode, str], Report] = {}  # accepted, waiting for ``after_update``
         self._running: tuple[int, Strategy, AdapterBundle] | None = None  # the round in progress, its base state
-        self.revoked: Callable[[], dict[str, Any]] | None = None  # the revoked credentials edges are told of
+        self.start_security: Callable[[list[RoundPlan], str], dict[str, Any]] | None = None  # revoked, tickets
 
     def _deployment(self, user_id: str) -> str:
         return self.deployment_of(user_id) if len(self.runtimes) > 1 else self.default_deployment
@@ -326,16 +327,15 @@ class Coordinator(Topology):
                                   for tier in (Tier.USER, Tier.EDGE)})
         req = record.request
         codec = self.runtime.policy(Hop.EDGE_CLOUD).downloads
-        revoked = self.revoked() if self.revoked is not None else None
-        revoked = revoked if revoked and any(revoked.values()) else None  # none revoked: nothing to say
 
         def start_edge(edge_id: str) -> str | None:
             """Start one edge with its own deployment's adapters; why not, if it could not be started."""
             edge_plans, prefix = by_edge[edge_id], self.prefixes.get(self.edge_deployment.get(edge_id, ""), "")
             own = AdapterBundle({tier: within(part, prefix) for tier, part in download.items()})
             start = RoundStart(edge_plans, own, deadline=req.deadline, clip_norm=req.clip_norm, trim=req.trim,
-                               clip_factor=req.clip_factor, aggregator=req.aggregator, revoked=revoked,
-                               weights={p.user_id: weights[p.user_id] for p in edge_plans})
+                               clip_factor=req.clip_factor, aggregator=req.aggregator,
+                               weights={p.user_id: weights[p.user_id] for p in edge_plans},
+                               **(self.start_security(edge_plans, edge_id) if self.start_security else {}))
             try:
                 self.edges[edge_id].request("start", start.to_message(codec))
                 return None

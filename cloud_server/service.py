@@ -23,8 +23,10 @@ from shared.http.client import HttpLink
 from shared.http.credentials import Principal, Revocations
 from shared.http.metrics import ByteLedger, prometheus, resident_memory_bytes
 from shared.http.service import TierSecurity
+from shared.http.tickets import issue_ticket
 from shared.model.sources import resolve_model
 from shared.protocol.enums import Tier
+from shared.protocol.messages import RoundPlan
 from shared.protocol.links import link_emulator
 from shared.runtime.tier import TierRuntime, federation_state
 from shared.seeds import derive_seed
@@ -70,7 +72,7 @@ class CloudService:
         self.coordinator = Coordinator(runtimes if self.federation.namespaced else self.runtime, initial,
                                        seed=settings.seed, round_timeout=settings.round_timeout, store=self.store,
                                        ledger=self.ledger)
-        self.coordinator.revoked = revocations.to_meta
+        self.coordinator.start_security = self.start_security
         self.edge_links: dict[str, dict[str, Any]] = {}  # edge id -> its link_profile, link_rate_shaped
         self._client_sizes: dict[tuple[str, str], list[int]] = {}  # (deployment, task) -> its clients' sizes
         self._device_bytes: dict[tuple[str, str], tuple[int, list[int]]] = {}
@@ -79,6 +81,14 @@ class CloudService:
         self.worker = threading.Thread(target=self._work, name="rounds", daemon=True)
         self.worker.start()
         self.counters = {"steps": 0, "updates": 0}
+
+    def start_security(self, plans: list[RoundPlan], edge_id: str) -> dict[str, Any]:
+        """What an edge's start carries for its security: the revoked credentials (none: nothing said), and for each
+        user the cloud's ticket for this start, which the user checks (its edge cannot make one)."""
+        revoked = self.revocations.to_meta()
+        credential = self.security.identity.credential
+        return {"revoked": revoked if any(revoked.values()) else None,
+                "tickets": None if credential is None else {p.user_id: issue_ticket(credential, p, edge_id) for p in plans}}
 
     def edge_link(self, edge_id: str, url: str, link_profile: str = "none", link_rate_shaped: bool = False) -> HttpLink:
         return HttpLink(url, upward=False, timeout=self.settings.request_timeout,

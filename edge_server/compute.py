@@ -21,8 +21,9 @@ from shared.fl.plugin import Strategy, StrategyContext, get_algorithm
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.enums import Hop, Mode, Tier
 from shared.protocol.fields import as_number, check_metrics_size
-from shared.protocol.messages import (BackwardRequest, EvalReply, OutputReply, Report, RoundPlan, RoundStart, StepRequest,
-                                      TrainReply, Update, UserStart, ack)
+from shared.protocol.messages import (BackwardRequest, EvalReply, OutputReply, Report, RoundPlan, StepRequest,
+                                      TrainReply, Update, ack)
+from shared.protocol.starts import RoundStart, UserStart
 from shared.protocol.transport import Link
 from shared.protocol.wire import Message
 from shared.runtime.session import Session
@@ -149,7 +150,9 @@ class EdgeServer:
 
             def start_user(plan: RoundPlan) -> None:
                 try:
-                    links[plan.user_id].request("start", UserStart(plan, pending.downloads[plan.user_id]).to_message(codec))
+                    ticket = (start.tickets or {}).get(plan.user_id)  # the cloud's, relayed as it came
+                    message = UserStart(plan, pending.downloads[plan.user_id], ticket).to_message(codec)
+                    links[plan.user_id].request("start", message)
                 except Exception as exc:  # an unreachable user is dropped from this round, not the round
                     log.warning("round %s: could not start %s: %s", round_id, plan.user_id, exc)
                     self._send(self._drop_user(key, plan.user_id, f"could not be started: {exc}"))

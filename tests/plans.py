@@ -11,3 +11,22 @@ def make_plan(round_id: int = 1, user_id: str = "u", **fields: Any) -> RoundPlan
     """A plan with small round settings (2 steps of 2 examples, lr 1e-3) unless ``fields`` say otherwise."""
     settings: dict[str, Any] = {"local_steps": 2, "batch_size": 2, "lr": 1e-3, **fields}
     return RoundPlan(round_id=round_id, user_id=user_id, **settings)
+
+
+def ticket_bytes(credential: Any, round_id: int, users_by_edge: dict[str, list[str]], local_steps: int,
+                 batch_size: int, modes: tuple[str, ...] = ("train", "eval")) -> dict[str, int]:
+    """The bytes the cloud's round tickets (``shared.http.tickets``) add to one round's starts, down each hop: each
+    edge's start carries its users' ``tickets``, each user's start its own ``ticket``. The simulator sends none; a
+    ticket's length is fixed by its claims and the cloud's certificate (``iat`` has 10 digits until 2286)."""
+    import msgpack
+
+    from shared.http.tickets import issue_ticket
+
+    down = {"edge_cloud": 0, "user_edge": 0}
+    for mode in modes:
+        for edge, users in users_by_edge.items():
+            tickets = {u: issue_ticket(credential, make_plan(round_id, u, local_steps=local_steps,
+                                                             batch_size=batch_size, mode=mode), edge) for u in users}
+            down["edge_cloud"] += len(msgpack.packb("tickets")) + len(msgpack.packb(tickets))
+            down["user_edge"] += sum(len(msgpack.packb("ticket")) + len(msgpack.packb(t)) for t in tickets.values())
+    return down

@@ -37,10 +37,11 @@ def create_app(settings: UserSettings) -> FastAPI:
                            lambda: UserService(settings, security, user_id, client_index), auth)
 
     def from_its_edge(msg: Message, caller: Principal) -> None:
-        """Only the edge this user registered with may start it."""
-        edge_id = svc().edge_id
-        if caller.id != edge_id:
-            raise Forbidden(f"edge '{caller.id}' is not this user's edge ('{edge_id}')")
+        """Only the edge this user registered with may start it, and only with the cloud's ticket for that start."""
+        s: UserService = svc()
+        if caller.id != s.edge_id:
+            raise Forbidden(f"edge '{caller.id}' is not this user's edge ('{s.edge_id}')")
+        s.check_start(msg, caller.id)
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -54,7 +55,7 @@ def create_app(settings: UserSettings) -> FastAPI:
         return {"user_id": s.user_id, "ready": agent is not None, "jobs": dict(agent.jobs) if agent else {},
                 "last_error": agent.last_error if agent else None, "placement": s.placement,
                 "blocks": list(agent.runtime.partition.layer_ids) if agent else [],
-                "edge": s.edge_contact.snapshot()}
+                "edge": s.edge_contact.snapshot(), "refused_start": s.refused_start}
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -18,8 +18,9 @@ from shared.data.batching import EVAL_BATCH_SIZE, Batch, BatchSampler, eval_batc
 from shared.data.datasets import ClientData
 from shared.model.tokenizers import Tokenizer
 from shared.protocol.enums import Hop, Mode
-from shared.protocol.messages import (BackwardRequest, EvalReply, OutputReply, RoundPlan, StepRequest, TrainReply, Update,
-                                      UserStart, ack)
+from shared.protocol.messages import (BackwardRequest, EvalReply, OutputReply, RoundPlan, StepRequest, TrainReply,
+                                      Update, ack)
+from shared.protocol.starts import UserStart
 from shared.protocol.transport import Link
 from shared.protocol.wire import Message
 from shared.runtime.loss import eval_counts, label_count, step_loss

@@ -10,12 +10,17 @@ from typing import Any
 
 from shared.config.federation import Deployment
 from shared.config.settings import UserSettings
+from shared.errors import Forbidden
 from shared.http.client import HttpLink, TransportError, control_client, get_json, post_json
+from shared.http.connections import Throttled
 from shared.http.server import BackgroundStart
 from shared.http.service import TierSecurity
+from shared.http.tickets import check_ticket
 from shared.model.sources import resolve_model
 from shared.protocol.enums import Tier
 from shared.protocol.links import link_emulator
+from shared.protocol.starts import UserStart
+from shared.protocol.wire import Message
 from shared.runtime.tier import TierRuntime
 from shared.seeds import derive_seed
 from user_agent.compute import UserAgent
@@ -66,7 +71,25 @@ class UserService(BackgroundStart):
         self.agent: UserAgent | None = None
         self.placement: dict[str, Any] = {}  # what the cloud assigned at registration: data, cut, rank
         self.edge_contact = EdgeContact()  # what the heartbeat last heard from the edge
+        self.refused_start: dict[str, Any] | None = None  # the last start refused for its ticket, for /v1/status
+        self._refusals = Throttled(logger=log)
         super().__init__()
+
+    def check_start(self, msg: Message, edge_id: str) -> None:
+        """A start counts only with the cloud's ticket for it (``shared.http.tickets``): without one, the cloud did
+        not start this round, and the edge (perhaps revoked) may not use this device. A refusal (403) is logged and
+        kept for ``GET /v1/status``. Development (no credentials) has no tickets."""
+        if self.security.verifier is None:
+            return
+        plan = UserStart.from_message(msg).plan
+        try:
+            check_ticket(self.security.verifier, msg.meta.get("ticket"), plan, edge_id)
+        except Forbidden as exc:
+            self.refused_start = {"round": plan.round_id, "mode": plan.mode.value, "edge": edge_id,
+                                  "reason": exc.reason, "at": _now()}
+            self._refusals.warn("refused edge %s's start of round %s (%s): %s", edge_id, plan.round_id,
+                                plan.mode.value, exc.reason)
+            raise
 
     @property
     def started(self) -> bool:

@@ -93,8 +93,8 @@ class Throttled:
     """A warning logged at most once every ``every`` seconds, with how many were held back: an attack's thousands of
     refused connections make a few lines, not thousands."""
 
-    def __init__(self, every: float = 10.0) -> None:
-        self.every, self.last, self.held = every, -float("inf"), 0
+    def __init__(self, every: float = 10.0, logger: logging.Logger = log) -> None:
+        self.every, self.last, self.held, self.log = every, -float("inf"), 0, logger
 
     def warn(self, message: str, *args: object) -> None:
         now = time.monotonic()
@@ -102,7 +102,8 @@ class Throttled:
             self.held += 1
             return
         held, self.last, self.held = self.held, now, 0
-        log.warning(message + (f" ({held} more like it since the last such line)" if held else ""), *args)
+        self.log.warning(message + (f" ({held} more like it since the last such line)" if held else ""), *args,
+                         stacklevel=2)
 
 
 def guarded_protocol(header_timeout: float, max_per_peer: int) -> type[H11Protocol]:

@@ -1,6 +1,7 @@
 """The compose topology under a real Docker engine (``make test-compose``): the image built offline, one cloud,
-two edges and four users, a round started over REST from the host; its per-hop bytes equal the simulator's,
-and each user's link is shaped to its profile, measured inside the containers. Skips where no engine starts."""
+two edges and four users, a round started over REST from the host; its per-hop bytes equal the simulator's plus the
+cloud's round tickets, and each user's link is shaped to its profile, measured inside the containers. Skips where no
+engine starts."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import subprocess
 
 import pytest
 
+from plans import ticket_bytes
 from shared.config.round import RoundConfig
+from shared.http.credentials import Credential
 from shared.lab.cluster import free_port
 from shared.lab.compose import CREDENTIALS, ComposeError, Deployment, compose_command, engine_problem
 from shared.lab.sim import SimConfig, Simulation
@@ -51,7 +54,13 @@ def test_a_round_commits_with_the_simulators_per_hop_bytes(deployment) -> None:
     sim = Simulation(SimConfig(model="minilm-l6", data="trec", users=4, edges=2, rounds=1, split=(1, 3),
                                round=RoundConfig(**ROUND), baseline_eval=False))
     row = sim.run()[0]
-    assert view["metrics"]["bytes"] == {"user_edge": row["bytes"]["user"], "edge_cloud": row["bytes"]["edge"]}
+    # the same bytes, and the cloud's tickets down each hop (the simulator has no credentials: it sends none)
+    config = RoundConfig(**ROUND)
+    tickets = ticket_bytes(Credential.load(CREDENTIALS / "cloud.json"), view["round_id"],
+                           {"edge-0": ["user-0", "user-2"], "edge-1": ["user-1", "user-3"]},
+                           config.local_steps, config.batch_size)
+    assert view["metrics"]["bytes"] == {hop: {"up": row["bytes"][mine]["up"], "down": row["bytes"][mine]["down"] + tickets[hop]}
+                                        for hop, mine in (("user_edge", "user"), ("edge_cloud", "edge"))}
 
 
 def test_a_users_link_is_shaped_to_its_profile(deployment) -> None:

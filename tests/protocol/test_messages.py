@@ -9,8 +9,8 @@ from plans import make_plan
 from shared.errors import InvalidInput
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.enums import Mode, Tier
-from shared.protocol.messages import (EvalReply, Report, RoundPlan, RoundStart, StepRequest, TrainReply, Update,
-                                      UserStart, ack)
+from shared.protocol.messages import EvalReply, Report, RoundPlan, StepRequest, TrainReply, Update, ack
+from shared.protocol.starts import RoundStart, UserStart
 from shared.protocol.wire import Message, decode, encode
 
 

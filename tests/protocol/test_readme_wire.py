@@ -8,8 +8,8 @@ import msgpack
 import pytest
 import torch
 
-from shared.protocol.messages import (BackwardRequest, EvalReply, OutputReply, Report, RoundStart, StepRequest,
-                                      TrainReply, Update, UserStart)
+from shared.protocol.messages import BackwardRequest, EvalReply, OutputReply, Report, StepRequest, TrainReply, Update
+from shared.protocol.starts import RoundStart, UserStart
 from shared.protocol.wire import Message, decode, encode
 from wire_examples import client_bytes, codec_examples, entry_of, examples, values_of
 

@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.enums import Tier
-from shared.protocol.messages import RoundPlan, RoundStart
+from shared.protocol.messages import RoundPlan
+from shared.protocol.starts import RoundStart
 from shared.protocol.messages import ack
 from shared.protocol.transport import Link, LinkStats
 from shared.protocol.wire import CONTENT_TYPE, Message, encode
@@ -162,9 +163,16 @@ class Stack:
         state = self.cloud.coordinator.global_state
         return {f"{t}/{k}": v.clone() for t in tiers for k, v in state[t].items()}
 
+    def ticket(self, plan: RoundPlan, edge: str = "edge-0") -> dict[str, str]:
+        """The cloud's ticket for starting ``plan``'s user through ``edge``, as the cloud signs it."""
+        from shared.http.tickets import issue_ticket
+
+        return issue_ticket(self.credential("cloud"), plan, edge)
+
     def edge_start(self, plans: list[RoundPlan], **meta: Any) -> Message:
-        """The cloud's start of ``plans`` at the edge (``meta``: the RoundStart's deadline, clip_norm)."""
+        """The cloud's start of ``plans`` at the edge, with its tickets (``meta``: the RoundStart's deadline, ...)."""
         adapters = AdapterBundle.from_tensors(self.adapter_tensors("user", "edge"), (Tier.USER, Tier.EDGE))
+        meta.setdefault("tickets", {p.user_id: self.ticket(p) for p in plans})
         return RoundStart(plans, adapters, **meta).to_message()
 
 

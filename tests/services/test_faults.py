@@ -21,7 +21,8 @@ from shared.errors import NotFound
 from shared.http.client import TransportError, with_retries
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.enums import Mode, Tier
-from shared.protocol.messages import RoundPlan, RoundStart, Update, UserStart
+from shared.protocol.messages import RoundPlan, Update
+from shared.protocol.starts import RoundStart, UserStart
 from shared.protocol.transport import InProcessLink, Link
 from shared.protocol.wire import Message, decode, encode
 from stack_helpers import AcceptingLink, Stack, bearer, inprocess_stack, wait_round
@@ -267,7 +268,8 @@ def test_a_retried_start_at_the_user_is_a_no_op(stack, monkeypatch):
         stack.user.jobs[key] = "reported"
 
     monkeypatch.setattr(stack.user, "_run", run)
-    start = encode(UserStart(stack.plan(520), stack.cloud.coordinator.global_state[Tier.USER]).to_message())
+    plan = stack.plan(520)
+    start = encode(UserStart(plan, stack.cloud.coordinator.global_state[Tier.USER], stack.ticket(plan)).to_message())
     replies = [stack.post_msg("user", "start", start) for _ in range(2)]
     assert [r.status_code for r in replies] == [202, 202]
     assert [decode(r.content).kind for r in replies] == ["accepted", "accepted"]

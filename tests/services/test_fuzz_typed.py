@@ -19,8 +19,8 @@ import msgpack
 import pytest
 
 from shared.errors import ServiceError
-from shared.protocol.messages import (BackwardRequest, EvalReply, OutputReply, Report, RoundStart, StepRequest,
-                                      TrainReply, Update, UserStart)
+from shared.protocol.messages import BackwardRequest, EvalReply, OutputReply, Report, StepRequest, TrainReply, Update
+from shared.protocol.starts import RoundStart, UserStart
 from shared.protocol.wire import decode, encode
 from stack_helpers import Stack, inprocess_stack
 from wire_examples import client_bytes, examples

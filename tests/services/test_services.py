@@ -18,6 +18,7 @@ from shared.lab.sim import SimConfig, Simulation
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.wire import CONTENT_TYPE, Message, encode
 from shared.lab.cluster import Cluster
+from plans import ticket_bytes
 
 LIMIT = 4_000_000
 CLOUD_ARGS = ["--model", "tiny-bert", "--split", "1,3", "--data", "trec", "--local-steps", "3", "--batch-size", "4",
@@ -50,9 +51,11 @@ def fetch_version(cluster: Cluster, version: int) -> AdapterBundle:
     return AdapterBundle.from_tensors(load(r.content))
 
 
-def hop_bytes(row: dict) -> dict:
-    """A simulator row's bytes per hop, named as a round's metrics name them."""
-    return {"user_edge": row["bytes"]["user"], "edge_cloud": row["bytes"]["edge"]}
+def hop_bytes(row: dict, tickets: dict[str, int]) -> dict:
+    """A simulator row's bytes per hop, named as a round's metrics name them, with the cloud's tickets added down
+    each hop (the simulator has no credentials, so it sends none)."""
+    return {hop: {"up": row["bytes"][mine]["up"], "down": row["bytes"][mine]["down"] + tickets[hop]}
+            for hop, mine in (("user_edge", "user"), ("edge_cloud", "edge"))}
 
 
 def test_http_rounds_equal_the_simulator(cluster):
@@ -66,8 +69,11 @@ def test_http_rounds_equal_the_simulator(cluster):
     served = fetch_version(cluster, 2)
     sim = Simulation(sim_config())
     rows = sim.run()
-    # every message of a round, training and evaluation, counted on each hop: the same bytes as in-process
-    assert [v["metrics"]["bytes"] for v in views] == [hop_bytes(r) for r in rows]
+    # every message of a round, training and evaluation, counted on each hop: the same bytes as in-process, and the
+    # cloud's tickets (user i behind edge i % 2)
+    by_edge = {"edge-0": ["user-0", "user-2"], "edge-1": ["user-1", "user-3"]}
+    tickets = [ticket_bytes(credential(cluster, "cloud"), v["round_id"], by_edge, 3, 4) for v in views]
+    assert [v["metrics"]["bytes"] for v in views] == [hop_bytes(r, t) for r, t in zip(rows, tickets)]
     for tier, state in sim.coordinator.global_state.items():
         assert set(served[tier]) == set(state)
         for key, value in state.items():
@@ -160,3 +166,27 @@ def test_identity_takeover_between_real_processes_fails_and_the_victims_keep_tra
     view = cluster.wait_round(cluster.start_round({"evaluate": False}))
     assert view["state"] == "committed" and view["metrics"]["dropped"] == [], view
     assert sorted(view["participants"]) == [f"user-{i}" for i in range(cluster.users)], view
+
+
+def test_an_edge_cannot_start_a_round_the_cloud_did_not(cluster):
+    """edge-1's credential, as a thief holding the edge's server (or a revoked edge) would use it, starts user-1, a
+    user behind it, on a round the cloud never started: with no ticket, or with one edge-1 signed itself, user-1
+    refuses (403) and its status says so; the cloud's next round, with its tickets, has every user."""
+    from shared.http.tickets import issue_ticket
+    from shared.protocol.messages import RoundPlan
+    from shared.protocol.starts import UserStart
+
+    user = cluster.procs["user-1"]
+    plan = RoundPlan(round_id=10**6, user_id="user-1", local_steps=1000, batch_size=4, lr=1e-3)
+    edge1 = credential(cluster, "edge-1")
+    for ticket, reason in ((None, "no ticket from the cloud"),
+                           (issue_ticket(edge1, plan, "edge-1"), "a edge credential may not be used here")):
+        body = encode(UserStart(plan, {}, ticket).to_message())  # refused before its adapters matter
+        headers = {"content-type": CONTENT_TYPE, **edge1.sign("POST", "/v1/start", "user:user-1", body)}
+        r = httpx.post(f"{user.url}/v1/start", content=body, headers=headers, timeout=30)
+        assert r.status_code == 403 and reason in r.json()["detail"], r.text
+        status = httpx.get(f"{user.url}/v1/status", headers=cluster.admin_headers, timeout=30).json()
+        assert status["refused_start"]["round"] == 10**6 and reason in status["refused_start"]["reason"], status
+        assert str(10**6) not in str(status["jobs"]), status
+    view = cluster.wait_round(cluster.start_round({"evaluate": False}))
+    assert view["state"] == "committed" and view["metrics"]["dropped"] == [], view

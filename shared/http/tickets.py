@@ -1,0 +1,67 @@
+"""Round tickets: the cloud's signed word that it started this user in this round through this edge.
+
+A user takes a round's start only from its own edge, but the edge's credential alone would let a revoked edge (or
+any edge) start rounds the cloud never ordered: the user would go on sending it activations. So the cloud signs,
+for each user it starts, a ticket the edge relays unchanged in the user's start (``RoundStart.tickets`` ->
+``UserStart.ticket``): ``{"certificate": the cloud's certificate, "token": a JWT, EdDSA, signed by the key that
+certificate binds}``. Its claims bind the round, the phase, the user (``aud``: ``user:<id>``), the edge, the time,
+and what the plan asks of the device: its steps, batch, cut and task. The user checks it with the deployment's
+trust key alone, so an edge cannot make one, and one made for another user, edge or round is refused.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from shared.errors import Forbidden
+from shared.http.credentials import ISSUER, Credential, CredentialError, Verifier, unb64url
+from shared.protocol.messages import RoundPlan
+
+TICKET_TYPE = "splitllm-ticket"
+
+
+def bound(plan: RoundPlan) -> dict[str, Any]:
+    """The plan's fields a ticket binds: those that decide what the device computes and sends."""
+    return {"round": plan.round_id, "mode": plan.mode.value, "steps": plan.local_steps, "batch": plan.batch_size,
+            "cut": plan.cut, "data": plan.data}
+
+
+def issue_ticket(credential: Credential, plan: RoundPlan, edge_id: str) -> dict[str, str]:
+    """The cloud's ticket for starting ``plan``'s user through ``edge_id``."""
+    if credential.key is None:
+        raise CredentialError("only a tier's credential, with its key, signs round tickets")
+    claims = {"iss": ISSUER, "aud": f"user:{plan.user_id}", "edge": edge_id, "iat": int(time.time()), **bound(plan)}
+    token = jwt.encode(claims, credential.key, algorithm="EdDSA", headers={"typ": TICKET_TYPE})
+    return {"certificate": credential.certificate, "token": token}
+
+
+def check_ticket(verifier: Verifier, ticket: Any, plan: RoundPlan, edge_id: str) -> None:
+    """Refuse (403) a start whose ticket is missing, not the cloud's, stale, or made for another start."""
+    if not isinstance(ticket, dict) or not isinstance(ticket.get("certificate"), str) \
+            or not isinstance(ticket.get("token"), str):
+        raise Forbidden("the start carries no ticket from the cloud: the cloud did not start this round "
+                        "(is the edge revoked?)")
+    try:
+        _, cert = verifier.certificate(ticket["certificate"], ("cloud",))
+        public = Ed25519PublicKey.from_public_bytes(unb64url(cert["cnf"]["x"]))
+        if jwt.get_unverified_header(ticket["token"]).get("typ") != TICKET_TYPE:  # no other token of the cloud's key
+            raise ValueError(f"its type is not {TICKET_TYPE}")
+        claims = jwt.decode(ticket["token"], public, algorithms=["EdDSA"], issuer=ISSUER,
+                            audience=f"user:{plan.user_id}", options={"require": ["iss", "aud", "iat"], "verify_iat": False})
+    except CredentialError as exc:
+        raise Forbidden(f"the start's ticket: {exc}") from None
+    except Exception as exc:  # a malformed key or token, a bad signature, another user's ticket
+        raise Forbidden(f"the start's ticket does not verify: {str(exc)[:120]}") from None
+    iat = claims["iat"]
+    if isinstance(iat, bool) or not isinstance(iat, (int, float)) or not abs(time.time() - iat) <= verifier.max_skew:
+        raise Forbidden(f"the start's ticket was not signed within {verifier.max_skew:.0f} s of now")
+    if claims.get("edge") != edge_id:
+        raise Forbidden(f"the start's ticket is for edge '{str(claims.get('edge'))[:64]}', not '{edge_id}'")
+    differ = [k for k, v in bound(plan).items() if k not in claims or claims[k] != v or type(claims[k]) is not type(v)]
+    if differ:
+        raise Forbidden(f"the start's plan differs from what the cloud signed in: {', '.join(differ)}")
+

@@ -1,0 +1,161 @@
+"""Round tickets (``shared.http.tickets``): a user takes a round's start only with the cloud's signed ticket for that
+very start, so an edge, revoked or not, cannot start rounds the cloud did not order. The checks one by one on real
+credentials; then the attacks through the in-process deployment's real HTTP code path (stack_helpers.py).
+Between real processes: test_services.py."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+
+from shared.errors import Forbidden
+from shared.http.credentials import Credential, Verifier, issue, load_private_key, load_public_key
+from shared.http.tickets import check_ticket, issue_ticket
+from shared.lab.credentials import Provisioned, provision
+from shared.protocol.enums import Mode, Tier
+from shared.protocol.messages import RoundPlan
+from shared.protocol.starts import UserStart
+from stack_helpers import Stack, bearer, inprocess_stack, wait_round
+
+
+@pytest.fixture(scope="module")
+def creds(tmp_path_factory: pytest.TempPathFactory) -> Provisioned:
+    return provision(tmp_path_factory.mktemp("tickets"), ["edge-0", "edge-1"], {"user-0": 0})
+
+
+def cred(creds: Provisioned, who: str) -> Credential:
+    return Credential.load(creds.credentials[who])
+
+
+def verifier(creds: Provisioned) -> Verifier:
+    return Verifier(load_public_key(str(creds.trust_key)), creds.deployment)
+
+
+PLAN = RoundPlan(round_id=4, user_id="user-0", local_steps=3, batch_size=8, lr=1e-3, cut=2)
+
+
+def refusal(creds: Provisioned, ticket: Any, plan: RoundPlan = PLAN, edge: str = "edge-0") -> str:
+    with pytest.raises(Forbidden) as caught:
+        check_ticket(verifier(creds), ticket, plan, edge)
+    return caught.value.reason
+
+
+def test_the_clouds_ticket_for_this_start_is_accepted(creds):
+    check_ticket(verifier(creds), issue_ticket(cred(creds, "cloud"), PLAN, "edge-0"), PLAN, "edge-0")
+    plain = dataclasses.replace(PLAN, cut=None, data=None, mode=Mode.EVAL)  # unset placement: null in the claims
+    check_ticket(verifier(creds), issue_ticket(cred(creds, "cloud"), plain, "edge-0"), plain, "edge-0")
+
+
+def test_a_missing_or_malformed_ticket_is_refused(creds):
+    for ticket in (None, {}, "a string", {"certificate": "x"}, {"certificate": 1, "token": "y"}):
+        assert "no ticket from the cloud" in refusal(creds, ticket), ticket
+    good = issue_ticket(cred(creds, "cloud"), PLAN, "edge-0")
+    assert "ticket" in refusal(creds, {**good, "certificate": "not.a.jwt"})
+    assert "does not verify" in refusal(creds, {**good, "token": good["token"][:-4] + "AAAA"})
+
+
+def test_only_the_clouds_own_credential_makes_a_ticket(creds, tmp_path):
+    """An edge signs a ticket with its own key (it holds no other): refused; so is another deployment's cloud, and a
+    ticket whose token the cloud's key did not sign under the cloud's certificate."""
+    assert "may not be used here" in refusal(creds, issue_ticket(cred(creds, "edge-0"), PLAN, "edge-0"))
+    other = provision(tmp_path / "other", [], {}, deployment="other")  # another deployment's key
+    assert "invalid credential" in refusal(creds, issue_ticket(cred(other, "cloud"), PLAN, "edge-0"))
+    key = load_private_key(creds.directory / "deployment.key")  # this key, another deployment's name
+    assert "for deployment 'other'" in refusal(creds, issue_ticket(issue(key, "other", "cloud", "cloud", 60), PLAN, "edge-0"))
+    edge_token = issue_ticket(cred(creds, "edge-0"), PLAN, "edge-0")["token"]
+    forged = {"certificate": cred(creds, "cloud").certificate, "token": edge_token}
+    assert "does not verify" in refusal(creds, forged)
+    claims = jwt.decode(issue_ticket(cred(creds, "cloud"), PLAN, "edge-0")["token"], options={"verify_signature": False})
+    untyped = jwt.encode(claims, cred(creds, "cloud").key, algorithm="EdDSA")  # the cloud's key, but no ticket's type
+    assert "its type is not splitllm-ticket" in refusal(creds, {**forged, "token": untyped})
+
+
+def test_a_ticket_made_for_another_start_is_refused(creds):
+    cloud = cred(creds, "cloud")
+    assert "for edge 'edge-0', not 'edge-1'" in refusal(creds, issue_ticket(cloud, PLAN, "edge-0"), edge="edge-1")
+    other_user = dataclasses.replace(PLAN, user_id="user-1")
+    assert "does not verify" in refusal(creds, issue_ticket(cloud, other_user, "edge-0"))  # its audience
+    changes = {"round": {"round_id": 5}, "mode": {"mode": Mode.EVAL}, "steps": {"local_steps": 300},
+               "batch": {"batch_size": 64}, "cut": {"cut": 0}, "data": {"data": "sms"}}
+    for claim, change in changes.items():
+        reason = refusal(creds, issue_ticket(cloud, PLAN, "edge-0"), dataclasses.replace(PLAN, **change))
+        assert reason.endswith(f"what the cloud signed in: {claim}"), (claim, reason)
+    unset = refusal(creds, issue_ticket(cloud, PLAN, "edge-0"), dataclasses.replace(PLAN, cut=None))
+    assert unset.endswith("signed in: cut"), unset
+
+
+def test_a_stale_ticket_is_refused(creds, monkeypatch):
+    import shared.http.tickets as tickets
+
+    now = tickets.time.time()
+    for skew in (-400, 400):  # signed 400 s ago, or 400 s ahead of this clock: outside the 300 s window
+        monkeypatch.setattr(tickets.time, "time", lambda s=skew: now + s)
+        ticket = issue_ticket(cred(creds, "cloud"), PLAN, "edge-0")
+        monkeypatch.setattr(tickets.time, "time", lambda: now)
+        assert "not signed within 300 s" in refusal(creds, ticket), skew
+
+
+def test_an_expired_cloud_certificate_makes_no_ticket(creds):
+    expired = issue(load_private_key(creds.directory / "deployment.key"), creds.deployment, "cloud", "cloud", -10)
+    assert "expired" in refusal(creds, issue_ticket(expired, PLAN, "edge-0"))
+
+
+# -- through the deployment's HTTP code path --------------------------------------------------------------------------
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    with inprocess_stack(tmp_path) as s:
+        yield s
+
+
+def run_round(stack: Stack) -> dict[str, Any]:
+    r = stack.clients["cloud"].post("/v1/rounds", json={"local_steps": 1, "evaluate": False},
+                                    headers=bearer(stack.admin))
+    assert r.status_code == 202, r.text
+    return wait_round(stack, r.json()["round_id"])
+
+
+def status(stack: Stack) -> dict[str, Any]:
+    r = stack.clients["user"].get("/v1/status", headers=bearer(stack.admin))
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_a_revoked_edge_cannot_start_its_users(stack, monkeypatch):
+    """The edge's credential is revoked at the cloud; the attacker holding the edge's server still signs starts as
+    the user's own edge. With no ticket, with the last round's ticket on a new round, or with one it signed itself,
+    the user refuses each (403) and says so in its status; it runs nothing. The cloud's own rounds run as before."""
+    view = run_round(stack)
+    assert view["state"] == "committed" and view["participants"] == ["user-0"], view
+    last = view["round_id"]
+    r = stack.clients["cloud"].post("/v1/credentials/revoke", json={"subject": "edge:edge-0"}, headers=bearer(stack.admin))
+    assert r.status_code == 200, r.text
+    jobs = dict(stack.user.jobs)
+    adapters = stack.cloud.coordinator.global_state[Tier.USER]
+    plan = stack.plan(last + 1)
+    stale = stack.ticket(stack.plan(last))  # the cloud's ticket for the round before: valid, but for another round
+    attempts = {
+        "no ticket": (None, "no ticket from the cloud"),
+        "the last round's ticket": (stale, "differs from what the cloud signed in: round"),
+        "one the edge signed": (issue_ticket(stack.credential("edge-0"), plan, "edge-0"), "may not be used here"),
+    }
+    for name, (ticket, reason) in attempts.items():
+        r = stack.post_msg("user", "start", UserStart(plan, adapters, ticket).to_message())
+        assert r.status_code == 403 and reason in r.json()["detail"], (name, r.status_code, r.text)
+        refused = status(stack)["refused_start"]
+        assert refused["round"] == last + 1 and refused["edge"] == "edge-0" and reason in refused["reason"], refused
+    assert dict(stack.user.jobs) == jobs, "a start without the cloud's ticket started the user"
+    monkeypatch.setattr(stack.user, "_run", lambda start, key: None)  # the control starts no training
+    r = stack.post_msg("user", "start", UserStart(plan, adapters, stack.ticket(plan)).to_message())
+    assert r.status_code == 202, r.text  # the control: the cloud's ticket for this start is taken
+
+
+def test_the_clouds_rounds_carry_tickets_the_users_accept(stack):
+    view = run_round(stack)
+    assert view["state"] == "committed" and view["metrics"]["dropped"] == [], view
+    assert status(stack)["refused_start"] is None
