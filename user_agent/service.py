@@ -83,7 +83,7 @@ class UserService(BackgroundStart):
             return
         plan = UserStart.from_message(msg).plan
         try:
-            check_ticket(self.security.verifier, msg.meta.get("ticket"), plan, edge_id)
+            check_ticket(self.security.verifier, msg.meta.get("ticket"), plan, edge_id, self.user_id)
         except Forbidden as exc:
             self.refused_start = {"round": plan.round_id, "mode": plan.mode.value, "edge": edge_id,
                                   "reason": exc.reason, "at": _now()}

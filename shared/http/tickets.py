@@ -30,6 +30,17 @@ def bound(plan: RoundPlan) -> dict[str, Any]:
             "cut": plan.cut, "data": plan.data}
 
 
+def fresh(iat: Any, skew: float) -> bool:
+    """Whether a ticket's ``iat`` is a number of seconds within ``skew`` of this clock (an int past a float's range
+    is not)."""
+    if isinstance(iat, bool) or not isinstance(iat, (int, float)):
+        return False
+    try:
+        return abs(time.time() - float(iat)) <= skew  # NaN: False
+    except OverflowError:
+        return False
+
+
 def issue_ticket(credential: Credential, plan: RoundPlan, edge_id: str) -> dict[str, str]:
     """The cloud's ticket for starting ``plan``'s user through ``edge_id``."""
     if credential.key is None:
@@ -39,8 +50,11 @@ def issue_ticket(credential: Credential, plan: RoundPlan, edge_id: str) -> dict[
     return {"certificate": credential.certificate, "token": token}
 
 
-def check_ticket(verifier: Verifier, ticket: Any, plan: RoundPlan, edge_id: str) -> None:
-    """Refuse (403) a start whose ticket is missing, not the cloud's, stale, or made for another start."""
+def check_ticket(verifier: Verifier, ticket: Any, plan: RoundPlan, edge_id: str, user_id: str) -> None:
+    """Refuse (403) a start at user ``user_id`` whose ticket is missing, not the cloud's, stale, or made for another
+    start (another user's among them: its edge holds the tickets of all its users)."""
+    if plan.user_id != user_id:
+        raise Forbidden(f"the start's plan is for user '{plan.user_id[:64]}', not for this user ('{user_id}')")
     if not isinstance(ticket, dict) or not isinstance(ticket.get("certificate"), str) \
             or not isinstance(ticket.get("token"), str):
         raise Forbidden("the start carries no ticket from the cloud: the cloud did not start this round "
@@ -51,13 +65,14 @@ def check_ticket(verifier: Verifier, ticket: Any, plan: RoundPlan, edge_id: str)
         if jwt.get_unverified_header(ticket["token"]).get("typ") != TICKET_TYPE:  # no other token of the cloud's key
             raise ValueError(f"its type is not {TICKET_TYPE}")
         claims = jwt.decode(ticket["token"], public, algorithms=["EdDSA"], issuer=ISSUER,
-                            audience=f"user:{plan.user_id}", options={"require": ["iss", "aud", "iat"], "verify_iat": False})
+                            audience=f"user:{user_id}", options={"require": ["iss", "aud", "iat"], "verify_iat": False})
     except CredentialError as exc:
         raise Forbidden(f"the start's ticket: {exc}") from None
     except Exception as exc:  # a malformed key or token, a bad signature, another user's ticket
         raise Forbidden(f"the start's ticket does not verify: {str(exc)[:120]}") from None
-    iat = claims["iat"]
-    if isinstance(iat, bool) or not isinstance(iat, (int, float)) or not abs(time.time() - iat) <= verifier.max_skew:
+    if claims["aud"] != f"user:{user_id}":  # PyJWT also takes a list that names it: a ticket names one user
+        raise Forbidden(f"the start's ticket is for '{str(claims['aud'])[:64]}', not for user:{user_id}")
+    if not fresh(claims["iat"], verifier.max_skew):
         raise Forbidden(f"the start's ticket was not signed within {verifier.max_skew:.0f} s of now")
     if claims.get("edge") != edge_id:
         raise Forbidden(f"the start's ticket is for edge '{str(claims.get('edge'))[:64]}', not '{edge_id}'")

@@ -41,14 +41,14 @@ PLAN = RoundPlan(round_id=4, user_id="user-0", local_steps=3, batch_size=8, lr=1
 
 def refusal(creds: Provisioned, ticket: Any, plan: RoundPlan = PLAN, edge: str = "edge-0") -> str:
     with pytest.raises(Forbidden) as caught:
-        check_ticket(verifier(creds), ticket, plan, edge)
+        check_ticket(verifier(creds), ticket, plan, edge, "user-0")
     return caught.value.reason
 
 
 def test_the_clouds_ticket_for_this_start_is_accepted(creds):
-    check_ticket(verifier(creds), issue_ticket(cred(creds, "cloud"), PLAN, "edge-0"), PLAN, "edge-0")
+    check_ticket(verifier(creds), issue_ticket(cred(creds, "cloud"), PLAN, "edge-0"), PLAN, "edge-0", "user-0")
     plain = dataclasses.replace(PLAN, cut=None, data=None, mode=Mode.EVAL)  # unset placement: null in the claims
-    check_ticket(verifier(creds), issue_ticket(cred(creds, "cloud"), plain, "edge-0"), plain, "edge-0")
+    check_ticket(verifier(creds), issue_ticket(cred(creds, "cloud"), plain, "edge-0"), plain, "edge-0", "user-0")
 
 
 def test_a_missing_or_malformed_ticket_is_refused(creds):
@@ -159,3 +159,39 @@ def test_the_clouds_rounds_carry_tickets_the_users_accept(stack):
     view = run_round(stack)
     assert view["state"] == "committed" and view["metrics"]["dropped"] == [], view
     assert status(stack)["refused_start"] is None
+
+
+def start_as_edge(stack: Stack, plan: RoundPlan, ticket: Any) -> Any:
+    """edge-0's signed start of ``plan`` at user-0 with ``ticket``."""
+    return stack.post_msg("user", "start", UserStart(plan, stack.cloud.coordinator.global_state[Tier.USER],
+                                                     ticket).to_message())
+
+
+def test_the_clouds_ticket_for_another_user_of_the_edge_is_refused(stack, monkeypatch):
+    """An edge holds the cloud's tickets for all its users. It sends user-0 the plan and ticket the cloud made for
+    user-1, whose placement (here cut 0) differs: user-0 would run no block at all and hand the edge its embeddings.
+    The ticket's audience is another user's: refused."""
+    monkeypatch.setattr(stack.user, "_run", lambda start, key: None)
+    jobs = dict(stack.user.jobs)
+    plan = dataclasses.replace(stack.plan(40, user="user-1"), cut=0)
+    r = start_as_edge(stack, plan, stack.ticket(plan))
+    assert r.status_code == 403 and "user-1" in r.json()["detail"], r.text
+    assert dict(stack.user.jobs) == jobs and status(stack)["refused_start"]["round"] == 40
+
+
+def cloud_signed(stack: Stack, plan: RoundPlan, **claims: Any) -> dict[str, str]:
+    """The cloud's ticket for ``plan`` with ``claims`` changed, signed by the cloud's key (as a faulty cloud would)."""
+    ticket = stack.ticket(plan)
+    payload = {**jwt.decode(ticket["token"], options={"verify_signature": False}), **claims}
+    token = jwt.encode(payload, stack.credential("cloud").key, algorithm="EdDSA", headers={"typ": "splitllm-ticket"})
+    return {**ticket, "token": token}
+
+
+def test_odd_claims_even_under_the_clouds_key_get_a_403_not_a_500(stack, monkeypatch):
+    """Only the cloud's key signs claims, but a user answers odd ones with a reason, never an internal error: an
+    `iat` past a float's range, or an audience that lists this user among others (the README: one string)."""
+    monkeypatch.setattr(stack.user, "_run", lambda start, key: None)
+    plan = stack.plan(40)
+    for claims in ({"iat": 10**400}, {"iat": "now"}, {"aud": ["user:user-0", "user:user-1"]}):
+        r = start_as_edge(stack, plan, cloud_signed(stack, plan, **claims))
+        assert r.status_code == 403, (claims, r.status_code, r.text)
