@@ -4,9 +4,11 @@ A user takes a round's start only from its own edge, but the edge's credential a
 any edge) start rounds the cloud never ordered: the user would go on sending it activations. So the cloud signs,
 for each user it starts, a ticket the edge relays unchanged in the user's start (``RoundStart.tickets`` ->
 ``UserStart.ticket``): ``{"certificate": the cloud's certificate, "token": a JWT, EdDSA, signed by the key that
-certificate binds}``. Its claims bind the round, the phase, the user (``aud``: ``user:<id>``), the edge, the time,
-and what the plan asks of the device: its steps, batch, cut and task. The user checks it with the deployment's
-trust key alone, so an edge cannot make one, and one made for another user, edge or round is refused.
+certificate binds}``. Its claims bind the user (``aud``: ``user:<id>``), the edge, the time, and the whole plan the
+device is to run (``plan``): not only its round, phase, steps, batch, cut and task, but its algorithm, config and
+extras too, which decide the blocks a step runs (DropPEFT's ratio, DevFT's stage), and its seed, the rows and masks
+drawn. The user checks it with the deployment's trust key alone, so an edge cannot make one, and one made for
+another user, edge, round or plan is refused.
 """
 
 from __future__ import annotations
@@ -17,17 +19,33 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from shared.errors import Forbidden
+from shared.errors import Forbidden, InvalidInput
 from shared.http.credentials import ISSUER, Credential, CredentialError, Verifier, unb64url
 from shared.protocol.messages import RoundPlan
 
 TICKET_TYPE = "splitllm-ticket"
 
 
-def bound(plan: RoundPlan) -> dict[str, Any]:
-    """The plan's fields a ticket binds: those that decide what the device computes and sends."""
-    return {"round": plan.round_id, "mode": plan.mode.value, "steps": plan.local_steps, "batch": plan.batch_size,
-            "cut": plan.cut, "data": plan.data}
+def same(a: Any, b: Any) -> bool:
+    """Equal as JSON values, types and all, at every depth: ``true`` is not 1, nor 1 the float 1.0."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(v, b[k]) for k, v in a.items())
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(same, a, b))
+    return bool(a == b)
+
+
+def plan_differences(claim: Any, plan: RoundPlan) -> list[str]:
+    """The fields in which the start's plan differs from the plan the cloud signed, each read as the user reads a
+    plan (``RoundPlan.from_meta``: a field left out is its default, ``lr`` a float)."""
+    try:
+        signed = RoundPlan.from_meta(claim).to_meta()
+    except InvalidInput as exc:
+        raise Forbidden(f"the start's ticket carries no valid plan: {exc.reason}") from None
+    sent = plan.to_meta()
+    return [k for k in sorted(signed.keys() | sent.keys()) if k not in signed or k not in sent or not same(signed[k], sent[k])]
 
 
 def fresh(iat: Any, skew: float) -> bool:
@@ -45,7 +63,8 @@ def issue_ticket(credential: Credential, plan: RoundPlan, edge_id: str) -> dict[
     """The cloud's ticket for starting ``plan``'s user through ``edge_id``."""
     if credential.key is None:
         raise CredentialError("only a tier's credential, with its key, signs round tickets")
-    claims = {"iss": ISSUER, "aud": f"user:{plan.user_id}", "edge": edge_id, "iat": int(time.time()), **bound(plan)}
+    claims = {"iss": ISSUER, "aud": f"user:{plan.user_id}", "edge": edge_id, "iat": int(time.time()),
+              "plan": plan.to_meta()}
     token = jwt.encode(claims, credential.key, algorithm="EdDSA", headers={"typ": TICKET_TYPE})
     return {"certificate": credential.certificate, "token": token}
 
@@ -76,7 +95,7 @@ def check_ticket(verifier: Verifier, ticket: Any, plan: RoundPlan, edge_id: str,
         raise Forbidden(f"the start's ticket was not signed within {verifier.max_skew:.0f} s of now")
     if claims.get("edge") != edge_id:
         raise Forbidden(f"the start's ticket is for edge '{str(claims.get('edge'))[:64]}', not '{edge_id}'")
-    differ = [k for k, v in bound(plan).items() if k not in claims or claims[k] != v or type(claims[k]) is not type(v)]
+    differ = plan_differences(claims.get("plan"), plan)
     if differ:
         raise Forbidden(f"the start's plan differs from what the cloud signed in: {', '.join(differ)}")
 

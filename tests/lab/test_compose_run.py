@@ -55,10 +55,8 @@ def test_a_round_commits_with_the_simulators_per_hop_bytes(deployment) -> None:
                                round=RoundConfig(**ROUND), baseline_eval=False))
     row = sim.run()[0]
     # the same bytes, and the cloud's tickets down each hop (the simulator has no credentials: it sends none)
-    config = RoundConfig(**ROUND)
-    tickets = ticket_bytes(Credential.load(CREDENTIALS / "cloud.json"), view["round_id"],
-                           {"edge-0": ["user-0", "user-2"], "edge-1": ["user-1", "user-3"]},
-                           config.local_steps, config.batch_size)
+    tickets = ticket_bytes(Credential.load(CREDENTIALS / "cloud.json"), view,
+                           {"edge-0": ["user-0", "user-2"], "edge-1": ["user-1", "user-3"]}, seed=0)
     assert view["metrics"]["bytes"] == {hop: {"up": row["bytes"][mine]["up"], "down": row["bytes"][mine]["down"] + tickets[hop]}
                                         for hop, mine in (("user_edge", "user"), ("edge_cloud", "edge"))}
 

@@ -72,7 +72,7 @@ def test_http_rounds_equal_the_simulator(cluster):
     # every message of a round, training and evaluation, counted on each hop: the same bytes as in-process, and the
     # cloud's tickets (user i behind edge i % 2)
     by_edge = {"edge-0": ["user-0", "user-2"], "edge-1": ["user-1", "user-3"]}
-    tickets = [ticket_bytes(credential(cluster, "cloud"), v["round_id"], by_edge, 3, 4) for v in views]
+    tickets = [ticket_bytes(credential(cluster, "cloud"), v, by_edge, seed=7) for v in views]
     assert [v["metrics"]["bytes"] for v in views] == [hop_bytes(r, t) for r, t in zip(rows, tickets)]
     for tier, state in sim.coordinator.global_state.items():
         assert set(served[tier]) == set(state)

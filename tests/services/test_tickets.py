@@ -80,11 +80,10 @@ def test_a_ticket_made_for_another_start_is_refused(creds):
     assert "for edge 'edge-0', not 'edge-1'" in refusal(creds, issue_ticket(cloud, PLAN, "edge-0"), edge="edge-1")
     other_user = dataclasses.replace(PLAN, user_id="user-1")
     assert "does not verify" in refusal(creds, issue_ticket(cloud, other_user, "edge-0"))  # its audience
-    changes = {"round": {"round_id": 5}, "mode": {"mode": Mode.EVAL}, "steps": {"local_steps": 300},
-               "batch": {"batch_size": 64}, "cut": {"cut": 0}, "data": {"data": "sms"}}
-    for claim, change in changes.items():
-        reason = refusal(creds, issue_ticket(cloud, PLAN, "edge-0"), dataclasses.replace(PLAN, **change))
-        assert reason.endswith(f"what the cloud signed in: {claim}"), (claim, reason)
+    changes = {"round_id": 5, "mode": Mode.EVAL, "local_steps": 300, "batch_size": 64, "cut": 0, "data": "sms"}
+    for name, value in changes.items():
+        reason = refusal(creds, issue_ticket(cloud, PLAN, "edge-0"), dataclasses.replace(PLAN, **{name: value}))
+        assert reason.endswith(f"what the cloud signed in: {name}"), (name, reason)
     unset = refusal(creds, issue_ticket(cloud, PLAN, "edge-0"), dataclasses.replace(PLAN, cut=None))
     assert unset.endswith("signed in: cut"), unset
 
@@ -113,8 +112,8 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         yield s
 
 
-def run_round(stack: Stack) -> dict[str, Any]:
-    r = stack.clients["cloud"].post("/v1/rounds", json={"local_steps": 1, "evaluate": False},
+def run_round(stack: Stack, **request: Any) -> dict[str, Any]:
+    r = stack.clients["cloud"].post("/v1/rounds", json={"local_steps": 1, "evaluate": False, **request},
                                     headers=bearer(stack.admin))
     assert r.status_code == 202, r.text
     return wait_round(stack, r.json()["round_id"])
@@ -141,7 +140,7 @@ def test_a_revoked_edge_cannot_start_its_users(stack, monkeypatch):
     stale = stack.ticket(stack.plan(last))  # the cloud's ticket for the round before: valid, but for another round
     attempts = {
         "no ticket": (None, "no ticket from the cloud"),
-        "the last round's ticket": (stale, "differs from what the cloud signed in: round"),
+        "the last round's ticket": (stale, "differs from what the cloud signed in: round_id"),
         "one the edge signed": (issue_ticket(stack.credential("edge-0"), plan, "edge-0"), "may not be used here"),
     }
     for name, (ticket, reason) in attempts.items():
@@ -155,10 +154,15 @@ def test_a_revoked_edge_cannot_start_its_users(stack, monkeypatch):
     assert r.status_code == 202, r.text  # the control: the cloud's ticket for this start is taken
 
 
-def test_the_clouds_rounds_carry_tickets_the_users_accept(stack):
-    view = run_round(stack)
+@pytest.mark.parametrize("request_", [{}, {"local_steps": 2, "micro_batches": 2, "lr": 0.01, "evaluate": True,
+                                          "algorithm": "droppeft", "config": {"ratio": 0.3, "skip": "independent"}}])
+def test_the_clouds_rounds_carry_tickets_the_users_accept(stack, request_):
+    """Plain rounds, and a round whose plans carry every field (an algorithm's config and per-user extras from its
+    bandit, micro-batches, an evaluation phase): the user takes each start, as the cloud signed it."""
+    view = run_round(stack, **request_)
     assert view["state"] == "committed" and view["metrics"]["dropped"] == [], view
     assert status(stack)["refused_start"] is None
+    assert ("eval_loss" in view["metrics"]) is bool(request_), view["metrics"]
 
 
 def start_as_edge(stack: Stack, plan: RoundPlan, ticket: Any) -> Any:
@@ -179,9 +183,36 @@ def test_the_clouds_ticket_for_another_user_of_the_edge_is_refused(stack, monkey
     assert dict(stack.user.jobs) == jobs and status(stack)["refused_start"]["round"] == 40
 
 
-def cloud_signed(stack: Stack, plan: RoundPlan, **claims: Any) -> dict[str, str]:
-    """The cloud's ticket for ``plan`` with ``claims`` changed, signed by the cloud's key (as a faulty cloud would)."""
-    ticket = stack.ticket(plan)
+# what an edge could change in a plan; the cloud's ticket binds every field (algorithm, config and extra decide the
+# blocks a step runs: DropPEFT's ratio or DevFT's layers skip the device's blocks; the seed, the rows and masks drawn)
+CHANGES = {"round_id": 41, "mode": Mode.EVAL, "local_steps": 300, "batch_size": 64, "cut": 0, "data": "sms",
+           "lr": 1e-6, "seed": 99, "algorithm": "droppeft", "config": {"ratio": 0.9, "max_layer_ratio": 0.99},
+           "extra": {"ratio": 100.0}, "rank": 1, "micro_batches": 2}
+
+
+@pytest.mark.parametrize("field", sorted(CHANGES))
+def test_a_start_whose_plan_differs_from_the_signed_one_in_any_field_is_refused(stack, monkeypatch, field):
+    monkeypatch.setattr(stack.user, "_run", lambda start, key: None)
+    signed = stack.plan(40)
+    r = start_as_edge(stack, dataclasses.replace(signed, **{field: CHANGES[field]}), stack.ticket(signed))
+    assert r.status_code == 403 and "differs from what the cloud signed" in r.json()["detail"], (field, r.text)
+    assert str(40) not in str(stack.user.jobs), stack.user.jobs
+
+
+@pytest.mark.parametrize(("signed", "sent"), [({"config": {"a": True}}, {"config": {"a": 1}}),
+                                              ({"config": {"a": [1]}}, {"config": {"a": [1.0]}}),
+                                              ({"extra": {"a": {"b": False}}}, {"extra": {"a": {"b": 0}}})])
+def test_a_plans_maps_must_match_with_their_json_types(stack, monkeypatch, signed, sent):
+    """The signed plan says true, an integer or false where the start has 1, a float or 0 (equal in Python): refused."""
+    monkeypatch.setattr(stack.user, "_run", lambda start, key: None)
+    plan = dataclasses.replace(stack.plan(40), **signed)
+    r = start_as_edge(stack, dataclasses.replace(plan, **sent), stack.ticket(plan))
+    assert r.status_code == 403 and "differs from what the cloud signed" in r.json()["detail"], (sent, r.text)
+
+
+def cloud_signed(stack: Stack, start: RoundPlan, claims: dict[str, Any]) -> dict[str, str]:
+    """The cloud's ticket for ``start`` with ``claims`` changed, signed by the cloud's key (as a faulty cloud would)."""
+    ticket = stack.ticket(start)
     payload = {**jwt.decode(ticket["token"], options={"verify_signature": False}), **claims}
     token = jwt.encode(payload, stack.credential("cloud").key, algorithm="EdDSA", headers={"typ": "splitllm-ticket"})
     return {**ticket, "token": token}
@@ -189,9 +220,11 @@ def cloud_signed(stack: Stack, plan: RoundPlan, **claims: Any) -> dict[str, str]
 
 def test_odd_claims_even_under_the_clouds_key_get_a_403_not_a_500(stack, monkeypatch):
     """Only the cloud's key signs claims, but a user answers odd ones with a reason, never an internal error: an
-    `iat` past a float's range, or an audience that lists this user among others (the README: one string)."""
+    `iat` past a float's range, an audience that lists this user among others (the README: one string), no plan or
+    one that is not a plan."""
     monkeypatch.setattr(stack.user, "_run", lambda start, key: None)
     plan = stack.plan(40)
-    for claims in ({"iat": 10**400}, {"iat": "now"}, {"aud": ["user:user-0", "user:user-1"]}):
-        r = start_as_edge(stack, plan, cloud_signed(stack, plan, **claims))
+    for claims in ({"iat": 10**400}, {"iat": "now"}, {"aud": ["user:user-0", "user:user-1"]}, {"plan": None},
+                   {"plan": {**plan.to_meta(), "seed": True}}):
+        r = start_as_edge(stack, plan, cloud_signed(stack, plan, claims))
         assert r.status_code == 403, (claims, r.status_code, r.text)
