@@ -4,6 +4,7 @@ bad input gets a 4xx, and one process's credential cannot take over another's id
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import httpx
@@ -190,3 +191,28 @@ def test_an_edge_cannot_start_a_round_the_cloud_did_not(cluster):
         assert str(10**6) not in str(status["jobs"]), status
     view = cluster.wait_round(cluster.start_round({"evaluate": False}))
     assert view["state"] == "committed" and view["metrics"]["dropped"] == [], view
+
+
+def test_a_user_that_moved_to_another_edge_takes_the_clouds_tickets_for_its_new_edge_only(cluster):
+    """user-3 restarts behind edge-0 instead of edge-1: the cloud's next rounds, training and evaluation, start it
+    through edge-0 with tickets naming edge-0, which it takes. Its old edge, holding a ticket the cloud had made for
+    it there (as before the move), can no longer start it."""
+    from shared.http.tickets import issue_ticket
+    from shared.protocol.messages import RoundPlan
+    from shared.protocol.starts import UserStart
+
+    user = cluster.procs["user-3"]
+    user.kill(signal.SIGTERM)
+    user.args[user.args.index("--edge") + 1] = cluster.procs["edge-0"].url
+    user.start(cluster.env)
+    user.wait_healthy()
+    view = cluster.wait_round(cluster.start_round({}))
+    assert view["state"] == "committed" and view["metrics"]["dropped"] == [] and "eval_loss" in view["metrics"], view
+    assert sorted(view["participants"]) == [f"user-{i}" for i in range(cluster.users)], view
+    status = httpx.get(f"{user.url}/v1/status", headers=cluster.admin_headers, timeout=30).json()
+    assert status["refused_start"] is None and f"{view['round_id']}:eval" in status["jobs"], status
+    plan = RoundPlan(round_id=view["round_id"] + 1, user_id="user-3", local_steps=3, batch_size=4, lr=1e-3)
+    body = encode(UserStart(plan, {}, issue_ticket(credential(cluster, "cloud"), plan, "edge-1")).to_message())
+    headers = {"content-type": CONTENT_TYPE, **credential(cluster, "edge-1").sign("POST", "/v1/start", "user:user-3", body)}
+    r = httpx.post(f"{user.url}/v1/start", content=body, headers=headers, timeout=30)
+    assert r.status_code == 403 and "is not this user's edge ('edge-0')" in r.json()["detail"], r.text
