@@ -20,7 +20,7 @@ from shared.lab.credentials import Provisioned, provision
 from shared.protocol.enums import Mode, Tier
 from shared.protocol.messages import RoundPlan
 from shared.protocol.starts import UserStart
-from stack_helpers import Stack, bearer, inprocess_stack, wait_round
+from stack_helpers import Stack, bearer, inprocess_stack, run_round
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +111,6 @@ def test_an_expired_cloud_certificate_makes_no_ticket(creds):
 def stack(tmp_path: Path) -> Iterator[Stack]:
     with inprocess_stack(tmp_path) as s:
         yield s
-
-
-def run_round(stack: Stack) -> dict[str, Any]:
-    r = stack.clients["cloud"].post("/v1/rounds", json={"local_steps": 1, "evaluate": False},
-                                    headers=bearer(stack.admin))
-    assert r.status_code == 202, r.text
-    return wait_round(stack, r.json()["round_id"])
 
 
 def status(stack: Stack) -> dict[str, Any]:
