@@ -143,6 +143,7 @@ def test_a_revoked_edge_cannot_start_its_users(stack, monkeypatch):
         refused = status(stack)["refused_start"]
         assert refused["round"] == last + 1 and refused["edge"] == "edge-0" and reason in refused["reason"], refused
     assert dict(stack.user.jobs) == jobs, "a start without the cloud's ticket started the user"
+    assert "splitllm_refused_starts_total 3" in stack.clients["user"].get("/metrics").text
     monkeypatch.setattr(stack.user, "_run", lambda start, key: None)  # the control starts no training
     r = stack.post_msg("user", "start", UserStart(plan, adapters, stack.ticket(plan)).to_message())
     assert r.status_code == 202, r.text  # the control: the cloud's ticket for this start is taken
