@@ -72,6 +72,7 @@ class UserService(BackgroundStart):
         self.placement: dict[str, Any] = {}  # what the cloud assigned at registration: data, cut, rank
         self.edge_contact = EdgeContact()  # what the heartbeat last heard from the edge
         self.refused_start: dict[str, Any] | None = None  # the last start refused for its ticket, for /v1/status
+        self.refused_starts = 0  # how many, for /metrics
         self._refusals = Throttled(logger=log)
         super().__init__()
 
@@ -85,6 +86,7 @@ class UserService(BackgroundStart):
         try:
             check_ticket(self.security.verifier, msg.meta.get("ticket"), plan, edge_id, self.user_id)
         except Forbidden as exc:
+            self.refused_starts += 1
             self.refused_start = {"round": plan.round_id, "mode": plan.mode.value, "edge": edge_id,
                                   "reason": exc.reason, "at": _now()}
             self._refusals.warn("refused edge %s's start of round %s (%s): %s", edge_id, plan.round_id,

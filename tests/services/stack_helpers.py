@@ -307,6 +307,14 @@ def wait_round(stack: Stack, round_id: int, timeout: float = 60.0, durable: bool
     raise TimeoutError(f"round {round_id} still {view['state']} after {timeout}s")
 
 
+def run_round(stack: Stack, **request: Any) -> dict[str, Any]:
+    """One training round of one step (unless ``request`` says otherwise), started by the admin, to its final view."""
+    r = stack.clients["cloud"].post("/v1/rounds", json={"local_steps": 1, "evaluate": False, **request},
+                                    headers=bearer(stack.admin))
+    assert r.status_code == 202, r.text
+    return wait_round(stack, r.json()["round_id"])
+
+
 @contextlib.contextmanager
 def waiting_round(stack: Stack, deadline: float = 2.0) -> Iterator[int]:
     """A round the cloud is collecting reports for: the edge started it, its user never trains.

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from shared.http.credentials import Credential
-from stack_helpers import AUDIENCES, Stack, bearer, inprocess_stack, wait_round
+from stack_helpers import AUDIENCES, Stack, bearer, inprocess_stack, run_round
 
 ATTACKER = "http://attacker.test:8200"
 
@@ -60,13 +60,6 @@ def reregister_edge(stack: Stack) -> httpx.Response:
     link = stack.cloud.coordinator.edges["edge-0"]
     link.client = stack.link_client("edge", link.auth)
     return r
-
-
-def run_round(stack: Stack) -> dict[str, Any]:
-    r = stack.clients["cloud"].post("/v1/rounds", json={"local_steps": 1, "evaluate": False},
-                                    headers=bearer(stack.admin))
-    assert r.status_code == 202, r.text
-    return wait_round(stack, r.json()["round_id"])
 
 
 def assert_trains(stack: Stack) -> None:

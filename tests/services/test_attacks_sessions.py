@@ -19,7 +19,7 @@ from shared.http.credentials import Credential
 from shared.protocol.enums import Mode
 from shared.protocol.messages import Update
 from shared.protocol.wire import CONTENT_TYPE, encode
-from stack_helpers import Stack, bearer, inprocess_stack, wait_round
+from stack_helpers import Stack, bearer, inprocess_stack, run_round
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +101,6 @@ def revoke(stack: Stack, **what: str) -> dict[str, Any]:
     r = stack.clients["cloud"].post("/v1/credentials/revoke", json=what, headers=bearer(stack.admin))
     assert r.status_code == 200, r.text
     return r.json()
-
-
-def run_round(stack: Stack) -> dict[str, Any]:
-    r = stack.clients["cloud"].post("/v1/rounds", json={"local_steps": 1, "evaluate": False},
-                                    headers=bearer(stack.admin))
-    assert r.status_code == 202, r.text
-    return wait_round(stack, r.json()["round_id"])
 
 
 def test_revocation_the_cloud_refuses_at_once_and_the_edge_from_its_next_round(stack):

@@ -20,7 +20,7 @@ from shared.lab.credentials import Provisioned, provision
 from shared.protocol.enums import Mode, Tier
 from shared.protocol.messages import RoundPlan
 from shared.protocol.starts import UserStart
-from stack_helpers import Stack, bearer, inprocess_stack, wait_round
+from stack_helpers import Stack, bearer, inprocess_stack, run_round
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +112,6 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         yield s
 
 
-def run_round(stack: Stack, **request: Any) -> dict[str, Any]:
-    r = stack.clients["cloud"].post("/v1/rounds", json={"local_steps": 1, "evaluate": False, **request},
-                                    headers=bearer(stack.admin))
-    assert r.status_code == 202, r.text
-    return wait_round(stack, r.json()["round_id"])
-
-
 def status(stack: Stack) -> dict[str, Any]:
     r = stack.clients["user"].get("/v1/status", headers=bearer(stack.admin))
     assert r.status_code == 200, r.text
@@ -149,6 +142,7 @@ def test_a_revoked_edge_cannot_start_its_users(stack, monkeypatch):
         refused = status(stack)["refused_start"]
         assert refused["round"] == last + 1 and refused["edge"] == "edge-0" and reason in refused["reason"], refused
     assert dict(stack.user.jobs) == jobs, "a start without the cloud's ticket started the user"
+    assert "splitllm_refused_starts_total 3" in stack.clients["user"].get("/metrics").text
     monkeypatch.setattr(stack.user, "_run", lambda start, key: None)  # the control starts no training
     r = stack.post_msg("user", "start", UserStart(plan, adapters, stack.ticket(plan)).to_message())
     assert r.status_code == 202, r.text  # the control: the cloud's ticket for this start is taken
