@@ -44,8 +44,9 @@ def plan_differences(claim: Any, plan: RoundPlan) -> list[str]:
         signed = RoundPlan.from_meta(claim).to_meta()
     except InvalidInput as exc:
         raise Forbidden(f"the start's ticket carries no valid plan: {exc.reason}") from None
-    sent = plan.to_meta()
-    return [k for k in sorted(signed.keys() | sent.keys()) if k not in signed or k not in sent or not same(signed[k], sent[k])]
+    sent = plan.to_meta()  # each side leaves out the same defaults: a field on one side only differs
+    return [k for k in sorted(signed.keys() | sent.keys())
+            if k not in signed or k not in sent or not same(signed[k], sent[k])]
 
 
 def fresh(iat: Any, skew: float) -> bool:

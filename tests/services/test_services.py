@@ -213,6 +213,6 @@ def test_a_user_that_moved_to_another_edge_takes_the_clouds_tickets_for_its_new_
     assert status["refused_start"] is None and f"{view['round_id']}:eval" in status["jobs"], status
     plan = RoundPlan(round_id=view["round_id"] + 1, user_id="user-3", local_steps=3, batch_size=4, lr=1e-3)
     body = encode(UserStart(plan, {}, issue_ticket(credential(cluster, "cloud"), plan, "edge-1")).to_message())
-    headers = {"content-type": CONTENT_TYPE, **credential(cluster, "edge-1").sign("POST", "/v1/start", "user:user-3", body)}
-    r = httpx.post(f"{user.url}/v1/start", content=body, headers=headers, timeout=30)
+    signed = credential(cluster, "edge-1").sign("POST", "/v1/start", "user:user-3", body)
+    r = httpx.post(f"{user.url}/v1/start", content=body, headers={"content-type": CONTENT_TYPE, **signed}, timeout=30)
     assert r.status_code == 403 and "is not this user's edge ('edge-0')" in r.json()["detail"], r.text
