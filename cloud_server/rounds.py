@@ -71,7 +71,7 @@ class Coordinator(Topology):
         self._started: dict[tuple[int, Mode], dict[str, set[str]]] = {}  # the users each edge was started with
         self._arrived: dict[tuple[int, Mode, str], Report] = {}  # accepted, waiting for ``after_update``
         self._running: tuple[int, Strategy, AdapterBundle] | None = None  # the round in progress, its base state
-        self.start_security: Callable[[list[RoundPlan], str], dict[str, Any]] | None = None  # revoked, tickets
+        self.start_security: Callable[[list[RoundPlan], str, float], dict[str, Any]] | None = None  # revoked, tickets
 
     def _deployment(self, user_id: str) -> str:
         return self.deployment_of(user_id) if len(self.runtimes) > 1 else self.default_deployment
@@ -327,6 +327,7 @@ class Coordinator(Topology):
                                   for tier in (Tier.USER, Tier.EDGE)})
         req = record.request
         codec = self.runtime.policy(Hop.EDGE_CLOUD).downloads
+        timeout = min(req.deadline + self.grace, self.round_timeout) if req.deadline else self.round_timeout
 
         def start_edge(edge_id: str) -> str | None:
             """Start one edge with its own deployment's adapters; why not, if it could not be started."""
@@ -335,7 +336,7 @@ class Coordinator(Topology):
             start = RoundStart(edge_plans, own, deadline=req.deadline, clip_norm=req.clip_norm, trim=req.trim,
                                clip_factor=req.clip_factor, aggregator=req.aggregator,
                                weights={p.user_id: weights[p.user_id] for p in edge_plans},
-                               **(self.start_security(edge_plans, edge_id) if self.start_security else {}))
+                               **(self.start_security(edge_plans, edge_id, timeout) if self.start_security else {}))
             try:
                 self.edges[edge_id].request("start", start.to_message(codec))
                 return None
@@ -347,7 +348,6 @@ class Coordinator(Topology):
                 outcome = dict(zip(sorted(by_edge), pool.map(start_edge, sorted(by_edge))))
             started = [e for e, why in outcome.items() if why is None]
             errors = {e: why for e, why in outcome.items() if why is not None}
-            timeout = min(req.deadline + self.grace, self.round_timeout) if req.deadline else self.round_timeout
             with self._cond:
                 self._cond.wait_for(
                     lambda: all(e in self._reports[key] for e in started) or record.round_id in self._cancelled,

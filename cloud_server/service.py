@@ -82,13 +82,15 @@ class CloudService:
         self.worker.start()
         self.counters = {"steps": 0, "updates": 0}
 
-    def start_security(self, plans: list[RoundPlan], edge_id: str) -> dict[str, Any]:
+    def start_security(self, plans: list[RoundPlan], edge_id: str, lifetime: float) -> dict[str, Any]:
         """What an edge's start carries for its security: the revoked credentials (none: nothing said), and for each
-        user the cloud's ticket for this start, which the user checks (its edge cannot make one)."""
+        user the cloud's ticket for this start, which the user checks (its edge cannot make one), valid as long as
+        the cloud waits for this phase's reports."""
         revoked = self.revocations.to_meta()
         credential = self.security.identity.credential
-        return {"revoked": revoked if any(revoked.values()) else None,
-                "tickets": None if credential is None else {p.user_id: issue_ticket(credential, p, edge_id) for p in plans}}
+        tickets = None if credential is None else {p.user_id: issue_ticket(credential, p, edge_id, lifetime)
+                                                   for p in plans}
+        return {"revoked": revoked if any(revoked.values()) else None, "tickets": tickets}
 
     def edge_link(self, edge_id: str, url: str, link_profile: str = "none", link_rate_shaped: bool = False) -> HttpLink:
         return HttpLink(url, upward=False, timeout=self.settings.request_timeout,

@@ -19,7 +19,7 @@ def ticket_bytes(credential: Any, view: dict[str, Any], users_by_edge: dict[str,
     edge's start carries its users' ``tickets``, each user's start its own ``ticket``. The simulator sends none. A
     ticket holds the user's plan, made here as the cloud makes it from the round's request (``view``, a round of a
     plug-in without per-user extras, every user at the deployment's placement) and the cloud's ``seed``; its length
-    is fixed by those and the cloud's certificate (``iat`` has 10 digits until 2286)."""
+    is fixed by those and the cloud's certificate (``iat`` and ``exp`` have 10 digits until 2286)."""
     import msgpack
 
     from shared.http.tickets import issue_ticket

@@ -13,6 +13,7 @@ another user, edge, round or plan is refused.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -20,7 +21,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shared.errors import Forbidden, InvalidInput
-from shared.http.credentials import ISSUER, Credential, CredentialError, Verifier, unb64url
+from shared.http.credentials import ISSUER, MAX_SKEW, Credential, CredentialError, Verifier, unb64url
 from shared.protocol.messages import RoundPlan
 
 TICKET_TYPE = "splitllm-ticket"
@@ -49,23 +50,33 @@ def plan_differences(claim: Any, plan: RoundPlan) -> list[str]:
             if k not in signed or k not in sent or not same(signed[k], sent[k])]
 
 
-def fresh(iat: Any, skew: float) -> bool:
-    """Whether a ticket's ``iat`` is a number of seconds within ``skew`` of this clock (an int past a float's range
-    is not)."""
-    if isinstance(iat, bool) or not isinstance(iat, (int, float)):
-        return False
+def seconds(value: Any) -> float | None:
+    """A claim's unix time as a float; None if it is not a number of seconds (NaN, an int past a float's range)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
     try:
-        return abs(time.time() - float(iat)) <= skew  # NaN: False
+        value = float(value)
     except OverflowError:
-        return False
+        return None
+    return value if math.isfinite(value) else None
 
 
-def issue_ticket(credential: Credential, plan: RoundPlan, edge_id: str) -> dict[str, str]:
-    """The cloud's ticket for starting ``plan``'s user through ``edge_id``."""
+def valid_now(iat: Any, exp: Any, skew: float) -> bool:
+    """Whether a ticket signed at ``iat`` and valid until ``exp`` holds now, with ``skew`` seconds either way for the
+    clocks' difference."""
+    signed, until, now = seconds(iat), seconds(exp), time.time()
+    return signed is not None and until is not None and signed - skew <= now <= until + skew
+
+
+def issue_ticket(credential: Credential, plan: RoundPlan, edge_id: str, lifetime: float = MAX_SKEW) -> dict[str, str]:
+    """The cloud's ticket for starting ``plan``'s user through ``edge_id``, valid ``lifetime`` seconds (at least
+    ``MAX_SKEW``): the cloud gives it as long as it waits for the phase's reports, so that an edge starting many users,
+    some of them slow or unreachable, still starts the last of them in time."""
     if credential.key is None:
         raise CredentialError("only a tier's credential, with its key, signs round tickets")
-    claims = {"iss": ISSUER, "aud": f"user:{plan.user_id}", "edge": edge_id, "iat": int(time.time()),
-              "plan": plan.to_meta()}
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": f"user:{plan.user_id}", "edge": edge_id, "iat": now,
+              "exp": now + math.ceil(max(lifetime, MAX_SKEW)), "plan": plan.to_meta()}
     token = jwt.encode(claims, credential.key, algorithm="EdDSA", headers={"typ": TICKET_TYPE})
     return {"certificate": credential.certificate, "token": token}
 
@@ -84,16 +95,17 @@ def check_ticket(verifier: Verifier, ticket: Any, plan: RoundPlan, edge_id: str,
         public = Ed25519PublicKey.from_public_bytes(unb64url(cert["cnf"]["x"]))
         if jwt.get_unverified_header(ticket["token"]).get("typ") != TICKET_TYPE:  # no other token of the cloud's key
             raise ValueError(f"its type is not {TICKET_TYPE}")
-        claims = jwt.decode(ticket["token"], public, algorithms=["EdDSA"], issuer=ISSUER,
-                            audience=f"user:{user_id}", options={"require": ["iss", "aud", "iat"], "verify_iat": False})
+        claims = jwt.decode(ticket["token"], public, algorithms=["EdDSA"], issuer=ISSUER, audience=f"user:{user_id}",
+                            options={"require": ["iss", "aud", "iat", "exp"], "verify_iat": False, "verify_exp": False})
     except CredentialError as exc:
         raise Forbidden(f"the start's ticket: {exc}") from None
     except Exception as exc:  # a malformed key or token, a bad signature, another user's ticket
         raise Forbidden(f"the start's ticket does not verify: {str(exc)[:120]}") from None
     if claims["aud"] != f"user:{user_id}":  # PyJWT also takes a list that names it: a ticket names one user
         raise Forbidden(f"the start's ticket is for '{str(claims['aud'])[:64]}', not for user:{user_id}")
-    if not fresh(claims["iat"], verifier.max_skew):
-        raise Forbidden(f"the start's ticket was not signed within {verifier.max_skew:.0f} s of now")
+    if not valid_now(claims["iat"], claims["exp"], verifier.max_skew):
+        raise Forbidden(f"the start's ticket is not valid now (signed at {str(claims['iat'])[:24]}, valid until "
+                        f"{str(claims['exp'])[:24]}, {verifier.max_skew:.0f} s either way for the clocks)")
     if claims.get("edge") != edge_id:
         raise Forbidden(f"the start's ticket is for edge '{str(claims.get('edge'))[:64]}', not '{edge_id}'")
     differ = plan_differences(claims.get("plan"), plan)
