@@ -26,8 +26,8 @@ from shared.http.service import TierSecurity
 from shared.http.tickets import issue_ticket
 from shared.model.sources import resolve_model
 from shared.protocol.enums import Tier
-from shared.protocol.messages import RoundPlan
 from shared.protocol.links import link_emulator
+from shared.protocol.messages import RoundPlan
 from shared.runtime.tier import TierRuntime, federation_state
 from shared.seeds import derive_seed
 

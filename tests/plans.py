@@ -36,3 +36,10 @@ def ticket_bytes(credential: Any, view: dict[str, Any], users_by_edge: dict[str,
             down["edge_cloud"] += len(msgpack.packb("tickets")) + len(msgpack.packb(tickets))
             down["user_edge"] += sum(len(msgpack.packb("ticket")) + len(msgpack.packb(t)) for t in tickets.values())
     return down
+
+
+def hop_bytes(row: dict[str, Any], tickets: dict[str, int]) -> dict[str, dict[str, int]]:
+    """A simulator row's bytes per hop, named as a round's metrics name them, with the cloud's tickets
+    (``ticket_bytes``) added down each hop: the simulator has no credentials, so it sends none."""
+    return {hop: {"up": row["bytes"][mine]["up"], "down": row["bytes"][mine]["down"] + tickets[hop]}
+            for hop, mine in (("user_edge", "user"), ("edge_cloud", "edge"))}

@@ -68,7 +68,7 @@ def create_app(settings: UserSettings) -> FastAPI:
                               [({"state": st}, sum(1 for v in jobs.values() if v == st)) for st in ("running", "reported", "failed")]),
             "splitllm_bytes_total": ("counter", "bytes to and from the edge",
                                      [({"direction": "up"}, stats["bytes_up"]), ({"direction": "down"}, stats["bytes_down"])]),
-            "splitllm_refused_starts_total": ("counter", "starts refused for want of the cloud's ticket",
+            "splitllm_refused_starts_total": ("counter", "starts refused without the cloud's ticket for them",
                                               [({}, s.refused_starts)]),
             "process_resident_memory_bytes": ("gauge", "resident memory", [({}, resident_memory_bytes())]),
         })

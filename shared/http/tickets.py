@@ -111,4 +111,3 @@ def check_ticket(verifier: Verifier, ticket: Any, plan: RoundPlan, edge_id: str,
     differ = plan_differences(claims.get("plan"), plan)
     if differ:
         raise Forbidden(f"the start's plan differs from what the cloud signed in: {', '.join(differ)}")
-

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from plans import ticket_bytes
+from plans import hop_bytes, ticket_bytes
 from shared.config.round import RoundConfig
 from shared.http.credentials import Credential
 from shared.lab.cluster import free_port
@@ -57,8 +57,7 @@ def test_a_round_commits_with_the_simulators_per_hop_bytes(deployment) -> None:
     # the same bytes, and the cloud's tickets down each hop (the simulator has no credentials: it sends none)
     tickets = ticket_bytes(Credential.load(CREDENTIALS / "cloud.json"), view,
                            {"edge-0": ["user-0", "user-2"], "edge-1": ["user-1", "user-3"]}, seed=0)
-    assert view["metrics"]["bytes"] == {hop: {"up": row["bytes"][mine]["up"], "down": row["bytes"][mine]["down"] + tickets[hop]}
-                                        for hop, mine in (("user_edge", "user"), ("edge_cloud", "edge"))}
+    assert view["metrics"]["bytes"] == hop_bytes(row, tickets)
 
 
 def test_a_users_link_is_shaped_to_its_profile(deployment) -> None:

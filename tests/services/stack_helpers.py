@@ -18,9 +18,8 @@ from fastapi.testclient import TestClient
 
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.enums import Tier
-from shared.protocol.messages import RoundPlan
+from shared.protocol.messages import RoundPlan, ack
 from shared.protocol.starts import RoundStart
-from shared.protocol.messages import ack
 from shared.protocol.transport import Link, LinkStats
 from shared.protocol.wire import CONTENT_TYPE, Message, encode
 

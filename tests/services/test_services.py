@@ -19,7 +19,7 @@ from shared.lab.sim import SimConfig, Simulation
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.wire import CONTENT_TYPE, Message, encode
 from shared.lab.cluster import Cluster
-from plans import ticket_bytes
+from plans import hop_bytes, ticket_bytes
 
 LIMIT = 4_000_000
 CLOUD_ARGS = ["--model", "tiny-bert", "--split", "1,3", "--data", "trec", "--local-steps", "3", "--batch-size", "4",
@@ -50,13 +50,6 @@ def fetch_version(cluster: Cluster, version: int) -> AdapterBundle:
     r = cluster.get(f"/v1/adapters/{version}")
     assert r.status_code == 200
     return AdapterBundle.from_tensors(load(r.content))
-
-
-def hop_bytes(row: dict, tickets: dict[str, int]) -> dict:
-    """A simulator row's bytes per hop, named as a round's metrics name them, with the cloud's tickets added down
-    each hop (the simulator has no credentials, so it sends none)."""
-    return {hop: {"up": row["bytes"][mine]["up"], "down": row["bytes"][mine]["down"] + tickets[hop]}
-            for hop, mine in (("user_edge", "user"), ("edge_cloud", "edge"))}
 
 
 def test_http_rounds_equal_the_simulator(cluster):
