@@ -218,7 +218,8 @@ def templates(s: Stack) -> dict[tuple[str, str], tuple[Message, dict[str, Any]]]
     modes = st.sampled_from(["train", "eval", "", "TRAIN"])
     users = st.sampled_from(["user-0", "nobody", ""])
     user_tensors = s.adapter_tensors("user")
-    plan = s.plan(900).to_meta()
+    user_plan = s.plan(900, local_steps=2)
+    ticket = s.ticket(user_plan)  # the unmutated start is the cloud's: it gets past the ticket to the device's job
     safe_plan = st.fixed_dictionaries(  # local_steps and batch_size bounded: a device builds every batch up front
         {"round_id": st.integers(900, 905), "user_id": users, "local_steps": st.integers(-1, 3),
          "batch_size": st.integers(-1, 4), "mode": modes},
@@ -229,7 +230,10 @@ def templates(s: Stack) -> dict[tuple[str, str], tuple[Message, dict[str, Any]]]
                      "edge": st.sampled_from(["edge-0", "edge-x"]), "metrics": native,
                      "missing": st.lists(users, max_size=2), "bytes": native}
     start_values = {"plans": st.lists(safe_plan, max_size=3), "deadline": st.sampled_from([None, 0.05, -1, 1e9, "x"]),
-                    "clip_norm": st.sampled_from([None, 0.0, 1e-3, -1.0, "x", 1e308]), "plan": safe_plan}
+                    "clip_norm": st.sampled_from([None, 0.0, 1e-3, -1.0, "x", 1e308]), "plan": safe_plan,
+                    "ticket": st.sampled_from([None, "x", {}, {"token": ticket["token"]}, {**ticket, "token": "a.b.c"},
+                                               {**ticket, "certificate": "x"}, {**ticket, "extra": 1}]) | native,
+                    "tickets": st.sampled_from([None, {}, {"user-0": ticket}, {"user-0": "x"}]) | native}
     cloud_update = Report(round=1, edge="edge-0", mode=Mode.TRAIN, num_samples=8,
                           metrics={"user-0": {"train_loss": 1.0}},
                           adapters=AdapterBundle.from_tensors(
@@ -242,7 +246,8 @@ def templates(s: Stack) -> dict[tuple[str, str], tuple[Message, dict[str, Any]]]
         ("edge", "update"): (Message("update", {"round": 900, "user": "user-0", "mode": "train", "num_samples": 8,
                                                 "metrics": {"train_loss": 1.0}},
                                      {k: v + 0.01 for k, v in user_tensors.items()}), update_values),
-        ("user", "start"): (Message("start", {"plan": {**plan, "local_steps": 2}}, user_tensors), start_values),
+        ("user", "start"): (Message("start", {"plan": user_plan.to_meta(), "ticket": ticket}, user_tensors),
+                            start_values),
     }
 
 
