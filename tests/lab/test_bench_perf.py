@@ -3,6 +3,7 @@ through real processes on a tiny model. Their timings are figures for the README
 
 from __future__ import annotations
 
+import mmap
 import sys
 
 import pytest
@@ -82,8 +83,14 @@ def test_bench_codecs_4g_records_each_processes_cpu_seconds(tiny) -> None:
 def test_process_counters_add_up_what_processes_used_since() -> None:
     from shared.lab.bench.timing import counters_since, process_counters
 
+    # a fresh anonymous map, not malloc: after earlier tests freed large blocks, glibc may serve 8 MiB from pages
+    # this process already faulted in (its mmap threshold grows with each freed map)
+    block = mmap.mmap(-1, 8 << 20)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # with transparent huge pages always on, 2 MiB pages would fault 4 times
+        block.madvise(mmap.MADV_NOHUGEPAGE)
     before = {"self": process_counters()}
-    block = bytearray(8 << 20)  # 8 MiB, written: its pages faulted in
-    block[::4096] = b"x" * len(block[::4096])
+    for offset in range(0, len(block), 4096):  # each page written: faulted in
+        block[offset] = 1
     used = counters_since(before)
+    block.close()
     assert used["minor_faults"] >= (8 << 20) // 4096 * 0.9 and used["user_s"] >= 0 and used["system_s"] >= 0
