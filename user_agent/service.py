@@ -82,7 +82,7 @@ class UserService(BackgroundStart):
         kept for ``GET /v1/status``. Development (no credentials) has no tickets."""
         if self.security.verifier is None:
             return
-        plan = UserStart.from_message(msg).plan
+        plan = UserStart.plan_of(msg)  # its adapters are read once, if the ticket holds
         try:
             check_ticket(self.security.verifier, msg.meta.get("ticket"), plan, edge_id, self.user_id)
         except Forbidden as exc:

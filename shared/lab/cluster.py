@@ -39,7 +39,8 @@ class Proc:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, env: dict[str, str]) -> None:
-        cmd = [*self.prefix, sys.executable, "-m", "shared.lab.cli", *self.args, "--port", str(self.port), "--log-level", "warning"]
+        cmd = [*self.prefix, sys.executable, "-m", "shared.lab.cli", *self.args, "--port", str(self.port),
+               "--log-level", "warning"]
         self.popen = subprocess.Popen(cmd, cwd=ROOT, env={**env, **self.env}, stdout=self.log.open("ab"),
                                       stderr=subprocess.STDOUT)
 

@@ -82,11 +82,18 @@ class UserStart:
 
     def to_message(self, codec: Any = None) -> Message:
         tensors = AdapterBundle({Tier.USER: self.adapters}).tensors()
-        meta = {"plan": self.plan.to_meta()} if self.ticket is None else {"plan": self.plan.to_meta(), "ticket": self.ticket}
+        meta = {"plan": self.plan.to_meta()}
+        if self.ticket is not None:
+            meta["ticket"] = self.ticket
         return Message(kind=self.KIND, meta=meta, tensors=tensors, codecs=dict.fromkeys(tensors, codec) if codec else {})
+
+    @staticmethod
+    def plan_of(msg: Message) -> RoundPlan:
+        """The start's plan alone (its adapters not read): what its ticket is checked against."""
+        check_fields("start", msg.meta, ("plan",), ("ticket",))
+        return RoundPlan.from_meta(msg.meta["plan"])
 
     @classmethod
     def from_message(cls, msg: Message) -> "UserStart":
-        check_fields("start", msg.meta, ("plan",), ("ticket",))
-        return cls(RoundPlan.from_meta(msg.meta["plan"]), AdapterBundle.from_tensors(msg.tensors, (Tier.USER,))[Tier.USER],
+        return cls(cls.plan_of(msg), AdapterBundle.from_tensors(msg.tensors, (Tier.USER,))[Tier.USER],
                    msg.meta.get("ticket"))
