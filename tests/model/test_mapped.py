@@ -65,27 +65,49 @@ def copied(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(partition_module, "map_token_embedding", lambda *args, **kwargs: None)
 
 
-CASES = [  # model, stored dtype (None: as the tiny checkpoint has it, fp32), task, split, class kept in the stored dtype
-    ("tiny-llama", None, "lm", (1, 3), False),
+def resident_kb(tensor: torch.Tensor) -> int:
+    """Resident kB of the mapping (from /proc/self/smaps) where ``tensor``'s data lies."""
+    ptr, inside, rss = tensor.data_ptr(), False, 0
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(x, 16) for x in head.split("-"))
+                inside = low <= ptr < high
+            elif inside and line.startswith("Rss:"):
+                rss += int(line.split()[1])
+    return rss
+
+
+def reads_rows(embedding: torch.nn.Embedding) -> bool:
+    """Its lookups read rows from its file (``FileRows``) rather than index the weight."""
+    rows = getattr(embedding, "file_rows", None)
+    return rows is not None and rows.serves(embedding.weight)
+
+
+CASES = [  # model, stored dtype (None: as the tiny checkpoint has it, fp32), task, split, rows read from the file
+    ("tiny-llama", None, "lm", (1, 3), True),
     ("tiny-llama", torch.bfloat16, "lm", (1, 3), True),
     ("tiny-gpt2", torch.float16, "lm", (2, 3), True),
     ("tiny-bert", torch.bfloat16, "cls", (1, 3), True),  # nested: embeddings.word_embeddings
     ("tiny-gemma3_text", torch.bfloat16, "lm", (1, 3), False),  # a scaled-embedding subclass: copied and cast
-    ("tiny-gemma3_text", None, "lm", (1, 3), False),  # fp32: mapped as it is
+    ("tiny-gemma3_text", None, "lm", (1, 3), False),  # fp32: mapped and indexed as it is
 ]
 
 
-@pytest.mark.parametrize(("model", "dtype", "task", "split", "rows_cast"), CASES)
+@pytest.mark.parametrize(("model", "dtype", "task", "split", "rows_read"), CASES)
 def test_mapped_embedding_gives_the_copied_outputs_and_updates(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                               model: str, dtype, task: str, split, rows_cast: bool) -> None:
+                                                               model: str, dtype, task: str, split, rows_read: bool) -> None:
     path = tiny(model).path if dtype is None else stored_as(tiny(model).path, tmp_path / "stored", dtype)
     source = resolve_model(str(path))
     runtime, out, params = user_step(source, task, split)
     embedding = token_embedding(runtime)
-    assert isinstance(embedding, StoredRowsEmbedding) is rows_cast
-    assert embedding.weight.dtype == (dtype if rows_cast else torch.float32)
-    if dtype is None or rows_cast:
+    assert isinstance(embedding, StoredRowsEmbedding) is rows_read and reads_rows(embedding) is rows_read
+    assert embedding.weight.dtype == (dtype or torch.float32 if rows_read else torch.float32)
+    if dtype is None or rows_read:
         assert any(f.endswith(".safetensors") for f in mapped_files(embedding.weight)), "not read through a map"
+    if rows_read:  # the step read its rows from the file: not a page of the mapped matrix is resident
+        assert resident_kb(embedding.weight) == 0
     assert runtime.step_limits(next(iter(runtime.sessions.values()))).dtype == torch.float32
     copied(monkeypatch)
     runtime_c, out_c, params_c = user_step(source, task, split)
@@ -95,15 +117,37 @@ def test_mapped_embedding_gives_the_copied_outputs_and_updates(tiny, tmp_path: P
     assert params.keys() == params_c.keys() and all(torch.equal(params[k], params_c[k]) for k in params)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_read_from_the_file_are_the_rows_indexed(tiny, tmp_path: Path, dtype) -> None:
+    """Ids repeated, consecutive runs, the first and last rows, any shape: the rows indexing the weight gives."""
+    source = resolve_model(str(stored_as(tiny("tiny-llama").path, tmp_path / "stored", dtype)))
+    runtime = TierRuntime("user", source, ModelSpec(model=str(source.path), split=(1, 3), task="lm"))
+    embedding = token_embedding(runtime)
+    n = embedding.num_embeddings
+    cases = [torch.tensor([[0, 1, 2, 3, n - 1]]), torch.tensor([5, 5, 7, 6, 5, n - 2, n - 1, 0]),
+             torch.randint(0, n, (3, 4, 9), generator=torch.Generator().manual_seed(2)), torch.zeros(2, 0, dtype=torch.long)]
+    got = [embedding(ids) for ids in cases]
+    assert resident_kb(embedding.weight) == 0  # nothing indexed the mapped matrix
+    for ids, rows in zip(cases, got):
+        expected = torch.nn.functional.embedding(ids, embedding.weight).to(torch.float32)
+        assert rows.shape == expected.shape and rows.dtype == torch.float32 and torch.equal(rows, expected)
+    with pytest.raises(IndexError):  # out of range: the ordinary lookup's error
+        embedding(torch.tensor([[1, n]]))
+
+
 def test_a_write_to_the_mapped_embedding_stays_in_the_process(tiny, tmp_path: Path) -> None:
     path = stored_as(tiny("tiny-llama").path, tmp_path / "copy", torch.float32)
     before = (path / "model.safetensors").read_bytes()
     source = resolve_model(str(path))
     runtime, _, _ = user_step(source, "lm", (1, 3))
     weight = runtime.partition.embed["embed_tokens"].weight
+    ids = torch.tensor([[3, 1, 4]])
     with torch.no_grad():
         weight.add_(1.0)  # copy-on-write: this process's pages only
     assert (path / "model.safetensors").read_bytes() == before
+    module = runtime.partition.embed["embed_tokens"]
+    assert not reads_rows(module)  # written: lookups index the weight, and see the write
+    assert torch.equal(module(ids), weight[ids])
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
