@@ -53,6 +53,9 @@ class FileRows:
         self.row_bytes = self.width * tensor.element_size()
         self.ptr, self.version = tensor.data_ptr(), tensor._version
 
+    def __deepcopy__(self, memo: dict) -> None:
+        return None  # a deep copy's weight is a copy in memory, not the mapped tensor: it indexes it
+
     def serves(self, weight: torch.Tensor) -> bool:
         return (weight.device.type == "cpu" and weight.data_ptr() == self.ptr and weight._version == self.version
                 and weight.dtype == self.dtype and tuple(weight.shape) == (self.rows, self.width))

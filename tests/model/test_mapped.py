@@ -1,7 +1,9 @@
-"""The frozen token embedding read through a memory map of its file: the same outputs and updates as a copy."""
+"""The frozen token embedding on a memory map of its file, its rows read from the file: the same outputs and updates
+as a copy, and none of the mapped matrix resident after a step."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -133,6 +135,8 @@ def test_rows_read_from_the_file_are_the_rows_indexed(tiny, tmp_path: Path, dtyp
         assert rows.shape == expected.shape and rows.dtype == torch.float32 and torch.equal(rows, expected)
     with pytest.raises(IndexError):  # out of range: the ordinary lookup's error
         embedding(torch.tensor([[1, n]]))
+    twin = copy.deepcopy(embedding)  # its weight a copy in memory: indexed, the same rows
+    assert twin.file_rows is None and torch.equal(twin(cases[2]), got[2])
 
 
 def test_a_write_to_the_mapped_embedding_stays_in_the_process(tiny, tmp_path: Path) -> None:
