@@ -152,9 +152,10 @@ def map_token_embedding(model: nn.Module, part: nn.Module, name: str, file: Path
     if dtype != compute_dtype and not plain:
         return None  # a subclass (Gemma's scaled embedding) computes on its weight's dtype: copied and cast instead
     tensor = mapped_tensor(file, key)
-    if plain and tensor.dim() == 2:
+    if plain:
         embedding.__class__ = StoredRowsEmbedding
         embedding.compute_dtype = compute_dtype
-        start, entries = header(file)
-        embedding.file_rows = FileRows(file, start + entries[key]["data_offsets"][0], tensor)
+        if hasattr(os, "preadv"):  # POSIX; elsewhere lookups index the map
+            start, entries = header(file)
+            embedding.file_rows = FileRows(file, start + entries[key]["data_offsets"][0], tensor)
     return tensor
