@@ -40,17 +40,9 @@ def spans(n: int, size: int) -> Iterator[slice]:
 def converted(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Flat contiguous ``src`` cast to ``dtype`` (torch's rounding: to nearest even), chunk by chunk."""
     out = torch.empty(src.numel(), dtype=dtype)
-    for s in spans(src.numel(), chunk_size()):
-        out[s].copy_(src[s])
+    for part, source in zip(out.split(chunk_size()), src.split(chunk_size())):  # one call makes all the views
+        part.copy_(source)
     return out
-
-
-def extremes(src: torch.Tensor) -> tuple[float, float]:
-    """(min, max) of a flat floating tensor; NaN in either when it holds a NaN."""
-    if src.numel() == 0:
-        return 0.0, 0.0
-    parts = [torch.aminmax(src[s]) for s in spans(src.numel(), chunk_size())]
-    return float(torch.stack([p.min for p in parts]).min()), float(torch.stack([p.max for p in parts]).max())
 
 
 def flat_f32(t: torch.Tensor) -> torch.Tensor:
