@@ -61,7 +61,7 @@ def bench_codecs(model: str = "minilm-l6", split: str = "1,3", steps: int = 50, 
     """
     import torch
 
-    from shared.protocol.measure import measure
+    from shared.protocol.measure import measure, memory_passes
     from shared.config.deployment import parse_hop_codecs
     from shared.model.sources import resolve_model
 
@@ -92,6 +92,7 @@ def bench_codecs(model: str = "minilm-l6", split: str = "1,3", steps: int = 50, 
             "codec": spec, "bytes_per_step": per_step,
             "ratio_vs_fp32": statistics.mean(r["bytes_per_step"] for r in base) / per_step,
             "encode_decode_mb_s": throughput["encode_decode_mb_s"],
+            "encode_decode_mb_s_median": throughput["encode_decode_mb_s_median"],
             "encode_decode_cpu_mb_s": throughput["encode_decode_cpu_mb_s"],
             "loss_after_steps": statistics.mean(r["eval_loss"] for r in runs[spec]),
             "loss_delta_pct": delta, "loss_delta_pct_se": delta_se, "loss_delta_pct_per_seed": deltas,
@@ -104,7 +105,7 @@ def bench_codecs(model: str = "minilm-l6", split: str = "1,3", steps: int = 50, 
             "activation_rel_err": throughput["rel_err"],
         })
     return {"model": model, "split": split, "data": data, "steps": steps, "batch": [batch_size, seq_len],
-            "seeds": list(seeds), "eval_examples": eval_examples,
+            "seeds": list(seeds), "eval_examples": eval_examples, "passes": memory_passes(act),
             "loss": f"held-out loss after the steps ({eval_examples} examples), mean over seeds; "
                     "loss_delta_pct_se is the standard error of the mean change",
             "bytes": "user-edge hop, both ways, per training step", "codecs": results}

@@ -28,6 +28,7 @@ def test_bench_codecs_writes_the_report(hermetic_cache, tmp_path, capsys) -> Non
     import json
 
     from shared.lab.cli import main
+    from shared.model.sources import resolve_model
 
     out = tmp_path / "codecs.json"
     assert main(["bench", "codecs", "--model", "tiny-llama", "--split", "1,3", "--steps", "3", "--batch-size", "2",
@@ -43,4 +44,11 @@ def test_bench_codecs_writes_the_report(hermetic_cache, tmp_path, capsys) -> Non
         assert len(r["loss_delta_pct_per_seed"]) == len(r["train_loss_per_seed"]) == 2
     assert rows["fp32"]["loss_delta_pct"] == 0 and rows["fp32"]["ratio_vs_fp32"] == 1
     assert rows["int8"]["ratio_vs_fp32"] > rows["bf16"]["ratio_vs_fp32"] > 1.5  # tiny rows: headers weigh
-    assert "mean +- standard error" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "mean +- standard error" in printed and "one pass over the" in printed
+    for r in rows.values():
+        assert r["encode_decode_mb_s"] >= r["encode_decode_mb_s_median"] > 0  # best of the repeats, and their median
+    passes = report["passes"]  # what one pass over the bench's tensor costs here: the floor under every codec
+    hidden = resolve_model("tiny-llama").config.hidden_size
+    assert passes["bytes"] == 2 * 16 * hidden * 4 and passes["cached_bytes"] == passes["bytes"]  # a small tensor
+    assert all(passes[f"{op}_{where}_gb_s"] > 0 for op in ("copy", "multiply") for where in ("whole", "cached"))
