@@ -158,7 +158,7 @@ def cmd_bench_http(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_codecs(args: argparse.Namespace) -> int:
-    from shared.lab.bench.codecs import BENCH_CODECS, bench_codecs, bench_codecs_4g
+    from shared.lab.bench.codecs import BENCH_CODECS, bench_codecs, bench_codecs_4g, passes_line
     from shared.lab.bench.timing import write_json
 
     report: dict[str, Any] = {"codecs": []}
@@ -176,11 +176,7 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
               f"{r['encode_decode_cpu_mb_s']:>8.0f} "
               f"{r['loss_after_steps']:>8.4f} {r['loss_delta_pct']:>+8.2f} +- {r['loss_delta_pct_se']:.2f}")
     if "passes" in report:
-        p = report["passes"]
-        print(f"one pass over the {p['bytes'] / 1e6:.1f} MB tensor (the floor under each codec's chain of them): "
-              f"copy {p['copy_whole_gb_s']:.1f} GB/s, multiply {p['multiply_whole_gb_s']:.1f} GB/s; over "
-              f"{p['cached_bytes'] // 1024} kB in cache: copy {p['copy_cached_gb_s']:.1f}, multiply "
-              f"{p['multiply_cached_gb_s']:.1f} GB/s")
+        print(passes_line(report["passes"]))
     if args.only_4g:
         report = {"round_4g": bench_codecs_4g(args.model, args.split, threads=args.threads)}
     elif not args.no_4g:

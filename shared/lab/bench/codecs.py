@@ -111,6 +111,14 @@ def bench_codecs(model: str = "minilm-l6", split: str = "1,3", steps: int = 50, 
             "bytes": "user-edge hop, both ways, per training step", "codecs": results}
 
 
+def passes_line(p: dict[str, Any]) -> str:
+    """``memory_passes``' figures as the line ``bench codecs`` prints."""
+    return (f"one pass over the {p['bytes'] / 1e6:.1f} MB tensor (the floor under each codec's chain of them): "
+            f"copy {p['copy_whole_gb_s']:.1f} GB/s, multiply {p['multiply_whole_gb_s']:.1f} GB/s; over "
+            f"{p['cached_bytes'] // 1024} kB in cache: copy {p['copy_cached_gb_s']:.1f}, multiply "
+            f"{p['multiply_cached_gb_s']:.1f} GB/s")
+
+
 def bench_codecs_4g(model: str = "minilm-l6", split: str = "1,3", users: int = 4, steps: int = 5,
                     batch_size: int = 16, seq_len: int = 128, seed: int = 0, threads: int = 1) -> dict[str, Any]:
     """Round wall time of ``users`` users through one edge over emulated 4g links: fp32 against int8.
