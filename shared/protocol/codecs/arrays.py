@@ -39,8 +39,8 @@ def spans(n: int, size: int) -> Iterator[slice]:
 
 def converted(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Flat contiguous ``src`` cast to ``dtype`` (torch's rounding: to nearest even), chunk by chunk."""
-    out = torch.empty(src.numel(), dtype=dtype)
-    for part, source in zip(out.split(chunk_size()), src.split(chunk_size())):  # one call makes all the views
+    out, size = torch.empty(src.numel(), dtype=dtype), chunk_size()
+    for part, source in zip(out.split(size), src.split(size)):  # one call makes all the views
         part.copy_(source)
     return out
 
