@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -74,6 +73,7 @@ class UserService(BackgroundStart):
         self.refused_start: dict[str, Any] | None = None  # the last start refused for its ticket, for /v1/status
         self.refused_starts = 0  # how many, for /metrics
         self._refusals = Throttled(logger=log)
+        self._closed = threading.Event()  # set at shutdown: the heartbeat stops
         super().__init__()
 
     def check_start(self, msg: Message, edge_id: str) -> None:
@@ -141,12 +141,16 @@ class UserService(BackgroundStart):
         One client for every call, so that its connection (and TLS session) is kept between beats."""
         s, agent = self.settings, self.agent
         with control_client(self.security.identity, f"edge:{self.edge_id}") as client:
-            while agent is not None:
-                time.sleep(s.heartbeat)
+            while agent is not None and not self._closed.wait(s.heartbeat):
                 try:
                     self._beat(agent, client)
                 except Exception:  # the heartbeat outlives anything one beat meets
                     log.exception("heartbeat of user %s", self.user_id)
+
+    def close(self) -> None:
+        """At the app's shutdown: the heartbeat stops (an app run in a process that goes on, as in tests, would
+        otherwise keep beating with this user's credential)."""
+        self._closed.set()
 
     def _beat(self, agent: UserAgent, client: Any) -> None:
         s = self.settings
