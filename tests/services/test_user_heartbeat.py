@@ -58,3 +58,15 @@ def test_the_status_tells_an_answering_a_silent_and_a_refusing_edge_apart(stack:
     assert "the credential of user:user-0 has been revoked" in refused["reason"]
     errors = [r for r in caplog.records if r.levelno == logging.ERROR and "refuses the credential" in r.message]
     assert len(errors) == 1 and "new credential" in errors[0].message
+
+
+def test_the_heartbeat_stops_when_the_app_shuts_down(tmp_path) -> None:
+    import threading
+
+    before = set(threading.enumerate())
+    with inprocess_stack(tmp_path) as s:
+        assert s.services["user"].started
+        beating = [t for t in threading.enumerate() if t.name == "user-heartbeat" and t not in before]
+        assert len(beating) == 1 and beating[0].is_alive()
+    beating[0].join(timeout=10)  # it waits --heartbeat (15 s) between beats: only the shutdown's event ends it sooner
+    assert not beating[0].is_alive()
