@@ -167,7 +167,7 @@ def cmd_bench_codecs(args: argparse.Namespace) -> int:
         codecs = ("fp32", *(c for c in args.codec if c != "fp32")) if args.codec else BENCH_CODECS
         report = bench_codecs(args.model, args.split, args.steps, args.batch_size, args.seq_len,
                               seeds=tuple(range(args.seed, args.seed + args.seeds)), codecs=codecs, data=args.data,
-                              eval_examples=args.eval_examples)
+                              eval_examples=args.eval_examples, threads=args.threads)
         print(f"{report['model']} on {report['data']}, {report['steps']} steps of {report['batch']}, "
               f"{len(report['seeds'])} seed(s); loss change against fp32 from the same seed, mean +- standard error")
     print(f"{'codec':<44} {'bytes/step':>11} {'x fp32':>7} {'MB/s':>8} {'CPU MB/s':>8} {'loss':>8} {'delta %':>15}")
@@ -312,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-4g", action="store_true", help="skip the round over emulated 4g links (real processes)")
     p.add_argument("--only-4g", action="store_true", help="only the round over emulated 4g links")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads of every tier in the 4g round (default 1: its 6 processes share this "
-                        "machine's cores, as in bench scaling; 0: one per core in each process)")
+                   help="torch threads of every tier in the 4g round and of the speed measure (default 1: the "
+                        "round's 6 processes share the cores, as in bench scaling; 0: one per core in each process)")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_bench_codecs)
 

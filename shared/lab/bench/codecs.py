@@ -16,12 +16,6 @@ from shared.lab.sim import SimConfig, Simulation
 from shared.config.round import RoundConfig
 
 
-
-
-
-
-
-
 BENCH_CODECS = ("fp32", "fp16", "bf16", "int8", "int8+shuffle-lz4", "int8:channels=none", "int4", "int4+shuffle-lz4",
                 "activations=int8,gradients=topk:ratio=0.1")
 
@@ -51,8 +45,12 @@ def _codec_run(spec: str, model: str, split: tuple[int, int], steps: int, batch_
 def bench_codecs(model: str = "minilm-l6", split: str = "1,3", steps: int = 50, batch_size: int = 16,
                  seq_len: int = 128, seeds: tuple[int, ...] = (0, 1, 2),
                  codecs: tuple[str, ...] = BENCH_CODECS, data: str | None = None,
-                 eval_examples: int = 128) -> dict[str, Any]:
+                 eval_examples: int = 128, threads: int = 1) -> dict[str, Any]:
     """Bytes per step, ratio against fp32, encode+decode throughput, and the loss after ``steps`` steps.
+
+    The throughput is measured with torch on ``threads`` threads, as the tiers of the 4g round run (0: torch's
+    default): the codecs make one torch call per pass where torch runs one thread, and work in chunks that stay
+    on the calling thread otherwise (``shared.protocol.codecs.arrays``).
 
     The loss effect is the held-out loss after the steps against the first codec's (fp32) from the
     same seed, as a mean over ``seeds`` with its standard error: training moves a seed's loss by
@@ -80,10 +78,18 @@ def bench_codecs(model: str = "minilm-l6", split: str = "1,3", steps: int = 50, 
     base = runs[codecs[0]]
     hidden = int(source.config.hidden_size)
     act = torch.randn(batch_size, seq_len, hidden, generator=torch.Generator().manual_seed(0)) * 2
+    prior = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        speeds = {spec: measure((parse_hop_codecs(spec) or {"activations": "fp32"})["activations"], act)
+                  for spec in codecs}
+        passes = memory_passes(act)
+    finally:
+        torch.set_num_threads(prior)
     results = []
     for spec in codecs:
-        policy = parse_hop_codecs(spec) or {"activations": "fp32"}
-        throughput = measure(policy["activations"], act)
+        throughput = speeds[spec]
         deltas = [100.0 * (r["eval_loss"] - b0["eval_loss"]) / b0["eval_loss"] for r, b0 in zip(runs[spec], base)]
         delta, delta_se = mean_se(deltas)
         per_step = statistics.mean(r["bytes_per_step"] for r in runs[spec])
@@ -105,7 +111,8 @@ def bench_codecs(model: str = "minilm-l6", split: str = "1,3", steps: int = 50, 
             "activation_rel_err": throughput["rel_err"],
         })
     return {"model": model, "split": split, "data": data, "steps": steps, "batch": [batch_size, seq_len],
-            "seeds": list(seeds), "eval_examples": eval_examples, "passes": memory_passes(act),
+            "seeds": list(seeds), "eval_examples": eval_examples, "passes": passes,
+            "speed_threads": threads or prior,
             "loss": f"held-out loss after the steps ({eval_examples} examples), mean over seeds; "
                     "loss_delta_pct_se is the standard error of the mean change",
             "bytes": "user-edge hop, both ways, per training step", "codecs": results}

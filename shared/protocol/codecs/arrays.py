@@ -1,12 +1,14 @@
 """Array helpers shared by the lossy codecs: float conversions (bfloat16 included), chunked torch ops, byte shuffling.
 
 The per-element work runs on the calling thread. torch's intra-op threads on a small, busy machine make
-each op 10-100x slower (OpenMP threads waiting for cores that other processes hold), and a codec runs
-beside the tier's own compute. So the float casts (float32 to and from fp16 and bf16) and the int codecs'
-block maxima call torch's vectorised kernels on chunks below torch's parallel grain (``GRAIN`` elements:
-an op that small runs on the calling thread), and the rest is numpy, which is single-threaded and works on
-the whole array in one call (a torch call per chunk costs a few microseconds of dispatch, about as much
-as the chunk's arithmetic).
+each op slower (OpenMP threads waiting for cores that other processes hold: 1.5-2x with threads that sleep
+when idle, 10-100x with threads that spin), and a codec runs beside the tier's own compute. So where torch
+runs more than one thread (``runs_inline`` is false), the float casts (float32 to and from fp16 and bf16) and
+the int codecs' block maxima call torch's vectorised kernels on chunks below torch's parallel grain (``GRAIN``
+elements: an op that small runs on the calling thread), and the rest is numpy, which is single-threaded and
+works on the whole array in one call. A torch call per chunk costs a few microseconds of dispatch, about as
+much as the chunk's arithmetic: where torch runs one thread (the tiers' setting in the benches), each op is
+one torch call on the whole array instead, 2-3x faster, with the same bits.
 """
 
 from __future__ import annotations
@@ -37,9 +39,18 @@ def spans(n: int, size: int) -> Iterator[slice]:
     return (slice(i, min(i + size, n)) for i in range(0, n, size))
 
 
+def runs_inline() -> bool:
+    """Whether torch runs this thread's ops on one thread (``torch.get_num_threads() == 1``): then a whole-array
+    op never leaves the calling thread, and codecs make one call per op instead of one per chunk."""
+    return torch.get_num_threads() == 1
+
+
 def converted(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Flat contiguous ``src`` cast to ``dtype`` (torch's rounding: to nearest even), chunk by chunk."""
+    """Flat contiguous ``src`` cast to ``dtype`` (torch's rounding: to nearest even), in one call where torch runs
+    inline, else chunk by chunk."""
     out, size = torch.empty(src.numel(), dtype=dtype), chunk_size()
+    if runs_inline():
+        return out.copy_(src)
     for part, source in zip(out.split(size), src.split(size)):  # one call makes all the views
         part.copy_(source)
     return out

@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.protocol.codecs.arrays import as_bytes, chunk_size, flat_f32, numel, spans, tensor_bytes, to_torch
+from shared.protocol.codecs.arrays import (as_bytes, chunk_size, flat_f32, numel, runs_inline, spans, tensor_bytes,
+                                           to_torch, view_of)
 from shared.protocol.codecs.entries import FLOAT_DTYPES, finish_entry, int_param, need_float, post_of, read_field, str_param
 from shared.protocol.tensors import MAX_DIM, DecodeFn, EncodeFn, WireError
 
@@ -56,31 +57,49 @@ def _quantise(x: np.ndarray, block: int, qmax: int,
     [-qmax, qmax] (n,), float32 scales (n_blocks,)); None if non-finite.
 
     scale = absmax / qmax of each block, q = x * (qmax / absmax) rounded to the nearest integer (ties to even).
-    Whole-array numpy passes (single-threaded, vectorised), but the blocks' maxima: torch's row reduction on
-    chunks below its grain (numpy's max over short rows is 6x slower). One float32 buffer of x's size (the
-    channel-scaled values, then the scaled ones); ``x`` itself is never written.
+    Where torch runs inline (``runs_inline``), every pass is one torch call on the whole array. Otherwise
+    whole-array numpy passes (single-threaded, vectorised), but the blocks' maxima: torch's row reduction on
+    chunks below its grain (numpy's max over short rows is 6x slower). Either way the same bits, and one float32
+    buffer of x's size (the channel-scaled values, then the scaled ones); ``x`` itself is never written. (A new
+    buffer's pages are faulted in on first write; on a VM whose host takes freed pages back, that costs more
+    than a pass over them, so the one-call path takes the blocks' maxima without a buffer of absolute values.)
     """
-    y = np.empty_like(x) if channel_scales is None else np.divide(x.reshape(-1, channel_scales.size),
-                                                                     channel_scales).reshape(-1)
-    src = torch.from_numpy(x if channel_scales is None else y)
+    inline = runs_inline()
+    xt = torch.from_numpy(x)
+    if channel_scales is None:
+        y = torch.empty_like(xt)
+    elif inline:
+        y = torch.div(xt.view(-1, channel_scales.size), torch.from_numpy(channel_scales)).view(-1)
+    else:
+        y = torch.from_numpy(np.divide(x.reshape(-1, channel_scales.size), channel_scales).reshape(-1))
+    src = xt if channel_scales is None else y
     amax = torch.empty(-(-x.size // block), dtype=torch.float32)
-    step = chunk_size(block)
-    scratch = torch.empty(min(step, x.size), dtype=torch.float32)
-    for s in spans(x.size, step):
-        mags = torch.abs(src[s], out=scratch[: s.stop - s.start])
-        _per_block(lambda v, b, k: torch.amax(v, dim=1, out=amax[b: b + k]), mags, block, s.start // block)
+    if inline:  # the larger of each block's max and -min: no buffer of |x| (fresh pages cost more than the pass)
+        _per_block(lambda v, b, k: torch.maximum(torch.amax(v, dim=1), torch.amin(v, dim=1).neg_(),
+                                                 out=amax[b: b + k]), src, block)
+        amax.abs_()  # -0.0 for a block of zeros: 0.0, as the other path gives
+    else:
+        step = chunk_size(block)
+        scratch = torch.empty(min(step, x.size), dtype=torch.float32)
+        for s in spans(x.size, step):
+            mags = torch.abs(src[s], out=scratch[: s.stop - s.start])
+            _per_block(lambda v, b, k: torch.amax(v, dim=1, out=amax[b: b + k]), mags, block, s.start // block)
     if not np.isfinite(amax.numpy()).all():
         return None
     scales = amax / qmax
-    inv = torch.where(amax > 0, qmax / amax, 0.0).clamp_(max=_F32_MAX).numpy()  # subnormal blocks: finite, never inf * 0
-    values = src.numpy()
-    _per_block(lambda v, b, k: np.multiply(values[b * block: (b + k) * block].reshape(v.shape), inv[b: b + k, None],
-                                           out=v), y, block)
+    inv = torch.where(amax > 0, qmax / amax, 0.0).clamp_(max=_F32_MAX)  # subnormal blocks: finite, never inf * 0
+    if inline:
+        _per_block(lambda v, b, k: torch.mul(src[b * block: (b + k) * block].view(v.shape), inv[b: b + k, None],
+                                             out=v), y, block)
+    else:
+        values, inv_ = src.numpy(), inv.numpy()
+        _per_block(lambda v, b, k: np.multiply(values[b * block: (b + k) * block].reshape(v.shape),
+                                               inv_[b: b + k, None], out=v), y.numpy(), block)
     # |y| <= qmax: y + _ROUND is y rounded (ties to even), in bits; those bits are _ROUND's plus round(y), whose low
     # byte is 0: as an int32 cast to int8 (which keeps the low byte), they are round(y). (np.rint and torch's
     # round_ give the same; torch's is 100-300x slower on values below 1 with this machine's AVX-512 kernels.)
     y += _ROUND
-    return y.view(np.int32).astype(np.int8), scales
+    return y.view(torch.int32).to(torch.int8).numpy(), scales
 
 
 def _per_block(op: Callable[[Any, int, int], object], v: Any, block: int, first: int = 0) -> None:
@@ -115,6 +134,13 @@ def _channel_rms(x: np.ndarray, width: int) -> np.ndarray | None:
 def _dequantise(q: np.ndarray, scales: np.ndarray, block: int, channel_scales: np.ndarray | None = None) -> np.ndarray:
     """float32 values q * scale of each element's block (times its channel's scale, where given; scales are
     validated: no overflow)."""
+    if runs_inline():  # one torch call a pass (see ``_quantise``)
+        t = view_of(q, torch.int8).to(torch.float32)  # q, the scales: read-only views on a body, only read
+        st = view_of(scales, torch.float32)
+        _per_block(lambda v, b, k: v.mul_(st[b: b + k, None]), t, block)
+        if channel_scales is not None:
+            t.view(-1, channel_scales.size).mul_(view_of(channel_scales, torch.float32))
+        return t.numpy()
     out = q.astype(np.float32)
     _per_block(lambda v, b, k: np.multiply(v, scales[b: b + k, None], out=v), out, block)
     if channel_scales is not None:

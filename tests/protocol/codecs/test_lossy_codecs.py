@@ -30,6 +30,34 @@ def test_roundtrip_every_codec_shape_dtype(spec: str, dtype: torch.dtype) -> Non
             out.add_(1)  # decoded tensors are writable
 
 
+@pytest.mark.parametrize("spec", ["fp16", "bf16", "int8", "int8:block=7", "int8:channels=none", "int4", "int4:block=5"])
+def test_one_torch_thread_and_chunks_give_the_same_bits(spec: str) -> None:
+    """Where torch runs one thread the codecs make one call per pass, else they work in chunks below torch's grain
+    (``shared.protocol.codecs.arrays``): both encode the same bytes and decode the same values, past the chunks'
+    boundaries (over 32768 elements), on partial blocks, with channel scales, tiny and huge values."""
+    shapes = [[70_000], [300, 384], [130, 5], [65], [0]]
+    prior = torch.get_num_threads()
+    try:
+        for i, shape in enumerate(shapes):
+            for dtype in FLOATS.values():
+                for scale in (1e-30, 1.0, 1e30):
+                    x = (sample(shape, torch.float32, seed=i) * scale).to(dtype)
+                    if x.numel() > 9:
+                        x.view(-1)[3:9] = 0  # a zero run: a zero block for small blocks
+                    if x.numel() >= 128:
+                        x.view(-1)[64:128] = -0.0  # a block of negative zeros
+                    msg = Message("m", tensors={"x": x})
+                    seen = []
+                    for threads in (1, 2):
+                        torch.set_num_threads(threads)
+                        data = encode(msg, tensor_codecs={"x": spec})
+                        seen.append((data, decode(data).tensors["x"]))
+                    assert seen[0][0] == seen[1][0], (shape, dtype, scale)
+                    assert torch.equal(seen[0][1], seen[1][1]), (shape, dtype, scale)
+    finally:
+        torch.set_num_threads(prior)
+
+
 def test_lossy_falls_back_to_lossless_when_unrepresentable() -> None:
     x = torch.randn(300)
     x[7] = float("nan")
