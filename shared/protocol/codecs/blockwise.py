@@ -98,8 +98,9 @@ def _quantise(x: np.ndarray, block: int, qmax: int,
     # |y| <= qmax: y + _ROUND is y rounded (ties to even), in bits; those bits are _ROUND's plus round(y), whose low
     # byte is 0: as an int32 cast to int8 (which keeps the low byte), they are round(y). (np.rint and torch's
     # round_ give the same; torch's is 100-300x slower on values below 1 with this machine's AVX-512 kernels.)
-    y += _ROUND
-    return y.view(torch.int32).to(torch.int8).numpy(), scales
+    rounded = y.numpy()  # numpy: single-threaded on either path
+    rounded += _ROUND
+    return rounded.view(np.int32).astype(np.int8), scales
 
 
 def _per_block(op: Callable[[Any, int, int], object], v: Any, block: int, first: int = 0) -> None:
