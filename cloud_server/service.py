@@ -61,7 +61,7 @@ class CloudService:
         self.experiment = self.federation.primary.primary  # the default deployment's first task
         self.sources = {name: resolve_model(d.spec.model) for name, d in self.federation.deployments.items()}
         runtimes = {name: TierRuntime(Tier.CLOUD, self.sources[name], d.spec, device=settings.device,
-                                      tasks={t: e.spec for t, e in d.experiments.items()})
+                                      tasks={t: e.spec for t, e in d.experiments.items()}, autocast=settings.autocast)
                     for name, d in self.federation.deployments.items()}
         self.runtime = runtimes[self.federation.primary.name]
         initial = federation_state(self.federation, self.sources, settings.seed)

@@ -109,7 +109,8 @@ class UserService(BackgroundStart):
         self.placement = self.register(len(client.train), deadline=3600)
         self.edge_contact.heard(None)  # registered: the edge answers
         source = resolve_model(experiment.spec.model)
-        runtime = TierRuntime(Tier.USER, source, experiment.spec, device=s.device, cut=int(self.placement["cut"]))
+        runtime = TierRuntime(Tier.USER, source, experiment.spec, device=s.device, cut=int(self.placement["cut"]),
+                              autocast=s.autocast)
         emulator = link_emulator(s.link_profile, derive_seed(self.user_id, "link"), rate_shaped=s.link_rate_shaped)
         link = HttpLink(s.edge, upward=True, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes,
                         identity=self.security.identity, audience=audience, emulator=emulator)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,6 +59,10 @@ class ServiceSettings(BaseSettings):
     device: str = Field("cpu", description="torch device for this tier's compute (cpu, cuda)")
     threads: int = Field(0, ge=0, description="CPU threads for this tier's tensor compute (0: torch's default, "
                                               "one per core); set it when several tiers share a machine")
+    autocast: Literal["off", "bf16"] = Field("off", description="mixed precision for this tier's compute: torch "
+                                                               "autocast with matmuls in bfloat16 (CPUs with "
+                                                               "AVX512-BF16 or AMX, recent GPUs); adapters, optimizer "
+                                                               "and the tensors sent stay float32")
     log_level: str = Field("info", description="uvicorn log level")
     credential: SecretStr | None = Field(None, description="this tier's credential: the file `splitllm credentials issue` "
                                                          "wrote, or its JSON text")

@@ -99,7 +99,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
                     u_shaped=args.u_shaped, tokenizer=args.tokenizer,
                     user_models=_list(args.user_models), user_data=_list(args.user_data),
                     cuts=[int(x) for x in _list(args.cuts)], ranks=[int(x) for x in _list(args.ranks)],
-                    memory_budgets=[int(x) for x in _list(args.memory_budgets)], block_ms=args.block_ms)
+                    memory_budgets=[int(x) for x in _list(args.memory_budgets)], block_ms=args.block_ms, autocast=args.autocast)
     sim = Simulation(cfg)
     print(f"model {args.model} ({sim.source.family.name}, {sim.source.num_layers} blocks), split {sim.spec.split[0]},"
           f"{sim.spec.split[1]}; data {args.data} ({sim.dataset.task}), {args.users} users, {args.edges} edges", flush=True)
@@ -241,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'activations=int8,gradients=topk:ratio=0.1,uploads=fp16,downloads=fp32'")
     p.add_argument("--edge-cloud-codecs", default="fp32", help="codecs on edge-cloud hops (same form)")
     p.add_argument("--adapter", default="lora", choices=("lora", "svd"), help="adapter form (svd: what FedARA trains)")
+    p.add_argument("--autocast", default="off", choices=("off", "bf16"), help="every tier's mixed precision")
     p.add_argument("--slowdowns", default="", help="per-user compute slowdown factors, cycled, e.g. 1,2,4")
     p.add_argument("--block-ms", type=float, default=None,
                    help="a virtual clock: charge this many ms per block and training step on a 1x device (times its "

@@ -76,6 +76,7 @@ class SimConfig:
     memory_budgets: list[int] = field(default_factory=list)  # or the bytes it declares
     ranks: list[int] = field(default_factory=list)  # each user's LoRA rank
     splits: dict[str, tuple[int, int]] = field(default_factory=dict)  # model -> its split (default: default_split)
+    autocast: str = "off"  # every tier's mixed precision ("bf16": matmuls in bfloat16), as the services' --autocast
     block_ms: float | None = None  # a virtual clock (ms per block step at 1x, shared.protocol.clock); None: wall clock
     # the users' ids (default user-0, user-1, ...); a user's id seeds its batch order, so a client run alone under
     # the id it has in a federation trains on the same batches as there
@@ -150,9 +151,9 @@ class Simulation:
         clouds, edge_rts = {}, {}
         for name, dep in self.federation.deployments.items():
             src, specs = self.sources[dep.spec.model], {d: e.spec for d, e in dep.experiments.items()}
-            clouds[name] = TierRuntime(Tier.CLOUD, src, dep.spec, tasks=specs, clock=self.clock)
+            clouds[name] = TierRuntime(Tier.CLOUD, src, dep.spec, tasks=specs, clock=self.clock, autocast=config.autocast)
             edge_rts[name] = TierRuntime(Tier.EDGE, src, dep.spec, tasks=specs, cut=dep.spec.split[1],
-                                         clock=self.clock)
+                                         clock=self.clock, autocast=config.autocast)
         initial = federation_state(self.federation, {n: self.sources[d.spec.model] for n, d in
                                                      self.federation.deployments.items()}, config.seed)
         # each server-side tier counts its hop by round as the services do, so reports carry the same bytes
@@ -188,7 +189,8 @@ class Simulation:
             placement = assign(declared, spec, sizes.get(name), data if len(dep.experiments) > 1 else None)
             cut = spec.split[0] if placement.cut is None else placement.cut
             if (name, data, cut) not in user_rts:
-                user_rts[(name, data, cut)] = TierRuntime(Tier.USER, src, spec, cut=cut, clock=self.clock)
+                user_rts[(name, data, cut)] = TierRuntime(Tier.USER, src, spec, cut=cut, clock=self.clock,
+                                                          autocast=config.autocast)
             ordinal = sum(1 for _, d, _ in users[:i] if d == data)
             mine = sum(1 for m, _, _ in users[:i] if m == model)
             edge = edges_of[name][mine % config.edges]

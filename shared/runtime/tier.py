@@ -37,6 +37,11 @@ from shared.protocol.messages import RoundPlan
 from shared.runtime.session import OptimizerSettings, Session
 
 
+# a tier's ``autocast`` setting: the dtype torch.autocast computes its matmuls in (None: off). bfloat16 only: it has
+# float32's range, so gradients need no loss scaling (float16's would, coordinated across the tiers)
+AUTOCAST: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16}
+
+
 @dataclass(frozen=True)
 class StepLimits:
     """What a step's tensors must be to belong to this model: the width, the compute dtype, the labels' range."""
@@ -90,11 +95,15 @@ class TierRuntime:
 
     def __init__(self, tier: Tier | str, source: ModelSource, spec: ModelSpec,
                  optimizer: OptimizerSettings | None = None, device: str = "cpu", cut: int | None = None,
-                 tasks: Mapping[str, ModelSpec] | None = None, clock: VirtualClock | None = None) -> None:
+                 tasks: Mapping[str, ModelSpec] | None = None, clock: VirtualClock | None = None,
+                 autocast: str = "off") -> None:
         self.tier, self.source, self.spec = Tier(tier), source, spec
         self.task_names = list(tasks or {})  # the deployment's tasks (data sets), where known
         self.tasks = dict(tasks) if tasks and len(tasks) > 1 else {}
         self.device = torch.device(device)
+        if autocast not in AUTOCAST:
+            raise ValueError(f"autocast must be one of {', '.join(AUTOCAST)}, got {autocast!r}")
+        self.autocast = AUTOCAST[autocast]
         self.lock = threading.RLock()
         self._load(spec.split[0] if cut is None else cut)
         self.policies = {hop: CodecPolicy.from_dict(spec.codecs.get(hop.value)) for hop in Hop}
@@ -264,12 +273,12 @@ class TierRuntime:
         layers = session.plugin.layers_to_run(step)
         if self.clock is not None and session.plan.training:
             self.clock.charge_blocks(self.tier, session.round_id, session.user_id, len(layers))
-        with self._bound(session), _timed(session):
+        with self._bound(session), _timed(session), self._mixed() as out_dtype:
             if input_ids is not None:
                 hidden = self.partition.embed_tokens(input_ids.to(self.device), attention_mask.to(self.device))
             if session.plan.training:
                 session.blocks_run += len(layers)
-            return self.partition.run_blocks(hidden, attention_mask.to(self.device), layers)
+            return self.partition.run_blocks(hidden, attention_mask.to(self.device), layers).to(out_dtype)
 
     def head(self, session: Session, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The head tier only: final norm and the session's task's head, on ``forward``'s output (micro-batches may
@@ -277,8 +286,19 @@ class TierRuntime:
         head = self.variant(session.plan).head
         if head is None:
             raise ValueError(f"the {self.tier} tier runs no head")
-        with self._bound(session), _timed(session):
-            return head.run_head(hidden, attention_mask.to(self.device))
+        with self._bound(session), _timed(session), self._mixed() as out_dtype:
+            return head.run_head(hidden, attention_mask.to(self.device)).to(out_dtype)
+
+    @contextmanager
+    def _mixed(self) -> Iterator[torch.dtype]:
+        """torch's autocast to ``self.autocast`` where one is set (matmuls in bfloat16, adapters and optimizer state
+        in float32); yields the dtype the tier's outputs leave in: the partition's own, with or without it."""
+        dtype = self.partition.compute_dtype()
+        if self.autocast is None:
+            yield dtype
+            return
+        with torch.autocast(self.device.type, dtype=self.autocast):
+            yield dtype
 
     def backward(self, session: Session, outputs: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
         """Backpropagate into this tier's adapters; the gradients of several calls (micro-batches) add up."""

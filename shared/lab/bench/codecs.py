@@ -137,7 +137,9 @@ def bench_codecs_4g(model: str = "minilm-l6", split: str = "1,3", users: int = 4
     stand for as many machines, from oversubscribing this machine's cores; 0 leaves torch's default, one
     per core in each process. Each codec's run records the CPU seconds every process used in its round
     (``cpu_seconds``): with idle OpenMP threads spinning (``OMP_WAIT_POLICY=ACTIVE``) and two threads a
-    process, the waiting users spend many times their work spinning (README "Performance").
+    process, the waiting users spend many times their work spinning (README "Performance"). The tiers inherit
+    this process's environment: ``SPLITLLM_AUTOCAST=bf16`` runs every tier's matmuls in bfloat16 (``autocast``
+    in the JSON).
     """
     import os
 
@@ -158,6 +160,6 @@ def bench_codecs_4g(model: str = "minilm-l6", split: str = "1,3", users: int = 4
         out[spec] = {"round_seconds": view["metrics"]["seconds"], "bytes": view["metrics"]["bytes"],
                      "cpu_seconds": cpu, "cpu_seconds_total": sum(cpu.values()), "machine": timed["machine"]}
     return {"profile": "4g", "users": users, "steps": steps, "batch": [batch_size, seq_len], "threads": threads,
-            "runs": out,
+            "autocast": os.environ.get("SPLITLLM_AUTOCAST", "off"), "runs": out,
             "speedup_int8": out["fp32"]["round_seconds"] / out["int8"]["round_seconds"],
             "speedup_int8_shuffle_lz4": out["fp32"]["round_seconds"] / out["int8+shuffle-lz4"]["round_seconds"]}
