@@ -1,14 +1,14 @@
 """Array helpers shared by the lossy codecs: float conversions (bfloat16 included), chunked torch ops, byte shuffling.
 
 The per-element work runs on the calling thread. torch's intra-op threads on a small, busy machine make
-each op slower (OpenMP threads waiting for cores that other processes hold: 1.5-2x with threads that sleep
-when idle, 10-100x with threads that spin), and a codec runs beside the tier's own compute. So where torch
-runs more than one thread (``runs_inline`` is false), the float casts (float32 to and from fp16 and bf16) and
-the int codecs' block maxima call torch's vectorised kernels on chunks below torch's parallel grain (``GRAIN``
-elements: an op that small runs on the calling thread), and the rest is numpy, which is single-threaded and
-works on the whole array in one call. A torch call per chunk costs a few microseconds of dispatch, about as
-much as the chunk's arithmetic: where torch runs one thread (the tiers' setting in the benches), each op is
-one torch call on the whole array instead, 2-3x faster, with the same bits.
+each op slower (OpenMP threads waiting for cores that other processes hold: some 4x, timed by hand beside a
+busy process, with threads that sleep when idle; 10-100x with threads that spin), and a codec runs beside the
+tier's own compute. So where torch runs more than one thread (``runs_inline`` is false), the float casts
+(float32 to and from fp16 and bf16) and the int codecs' block maxima call torch's vectorised kernels on chunks
+below torch's parallel grain (``GRAIN`` elements: an op that small runs on the calling thread), and the rest is
+numpy, which is single-threaded and works on the whole array in one call. A torch call per chunk costs a few
+microseconds of dispatch, about as much as the chunk's arithmetic: where torch runs one thread (the tiers'
+setting in the benches), each op is one torch call on the whole array instead, about 3x faster, with the same bits.
 """
 
 from __future__ import annotations
