@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.config.round import RoundDefaults
+from shared.config.threads import AUTOCAST_MODES
 
 
 MIN_SECRET_CHARS = 24  # shared development secrets: at least this long
@@ -59,7 +60,7 @@ class ServiceSettings(BaseSettings):
     device: str = Field("cpu", description="torch device for this tier's compute (cpu, cuda)")
     threads: int = Field(0, ge=0, description="CPU threads for this tier's tensor compute (0: torch's default, "
                                               "one per core); set it when several tiers share a machine")
-    autocast: Literal["off", "bf16"] = Field("off", description="mixed precision for this tier's compute: torch "
+    autocast: Literal[AUTOCAST_MODES] = Field("off", description="mixed precision for this tier's compute: torch "
                                                                "autocast with matmuls in bfloat16 (CPUs with "
                                                                "AVX512-BF16 or AMX, recent GPUs); adapters, optimizer "
                                                                "and the tensors sent stay float32")

@@ -1,8 +1,10 @@
-"""How this project's processes run torch's CPU threads: set before torch loads."""
+"""How this project's processes run torch's CPU threads (set before torch loads), and the tiers' mixed precision."""
 
 from __future__ import annotations
 
 import os
+
+AUTOCAST_MODES = ("off", "bf16")  # a tier's ``autocast`` setting (shared.runtime.tier gives each its dtype)
 
 # libgomp counts about 100 000 spins a millisecond: 5000 is some 50 microseconds
 SPIN_COUNT = "5000"

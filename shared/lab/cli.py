@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from shared.config.flags import add_model_flags, first_error, model_flag_values
 from shared.config.round import RoundConfig
 from shared.errors import ClientError
-from shared.config.threads import sleep_idle_threads
+from shared.config.threads import AUTOCAST_MODES, sleep_idle_threads
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'activations=int8,gradients=topk:ratio=0.1,uploads=fp16,downloads=fp32'")
     p.add_argument("--edge-cloud-codecs", default="fp32", help="codecs on edge-cloud hops (same form)")
     p.add_argument("--adapter", default="lora", choices=("lora", "svd"), help="adapter form (svd: what FedARA trains)")
-    p.add_argument("--autocast", default="off", choices=("off", "bf16"), help="every tier's mixed precision")
+    p.add_argument("--autocast", default="off", choices=AUTOCAST_MODES, help="every tier's mixed precision")
     p.add_argument("--slowdowns", default="", help="per-user compute slowdown factors, cycled, e.g. 1,2,4")
     p.add_argument("--block-ms", type=float, default=None,
                    help="a virtual clock: charge this many ms per block and training step on a 1x device (times its "
@@ -312,9 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a codec spec to compare (repeatable; fp32 is always run first); default: the standard set")
     p.add_argument("--no-4g", action="store_true", help="skip the round over emulated 4g links (real processes)")
     p.add_argument("--only-4g", action="store_true", help="only the round over emulated 4g links")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads of every tier in the 4g round and of the speed measure (default 1: the "
-                        "round's 6 processes share the cores, as in bench scaling; 0: one per core in each process)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of every tier in the 4g round and of the "
+                   "speed measure (default 1: the round's 6 processes share the cores; 0: one per core in each)")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_bench_codecs)
 

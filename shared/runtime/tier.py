@@ -14,6 +14,7 @@ from torch import nn
 
 from shared.config.deployment import ModelSpec
 from shared.config.federation import Federation
+from shared.config.threads import AUTOCAST_MODES
 from shared.data.batching import EVAL_BATCH_SIZE
 from shared.errors import InvalidInput, NotFound
 from shared.fl.namespaces import with_prefix
@@ -37,9 +38,9 @@ from shared.protocol.messages import RoundPlan
 from shared.runtime.session import OptimizerSettings, Session
 
 
-# a tier's ``autocast`` setting: the dtype torch.autocast computes its matmuls in (None: off). bfloat16 only: it has
-# float32's range, so gradients need no loss scaling (float16's would, coordinated across the tiers)
-AUTOCAST: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16}
+# the dtype torch.autocast computes a tier's matmuls in, by its ``autocast`` setting (AUTOCAST_MODES; "off": none).
+# bfloat16 only: it has float32's range, so gradients need no loss scaling (float16's would, across the tiers)
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,9 @@ class TierRuntime:
         self.task_names = list(tasks or {})  # the deployment's tasks (data sets), where known
         self.tasks = dict(tasks) if tasks and len(tasks) > 1 else {}
         self.device = torch.device(device)
-        if autocast not in AUTOCAST:
-            raise ValueError(f"autocast must be one of {', '.join(AUTOCAST)}, got {autocast!r}")
-        self.autocast = AUTOCAST[autocast]
+        if autocast not in AUTOCAST_MODES:
+            raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_MODES)}, got {autocast!r}")
+        self.autocast = _AUTOCAST_DTYPES.get(autocast)
         self.lock = threading.RLock()
         self._load(spec.split[0] if cut is None else cut)
         self.policies = {hop: CodecPolicy.from_dict(spec.codecs.get(hop.value)) for hop in Hop}
