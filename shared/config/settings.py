@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.config.heap import HEAP_MODES
 from shared.config.round import RoundDefaults
 from shared.config.threads import AUTOCAST_MODES
 
@@ -64,6 +65,9 @@ class ServiceSettings(BaseSettings):
                                                                "autocast with matmuls in bfloat16 (CPUs with "
                                                                "AVX512-BF16 or AMX, recent GPUs); adapters, optimizer "
                                                                "and the tensors sent stay float32")
+    heap: Literal[HEAP_MODES] = Field("system", description="reuse: this process keeps the memory a step frees "
+                                                            "for the next step (glibc's malloc; fewer page faults, "
+                                                            "more resident memory); system: malloc as it is")
     log_level: str = Field("info", description="uvicorn log level")
     credential: SecretStr | None = Field(None, description="this tier's credential: the file `splitllm credentials issue` "
                                                          "wrote, or its JSON text")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from shared.config.flags import add_model_flags, first_error, model_flag_values
+from shared.config.heap import reuse_freed_memory
 from shared.config.settings import ServiceSettings, load_settings
 from shared.config.threads import sleep_idle_threads
 from shared.http.client import Identity
@@ -66,6 +67,7 @@ def serve(prog: str, cls: type[ServiceSettings], create_app: Callable[[Any], Any
 
     try:
         settings = parse_settings(prog, cls, argv)
+        reuse_freed_memory(settings.heap)  # before the model loads
         settings.check_security()
         if check is not None:
             check(settings)

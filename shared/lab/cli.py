@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from shared.config.flags import add_model_flags, first_error, model_flag_values
+from shared.config.heap import reuse_freed_memory
 from shared.config.round import RoundConfig
 from shared.errors import ClientError
 from shared.config.threads import AUTOCAST_MODES, sleep_idle_threads
@@ -139,7 +140,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
     from shared.lab.memory import memory_report, print_report
 
     report = memory_report(args.model, _split_arg(args.split), batch_size=args.batch_size, seq_len=args.seq_len,
-                           services=args.services)
+                           services=args.services, steps=args.steps)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -278,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--services", action="store_true",
                    help="also run a cloud, an edge and a user as service processes through one round; their peaks")
+    p.add_argument("--steps", type=int, default=2, help="the services' round: its steps")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_memory)
 
@@ -363,20 +365,17 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         return int(importlib.import_module(f"{SERVICES[argv[0]]}.__main__").main(argv[1:]) or 0)
+    try:
+        reuse_freed_memory()  # the other commands read SPLITLLM_HEAP (the services: their heap setting)
+    except ValueError as exc:
+        print(f"splitllm: error: {exc}", file=sys.stderr)
+        return 2
     if argv[:2] in (["bench", "fedara"], ["bench", "droppeft"], ["bench", "devft"], ["bench", "pipeline"],
                     ["bench", "scaling"], ["bench", "h2tune"], ["bench", "compare"]):  # these parse their own flags
         import importlib
 
         return int(importlib.import_module(f"shared.lab.bench.{argv[1]}").main(argv[2:]) or 0)
-    if argv and argv[0] == "credentials":
-        from shared.lab.credentials import main as credentials_main
-
-        return int(credentials_main(argv[1:]) or 0)
-    if argv and argv[0] == "topology":
-        from shared.lab.topology import main as topology_main
-
-        return int(topology_main(argv[1:]) or 0)
-    if argv and argv[0] in ("compose", "export"):  # these parse their own flags
+    if argv and argv[0] in ("compose", "export", "credentials", "topology"):  # these parse their own flags
         import importlib
 
         return int(importlib.import_module(f"shared.lab.{argv[0]}").main(argv[1:]) or 0)

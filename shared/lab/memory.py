@@ -117,9 +117,11 @@ def service_peaks(model: str, split: tuple[int, int], batch_size: int, seq_len: 
 
 
 def memory_report(model: str, split: tuple[int, int], batch_size: int = 4, seq_len: int = 64,
-                  services: bool = False) -> dict[str, Any]:
-    """Each tier and the whole model in a fresh process of its own, so peak RSS is that tier's alone; with
-    ``services``, the real service processes too (``service_peaks``)."""
+                  services: bool = False, steps: int = 2) -> dict[str, Any]:
+    """Each tier and the whole model in a fresh process of its own, so peak RSS is that tier's alone (glibc's
+    malloc as it is: one step); with ``services``, the real service processes too (``service_peaks``, a round of
+    ``steps``), under the heap policy of this process's environment (``heap``: ``shared.config.heap``)."""
+    from shared.config.heap import heap_policy
     from shared.model.sources import resolve_model
 
     resolve_model(model)  # convert / validate once, before the probes race to do it
@@ -127,7 +129,8 @@ def memory_report(model: str, split: tuple[int, int], batch_size: int = 4, seq_l
     for tier in ("user", "edge", "cloud", "whole", "runtime", "imports"):
         report[tier] = probe_process(model, split, tier, batch_size, seq_len)
     if services:
-        report["services"] = service_peaks(model, split, batch_size, seq_len)
+        report["services"] = service_peaks(model, split, batch_size, seq_len, steps)
+        report["heap"] = heap_policy()
     whole, user = report["whole"], report["user"]
     share = user["param_bytes"] / whole["param_bytes"]
     not_held = whole["param_bytes"] - user["param_bytes"]

@@ -74,7 +74,8 @@ def bench_http(model: str = "smollm2-135m", split: str = "2,15", batch_size: int
             "outside_compute_per_step": {"inprocess": mean_in - sum(compute_in.values()),
                                          "http": mean_http - sum(compute_http.values())},
             "inprocess_round_cpu_seconds": cpu_in, "http_round_cpu_seconds": cpu_http, "cpu_ratio": cpu_http / cpu_in,
-            "round_counters": {"inprocess": counters_in, "http": counters_http},
+            "round_counters": {"inprocess": counters_in, "http": counters_http,
+                               "http_by_process": timed["counters_by_process"]},
             "harness_cpu_seconds": timed["harness_cpu_seconds"],  # this process's, over the HTTP round
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
             "machine": {"inprocess": machine_in.record, "http": timed["machine"]}}

@@ -14,6 +14,8 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Self
 
+from shared.config.heap import heap_policy
+
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -37,7 +39,7 @@ class Machine:
         cpus = os.cpu_count() or 1
         after = getattr(self, "after", load())
         return {"cpus": cpus, "load_before": self.before, "load_after": after,
-                "busy": max(self.before[0], after[0]) > 0.5 * cpus}
+                "busy": max(self.before[0], after[0]) > 0.5 * cpus, "heap": heap_policy()}
 
 
 def process_counters(pid: int | str = "self") -> dict[str, float]:
@@ -68,9 +70,9 @@ def cpu_seconds(pid: int) -> float:
 def timed_round(cluster: Any, body: dict[str, Any]) -> dict[str, Any]:
     """One round of a running ``shared.lab.cluster.Cluster``: its final view (``view``), its wall seconds as this
     process timed them (``wall``), the CPU seconds each of the cluster's processes used meanwhile
-    (``cpu_seconds``, by process name), all of them together (``counters``: ``counters_since``), the machine's
-    load around it (``machine``), and the CPU seconds this process took meanwhile (``harness_cpu_seconds``:
-    starting the round and polling it, on the cores the cluster computes on)."""
+    (``cpu_seconds``, by process name), all of them together (``counters``: ``counters_since``) and each one's
+    (``counters_by_process``), the machine's load around it (``machine``), and the CPU seconds this process took
+    meanwhile (``harness_cpu_seconds``: starting the round and polling it, on the cores the cluster computes on)."""
     pids = {name: p.popen.pid for name, p in cluster.procs.items() if p.popen is not None}
     before = {pid: process_counters(pid) for pid in pids.values()}
     t0, own0 = time.perf_counter(), time.process_time()
@@ -80,6 +82,7 @@ def timed_round(cluster: Any, body: dict[str, Any]) -> dict[str, Any]:
     after = {pid: process_counters(pid) for pid in before}  # each process read once, both figures from it
     cpu = {name: sum(after[pid][k] - before[pid][k] for k in ("user_s", "system_s")) for name, pid in pids.items()}
     return {"view": view, "wall": wall, "cpu_seconds": cpu, "counters": counters_since(before, after),
+            "counters_by_process": {name: counters_since({pid: before[pid]}, after) for name, pid in pids.items()},
             "machine": machine.record, "harness_cpu_seconds": own}
 
 
