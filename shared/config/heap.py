@@ -46,7 +46,7 @@ def reuse_freed_memory(mode: str | None = None) -> str:
         return _policy
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(v in os.environ for v in _MALLOC_VARIABLES):
         _policy = "environment"
-    elif mode == "reuse" and _glibc():
+    elif mode == "reuse" and on_glibc():
         mallopt = ctypes.CDLL(None).mallopt
         settings = ((M_MMAP_THRESHOLD, KEEP_BYTES), (M_TRIM_THRESHOLD, KEEP_BYTES), (M_ARENA_MAX, 1))
         results = [mallopt(option, value) for option, value in settings]  # each one set, whatever the others gave
@@ -54,7 +54,8 @@ def reuse_freed_memory(mode: str | None = None) -> str:
     return _policy
 
 
-def _glibc() -> bool:
+def on_glibc() -> bool:
+    """Whether this process runs on glibc, whose malloc ``reuse_freed_memory`` sets."""
     try:
         return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
     except (AttributeError, ValueError, OSError):  # not a POSIX system, or a C library that does not name itself

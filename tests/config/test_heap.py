@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from shared.config.heap import KEEP_BYTES
+from shared.config.heap import KEEP_BYTES, on_glibc
 
 # A compute thread (a service's steps run on worker threads) allocates a tensor larger than a thread's own heap can
 # hold (64 MB): does it come from the process's heap, which keeps what is freed, or from a mapping of its own, which
@@ -44,7 +44,7 @@ def probe(env: dict[str, str], start: bool = True) -> dict:
     return json.loads(out.stdout)
 
 
-@pytest.mark.skipif(not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"), reason="glibc's malloc")
+@pytest.mark.skipif(not on_glibc(), reason="glibc's malloc")
 def test_a_compute_thread_allocates_from_the_heap_that_keeps_freed_memory_where_told_to() -> None:
     assert probe({"SPLITLLM_HEAP": "reuse"}) == {"policy": "reuse", "from_heap": True}
     assert probe({}, start=False) == {"policy": "system", "from_heap": False}  # glibc's own: a mapping
