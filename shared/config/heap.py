@@ -13,7 +13,7 @@ come from the heap (``M_MMAP_THRESHOLD``), free memory at the heap's top is kept
 and every thread allocates from the main heap (``M_ARENA_MAX`` 1), which can grow past 64 MB. After the first steps
 a step reuses the pages it used before. The cost: a process holds about its peak between steps instead of falling back,
 and more, since a freed block cannot always take the next aligned tensor of its size (torch asks glibc for 64-byte
-alignment, which glibc before 2.38 serves from a larger block): the cloud's, mostly (README "Performance" has
+alignment, which glibc 2.36 serves from a larger block): the cloud's, mostly (README "Performance" has
 both sides measured). So it is not the default: the services' setting ``heap`` (``--heap``, ``SPLITLLM_HEAP``;
 ``splitllm``'s other commands read ``SPLITLLM_HEAP``) is ``system``, malloc as glibc sets it, unless set to
 ``reuse``. A malloc setting of the environment's own (``GLIBC_TUNABLES`` naming a ``glibc.malloc`` tunable, or a
@@ -22,7 +22,6 @@ both sides measured). So it is not the default: the services' setting ``heap`` (
 
 from __future__ import annotations
 
-import ctypes
 import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's malloc.h
@@ -47,6 +46,8 @@ def reuse_freed_memory(mode: str | None = None) -> str:
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(v in os.environ for v in _MALLOC_VARIABLES):
         _policy = "environment"
     elif mode == "reuse" and on_glibc():
+        import ctypes  # only here: every splitllm process imports this module at start
+
         mallopt = ctypes.CDLL(None).mallopt
         settings = ((M_MMAP_THRESHOLD, KEEP_BYTES), (M_TRIM_THRESHOLD, KEEP_BYTES), (M_ARENA_MAX, 1))
         results = [mallopt(option, value) for option, value in settings]  # each one set, whatever the others gave
