@@ -7,7 +7,7 @@ import torch
 from shared.errors import InvalidInput
 from shared.protocol.enums import Hop
 from shared.protocol.messages import OutputReply, StepRequest
-from shared.runtime.loss import eval_counts, step_loss
+from shared.runtime.loss import head_counts, head_loss
 from shared.protocol.wire import Message
 from shared.runtime.session import Session
 from shared.runtime.steps import Downstream, pack_tokens, serve_backward, serve_step
@@ -36,11 +36,11 @@ class CloudCompute:
             return Downstream(reply=reply, output=out if session.plan.training else None)
         task = self.runtime.variant(session.plan).spec.task
         labels = request.labels.to(self.runtime.device, torch.int64)
-        logits = self.runtime.head(session, out, request.attention_mask)
         if not session.plan.training:
-            counts = eval_counts(task, logits.detach(), labels)
+            counts = self.runtime.head(session, out, request.attention_mask, lambda head: head_counts(task, head, labels))
             return Downstream(reply=counts.to_message(), counts=counts)
-        loss = step_loss(task, logits, labels, request.label_count)
+        loss = self.runtime.head(session, out, request.attention_mask,
+                                 lambda head: head_loss(task, head, labels, request.label_count))
         if not torch.isfinite(loss):
             raise InvalidInput(f"the loss of round {request.round}, user '{request.user}', step {request.step} is not finite")
         return Downstream(output=loss, loss=float(loss.detach()))

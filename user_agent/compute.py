@@ -23,7 +23,7 @@ from shared.protocol.messages import (BackwardRequest, EvalReply, OutputReply, R
 from shared.protocol.starts import UserStart
 from shared.protocol.transport import Link
 from shared.protocol.wire import Message
-from shared.runtime.loss import eval_counts, label_count, step_loss
+from shared.runtime.loss import head_counts, head_loss, label_count
 from shared.runtime.session import Session
 from shared.runtime.steps import check_grad, pack_tokens, unpack_tokens
 from shared.runtime.tier import TierRuntime
@@ -191,8 +191,9 @@ class UserAgent:
         loss = 0.0
         for micro in micros:
             hidden = self.runtime.forward(session, None, micro.attention_mask, step, input_ids=micro.input_ids)
-            logits = self.runtime.head(session, hidden, micro.attention_mask)
-            part = step_loss(self.runtime.spec.task, logits, micro.labels.to(self.runtime.device), count)
+            labels = micro.labels.to(self.runtime.device)
+            part = self.runtime.head(session, hidden, micro.attention_mask,
+                                     lambda head: head_loss(self.runtime.spec.task, head, labels, count))
             self.runtime.backward(session, [part], [None])
             loss += float(part.detach())
         self.runtime.step(session)
@@ -212,19 +213,24 @@ class UserAgent:
             reply = self.edge.request("backward", back.to_message(self.policy.gradients))
         return TrainReply.from_message(reply), seconds
 
-    def _head(self, session: Session, reply: Message, request: StepRequest) -> tuple[torch.Tensor, torch.Tensor]:
-        """U-shaped chain: the cloud's output rows (a leaf, for their gradient) through this device's head."""
+    def _head(self, session: Session, reply: Message, request: StepRequest, labels: torch.Tensor,
+              count: int | None = None) -> tuple[torch.Tensor, Any]:
+        """U-shaped chain: the cloud's output rows (a leaf, for their gradient) through this device's head, and the
+        loss (training; ``count``: the step's, where this is one of its micro-batches) or the held-out counts."""
         rows = OutputReply.from_message(reply).hidden
         check_grad(rows, request.hidden, "the edge")  # output rows are shaped like the step's activations
         out = unpack_tokens(rows.to(self.runtime.device, torch.float32), request.attention_mask)
         out.requires_grad_(session.plan.training)
-        return out, self.runtime.head(session, out, request.attention_mask)
+        task = self.runtime.spec.task
+        if session.plan.training:
+            return out, self.runtime.head(session, out, request.attention_mask,
+                                          lambda head: head_loss(task, head, labels, count))
+        return out, self.runtime.head(session, out, request.attention_mask, lambda head: head_counts(task, head, labels))
 
     def _head_loss_backward(self, session: Session, reply: Message, request: StepRequest,
                             batch: Batch, count: int | None) -> tuple[torch.Tensor, float]:
         """The loss on this device, backpropagated into the head's tensors and the cloud's output rows."""
-        out, logits = self._head(session, reply, request)
-        loss = step_loss(self.runtime.spec.task, logits, batch.labels.to(self.runtime.device), count)
+        out, loss = self._head(session, reply, request, batch.labels.to(self.runtime.device), count)
         torch.autograd.backward(loss)
         grad = out.grad if out.grad is not None else torch.zeros_like(out)
         return pack_tokens(grad, request.attention_mask), float(loss.detach())
@@ -242,15 +248,15 @@ class UserAgent:
             for step, batch in enumerate(self.eval_data):
                 hidden = self.runtime.forward(session, None, batch.attention_mask, step, input_ids=batch.input_ids)
                 if self.whole:
-                    logits = self.runtime.head(session, hidden, batch.attention_mask)
-                    counts = eval_counts(self.runtime.spec.task, logits.detach(), batch.labels.to(self.runtime.device))
+                    labels = batch.labels.to(self.runtime.device)
+                    counts = self.runtime.head(session, hidden, batch.attention_mask,
+                                               lambda head: head_counts(self.runtime.spec.task, head, labels))
                     self._add(totals, counts, batch.size)
                     continue
                 request = step_request(plan, step, hidden, batch, labels=not self.u_shaped)
                 reply = self.edge.request("step", request.to_message(self.policy.activations))
                 if self.u_shaped:
-                    _, logits = self._head(session, reply, request)
-                    counts = eval_counts(self.runtime.spec.task, logits.detach(), batch.labels.to(self.runtime.device))
+                    _, counts = self._head(session, reply, request, batch.labels.to(self.runtime.device))
                 else:
                     counts = EvalReply.from_message(reply)
                 self._add(totals, counts, batch.size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,17 +193,25 @@ class Partition(nn.Module):
         return masks, kwargs, rotary
 
     def run_head(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        parts = self.head_parts(hidden, attention_mask)
+        return parts.to_logits(parts.features)
+
+    def head_parts(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> HeadParts:
+        """The head in two (``HeadParts``): a language model's final norm, then the projection to the vocabulary,
+        which a loss may apply to a chunk of positions at a time; a classifier's whole head, then nothing."""
         f, head = self.family, dict(self.head.items())
         if f.norm:
             hidden = head.pop(f.norm.rsplit(".", 1)[-1])(hidden)
         if self.task == "lm":
-            logits = next(iter(head.values()))(hidden)
-            return f.logits(logits, self.config) if f.logits else logits
+            project = next(iter(head.values()))
+            to_logits = (lambda rows: f.logits(project(rows), self.config)) if f.logits else project
+            return HeadParts(hidden, to_logits, tuple(p for p in project.parameters() if p.requires_grad),
+                             getattr(project, "out_features", None) or self.config.vocab_size)
         if f.pool_last:
             hidden = _last_token_pool(hidden, attention_mask)
         for module in head.values():
             hidden = module(hidden)
-        return hidden
+        return HeadParts(hidden, _same, (), hidden.shape[-1])
 
     def parameter_bytes(self) -> int:
         """Bytes of the model's tensors this tier holds: its parameters (adapters included once injected) and
@@ -219,6 +228,22 @@ class Partition(nn.Module):
         """The task model's name of a normalised parameter name (``blocks.3.attn.c_attn.weight``)."""
         module, rest = ".".join(name.split(".")[:2]), ".".join(name.split(".")[2:])
         return f"{self.paths[module]}.{rest}"
+
+
+@dataclass(frozen=True)
+class HeadParts:
+    """A head as ``to_logits(features)``. A language model's ``features`` are the final norm's output, one row per
+    position, and ``to_logits`` maps any rows of them to logits (``outputs`` wide) with ``params``, the projection's
+    trainable tensors (an adapter on it); a classifier's ``features`` are already its logits."""
+
+    features: torch.Tensor
+    to_logits: Callable[[torch.Tensor], torch.Tensor]
+    params: tuple[torch.Tensor, ...]
+    outputs: int
+
+
+def _same(rows: torch.Tensor) -> torch.Tensor:
+    return rows
 
 
 def head_trainable_names(partition: Partition) -> list[str]:

@@ -28,7 +28,7 @@ from shared.model.adapters import (
     inject_lora,
     tensor_kind_of,
 )
-from shared.model.partition import Partition, Split, build_partition, load_partition
+from shared.model.partition import HeadParts, Partition, Split, build_partition, load_partition
 from shared.model.sources import ModelSource
 from shared.protocol.bundle import AdapterBundle
 from shared.protocol.codecs import CodecPolicy
@@ -281,13 +281,18 @@ class TierRuntime:
                 session.blocks_run += len(layers)
             return self.partition.run_blocks(hidden, attention_mask.to(self.device), layers).to(out_dtype)
 
-    def head(self, session: Session, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The head tier only: final norm and the session's task's head, on ``forward``'s output (micro-batches may
-        call it from other threads: ``_bound`` holds the tier's lock)."""
+    def head(self, session: Session, hidden: torch.Tensor, attention_mask: torch.Tensor,
+             then: Callable[[HeadParts], Any] | None = None) -> Any:
+        """The head tier only: final norm and the session's task's head on ``forward``'s output, its logits; or what
+        ``then`` makes of the head's parts (``head_loss``, ``head_counts``: a language model's logits a chunk of
+        positions at a time) under the same adapters and autocast (micro-batches may call it from other threads:
+        ``_bound`` holds the tier's lock)."""
         head = self.variant(session.plan).head
         if head is None:
             raise ValueError(f"the {self.tier} tier runs no head")
         with self._bound(session), _timed(session), self._mixed() as out_dtype:
+            if then is not None:
+                return then(head.head_parts(hidden, attention_mask.to(self.device)))
             return head.run_head(hidden, attention_mask.to(self.device)).to(out_dtype)
 
     @contextmanager
