@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import torch
@@ -193,7 +194,7 @@ class UserAgent:
             hidden = self.runtime.forward(session, None, micro.attention_mask, step, input_ids=micro.input_ids)
             labels = micro.labels.to(self.runtime.device)
             part = self.runtime.head(session, hidden, micro.attention_mask,
-                                     lambda head: head_loss(self.runtime.spec.task, head, labels, count))
+                                     partial(head_loss, self.runtime.spec.task, labels=labels, count=count))
             self.runtime.backward(session, [part], [None])
             loss += float(part.detach())
         self.runtime.step(session)
@@ -250,7 +251,7 @@ class UserAgent:
                 if self.whole:
                     labels = batch.labels.to(self.runtime.device)
                     counts = self.runtime.head(session, hidden, batch.attention_mask,
-                                               lambda head: head_counts(self.runtime.spec.task, head, labels))
+                                               partial(head_counts, self.runtime.spec.task, labels=labels))
                     self._add(totals, counts, batch.size)
                     continue
                 request = step_request(plan, step, hidden, batch, labels=not self.u_shaped)

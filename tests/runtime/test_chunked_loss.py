@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from plans import make_plan
 from torch import nn
 
 import shared.runtime.loss as loss_module
-from plans import make_plan
 from shared.config.deployment import ModelSpec
 from shared.data.batching import IGNORE_INDEX
 from shared.model.adapters import initial_state
