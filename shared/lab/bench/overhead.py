@@ -90,4 +90,10 @@ def summary(report: dict[str, Any]) -> str:
             f"{report['http_round_cpu_seconds']:.1f} (all three processes), ratio {report['cpu_ratio']:.3f}; outside the "
             f"tiers' compute per step: in-process {outside['inprocess']:.3f} s, HTTP {outside['http']:.3f} s; "
             f"this process's CPU over the HTTP round {report['harness_cpu_seconds']:.2f} s; "
-            f"load {report['machine']['http']['load_before']}")
+            f"load {report['machine']['http']['load_before']}" + _reported(report["machine"]))
+
+
+def _reported(machine: dict[str, Any]) -> str:
+    """Free memory the kernel handed back to a hypervisor on each path, where it does (``Machine``)."""
+    mb = [machine[k].get("reported_to_host_mb") for k in ("inprocess", "http")]
+    return "" if None in mb else f"; free memory reported to the host: in-process {mb[0]:.0f} MB, HTTP {mb[1]:.0f} MB"

@@ -24,22 +24,40 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
+
+
+def reported_kib() -> int | None:
+    """Free memory this machine's kernel has reported to its hypervisor so far, in kB (free page reporting: a VM
+    hands free pages back to its host, and a page faulted in again after that costs the host's work as well as
+    the guest's); None where the kernel does not report."""
+    try:
+        return int(REPORTED_KIB.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 class Machine:
-    """The machine's cores and load around a timed part: ``with Machine() as m: ...``; ``m.record`` for the JSON."""
+    """The machine's cores and load around a timed part: ``with Machine() as m: ...``; ``m.record`` for the JSON.
+    ``reported_to_host_mb``: the free memory the kernel handed back to a hypervisor meanwhile (None: not a VM
+    that reports)."""
 
     def __enter__(self) -> Self:
-        self.before = load()
+        self.before, self.reported_before = load(), reported_kib()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.after = load()
+        self.after, self.reported_after = load(), reported_kib()
 
     @property
     def record(self) -> dict[str, Any]:
         cpus = os.cpu_count() or 1
         after = getattr(self, "after", load())
+        reported = getattr(self, "reported_after", reported_kib())
         return {"cpus": cpus, "load_before": self.before, "load_after": after,
-                "busy": max(self.before[0], after[0]) > 0.5 * cpus, "heap": heap_policy()}
+                "busy": max(self.before[0], after[0]) > 0.5 * cpus, "heap": heap_policy(),
+                "reported_to_host_mb": None if reported is None or self.reported_before is None
+                else round((reported - self.reported_before) / 1024, 1)}
 
 
 def process_counters(pid: int | str = "self") -> dict[str, float]:
