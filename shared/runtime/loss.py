@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from shared.data.batching import IGNORE_INDEX
 from shared.model.partition import HeadParts
@@ -113,16 +114,17 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 loss = F.cross_entropy(to_logits(x).float(), targets[start:start + size], reduction="sum")
                 wrt = [t for t, n in zip((x, *params), need) if n]
                 found = iter(torch.autograd.grad(loss, wrt) if wrt else ())
-            for i, n in enumerate(need):
-                if n and i == 0:
-                    grads[0][start:start + size] = next(found)
-                elif n:
-                    grads[i] += next(found)
+            if need[0]:
+                grads[0][start:start + size] = next(found)
+            for grad, n in zip(grads[1:], need[1:]):
+                if n:
+                    grad += next(found)
             total += loss.detach()
         ctx.grads = grads
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grads, ctx.grads = ctx.grads, None
         return (None, None, None, *(None if g is None else g * grad_total.to(g.dtype) for g in grads))
