@@ -68,8 +68,10 @@ def head_loss(task: str, parts: HeadParts, labels: torch.Tensor, count: int | No
     if task != "lm":
         return step_loss(task, parts.to_logits(parts.features), labels, count)
     rows, targets = lm_targets(parts.features, labels)
-    total = _ChunkedCrossEntropy.apply(parts.to_logits, _chunk_rows(parts), targets, rows, *parts.params)
-    return total / (targets.numel() if count is None else count)
+    # 1 / the count, in float32 as cross-entropy's mean takes it: each position's gradient is then the same number,
+    # bit for bit, as with the whole batch's logits (a scale applied after the matmul would round differently)
+    scale = torch.ones((), dtype=torch.float32, device=rows.device) / (targets.numel() if count is None else count)
+    return _ChunkedCrossEntropy.apply(parts.to_logits, _chunk_rows(parts), scale, targets, rows, *parts.params)
 
 
 def head_counts(task: str, parts: HeadParts, labels: torch.Tensor) -> EvalReply:
@@ -98,20 +100,21 @@ def _chunk_rows(parts: HeadParts) -> int:
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Cross-entropy summed over ``rows``' logits, made and dropped a chunk at a time. The forward computes each
-    chunk's gradients at once (of its rows and of the projection's trainable tensors), so nothing of the logits
-    outlives its chunk; the backward only scales them by the incoming gradient."""
+    """Cross-entropy over ``rows``' logits, summed and multiplied by ``scale``, the logits made and dropped a chunk at
+    a time. The forward computes each chunk's gradients at once (of its rows and of the projection's trainable
+    tensors), so nothing of the logits outlives its chunk; the backward only multiplies them by the incoming
+    gradient (1 where the loss is the step's)."""
 
     @staticmethod
-    def forward(ctx: Any, to_logits: Callable[[torch.Tensor], torch.Tensor], size: int, targets: torch.Tensor,
-                rows: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        need = ctx.needs_input_grad[3:]
+    def forward(ctx: Any, to_logits: Callable[[torch.Tensor], torch.Tensor], size: int, scale: torch.Tensor,
+                targets: torch.Tensor, rows: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        need = ctx.needs_input_grad[4:]
         grads = [torch.zeros_like(t) if n else None for t, n in zip((rows, *params), need)]
-        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        total = torch.zeros((), dtype=torch.float32, device=rows.device) * scale  # no rows: NaN for a mean, as before
         for start in range(0, rows.shape[0], size):
             with torch.enable_grad():
                 x = rows[start:start + size].detach().requires_grad_(need[0])
-                loss = F.cross_entropy(to_logits(x).float(), targets[start:start + size], reduction="sum")
+                loss = F.cross_entropy(to_logits(x).float(), targets[start:start + size], reduction="sum") * scale
                 wrt = [t for t, n in zip((x, *params), need) if n]
                 found = iter(torch.autograd.grad(loss, wrt) if wrt else ())
             if need[0]:
@@ -127,4 +130,4 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grads, ctx.grads = ctx.grads, None
-        return (None, None, None, *(None if g is None else g * grad_total.to(g.dtype) for g in grads))
+        return (None, None, None, None, *(None if g is None else g * grad_total.to(g.dtype) for g in grads))
