@@ -77,12 +77,14 @@ def probe(model: str, split: tuple[int, int], tier: str, batch_size: int, seq_le
     if tier != "user":
         hidden = torch.randn(batch_size, seq_len, int(source.config.hidden_size), requires_grad=True)
     out = runtime.forward(session, hidden, mask, 0, input_ids=ids if tier == "user" else None)
-    grad = torch.ones_like(out)
+    grad = None
     if tier == "cloud":  # the cloud's loss, as its service makes it (a language model's logits a chunk at a time)
         from shared.runtime.loss import head_loss
 
         labels = ids if task == "lm" else torch.zeros(batch_size, dtype=torch.int64)
-        out, grad = runtime.head(session, out, mask, lambda head: head_loss(task, head, labels)), None
+        out = runtime.head(session, out, mask, lambda head: head_loss(task, head, labels))
+    else:
+        grad = torch.ones_like(out)
     if out.requires_grad:
         runtime.backward_and_step(session, [out], [grad])
     return {"param_bytes": runtime.parameter_bytes(), **_status()}

@@ -5,7 +5,9 @@ batch: at 8 x 128 positions and a 49,152-token vocabulary they are 201 MB in flo
 made three more of that size, every step. glibc's malloc maps allocations that large afresh each time and unmaps them
 when freed, so every step paid for about 1.2 GB of new pages (0.29 million page faults a step, the head alone, on
 smollm2-135m). A chunk stays under the largest size glibc's mmap threshold rises to (32 MiB on 64-bit machines), so
-from the second step on malloc serves the chunks from memory the process already holds.
+from the second step on malloc serves the chunks from memory the process already holds. The tiers take a head's loss
+and counts through ``head_loss`` and ``head_counts``; ``step_loss`` and ``eval_counts`` take whole logits (a
+classifier's, and the whole-batch reference the tests hold the chunks to).
 """
 
 from __future__ import annotations
