@@ -340,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser("h2tune", help="H2Tune against local-only and naive heterogeneous LoRA (see splitllm bench "
                                     "h2tune --help)", add_help=False)
     bench.add_parser("compare", help="centralised, federated and split LoRA side by side (see --help)", add_help=False)
+    bench.add_parser("sessions", help="one tier's sessions stepping at once against one after the other (see --help)",
+                     add_help=False)
 
     for name in SERVICES:
         sub.add_parser(name, help=f"run the {name} tier as a service (see splitllm {name} --help)", add_help=False)
@@ -347,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 SERVICES = {"cloud": "cloud_server", "edge": "edge_server", "user": "user_agent"}
+SELF_PARSED = ("fedara", "droppeft", "devft", "pipeline", "scaling", "h2tune", "compare", "sessions")  # bench names
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -370,8 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"splitllm: error: {exc}", file=sys.stderr)
         return 2
-    if argv[:2] in (["bench", "fedara"], ["bench", "droppeft"], ["bench", "devft"], ["bench", "pipeline"],
-                    ["bench", "scaling"], ["bench", "h2tune"], ["bench", "compare"]):  # these parse their own flags
+    if argv[:1] == ["bench"] and argv[1:2] and argv[1] in SELF_PARSED:  # these benches parse their own flags
         import importlib
 
         return int(importlib.import_module(f"shared.lab.bench.{argv[1]}").main(argv[2:]) or 0)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from shared.errors import ModelError
@@ -203,15 +204,19 @@ class Partition(nn.Module):
         if f.norm:
             hidden = head.pop(f.norm.rsplit(".", 1)[-1])(hidden)
         if self.task == "lm":
-            project = next(iter(head.values()))
+            module = next(iter(head.values()))
+            project: Callable[[torch.Tensor], torch.Tensor] = module
+            if _frozen_linear(module):  # its tensors as bound now: the chunks may run after another session binds
+                weight, bias = module.weight, module.bias
+                project = lambda rows: F.linear(rows, weight, bias)  # noqa: E731  (what nn.Linear's forward runs)
             to_logits = (lambda rows: f.logits(project(rows), self.config)) if f.logits else project
-            return HeadParts(hidden, to_logits, tuple(p for p in project.parameters() if p.requires_grad),
-                             getattr(project, "out_features", None) or self.config.vocab_size)
+            return HeadParts(hidden, to_logits, tuple(p for p in module.parameters() if p.requires_grad),
+                             getattr(module, "out_features", None) or self.config.vocab_size, project is not module)
         if f.pool_last:
             hidden = _last_token_pool(hidden, attention_mask)
         for module in head.values():
             hidden = module(hidden)
-        return HeadParts(hidden, _same, (), hidden.shape[-1])
+        return HeadParts(hidden, _same, (), hidden.shape[-1], True)
 
     def parameter_bytes(self) -> int:
         """Bytes of the model's tensors this tier holds: its parameters (adapters included once injected) and
@@ -234,12 +239,23 @@ class Partition(nn.Module):
 class HeadParts:
     """A head as ``to_logits(features)``. A language model's ``features`` are the final norm's output, one row per
     position, and ``to_logits`` maps any rows of them to logits (``outputs`` wide) with ``params``, the projection's
-    trainable tensors (an adapter on it); a classifier's ``features`` are already its logits."""
+    trainable tensors (an adapter on it); a classifier's ``features`` are already its logits. ``standalone``:
+    ``to_logits`` reads no module's attributes, only tensors it took when the parts were made (a frozen plain linear
+    projection, the usual language-model head), so it computes the same after the modules are rebound to another
+    session's tensors: a tier may run it outside its lock."""
 
     features: torch.Tensor
     to_logits: Callable[[torch.Tensor], torch.Tensor]
     params: tuple[torch.Tensor, ...]
     outputs: int
+    standalone: bool = False
+
+
+def _frozen_linear(module: nn.Module) -> bool:
+    """A plain ``nn.Linear`` (no subclass, no hooks of its own) none of whose tensors trains: ``F.linear`` on its
+    weight and bias is its whole forward."""
+    return (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+            and not any(p.requires_grad for p in module.parameters()))
 
 
 def _same(rows: torch.Tensor) -> torch.Tensor:

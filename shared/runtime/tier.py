@@ -81,7 +81,8 @@ class TierRuntime:
     """A tier's compute, free of any transport: forward under a session's adapters, backward, step.
 
     One lock guards binding + forward; autograd keeps the bound tensors, so backward and the
-    optimizer step of one session may run while another session does its forward. With a
+    optimizer step of one session (and a frozen head's projection, ``head``) may run while another
+    session does its forward. With a
     ``clock`` (the simulator's ``VirtualClock``) each training forward charges the blocks it runs.
 
     ``cut`` is where the blocks this process holds begin or end, where participants have cuts of their
@@ -285,15 +286,21 @@ class TierRuntime:
              then: Callable[[HeadParts], Any] | None = None) -> Any:
         """The head tier only: final norm and the session's task's head on ``forward``'s output, its logits; or what
         ``then`` makes of the head's parts (``head_loss``, ``head_counts``: a language model's logits a chunk of
-        positions at a time) under the same adapters and autocast (micro-batches may call it from other threads:
-        ``_bound`` holds the tier's lock)."""
+        positions at a time) under the same autocast (micro-batches may call it from other threads: ``_bound`` holds
+        the tier's lock). ``then`` runs after the lock is released where the parts are ``standalone`` (a frozen
+        projection, as a language model's usually is): the projection's forward and backward, a large part of such a
+        step, then run beside other sessions' forwards instead of holding them up."""
         head = self.variant(session.plan).head
         if head is None:
             raise ValueError(f"the {self.tier} tier runs no head")
         with self._bound(session), _timed(session), self._mixed() as out_dtype:
-            if then is not None:
-                return then(head.head_parts(hidden, attention_mask.to(self.device)))
-            return head.run_head(hidden, attention_mask.to(self.device)).to(out_dtype)
+            parts = head.head_parts(hidden, attention_mask.to(self.device))
+            if then is None:
+                return parts.to_logits(parts.features).to(out_dtype)
+            if not parts.standalone:
+                return then(parts)
+        with torch.set_grad_enabled(session.plan.training), _timed(session), self._mixed():
+            return then(parts)
 
     @contextmanager
     def _mixed(self) -> Iterator[torch.dtype]:

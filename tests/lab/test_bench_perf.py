@@ -1,5 +1,5 @@
-"""``splitllm bench pipeline`` and ``splitllm bench scaling``: what they compute, and (slow) one small run of each
-through real processes on a tiny model. Their timings are figures for the README, never asserted here."""
+"""``splitllm bench pipeline``, ``bench scaling``, ``bench http``, the 4g round and ``bench sessions``: what they
+compute, and (slow, where processes start) one small run of each on a tiny model. Their timings are figures for the README, never asserted here."""
 
 from __future__ import annotations
 
@@ -76,7 +76,22 @@ def test_bench_codecs_4g_records_each_processes_cpu_seconds(tiny) -> None:
         assert set(run["cpu_seconds"]) == {"cloud", "edge-0", "user-0", "user-1"}
         assert run["cpu_seconds_total"] == pytest.approx(sum(run["cpu_seconds"].values()))
         assert run["cpu_seconds"]["cloud"] > 0 and run["round_seconds"] > 0 and "load_before" in run["machine"]
+        assert set(run["counters_by_process"]) == set(run["cpu_seconds"])
+        assert run["counters_by_process"]["cloud"]["user_s"] + run["counters_by_process"]["cloud"]["system_s"] == \
+            pytest.approx(run["cpu_seconds"]["cloud"])
     assert r["speedup_int8"] > 0
+
+
+@pytest.mark.parametrize(("model", "tier", "head"), [("tiny-llama", "cloud", True), ("tiny-bert", "edge", False)])
+def test_bench_sessions_times_the_same_steps_one_after_the_other_and_at_once(tiny, model: str, tier: str,
+                                                                             head: bool) -> None:
+    from shared.lab.bench.sessions import bench_sessions
+
+    tiny(model)
+    r = bench_sessions(model, "1,3", tier, sessions=3, batch_size=2, seq_len=16, steps=2)
+    assert (r["head"], r["sessions"], r["steps_each"], r["task"]) == (head, 3, 2, "lm" if head else "cls")
+    assert r["serial_s"] > 0 and r["concurrent_s"] > 0 and r["speedup"] == pytest.approx(r["serial_s"] / r["concurrent_s"])
+    assert r["step_s_serial"] == pytest.approx(r["serial_s"] / 6) and "load_before" in r["machine"]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")

@@ -3,6 +3,8 @@ loss, gradients and held-out counts as the whole batch's logits, and the same st
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from plans import make_plan
@@ -122,3 +124,34 @@ def test_a_cloud_step_with_chunked_logits_equals_the_whole_batch(tiny, monkeypat
     assert grads_c.keys() == grads.keys()
     for key, g in grads.items():
         torch.testing.assert_close(grads_c[key], g, rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_a_frozen_projection_runs_outside_the_tier_lock_a_trainable_one_inside(tiny) -> None:
+    """A language model's frozen projection (its usual head) takes its tensors while the session's are bound, so its
+    chunks run after the lock is released, beside other sessions' forwards; a projection that trains stays inside."""
+    runtime = TierRuntime("cloud", tiny("tiny-llama"), ModelSpec("tiny-llama", (1, 3), "lm"))
+    session = runtime.open_session(make_plan(round_id=1, user_id="u"), initial_state(runtime.slots.shapes(), 0))
+    hidden = torch.randn(2, 8, runtime.width, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 8, dtype=torch.int64)
+    labels = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
+
+    def lock_free(parts: HeadParts) -> tuple[bool, torch.Tensor]:
+        """Whether another thread can take the tier's lock while ``then`` runs, and the loss."""
+        taken: list[bool] = []
+
+        def take() -> None:
+            if runtime.lock.acquire(timeout=0.5):
+                runtime.lock.release()
+                taken.append(True)
+
+        thread = threading.Thread(target=take)
+        thread.start()
+        thread.join()
+        return bool(taken), head_loss("lm", parts, labels)
+
+    free, loss = runtime.head(session, runtime.forward(session, hidden, mask, 0), mask, lock_free)
+    assert free and loss.isfinite()
+    projection = runtime.variant(session.plan).head.head["lm_head"]
+    projection.weight.requires_grad_(True)  # as an adapter on it, or a plug-in training it, would make it
+    free, _ = runtime.head(session, runtime.forward(session, hidden, mask, 0), mask, lock_free)
+    assert not free

@@ -136,7 +136,7 @@ def bench_codecs_4g(model: str = "minilm-l6", split: str = "1,3", users: int = 4
     ``threads`` > 0 sets every tier's torch threads; the default 1 keeps the ``users`` + 2 processes, which
     stand for as many machines, from oversubscribing this machine's cores; 0 leaves torch's default, one
     per core in each process. Each codec's run records the CPU seconds every process used in its round
-    (``cpu_seconds``): with idle OpenMP threads spinning (``OMP_WAIT_POLICY=ACTIVE``) and two threads a
+    (``cpu_seconds``; user and system seconds and minor page faults apart in ``counters_by_process``): with idle OpenMP threads spinning (``OMP_WAIT_POLICY=ACTIVE``) and two threads a
     process, the waiting users spend many times their work spinning (README "Performance"). The tiers inherit
     this process's environment: ``SPLITLLM_AUTOCAST=bf16`` runs every tier's matmuls in bfloat16 (``autocast``
     in the JSON).
@@ -158,7 +158,8 @@ def bench_codecs_4g(model: str = "minilm-l6", split: str = "1,3", users: int = 4
                 cluster.stop()
         view, cpu = timed["view"], timed["cpu_seconds"]
         out[spec] = {"round_seconds": view["metrics"]["seconds"], "bytes": view["metrics"]["bytes"],
-                     "cpu_seconds": cpu, "cpu_seconds_total": sum(cpu.values()), "machine": timed["machine"]}
+                     "cpu_seconds": cpu, "cpu_seconds_total": sum(cpu.values()), "machine": timed["machine"],
+                     "counters_by_process": timed["counters_by_process"]}
     return {"profile": "4g", "users": users, "steps": steps, "batch": [batch_size, seq_len], "threads": threads,
             "autocast": os.environ.get("SPLITLLM_AUTOCAST", "off"), "runs": out,
             "speedup_int8": out["fp32"]["round_seconds"] / out["int8"]["round_seconds"],

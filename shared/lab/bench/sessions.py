@@ -1,0 +1,152 @@
+"""Several sessions of one tier stepping at once, on threads of one process, against the same steps one after the other.
+
+A tier serves every user from one copy of its blocks: a session's forward binds its adapters onto them, under the
+tier's lock, and its backward and update run outside it (``shared.runtime.tier.TierRuntime``). So sessions' forwards
+take turns, and the rest of their steps can run beside each other. This bench measures how much of a step that
+leaves to run at once: with the cores to spare, ``sessions`` sessions at once take ``serial / sessions`` of the time
+one after the other when nothing is locked, and all of it when everything is. ``locked_share`` is the part of the steps
+one after the other that held the lock, so ``speedup_bound`` (``sessions``, or 1 / that share where it is less) is
+the most the lock lets sessions at once gain. Every thread runs torch on one thread
+of its own (``torch.set_num_threads(1)``), as the services' compute does by default, so the sessions are the only
+parallelism; ``--sessions`` at most the machine's cores measures the lock, more measures the cores too.
+
+Each step is a training step on random rows: the tier's forward; at the head's tier the task's loss (a language
+model's logits a chunk of positions at a time) and its backward; at a tier without the head (the edge, the user) a
+backward of a gradient of ones; then the update.
+
+    splitllm bench sessions --model smollm2-135m --split 2,15 --batch-size 4 --seq-len 128 --steps 4 \
+        --json runs/bench_sessions.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from functools import partial
+from typing import Any
+
+
+class HeldTime:
+    """A reentrant lock that adds up the seconds it is held (outermost acquire to release), to stand in for a tier's
+    lock: the share of the steps that cannot run beside another session's."""
+
+    def __init__(self) -> None:
+        self._lock, self._depth, self.held_s, self._since = threading.RLock(), threading.local(), 0.0, 0.0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if not self._lock.acquire(blocking, timeout):
+            return False
+        depth = getattr(self._depth, "n", 0)
+        if depth == 0:
+            self._since = time.perf_counter()
+        self._depth.n = depth + 1
+        return True
+
+    def release(self) -> None:
+        self._depth.n -= 1
+        if self._depth.n == 0:
+            self.held_s += time.perf_counter() - self._since
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def bench_sessions(model: str, split: str, tier: str, sessions: int, batch_size: int, seq_len: int, steps: int,
+                   seed: int = 0) -> dict[str, Any]:
+    """Seconds of ``sessions`` x ``steps`` training steps at ``tier``: each session's steps after the previous
+    session's (``serial_s``), then every session's at once on a thread of its own (``concurrent_s``)."""
+    import torch
+
+    from shared.config.deployment import ModelSpec
+    from shared.lab.bench.timing import Machine
+    from shared.model.adapters import initial_state
+    from shared.model.partition import Split
+    from shared.model.sources import resolve_model
+    from shared.protocol.messages import RoundPlan
+    from shared.runtime.loss import head_loss, label_count
+    from shared.runtime.tier import TierRuntime
+
+    torch.set_num_threads(1)
+    source = resolve_model(model)
+    task = "lm" if "lm" in source.family.tasks else "cls"
+    layers = Split.parse(split, source.num_layers)
+    spec = ModelSpec(model, (layers.a, layers.b), task, num_labels=0 if task == "lm" else 6)
+    runtime = TierRuntime(tier, source, spec)
+    runtime.lock = lock = HeldTime()  # type: ignore[assignment]  (the same RLock, timed)
+    plans = [RoundPlan(round_id=1, user_id=f"user-{i}", local_steps=steps, batch_size=batch_size, lr=1e-4, seed=seed)
+             for i in range(sessions)]
+    state = initial_state(runtime.slots.shapes(), seed)
+    opened = [runtime.open_session(plan, state) for plan in plans]
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch_size, seq_len, runtime.width, generator=g)
+    mask = torch.ones(batch_size, seq_len, dtype=torch.int64)
+    classes = runtime.step_limits(opened[0]).classes
+    labels = torch.randint(0, classes, (batch_size, seq_len) if task == "lm" else (batch_size,), generator=g)
+    has_head = runtime.variant(plans[0]).head is not None
+    loss_of = partial(head_loss, task, labels=labels, count=label_count(task, labels))
+
+    def step(session: Any) -> None:
+        inputs = hidden.clone().requires_grad_(True)
+        out = runtime.forward(session, inputs, mask, 0)
+        if has_head:
+            runtime.backward(session, [runtime.head(session, out, mask, loss_of)], [None])
+        else:
+            runtime.backward(session, [out], [torch.ones_like(out)])
+        runtime.step(session)
+
+    def run(session: Any) -> None:
+        for _ in range(steps):
+            step(session)
+
+    for session in opened:  # a first step each: the process's first allocations, the optimizers' state
+        step(session)
+    with Machine() as machine:
+        started = time.perf_counter()
+        held = lock.held_s
+        for session in opened:
+            run(session)
+        serial, held = time.perf_counter() - started, lock.held_s - held
+        threads = [threading.Thread(target=run, args=(session,)) for session in opened]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        concurrent = time.perf_counter() - started
+    return {"model": model, "split": split, "tier": tier, "task": task, "head": has_head, "sessions": sessions,
+            "batch": [batch_size, seq_len], "steps_each": steps, "serial_s": serial, "concurrent_s": concurrent,
+            "speedup": serial / concurrent, "step_s_serial": serial / (sessions * steps),
+            "locked_share": held / serial, "speedup_bound": min(sessions, serial / held) if held else float(sessions),
+            "machine": machine.record}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from shared.lab.bench.timing import write_json
+
+    p = argparse.ArgumentParser(prog="splitllm bench sessions", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--split", default="2,15")
+    p.add_argument("--tier", default="cloud", choices=("user", "edge", "cloud"))
+    p.add_argument("--sessions", type=int, default=2, help="sessions stepping at once (default 2: this machine's cores)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=4, help="timed steps of each session (after one untimed)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.sessions < 1 or args.steps < 1:
+        p.error("--sessions and --steps must be at least 1")
+    r = bench_sessions(args.model, args.split, args.tier, args.sessions, args.batch_size, args.seq_len, args.steps)
+    r["command"] = "splitllm bench sessions " + " ".join(argv if argv is not None else [])
+    print(f"{r['model']} {r['split']}, {r['tier']} tier ({'with' if r['head'] else 'without'} the head), "
+          f"{r['sessions']} sessions x {r['steps_each']} steps of {r['batch'][0]} x {r['batch'][1]}: one after the "
+          f"other {r['serial_s']:.1f} s, at once {r['concurrent_s']:.1f} s ({r['speedup']:.2f}x; the lock held "
+          f"{100 * r['locked_share']:.0f} % of the steps, a bound of {r['speedup_bound']:.2f}x); "
+          f"{r['machine']['cpus']} cores, load {r['machine']['load_before'][0]} -> {r['machine']['load_after'][0]}")
+    write_json(r, args.json)
+    return 0
