@@ -208,7 +208,7 @@ class Partition(nn.Module):
             project: Callable[[torch.Tensor], torch.Tensor] = module
             if _frozen_linear(module):  # its tensors as bound now: the chunks may run after another session binds
                 weight, bias = module.weight, module.bias
-                project = lambda rows: F.linear(rows, weight, bias)  # noqa: E731  (what nn.Linear's forward runs)
+                project = lambda rows: F.linear(rows, weight, bias)  # what nn.Linear's forward runs
             to_logits = (lambda rows: f.logits(project(rows), self.config)) if f.logits else project
             return HeadParts(hidden, to_logits, tuple(p for p in module.parameters() if p.requires_grad),
                              getattr(module, "out_features", None) or self.config.vocab_size, project is not module)
