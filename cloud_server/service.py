@@ -28,6 +28,7 @@ from shared.model.sources import resolve_model
 from shared.protocol.enums import Tier
 from shared.protocol.links import link_emulator
 from shared.protocol.messages import RoundPlan
+from shared.runtime.copies import auto_copies
 from shared.runtime.tier import TierRuntime, federation_state
 from shared.seeds import derive_seed
 
@@ -61,7 +62,8 @@ class CloudService:
         self.experiment = self.federation.primary.primary  # the default deployment's first task
         self.sources = {name: resolve_model(d.spec.model) for name, d in self.federation.deployments.items()}
         runtimes = {name: TierRuntime(Tier.CLOUD, self.sources[name], d.spec, device=settings.device,
-                                      tasks={t: e.spec for t, e in d.experiments.items()}, autocast=settings.autocast)
+                                      tasks={t: e.spec for t, e in d.experiments.items()}, autocast=settings.autocast,
+                                      copies=settings.block_copies or auto_copies(settings.device, settings.threads))
                     for name, d in self.federation.deployments.items()}
         self.runtime = runtimes[self.federation.primary.name]
         initial = federation_state(self.federation, self.sources, settings.seed)

@@ -22,6 +22,7 @@ from shared.http.service import TierSecurity
 from shared.model.sources import resolve_model
 from shared.protocol.enums import Tier
 from shared.protocol.links import link_emulator
+from shared.runtime.copies import auto_copies
 from shared.runtime.tier import TierRuntime
 from shared.seeds import derive_seed
 
@@ -77,7 +78,8 @@ class EdgeService(BackgroundStart):
         self.deployment = dep = Deployment.from_meta(meta["deployment"])
         spec = self.experiment.spec  # blocks are loaded as users register: [their lowest cut, b)
         runtime = TierRuntime(Tier.EDGE, resolve_model(spec.model), spec, device=s.device, cut=spec.split[1],
-                              tasks={t: e.spec for t, e in dep.experiments.items()}, autocast=s.autocast)
+                              tasks={t: e.spec for t, e in dep.experiments.items()}, autocast=s.autocast,
+                              copies=s.block_copies or auto_copies(s.device, s.threads))
         cloud = HttpLink(s.cloud, upward=True, timeout=s.request_timeout, max_message_bytes=s.max_message_bytes,
                          identity=self.security.identity, audience="cloud", emulator=emulator)
         self.server = EdgeServer(self.edge_id, runtime, cloud, ledger=self.ledger, max_sessions=s.max_sessions,

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from shared.config.deployment import ModelSpec
 from shared.config.federation import Federation
@@ -35,6 +34,7 @@ from shared.protocol.codecs import CodecPolicy
 from shared.protocol.clock import VirtualClock
 from shared.protocol.enums import TIERS, Hop, Tier
 from shared.protocol.messages import RoundPlan
+from shared.runtime.copies import BlockCopies, BlockCopy, swap_weight
 from shared.runtime.session import OptimizerSettings, Session
 
 
@@ -65,6 +65,7 @@ class Variant:
     slots: AdapterSlots
     head: Partition | None
     prefix: str = ""
+    index: int = 0  # its place among the tier's tasks: its head and slots in each ``BlockCopy``
 
     def local(self, key: str) -> str | None:
         """A global key as this task's sessions name it; None for another task's head."""
@@ -80,9 +81,10 @@ class Variant:
 class TierRuntime:
     """A tier's compute, free of any transport: forward under a session's adapters, backward, step.
 
-    One lock guards binding + forward; autograd keeps the bound tensors, so backward and the
-    optimizer step of one session (and a frozen head's projection, ``head``) may run while another
-    session does its forward. With a
+    A forward binds its session's adapters onto one of ``copies`` copies of the blocks that share the frozen
+    weights (``shared.runtime.copies``; one: forwards take turns); autograd keeps the bound tensors, so backward and
+    the optimizer step of one session (and a frozen head's projection, ``head``) may run while another session does
+    its forward on the same copy. ``lock`` guards the sessions and a reload. With a
     ``clock`` (the simulator's ``VirtualClock``) each training forward charges the blocks it runs.
 
     ``cut`` is where the blocks this process holds begin or end, where participants have cuts of their
@@ -98,7 +100,7 @@ class TierRuntime:
     def __init__(self, tier: Tier | str, source: ModelSource, spec: ModelSpec,
                  optimizer: OptimizerSettings | None = None, device: str = "cpu", cut: int | None = None,
                  tasks: Mapping[str, ModelSpec] | None = None, clock: VirtualClock | None = None,
-                 autocast: str = "off") -> None:
+                 autocast: str = "off", copies: int = 1) -> None:
         self.tier, self.source, self.spec = Tier(tier), source, spec
         self.task_names = list(tasks or {})  # the deployment's tasks (data sets), where known
         self.tasks = dict(tasks) if tasks and len(tasks) > 1 else {}
@@ -107,6 +109,7 @@ class TierRuntime:
             raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_MODES)}, got {autocast!r}")
         self.autocast = _AUTOCAST_DTYPES.get(autocast)
         self.lock = threading.RLock()
+        self.copies, self._copy_count = BlockCopies(), 1 if self.tier is Tier.USER else copies  # a device: one session
         self._load(spec.split[0] if cut is None else cut)
         self.policies = {hop: CodecPolicy.from_dict(spec.codecs.get(hop.value)) for hop in Hop}
         self.optimizer_settings = optimizer or OptimizerSettings()
@@ -128,17 +131,20 @@ class TierRuntime:
                     self.source, Tier.CLOUD, Split(self.source.num_layers, self.source.num_layers, self.source.num_layers),
                     spec.task, spec.num_labels, base_dropout=spec.base_dropout, seed=spec.seed)
                 head.to(self.device).train()
-            variants[data] = Variant(spec, AdapterSlots(partition, head), head, f"{data}/" if self.tasks else "")
+            variants[data] = Variant(spec, AdapterSlots(partition, head), head, f"{data}/" if self.tasks else "",
+                                     len(variants))
         partition.to(self.device)
         partition.train()
         self.partition, self.variants = partition, variants
         self.slots = next(iter(variants.values())).slots
+        self.copies.reset(BlockCopy(partition, [v.head for v in variants.values()], [v.slots for v in variants.values()]),
+                          self._copy_count)
 
     def hold_from(self, cut: int) -> None:
         """An edge: hold blocks [cut, b) too (a user whose own cut is lower registered); a no-op if it does."""
         if self.tier is not Tier.EDGE:
             raise ValueError("only an edge extends the blocks it holds")
-        with self.lock:  # sessions keep their own tensors: they bind onto the reloaded modules as onto the old
+        with self.lock, self.copies.quiet():  # sessions keep their own tensors: they bind onto reloaded modules too
             if cut < self.split.a:
                 Split(cut, self.spec.split[1], self.source.num_layers)  # a clear error for a cut out of range
                 self._load(cut)
@@ -206,8 +212,8 @@ class TierRuntime:
             p.requires_grad_(plan.training)
         optimizer = (self.optimizer_settings.make(params, plan.lr, plugin.lr_scales(), ctx.tensor_kind)
                      if plan.training else None)
-        with self.lock:  # the blocks as loaded: no other session's overrides bound while the plug-in reads them
-            base = self._check_base(plugin.base_overrides({i: self.partition.blocks[str(i)] for i in layers}))
+        with self.copies.take() as blocks:  # as loaded: no other session's overrides bound while the plug-in reads them
+            base = self._check_base(plugin.base_overrides({i: blocks.partition.blocks[str(i)] for i in layers}))
         session = Session(plan, plugin, params, optimizer, base=base)
         with self.lock:
             self.sessions[session.key] = session
@@ -240,18 +246,18 @@ class TierRuntime:
 
     # compute --------------------------------------------------------------------------------
     @contextmanager
-    def _bound(self, session: Session) -> Iterator[None]:
-        """The session's adapters (and base weight overrides, restored afterwards) on the partition's modules."""
-        with self.lock, torch.set_grad_enabled(session.plan.training):
-            self.variant(session.plan).slots.bind(session.plugin.bound(session.params))
+    def _bound(self, session: Session) -> Iterator[BlockCopy]:
+        """A copy of the blocks with the session's adapters (and base weight overrides, restored afterwards) bound."""
+        with self.copies.take() as blocks, torch.set_grad_enabled(session.plan.training):
+            blocks.slots[self.variant(session.plan).index].bind(session.plugin.bound(session.params))
             originals: dict[str, torch.Tensor] = {}
             try:
                 for name, value in session.base.items():
-                    originals[name] = self._swap_base(name, value)
-                yield
+                    originals[name] = swap_weight(blocks.partition, name, value)
+                yield blocks
             finally:
                 for name, value in originals.items():
-                    self._swap_base(name, value)
+                    swap_weight(blocks.partition, name, value)
 
     def _check_base(self, overrides: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A plug-in's base weight overrides name frozen parameters of this partition, with their shapes."""
@@ -262,38 +268,32 @@ class TierRuntime:
                                  f"with shape {tuple(value.shape)}")
         return {name: value.to(self.device) for name, value in overrides.items()}
 
-    def _swap_base(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        module_name, _, pname = name.rpartition(".")
-        module = self.partition.get_submodule(module_name)
-        old = getattr(module, pname)
-        setattr(module, pname, value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False))
-        return old
-
     def forward(self, session: Session, hidden: torch.Tensor | None, attention_mask: torch.Tensor, step: int,
                 input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings (user tier, from ``input_ids``) and this tier's blocks, under the session's adapters."""
         layers = session.plugin.layers_to_run(step)
         if self.clock is not None and session.plan.training:
             self.clock.charge_blocks(self.tier, session.round_id, session.user_id, len(layers))
-        with self._bound(session), _timed(session), self._mixed() as out_dtype:
+        with self._bound(session) as blocks, _timed(session), self._mixed() as out_dtype:
             if input_ids is not None:
-                hidden = self.partition.embed_tokens(input_ids.to(self.device), attention_mask.to(self.device))
+                hidden = blocks.partition.embed_tokens(input_ids.to(self.device), attention_mask.to(self.device))
             if session.plan.training:
                 session.blocks_run += len(layers)
-            return self.partition.run_blocks(hidden, attention_mask.to(self.device), layers).to(out_dtype)
+            return blocks.partition.run_blocks(hidden, attention_mask.to(self.device), layers).to(out_dtype)
 
     def head(self, session: Session, hidden: torch.Tensor, attention_mask: torch.Tensor,
              then: Callable[[HeadParts], Any] | None = None) -> Any:
         """The head tier only: final norm and the session's task's head on ``forward``'s output, its logits; or what
         ``then`` makes of the head's parts (``head_loss``, ``head_counts``: a language model's logits a chunk of
         positions at a time) under the same autocast (micro-batches may call it from other threads: ``_bound`` holds
-        the tier's lock). ``then`` runs after the lock is released where the parts are ``standalone`` (a frozen
+        a copy of the blocks). ``then`` runs after the copy is given back where the parts are ``standalone`` (a frozen
         projection, as a language model's usually is): the projection's forward and backward, a large part of such a
         step, then run beside other sessions' forwards instead of holding them up."""
-        head = self.variant(session.plan).head
-        if head is None:
-            raise ValueError(f"the {self.tier} tier runs no head")
-        with self._bound(session), _timed(session), self._mixed() as out_dtype:
+        index = self.variant(session.plan).index
+        with self._bound(session) as blocks, _timed(session), self._mixed() as out_dtype:
+            head = blocks.heads[index]
+            if head is None:
+                raise ValueError(f"the {self.tier} tier runs no head")
             parts = head.head_parts(hidden, attention_mask.to(self.device))
             if then is None:
                 return parts.to_logits(parts.features).to(out_dtype)

@@ -82,14 +82,17 @@ def test_bench_codecs_4g_records_each_processes_cpu_seconds(tiny) -> None:
     assert r["speedup_int8"] > 0
 
 
-@pytest.mark.parametrize(("model", "tier", "head"), [("tiny-llama", "cloud", True), ("tiny-bert", "edge", False)])
+@pytest.mark.parametrize(("model", "tier", "head", "copies"),
+                         [("tiny-llama", "cloud", True, 1), ("tiny-bert", "edge", False, 2)])
 def test_bench_sessions_times_the_same_steps_one_after_the_other_and_at_once(tiny, model: str, tier: str,
-                                                                             head: bool) -> None:
+                                                                             head: bool, copies: int) -> None:
     from shared.lab.bench.sessions import bench_sessions
 
     tiny(model)
-    r = bench_sessions(model, "1,3", tier, sessions=3, batch_size=2, seq_len=16, steps=2)
+    r = bench_sessions(model, "1,3", tier, sessions=3, batch_size=2, seq_len=16, steps=2, copies=copies)
     assert (r["head"], r["sessions"], r["steps_each"], r["task"]) == (head, 3, 2, "lm" if head else "cls")
+    assert r["copies"] == copies and 0 < r["locked_share"] <= 1
+    assert r["speedup_bound"] == pytest.approx(min(3, copies / r["locked_share"]))
     assert r["serial_s"] > 0 and r["concurrent_s"] > 0 and r["speedup"] == pytest.approx(r["serial_s"] / r["concurrent_s"])
     assert r["step_s_serial"] == pytest.approx(r["serial_s"] / 6) and "load_before" in r["machine"]
 

@@ -3,8 +3,6 @@ loss, gradients and held-out counts as the whole batch's logits, and the same st
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from plans import make_plan
@@ -136,18 +134,9 @@ def test_a_frozen_projection_runs_outside_the_tier_lock_a_trainable_one_inside(t
     labels = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
 
     def lock_free(parts: HeadParts) -> tuple[bool, torch.Tensor]:
-        """Whether another thread can take the tier's lock while ``then`` runs, and the loss."""
-        taken: list[bool] = []
-
-        def take() -> None:
-            if runtime.lock.acquire(timeout=0.5):
-                runtime.lock.release()
-                taken.append(True)
-
-        thread = threading.Thread(target=take)
-        thread.start()
-        thread.join()
-        return bool(taken), head_loss("lm", parts, labels)
+        """Whether another session's forward could take the tier's one copy of its blocks while ``then`` runs (it
+        waits while the copy is held), and the loss."""
+        return runtime.copies.idle() == 1, head_loss("lm", parts, labels)
 
     free, loss = runtime.head(session, runtime.forward(session, hidden, mask, 0), mask, lock_free)
     assert free and loss.isfinite()
