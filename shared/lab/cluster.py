@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,9 +20,22 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository (or site-packages) 
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, below the kernel's ephemeral range where there is room: a port of that range may be
+    taken as the source port of an outgoing connection (a health poll of a tier started before) between this pick
+    and the bind of the service it is for, which then exits with "address already in use" (a bench run did)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    candidates = [random.randrange(max(1024, low // 2), low) for _ in range(32)] if low > 2048 else []
+    for port in [*candidates, 0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free loopback port")
 
 
 @dataclass
