@@ -29,7 +29,8 @@ def check_shared_secrets(token: str | None, admin_token: str | None) -> None:
 
 
 BLOCK_COPIES = ("copies of this tier's blocks, sharing the frozen weights, so that as many sessions' forwards run at "
-                "once (0: the cores over --threads on a CPU, 1 on a GPU; 1: one forward at a time)")
+                "once (1: one forward at a time; 0: the cores over --threads on a CPU, 1 on a GPU); more than 1 "
+                "pays where the tier has its cores to itself, not where several tiers share them")
 LINK_RATE_SHAPED = ("the network (tc) shapes this link's rates already: the emulator adds only the profile's "
                     "delay, jitter and loss")
 
@@ -191,7 +192,7 @@ class CloudSettings(ServiceSettings, RoundDefaults):
     edge_cloud_codecs: str = Field("fp32", description="codecs on edge-cloud hops (same form)")
     seed: int = 0
     round_timeout: float = Field(3600.0, description="seconds a round may take before it fails")
-    block_copies: int = Field(0, ge=0, description=BLOCK_COPIES)
+    block_copies: int = Field(1, ge=0, description=BLOCK_COPIES)
     max_samples_per_user: int | None = Field(None, ge=1, description="the largest weight a user without an assigned "
                                              "data client may claim (default: the largest client of this deployment)")
     admin_token: SecretStr | None = Field(None, description="development only (with --insecure-dev): the round API's "
@@ -211,7 +212,7 @@ class EdgeSettings(ServiceSettings):
     role: ClassVar[str] = "edge"
     port: int = 8100
     max_sessions: int = Field(64, description="concurrent user sessions; more get 503 with Retry-After")
-    block_copies: int = Field(0, ge=0, description=BLOCK_COPIES)
+    block_copies: int = Field(1, ge=0, description=BLOCK_COPIES)
     start_timeout: float = Field(30.0, gt=0, description="seconds a user may take to accept its round's start (it "
                                                          "answers at once, 202): a slower one is dropped from the round")
     link_profile: str = Field("none", description="emulated link to the cloud: wifi, 4g, 5g, fiber or none")

@@ -9,8 +9,11 @@ it). A forward takes a free copy (the one given back last: its caches are warm),
 every copy taken, it waits for one. With one copy (the default in process) that is a lock around binding and
 forward, as a tier had before there were copies.
 
-How many: as many forwards as the cores run beside each other at the tier's torch threads (the services'
-``block_copies``, 0: cores / threads on a CPU, 1 on a GPU, where one process's kernels queue on one stream anyway).
+How many: the services' ``block_copies``, 1 by default; 0 asks for as many forwards as the cores run beside each other
+at the tier's torch threads (``auto_copies``: cores / threads on a CPU, 1 on a GPU, where one process's kernels queue
+on one stream anyway). More than one pays where a tier has its cores to itself; where several tiers' processes share
+the cores (``bench scaling`` runs them all on one machine), the cores are busy already and a second copy measured
+no faster, and slower in most runs (README "Performance", "Copies of the blocks").
 """
 
 from __future__ import annotations
