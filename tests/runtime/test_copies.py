@@ -3,6 +3,7 @@ own, and a session's step on any copy, beside another session's, the same as on 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ import torch
 from plans import make_plan
 
 from shared.config.deployment import ModelSpec
-from shared.model.adapters import initial_state
+from shared.model.adapters import AdapterSlots, initial_state
 from shared.protocol.enums import Tier
 from shared.runtime.copies import auto_copies
 from shared.runtime.loss import head_loss
@@ -21,8 +22,10 @@ from shared.runtime.tier import TierRuntime
 CASES = {"cloud": ("tiny-llama", "lm", Tier.CLOUD), "edge": ("tiny-bert", "cls", Tier.EDGE)}
 
 
-def tensors(module: torch.nn.Module) -> list[int]:
-    return [id(t) for t in (*module.parameters(), *module.buffers())]
+def tensors(module: torch.nn.Module, slots: AdapterSlots | None = None) -> list[int]:
+    """Every parameter and buffer of ``module`` by identity (but those in ``slots``: a session's, where one was bound)."""
+    bound = {id(getattr(m, p)) for m, p in slots.locations.values()} if slots is not None else set()
+    return [id(t) for t in (*module.parameters(), *module.buffers()) if id(t) not in bound]
 
 
 def test_copies_share_every_weight_and_config_and_hold_modules_of_their_own(tiny) -> None:
@@ -118,3 +121,36 @@ def test_an_edge_that_holds_more_blocks_reloads_every_copy(tiny) -> None:
         assert [c.partition.layer_ids for c in copies] == [[1, 2], [1, 2]]
         assert tensors(copies[1].partition) == tensors(copies[0].partition)
     assert edge.copies.idle() == 2
+
+
+def test_a_second_task_has_its_own_head_in_every_copy(tiny) -> None:
+    """A cloud that trains two tasks holds each task's head in each copy: modules of the copy's own, tensors shared."""
+    specs = {"trec": ModelSpec("tiny-bert", (1, 3), "cls", num_labels=6),
+             "sms_spam": ModelSpec("tiny-bert", (1, 3), "cls", num_labels=2)}
+
+    def adapters(copies: int) -> dict[str, torch.Tensor]:
+        runtime = TierRuntime(Tier.CLOUD, tiny("tiny-bert"), specs["trec"], tasks=specs, copies=copies)
+        plan = make_plan(round_id=1, user_id="u", data="sms_spam")
+        state = dict(initial_state(runtime.slots.shapes(), 0))
+        for variant in runtime.variants.values():
+            state.update({variant.shared(k): v for k, v in initial_state(variant.slots.shapes(), 0).items()})
+        session = runtime.open_session(plan, state)
+        hidden = torch.randn(2, 8, runtime.width, generator=torch.Generator().manual_seed(0))
+        mask, labels = torch.ones(2, 8, dtype=torch.int64), torch.tensor([0, 1])
+        with (one_copy_held(runtime) if copies > 1 else contextlib.nullcontext()):
+            out = runtime.forward(session, hidden, mask, 0)
+            loss = runtime.head(session, out, mask, lambda parts: head_loss("cls", parts, labels))
+            runtime.backward(session, [loss], [None])
+            runtime.step(session)
+        if copies > 1:
+            index = runtime.variants["sms_spam"].index
+            with runtime.copies.quiet() as held:
+                (first, first_slots), (second, second_slots) = ((c.heads[index], c.slots[index]) for c in held)
+            assert first is runtime.variants["sms_spam"].head and second is not first
+            assert tensors(second, second_slots) == tensors(first, first_slots) != []
+        return {k: v.detach().clone() for k, v in session.params.items()}
+
+    alone, beside = adapters(1), adapters(2)
+    assert beside.keys() == alone.keys() and any(k.startswith("head.") for k in alone)
+    for key, value in alone.items():
+        assert torch.equal(beside[key], value), key
