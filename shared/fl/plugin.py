@@ -225,8 +225,9 @@ class SessionPlugin:
 
         Names are the partition's (``blocks.3.self_attn.q_proj.base_layer.weight``); ``blocks`` are
         the tier's loaded blocks by global index, read from a copy of them the tier holds for this call
-        alone (no other session's overrides are bound meanwhile; every copy shares the frozen tensors). Called after ``build_adapters``. The tier binds the tensors for
-        this session's forward passes only (DevFT's fused layers); nothing by default.
+        alone (no other session's overrides are bound meanwhile; every copy shares the frozen tensors).
+        Called after ``build_adapters``. The tier binds the tensors for this session's forward passes
+        only (DevFT's fused layers); nothing by default.
         """
         return {}
 

@@ -5,9 +5,9 @@ and a held-out evaluation included."""
 from __future__ import annotations
 
 import pytest
+from stack_helpers import bearer, inprocess_stack, wait_round
 
 from shared.runtime.copies import auto_copies
-from stack_helpers import bearer, inprocess_stack, wait_round
 
 
 @pytest.mark.parametrize("copies", [2, 0])

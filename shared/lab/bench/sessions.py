@@ -42,8 +42,8 @@ def bench_sessions(model: str, split: str, tier: str, sessions: int, batch_size:
     from shared.model.adapters import initial_state
     from shared.model.partition import Split
     from shared.model.sources import resolve_model
-    from shared.protocol.messages import RoundPlan
     from shared.protocol.enums import Mode
+    from shared.protocol.messages import RoundPlan
     from shared.runtime.loss import head_counts, head_loss, label_count
     from shared.runtime.tier import TierRuntime
 
