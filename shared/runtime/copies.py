@@ -71,7 +71,10 @@ class BlockCopies:
     """The copies a tier's forwards take turns on (see the module's doc); ``held_s`` adds up the seconds copies were
     taken, the share of the steps that cannot run beside another session's when there is one copy."""
 
-    def __init__(self) -> None:
+    def __init__(self, count: int = 1) -> None:
+        if count < 1:
+            raise ValueError(f"a tier needs at least 1 copy of its blocks, got {count}")
+        self.wanted = count
         self._cond = threading.Condition(threading.RLock())
         self._mine = threading.local()
         self._all: list[BlockCopy] = []
@@ -87,12 +90,10 @@ class BlockCopies:
         with self._cond:
             return len(self._free)
 
-    def reset(self, first: BlockCopy, count: int) -> None:
-        """Copies of ``first`` (loaded now): ``count`` in all. Call it before any forward, or under ``quiet``."""
-        if count < 1:
-            raise ValueError(f"a tier needs at least 1 copy of its blocks, got {count}")
+    def reset(self, first: BlockCopy) -> None:
+        """Copies of ``first`` (loaded now): ``wanted`` in all. Call it before any forward, or under ``quiet``."""
         with self._cond:
-            self._all = [first, *(copy_of(first) for _ in range(count - 1))]
+            self._all = [first, *(copy_of(first) for _ in range(self.wanted - 1))]
             self._free = list(reversed(self._all))
             self._cond.notify_all()
 
@@ -114,8 +115,7 @@ class BlockCopies:
             self._mine.copy = None
             with self._cond:
                 self.held_s += time.perf_counter() - started
-                if any(c is taken for c in self._all):  # not one a ``reset`` since replaced
-                    self._free.append(taken)
+                self._free.append(taken)
                 self._cond.notify()
 
     @contextmanager

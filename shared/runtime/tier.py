@@ -109,7 +109,7 @@ class TierRuntime:
             raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_MODES)}, got {autocast!r}")
         self.autocast = _AUTOCAST_DTYPES.get(autocast)
         self.lock = threading.RLock()
-        self.copies, self._copy_count = BlockCopies(), 1 if self.tier is Tier.USER else copies  # a device: one session
+        self.copies = BlockCopies(1 if self.tier is Tier.USER else copies)  # a device runs one session
         self._load(spec.split[0] if cut is None else cut)
         self.policies = {hop: CodecPolicy.from_dict(spec.codecs.get(hop.value)) for hop in Hop}
         self.optimizer_settings = optimizer or OptimizerSettings()
@@ -137,8 +137,8 @@ class TierRuntime:
         partition.train()
         self.partition, self.variants = partition, variants
         self.slots = next(iter(variants.values())).slots
-        self.copies.reset(BlockCopy(partition, [v.head for v in variants.values()], [v.slots for v in variants.values()]),
-                          self._copy_count)
+        tasks = list(variants.values())
+        self.copies.reset(BlockCopy(partition, [v.head for v in tasks], [v.slots for v in tasks]))
 
     def hold_from(self, cut: int) -> None:
         """An edge: hold blocks [cut, b) too (a user whose own cut is lower registered); a no-op if it does."""
