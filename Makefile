@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.splitllm-setup
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow test-compose test-ui wheelhouse compose-up compose-down demo clean
+.PHONY: setup test test-slow test-compose test-ui perf perf-report wheelhouse compose-up compose-down demo clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,16 @@ test-compose: setup
 test-ui: setup
 	$(PY) -m pip install -q -e '.[ui]'
 	$(PY) -m pytest -q -m ui tests/services/test_dashboard.py
+
+# The README's Performance section: `perf` runs every bench it reports (shared/lab/bench/report.py lists them), each
+# writing its JSON under $(PERF), about 45 minutes on 2 idle cores (run nothing else meanwhile), then regenerates the
+# section from those files; `perf-report` only regenerates it.
+PERF ?= docs/performance
+perf: setup
+	$(VENV)/bin/splitllm bench report --run --results $(PERF) --readme README.md
+
+perf-report: setup
+	$(VENV)/bin/splitllm bench report --results $(PERF) --readme README.md
 
 # Deploying with Docker compose: `make compose-up` builds offline, starts 1 cloud, 2 edges, 4 users, runs a round.
 wheelhouse: setup

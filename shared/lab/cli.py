@@ -329,19 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_bench_memory_bodies)
 
-    bench.add_parser("fedara", help="FedARA against fixed-rank LoRA (see splitllm bench fedara --help)", add_help=False)
-    bench.add_parser("pipeline", help="one user's step with and without micro-batch pipelining over an emulated link",
-                     add_help=False)
-    bench.add_parser("scaling", help="samples per second against the number of concurrent users through 2 edges",
-                     add_help=False)
-    bench.add_parser("droppeft", help="DropPEFT against plain split LoRA (see splitllm bench droppeft --help)",
-                     add_help=False)
-    bench.add_parser("devft", help="DevFT against plain split LoRA (see splitllm bench devft --help)", add_help=False)
-    bench.add_parser("h2tune", help="H2Tune against local-only and naive heterogeneous LoRA (see splitllm bench "
-                                    "h2tune --help)", add_help=False)
-    bench.add_parser("compare", help="centralised, federated and split LoRA side by side (see --help)", add_help=False)
-    bench.add_parser("sessions", help="one tier's sessions stepping at once against one after the other (see --help)",
-                     add_help=False)
+    for name, text in SELF_PARSED.items():  # these parse their own flags: their --help is their own
+        bench.add_parser(name, help=text, add_help=False)
 
     for name in SERVICES:
         sub.add_parser(name, help=f"run the {name} tier as a service (see splitllm {name} --help)", add_help=False)
@@ -349,7 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 SERVICES = {"cloud": "cloud_server", "edge": "edge_server", "user": "user_agent"}
-SELF_PARSED = ("fedara", "droppeft", "devft", "pipeline", "scaling", "h2tune", "compare", "sessions")  # bench names
+SELF_PARSED = {  # the benches that parse their own flags (see splitllm bench NAME --help)
+    "fedara": "FedARA against fixed-rank LoRA", "droppeft": "DropPEFT against plain split LoRA",
+    "devft": "DevFT against plain split LoRA", "h2tune": "H2Tune against local-only and naive heterogeneous LoRA",
+    "pipeline": "one user's step with and without micro-batch pipelining over an emulated link",
+    "scaling": "samples per second against the number of concurrent users through 2 edges",
+    "compare": "centralised, federated and split LoRA side by side",
+    "sessions": "one tier's sessions stepping at once against one after the other",
+    "report": "the README's Performance section, generated from the benches' JSON files"}
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
