@@ -6,7 +6,7 @@ and gives it back on free; every thread other than the main one allocates from h
 glibc deletes or shrinks as soon as they fall empty; and the main heap's free top goes back to the kernel above a
 trim threshold (twice the mmap threshold). The next step then faults those pages in again, each zero-filled by the
 kernel (``splitllm bench http`` records the faults). On a VM whose host takes freed pages back, that costs a large
-part of a step (README "Performance").
+part of a step (``docs/performance-log.md``).
 
 ``reuse_freed_memory`` makes the process keep what it frees, where told to (``mallopt``): allocations up to 32 MiB
 come from the heap (``M_MMAP_THRESHOLD``, fixed there), free memory at the heap's top is kept up to 2 GiB
@@ -15,7 +15,7 @@ MB. After the first steps a step reuses the pages it used before. A larger alloc
 as glibc does by default: in the heap such blocks had cost the cloud 40 % more memory (its 201 MB logits, before
 they were made in chunks: torch asks for 64-byte alignment, which glibc 2.36 serves from a larger block, so a freed
 block could not always take the next tensor of its size and the heap grew instead). The cost that is left: a
-process holds about its peak between steps instead of falling back (README "Performance" has both sides measured).
+process holds about its peak between steps instead of falling back (both sides measured: ``docs/performance-log.md``).
 It is not the default: on this project's 2-core VM the faults it saves did not give steps that were faster beyond
 the noise of one run to the next. The services' setting ``heap`` (``--heap``, ``SPLITLLM_HEAP``; ``splitllm``'s
 other commands read ``SPLITLLM_HEAP``) is ``system``, malloc as glibc sets it, unless set to ``reuse``. A malloc

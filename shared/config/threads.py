@@ -19,7 +19,7 @@ def sleep_idle_threads() -> None:
     ``OMP_WAIT_POLICY=ACTIVE``: 15 to 19 s a step over HTTP against 3.7 in one process).
     Threads that sleep at once instead pay a wake-up for every parallel region, every small op of a forward:
     4 to 8 % of an idle step. A spin of some 50 microseconds covers the gaps between one op and the next, and
-    gives the core back as soon as a tier waits (README "Performance"). OpenMP runtimes other than libgomp read
+    gives the core back as soon as a tier waits (``docs/performance-log.md``). OpenMP runtimes other than libgomp read
     only the policy. Every ``splitllm`` process sets it, the services and the in-process paths alike, so that
     the benches compare like with like.
     """

@@ -13,7 +13,7 @@ How many: the services' ``block_copies``, 1 by default; 0 asks for as many forwa
 at the tier's torch threads (``auto_copies``: cores / threads on a CPU, 1 on a GPU, where one process's kernels queue
 on one stream anyway). More than one pays where a tier has its cores to itself; where several tiers' processes share
 the cores (``bench scaling`` runs them all on one machine), the cores are busy already and a second copy measured
-no faster, and slower in most runs (README "Performance", "Copies of the blocks").
+no faster, and slower in most runs (``docs/performance-log.md``, "Copies of the blocks").
 """
 
 from __future__ import annotations

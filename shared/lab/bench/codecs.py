@@ -137,7 +137,7 @@ def bench_codecs_4g(model: str = "minilm-l6", split: str = "1,3", users: int = 4
     stand for as many machines, from oversubscribing this machine's cores; 0 leaves torch's default, one
     per core in each process. Each codec's run records the CPU seconds every process used in its round
     (``cpu_seconds``; user and system seconds and minor page faults apart in ``counters_by_process``): with idle OpenMP threads spinning (``OMP_WAIT_POLICY=ACTIVE``) and two threads a
-    process, the waiting users spend many times their work spinning (README "Performance"). The tiers inherit
+    process, the waiting users spend many times their work spinning (``docs/performance-log.md``). The tiers inherit
     this process's environment: ``SPLITLLM_AUTOCAST=bf16`` runs every tier's matmuls in bfloat16 (``autocast``
     in the JSON).
     """
