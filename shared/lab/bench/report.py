@@ -350,7 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, _ in RUNS:
             line = command(name, str(folder))
             print(f"== {line}", flush=True)
-            subprocess.run([sys.executable, "-m", "shared.lab.cli", *shlex.split(line)[1:]], check=True)
+            if (code := subprocess.run([sys.executable, "-m", "shared.lab.cli", *shlex.split(line)[1:]]).returncode):
+                print(f"splitllm bench report: `{line}` failed (exit {code}); the README was left as it was",
+                      file=sys.stderr)
+                return 1
     results = load_results(folder)
     plots = {"compare": "compare.png", "scaling": "scaling.png"}
     plots = {k: v for k, v in plots.items() if f"{k}.json" in results}
