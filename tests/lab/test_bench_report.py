@@ -103,3 +103,15 @@ def test_splice_replaces_only_between_the_markers() -> None:
         splice("no markers here", "x")
     with pytest.raises(SystemExit, match="needs exactly one line"):
         splice(f"{END}\n{BEGIN}\n", "x")
+
+
+def test_run_stops_at_a_failing_bench_and_leaves_the_readme(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from shared.lab.bench import report
+
+    monkeypatch.setattr(report, "RUNS", [("codec_speed.json", "splitllm bench no-such-bench --json {path}")])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"x\n{BEGIN}\nold\n{END}\n")
+    assert main(["--run", "--results", str(tmp_path / "r"), "--readme", str(readme)]) == 1
+    assert "`splitllm bench no-such-bench" in capsys.readouterr().err
+    assert readme.read_text() == f"x\n{BEGIN}\nold\n{END}\n"

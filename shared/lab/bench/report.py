@@ -210,8 +210,9 @@ class Report:
                 for m in s["micro_batches"]:
                     series = [(n, by_users[str(n)][str(m)]) for n in users if str(n) in by_users]
                     base = series[0][1]["samples_per_s"]
-                    rows.append([link_name(profile), str(m), *(f"{x['samples_per_s']:.1f} ({x['samples_per_s'] / base:.2f}x), "
-                                                    f"round {x['round_samples_per_s']:.1f}" for _, x in series),
+                    cells = [f"{x['samples_per_s']:.1f} ({x['samples_per_s'] / base:.2f}x), "
+                             f"round {x['round_samples_per_s']:.1f}" for _, x in series]
+                    rows.append([link_name(profile), str(m), *cells,
                                  " / ".join(f"{x['cpu_busy']:.2f}" for _, x in series)])
                     notes.append(saturation(link_name(profile), m, series, s["cpus"]))
             out += [(f"`{command('scaling.json', self.folder)}` ({s['model']} at {s['split']}, {s['batch'][0]} x "
@@ -350,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, _ in RUNS:
             line = command(name, str(folder))
             print(f"== {line}", flush=True)
-            if (code := subprocess.run([sys.executable, "-m", "shared.lab.cli", *shlex.split(line)[1:]]).returncode):
+            run = subprocess.run([sys.executable, "-m", "shared.lab.cli", *shlex.split(line)[1:]], check=False)
+            if code := run.returncode:
                 print(f"splitllm bench report: `{line}` failed (exit {code}); the README was left as it was",
                       file=sys.stderr)
                 return 1
