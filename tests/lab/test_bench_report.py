@@ -115,3 +115,14 @@ def test_run_stops_at_a_failing_bench_and_leaves_the_readme(tmp_path: Path, monk
     assert main(["--run", "--results", str(tmp_path / "r"), "--readme", str(readme)]) == 1
     assert "`splitllm bench no-such-bench" in capsys.readouterr().err
     assert readme.read_text() == f"x\n{BEGIN}\nold\n{END}\n"
+
+
+def test_a_folder_without_the_files_or_with_a_broken_one_leaves_the_readme(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"x\n{BEGIN}\nold\n{END}\n")
+    assert main(["--results", str(tmp_path / "typo"), "--readme", str(readme)]) == 2
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "memory.json").write_text("{")
+    with pytest.raises(SystemExit, match="memory.json is not a bench's JSON"):
+        main(["--results", str(tmp_path / "r"), "--readme", str(readme)])
+    assert readme.read_text() == f"x\n{BEGIN}\nold\n{END}\n"

@@ -42,7 +42,7 @@ from shared.config.deployment import DataSpec
 from shared.config.round import RoundConfig
 from shared.data.datasets import ClientData, FederatedDataset
 from shared.lab.bench.scaling import one_round
-from shared.lab.bench.timing import Machine, load
+from shared.lab.bench.timing import Machine, load, markdown_table
 from shared.lab.cluster import Cluster
 from shared.lab.memory import probe_process
 from shared.lab.sim import SimConfig, Simulation
@@ -189,7 +189,7 @@ def table(report: dict[str, Any]) -> list[str]:
     profiles = report["profiles"]
     head = ["method", "held-out loss", "accuracy", "device peak MB", "device compute s/step",
             "MB / device / round", *[f"round s, {p}" for p in profiles], *[f"device CPU s/step, {p}" for p in profiles]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for method, r in report["methods"].items():
         timed_ = [r["rounds_timed"].get(p) for p in profiles]
         acc = r["eval_accuracy"]
@@ -198,8 +198,8 @@ def table(report: dict[str, Any]) -> list[str]:
                  _mb(r["bytes_per_device_per_round"]),
                  *["-" if t is None else f"{t['round_seconds']:.1f}" for t in timed_],
                  *["-" if t is None else f"{t['device_cpu_s_per_step']:.3f}" for t in timed_]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        rows.append(cells)
+    return markdown_table(head, rows)
 
 
 def plot(report: dict[str, Any], path: str) -> None:

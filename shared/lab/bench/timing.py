@@ -111,6 +111,11 @@ def write_json(report: dict[str, Any], path: str | None) -> None:
         Path(path).write_text(json.dumps(report, indent=2, default=str))
 
 
+def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines: ``head``, the rule under it, then ``rows``."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def save(report: dict[str, Any], json_path: str | None, plot_path: str | None,
          plot: Callable[[dict[str, Any], str], None]) -> None:
     """A bench's outputs: its report as JSON (``write_json``) and, when a path is given, its plot."""
