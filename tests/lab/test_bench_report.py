@@ -126,3 +126,22 @@ def test_a_folder_without_the_files_or_with_a_broken_one_leaves_the_readme(tmp_p
     with pytest.raises(SystemExit, match="memory.json is not a bench's JSON"):
         main(["--results", str(tmp_path / "r"), "--readme", str(readme)])
     assert readme.read_text() == f"x\n{BEGIN}\nold\n{END}\n"
+
+
+def test_a_file_without_a_field_the_report_reads_is_named_and_the_readme_left(tmp_path: Path) -> None:
+    import json
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"x\n{BEGIN}\nold\n{END}\n")
+    results = tmp_path / "r"
+    results.mkdir()
+    for name in ("scaling.json", "http_1.json"):
+        (results / name).write_text((RESULTS / name).read_text())
+    http = json.loads((results / "http_1.json").read_text())
+    del http["round_counters"]  # as an older `bench http` wrote it
+    (results / "http_1.json").write_text(json.dumps(http))
+    said = r"http_1\.json: not the fields this report reads \(KeyError: 'round_counters'\)"
+    with pytest.raises(SystemExit, match=said):
+        main(["--results", str(results), "--readme", str(readme)])
+    assert readme.read_text() == f"x\n{BEGIN}\nold\n{END}\n"
+    assert not (results / "scaling.png").exists(), "nothing is drawn before the section is whole"

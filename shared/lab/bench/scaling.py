@@ -98,6 +98,33 @@ def summary(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def link_name(profile: str) -> str:
+    return "loopback" if profile == "none" else profile
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Samples per second against users, one line per link and micro-batch count (the README's plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for profile, by_users in report["runs"].items():
+        for m in report["micro_batches"]:
+            users = sorted(int(n) for n in by_users)
+            ax.plot(users, [by_users[str(n)][str(m)]["samples_per_s"] for n in users], marker="o",
+                    label=f"{link_name(profile)}, {m} micro-batch{'es' if m > 1 else ''}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(users, [str(n) for n in users])
+    ax.set_xlabel("concurrent users")
+    ax.set_ylabel("samples per second")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     from shared.lab.bench.timing import write_json
 
