@@ -139,8 +139,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_memory(args: argparse.Namespace) -> int:
     from shared.lab.memory import memory_report, print_report
 
+    if args.repeats < 1:
+        raise SystemExit(f"splitllm memory: --repeats must be at least 1, got {args.repeats}")
     report = memory_report(args.model, _split_arg(args.split), batch_size=args.batch_size, seq_len=args.seq_len,
-                           services=args.services, steps=args.steps)
+                           services=args.services, steps=args.steps, repeats=args.repeats)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -280,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--services", action="store_true",
                    help="also run a cloud, an edge and a user as service processes through one round; their peaks")
     p.add_argument("--steps", type=int, default=2, help="the services' round: its steps")
+    p.add_argument("--repeats", type=int, default=3, help="each probe's runs, in a fresh process each: the median's")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_memory)
 

@@ -70,6 +70,12 @@ def test_verdicts_follow_the_figures(committed: dict) -> None:
     assert http[1] == "1.010, 1.200, 1.040x" and http[2].startswith("in 2 of 3 runs")
     assert next(v for k, v in rows.items() if k.startswith("4g"))[2].startswith("yes")
     assert next(v for k, v in rows.items() if "under 30 minutes" in k)[2].startswith("no")
+    # the user's memory holds only if its share holds over every run (its highest peak over the whole's lowest)
+    for share, spread, holds in ((0.29, [0.27, 0.31], "no"), (0.29, [0.27, 0.295], "yes")):
+        r["memory.json"]["user_rss_share"], r["memory.json"]["user_rss_share_range"] = share, spread
+        memory = next(v for k, v in acceptance(r).items() if k.startswith("user tier's peak memory"))
+        assert f"29.00% (probe, {spread[0]:.2%} to {spread[1]:.2%} over its runs)" in memory[1]
+        assert memory[2].strip(" |") == holds
 
 
 def test_a_missing_file_is_said_with_the_command_that_writes_it(committed: dict) -> None:

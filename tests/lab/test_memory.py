@@ -14,7 +14,7 @@ import torch
 MEMORY_REPORT = """\
 import json
 from shared.lab.memory import memory_report
-print(json.dumps(memory_report("smollm2-135m", (2, 15))))
+print(json.dumps(memory_report("smollm2-135m", (2, 15), repeats=1)))
 """
 
 
@@ -31,6 +31,28 @@ def test_memory_report_smollm2_user_tier_is_small(run_cli) -> None:
           {t: report[t] for t in ("user", "edge", "cloud", "whole")})
     assert report["user_param_share"] <= 0.30
     assert report["user_rss_saving_bytes"] >= report["user_bytes_not_held"]
+
+
+def test_memory_report_takes_each_probes_median_run_and_the_shares_range(tiny, monkeypatch) -> None:
+    from shared.lab import memory
+
+    tiny("tiny-llama")
+    peaks = {"user": [460, 458, 465], "whole": [1512, 1361, 1362]}  # MB, as three runs gave them here
+    calls: dict[str, int] = {}
+
+    def fake_probe(model, split, tier, batch_size, seq_len):
+        calls[tier] = calls.get(tier, 0) + 1
+        mb = peaks.get(tier, [100, 100, 100])[calls[tier] - 1]
+        return {"param_bytes": 1 if tier == "user" else 4, "peak_rss_bytes": mb * 10**6, "run": calls[tier]}
+
+    monkeypatch.setattr(memory, "probe_process", fake_probe)
+    report = memory.memory_report("tiny-llama", (1, 3), repeats=3)
+    assert all(n == 3 for n in calls.values()) and set(calls) == {"user", "edge", "cloud", "whole", "runtime", "imports"}
+    assert report["user"]["peak_rss_bytes"] == 460 * 10**6 and report["user"]["run"] == 1  # the median run, whole
+    assert report["whole"]["peak_rss_runs_bytes"] == [1361 * 10**6, 1362 * 10**6, 1512 * 10**6]
+    assert report["user_rss_share"] == pytest.approx(460 / 1362)
+    assert report["user_rss_share_range"] == pytest.approx([458 / 1512, 465 / 1361])
+    assert "FAIL" in report["checks"][1] and "30.3% to 34.2%" in report["checks"][1]
 
 
 def test_memory_probe_peak_rss_is_its_own(tiny, run_cli) -> None:
