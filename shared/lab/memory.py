@@ -105,7 +105,7 @@ def probe_runs(model: str, split: tuple[int, int], tier: str, batch_size: int, s
     """``probe_process`` ``repeats`` times: the run of the median peak, with every run's peak (``peak_rss_runs_bytes``).
 
     One process's peak is not the same from run to run: the whole smollm2-135m's fine-tune at 4 x 64 peaks at about
-    1360 or about 1515 MB, as glibc's arenas fall (always the higher with one arena, ``MALLOC_ARENA_MAX=1``)."""
+    1360 or about 1515 MB, for a cause not found (``docs/performance-log.md``, "Two runs of ``make perf``")."""
     runs = sorted((probe_process(model, split, tier, batch_size, seq_len) for _ in range(repeats)),
                   key=lambda r: r["peak_rss_bytes"])
     return {**runs[(len(runs) - 1) // 2], "peak_rss_runs_bytes": [r["peak_rss_bytes"] for r in runs]}
