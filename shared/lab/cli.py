@@ -137,15 +137,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
+    from shared.lab.bench.timing import write_json
     from shared.lab.memory import memory_report, print_report
 
     if args.repeats < 1:
         raise SystemExit(f"splitllm memory: --repeats must be at least 1, got {args.repeats}")
     report = memory_report(args.model, _split_arg(args.split), batch_size=args.batch_size, seq_len=args.seq_len,
                            services=args.services, steps=args.steps, repeats=args.repeats)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    write_json(report, args.json)
     print_report(report)
     return 0
 

@@ -105,10 +105,14 @@ def timed_round(cluster: Any, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_json(report: dict[str, Any], path: str | None) -> None:
-    """A bench's report as JSON at ``path`` (its folder made), when a path is given."""
+    """A bench's report as JSON at ``path`` (its folder made), when a path is given, with what it was measured on
+    (``provenance``: the CPU, the libraries, the commit) unless the report says so already."""
     if path:
+        from shared.lab.bench.provenance import provenance
+
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(report, indent=2, default=str))
+        Path(path).write_text(json.dumps({**report, "provenance": report.get("provenance") or provenance()},
+                                         indent=2, default=str))
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
