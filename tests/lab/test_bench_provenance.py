@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from shared.lab.bench import provenance as prov
 from shared.lab.bench.timing import write_json
 
@@ -31,6 +33,8 @@ def test_changed_code_is_listed_and_other_files_are_not(tmp_path: Path, monkeypa
 
     def fake_git(*args: str) -> str:
         calls.append(args)
+        if args == ("rev-parse", "--show-toplevel"):
+            return str(prov.REPO)
         return " M shared/x.py\n?? tools/new.py" if args[0] == "status" else "a" * 40
 
     monkeypatch.setattr(prov, "git", fake_git)
@@ -38,7 +42,11 @@ def test_changed_code_is_listed_and_other_files_are_not(tmp_path: Path, monkeypa
     assert p["uncommitted"] == ["shared/x.py", "tools/new.py"]
     status = next(c for c in calls if c[0] == "status")
     assert status[-len(prov.CODE):] == prov.CODE  # only code: a bench's own JSON in docs/ is not a code change
+    assert p["commit"] == "a" * 40
     monkeypatch.setattr(prov, "git", lambda *a: None)  # not a checkout, or no git
+    assert prov.provenance()["commit"] is None and prov.provenance()["uncommitted"] is None
+    # installed inside another project's checkout: that project's commit is not this code's
+    monkeypatch.setattr(prov, "git", lambda *a: str(tmp_path) if a[-1] == "--show-toplevel" else "b" * 40)
     assert prov.provenance()["commit"] is None and prov.provenance()["uncommitted"] is None
 
 
@@ -63,3 +71,26 @@ def test_files_that_disagree_or_say_nothing_are_named() -> None:
     assert "Intel Xeon" in line and "with 1 code file(s) changed (b.json)" in line
     assert line.endswith("These files do not record what they were measured on: old.json.")
     assert prov.describe({"old.json": {"figure": 1}}) == "The files do not record what they were measured on."
+
+
+def test_a_real_checkouts_changed_code_is_named_exactly(tmp_path: Path, monkeypatch) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("no git here")
+    repo = tmp_path / "checkout"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "a.py").write_text("x = 1\n")
+    (repo / "notes.md").write_text("words\n")
+    run = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True)
+    run("init", "-q")
+    run("add", ".")
+    run("-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "commit", "-qm", "one")
+    (repo / "pkg" / "a.py").write_text("x = 2\n")  # a changed line's status begins with a space: " M pkg/a.py"
+    (repo / "notes.md").write_text("more words\n")  # not code
+    (repo / "pkg" / "b.py").write_text("y = 1\n")  # new code
+    monkeypatch.setattr(prov, "REPO", repo.resolve())
+    p = prov.provenance()
+    assert len(p["commit"]) == 40
+    assert sorted(p["uncommitted"]) == ["pkg/a.py", "pkg/b.py"]

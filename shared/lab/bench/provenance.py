@@ -38,12 +38,12 @@ def cpu() -> dict[str, Any]:
 
 
 def git(*args: str) -> str | None:
-    """``git args`` in the repository's folder; None where that is not a git checkout or git is missing."""
+    """``git args`` in the repository's folder; None where git is missing or fails there."""
     try:
         out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    return out.stdout.rstrip() if out.returncode == 0 else None  # a status line may begin with a space
 
 
 def version(package: str) -> str | None:
@@ -57,10 +57,12 @@ def provenance() -> dict[str, Any]:
     """The machine (CPU, cores, kernel), the libraries and the commit, with the code files changed since it."""
     import os
 
-    changed = git("status", "--porcelain", "--untracked-files=all", "--", *CODE)
+    top = git("rev-parse", "--show-toplevel")  # this repository's own checkout, not one it was installed inside
+    ours = top is not None and Path(top).resolve() == REPO
+    changed = git("status", "--porcelain", "--untracked-files=all", "--", *CODE) if ours else None
     return {"written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **cpu(), "cpus": os.cpu_count(),
             "system": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-            "torch": version("torch"), "transformers": version("transformers"), "commit": git("rev-parse", "HEAD"),
+            "torch": version("torch"), "transformers": version("transformers"), "commit": git("rev-parse", "HEAD") if ours else None,
             "uncommitted": None if changed is None else [line[3:] for line in changed.splitlines()]}
 
 
