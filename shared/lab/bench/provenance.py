@@ -7,6 +7,7 @@ section prints from the files it reads.
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -18,8 +19,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[3]
 # CPU features that decide which of torch's kernels run (bf16 and int8 matmuls above all)
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-# what, changed or new and not committed, makes the code measured differ from the commit recorded (a bench's own files in
-# docs/ are rewritten while ``make perf`` runs, and say nothing of the code)
+# what, changed or new and not committed, makes the code measured differ from the commit recorded (a bench's own
+# files in docs/ are rewritten while ``make perf`` runs, and say nothing of the code)
 CODE = ("*.py", "pyproject.toml", "Makefile")
 
 
@@ -54,15 +55,15 @@ def version(package: str) -> str | None:
 
 
 def provenance() -> dict[str, Any]:
-    """The machine (CPU, cores, kernel), the libraries and the commit, with the code files changed since it."""
-    import os
-
+    """The machine (CPU, cores, kernel), the libraries and the commit, with the code files changed since it (both
+    None outside this repository's own git checkout)."""
     top = git("rev-parse", "--show-toplevel")  # this repository's own checkout, not one it was installed inside
     ours = top is not None and Path(top).resolve() == REPO
+    commit = git("rev-parse", "HEAD") if ours else None
     changed = git("status", "--porcelain", "--untracked-files=all", "--", *CODE) if ours else None
     return {"written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **cpu(), "cpus": os.cpu_count(),
             "system": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-            "torch": version("torch"), "transformers": version("transformers"), "commit": git("rev-parse", "HEAD") if ours else None,
+            "torch": version("torch"), "transformers": version("transformers"), "commit": commit,
             "uncommitted": None if changed is None else [line[3:] for line in changed.splitlines()]}
 
 
@@ -84,8 +85,8 @@ def describe(results: dict[str, Any]) -> str:
                f"Python {p.get('python')}, torch {p.get('torch')}, transformers {p.get('transformers')}, "
                f"commit {commit}")
         said.setdefault(key, []).append(name)
-    times = sorted(str(r["provenance"]["written_utc"]) for r in results.values()
-                   if isinstance(r, dict) and isinstance(r.get("provenance"), dict) and r["provenance"].get("written_utc"))
+    times = sorted(str(p["written_utc"]) for r in results.values() if isinstance(r, dict)
+                   and isinstance(p := r.get("provenance"), dict) and p.get("written_utc"))
     parts = [k if len(said) == 1 else f"{k} ({', '.join(files)})" for k, files in said.items()]
     line = ("Measured on " + "; and on ".join(parts) + (f", written {times[0]} to {times[-1]}" if times else "") + "."
             if parts else "")
