@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.lab.bench.protocol import mean_se
+from shared.lab.bench.busy import idle_by_part
 from shared.lab.bench.timing import timed_round
 from shared.lab.cluster import Cluster
 from shared.lab.sim import SimConfig, Simulation
@@ -136,8 +137,11 @@ def bench_codecs_4g(model: str = "minilm-l6", split: str = "1,3", users: int = 4
     ``threads`` > 0 sets every tier's torch threads; the default 1 keeps the ``users`` + 2 processes, which
     stand for as many machines, from oversubscribing this machine's cores; 0 leaves torch's default, one
     per core in each process. Each codec's run records the CPU seconds every process used in its round
-    (``cpu_seconds``; user and system seconds and minor page faults apart in ``counters_by_process``): with idle OpenMP threads spinning (``OMP_WAIT_POLICY=ACTIVE``) and two threads a
-    process, the waiting users spend many times their work spinning (``docs/performance-log.md``). The tiers inherit
+    (``cpu_seconds``; user and system seconds and minor page faults apart in ``counters_by_process``): with idle
+    OpenMP threads spinning (``OMP_WAIT_POLICY=ACTIVE``) and two threads a process, the waiting users spend many
+    times their work spinning (``docs/performance-log.md``). And where its cores sat idle: all processes' CPU seconds
+    every 0.2 s (``busy``) and the core-seconds left idle in each tenth of the timed part, from starting the round to
+    seeing it done (``idle_core_seconds_by_tenth``). The tiers inherit
     this process's environment: ``SPLITLLM_AUTOCAST=bf16`` runs every tier's matmuls in bfloat16 (``autocast``
     in the JSON).
     """
@@ -153,13 +157,15 @@ def bench_codecs_4g(model: str = "minilm-l6", split: str = "1,3", users: int = 4
             cluster = Cluster(Path(tmp), cloud_args, users=users, edges=1, user_args=["--link-profile", "4g"], env=env)
             try:
                 cluster.start()
-                timed = timed_round(cluster, {"local_steps": steps, "batch_size": batch_size, "evaluate": False})
+                timed = timed_round(cluster, {"local_steps": steps, "batch_size": batch_size, "evaluate": False},
+                                    sample_s=0.2)
             finally:
                 cluster.stop()
         view, cpu = timed["view"], timed["cpu_seconds"]
         out[spec] = {"round_seconds": view["metrics"]["seconds"], "bytes": view["metrics"]["bytes"],
                      "cpu_seconds": cpu, "cpu_seconds_total": sum(cpu.values()), "machine": timed["machine"],
-                     "counters_by_process": timed["counters_by_process"]}
+                     "counters_by_process": timed["counters_by_process"], "busy": timed["busy"],
+                     "idle_core_seconds_by_tenth": idle_by_part(timed["busy"], timed["machine"]["cpus"])}
     return {"profile": "4g", "users": users, "steps": steps, "batch": [batch_size, seq_len], "threads": threads,
             "autocast": os.environ.get("SPLITLLM_AUTOCAST", "off"), "runs": out,
             "speedup_int8": out["fp32"]["round_seconds"] / out["int8"]["round_seconds"],

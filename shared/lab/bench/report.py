@@ -273,12 +273,14 @@ class Report:
                 rows.append([name, *(f"{r['runs'][k]['round_seconds']:.1f}" for k in r["runs"]),
                              f"**{r['speedup_int8']:.2f}x**", f"{r['speedup_int8_shuffle_lz4']:.2f}x",
                              " / ".join(f"{r['runs'][k]['cpu_seconds_total']:.1f}" for k in r["runs"]),
-                             f"{floor:.1f} s ({r['runs']['fp32']['round_seconds'] / floor:.2f}x)", load_range(c)])
+                             f"{floor:.1f} s ({r['runs']['fp32']['round_seconds'] / floor:.2f}x)",
+                             idle_ends(int8.get("idle_core_seconds_by_tenth")), load_range(c)])
             out += [(f"{self.series(runs)}, in a row ({r0['users']} users through one edge on 4g, "
                      f"{r0['steps']} steps of {r0['batch'][0]} x {r0['batch'][1]}):"), "",
                     *table(["file", *(f"{k} round s" for k in r0["runs"]), "int8 speed-up", "int8+shuffle-lz4",
                             "CPU s, all processes (" + " / ".join(r0["runs"]) + ")",
-                            "int8 round's CPU floor: its CPU s over the cores (fp32 round over it)", "load"], rows), ""]
+                            "int8 round's CPU floor: its CPU s over the cores (fp32 round over it)",
+                            "int8 round's idle core-s: first tenth / the eight between / last tenth", "load"], rows), ""]
         return out + self.missing("codecs_4g_1.json")
 
     def codec_speed(self) -> list[str]:
@@ -304,6 +306,11 @@ class Report:
         bench = [line for stem, make in parts.items() for line in guarded(self.r, stem, make)]  # before the targets
         lines = [BEGIN, "", intro, "", *guarded(self.r, "", self.acceptance), "", *bench, END]
         return "\n".join(lines).replace("\n\n\n", "\n\n")
+
+
+def idle_ends(tenths: list[float] | None) -> str:
+    """A round's idle core-seconds at its start, in its middle and at its end (``busy.idle_by_part``'s tenths)."""
+    return "-" if not tenths else f"{tenths[0]:.1f} / {sum(tenths[1:-1]):.1f} / {tenths[-1]:.1f}"
 
 
 def guarded(results: dict[str, Any], stem: str, make: Any) -> Any:

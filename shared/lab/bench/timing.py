@@ -85,23 +85,29 @@ def cpu_seconds(pid: int) -> float:
     return c["user_s"] + c["system_s"]
 
 
-def timed_round(cluster: Any, body: dict[str, Any]) -> dict[str, Any]:
+def timed_round(cluster: Any, body: dict[str, Any], sample_s: float | None = None) -> dict[str, Any]:
     """One round of a running ``shared.lab.cluster.Cluster``: its final view (``view``), its wall seconds as this
     process timed them (``wall``), the CPU seconds each of the cluster's processes used meanwhile
     (``cpu_seconds``, by process name), all of them together (``counters``: ``counters_since``) and each one's
     (``counters_by_process``), the machine's load around it (``machine``), and the CPU seconds this process took
-    meanwhile (``harness_cpu_seconds``: starting the round and polling it, on the cores the cluster computes on)."""
+    meanwhile (``harness_cpu_seconds``: starting the round and polling it, on the cores the cluster computes on).
+    With ``sample_s``, also the processes' CPU seconds every ``sample_s`` seconds (``busy``: ``BusySampler``)."""
+    from contextlib import nullcontext
+
+    from shared.lab.bench.busy import BusySampler
+
     pids = {name: p.popen.pid for name, p in cluster.procs.items() if p.popen is not None}
     before = {pid: process_counters(pid) for pid in pids.values()}
     t0, own0 = time.perf_counter(), time.process_time()
-    with Machine() as machine:
+    sampler = BusySampler(list(pids.values()), cpu_seconds, sample_s) if sample_s else None
+    with Machine() as machine, sampler or nullcontext():
         view = cluster.run_round(body)
     wall, own = time.perf_counter() - t0, time.process_time() - own0
     after = {pid: process_counters(pid) for pid in before}  # each process read once, both figures from it
     cpu = {name: sum(after[pid][k] - before[pid][k] for k in ("user_s", "system_s")) for name, pid in pids.items()}
     return {"view": view, "wall": wall, "cpu_seconds": cpu, "counters": counters_since(before, after),
             "counters_by_process": {name: counters_since({pid: before[pid]}, after) for name, pid in pids.items()},
-            "machine": machine.record, "harness_cpu_seconds": own}
+            "machine": machine.record, "harness_cpu_seconds": own, **({"busy": sampler.record} if sampler else {})}
 
 
 def write_json(report: dict[str, Any], path: str | None) -> None:
