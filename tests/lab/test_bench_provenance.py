@@ -60,16 +60,21 @@ def _p(**over: object) -> dict:
 def test_files_that_agree_are_described_once_with_the_span_they_were_written_in() -> None:
     line = prov.describe({"a.json": _p(), "b.json": _p(written_utc="2026-12-03T15:46:00Z")})
     assert line == ("Measured on AMD EPYC (2 logical cores; avx2, avx512_bf16), Linux 6.18, Python 3.11.7, torch "
-                    "2.13.0+cpu, transformers 5.24.0, commit 3e66f4e91a, written 2026-12-03T15:00:00Z to "
+                    "2.13.0+cpu, transformers 5.24.0; at commit 3e66f4e91a; written 2026-12-03T15:00:00Z to "
                     "2026-12-03T15:46:00Z.")
 
 
 def test_files_that_disagree_or_say_nothing_are_named() -> None:
     line = prov.describe({"a.json": _p(), "b.json": _p(cpu_model="Intel Xeon", uncommitted=["shared/x.py"]),
-                          "old.json": {"figure": 1}})
-    assert "AMD EPYC" in line and "(a.json)" in line
-    assert "Intel Xeon" in line and "with 1 code file(s) changed (b.json)" in line
+                          "c.json": _p(commit=None), "old.json": {"figure": 1}})
+    assert "AMD EPYC" in line and "transformers 5.24.0 (a.json, c.json)" in line
+    assert "Intel Xeon" in line and "transformers 5.24.0 (b.json)" in line
+    assert ("at commit 3e66f4e91a (a.json) and commit 3e66f4e91a with 1 code file(s) changed (b.json) and no commit "
+            "recorded (c.json);") in line
     assert line.endswith("These files do not record what they were measured on: old.json.")
+    # one machine, two commits: the machine is said once, without files
+    line = prov.describe({"a.json": _p(), "b.json": _p(commit="b" * 40)})
+    assert line.count("AMD EPYC") == 1 and "5.24.0; at commit 3e66f4e91a (a.json) and commit bbbbbbbbbb (b.json)" in line
     assert prov.describe({"old.json": {"figure": 1}}) == "The files do not record what they were measured on."
 
 

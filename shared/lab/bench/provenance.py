@@ -68,9 +68,10 @@ def provenance() -> dict[str, Any]:
 
 
 def describe(results: dict[str, Any]) -> str:
-    """One sentence on what the files in ``results`` (file name: its JSON) were measured on: each distinct machine,
-    library set and commit once, with the files that say it when they do not all agree."""
-    said: dict[str, list[str]] = {}
+    """One sentence on what the files in ``results`` (file name: its JSON) were measured on: each distinct machine
+    with its libraries once, then each commit once, each with the files that say it when they do not all agree."""
+    machines: dict[str, list[str]] = {}
+    commits: dict[str, list[str]] = {}
     missing = []
     for name, report in results.items():
         p = report.get("provenance") if isinstance(report, dict) else None
@@ -78,20 +79,23 @@ def describe(results: dict[str, Any]) -> str:
             missing.append(name)
             continue
         flags = ", ".join(p.get("cpu_flags") or []) or "none of " + "/".join(FLAGS)
-        commit = (p.get("commit") or "no commit recorded")[:10]
+        machine = (f"{p.get('cpu_model')} ({p.get('cpus')} logical cores; {flags}), {p.get('system')}, "
+                   f"Python {p.get('python')}, torch {p.get('torch')}, transformers {p.get('transformers')}")
+        commit = f"commit {p['commit'][:10]}" if p.get("commit") else "no commit recorded"
         if p.get("uncommitted"):
             commit += f" with {len(p['uncommitted'])} code file(s) changed"
-        key = (f"{p.get('cpu_model')} ({p.get('cpus')} logical cores; {flags}), {p.get('system')}, "
-               f"Python {p.get('python')}, torch {p.get('torch')}, transformers {p.get('transformers')}, "
-               f"commit {commit}")
-        said.setdefault(key, []).append(name)
+        machines.setdefault(machine, []).append(name)
+        commits.setdefault(commit, []).append(name)
     times = sorted(str(p["written_utc"]) for r in results.values() if isinstance(r, dict)
                    and isinstance(p := r.get("provenance"), dict) and p.get("written_utc"))
-    parts = [k if len(said) == 1 else f"{k} ({', '.join(files)})" for k, files in said.items()]
-    line = ("Measured on " + "; and on ".join(parts) + (f", written {times[0]} to {times[-1]}" if times else "") + "."
-            if parts else "")
+
+    def listed(said: dict[str, list[str]]) -> str:
+        return " and ".join(k if len(said) == 1 else f"{k} ({', '.join(files)})" for k, files in said.items())
+
+    line = (f"Measured on {listed(machines)}; at {listed(commits)}"
+            + (f"; written {times[0]} to {times[-1]}" if times else "") + "." if machines else "")
     if missing:
-        line += (" The files do not record what they were measured on." if not parts else
+        line += (" The files do not record what they were measured on." if not machines else
                  f" These files do not record what they were measured on: {', '.join(missing)}.")
     return line.strip()
 
