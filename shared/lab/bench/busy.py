@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from itertools import pairwise
 from typing import Any, Self
@@ -66,7 +67,7 @@ def idle_by_part(record: dict[str, Any], cpus: int, parts: int = 10) -> list[flo
         return [0.0] * parts
 
     def at(x: float) -> float:
-        i = next((k for k in range(1, len(t)) if t[k] >= x), len(t) - 1)
+        i = min(max(bisect_left(t, x), 1), len(t) - 1)  # the first reading at or after x
         span = t[i] - t[i - 1]
         return c[i - 1] + ((c[i] - c[i - 1]) * (x - t[i - 1]) / span if span > 0 else 0.0)
 

@@ -72,7 +72,7 @@ def describe(results: dict[str, Any]) -> str:
     with its libraries once, then each commit once, each with the files that say it when they do not all agree."""
     machines: dict[str, list[str]] = {}
     commits: dict[str, list[str]] = {}
-    missing = []
+    missing, times = [], []
     for name, report in results.items():
         p = report.get("provenance") if isinstance(report, dict) else None
         if not isinstance(p, dict):
@@ -86,8 +86,8 @@ def describe(results: dict[str, Any]) -> str:
             commit += f" with {len(p['uncommitted'])} code file(s) changed"
         machines.setdefault(machine, []).append(name)
         commits.setdefault(commit, []).append(name)
-    times = sorted(str(p["written_utc"]) for r in results.values() if isinstance(r, dict)
-                   and isinstance(p := r.get("provenance"), dict) and p.get("written_utc"))
+        times += [str(p["written_utc"])] if p.get("written_utc") else []
+    times.sort()
 
     def listed(said: dict[str, list[str]]) -> str:
         return " and ".join(k if len(said) == 1 else f"{k} ({', '.join(files)})" for k, files in said.items())
