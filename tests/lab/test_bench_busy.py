@@ -10,9 +10,10 @@ import time
 
 import pytest
 
+from shared.lab.bench import timing
 from shared.lab.bench.busy import BusySampler, idle_by_part
 from shared.lab.bench.report import idle_ends
-from shared.lab.bench.timing import cpu_seconds
+from shared.lab.bench.timing import Machine, cpu_seconds, steal_seconds
 
 
 def test_idle_core_seconds_per_slice_follow_the_cumulative_readings() -> None:
@@ -60,3 +61,17 @@ def test_a_process_gone_meanwhile_keeps_its_last_reading() -> None:
 def test_the_report_gives_the_ends_and_the_middle() -> None:
     assert idle_ends([1.0, 0.2, 0.3, 0, 0, 0, 0, 0, 0.5, 1.4]) == "1.0 / 1.0 / 1.4"
     assert idle_ends(None) == "-"
+
+
+def test_the_machine_record_says_what_the_hypervisor_took(tmp_path, monkeypatch) -> None:
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(timing, "PROC_STAT", stat)
+    assert steal_seconds() is None  # no such file: not a Linux machine
+    stat.write_text(f"cpu  10 0 5 100 0 0 0 {2 * timing.TICKS} 0 0\ncpu0 1 2 3\n")
+    assert steal_seconds() == pytest.approx(2.0)
+    with Machine() as machine:
+        stat.write_text(f"cpu  10 0 5 100 0 0 0 {7 * timing.TICKS} 0 0\n")
+    assert machine.record["steal_s"] == pytest.approx(5.0)
+    if sys.platform == "linux":
+        monkeypatch.setattr(timing, "PROC_STAT", timing.Path("/proc/stat"))
+        assert steal_seconds() is not None and steal_seconds() >= 0

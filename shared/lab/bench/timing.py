@@ -25,6 +25,7 @@ def load() -> list[float]:
 
 
 REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
+PROC_STAT = Path("/proc/stat")
 
 
 def reported_kib() -> int | None:
@@ -37,27 +38,40 @@ def reported_kib() -> int | None:
         return None
 
 
+def steal_seconds() -> float | None:
+    """CPU seconds the hypervisor has so far given this machine's virtual cores to something else while they had
+    work to run (``steal`` in /proc/stat, all cores together); None where the kernel does not say."""
+    try:
+        fields = PROC_STAT.read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / TICKS
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class Machine:
     """The machine's cores and load around a timed part: ``with Machine() as m: ...``; ``m.record`` for the JSON.
     ``reported_to_host_mb``: the free memory the kernel handed back to a hypervisor meanwhile (None: not a VM
-    that reports)."""
+    that reports); ``steal_s``: the core-seconds the hypervisor ran something else meanwhile while these cores had
+    work (``steal_seconds``)."""
 
     def __enter__(self) -> Self:
-        self.before, self.reported_before = load(), reported_kib()
+        self.before, self.reported_before, self.steal_before = load(), reported_kib(), steal_seconds()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.after, self.reported_after = load(), reported_kib()
+        self.after, self.reported_after, self.steal_after = load(), reported_kib(), steal_seconds()
 
     @property
     def record(self) -> dict[str, Any]:
         cpus = os.cpu_count() or 1
         after = getattr(self, "after", load())
         reported = getattr(self, "reported_after", reported_kib())
+        steal = getattr(self, "steal_after", steal_seconds())
         return {"cpus": cpus, "load_before": self.before, "load_after": after,
                 "busy": max(self.before[0], after[0]) > 0.5 * cpus, "heap": heap_policy(),
                 "reported_to_host_mb": None if reported is None or self.reported_before is None
-                else round((reported - self.reported_before) / 1024, 1)}
+                else round((reported - self.reported_before) / 1024, 1),
+                "steal_s": None if steal is None or self.steal_before is None else round(steal - self.steal_before, 2)}
 
 
 def process_counters(pid: int | str = "self") -> dict[str, float]:
