@@ -153,7 +153,7 @@ def cmd_bench_http(args: argparse.Namespace) -> int:
     from shared.lab.bench.overhead import bench_http, summary
     from shared.lab.bench.timing import write_json
 
-    report = bench_http(args.model, args.split, args.batch_size, args.seq_len, args.steps)
+    report = bench_http(args.model, args.split, args.batch_size, args.seq_len, args.steps, order=args.order)
     write_json(report, args.json)
     print(summary(report))
     return 0
@@ -292,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--order", default="IHHI", help="the rounds, in turn: I in-process, H over HTTP")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_bench_http)
 

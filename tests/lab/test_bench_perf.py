@@ -47,14 +47,25 @@ def test_bench_scaling_counts_every_users_samples(tiny) -> None:
     assert rows["1"]["1"]["speedup_vs_1_user"] == pytest.approx(1)
 
 
+@pytest.mark.parametrize("order", ["", "II", "HH", "IHX"])
+def test_bench_http_refuses_an_order_without_both_paths(order: str) -> None:
+    from shared.lab.bench.overhead import bench_http
+
+    with pytest.raises(ValueError, match="at least one of each"):
+        bench_http("tiny-llama", "1,3", order=order)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 def test_bench_http_splits_each_path_into_the_tiers_compute_and_the_rest(tiny) -> None:
     from shared.lab.bench.overhead import bench_http, summary
 
     tiny("tiny-llama")
-    r = bench_http("tiny-llama", "1,3", batch_size=2, seq_len=16, steps=3)
-    assert len(r["inprocess_steps"]) == len(r["http_steps"]) == 3
+    r = bench_http("tiny-llama", "1,3", batch_size=2, seq_len=16, steps=3, order="IHHI")
+    assert [len(steps) for steps in r["inprocess_steps"] + r["http_steps"]] == [3, 3, 3, 3]
+    assert [x["path"] for x in r["rounds"]] == ["inprocess", "http", "http", "inprocess"]
+    assert r["ratio"] == pytest.approx(r["http_step_seconds"] / r["inprocess_step_seconds"])
+    assert set(r["round_counters"]["http_by_process"]) == {"cloud", "edge-0", "user-0"}
     for path in ("inprocess", "http"):
         assert set(r["compute_per_step"][path]) == {"user", "edge", "cloud"}
         assert all(seconds > 0 for seconds in r["compute_per_step"][path].values())

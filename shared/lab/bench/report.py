@@ -241,8 +241,7 @@ class Report:
     def http(self) -> list[str]:
         out = ["### HTTP against in-process", ""]
         if runs := self.runs("http_"):
-            h0 = runs[0][1]
-            rows = []
+            h0, rows = runs[0][1], []
             for name, h in runs:
                 rc, comp, rest = h["round_counters"], h["compute_per_step"], h["outside_compute_per_step"]
                 rows.append([name, f"{h['inprocess_step_seconds']:.2f}", f"{h['http_step_seconds']:.2f}",
@@ -250,15 +249,18 @@ class Report:
                              " / ".join(f"{sum(comp[k].values()):.2f}" for k in ("inprocess", "http")),
                              f"{h['cpu_ratio']:.3f}",
                              f"{rc['inprocess']['minor_faults'] / 1e6:.2f} / {rc['http']['minor_faults'] / 1e6:.2f}",
-                             f"{rc['inprocess']['system_s']:.1f} / {rc['http']['system_s']:.1f}", load_range(h)])
+                             f"{rc['inprocess']['system_s']:.1f} / {rc['http']['system_s']:.1f}", load_range(h),
+                             ", ".join(f"{x['path'][0].upper()} {x['median_step_seconds']:.2f}"
+                                       for x in h.get("rounds", [])) or "-"])
             out += [(f"{self.series(runs)} ({h0['model']} at {h0['split']}, one user, one edge, "
-                     f"{h0['batch_shape'][0]} x {h0['batch_shape'][1]}, {h0['steps']} steps each way; s/step: the "
-                     "median step after the first):"), "",
+                     f"{h0['batch_shape'][0]} x {h0['batch_shape'][1]}, {h0['steps']} steps a round, each round fresh, "
+                     f"in the order {h0.get('order', 'IH')} (I in-process, H HTTP); s/step: a path's median step "
+                     "after each round's first):"), "",
                     *table(["file", "in-process s/step", "HTTP s/step", "ratio",
                             "a mean step's time outside the tiers' compute, s (in-process / HTTP)",
                             "a mean step's compute in the tiers, s (in-process / HTTP)", "CPU s of the round, ratio",
-                            "page faults, millions (in-process / HTTP)", "system CPU s (in-process / HTTP)", "load"],
-                           rows), ""]
+                            "page faults, millions (in-process / HTTP)", "system CPU s (in-process / HTTP)", "load",
+                            "each round's median s/step, in turn"], rows), ""]
         return out + self.missing("http_1.json")
 
     def round_4g(self) -> list[str]:
