@@ -37,7 +37,7 @@ test-ui: setup
 	$(PY) -m pytest -q -m ui tests/services/test_dashboard.py
 
 # The README's Performance section: `perf` runs every bench it reports (shared/lab/bench/report.py lists them), each
-# writing its JSON under $(PERF), about 45 minutes on 2 idle cores (run nothing else meanwhile), then regenerates the
+# writing its JSON under $(PERF), about 55 minutes on 2 idle cores (run nothing else meanwhile), then regenerates the
 # section from those files; `perf-report` only regenerates it.
 PERF ?= docs/performance
 perf: setup
