@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.lab.bench.protocol import mean_se
 from shared.lab.bench.busy import idle_by_part
+from shared.lab.bench.protocol import mean_se
 from shared.lab.bench.timing import timed_round
 from shared.lab.cluster import Cluster
 from shared.lab.sim import SimConfig, Simulation
