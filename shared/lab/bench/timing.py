@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Self
 
 from shared.config.heap import heap_policy
+from shared.lab.bench.busy import BusySampler
 
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -106,10 +108,6 @@ def timed_round(cluster: Any, body: dict[str, Any], sample_s: float | None = Non
     (``counters_by_process``), the machine's load around it (``machine``), and the CPU seconds this process took
     meanwhile (``harness_cpu_seconds``: starting the round and polling it, on the cores the cluster computes on).
     With ``sample_s``, also the processes' CPU seconds every ``sample_s`` seconds (``busy``: ``BusySampler``)."""
-    from contextlib import nullcontext
-
-    from shared.lab.bench.busy import BusySampler
-
     pids = {name: p.popen.pid for name, p in cluster.procs.items() if p.popen is not None}
     before = {pid: process_counters(pid) for pid in pids.values()}
     t0, own0 = time.perf_counter(), time.process_time()
