@@ -1,5 +1,6 @@
 # Two commands for a newcomer: `make demo` and `make test`. Both set the environment up first
-# when it is missing or older than pyproject.toml / this Makefile.
+# when it is missing or older than pyproject.toml / setup.py / this Makefile / the compiled codec loop's source
+# (`pip install -e` builds it into shared/protocol/codecs/).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.splitllm-setup
@@ -10,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py Makefile shared/protocol/codecs/_blockwise.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: this CPU wheel lies on the machine's disk; a looser pin pulls a CUDA build.
@@ -60,4 +61,4 @@ demo: setup
 	$(PY) -m shared.lab.demo
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache build shared/protocol/codecs/_blockwise.*.so

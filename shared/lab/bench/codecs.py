@@ -113,10 +113,17 @@ def bench_codecs(model: str = "minilm-l6", split: str = "1,3", steps: int = 50, 
         })
     return {"model": model, "split": split, "data": data, "steps": steps, "batch": [batch_size, seq_len],
             "seeds": list(seeds), "eval_examples": eval_examples, "passes": passes,
-            "speed_threads": threads or prior,
+            "speed_threads": threads or prior, "int_codecs": int_codecs_path(),
             "loss": f"held-out loss after the steps ({eval_examples} examples), mean over seeds; "
                     "loss_delta_pct_se is the standard error of the mean change",
             "bytes": "user-edge hop, both ways, per training step", "codecs": results}
+
+
+def int_codecs_path() -> str:
+    """Which path the int8 and int4 codecs took: their compiled loop, or numpy's and torch's passes (no compiler)."""
+    from shared.protocol.codecs import blockwise
+
+    return "compiled loop" if blockwise.kernel is not None else "numpy and torch passes"
 
 
 def passes_line(p: dict[str, Any]) -> str:

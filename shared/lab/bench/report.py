@@ -292,7 +292,8 @@ class Report:
                      f"{x['encode_decode_mb_s'] / 1e3:.2f}", f"{x['encode_decode_cpu_mb_s'] / 1e3:.2f}",
                      f"{x['loss_delta_pct']:+.2f}"] for x in c["codecs"]]
             out += [(f"`{command('codec_speed.json', self.folder)}` ({c['model']} at {c['split']}, activations of "
-                     f"{c['batch'][0]} x {c['batch'][1]}, one torch thread; {load_range(c)}):"), "",
+                     f"{c['batch'][0]} x {c['batch'][1]}, one torch thread; int8 by its "
+                     f"{c.get('int_codecs', 'numpy and torch passes')}; {load_range(c)}):"), "",
                     *table(["codec", "bytes/step (user-edge, both ways)", "of fp32", "encode+decode GB/s",
                             "per CPU second, GB/s", "held-out loss change %"], rows), ""]
         return out + self.missing("codec_speed.json")

@@ -25,6 +25,12 @@ into a float16/bfloat16 declared dtype), with absmax taken in the channel-scaled
 bound multiplied back by the channel's scale.
 
 The encoder falls back to the lossless path when the tensor holds NaN/Inf.
+
+The per-element work runs in one compiled loop each way where the optional extension ``_blockwise`` (C,
+``_blockwise.c``, built by ``pip install``) is present: numpy's and torch's single operations make these codecs
+some ten passes over a tensor, the loop one. It does the Python path's arithmetic in the same order and rounding,
+so both give the same bits (``tests/protocol/codecs/test_blockwise_kernel.py``); without a C compiler the install
+skips it and the codecs run the Python path.
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ from shared.protocol.codecs.arrays import (as_bytes, chunk_size, flat_f32, numel
                                            to_torch, view_of)
 from shared.protocol.codecs.entries import FLOAT_DTYPES, finish_entry, int_param, need_float, post_of, read_field, str_param
 from shared.protocol.tensors import MAX_DIM, DecodeFn, EncodeFn, WireError
+
+try:
+    from shared.protocol.codecs import _blockwise as kernel
+except ImportError:  # built without a C compiler: the numpy and torch path below, the same bits
+    kernel = None
 
 DEFAULT_BLOCK = 64
 CHANNEL_MODES: tuple[str, ...] = ("rms",)  # on the wire; an absent "channels" means none
@@ -57,13 +68,19 @@ def _quantise(x: np.ndarray, block: int, qmax: int,
     [-qmax, qmax] (n,), float32 scales (n_blocks,)); None if non-finite.
 
     scale = absmax / qmax of each block, q = x * (qmax / absmax) rounded to the nearest integer (ties to even).
-    Where torch runs inline (``runs_inline``), every pass is one torch call on the whole array. Otherwise
+    The compiled ``kernel``, where present, does it all in one loop. Else where torch runs inline (``runs_inline``), every pass is one torch call on the whole array. Otherwise
     whole-array numpy passes (single-threaded, vectorised), but the blocks' maxima: torch's row reduction on
     chunks below its grain (numpy's max over short rows is 6x slower). Either way the same bits, and one float32
     buffer of x's size (the channel-scaled values, then the scaled ones); ``x`` itself is never written. (A new
     buffer's pages are faulted in on first write; on a VM whose host takes freed pages back, that costs more
     than a pass over them, so the one-call path takes the blocks' maxima without a buffer of absolute values.)
     """
+    if kernel is not None:
+        q, amax = np.empty(x.size, dtype=np.int8), np.empty(-(-x.size // block), dtype=np.float32)
+        width = 0 if channel_scales is None else channel_scales.size
+        if not kernel.quantise(x, channel_scales, width, block, qmax, q, amax):
+            return None
+        return q, torch.from_numpy(amax) / qmax
     inline = runs_inline()
     xt = torch.from_numpy(x)
     if channel_scales is None:
@@ -135,6 +152,10 @@ def _channel_rms(x: np.ndarray, width: int) -> np.ndarray | None:
 def _dequantise(q: np.ndarray, scales: np.ndarray, block: int, channel_scales: np.ndarray | None = None) -> np.ndarray:
     """float32 values q * scale of each element's block (times its channel's scale, where given; scales are
     validated: no overflow)."""
+    if kernel is not None:
+        out = np.empty(q.size, dtype=np.float32)
+        kernel.dequantise(q, scales, channel_scales, 0 if channel_scales is None else channel_scales.size, block, out)
+        return out
     if runs_inline():  # one torch call a pass (see ``_quantise``)
         t = view_of(q, torch.int8).to(torch.float32)  # q, the scales: read-only views on a body, only read
         st = view_of(scales, torch.float32)

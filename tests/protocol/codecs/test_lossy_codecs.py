@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.protocol.codecs import CodecSpec, topk_dense
+from shared.protocol.codecs import CodecSpec, blockwise, topk_dense
 from shared.protocol.wire import Message, decode, encode
 
 from codec_helpers import FLOATS, LOSSY, SHAPES, check_bounds, entry_of, roundtrip, sample
@@ -31,10 +31,12 @@ def test_roundtrip_every_codec_shape_dtype(spec: str, dtype: torch.dtype) -> Non
 
 
 @pytest.mark.parametrize("spec", ["fp16", "bf16", "int8", "int8:block=7", "int8:channels=none", "int4", "int4:block=5"])
-def test_one_torch_thread_and_chunks_give_the_same_bits(spec: str) -> None:
+def test_one_torch_thread_and_chunks_give_the_same_bits(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where torch runs one thread the codecs make one call per pass, else they work in chunks below torch's grain
     (``shared.protocol.codecs.arrays``): both encode the same bytes and decode the same values, past the chunks'
-    boundaries (over 32768 elements), on partial blocks, with channel scales, tiny and huge values."""
+    boundaries (over 32768 elements), on partial blocks, with channel scales, tiny and huge values. (The int
+    codecs' Python path, without their compiled loop: ``test_blockwise_kernel.py`` compares the two.)"""
+    monkeypatch.setattr(blockwise, "kernel", None)
     shapes = [[70_000], [300, 384], [130, 5], [65], [0]]
     prior = torch.get_num_threads()
     try:
