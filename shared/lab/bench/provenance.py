@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[3]
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 # what, changed or new and not committed, makes the code measured differ from the commit recorded (a bench's own
 # files in docs/ are rewritten while ``make perf`` runs, and say nothing of the code)
-CODE = ("*.py", "pyproject.toml", "Makefile")
+CODE = ("*.py", "*.c", "pyproject.toml", "Makefile")
 
 
 def cpu() -> dict[str, Any]:
