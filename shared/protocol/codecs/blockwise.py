@@ -68,12 +68,13 @@ def _quantise(x: np.ndarray, block: int, qmax: int,
     [-qmax, qmax] (n,), float32 scales (n_blocks,)); None if non-finite.
 
     scale = absmax / qmax of each block, q = x * (qmax / absmax) rounded to the nearest integer (ties to even).
-    The compiled ``kernel``, where present, does it all in one loop. Else where torch runs inline (``runs_inline``), every pass is one torch call on the whole array. Otherwise
-    whole-array numpy passes (single-threaded, vectorised), but the blocks' maxima: torch's row reduction on
-    chunks below its grain (numpy's max over short rows is 6x slower). Either way the same bits, and one float32
-    buffer of x's size (the channel-scaled values, then the scaled ones); ``x`` itself is never written. (A new
-    buffer's pages are faulted in on first write; on a VM whose host takes freed pages back, that costs more
-    than a pass over them, so the one-call path takes the blocks' maxima without a buffer of absolute values.)
+    The compiled ``kernel``, where present, does it all in one loop. Else, where torch runs inline
+    (``runs_inline``), every pass is one torch call on the whole array; otherwise whole-array numpy passes
+    (single-threaded, vectorised), but the blocks' maxima: torch's row reduction on chunks below its grain
+    (numpy's max over short rows is 6x slower). Any way the same bits; the last two use one float32 buffer of
+    x's size (the channel-scaled values, then the scaled ones); ``x`` itself is never written. (A new buffer's
+    pages are faulted in on first write; on a VM whose host takes freed pages back, that costs more than a pass
+    over them, so the one-call path takes the blocks' maxima without a buffer of absolute values.)
     """
     if kernel is not None:
         q, amax = np.empty(x.size, dtype=np.int8), np.empty(-(-x.size // block), dtype=np.float32)
