@@ -195,6 +195,13 @@ class Cluster:
         return view
 
 
+def full_row_args(model: str, split: str, data: str, seq_len: int, examples: int, seed: int = 0) -> list[str]:
+    """A cloud's flags for the benches' full-length rows: texts joined to at least 8 characters a token, so that each
+    row fills ``seq_len`` tokens, and ``examples`` of them a client."""
+    return ["--model", model, "--split", split, "--data", data, "--seed", str(seed), "--max-len", str(seq_len),
+            "--min-chars", str(8 * seq_len), "--max-examples-per-client", str(examples)]
+
+
 def one_round(workdir: Path, cloud_args: list[str], body: dict, **cluster_kw) -> dict:
     """Start a cluster, run one round with ``body``, stop it; the round's final view."""
     cluster = Cluster(workdir, cloud_args, **cluster_kw)

@@ -117,10 +117,9 @@ def service_peaks(model: str, split: tuple[int, int], batch_size: int, seq_len: 
     import tempfile
     from pathlib import Path
 
-    from shared.lab.cluster import Cluster
+    from shared.lab.cluster import Cluster, full_row_args
 
-    cloud_args = ["--model", model, "--split", f"{split[0]},{split[1]}", "--data", "shakespeare", "--max-len",
-                  str(seq_len), "--min-chars", str(8 * seq_len), "--max-examples-per-client", str(4 * batch_size * steps)]
+    cloud_args = full_row_args(model, f"{split[0]},{split[1]}", "shakespeare", seq_len, 4 * batch_size * steps)
     with tempfile.TemporaryDirectory() as tmp:
         cluster = Cluster(Path(tmp), cloud_args, users=1, edges=1)
         try:

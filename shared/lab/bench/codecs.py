@@ -12,7 +12,7 @@ from typing import Any
 from shared.lab.bench.busy import idle_by_part
 from shared.lab.bench.protocol import mean_se
 from shared.lab.bench.timing import timed_round
-from shared.lab.cluster import Cluster
+from shared.lab.cluster import Cluster, full_row_args
 from shared.lab.sim import SimConfig, Simulation
 from shared.config.round import RoundConfig
 
@@ -158,9 +158,8 @@ def bench_codecs_4g(model: str = "minilm-l6", split: str = "1,3", users: int = 4
     out = {}
     for spec in ("fp32", "int8", "int8+shuffle-lz4"):
         with tempfile.TemporaryDirectory() as tmp:
-            cloud_args = ["--model", model, "--split", split, "--data", "trec", "--seed", str(seed),
-                          "--max-len", str(seq_len), "--min-chars", str(8 * seq_len), "--user-edge-codecs", spec,
-                          "--max-examples-per-client", str(16 * steps * batch_size)]
+            cloud_args = [*full_row_args(model, split, "trec", seq_len, 16 * steps * batch_size, seed),
+                          "--user-edge-codecs", spec]
             cluster = Cluster(Path(tmp), cloud_args, users=users, edges=1, user_args=["--link-profile", "4g"], env=env)
             try:
                 cluster.start()

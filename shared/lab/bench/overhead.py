@@ -11,7 +11,7 @@ from typing import Any
 
 from shared.config.round import RoundConfig
 from shared.lab.bench.timing import Machine, counters_since, process_counters, timed_round
-from shared.lab.cluster import Cluster
+from shared.lab.cluster import Cluster, full_row_args
 from shared.lab.sim import SimConfig, Simulation
 
 PATHS = {"I": "inprocess", "H": "http"}
@@ -86,9 +86,7 @@ def bench_http(model: str = "smollm2-135m", split: str = "2,15", batch_size: int
     a, b = (int(x) for x in split.split(","))
     common = {"model": model, "data": "shakespeare", "seed": seed, "max_len": seq_len, "min_chars": 8 * seq_len,
               "max_examples_per_client": 4 * batch_size * steps}
-    cloud_args = ["--model", model, "--split", split, "--data", "shakespeare", "--seed", str(seed),
-                  "--max-len", str(seq_len), "--min-chars", str(8 * seq_len),
-                  "--max-examples-per-client", str(4 * batch_size * steps)]
+    cloud_args = full_row_args(model, split, "shakespeare", seq_len, 4 * batch_size * steps, seed)
     rounds = [_inprocess_round(common, (a, b), steps, batch_size) if p == "I"
               else _http_round(cloud_args, steps, batch_size) for p in order]
     by = {path: [r for r in rounds if r["path"] == path] for path in PATHS.values()}

@@ -33,7 +33,7 @@ from shared.config.round import RoundConfig
 from shared.http.client import HttpLink, Identity, TransportError
 from shared.http.credentials import Credential
 from shared.lab.bench.timing import Machine, cpu_seconds
-from shared.lab.cluster import Cluster
+from shared.lab.cluster import Cluster, full_row_args
 from shared.protocol.enums import Mode
 from shared.protocol.links import get_profile
 from shared.protocol.messages import StepRequest
@@ -44,8 +44,7 @@ def data_args(model: str, split: str, batch_size: int, seq_len: int, steps: int,
     from shared.model.sources import resolve_model
 
     data = "shakespeare" if "lm" in resolve_model(model).family.tasks else "trec"
-    return ["--model", model, "--split", split, "--data", data, "--seed", str(seed), "--max-len", str(seq_len),
-            "--min-chars", str(8 * seq_len), "--max-examples-per-client", str(16 * steps * batch_size)]
+    return full_row_args(model, split, data, seq_len, 16 * steps * batch_size, seed)
 
 
 def user_steps(view: dict[str, Any]) -> dict[str, list[float]]:
